@@ -1,0 +1,42 @@
+"""``lmms-prune``: one entry point, one sub-command per module.
+
+Each sub-command lives in its own module under ``lmms_prune.cli`` and exposes ``add_arguments(parser)``
+and ``run(args) -> int``. Modules are imported only when their command runs, so ``lmms-prune --help``
+stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command name -> (module under lmms_prune.cli, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "methods": ("methods", "list the pruning presets with every parameter and default"),
+    "data": ("data", "check RefCOCO data: sample counts per split against the official counts"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmms-prune", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(f"lmms_prune.cli.{module}").add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_module", None):
+        parser.print_help()
+        return 2
+    module = importlib.import_module(f"lmms_prune.cli.{args._module}")
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Importance scores: pure tensor functions of attention maps and priors."""

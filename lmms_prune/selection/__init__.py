@@ -1,0 +1,1 @@
+"""Selection algorithms: pure tensor functions (scores, features, grids, budget -> sorted kept indices)."""

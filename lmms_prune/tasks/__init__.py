@@ -1,0 +1,1 @@
+"""lmms-eval tasks shipped with lmms-prune (task YAMLs are package data)."""

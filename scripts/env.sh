@@ -1,0 +1,26 @@
+# Sourced by the other scripts: makes sure ./.venv exists with torch from the machine's local wheels
+# and this package installed (editable, with its dev extra), then activates it.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${LMMS_PRUNE_VENV:-$ROOT/.venv}"
+PY="${PYTHON:-python3}"
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "[env] creating $VENV"
+    "$PY" -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+STAMP="$VENV/.lmms_prune_installed"
+WANT="$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
+    echo "[env] installing (torch from the local wheels first, then the package)"
+    python -m pip install -q --upgrade pip
+    # torch/torchvision first and pinned, so that nothing later pulls another build.
+    python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+    python -m pip install -q -e "$ROOT[dev]" "torch==2.14.1" "torchvision==0.29.1"
+    echo "$WANT" > "$STAMP"
+fi
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
+export HF_DATASETS_OFFLINE="${HF_DATASETS_OFFLINE:-1}"
+export TOKENIZERS_PARALLELISM=false
+cd "$ROOT"
