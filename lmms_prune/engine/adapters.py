@@ -1,0 +1,155 @@
+"""Per-architecture facts the engine needs: where the decoder is, which ids are image tokens, how each
+image's visual tokens are laid out as grids (methods.md section 1).
+
+Supported transformers-native classes: ``InternVLForConditionalGeneration`` (Llama or Qwen2 text model),
+``Qwen2_5_VLForConditionalGeneration`` and ``LlavaForConditionalGeneration``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+SUPPORTED = ("InternVLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "LlavaForConditionalGeneration")
+
+
+@dataclass
+class ImageSpan:
+    """One image's visual tokens inside one sample: ``length`` tokens from sequence index ``start``.
+
+    ``grids`` lists the (rows, cols) of its consecutive token blocks in order (InternVL: one 16x16 grid per
+    tile, thumbnail last; Qwen2.5-VL: one (h/28, w/28) grid; LLaVA-1.5: one 24x24 grid).
+    """
+
+    start: int
+    length: int
+    grids: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return torch.arange(self.start, self.start + self.length)
+
+
+def _runs(mask: torch.Tensor) -> list[tuple[int, int]]:
+    """Contiguous runs of True in a 1-D bool tensor, as (start, length)."""
+    idx = torch.nonzero(mask, as_tuple=False).flatten().tolist()
+    runs: list[tuple[int, int]] = []
+    for i in idx:
+        if runs and runs[-1][0] + runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    return runs
+
+
+class Adapter:
+    """Base: the language model and the visual layout of a transformers-native VLM."""
+
+    family = "base"
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+        inner = model.model
+        self.language_model: nn.Module = inner.language_model
+        self.layers: nn.ModuleList = self.language_model.layers
+        self.text_config = self.language_model.config
+        self.image_token_id: int = int(self.config.image_token_id)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def tokens_per_image(self) -> int:
+        return int(self.config.image_seq_length)
+
+    def image_grids(self, run_length: int, image_index: int, forward_kwargs: dict[str, Any]) -> list[list[tuple[int, int]]]:
+        """Split one run of image tokens into images, each a list of grids."""
+        per_image = self.tokens_per_image()
+        side = math.isqrt(per_image)
+        if run_length % per_image:
+            raise ValueError(f"{self.family}: a run of {run_length} image tokens is not a multiple of {per_image}")
+        return [[(side, side)] for _ in range(run_length // per_image)]
+
+    def spans(self, input_ids: torch.Tensor, forward_kwargs: dict[str, Any]) -> list[list[ImageSpan]]:
+        """Image spans per sample, in sequence order. ``input_ids``: LongTensor[B, T]."""
+        out: list[list[ImageSpan]] = []
+        image_index = 0
+        for row in input_ids:
+            spans: list[ImageSpan] = []
+            for start, length in _runs(row == self.image_token_id):
+                images = self.image_grids(length, image_index, forward_kwargs)
+                image_index += len(images)
+                offset = start
+                for grids in images:
+                    n = sum(r * c for r, c in grids)
+                    spans.append(ImageSpan(offset, n, grids))
+                    offset += n
+            out.append(spans)
+        return out
+
+
+class InternVLAdapter(Adapter):
+    """InternVL2.5/3 (-hf): each image is a run of ``tiles * 256`` tokens; one 16x16 grid per tile."""
+
+    family = "internvl"
+
+    def image_grids(self, run_length, image_index, forward_kwargs):
+        per_tile = self.tokens_per_image()
+        side = math.isqrt(per_tile)
+        if run_length % per_tile:
+            raise ValueError(f"internvl: a run of {run_length} image tokens is not a multiple of {per_tile}")
+        # InternVL wraps every image in <img>...</img>, so one run is one image (its tiles + thumbnail).
+        return [[(side, side)] * (run_length // per_tile)]
+
+
+class LlavaAdapter(Adapter):
+    """LLaVA-1.5: 576 tokens (24x24) per image."""
+
+    family = "llava"
+
+    def tokens_per_image(self) -> int:
+        seq = getattr(self.config, "image_seq_length", None)
+        if seq:
+            return int(seq)
+        vc = self.config.vision_config
+        return (vc.image_size // vc.patch_size) ** 2
+
+
+class Qwen25VLAdapter(Adapter):
+    """Qwen2.5-VL: one (h/28, w/28) grid per image, read from ``image_grid_thw``."""
+
+    family = "qwen2_5_vl"
+
+    def image_grids(self, run_length, image_index, forward_kwargs):
+        thw = forward_kwargs.get("image_grid_thw")
+        if thw is None:
+            raise ValueError("qwen2_5_vl: image_grid_thw is needed to lay out the visual tokens")
+        merge = int(self.config.vision_config.spatial_merge_size)
+        images: list[list[tuple[int, int]]] = []
+        covered = 0
+        i = image_index
+        while covered < run_length:
+            t, h, w = (int(v) for v in thw[i])
+            grid = (h // merge, w // merge)
+            images.append([grid] * t)
+            covered += t * grid[0] * grid[1]
+            i += 1
+        if covered != run_length:
+            raise ValueError(f"qwen2_5_vl: image_grid_thw does not match a run of {run_length} image tokens")
+        return images
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    name = type(model).__name__
+    if name == "InternVLForConditionalGeneration":
+        return InternVLAdapter(model)
+    if name == "Qwen2_5_VLForConditionalGeneration":
+        return Qwen25VLAdapter(model)
+    if name == "LlavaForConditionalGeneration":
+        return LlavaAdapter(model)
+    raise TypeError(f"model class {name} is not supported; supported: {', '.join(SUPPORTED)}")

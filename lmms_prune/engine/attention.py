@@ -1,0 +1,101 @@
+"""Last-row attention scores through transformers' attention-function interface.
+
+The engine registers ``lmms_prune|<base>`` implementations (``<base>`` = sdpa, eager, flash_attention_2, ...)
+that first let the active pruning handle observe the rotary-embedded query/key states of the layers it scores
+and then call the base implementation unchanged. Scoring computes only the needed query row(s):
+``softmax(q_last . K^T * scale + mask_row)`` with GQA heads grouped (no key copy), heads averaged, in float32,
+so no ``seq x seq`` matrix is ever built and SDPA/flash attention stay in use everywhere (methods.md section 3).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+PREFIX = "lmms_prune|"
+
+# id(attention module) -> observer callable(module, query, key, attention_mask, scaling)
+_OBSERVERS: dict[int, Callable[..., None]] = {}
+
+
+def _base_function(base: str, module: torch.nn.Module) -> Callable[..., Any]:
+    if base == "eager":
+        # transformers defines eager attention per model file; use the one of this module's model.
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[base]
+
+
+def _make_wrapper(base: str) -> Callable[..., Any]:
+    def attention(module, query, key, value, attention_mask, *args, **kwargs):
+        observer = _OBSERVERS.get(id(module))
+        if observer is not None:
+            observer(module, query, key, attention_mask, kwargs.get("scaling"))
+        return _base_function(base, module)(module, query, key, value, attention_mask, *args, **kwargs)
+
+    attention.__name__ = f"lmms_prune_{base}_attention"
+    return attention
+
+
+def wrapped_name(base: str) -> str:
+    """Register (once) and return the name of the observing implementation wrapping ``base``."""
+    if base.startswith(PREFIX):
+        return base
+    name = PREFIX + base
+    if name not in ALL_ATTENTION_FUNCTIONS._global_mapping:
+        AttentionInterface.register(name, _make_wrapper(base))
+        mask_base = "sdpa" if base not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping else base
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[mask_base])
+    return name
+
+
+def base_name(name: str | None) -> str:
+    name = name or "eager"
+    return name[len(PREFIX):] if name.startswith(PREFIX) else name
+
+
+def add_observer(module: torch.nn.Module, fn: Callable[..., None]) -> None:
+    _OBSERVERS[id(module)] = fn
+
+
+def remove_observer(module: torch.nn.Module) -> None:
+    _OBSERVERS.pop(id(module), None)
+
+
+def attention_rows(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+    num_rows: int = 1,
+) -> torch.Tensor:
+    """Head-averaged attention probabilities of the last ``num_rows`` query rows over all keys.
+
+    query: [B, H, Q, d] (rotary applied); key: [B, KV, S, d] with H = KV * G (GQA); attention_mask: None
+    (causal, the last rows see every key), bool [B, 1|H, Q, S] (True = attend) or additive float.
+    Returns float32 [B, num_rows, S]; equals eager attention's rows averaged over heads.
+    """
+    b, h, q_len, d = query.shape
+    kv = key.shape[1]
+    groups = h // kv
+    scale = d**-0.5 if scaling is None else scaling
+    q = query[:, :, q_len - num_rows:, :].float().reshape(b, kv, groups, num_rows, d)
+    logits = torch.matmul(q, key.float().unsqueeze(2).transpose(-1, -2)) * scale  # [B, KV, G, R, S]
+    logits = logits.reshape(b, h, num_rows, -1)
+    if num_rows > 1 and attention_mask is None:
+        s = logits.shape[-1]
+        rows = torch.arange(s - num_rows, s, device=logits.device)[:, None]
+        logits = logits.masked_fill(torch.arange(s, device=logits.device)[None, :] > rows, float("-inf"))
+    if attention_mask is not None:
+        m = attention_mask[..., q_len - num_rows:, : logits.shape[-1]]
+        logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m.float()
+    return torch.softmax(logits, dim=-1).mean(dim=1)
+
+
+def key_l1_norms(key: torch.Tensor) -> torch.Tensor:
+    """DART's token norm: L1 norm of each token's key, averaged over KV heads. key [B, KV, S, d] -> [B, S]."""
+    return key.float().abs().sum(-1).mean(1)
