@@ -67,7 +67,8 @@ class Adapter:
     def tokens_per_image(self) -> int:
         return int(self.config.image_seq_length)
 
-    def image_grids(self, run_length: int, image_index: int, forward_kwargs: dict[str, Any]) -> list[list[tuple[int, int]]]:
+    def image_grids(self, run_length: int, image_index: int, forward_kwargs: dict[str, Any],
+                    sample: int = 0, start: int = 0) -> list[list[tuple[int, int]]]:
         """Split one run of image tokens into images, each a list of grids."""
         per_image = self.tokens_per_image()
         side = math.isqrt(per_image)
@@ -79,10 +80,10 @@ class Adapter:
         """Image spans per sample, in sequence order. ``input_ids``: LongTensor[B, T]."""
         out: list[list[ImageSpan]] = []
         image_index = 0
-        for row in input_ids:
+        for b, row in enumerate(input_ids):
             spans: list[ImageSpan] = []
             for start, length in _runs(row == self.image_token_id):
-                images = self.image_grids(length, image_index, forward_kwargs)
+                images = self.image_grids(length, image_index, forward_kwargs, b, start)
                 image_index += len(images)
                 offset = start
                 for grids in images:
@@ -98,7 +99,7 @@ class InternVLAdapter(Adapter):
 
     family = "internvl"
 
-    def image_grids(self, run_length, image_index, forward_kwargs):
+    def image_grids(self, run_length, image_index, forward_kwargs, sample=0, start=0):
         per_tile = self.tokens_per_image()
         side = math.isqrt(per_tile)
         if run_length % per_tile:
@@ -121,18 +122,28 @@ class LlavaAdapter(Adapter):
 
 
 class Qwen25VLAdapter(Adapter):
-    """Qwen2.5-VL: one (h/28, w/28) grid per image, read from ``image_grid_thw``."""
+    """Qwen2.5-VL: one (h/28, w/28) grid per image.
+
+    The grid comes from ``image_grid_thw`` when the forward call has it; ``generate`` in transformers 5 encodes
+    images before the first forward and passes only the 3-D M-RoPE ``position_ids``, whose height and width rows
+    span exactly the grid of each image.
+    """
 
     family = "qwen2_5_vl"
 
-    def image_grids(self, run_length, image_index, forward_kwargs):
+    def image_grids(self, run_length, image_index, forward_kwargs, sample=0, start=0):
         thw = forward_kwargs.get("image_grid_thw")
-        if thw is None:
-            raise ValueError("qwen2_5_vl: image_grid_thw is needed to lay out the visual tokens")
+        if thw is not None:
+            return self._grids_from_thw(thw, run_length, image_index)
+        pos = forward_kwargs.get("position_ids")
+        if isinstance(pos, torch.Tensor) and pos.dim() == 3 and pos.shape[0] in (3, 4):
+            return self._grids_from_positions(pos[-3:, sample, start: start + run_length])
+        raise ValueError("qwen2_5_vl: image_grid_thw or 3-D position_ids are needed to lay out the visual tokens")
+
+    def _grids_from_thw(self, thw, run_length, image_index):
         merge = int(self.config.vision_config.spatial_merge_size)
         images: list[list[tuple[int, int]]] = []
-        covered = 0
-        i = image_index
+        covered, i = 0, image_index
         while covered < run_length:
             t, h, w = (int(v) for v in thw[i])
             grid = (h // merge, w // merge)
@@ -141,6 +152,32 @@ class Qwen25VLAdapter(Adapter):
             i += 1
         if covered != run_length:
             raise ValueError(f"qwen2_5_vl: image_grid_thw does not match a run of {run_length} image tokens")
+        return images
+
+    @staticmethod
+    def _grids_from_positions(pos: torch.Tensor) -> list[list[tuple[int, int]]]:
+        """pos: [3, n] (temporal, height, width) positions of one run; images restart the raster each time the
+        width position stops increasing after a full row and the height position jumps back."""
+        images: list[list[tuple[int, int]]] = []
+        n = pos.shape[1]
+        i = 0
+        while i < n:
+            t0, h0, w0 = (int(v) for v in pos[:, i])
+            rows = cols = 0
+            j = i
+            while j < n and int(pos[0, j]) == t0 and int(pos[1, j]) - h0 == rows:
+                width = 0
+                while j < n and int(pos[1, j]) - h0 == rows and int(pos[2, j]) - w0 == width:
+                    width += 1
+                    j += 1
+                if cols and width != cols:
+                    break
+                cols = width
+                rows += 1
+            if rows * cols == 0:
+                raise ValueError("qwen2_5_vl: cannot read the image grid from position_ids")
+            images.append([(rows, cols)])
+            i += rows * cols
         return images
 
 

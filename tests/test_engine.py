@@ -1,0 +1,293 @@
+"""The engine is proven against references that do not share its code path (methods.md section 3):
+
+* pruning nothing equals the unpruned model, and ``remove()`` restores it exactly;
+* pruning a set S at layer K equals "mask mode" (full length, S's complement masked as keys from layer K on),
+  at prefill and at every decode step with the KV cache;
+* KV-cache decoding equals decoding by full recomputation;
+* a left-padded batch equals its samples run one by one; several images prune per image;
+* the last-row attention score equals eager attention's row and never builds a seq x seq matrix.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skdata
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lmms_prune
+from lmms_prune.engine import attention as attn_mod
+from lmms_prune.toy.models import FAMILIES, build_processor, build_tiny_model
+
+torch.set_num_threads(1)
+DECODE_STEPS = 8
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def toys():
+    cache: dict[str, tuple] = {}
+
+    def get(family: str):
+        if family not in cache:
+            model = build_tiny_model(family, seed=0)
+            proc = build_processor(family)
+            proc.tokenizer.padding_side = "left"
+            cache[family] = (model, proc)
+        return cache[family]
+
+    return get
+
+
+def _image(size=(300, 200), which="coffee") -> Image.Image:
+    return Image.fromarray(getattr(skdata, which)()).convert("RGB").resize(size)
+
+
+def _inputs(family, proc, images_per_prompt, texts):
+    prompts, flat = [], []
+    for imgs, text in zip(images_per_prompt, texts):
+        content = [{"type": "image"} for _ in imgs] + [{"type": "text", "text": text}]
+        prompts.append(proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
+        flat.extend(imgs)
+    kwargs = {"images_kwargs": {"max_patches": 2}} if family.startswith("internvl") else {}
+    return proc(images=flat, text=prompts, return_tensors="pt", padding=True, **kwargs)
+
+
+def _one(family, proc, size=(300, 200), text="Where is the cup on the table?"):
+    return _inputs(family, proc, [[_image(size)]], [text])
+
+
+def _num_visual(model, inputs, row=0):
+    return int((inputs["input_ids"][row] == model.config.image_token_id).sum())
+
+
+def _generate(model, inputs, **kw):
+    out = model.generate(**inputs, max_new_tokens=DECODE_STEPS, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, **kw)
+    return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1)
+
+
+def _random_keep(n_visual, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n_visual, generator=g)[:k].tolist())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keep_all_equals_unpruned_and_remove_restores(toys, family):
+    model, proc = toys(family)
+    inputs = _one(family, proc)
+    with torch.no_grad():
+        ref_logits = model(**inputs).logits
+        ref_tokens, ref_steps = _generate(model, inputs)
+        n = _num_visual(model, inputs)
+        for method, params in (("fastv", {"keep_ratio": 1.0}), ("fixed", {"keep_indices": list(range(n))})):
+            handle = lmms_prune.apply(model, method, **params)
+            assert torch.equal(model(**inputs).logits, ref_logits)
+            tokens, steps = _generate(model, inputs)
+            assert torch.equal(tokens, ref_tokens) and torch.equal(steps, ref_steps)
+            assert handle.records[0].visual_after == handle.records[0].visual_before == n
+            handle.remove()
+        # after remove(), a real pruning run leaves no trace
+        handle = lmms_prune.apply(model, "fastv", keep_ratio=0.1)
+        assert not torch.equal(model(**inputs).logits[:, -1], ref_logits[:, -1])
+        handle.remove()
+        assert torch.equal(model(**inputs).logits, ref_logits)
+        assert not attn_mod._OBSERVERS
+        assert model.model.language_model.config._attn_implementation == "sdpa"
+
+
+def _layers_to_test(model):
+    return (0, 2, len(model.model.language_model.layers) - 1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prune_equals_mask_mode_prefill_and_decode(toys, family):
+    model, proc = toys(family)
+    inputs = _one(family, proc)
+    n = _num_visual(model, inputs)
+    with torch.no_grad():
+        for k_layer in _layers_to_test(model):
+            keep = _random_keep(n, max(1, n // 7), seed=k_layer)
+            with lmms_prune.apply(model, "fixed", keep_indices=keep, prune_layer=k_layer, mode="mask"):
+                mask_logits = model(**inputs).logits
+                mask_tokens, mask_steps = _generate(model, inputs)
+            with lmms_prune.apply(model, "fixed", keep_indices=keep, prune_layer=k_layer) as handle:
+                logits = model(**inputs).logits
+                index = handle._state["keep_index"][0]
+                tokens, steps = _generate(model, inputs)
+                rec = handle.records[0]
+            assert logits.shape[1] == inputs["input_ids"].shape[1] - n + len(keep)
+            torch.testing.assert_close(logits[0], mask_logits[0, index], atol=ATOL, rtol=0)
+            torch.testing.assert_close(steps, mask_steps, atol=ATOL, rtol=0)
+            assert torch.equal(tokens, mask_tokens)
+            full = inputs["input_ids"].shape[1]
+            assert rec.kv_lengths == [full] * k_layer + [full - n + len(keep)] * (len(rec.kv_lengths) - k_layer)
+            assert rec.kept[0].tolist() == keep
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_k0_equals_feeding_only_kept_tokens(toys, family):
+    """K=0 is the LLM input without the dropped tokens, at their original RoPE positions."""
+    model, proc = toys(family)
+    inputs = _one(family, proc)
+    n = _num_visual(model, inputs)
+    keep = _random_keep(n, 20, seed=3)
+    lm = model.model.language_model
+    captured = {}
+    hook = lm.register_forward_pre_hook(lambda m, a, kw: captured.update(kw), with_kwargs=True)
+    with torch.no_grad():
+        with lmms_prune.apply(model, "fixed", keep_indices=keep, prune_layer=0) as handle:
+            pruned = model(**inputs).logits
+            index = handle._state["keep_index"][0]
+        hook.remove()
+        embeds = captured["inputs_embeds"][:, index]
+        positions = captured.get("position_ids")
+        positions = index[None] if positions is None else positions[..., index]
+        hidden = lm(inputs_embeds=embeds, position_ids=positions).last_hidden_state
+        direct = model.lm_head(hidden)
+    torch.testing.assert_close(pruned, direct, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["internvl_qwen2", "qwen2_5_vl"])
+def test_kv_cache_decoding_equals_recomputation(toys, family):
+    model, proc = toys(family)
+    inputs = _one(family, proc)
+    keep = _random_keep(_num_visual(model, inputs), 30, seed=11)
+    with torch.no_grad(), lmms_prune.apply(model, "fixed", keep_indices=keep, prune_layer=2):
+        cached_tokens, cached_steps = _generate(model, inputs)
+        full_tokens, full_steps = _generate(model, inputs, use_cache=False)
+    assert torch.equal(cached_tokens, full_tokens)
+    torch.testing.assert_close(cached_steps, full_steps, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["internvl_llama", "qwen2_5_vl", "llava"])
+def test_left_padded_batch_equals_single_samples(toys, family):
+    model, proc = toys(family)
+    sizes = [(300, 200), (200, 420)]  # InternVL: 1 tile vs 2 tiles + thumbnail -> unequal kept lengths
+    texts = ["Where is the cup?", "Describe the picture in a few words please, with detail."]
+    batch = _inputs(family, proc, [[_image(s)] for s in sizes], texts)
+    singles = [_inputs(family, proc, [[_image(s)]], [t]) for s, t in zip(sizes, texts)]
+    with torch.no_grad(), lmms_prune.apply(model, "fastv", keep_ratio=0.25, prune_layer=2) as handle:
+        tokens, steps = _generate(model, batch)
+        batch_records = list(handle.records)
+        for row, single in enumerate(singles):
+            t1, s1 = _generate(model, single)
+            assert handle.records[0].kept[0].tolist() == batch_records[row].kept[0].tolist()
+            assert torch.equal(tokens[row], t1[0])
+            torch.testing.assert_close(steps[row], s1[0], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["internvl_qwen2", "qwen2_5_vl", "llava"])
+def test_two_images_prune_per_image(toys, family):
+    model, proc = toys(family)
+    inputs = _inputs(family, proc, [[_image((300, 200)), _image((240, 240), "astronaut")]], ["Compare them."])
+    with torch.no_grad(), lmms_prune.apply(model, "fastv", keep_ratio=0.1, prune_layer=2) as handle:
+        model(**inputs)
+        spans = handle._state["spans"][0]
+    rec = handle.records[0]
+    assert len(rec.kept) == len(spans) == 2
+    for span, kept in zip(spans, rec.kept):
+        assert kept.numel() == max(1, round(0.1 * span.length))
+        assert kept.max() < span.length
+    assert rec.visual_after == sum(k.numel() for k in rec.kept)
+
+
+class _ShapeRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_row_equals_eager_and_builds_no_square_matrix(toys, family):
+    model, proc = toys(family)
+    inputs = _one(family, proc)
+    layer = 3
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        try:
+            eager = model(**inputs, output_attentions=True).attentions[layer][:, :, -1, :].mean(1)
+        finally:
+            model.set_attn_implementation("sdpa")
+        handle = lmms_prune.apply(model, "fastv", keep_ratio=0.5, prune_layer=layer + 1)
+        recorder = _ShapeRecorder()
+        observer = attn_mod._OBSERVERS[id(model.model.language_model.layers[layer].self_attn)]
+
+        def recording(*args):
+            with recorder:
+                observer(*args)
+
+        attn_mod._OBSERVERS[id(model.model.language_model.layers[layer].self_attn)] = recording
+        model(**inputs)
+        row = handle._state["rows"][layer]
+        handle.remove()
+    torch.testing.assert_close(row, eager.float(), atol=1e-5, rtol=0)
+    seq = inputs["input_ids"].shape[1]
+    assert recorder.shapes, "the observer ran"
+    assert all(sum(d >= seq for d in shape) <= 1 for shape in recorder.shapes), recorder.shapes
+
+
+def test_eager_model_prunes_like_sdpa(toys):
+    """The observing wrapper also wraps eager attention (with its float masks)."""
+    model, proc = toys("internvl_llama")
+    inputs = _one("internvl_llama", proc)
+    with torch.no_grad():
+        with lmms_prune.apply(model, "fastv", keep_ratio=0.2):
+            sdpa = model(**inputs).logits
+        model.set_attn_implementation("eager")
+        try:
+            with lmms_prune.apply(model, "fastv", keep_ratio=0.2):
+                eager = model(**inputs).logits
+        finally:
+            model.set_attn_implementation("sdpa")
+    torch.testing.assert_close(sdpa, eager, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "message"),
+    [
+        ("nope", {}, "method='nope': unknown"),
+        ("fastv", {"keep_ratio": 0.0}, "keep_ratio=0.0: must be in (0, 1]"),
+        ("fastv", {"keep_ratio": 1.5}, "keep_ratio=1.5: must be in (0, 1]"),
+        ("fastv", {"keep_tokens": 0}, "keep_tokens=0: must be >= 1"),
+        ("fastv", {"prune_layer": 14}, "prune_layer=14: this model has 14 decoder layers"),
+        ("fastv", {"prune_layer": 2, "score_layer": 2}, "score_layer=2 with prune_layer=2"),
+        ("fastv", {"prune_layer": 0}, "score_layer=-1 with prune_layer=0"),
+        ("fastv", {"bogus": 1}, "unknown pruning parameter(s) bogus"),
+        ("d2pruner", {}, "lmms-prune calibrate"),
+    ],
+)
+def test_bad_parameters_raise_clear_errors(toys, method, params, message):
+    model, _ = toys("internvl_qwen2")
+    with pytest.raises(ValueError) as err:
+        lmms_prune.apply(model, method, **params)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("keep", "message"),
+    [([0, 0, 1], "duplicates"), ([5000], "out of range"), ([-1], "out of range"), ([], "empty")],
+)
+def test_bad_keep_indices_raise_clear_errors(toys, keep, message):
+    model, proc = toys("internvl_qwen2")
+    inputs = _one("internvl_qwen2", proc)
+    with lmms_prune.apply(model, "fixed", keep_indices=keep):
+        with pytest.raises(ValueError, match=message), torch.no_grad():
+            model(**inputs)
+
+
+def test_unsupported_model_names_supported_classes():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=64))
+    with pytest.raises(TypeError, match="InternVLForConditionalGeneration"):
+        lmms_prune.apply(model, "fastv")
