@@ -291,3 +291,62 @@ def test_unsupported_model_names_supported_classes():
                                          num_attention_heads=2, num_key_value_heads=1, vocab_size=64))
     with pytest.raises(TypeError, match="InternVLForConditionalGeneration"):
         lmms_prune.apply(model, "fastv")
+
+
+@pytest.mark.parametrize(("family", "positions"), [(f, "original") for f in FAMILIES] + [
+    # with 1-D RoPE, keeping every token in order leaves the contiguous numbering unchanged
+    ("internvl_llama", "contiguous"), ("llava", "contiguous")])
+def test_pre_llm_keep_all_equals_unpruned(toys, family, positions):
+    model, proc = toys(family)
+    inputs = _one(family, proc)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        ref_tokens, ref_steps = _generate(model, inputs)
+        with lmms_prune.apply(model, "divprune", keep_ratio=1.0, positions=positions):
+            torch.testing.assert_close(model(**inputs).logits, ref, atol=1e-5, rtol=0)
+            tokens, steps = _generate(model, inputs)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(steps, ref_steps, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("family", "method"), [("internvl_llama", "vispruner"), ("internvl_qwen2", "divprune"),
+                                                ("llava", "vispruner"), ("qwen2_5_vl", "divprune")])
+def test_pre_llm_with_original_positions_equals_k0_of_the_same_set(toys, family, method):
+    """Dropping tokens before the LLM at their original positions is exactly intra-LLM pruning at K=0."""
+    model, proc = toys(family)
+    inputs = _one(family, proc)
+    with torch.no_grad():
+        with lmms_prune.apply(model, method, keep_ratio=0.1, positions="original") as handle:
+            pre = model(**inputs).logits
+            pre_tokens, pre_steps = _generate(model, inputs)
+            kept = handle.records[0].kept[0].tolist()
+            assert handle.records[0].visual_after == len(kept) == max(1, round(0.1 * _num_visual(model, inputs)))
+        with lmms_prune.apply(model, "fixed", keep_indices=kept, prune_layer=0):
+            k0 = model(**inputs).logits
+            k0_tokens, k0_steps = _generate(model, inputs)
+    torch.testing.assert_close(pre, k0, atol=ATOL, rtol=0)
+    assert torch.equal(pre_tokens, k0_tokens)
+    torch.testing.assert_close(pre_steps, k0_steps, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["internvl_qwen2", "llava"])
+def test_pre_llm_contiguous_positions_renumber_the_short_prompt(toys, family):
+    model, proc = toys(family)
+    inputs = _one(family, proc)
+    lm = model.model.language_model
+    captured = {}
+    with torch.no_grad(), lmms_prune.apply(model, "divprune", keep_ratio=0.1) as handle:
+        hook = lm.register_forward_pre_hook(lambda m, a, kw: captured.update(kw), with_kwargs=True)
+        logits = model(**inputs).logits
+        hook.remove()
+        rec = handle.records[0]
+        short = captured["inputs_embeds"]
+        direct = model.lm_head(lm(inputs_embeds=short).last_hidden_state)
+    assert short.shape[1] == inputs["input_ids"].shape[1] - rec.visual_before + rec.visual_after
+    torch.testing.assert_close(logits, direct, atol=ATOL, rtol=0)
+
+
+def test_vispruner_without_cls_token_is_a_clear_error(toys):
+    model, _ = toys("qwen2_5_vl")
+    with pytest.raises(ValueError, match="divprune"):
+        lmms_prune.apply(model, "vispruner")

@@ -64,6 +64,71 @@ class Adapter:
     def num_layers(self) -> int:
         return len(self.layers)
 
+    # --- pre-LLM pruning: encode images once, select, hand the kept embeddings to the model ---------------
+    image_input_keys: tuple[str, ...] = ("pixel_values", "image_sizes")
+    has_cls = True
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.vision_tower
+
+    @property
+    def vision_config(self):
+        return self.vision_tower.config
+
+    def projector(self) -> nn.Module:
+        return self.model.model.multi_modal_projector
+
+    def vision_layers(self) -> nn.ModuleList:
+        raise TypeError(f"{self.family}: vision-encoder attention is not available")
+
+    def vision_feature_attention(self) -> nn.Module:
+        """The attention module of the vision layer whose output the model feeds to the projector."""
+        layers = self.vision_layers()
+        fl = self.config.vision_feature_layer
+        if not isinstance(fl, int):
+            raise ValueError(f"{self.family}: vispruner needs one vision_feature_layer, got {fl!r}")
+        hidden_index = fl if fl >= 0 else len(layers) + 1 + fl  # hidden_states[0] is the embedding output
+        return self._attention_of(layers[hidden_index - 1])
+
+    @staticmethod
+    def _attention_of(layer: nn.Module) -> nn.Module:
+        return getattr(layer, "self_attn", None) or layer.attention
+
+    def encode_images(self, kwargs: dict[str, Any]):
+        return self.model.model.get_image_features(pixel_values=kwargs["pixel_values"], return_dict=True)
+
+    @staticmethod
+    def flatten_image_features(pooled) -> torch.Tensor:
+        """Projected visual embeddings of every image, in prompt order: [num_visual_tokens, D]."""
+        if isinstance(pooled, (list, tuple)):
+            return torch.cat([p.reshape(-1, p.shape[-1]) for p in pooled], 0)
+        return pooled.reshape(-1, pooled.shape[-1])
+
+    def flatten_pre_projector(self, pre: torch.Tensor) -> torch.Tensor:
+        return pre.reshape(-1, pre.shape[-1])
+
+    def cls_importance(self, rows: torch.Tensor) -> torch.Tensor:
+        """[images or tiles, H, 1 + P] [CLS] rows -> [num_visual_tokens] VisPruner importance."""
+        from lmms_prune.scores import cls_attention
+
+        return torch.cat([cls_attention(r, has_cls=True) for r in rows])
+
+    def wrap_image_features(self, encoded, kept: torch.Tensor):
+        encoded.pooler_output = [kept]
+        return encoded
+
+    def original_positions(self, input_ids: torch.Tensor, mask2d: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        """RoPE positions of the unpruned prompt, [B, T] (as ``generate`` numbers a left-padded batch)."""
+        pos = mask2d.long().cumsum(-1) - 1
+        return pos.masked_fill(mask2d == 0, 0)
+
+    def pad_token_id(self) -> int:
+        pad = getattr(self.model.generation_config, "pad_token_id", None)
+        if isinstance(pad, (list, tuple)):
+            pad = pad[0] if pad else None
+        return int(pad) if pad is not None else 0
+
     def tokens_per_image(self) -> int:
         return int(self.config.image_seq_length)
 
@@ -99,6 +164,21 @@ class InternVLAdapter(Adapter):
 
     family = "internvl"
 
+    def vision_layers(self):
+        return self.vision_tower.encoder.layer
+
+    def cls_importance(self, rows):
+        """InternViT [CLS] row over 32x32 patches, summed over the 2x2 groups pixel shuffle merges."""
+        from lmms_prune.scores import cls_attention, merge_pixel_shuffle
+
+        side = math.isqrt(rows.shape[-1] - 1)
+        factor = round(1 / self.config.downsample_ratio)
+        return torch.cat([merge_pixel_shuffle(cls_attention(r, has_cls=True), side, factor) for r in rows])
+
+    def wrap_image_features(self, encoded, kept):
+        encoded.pooler_output = kept[None]
+        return encoded
+
     def image_grids(self, run_length, image_index, forward_kwargs, sample=0, start=0):
         per_tile = self.tokens_per_image()
         side = math.isqrt(per_tile)
@@ -112,6 +192,9 @@ class LlavaAdapter(Adapter):
     """LLaVA-1.5: 576 tokens (24x24) per image."""
 
     family = "llava"
+
+    def vision_layers(self):
+        return self.vision_tower.encoder.layers
 
     def tokens_per_image(self) -> int:
         seq = getattr(self.config, "image_seq_length", None)
@@ -130,6 +213,34 @@ class Qwen25VLAdapter(Adapter):
     """
 
     family = "qwen2_5_vl"
+    image_input_keys = ("pixel_values", "image_grid_thw")
+    has_cls = False
+
+    @property
+    def vision_tower(self):
+        return self.model.model.visual
+
+    def projector(self):
+        return self.vision_tower.merger
+
+    def vision_feature_attention(self):
+        raise ValueError("vispruner needs a [CLS] token in the vision encoder; Qwen2.5-VL's has none "
+                         "(use method=divprune, or an intra-LLM method)")
+
+    def encode_images(self, kwargs):
+        return self.model.model.get_image_features(kwargs["pixel_values"], kwargs["image_grid_thw"], return_dict=True)
+
+    def wrap_image_features(self, encoded, kept):
+        encoded.pooler_output = (kept,)
+        return encoded
+
+    def original_positions(self, input_ids, mask2d, kwargs):
+        """[4, B, T]: the text row transformers uses for masks, then the 3-D M-RoPE (t, h, w) rows."""
+        text = super().original_positions(input_ids, mask2d, kwargs)
+        mrope, _ = self.model.model.get_rope_index(
+            input_ids, image_grid_thw=kwargs.get("image_grid_thw"), attention_mask=mask2d,
+            mm_token_type_ids=kwargs.get("mm_token_type_ids"))
+        return torch.cat([text[None], mrope], 0)
 
     def image_grids(self, run_length, image_index, forward_kwargs, sample=0, start=0):
         thw = forward_kwargs.get("image_grid_thw")

@@ -99,3 +99,12 @@ def attention_rows(
 def key_l1_norms(key: torch.Tensor) -> torch.Tensor:
     """DART's token norm: L1 norm of each token's key, averaged over KV heads. key [B, KV, S, d] -> [B, S]."""
     return key.float().abs().sum(-1).mean(1)
+
+
+def query_rows(query: torch.Tensor, key: torch.Tensor, scaling: float | None, rows: slice) -> torch.Tensor:
+    """Per-head attention probabilities of the query rows ``rows`` over all keys, for unmasked (vision
+    encoder) attention. query [B, H, Q, d], key [B, H, S, d] -> float32 [B, H, len(rows), S]."""
+    d = query.shape[-1]
+    scale = d**-0.5 if scaling is None else scaling
+    logits = torch.matmul(query[:, :, rows].float(), key.float().transpose(-1, -2)) * scale
+    return torch.softmax(logits, dim=-1)

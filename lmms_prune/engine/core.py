@@ -28,6 +28,7 @@ from lmms_prune import scores as S
 from lmms_prune import selection as sel
 from lmms_prune.engine import attention as attn
 from lmms_prune.engine.adapters import Adapter, ImageSpan, get_adapter
+from lmms_prune.engine.pre_llm import shrink_inputs
 from lmms_prune.engine.prior import Prior, load_prior
 from lmms_prune.presets import PruneConfig, resolve_config
 
@@ -45,6 +46,7 @@ class PruneRecord:
     scores: list[torch.Tensor | None] = field(default_factory=list)  # per image, the scores selection used
     select_seconds: float = 0.0  # scoring rows + score combination + selection
     llm_prefill_seconds: float = 0.0
+    vision_seconds: float = 0.0  # pre-LLM methods: the image encoding the engine ran itself
 
 
 def _sync(t: torch.Tensor | None) -> None:
@@ -94,7 +96,7 @@ class PruneHandle:
         if config.stage == "llm":
             self._install_llm()
         elif config.stage == "pre_llm":
-            raise NotImplementedError(f"method {config.method!r}: pre-LLM pruning is not available yet")
+            self._install_pre_llm()
         else:
             self._install_observe_only()
 
@@ -131,8 +133,39 @@ class PruneHandle:
         for idx in range(self.config.prune_layer, len(layers)):
             self._hooks.append(layers[idx].register_forward_pre_hook(self._make_layer_hook(idx), with_kwargs=True))
 
+    def _install_pre_llm(self) -> None:
+        if self.config.selector == "vispruner":
+            self.adapter.vision_feature_attention()  # fails early, with the reason, where there is no [CLS]
+        self._install_observe_only()
+        original = self.model.generate
+
+        def generate(*args: Any, **kwargs: Any):
+            if args:
+                kwargs["input_ids"] = args[0]
+                args = args[1:]
+            if kwargs.get("pixel_values") is None:
+                return original(*args, **kwargs)
+            prompt = kwargs["input_ids"]
+            kwargs = shrink_inputs(self, kwargs)
+            self._state = {"phase": "pre_llm"}
+            out = original(*args, **kwargs)
+            # Report the caller's own prompt in front of the new tokens, so `out[:, prompt_len:]` works as usual.
+            short = kwargs["input_ids"].shape[1]
+            seqs = out if isinstance(out, torch.Tensor) else out.sequences
+            full = torch.cat([prompt.repeat_interleave(seqs.shape[0] // prompt.shape[0], 0), seqs[:, short:]], 1)
+            if isinstance(out, torch.Tensor):
+                return full
+            out.sequences = full
+            return out
+
+        self.model.generate = generate  # instance attribute: `remove()` deletes it and the class method is back
+        self._patched_generate = True
+
     def remove(self) -> None:
-        """Undo every change: hooks, observers and the attention implementation name."""
+        """Undo every change: hooks, observers, the attention implementation name, the generate wrapper."""
+        if getattr(self, "_patched_generate", False):
+            del self.model.generate
+            self._patched_generate = False
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
@@ -157,6 +190,8 @@ class PruneHandle:
         return cache is None or cache.get_seq_length() == 0
 
     def _on_model_call(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+        if self.config.stage == "pre_llm":
+            return self._on_model_call_pre_llm(args, kwargs)
         mask2d = kwargs.get("attention_mask")
         mask2d = mask2d if isinstance(mask2d, torch.Tensor) and mask2d.dim() == 2 else None
         if not self._is_prefill(kwargs):
@@ -184,6 +219,23 @@ class PruneHandle:
         self.records = []
         return None
 
+    def _on_model_call_pre_llm(self, args: tuple, kwargs: dict[str, Any]):
+        """A direct forward with images: shrink its inputs; inside generate they were shrunk already."""
+        if not self._is_prefill(kwargs):
+            self._state["phase"] = "decode"
+            return None
+        if kwargs.get("pixel_values") is None:
+            if self._state.get("phase") == "pre_llm":
+                self._state["phase"] = "prefill"
+            else:
+                self._state = {"phase": "prefill", "spans": None}
+            return None
+        if args:
+            kwargs = {**kwargs, "input_ids": args[0]}
+        kwargs = shrink_inputs(self, kwargs)
+        self._state = {"phase": "prefill"}
+        return (), kwargs
+
     def _on_lm_start(self, module, args, kwargs):
         if self._state.get("phase") == "prefill":
             ref = kwargs.get("inputs_embeds")
@@ -196,6 +248,12 @@ class PruneHandle:
             return
         _sync(getattr(output, "last_hidden_state", None))
         seconds = time.perf_counter() - st.pop("lm_t0")
+        if self.config.stage == "pre_llm":
+            for rec in self.records:
+                rec.llm_prefill_seconds = seconds
+                rec.kv_lengths = [rec.seq_len_after] * self.adapter.num_layers
+            st["phase"] = "prefilled"
+            return
         if st.get("spans") is None:
             return
         if not self.records:  # no pruning happened (method none): record the unpruned layout

@@ -1,0 +1,102 @@
+"""Bias-prior calibration (D2Pruner's A_bias): the mean last-token attention over many images.
+
+The paper averages the text-to-vision attention of 1000 COCO images under a generic prompt ("Please describe
+the provided image."). We run the model through the engine with nothing pruned and the scoring layer set,
+read each image's attention row from the prefill records, and average per visual-token count (a layout: an
+InternVL tile count, a Qwen2.5-VL grid size), keeping the metadata the prior is only valid for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from lmms_prune.engine import apply
+from lmms_prune.engine.prior import Prior, save_prior
+
+DEFAULT_PROMPT = "Please describe the provided image."
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def list_images(folder: str | Path, limit: int | None = None) -> list[Path]:
+    """Image files of ``folder`` in name order (the first ``limit``); a clear error if there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--images {str(folder)!r}: not a directory")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"--images {str(folder)!r}: no {'/'.join(IMAGE_SUFFIXES)} files in it")
+    return files[:limit] if limit else files
+
+
+def open_image(path: str | Path) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except Exception as exc:  # PIL raises several types for unreadable files
+        raise ValueError(f"image {str(path)!r} is unreadable ({exc}); remove it or convert it to JPEG/PNG") from exc
+
+
+def single_image_inputs(processor: Any, image: Image.Image, prompt: str, max_num: int | None = None) -> dict:
+    """Processor inputs for one image and one user prompt, through the model's own chat template."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    kwargs: dict[str, Any] = {}
+    if max_num is not None and type(processor).__name__.startswith("InternVL"):
+        kwargs["images_kwargs"] = {"max_patches": max_num}
+    return processor(images=[image], text=[text], return_tensors="pt", **kwargs)
+
+
+@torch.no_grad()
+def calibrate_prior(
+    model: torch.nn.Module,
+    processor: Any,
+    images: Iterable[Image.Image | str | Path],
+    layer: int,
+    prompt: str = DEFAULT_PROMPT,
+    max_num: int | None = 6,
+    model_name: str | None = None,
+    total: int | None = None,
+) -> Prior:
+    """Average the last prompt token's attention at decoder ``layer`` over ``images``, per token layout."""
+    depth = len(model.model.language_model.layers)
+    if not 0 <= layer < depth - 1:
+        raise ValueError(f"--layer {layer}: must be in [0, {depth - 2}] for this {depth}-layer model")
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
+    layouts: dict[int, list[list[int]]] = {}
+    device = next(model.parameters()).device
+    with apply(model, "fastv", keep_ratio=1.0, prune_layer=layer + 1, score_layer=layer) as handle:
+        for item in tqdm(images, total=total, desc=f"calibrating layer {layer}", unit="img"):
+            image = item if isinstance(item, Image.Image) else open_image(item)
+            inputs = single_image_inputs(processor, image, prompt, max_num).to(device)
+            model(**inputs)
+            record = handle.records[0]
+            spans = handle._state["spans"][0]
+            for span, scores in zip(spans, record.scores):
+                n = span.length
+                sums[n] = sums.get(n, torch.zeros(n)) + scores.float()
+                counts[n] = counts.get(n, 0) + 1
+                layouts[n] = [list(g) for g in span.grids]
+    if not counts:
+        raise ValueError("no image produced visual tokens: nothing to calibrate")
+    means = {n: sums[n] / counts[n] for n in sums}
+    meta = {
+        "model": model_name or getattr(model.config, "_name_or_path", ""),
+        "score_layer": layer,
+        "prompt": prompt,
+        "num_images": sum(counts.values()),
+        "layouts": {str(n): layouts[n] for n in layouts},
+        "max_num": max_num,
+    }
+    return Prior(means, counts, meta)
+
+
+def calibrate_to_file(model, processor, image_paths: Sequence[Path], layer: int, out: str | Path, **kw) -> Path:
+    prior = calibrate_prior(model, processor, image_paths, layer, total=len(image_paths), **kw)
+    return save_prior(out, prior.means, prior.counts, prior.meta)

@@ -1,0 +1,159 @@
+"""Pre-LLM pruning (VisPruner, DivPrune): the dropped visual tokens never enter the language model.
+
+Before the first forward, the images are encoded once; the selection runs on vision-side signals (VisPruner:
+the vision encoder's [CLS] attention at the feature layer and the pre-projector features; DivPrune: the
+projected embeddings); each image's run of placeholder tokens in ``input_ids`` is shortened to its budget and
+the kept embeddings are handed to the model as ``mm_encoder_outputs`` (transformers' public input for
+pre-encoded images), so ``generate`` and ``forward`` run unchanged on the shorter prompt.
+
+Positions: ``positions="contiguous"`` (default, as the VisPruner and DivPrune papers: the shorter prompt is
+numbered 0..T'-1); ``positions="original"`` gives each kept token its position in the unpruned prompt
+(Qwen2.5-VL: its 3-D M-RoPE position), and generation continues from the unpruned length.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from lmms_prune import selection as sel
+from lmms_prune.engine import attention as attn
+
+if TYPE_CHECKING:
+    from lmms_prune.engine.core import PruneHandle
+
+
+class VisionCapture:
+    """Observe the vision encoder's [CLS] attention row at the feature layer and the projector's input."""
+
+    def __init__(self, handle: PruneHandle, need_cls: bool):
+        self.handle = handle
+        self.cls_rows: list[torch.Tensor] = []
+        self.pre_projector: torch.Tensor | None = None
+        self._hooks: list[Any] = []
+        self._module: nn.Module | None = None
+        self._old: str | None = None
+        adapter = handle.adapter
+        projector = adapter.projector()
+        self._hooks.append(projector.register_forward_pre_hook(self._grab_projector_input))
+        if need_cls:
+            self._module = adapter.vision_feature_attention()
+            vcfg = adapter.vision_config
+            self._old = vcfg._attn_implementation
+            vcfg._attn_implementation = attn.wrapped_name(attn.base_name(self._old))
+            attn.add_observer(self._module, self._observe)
+
+    def _grab_projector_input(self, module, args):
+        self.pre_projector = args[0].detach()
+
+    def _observe(self, module, query, key, attention_mask, scaling):
+        self.cls_rows.append(attn.query_rows(query, key, scaling, rows=slice(0, 1))[:, :, 0])  # [B, H, T]
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        if self._module is not None:
+            attn.remove_observer(self._module)
+            self.handle.adapter.vision_config._attn_implementation = self._old
+
+
+def _left_pad(rows: list[torch.Tensor], value: int | bool) -> torch.Tensor:
+    width = max(r.shape[-1] for r in rows)
+    out = rows[0].new_full((len(rows), *rows[0].shape[:-1], width), value)
+    for i, r in enumerate(rows):
+        out[i, ..., width - r.shape[-1]:] = r
+    return out
+
+
+def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Encode the images, select per image, and return the forward/generate kwargs of the shorter prompt.
+
+    Also sets ``handle.records`` (one ``PruneRecord`` per sample)."""
+    from lmms_prune.engine.core import PruneRecord, _sync
+
+    cfg, adapter = handle.config, handle.adapter
+    input_ids: torch.Tensor = kwargs["input_ids"]
+    mask2d = kwargs.get("attention_mask")
+    if mask2d is None:
+        mask2d = torch.ones_like(input_ids)
+    spans = adapter.spans(input_ids, kwargs)
+    t0 = time.perf_counter()
+    capture = VisionCapture(handle, need_cls=cfg.selector == "vispruner")
+    try:
+        with torch.no_grad():
+            encoded = adapter.encode_images(kwargs)
+    finally:
+        capture.close()
+    projected = adapter.flatten_image_features(encoded.pooler_output)  # [num_visual_total, D]
+    vision_t0 = time.perf_counter()
+    if cfg.selector == "vispruner":
+        importance = adapter.cls_importance(torch.cat(capture.cls_rows))
+        features = adapter.flatten_pre_projector(capture.pre_projector)
+    else:
+        importance = None
+        features = projected
+    offset = 0
+    new_ids, new_mask, new_pos, kept_feats, records, keeps = [], [], [], [], [], []
+    original_positions = adapter.original_positions(input_ids, mask2d, kwargs) if cfg.positions == "original" else None
+    for b, sample_spans in enumerate(spans):
+        keep = mask2d[b].new_ones(input_ids.shape[1], dtype=torch.bool)
+        kept_per_image = []
+        for span in sample_spans:
+            feats = features[offset: offset + span.length]
+            n = sel.budget(span.length, keep_ratio=cfg.keep_ratio, keep_tokens=cfg.keep_tokens)
+            if cfg.selector == "vispruner":
+                local = sel.vispruner(importance[offset: offset + span.length], feats, n,
+                                      important_ratio=cfg.important_ratio)
+            elif cfg.selector == "divprune":
+                local = sel.divprune(feats, n)
+            else:
+                raise ValueError(f"selector={cfg.selector!r} cannot run before the LLM")
+            local = local.to(input_ids.device)
+            keep[span.start: span.start + span.length] = False
+            keep[span.start + local] = True
+            kept_feats.append(projected[offset + local.to(projected.device)])
+            kept_per_image.append(local.cpu())
+            offset += span.length
+        real = mask2d[b].bool()
+        keep &= real  # drop the old padding; the batch is left-padded again below
+        keeps.append(keep)
+        new_ids.append(input_ids[b][keep])
+        new_mask.append(mask2d[b][keep])
+        if original_positions is not None:
+            new_pos.append(original_positions[..., b, :][..., keep])
+        n_vis = sum(s.length for s in sample_spans)
+        n_kept = sum(k.numel() for k in kept_per_image)
+        full = int(real.sum())
+        records.append(PruneRecord(n_vis, n_kept, kept_per_image, full, full - n_vis + n_kept, []))
+    _sync(projected)
+    seconds = time.perf_counter() - t0
+    select_seconds = time.perf_counter() - vision_t0
+    for rec in records:
+        rec.select_seconds = select_seconds
+        rec.vision_seconds = seconds - select_seconds
+    handle.records = records
+    out = {k: v for k, v in kwargs.items() if k not in adapter.image_input_keys}
+    out["input_ids"] = _left_pad(new_ids, adapter.pad_token_id())
+    out["attention_mask"] = _left_pad(new_mask, 0)
+    for key, value in kwargs.items():  # other per-token inputs (e.g. Qwen's mm_token_type_ids) follow the ids
+        if (key not in ("input_ids", "attention_mask") and isinstance(value, torch.Tensor)
+                and value.shape[:2] == input_ids.shape):
+            out[key] = _left_pad([value[b][keeps[b]] for b in range(len(keeps))], 0)
+    if new_pos:
+        out["position_ids"] = torch.stack(_pad_positions(new_pos), dim=-2)
+    kept_all = torch.cat(kept_feats, 0) if kept_feats else projected[:0]
+    out["mm_encoder_outputs"] = {"image": adapter.wrap_image_features(encoded, kept_all)}
+    return out
+
+
+def _pad_positions(rows: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Left-pad per-sample position rows ([L] or [R, L]) to a common length with zeros."""
+    width = max(r.shape[-1] for r in rows)
+    out = []
+    for r in rows:
+        pad = width - r.shape[-1]
+        out.append(torch.nn.functional.pad(r, (pad, 0)) if pad else r)
+    return out

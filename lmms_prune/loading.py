@@ -1,0 +1,45 @@
+"""Load a transformers-native VLM and its processor the way users do: ``from_pretrained(name_or_path)``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """'auto' -> bfloat16 on GPU, float32 on CPU; names like 'float16' map to torch dtypes."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"dtype={dtype!r}: must be one of auto, {', '.join(table)}")
+    return table[dtype]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(
+    name_or_path: str,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = "auto",
+    attn_implementation: str = "sdpa",
+    device_map: Any = None,
+) -> tuple[torch.nn.Module, Any]:
+    """(model in eval mode, processor) for a hub name or a local directory saved with ``save_pretrained``."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    device = device or default_device()
+    model = AutoModelForImageTextToText.from_pretrained(
+        name_or_path, dtype=resolve_dtype(dtype, device), attn_implementation=attn_implementation,
+        device_map=device_map,
+    )
+    if device_map is None:
+        model = model.to(device)
+    processor = AutoProcessor.from_pretrained(name_or_path)
+    return model.eval(), processor
