@@ -350,3 +350,22 @@ def test_vispruner_without_cls_token_is_a_clear_error(toys):
     model, _ = toys("qwen2_5_vl")
     with pytest.raises(ValueError, match="divprune"):
         lmms_prune.apply(model, "vispruner")
+
+
+def test_text_mean_query_averages_the_text_rows_after_the_image(toys):
+    model, proc = toys("internvl_qwen2")
+    inputs = _one("internvl_qwen2", proc)
+    layer = 2
+    ids = inputs["input_ids"][0]
+    image_end = int(torch.nonzero(ids == model.config.image_token_id).max()) + 1
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        try:
+            att = model(**inputs, output_attentions=True).attentions[layer]
+        finally:
+            model.set_attn_implementation("sdpa")
+        expected = att[0, :, image_end:, :].mean(0).mean(0)
+        with lmms_prune.apply(model, "fastv", keep_ratio=0.5, prune_layer=layer + 1, query="text_mean") as handle:
+            model(**inputs)
+            row = handle._state["rows"][layer][0]
+    torch.testing.assert_close(row, expected.float(), atol=1e-5, rtol=0)
