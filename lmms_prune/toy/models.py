@@ -1,0 +1,508 @@
+"""Tiny random-weight models of the real VLM architectures, for offline tests and demos.
+
+Each family is the transformers-native class of a real checkpoint, with the real visual-token geometry
+(image sizes, patch sizes, pixel shuffle / spatial merge, dynamic tiling, M-RoPE) and the real special-token
+layout, but with widths small enough that a model builds in well under a second on one CPU core:
+
+* ``internvl_llama``: ``InternVLForConditionalGeneration`` with a Llama text model (InternVL2.5-8B-MPO-hf);
+  256 tokens per 448 px tile, dynamic tiling plus a thumbnail (:func:`internvl_num_tiles`).
+* ``internvl_qwen2``: the same with a Qwen2 text model (InternVL2.5-1B / InternVL3-hf).
+* ``qwen2_5_vl``: ``Qwen2_5_VLForConditionalGeneration``; ``(h / 28) * (w / 28)`` tokens for an image
+  smart-resized to ``h x w``, 3-D M-RoPE.
+* ``llava``: ``LlavaForConditionalGeneration`` (LLaVA-1.5-hf: CLIP ViT at 336 px, patch 14, Llama); 576 tokens.
+
+Text models have ``num_layers`` decoder layers (default 14, so that the usual prune layer 12 exists),
+hidden size 64, 4 query heads and 2 key/value heads (GQA), MLP width 128. Vision towers have 2 layers of width
+32. Tokenizers are built offline (see :mod:`lmms_prune.toy.tokenizers`): the Qwen2 families use the real
+Qwen2 vocabulary, the Llama families a small byte-level BPE trained in process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import (
+    CLIPVisionConfig,
+    InternVLConfig,
+    InternVLVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    PreTrainedModel,
+    Qwen2_5_VLConfig,
+    Qwen2Config,
+)
+
+from lmms_prune.toy import tokenizers as toy_tok
+
+FAMILIES = ("internvl_llama", "internvl_qwen2", "qwen2_5_vl", "llava")
+
+
+TEXT_HIDDEN = 64
+TEXT_HEADS = 4
+TEXT_KV_HEADS = 2
+TEXT_INTERMEDIATE = 128
+VISION_HIDDEN = 32
+VISION_HEADS = 2
+VISION_INTERMEDIATE = 64
+VISION_LAYERS = 2
+MAX_POSITIONS = 8192
+
+INTERNVL_IMAGE_SIZE = 448
+INTERNVL_PATCH_SIZE = 14
+INTERNVL_DOWNSAMPLE_RATIO = 0.5
+# (448 / 14)^2 patches, pixel shuffle with ratio 0.5 folds each 2x2 block into one token.
+INTERNVL_TOKENS_PER_TILE = int((INTERNVL_IMAGE_SIZE // INTERNVL_PATCH_SIZE) ** 2 * INTERNVL_DOWNSAMPLE_RATIO**2)
+INTERNVL_MAX_TILES = 6
+
+QWEN_PATCH_SIZE = 14
+QWEN_MERGE_SIZE = 2
+# M-RoPE splits the rotary half of each head (head_dim / 2 = 8 frequencies here) into temporal, height and
+# width sections; the real checkpoints use [16, 24, 24] for head_dim 128, this is the same 2:3:3 split.
+QWEN_MROPE_SECTION = [2, 3, 3]
+# Pixel budget of the resized image (smart_resize). The real default max is 28*28*1280; 256 merged tokens keeps
+# tests fast and matches a common lmms-eval setting.
+QWEN_MIN_PIXELS = 4 * 28 * 28
+QWEN_MAX_PIXELS = 256 * 28 * 28
+
+LLAVA_IMAGE_SIZE = 336
+LLAVA_PATCH_SIZE = 14
+LLAVA_IMAGE_TOKENS = (LLAVA_IMAGE_SIZE // LLAVA_PATCH_SIZE) ** 2
+
+
+def _check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r}: must be one of {FAMILIES}")
+
+
+def _check_num_layers(num_layers: int) -> None:
+    if not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"num_layers={num_layers!r}: must be a positive int (default 14)")
+
+
+def _llama_text_config(num_layers: int) -> LlamaConfig:
+    ids = toy_tok.LLAMA_SPECIAL_IDS
+    return LlamaConfig(
+        vocab_size=toy_tok.llama_vocab_size(),
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=TEXT_INTERMEDIATE,
+        num_hidden_layers=num_layers,
+        num_attention_heads=TEXT_HEADS,
+        num_key_value_heads=TEXT_KV_HEADS,
+        max_position_embeddings=MAX_POSITIONS,
+        rms_norm_eps=1e-5,
+        bos_token_id=ids["<s>"],
+        eos_token_id=ids["</s>"],
+        pad_token_id=ids["<pad>"],
+        tie_word_embeddings=False,
+    )
+
+
+def _qwen2_text_config(num_layers: int) -> Qwen2Config:
+    ids = toy_tok.QWEN_SPECIAL_IDS
+    return Qwen2Config(
+        vocab_size=toy_tok.QWEN_VOCAB_SIZE,
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=TEXT_INTERMEDIATE,
+        num_hidden_layers=num_layers,
+        num_attention_heads=TEXT_HEADS,
+        num_key_value_heads=TEXT_KV_HEADS,
+        max_position_embeddings=MAX_POSITIONS,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+        use_sliding_window=False,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=True,
+    )
+
+
+def _internvl_config(text_config: transformers.PretrainedConfig, image_token_id: int) -> InternVLConfig:
+    vision = InternVLVisionConfig(
+        hidden_size=VISION_HIDDEN,
+        num_hidden_layers=VISION_LAYERS,
+        num_attention_heads=VISION_HEADS,
+        intermediate_size=VISION_INTERMEDIATE,
+        image_size=INTERNVL_IMAGE_SIZE,
+        patch_size=INTERNVL_PATCH_SIZE,
+        norm_type="layer_norm",
+        use_qk_norm=False,
+    )
+    return InternVLConfig(
+        vision_config=vision,
+        text_config=text_config,
+        image_token_id=image_token_id,
+        image_seq_length=INTERNVL_TOKENS_PER_TILE,
+        downsample_ratio=INTERNVL_DOWNSAMPLE_RATIO,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=text_config.tie_word_embeddings,
+    )
+
+
+def _qwen2_5_vl_config(num_layers: int) -> Qwen2_5_VLConfig:
+    ids = toy_tok.QWEN_SPECIAL_IDS
+    vision = {
+        "depth": VISION_LAYERS,
+        "hidden_size": VISION_HIDDEN,
+        "num_heads": VISION_HEADS,
+        "intermediate_size": VISION_INTERMEDIATE,
+        "out_hidden_size": TEXT_HIDDEN,
+        "patch_size": QWEN_PATCH_SIZE,
+        "spatial_merge_size": QWEN_MERGE_SIZE,
+        "temporal_patch_size": 2,
+        "window_size": 112,
+        # The real tower alternates windowed attention with a few full-attention blocks; keep one of each.
+        "fullatt_block_indexes": [VISION_LAYERS - 1],
+    }
+    text = {
+        "vocab_size": toy_tok.QWEN_VOCAB_SIZE,
+        "hidden_size": TEXT_HIDDEN,
+        "intermediate_size": TEXT_INTERMEDIATE,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": TEXT_HEADS,
+        "num_key_value_heads": TEXT_KV_HEADS,
+        "max_position_embeddings": MAX_POSITIONS,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 1_000_000.0,
+            "mrope_section": list(QWEN_MROPE_SECTION),
+        },
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+        "tie_word_embeddings": True,
+    }
+    return Qwen2_5_VLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+
+
+def _llava_config(num_layers: int) -> LlavaConfig:
+    vision = CLIPVisionConfig(
+        hidden_size=VISION_HIDDEN,
+        intermediate_size=VISION_INTERMEDIATE,
+        num_hidden_layers=VISION_LAYERS,
+        num_attention_heads=VISION_HEADS,
+        image_size=LLAVA_IMAGE_SIZE,
+        patch_size=LLAVA_PATCH_SIZE,
+        projection_dim=TEXT_HIDDEN,
+        hidden_act="quick_gelu",
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=_llama_text_config(num_layers),
+        image_token_index=toy_tok.LLAMA_SPECIAL_IDS["<image>"],
+        image_seq_length=LLAVA_IMAGE_TOKENS,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        tie_word_embeddings=False,
+    )
+
+
+def tiny_config(family: str, num_layers: int = 14) -> transformers.PretrainedConfig:
+    """The configuration of a tiny model of ``family`` with ``num_layers`` text decoder layers.
+
+    Token ids in the config (image token, bos/eos/pad) agree with the tokenizer that
+    :func:`save_tiny_model` writes next to it.
+    """
+    _check_family(family)
+    _check_num_layers(num_layers)
+    if family == "internvl_llama":
+        config = _internvl_config(_llama_text_config(num_layers), toy_tok.LLAMA_SPECIAL_IDS["<IMG_CONTEXT>"])
+    elif family == "internvl_qwen2":
+        config = _internvl_config(_qwen2_text_config(num_layers), toy_tok.QWEN_SPECIAL_IDS["<IMG_CONTEXT>"])
+    elif family == "qwen2_5_vl":
+        config = _qwen2_5_vl_config(num_layers)
+    else:
+        config = _llava_config(num_layers)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def _generation_ids(family: str) -> dict[str, int | list[int]]:
+    """bos/eos/pad ids for generation: chat models stop at the end-of-turn token as well as end-of-text."""
+    if family in ("internvl_qwen2", "qwen2_5_vl"):
+        ids = toy_tok.QWEN_SPECIAL_IDS
+        return {
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+            "pad_token_id": ids["<|endoftext|>"],
+        }
+    ids = toy_tok.LLAMA_SPECIAL_IDS
+    eos = [ids["<|im_end|>"], ids["</s>"]] if family == "internvl_llama" else [ids["</s>"]]
+    return {"bos_token_id": ids["<s>"], "eos_token_id": eos, "pad_token_id": ids["<pad>"]}
+
+
+def _model_class(family: str) -> type[PreTrainedModel]:
+    if family.startswith("internvl"):
+        return transformers.InternVLForConditionalGeneration
+    if family == "qwen2_5_vl":
+        return transformers.Qwen2_5_VLForConditionalGeneration
+    return transformers.LlavaForConditionalGeneration
+
+
+def build_tiny_model(
+    family: str, seed: int = 0, num_layers: int = 14, dtype: torch.dtype = torch.float32
+) -> PreTrainedModel:
+    """A randomly initialised tiny ``family`` model in eval mode with SDPA attention.
+
+    The weights depend only on ``(family, seed, num_layers)``: the caller's global RNG state is left untouched.
+    """
+    config = tiny_config(family, num_layers)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _model_class(family)._from_config(config, attn_implementation="sdpa", dtype=dtype)
+    for key, value in _generation_ids(family).items():
+        setattr(model.generation_config, key, value)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dynamic tiling (InternVL)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def internvl_tile_grid(
+    width: int, height: int, max_num: int = INTERNVL_MAX_TILES, min_num: int = 1, image_size: int = 448
+) -> tuple[int, int]:
+    """The ``(columns, rows)`` grid InternVL's dynamic preprocessing cuts a ``width x height`` image into.
+
+    Among all grids ``i x j`` with ``min_num <= i * j <= max_num`` (visited in order of increasing area), take
+    the one whose aspect ratio ``i / j`` is closest to ``width / height``. On an exact tie the later, larger
+    grid wins only while the image has more than half the grid's pixel area
+    (``width * height > 0.5 * image_size**2 * i * j``), so small images are not blown up into many tiles.
+    This is ``find_closest_aspect_ratio`` of InternVL's ``dynamic_preprocess``.
+    """
+    if width < 1 or height < 1:
+        raise ValueError(f"image size {width}x{height}: width and height must be >= 1 pixel")
+    if not 1 <= min_num <= max_num:
+        raise ValueError(f"min_num={min_num}, max_num={max_num}: need 1 <= min_num <= max_num")
+    grids = sorted(
+        ((i, j) for i in range(1, max_num + 1) for j in range(1, max_num + 1) if min_num <= i * j <= max_num),
+        key=lambda grid: grid[0] * grid[1],
+    )
+    aspect = width / height
+    best, best_diff = (1, 1), float("inf")
+    for cols, rows in grids:
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and width * height > 0.5 * image_size * image_size * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+def internvl_num_tiles(
+    width: int, height: int, max_num: int = INTERNVL_MAX_TILES, min_num: int = 1, image_size: int = 448
+) -> int:
+    """Number of 448 px tiles InternVL feeds its vision tower for one image: the grid's ``cols * rows``
+    (:func:`internvl_tile_grid`) plus one global thumbnail when the grid has more than one tile.
+
+    The image then costs ``internvl_num_tiles(...) * 256`` visual tokens.
+    """
+    cols, rows = internvl_tile_grid(width, height, max_num=max_num, min_num=min_num, image_size=image_size)
+    return cols * rows + (1 if cols * rows > 1 else 0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Processors and chat templates
+# ---------------------------------------------------------------------------------------------------------
+
+# ChatML as the InternVL ``-hf`` checkpoints write it: every turn is "<|im_start|>{role}\n{content}<|im_end|>\n",
+# images become the processor's <IMG_CONTEXT> placeholder on their own line, and there is no default system
+# turn (pass one to get one).
+INTERNVL_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{- '<IMG_CONTEXT>\\n' -}}"
+    "{%- elif part['type'] == 'video' -%}{{- '<video>\\n' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+# Qwen2.5-VL's ChatML: a default system turn unless the conversation starts with one; each image is
+# <|vision_start|><|image_pad|><|vision_end|> and the processor expands <|image_pad|> to the merged patch count.
+QWEN2_5_VL_CHAT_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] != 'system' -%}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' or 'image' in part or 'image_url' in part -%}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif part['type'] == 'video' or 'video' in part -%}"
+    "{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- elif 'text' in part -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+# LLaVA-1.5's Vicuna-v1 conversation: "[system ]USER: <image>\n{question} ASSISTANT: {answer}</s>", with the
+# images of a user turn placed before its text and the generation prompt "ASSISTANT:".
+LLAVA_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set text = message['content'] -%}{%- set n_images = 0 -%}"
+    "{%- else -%}"
+    "{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text')"
+    " | join(' ') -%}"
+    "{%- set n_images = message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'system' -%}{{- text + ' ' -}}"
+    "{%- elif message['role'] == 'user' -%}{{- 'USER: ' + '<image>\\n' * n_images + text + ' ' -}}"
+    "{%- else -%}{{- 'ASSISTANT: ' + text + '</s>' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+)
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def build_processor(family: str) -> transformers.ProcessorMixin:
+    """The processor (tokenizer, image processor, chat template) that goes with the tiny ``family`` model.
+
+    InternVL: GotOcr2 image processor cropping to 448 px tiles (at most :data:`INTERNVL_MAX_TILES`, override
+    per call with ``images_kwargs={"max_patches": n}``) plus a thumbnail, ImageNet normalisation, 256 tokens
+    per tile. Qwen2.5-VL: smart-resize to multiples of 28 within [:data:`QWEN_MIN_PIXELS`,
+    :data:`QWEN_MAX_PIXELS`]. LLaVA-1.5: CLIP resize + centre crop to 336 px, 576 tokens.
+    """
+    _check_family(family)
+    tokenizer = toy_tok.build_tokenizer(family)
+    if family.startswith("internvl"):
+        image_processor = transformers.GotOcr2ImageProcessor(
+            size={"height": INTERNVL_IMAGE_SIZE, "width": INTERNVL_IMAGE_SIZE},
+            crop_to_patches=True,
+            min_patches=1,
+            max_patches=INTERNVL_MAX_TILES,
+            image_mean=IMAGENET_MEAN,
+            image_std=IMAGENET_STD,
+        )
+        video_processor = transformers.InternVLVideoProcessor(
+            size={"height": INTERNVL_IMAGE_SIZE, "width": INTERNVL_IMAGE_SIZE},
+            image_mean=IMAGENET_MEAN,
+            image_std=IMAGENET_STD,
+        )
+        return transformers.InternVLProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=video_processor,
+            image_seq_length=INTERNVL_TOKENS_PER_TILE,
+            chat_template=INTERNVL_CHAT_TEMPLATE,
+        )
+    if family == "qwen2_5_vl":
+        pixel_kwargs = {
+            "min_pixels": QWEN_MIN_PIXELS,
+            "max_pixels": QWEN_MAX_PIXELS,
+            "patch_size": QWEN_PATCH_SIZE,
+            "merge_size": QWEN_MERGE_SIZE,
+            "temporal_patch_size": 2,
+            "image_mean": CLIP_MEAN,
+            "image_std": CLIP_STD,
+        }
+        return transformers.Qwen2_5_VLProcessor(
+            image_processor=transformers.Qwen2VLImageProcessor(**pixel_kwargs),
+            tokenizer=tokenizer,
+            video_processor=transformers.Qwen2VLVideoProcessor(**pixel_kwargs),
+            chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
+        )
+    image_processor = transformers.CLIPImageProcessor(
+        size={"shortest_edge": LLAVA_IMAGE_SIZE},
+        crop_size={"height": LLAVA_IMAGE_SIZE, "width": LLAVA_IMAGE_SIZE},
+        do_center_crop=True,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    )
+    return transformers.LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=LLAVA_PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Saving and the on-disk cache
+# ---------------------------------------------------------------------------------------------------------
+
+
+def save_tiny_model(family: str, out_dir: str | Path, seed: int = 0, num_layers: int = 14) -> Path:
+    """Write the tiny ``family`` model (safetensors, config, generation config) and its processor to
+    ``out_dir`` with ``save_pretrained``, so that ``AutoModelForImageTextToText.from_pretrained(out_dir)`` and
+    ``AutoProcessor.from_pretrained(out_dir)`` load them offline. Returns ``out_dir`` as a ``Path``."""
+    out_dir = Path(out_dir)
+    model = build_tiny_model(family, seed=seed, num_layers=num_layers)
+    processor = build_processor(family)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def toy_cache_root() -> Path:
+    """``$LMMS_PRUNE_CACHE/toy`` if the variable is set, else ``~/.cache/lmms_prune/toy``."""
+    root = os.environ.get("LMMS_PRUNE_CACHE")
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "lmms_prune"
+    return base / "toy"
+
+
+def toy_code_version() -> str:
+    """Short hash of the source of this module and :mod:`lmms_prune.toy.tokenizers`, plus the transformers
+    version: it keys the cache of :func:`tiny_model_dir`, so any change to what would be saved rebuilds."""
+    digest = hashlib.sha256(transformers.__version__.encode())
+    for source in (Path(__file__), Path(toy_tok.__file__)):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def tiny_model_dir(family: str, seed: int = 0) -> Path:
+    """Directory of the saved tiny ``family`` model (14 layers) and its processor, built by
+    :func:`save_tiny_model` once per ``(family, seed, code version)`` under :func:`toy_cache_root` and reused.
+
+    The model is written to a private temporary directory and renamed into place, so concurrent callers (for
+    example pytest-xdist workers) never see a half-written directory; the loser of a race discards its copy.
+    """
+    _check_family(family)
+    root = toy_cache_root()
+    final = root / f"{family}-seed{seed}-{toy_code_version()}"
+    if (final / "config.json").is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
+    try:
+        save_tiny_model(family, staging, seed=seed)
+        try:
+            staging.rename(final)
+        except OSError:
+            if not (final / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
