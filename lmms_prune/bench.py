@@ -1,0 +1,436 @@
+"""Efficiency benchmark: what pruning buys, measured side by side against the unpruned model.
+
+For every cell (method x keep ratio x visual-token count) on one model (a real checkpoint, or random weights of
+a named real geometry built locally), it measures in the same process and run:
+
+* LLM prefill time (vision encoding excluded: pruning inside the LLM cannot save it), per decoder layer;
+* end-to-end time to first token (``generate(max_new_tokens=1)`` from pixels) and decode time per token;
+* the engine's scoring + selection time, the theoretical prefill FLOPs (methods.md section 8, from the
+  per-layer token counts the engine reports) and KV-cache bytes, and peak memory;
+* speed-up against the unpruned model and the ratio of measured to theoretical speed-up;
+* optionally the "reference" scoring path (eager attention everywhere with ``output_attentions=True``, as the
+  methods' original implementations do) for the same cell, time and peak memory.
+
+With ``--layers N`` a truncated stack of ``N`` decoder layers runs and full-depth figures are extrapolated
+from the per-layer times (layers before the pruning layer at full length, the rest at pruned length); the
+output says so.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmms_prune.efficiency import DecoderDims, kv_cache_bytes, prefill_flops
+from lmms_prune.engine import apply
+from lmms_prune.engine.adapters import get_adapter
+
+VOCAB = 2048  # random-weight geometries: a small vocabulary (embedding/LM-head size does not affect prefill)
+IMAGE_TOKEN = 2000
+
+# name -> (family, text (layers, hidden, heads, kv_heads, ffn, text_model), vision settings)
+GEOMETRIES: dict[str, dict[str, Any]] = {
+    "internvl2_5-1b": {"family": "internvl", "text": (24, 896, 14, 2, 4864, "qwen2"), "vision": "internvit-300m"},
+    "internvl2_5-2b": {"family": "internvl", "text": (24, 2048, 16, 8, 8192, "llama"), "vision": "internvit-300m"},
+    "internvl2_5-8b": {"family": "internvl", "text": (32, 4096, 32, 8, 14336, "llama"), "vision": "internvit-300m"},
+    "qwen2_5_vl-7b": {"family": "qwen2_5_vl", "text": (28, 3584, 28, 4, 18944, "qwen2"), "vision": "qwen-vit"},
+    "llava-1.5-7b": {"family": "llava", "text": (32, 4096, 32, 32, 11008, "llama"), "vision": "clip-l-336"},
+}
+
+
+def _text_config(layers: int, hidden: int, heads: int, kv: int, ffn: int, kind: str) -> dict[str, Any]:
+    cfg = {"vocab_size": VOCAB, "hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": layers,
+           "num_attention_heads": heads, "num_key_value_heads": kv, "max_position_embeddings": 32768,
+           "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False}
+    if kind == "qwen2":
+        cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 1_000_000.0}
+    return cfg
+
+
+def build_geometry(name: str, layers: int | None = None) -> nn.Module:
+    """A random-weight transformers-native VLM with the real geometry ``name`` (optionally ``layers`` deep)."""
+    import transformers as tf
+
+    if name not in GEOMETRIES:
+        raise ValueError(f"--geometry {name!r}: unknown; choose one of {', '.join(GEOMETRIES)}")
+    geo = GEOMETRIES[name]
+    depth, hidden, heads, kv, ffn, kind = geo["text"]
+    text = _text_config(layers or depth, hidden, heads, kv, ffn, kind)
+    if geo["family"] == "internvl":
+        text_cfg = (tf.Qwen2Config if kind == "qwen2" else tf.LlamaConfig)(**text)
+        vision = tf.InternVLVisionConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                         intermediate_size=4096, image_size=448, patch_size=14,
+                                         norm_type="layer_norm", use_qk_norm=False)
+        config = tf.InternVLConfig(vision_config=vision, text_config=text_cfg, image_token_id=IMAGE_TOKEN,
+                                   image_seq_length=256, downsample_ratio=0.5)
+        cls = tf.InternVLForConditionalGeneration
+    elif geo["family"] == "qwen2_5_vl":
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]}
+        vision = {"depth": 32, "hidden_size": 1280, "num_heads": 16, "intermediate_size": 3420,
+                  "out_hidden_size": hidden, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                  "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31]}
+        config = tf.Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
+                                     video_token_id=IMAGE_TOKEN + 1, vision_start_token_id=IMAGE_TOKEN + 2,
+                                     vision_end_token_id=IMAGE_TOKEN + 3)
+        cls = tf.Qwen2_5_VLForConditionalGeneration
+    else:
+        vision = tf.CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                     num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
+        config = tf.LlavaConfig(vision_config=vision, text_config=tf.LlamaConfig(**text),
+                                image_token_index=IMAGE_TOKEN, image_seq_length=576, vision_feature_layer=-2,
+                                vision_feature_select_strategy="default")
+        cls = tf.LlavaForConditionalGeneration
+    config._attn_implementation = "sdpa"
+    config.text_config._attn_implementation = "sdpa"
+    config.vision_config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None  # never stop early: every run decodes the same number of tokens
+    return model
+
+
+def synthetic_inputs(model: nn.Module, visual_tokens: int, text_tokens: int = 48) -> dict[str, torch.Tensor]:
+    """One prompt with ``visual_tokens`` image tokens (InternVL: 256 per tile; LLaVA-1.5: 576; Qwen2.5-VL: a
+    near-square grid) and random pixels, around ``text_tokens`` ordinary tokens."""
+    adapter = get_adapter(model)
+    image_id = adapter.image_token_id
+    gen = torch.Generator().manual_seed(0)
+    vocab = min(int(model.config.get_text_config().vocab_size), image_id)
+    text = torch.randint(3, max(4, vocab - 1), (text_tokens,), generator=gen)
+    extra: dict[str, torch.Tensor] = {}
+    if adapter.family == "internvl":
+        if visual_tokens % 256:
+            raise ValueError(f"--tokens {visual_tokens}: InternVL uses 256 tokens per tile; give a multiple of 256")
+        pixels = torch.randn(visual_tokens // 256, 3, 448, 448, generator=gen)
+    elif adapter.family == "llava":
+        if visual_tokens != adapter.tokens_per_image():
+            raise ValueError(f"--tokens {visual_tokens}: LLaVA-1.5 always has {adapter.tokens_per_image()} tokens")
+        size = model.config.vision_config.image_size
+        pixels = torch.randn(1, 3, size, size, generator=gen)
+    else:
+        rows = max(r for r in range(1, int(visual_tokens**0.5) + 1) if visual_tokens % r == 0)
+        cols = visual_tokens // rows
+        vc = model.config.vision_config
+        patch_dim = 3 * vc.temporal_patch_size * vc.patch_size**2
+        pixels = torch.randn(visual_tokens * 4, patch_dim, generator=gen)
+        extra["image_grid_thw"] = torch.tensor([[1, 2 * rows, 2 * cols]])
+    head, tail = text[: text_tokens // 4], text[text_tokens // 4:]
+    ids = torch.cat([head, torch.full((visual_tokens,), image_id), tail])[None]
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels, **extra}
+    if adapter.family == "qwen2_5_vl":
+        inputs["mm_token_type_ids"] = (ids == image_id).long()
+    return inputs
+
+
+class PeakRSS:
+    """Memory the block adds at its peak: resident-set growth of this process sampled every 2 ms (CPU), or
+    peak CUDA allocation above the allocation at entry (GPU)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> PeakRSS:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+            return self
+        import psutil
+
+        proc = psutil.Process()
+        self._start = proc.memory_info().rss
+        self.peak = self._start
+
+        def sample():
+            while not self._stop.wait(0.002):
+                self.peak = max(self.peak, proc.memory_info().rss)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._start
+            return
+        self._stop.set()
+        self._thread.join()
+        self.peak -= self._start
+
+
+class LayerTimer:
+    """Wall time of each decoder layer during one forward (synchronising on CUDA)."""
+
+    def __init__(self, layers: nn.ModuleList):
+        self.times = [0.0] * len(layers)
+        self._t0 = [0.0] * len(layers)
+        self._hooks = []
+        for i, layer in enumerate(layers):
+            self._hooks.append(layer.register_forward_pre_hook(self._start(i)))
+            self._hooks.append(layer.register_forward_hook(self._end(i)))
+
+    @staticmethod
+    def _sync(x: Any) -> None:
+        if isinstance(x, torch.Tensor) and x.is_cuda:
+            torch.cuda.synchronize(x.device)
+
+    def _start(self, i):
+        def hook(module, args):
+            self._sync(args[0] if args else None)
+            self._t0[i] = time.perf_counter()
+        return hook
+
+    def _end(self, i):
+        def hook(module, args, output):
+            self._sync(output if isinstance(output, torch.Tensor) else None)
+            self.times[i] = time.perf_counter() - self._t0[i]
+        return hook
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+
+
+def timed(fn: Callable[[], Any], repeats: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+@dataclass
+class Cell:
+    method: str
+    keep_ratio: float
+    visual_tokens: int
+    kept_tokens: int
+    prune_layer: int | None
+    llm_prefill_s: dict[str, float]  # min / median (extrapolated to full depth with --layers)
+    vision_s: float
+    ttft_s: dict[str, float]
+    decode_per_token_s: float
+    select_s: float
+    flops: float
+    flops_unpruned: float
+    kv_bytes: int
+    peak_mem_bytes: int
+    speedup: float = 0.0
+    theoretical_speedup: float = 0.0
+    measured_over_theoretical: float = 0.0
+    select_over_unpruned_prefill: float = 0.0
+    eager_reference: dict[str, float] = field(default_factory=dict)
+
+
+def _stats(xs: Sequence[float]) -> dict[str, float]:
+    return {"min": min(xs), "median": statistics.median(xs)}
+
+
+class Bench:
+    """Runs the grid on one model. ``full_depth`` is the real depth when a truncated stack runs."""
+
+    def __init__(self, model: nn.Module, full_depth: int | None = None, repeats: int = 3, warmup: int = 1,
+                 decode_tokens: int = 8, e2e: bool = True, eager_reference: bool = False,
+                 progress: Callable[[str], None] = print):
+        self.model = model
+        self.adapter = get_adapter(model)
+        self.depth = self.adapter.num_layers
+        self.full_depth = full_depth or self.depth
+        self.dims = DecoderDims.from_config(self.adapter.text_config, ffn_matrices=3)
+        self.full_dims = DecoderDims(**{**asdict(self.dims), "num_layers": self.full_depth})
+        self.repeats, self.warmup, self.decode_tokens = repeats, warmup, decode_tokens
+        self.e2e, self.eager_reference = e2e, eager_reference
+        self.device = next(model.parameters()).device
+        self.bytes = torch.finfo(next(model.parameters()).dtype).bits // 8
+        self.progress = progress
+
+    def _params(self, method: str, keep_ratio: float, extra: dict[str, Any]) -> dict[str, Any]:
+        return {"keep_ratio": 1.0} if method == "none" else {"keep_ratio": keep_ratio, **extra}
+
+    def _extrapolate(self, layer_times: list[float], total: float, prune_layer: int | None) -> float:
+        """Full-depth LLM prefill time from the truncated stack's per-layer times."""
+        if self.full_depth == self.depth:
+            return total
+        k = prune_layer if prune_layer is not None else 0
+        k = min(k, self.depth)
+        head = layer_times[:k]
+        tail = layer_times[k:] or layer_times[-1:]
+        outside = total - sum(layer_times)
+        head_mean = statistics.mean(head) if head else 0.0
+        return outside + head_mean * k + statistics.mean(tail) * (self.full_depth - k)
+
+    def _encoded(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Inputs with the images pre-encoded, so the forward's time is the LLM's (plus embedding)."""
+        with torch.no_grad():
+            if self.adapter.family == "qwen2_5_vl":
+                enc = self.model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
+                                                          return_dict=True)
+            else:
+                enc = self.model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True)
+        out = {k: v for k, v in inputs.items() if k != "pixel_values"}
+        out["mm_encoder_outputs"] = {"image": enc}
+        return out
+
+    def run_cell(self, method: str, keep_ratio: float, inputs: dict[str, Any], extra: dict[str, Any]) -> Cell:
+        model, dev = self.model, self.device
+        inputs = {k: v.to(dev) for k, v in inputs.items()}
+        n_visual = int((inputs["input_ids"] == self.adapter.image_token_id).sum())
+        params = self._params(method, keep_ratio, extra)
+        vision = timed(lambda: self._encoded(inputs), 1, 0)[0]
+        with torch.no_grad(), apply(model, method, **params) as handle:
+            pre_llm = handle.config.stage == "pre_llm"
+            llm_inputs = inputs if pre_llm else self._encoded(inputs)
+            timer = LayerTimer(self.adapter.layers)
+            prefill, selects, layer_times = [], [], []
+            for i in range(self.warmup + self.repeats):
+                with PeakRSS(dev) as mem:
+                    model(**llm_inputs, use_cache=True)
+                rec = handle.records[0]
+                if i >= self.warmup:
+                    prefill.append(self._extrapolate(timer.times, rec.llm_prefill_seconds, handle.config.prune_layer))
+                    selects.append(rec.select_seconds)
+                    layer_times.append(list(timer.times))
+            timer.remove()
+            kv_lengths = rec.kv_lengths
+            ttft, decode = {"min": float("nan"), "median": float("nan")}, float("nan")
+            if self.e2e:
+                gen = {"do_sample": False, "min_new_tokens": 1}
+                first = timed(lambda: model.generate(**inputs, max_new_tokens=1, **gen), self.repeats, self.warmup)
+                longer = timed(lambda: model.generate(**inputs, max_new_tokens=1 + self.decode_tokens, **gen),
+                               1, 0)[0]
+                ttft = _stats(first)
+                decode = max(0.0, longer - ttft["min"]) / self.decode_tokens
+        k = handle.config.prune_layer if handle.config.stage == "llm" else 0
+        full_counts = self._full_depth_counts(kv_lengths, k)
+        cell = Cell(
+            method=method, keep_ratio=1.0 if method == "none" else keep_ratio, visual_tokens=n_visual,
+            kept_tokens=rec.visual_after, prune_layer=handle.config.prune_layer,
+            llm_prefill_s=_stats(prefill), vision_s=vision, ttft_s=ttft, decode_per_token_s=decode,
+            select_s=min(selects), flops=float(prefill_flops(self.full_dims, full_counts)),
+            flops_unpruned=float(prefill_flops(self.full_dims, [rec.seq_len_before] * self.full_depth)),
+            kv_bytes=kv_cache_bytes(self.full_dims, full_counts, self.bytes), peak_mem_bytes=mem.peak,
+        )
+        if self.eager_reference and handle.config.score not in ("none", "vision") and not pre_llm:
+            cell.eager_reference = self._eager(method, params, inputs)
+        return cell
+
+    def _full_depth_counts(self, kv_lengths: list[int], k: int) -> list[int]:
+        if self.full_depth == self.depth:
+            return kv_lengths
+        return [kv_lengths[0]] * min(k, self.full_depth) + [kv_lengths[-1]] * (self.full_depth - min(k, self.full_depth))
+
+    def _eager(self, method: str, params: dict[str, Any], inputs: dict[str, Any]) -> dict[str, float]:
+        """The reference implementations' scoring path: eager attention in every layer, all maps returned."""
+        model = self.model
+        model.set_attn_implementation("eager")
+        try:
+            llm_inputs = self._encoded(inputs)
+            with torch.no_grad(), apply(model, method, **params) as handle:
+                times = []
+                for i in range(self.warmup + self.repeats):
+                    with PeakRSS(self.device) as mem:
+                        model(**llm_inputs, use_cache=True, output_attentions=True)
+                    if i >= self.warmup:
+                        times.append(handle.records[0].llm_prefill_seconds)
+        finally:
+            model.set_attn_implementation("sdpa")
+        return {"llm_prefill_s": min(times), "peak_mem_bytes": mem.peak}
+
+    def run(self, methods: Sequence[str], keep_ratios: Sequence[float], token_counts: Sequence[int],
+            extra: dict[str, dict[str, Any]] | None = None) -> list[Cell]:
+        extra = extra or {}
+        cells: list[Cell] = []
+        for n in token_counts:
+            inputs = synthetic_inputs(self.model, n)
+            base = self.run_cell("none", 1.0, inputs, {})
+            self.progress(f"tokens={n} none: LLM prefill {base.llm_prefill_s['min']:.3f}s")
+            cells.append(base)
+            for method in methods:
+                if method == "none":
+                    continue
+                for ratio in keep_ratios:
+                    cell = self.run_cell(method, ratio, inputs, extra.get(method, {}))
+                    cell.speedup = base.llm_prefill_s["min"] / cell.llm_prefill_s["min"]
+                    cell.theoretical_speedup = cell.flops_unpruned / cell.flops
+                    cell.measured_over_theoretical = cell.speedup / cell.theoretical_speedup
+                    cell.select_over_unpruned_prefill = cell.select_s / base.llm_prefill_s["min"]
+                    cells.append(cell)
+                    self.progress(f"tokens={n} {method}@{ratio}: x{cell.speedup:.2f} measured, "
+                                  f"x{cell.theoretical_speedup:.2f} theoretical")
+            base.speedup = base.theoretical_speedup = base.measured_over_theoretical = 1.0
+        return cells
+
+
+def markdown_table(cells: Sequence[Cell], extrapolated: bool) -> str:
+    head = ("| method | keep | visual tokens | kept | K | LLM prefill s (min/med) | speed-up | theory | "
+            "measured/theory | select ms | select/prefill | TTFT s | decode ms/tok | KV MiB | peak +MiB | "
+            "eager-scoring prefill s | eager peak MiB |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for c in cells:
+        eager = c.eager_reference
+        lines.append(
+            f"| {c.method} | {c.keep_ratio:g} | {c.visual_tokens} | {c.kept_tokens} | "
+            f"{'' if c.prune_layer is None else c.prune_layer} | "
+            f"{c.llm_prefill_s['min']:.3f} / {c.llm_prefill_s['median']:.3f} | {c.speedup:.2f} | "
+            f"{c.theoretical_speedup:.2f} | {c.measured_over_theoretical:.2f} | {1000 * c.select_s:.2f} | "
+            f"{100 * c.select_over_unpruned_prefill:.2f}% | {c.ttft_s['min']:.3f} | "
+            f"{1000 * c.decode_per_token_s:.1f} | {c.kv_bytes / 2**20:.1f} | {c.peak_mem_bytes / 2**20:.0f} | "
+            f"{eager.get('llm_prefill_s', float('nan')):.3f} | "
+            f"{eager.get('peak_mem_bytes', float('nan')) / 2**20:.0f} |"
+        )
+    if extrapolated:
+        lines.append("")
+        lines.append("LLM prefill times, FLOPs and KV bytes are extrapolated to the full depth from a truncated "
+                     "stack (per-layer times); vision, TTFT and decode times are those of the truncated model.")
+    return "\n".join(lines)
+
+
+def plot(cells: Sequence[Cell], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    methods = sorted({c.method for c in cells if c.method != "none"})
+    for m in methods:
+        pts = sorted((c.kept_tokens, c.speedup, c.theoretical_speedup, c.kv_bytes) for c in cells if c.method == m)
+        xs = [p[0] for p in pts]
+        line, = ax1.plot(xs, [p[1] for p in pts], marker="o", label=f"{m} measured")
+        ax1.plot(xs, [p[2] for p in pts], linestyle="--", color=line.get_color(), label=f"{m} theory")
+        ax2.plot(xs, [p[3] / 2**20 for p in pts], marker="o", label=m)
+    base = [c for c in cells if c.method == "none"]
+    if base:
+        ax2.axhline(base[0].kv_bytes / 2**20, color="gray", linestyle=":", label="unpruned")
+    ax1.set(xlabel="kept visual tokens", ylabel="LLM prefill speed-up (x)", title="Speed-up vs kept tokens")
+    ax2.set(xlabel="kept visual tokens", ylabel="KV cache (MiB)", title="KV-cache size vs kept tokens")
+    ax1.legend(fontsize=7)
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_results(cells: Sequence[Cell], out_dir: Path, meta: dict[str, Any], extrapolated: bool) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = {"meta": meta, "cells": [asdict(c) for c in cells]}
+    paths = {"json": out_dir / "bench.json", "markdown": out_dir / "bench.md", "plot": out_dir / "bench.png"}
+    paths["json"].write_text(json.dumps(data, indent=2))
+    paths["markdown"].write_text(markdown_table(cells, extrapolated) + "\n")
+    plot(cells, paths["plot"])
+    return paths

@@ -1,0 +1,74 @@
+"""``lmms-prune bench``: LLM prefill / TTFT / decode time, FLOPs, KV cache and memory per method and budget."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lmms_prune.bench import GEOMETRIES
+
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="hub name or local directory of a real model")
+    src.add_argument("--geometry", choices=sorted(GEOMETRIES), help="random weights of a real model's geometry")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="run a truncated stack of N decoder layers and extrapolate (--geometry only)")
+    parser.add_argument("--methods", default="fastv,deepprune", help="comma-separated presets (default fastv,deepprune)")
+    parser.add_argument("--keep", default="0.1", help="comma-separated keep ratios (default 0.1)")
+    parser.add_argument("--tokens", default="1280", help="comma-separated visual-token counts (default 1280 = 5 tiles)")
+    parser.add_argument("--method-args", default="{}",
+                        help='JSON of per-method parameters, e.g. \'{"d2pruner": {"bias_prior": "p.pt"}}\'')
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default 1 on CPU)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--decode-tokens", type=int, default=8)
+    parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end generate timings")
+    parser.add_argument("--eager-reference", action="store_true",
+                        help="also time the reference scoring path (eager attention, output_attentions=True)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--out", default="runs/bench", help="output folder (bench.json, bench.md, bench.png)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from lmms_prune.bench import GEOMETRIES, Bench, build_geometry, write_results
+    from lmms_prune.loading import default_device, load_model, resolve_dtype
+
+    device = args.device or default_device()
+    if args.threads or device == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    if args.geometry:
+        model = build_geometry(args.geometry, args.layers).to(device=device, dtype=resolve_dtype(args.dtype, device))
+        full_depth = GEOMETRIES[args.geometry]["text"][0]
+        source = f"random weights, geometry {args.geometry}"
+    else:
+        if args.layers:
+            raise SystemExit("--layers works with --geometry only")
+        model, _ = load_model(args.model, device=device, dtype=args.dtype)
+        full_depth = None
+        source = args.model
+    extrapolated = bool(args.layers) and args.layers < (full_depth or 0)
+    bench = Bench(model, full_depth=full_depth, repeats=args.repeats, warmup=args.warmup,
+                  decode_tokens=args.decode_tokens, e2e=not args.no_e2e, eager_reference=args.eager_reference)
+    cells = bench.run([m for m in args.methods.split(",") if m], _floats(args.keep), _ints(args.tokens),
+                      json.loads(args.method_args))
+    meta = {"source": source, "device": device, "threads": torch.get_num_threads(), "repeats": args.repeats,
+            "layers_run": bench.depth, "full_depth": bench.full_depth, "extrapolated": extrapolated}
+    paths = write_results(cells, Path(args.out), meta, extrapolated)
+    print(f"# lmms-prune bench: {source} on {device}, {torch.get_num_threads()} thread(s)"
+          + (f", {bench.depth} of {bench.full_depth} layers run, extrapolated" if extrapolated else ""))
+    print(paths["markdown"].read_text())
+    print(f"wrote {paths['json']}, {paths['markdown']}, {paths['plot']}")
+    return 0

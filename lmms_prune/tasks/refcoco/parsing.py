@@ -1,0 +1,162 @@
+"""Answer parsing and box geometry for RefCOCO grounding (methods.md section 6), in pure Python.
+
+Boxes are ``(x1, y1, x2, y2)`` tuples of floats in pixels of the original image, with ``x1 <= x2`` and
+``y1 <= y2``; a box's area is ``(x2 - x1) * (y2 - y1)`` (continuous coordinates, as InternVL's evaluation
+computes IoU with ``torchvision.ops.box_iou``).
+
+Two answer formats are understood:
+
+- InternVL: ``<ref>the dog</ref><box>[[x1, y1, x2, y2]]</box>`` on a 0-1000 grid over the original image,
+  or a plain ``[x1, y1, x2, y2]``. InternVL's own rule picks the scale: four values summing to at least 4 are
+  on the 0-1000 grid, smaller sums are 0-1 fractions of the image size.
+- Qwen2.5-VL: JSON such as ``[{"bbox_2d": [x1, y1, x2, y2], "label": "the dog"}]`` in absolute pixels of
+  the image *as the model saw it*, i.e. after Qwen2.5-VL's `smart_resize`. The ``"bbox_2d"`` key identifies
+  the format; the box is mapped back with `qwen_box_to_original`, using the resize rule with the Qwen2-VL
+  image processor's default pixel limits (for COCO-sized images every published limit setting gives the
+  same resized size).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+Box = tuple[float, float, float, float]
+
+GRID = 1000.0
+"""InternVL's box grid: coordinates in ``[0, 1000]`` over the original image."""
+
+QWEN_FACTOR = 28
+"""Qwen2.5-VL's resize factor: patch size 14 times the 2x2 spatial merge."""
+
+QWEN_MIN_PIXELS = 56 * 56
+QWEN_MAX_PIXELS = 28 * 28 * 1280
+"""Pixel limits of transformers' ``Qwen2VLImageProcessor`` defaults (``smart_resize`` bounds)."""
+
+_NUMBER = re.compile(r"^[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?$")
+_DOUBLE_BRACKETS = re.compile(r"\[\[([^\[\]]*)\]\]")
+_BRACKETS = re.compile(r"\[([^\[\]]*)\]")
+_QWEN_BOX = re.compile(r"""["']?bbox_2d["']?\s*:\s*\[([^\[\]]*)\]""")
+
+
+def _numbers(items: str) -> list[float] | None:
+    """The comma-separated numbers in ``items`` (``"1, 2.5, -3"``), or None if any item is not a number."""
+    parts = [part.strip() for part in items.split(",")]
+    if not all(_NUMBER.match(part) for part in parts):
+        return None
+    return [float(part) for part in parts]
+
+
+def order_corners(box: Box) -> Box:
+    """The same rectangle with ``x1 <= x2`` and ``y1 <= y2`` (swapped corners are put in order)."""
+    x1, y1, x2, y2 = box
+    return (min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))
+
+
+def clamp_box(box: Box, width: int, height: int) -> Box:
+    """``box`` clipped to the image ``[0, width] x [0, height]``; a box fully outside collapses to an edge."""
+    x1, y1, x2, y2 = box
+    return (
+        min(max(x1, 0.0), float(width)),
+        min(max(y1, 0.0), float(height)),
+        min(max(x2, 0.0), float(width)),
+        min(max(y2, 0.0), float(height)),
+    )
+
+
+def xywh_to_xyxy(box: tuple[float, float, float, float] | list[float]) -> Box:
+    """COCO ``[x, y, w, h]`` (top-left corner plus size, pixels) -> ``(x1, y1, x2, y2)``."""
+    x, y, w, h = (float(v) for v in box)
+    return (x, y, x + w, y + h)
+
+
+def box_iou(a: Box, b: Box) -> float:
+    """Intersection over union of two ``(x1, y1, x2, y2)`` boxes; 0.0 when the union has zero area."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    intersection = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - intersection
+    return intersection / union if union > 0 else 0.0
+
+
+def smart_resize(
+    height: int,
+    width: int,
+    factor: int = QWEN_FACTOR,
+    min_pixels: int = QWEN_MIN_PIXELS,
+    max_pixels: int = QWEN_MAX_PIXELS,
+) -> tuple[int, int]:
+    """Qwen2-VL / Qwen2.5-VL input size ``(resized_height, resized_width)`` for an image of ``height x width``.
+
+    Both sides are rounded to multiples of ``factor``; if the area leaves ``[min_pixels, max_pixels]`` the
+    image is rescaled (keeping its aspect ratio) to fit, rounding down when shrinking and up when growing.
+    The same rule as ``transformers.models.qwen2_vl.image_processing_qwen2_vl.smart_resize``.
+    """
+    if height <= 0 or width <= 0:
+        raise ValueError(f"height={height}, width={width}: both must be positive")
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"height={height}, width={width}: aspect ratio must be at most 200")
+    resized_h = round(height / factor) * factor
+    resized_w = round(width / factor) * factor
+    if resized_h * resized_w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        resized_h = max(factor, math.floor(height / beta / factor) * factor)
+        resized_w = max(factor, math.floor(width / beta / factor) * factor)
+    elif resized_h * resized_w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        resized_h = math.ceil(height * beta / factor) * factor
+        resized_w = math.ceil(width * beta / factor) * factor
+    return resized_h, resized_w
+
+
+def qwen_box_to_original(box: Box, width: int, height: int, resized_width: int, resized_height: int) -> Box:
+    """Map a box in pixels of the resized model input (``resized_width x resized_height``) to the original image.
+
+    Qwen2.5-VL answers in absolute pixels of the image it was fed; each axis scales independently.
+    """
+    if resized_width <= 0 or resized_height <= 0:
+        raise ValueError(f"resized_width={resized_width}, resized_height={resized_height}: both must be positive")
+    sx, sy = width / resized_width, height / resized_height
+    return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+
+
+def _internvl_values(text: str) -> list[float] | None:
+    """The four numbers of an InternVL answer: first ``[[...]]`` (first four of >= 4 numbers), else the first
+    plain ``[...]`` holding exactly four numbers."""
+    match = _DOUBLE_BRACKETS.search(text)
+    if match is not None:
+        values = _numbers(match.group(1))
+        return values[:4] if values is not None and len(values) >= 4 else None
+    for match in _BRACKETS.finditer(text):
+        values = _numbers(match.group(1))
+        if values is not None and len(values) == 4:
+            return values
+    return None
+
+
+def parse_box(text: str, width: int, height: int) -> Box | None:
+    """Parse a model's grounding answer into a pixel box ``(x1, y1, x2, y2)`` on the ``width x height`` image.
+
+    InternVL format (see the module docstring): the first four numbers of the first ``[[...]]``, or a plain
+    ``[x1, y1, x2, y2]``; values summing to >= 4 are on the 0-1000 grid, otherwise 0-1 fractions. Qwen2.5-VL
+    format: the first ``"bbox_2d": [...]`` in resized-input pixels, mapped back by `qwen_box_to_original`.
+    Swapped corners are ordered and the box is clamped to the image. Returns None when no box can be read
+    (no brackets, fewer than four numbers, a non-numeric item, empty text).
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"width={width}, height={height}: image size must be positive")
+    qwen = _QWEN_BOX.search(text)
+    if qwen is not None:
+        values = _numbers(qwen.group(1))
+        if values is None or len(values) != 4:
+            return None
+        resized_h, resized_w = smart_resize(height, width)
+        box = qwen_box_to_original((values[0], values[1], values[2], values[3]), width, height, resized_w, resized_h)
+    else:
+        values = _internvl_values(text)
+        if values is None:
+            return None
+        scale = 1.0 / GRID if sum(values) >= 4 else 1.0
+        box = (values[0] * scale * width, values[1] * scale * height, values[2] * scale * width,
+               values[3] * scale * height)
+    return clamp_box(order_corners(box), width, height)
