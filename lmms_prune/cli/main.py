@@ -15,6 +15,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "methods": ("methods", "list the pruning presets with every parameter and default"),
     "data": ("data", "check RefCOCO data: sample counts per split against the official counts"),
+    "bench": ("bench", "efficiency benchmark: prefill/TTFT/decode time, FLOPs, KV cache, memory per method"),
     "calibrate": ("calibrate", "calibrate a bias prior (mean attention over many images) for d2pruner/trend"),
 }
 
