@@ -16,11 +16,10 @@ def _ints(text: str) -> list[int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from lmms_prune.bench import GEOMETRIES
-
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="hub name or local directory of a real model")
-    src.add_argument("--geometry", choices=sorted(GEOMETRIES), help="random weights of a real model's geometry")
+    src.add_argument("--geometry", help="random weights of a real model's geometry: internvl2_5-1b, internvl2_5-2b, "
+                     "internvl2_5-8b, qwen2_5_vl-7b, llava-1.5-7b")
     parser.add_argument("--layers", type=int, default=None,
                         help="run a truncated stack of N decoder layers and extrapolate (--geometry only)")
     parser.add_argument("--methods", default="fastv,deepprune", help="comma-separated presets (default fastv,deepprune)")

@@ -1,4 +1,4 @@
-"""``lmms-prune``: one entry point, one sub-command per module.
+"""lmms-prune: training-free visual-token pruning for VLMs, evaluated with lmms-eval.
 
 Each sub-command lives in its own module under ``lmms_prune.cli`` and exposes ``add_arguments(parser)``
 and ``run(args) -> int``. Modules are imported only when their command runs, so ``lmms-prune --help``
@@ -16,7 +16,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "methods": ("methods", "list the pruning presets with every parameter and default"),
     "data": ("data", "check RefCOCO data: sample counts per split against the official counts"),
     "bench": ("bench", "efficiency benchmark: prefill/TTFT/decode time, FLOPs, KV cache, memory per method"),
+    "sweep": ("sweep", "run methods x keep ratios x tasks through lmms-eval, one process group per cell, resumable"),
+    "report": ("report", "leaderboard tables (markdown/CSV/LaTeX) and plots from lmms-eval result files"),
     "calibrate": ("calibrate", "calibrate a bias prior (mean attention over many images) for d2pruner/trend"),
+    "diagnose": ("diagnose", "Phase-0 attention diagnostics per layer: prompt stability, position correlation, entropy"),
+    "visualize": ("visualize", "overlay each method's kept tokens on an image; token-box IoU with --box"),
 }
 
 

@@ -1,1 +1,22 @@
-"""Importance scores: pure tensor functions of attention maps and priors."""
+"""Importance scores: pure tensor functions of attention maps and priors (methods.md section 4).
+
+Nothing here knows about models, hooks or lmms-eval.
+"""
+
+from lmms_prune.scores.prior import prior_debias, resize_prior
+from lmms_prune.scores.ratio import minmax, ratio, ratio_combo
+from lmms_prune.scores.trend import fit_trend, trend, trend_debias
+from lmms_prune.scores.vision import cls_attention, merge_pixel_shuffle
+
+__all__ = [
+    "cls_attention",
+    "fit_trend",
+    "merge_pixel_shuffle",
+    "minmax",
+    "prior_debias",
+    "ratio",
+    "ratio_combo",
+    "resize_prior",
+    "trend",
+    "trend_debias",
+]

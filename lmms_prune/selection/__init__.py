@@ -1,1 +1,36 @@
-"""Selection algorithms: pure tensor functions (scores, features, grids, budget -> sorted kept indices)."""
+"""Selection algorithms: pure tensor functions (scores, features, grids, budget -> sorted kept indices).
+
+Every selector returns ``n`` unique int64 indices, ascending, on the input's device (methods.md section 5).
+Nothing here knows about models, hooks or lmms-eval.
+"""
+
+from lmms_prune.selection.baselines import block_quotas, random_select, uniform_select
+from lmms_prune.selection.budget import budget
+from lmms_prune.selection.dart import dart
+from lmms_prune.selection.divprune import divprune
+from lmms_prune.selection.pivot_mis import (
+    fused_graph,
+    grid_adjacency,
+    grid_neighbour_pairs,
+    normalized_similarity,
+    pivot_mis,
+)
+from lmms_prune.selection.topk import topk
+from lmms_prune.selection.vispruner import remove_duplicates, vispruner
+
+__all__ = [
+    "block_quotas",
+    "budget",
+    "dart",
+    "divprune",
+    "fused_graph",
+    "grid_adjacency",
+    "grid_neighbour_pairs",
+    "normalized_similarity",
+    "pivot_mis",
+    "random_select",
+    "remove_duplicates",
+    "topk",
+    "uniform_select",
+    "vispruner",
+]

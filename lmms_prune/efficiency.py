@@ -1,0 +1,104 @@
+"""Theoretical prefill cost of a (pruned) decoder: FLOPs and KV-cache bytes (methods.md section 8).
+
+Pure arithmetic on a few model dimensions; nothing here imports torch or transformers.
+
+Per decoder layer, the prefill of ``n`` tokens costs (FastV's accounting, one multiply-add counted once)
+
+    f(n) = n * d * (2 * H * hd + 2 * KV * hd)     Q, K, V and output projections
+         + 2 * n^2 * H * hd                        attention scores Q K^T and the weighted sum A V
+         + ffn_matrices * n * d * m                feed-forward network
+
+with hidden size ``d``, ``H`` query heads and ``KV`` key/value heads of size ``hd`` and FFN width ``m``.
+Without GQA (``H * hd = KV * hd = d``) and with ``ffn_matrices = 2`` this is the papers'
+``4 n d^2 + 2 n^2 d + 2 n d m``. A decoder that prunes at layer ``K`` costs ``K f(N) + (L - K) f(N')``;
+in general it costs ``sum_l f(n_l)`` over the per-layer token counts ``n_l``.
+
+The KV cache of a layer holding ``n_l`` tokens takes ``2 * KV * hd * bytes_per_element * n_l`` bytes (keys and
+values), summed over layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class DecoderDims:
+    """The dimensions of a decoder-only language model that its prefill cost depends on."""
+
+    hidden_size: int  # d
+    intermediate_size: int  # m, FFN width
+    num_layers: int  # L
+    num_heads: int  # H, query heads
+    num_kv_heads: int  # KV, key/value heads (GQA: KV < H)
+    head_dim: int  # hd
+    ffn_matrices: int = 2  # weight matrices of width m in the FFN: 2 as in the papers' formula, 3 for SwiGLU
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                     "ffn_matrices"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: must be a positive integer")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}: the query heads "
+                             "must be a multiple of the key/value heads")
+
+    @classmethod
+    def from_config(cls, text_config: Any, ffn_matrices: int = 2) -> DecoderDims:
+        """Read the dimensions from a transformers text config (``hidden_size``, ``intermediate_size``,
+        ``num_hidden_layers``, ``num_attention_heads``, ``num_key_value_heads``, optional ``head_dim``)."""
+        heads = int(text_config.num_attention_heads)
+        kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+        head_dim = getattr(text_config, "head_dim", None) or int(text_config.hidden_size) // heads
+        return cls(
+            hidden_size=int(text_config.hidden_size),
+            intermediate_size=int(text_config.intermediate_size),
+            num_layers=int(text_config.num_hidden_layers),
+            num_heads=heads,
+            num_kv_heads=int(kv_heads),
+            head_dim=int(head_dim),
+            ffn_matrices=ffn_matrices,
+        )
+
+
+def layer_prefill_flops(dims: DecoderDims, n: int) -> int:
+    """``f(n)``: FLOPs of one decoder layer processing ``n`` tokens at prefill (module docstring)."""
+    if n < 0:
+        raise ValueError(f"n={n}: a token count must be >= 0")
+    d, hd = dims.hidden_size, dims.head_dim
+    projections = n * d * (2 * dims.num_heads * hd + 2 * dims.num_kv_heads * hd)
+    attention = 2 * n * n * dims.num_heads * hd
+    ffn = dims.ffn_matrices * n * d * dims.intermediate_size
+    return projections + attention + ffn
+
+
+def _check_layers(dims: DecoderDims, tokens_per_layer: Sequence[int]) -> None:
+    if len(tokens_per_layer) != dims.num_layers:
+        raise ValueError(f"tokens_per_layer has {len(tokens_per_layer)} entries; the model has "
+                         f"{dims.num_layers} decoder layers, give one count per layer")
+
+
+def prefill_flops(dims: DecoderDims, tokens_per_layer: Sequence[int]) -> int:
+    """``sum_l f(n_l)``: prefill FLOPs of the whole decoder, layer ``l`` processing ``tokens_per_layer[l]``."""
+    _check_layers(dims, tokens_per_layer)
+    return sum(layer_prefill_flops(dims, int(n)) for n in tokens_per_layer)
+
+
+def pruned_prefill_flops(dims: DecoderDims, n_before: int, n_after: int, prune_layer: int) -> int:
+    """``K f(N) + (L - K) f(N')``: layers ``0..K-1`` see ``n_before`` tokens, the rest ``n_after``."""
+    if not 0 <= prune_layer <= dims.num_layers:
+        raise ValueError(f"prune_layer={prune_layer}: must be in [0, {dims.num_layers}]")
+    return (prune_layer * layer_prefill_flops(dims, n_before)
+            + (dims.num_layers - prune_layer) * layer_prefill_flops(dims, n_after))
+
+
+def kv_cache_bytes(dims: DecoderDims, tokens_per_layer: Sequence[int], bytes_per_element: int) -> int:
+    """``sum_l 2 * KV * hd * bytes * n_l``: bytes of the keys and values cached for ``tokens_per_layer``."""
+    _check_layers(dims, tokens_per_layer)
+    if bytes_per_element < 1:
+        raise ValueError(f"bytes_per_element={bytes_per_element}: must be >= 1 (2 for bfloat16, 4 for float32)")
+    per_token = 2 * dims.num_kv_heads * dims.head_dim * bytes_per_element
+    return per_token * sum(int(n) for n in tokens_per_layer)

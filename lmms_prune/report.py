@@ -1,0 +1,317 @@
+"""Leaderboard tables from lmms-eval result files: methods x keep ratios x tasks, absolute and % of unpruned.
+
+``collect(folder)`` reads every ``*_results.json`` below ``folder`` (a sweep's output or any lmms-eval output
+folder) and the efficiency JSON written next to it by this package's models. Rows are (model, method, keep
+ratio); for each task family (an lmms-eval group such as ``refcoco_ground``, or a lone task) the columns are its
+splits and its average, each shown as the absolute score and the % of the unpruned run of the same model
+(method ``none``, same checkpoint). Efficiency columns: mean visual tokens kept, LLM prefill speed-up and
+KV-cache reduction against that same unpruned run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Headline metric of known tasks, in order of preference; other tasks use their first numeric metric.
+HEADLINE_METRICS = ("acc@0.5", "pope_accuracy", "mme_perception_score", "mme_cognition_score", "accuracy",
+                    "acc", "exact_match", "anls", "relaxed_overall")
+
+
+@dataclass
+class Run:
+    """One lmms-eval run: its model, pruning settings, task scores and efficiency summary."""
+
+    path: Path
+    model: str
+    family: str
+    method: str
+    keep: float
+    pretrained: str
+    scores: dict[str, float]  # task or group name -> headline score
+    metric: dict[str, str]  # task -> the metric used
+    groups: dict[str, list[str]]
+    efficiency: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.family, self.pretrained
+
+
+def parse_model_args(text: str | None) -> dict[str, str]:
+    out = {}
+    for part in (text or "").split(","):
+        k, eq, v = part.partition("=")
+        if eq:
+            out[k.strip()] = v.strip()
+    return out
+
+
+def _headline(metrics: dict[str, Any]) -> tuple[str, float] | None:
+    values = {}
+    for name, value in metrics.items():
+        if "," not in name or "stderr" in name or isinstance(value, (str, bool)) or value is None:
+            continue
+        values[name.split(",")[0]] = float(value)
+    for m in HEADLINE_METRICS:
+        if m in values:
+            return m, values[m]
+    return next(iter(values.items()), None)
+
+
+def _family_and_method(model: str, args: dict[str, str]) -> tuple[str, str]:
+    from lmms_prune.presets import PRESETS
+
+    for preset in sorted(PRESETS, key=len, reverse=True):
+        if model.endswith(f"_{preset}"):
+            return model[: -len(preset) - 1], preset
+    if model.endswith("_prune"):
+        return model[: -len("_prune")], args.get("method", "fastv")
+    return model, args.get("method", "none")
+
+
+def _efficiency_for(results_path: Path, args: dict[str, str]) -> dict[str, Any]:
+    candidates = []
+    if args.get("efficiency_path"):
+        p = Path(args["efficiency_path"])
+        candidates += [p] if p.suffix == ".json" else sorted(p.glob("*_efficiency.json"))
+    candidates += sorted(results_path.parent.glob("*_efficiency.json"))
+    candidates += sorted(results_path.parent.parent.glob("efficiency.json"))
+    candidates += sorted(results_path.parent.parent.parent.glob("efficiency.json"))
+    for c in candidates:
+        if c.is_file():
+            return json.loads(c.read_text()).get("summary", {})
+    return {}
+
+
+def load_run(path: Path) -> Run:
+    from lmms_prune.presets import PRESETS
+
+    data = json.loads(path.read_text())
+    config = data.get("config", {})
+    model = str(config.get("model", "unknown"))
+    args = parse_model_args(config.get("model_args"))
+    family, method = _family_and_method(model, args)
+    default_keep = PRESETS[method].settings.get("keep_ratio", 0.1) if method in PRESETS else 1.0
+    keep = 1.0 if method == "none" else float(args.get("keep_ratio", default_keep))
+    scores, metric = {}, {}
+    for task, metrics in data.get("results", {}).items():
+        head = _headline(metrics)
+        if head:
+            metric[task], scores[task] = head
+    groups = {g: list(subs) for g, subs in data.get("group_subtasks", {}).items() if subs}
+    return Run(path, model, family, method, keep, args.get("pretrained", ""), scores, metric, groups,
+               _efficiency_for(path, args))
+
+
+def collect(folder: str | Path) -> list[Run]:
+    folder = Path(folder)
+    files = sorted(folder.rglob("*_results.json"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no lmms-eval *_results.json files below it")
+    return [load_run(f) for f in files]
+
+
+def _families(runs: Sequence[Run]) -> dict[str, list[str]]:
+    """Task family -> its columns (splits, then the group itself as the average)."""
+    families: dict[str, list[str]] = {}
+    grouped = set()
+    for run in runs:
+        for group, subs in run.groups.items():
+            cols = families.setdefault(group, [])
+            for s in subs:
+                if s not in cols:
+                    cols.append(s)
+            grouped.update(subs)
+    for run in runs:
+        for task in run.scores:
+            if task not in grouped and task not in families:
+                families[task] = []
+    return families
+
+
+def _baseline(runs: Sequence[Run], run: Run) -> Run | None:
+    return next((r for r in runs if r.method == "none" and r.key == run.key), None)
+
+
+def _pct(value: float | None, base: float | None) -> float | None:
+    if value is None or base is None or base == 0:
+        return None
+    return 100.0 * value / base
+
+
+@dataclass
+class Table:
+    family: str
+    columns: list[str]
+    rows: list[dict[str, Any]]
+
+
+def build_tables(runs: Sequence[Run]) -> list[Table]:
+    tables = []
+    order = {"none": 0}
+    for family, subs in _families(runs).items():
+        columns = [*subs, family] if subs else [family]
+        rows = []
+        ranked = sorted(runs, key=lambda r: (r.family, r.pretrained, order.get(r.method, 1), r.method, -r.keep))
+        for run in ranked:
+            if not any(c in run.scores for c in columns):
+                continue
+            base = _baseline(runs, run)
+            row: dict[str, Any] = {"model": run.family, "pretrained": run.pretrained, "method": run.method,
+                                   "keep": run.keep, "has_baseline": base is not None}
+            for c in columns:
+                value = run.scores.get(c)
+                if c == family and value is None and subs:
+                    parts = [run.scores[s] for s in subs if s in run.scores]
+                    value = sum(parts) / len(parts) if parts else None
+                row[c] = value
+                base_value = None
+                if base is not None:
+                    base_value = base.scores.get(c)
+                    if c == family and base_value is None and subs:
+                        bparts = [base.scores[s] for s in subs if s in base.scores]
+                        base_value = sum(bparts) / len(bparts) if bparts else None
+                row[f"{c} %"] = _pct(value, base_value)
+            eff, beff = run.efficiency, (base.efficiency if base else {})
+            row["visual kept"] = eff.get("mean_visual_after")
+            bp, rp = beff.get("mean_llm_prefill_seconds"), eff.get("mean_llm_prefill_seconds")
+            row["prefill speed-up"] = bp / rp if bp and rp else None
+            bk, rk = beff.get("mean_kv_cache_bytes"), eff.get("mean_kv_cache_bytes")
+            row["KV reduction %"] = 100.0 * (1 - rk / bk) if bk and rk else None
+            rows.append(row)
+        tables.append(Table(family, columns, rows))
+    return tables
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _cell(row: dict[str, Any], col: str) -> str:
+    value, pct = row.get(col), row.get(f"{col} %")
+    if value is None:
+        return "n/a"
+    if not row["has_baseline"]:
+        return f"{value:.2f} (no unpruned run)"
+    return f"{value:.2f} ({_fmt(pct, 1)}%)"
+
+
+def to_markdown(tables: Sequence[Table]) -> str:
+    out = []
+    for t in tables:
+        head = ["model", "method", "keep", *t.columns, "visual kept", "prefill speed-up", "KV reduction %"]
+        out += [f"### {t.family}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in t.rows:
+            cells = [r["model"], r["method"], _fmt(r["keep"], 2), *[_cell(r, c) for c in t.columns],
+                     _fmt(r["visual kept"], 1), _fmt(r["prefill speed-up"]), _fmt(r["KV reduction %"], 1)]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def to_csv(tables: Sequence[Table], path: Path) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["task_family", "model", "pretrained", "method", "keep", "column", "score", "pct_of_unpruned",
+                    "visual_kept", "prefill_speedup", "kv_reduction_pct"])
+        for t in tables:
+            for r in t.rows:
+                for c in t.columns:
+                    w.writerow([t.family, r["model"], r["pretrained"], r["method"], r["keep"], c, r.get(c),
+                                r.get(f"{c} %"), r["visual kept"], r["prefill speed-up"], r["KV reduction %"]])
+    return path
+
+
+def _tex(text: str) -> str:
+    for a, b in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#")):
+        text = text.replace(a, b)
+    return text
+
+
+def to_latex(tables: Sequence[Table]) -> str:
+    out = []
+    for t in tables:
+        cols = ["Method", "Keep", *t.columns, "Tokens", "Speed-up"]
+        out += [r"\begin{table}[t]", r"\centering", r"\caption{" + _tex(t.family) + "}",
+                r"\begin{tabular}{ll" + "c" * (len(cols) - 2) + "}", r"\toprule",
+                " & ".join(_tex(c) for c in cols) + r" \\", r"\midrule"]
+        for r in t.rows:
+            vals = []
+            for c in t.columns:
+                v, p = r.get(c), r.get(f"{c} %")
+                vals.append("n/a" if v is None else (f"{v:.2f}" + (f" ({p:.1f}\\%)" if p is not None else "")))
+            out.append(" & ".join([_tex(r["method"]), _fmt(r["keep"], 2), *vals, _fmt(r["visual kept"], 0),
+                                   _fmt(r["prefill speed-up"])]) + r" \\")
+        out += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
+    return "\n".join(out)
+
+
+def cross_task(tables: Sequence[Table], keep: float) -> str:
+    """% of unpruned per task family for each method at one keep ratio (generalisation check)."""
+    methods: dict[tuple[str, str], dict[str, Any]] = {}
+    for t in tables:
+        for r in t.rows:
+            if math.isclose(r["keep"], keep) and r["method"] != "none":
+                methods.setdefault((r["model"], r["method"]), {})[t.family] = r.get(f"{t.family} %")
+    families = [t.family for t in tables]
+    lines = [f"### % of unpruned at keep={keep:g}", "", "| model | method | " + " | ".join(families) + " |",
+             "|" + "---|" * (len(families) + 2)]
+    for (model, method), vals in sorted(methods.items()):
+        lines.append(f"| {model} | {method} | " + " | ".join(_fmt(vals.get(f), 1) for f in families) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(tables: Sequence[Table], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for t in tables:
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        by_method: dict[str, list[tuple[float, float]]] = {}
+        for r in t.rows:
+            value = r.get(t.family)
+            if value is None or r["visual kept"] is None:
+                continue
+            by_method.setdefault(f"{r['model']} {r['method']}", []).append((r["visual kept"], value))
+        for name, pts in sorted(by_method.items()):
+            pts.sort()
+            if name.endswith(" none"):
+                ax.axhline(pts[0][1], color="gray", linestyle=":", label=name)
+            else:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        ax.set(xlabel="visual tokens kept (mean per sample)", ylabel=t.family, title=f"{t.family} vs kept tokens")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"accuracy_vs_tokens_{t.family.replace('+', 'plus')}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_report(folder: str | Path, out: str | Path | None = None, cross_keep: float | None = None) -> dict[str, Any]:
+    runs = collect(folder)
+    out_dir = Path(out) if out else Path(folder) / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tables = build_tables(runs)
+    keeps = sorted({r.keep for r in runs if r.method != "none"})
+    cross_keep = cross_keep if cross_keep is not None else (min(keeps) if keeps else 1.0)
+    markdown = to_markdown(tables) + "\n" + cross_task(tables, cross_keep)
+    paths = {"markdown": out_dir / "report.md", "csv": out_dir / "report.csv", "latex": out_dir / "report.tex"}
+    paths["markdown"].write_text(markdown)
+    to_csv(tables, paths["csv"])
+    paths["latex"].write_text(to_latex(tables))
+    plots = plot(tables, out_dir)
+    return {"tables": tables, "markdown": markdown, "paths": paths, "plots": plots, "runs": runs}

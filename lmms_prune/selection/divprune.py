@@ -1,0 +1,49 @@
+"""DivPrune: greedy max-min diversity selection (methods.md section 5 "DivPrune")."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lmms_prune.selection._validate import check_budget, check_features, sorted_indices
+
+
+def divprune(features: Tensor, n: int) -> Tensor:
+    """Greedy max-min diversity (DivPrune's solution of the max-min diversity problem).
+
+    Distance is ``1 - cosine`` between token features (DivPrune: the projected visual embeddings).
+
+    - First pick: the token whose nearest other token is farthest, ``argmax_i min_{j != i} d(i, j)``.
+    - Each next pick: the unpicked token with the largest distance to its nearest picked token,
+      ``argmax_{i not in S} min_{j in S} d(i, j)``.
+
+    Ties go to the lower index. Picked tokens are excluded explicitly (not through their zero self
+    distance, which rounding can make slightly positive). The ``[N, N]`` distance matrix is formed once in
+    at least float32; each pick updates an ``[N]`` running minimum.
+
+    Args:
+        features: ``[N, D]`` token features.
+        n: tokens to keep, ``1 <= n <= N``.
+
+    Returns:
+        ``[n]`` int64 kept indices, ascending, on ``features.device``.
+    """
+    num_tokens = check_features(features)
+    check_budget(n, num_tokens)
+    unit = F.normalize(features.to(torch.promote_types(features.dtype, torch.float32)), dim=-1)
+    distance = 1.0 - unit @ unit.T
+    picked = torch.zeros(num_tokens, dtype=torch.bool, device=features.device)
+    if num_tokens == 1:
+        picked[0] = True
+        return sorted_indices(picked.nonzero().squeeze(1))
+
+    nearest = distance.clone().fill_diagonal_(float("inf")).amin(dim=1)
+    pick = nearest.argmax()
+    nearest_picked = distance[pick].clone()
+    picked[pick] = True
+    for _ in range(n - 1):
+        pick = nearest_picked.masked_fill(picked, float("-inf")).argmax()
+        picked[pick] = True
+        nearest_picked = torch.minimum(nearest_picked, distance[pick])
+    return sorted_indices(picked.nonzero().squeeze(1))

@@ -1,0 +1,70 @@
+"""Prefill FLOPs and KV-cache bytes against values computed by hand (methods.md section 8)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from lmms_prune.efficiency import (
+    DecoderDims,
+    kv_cache_bytes,
+    layer_prefill_flops,
+    prefill_flops,
+    pruned_prefill_flops,
+)
+
+# d=8, m=16, L=3 layers, 2 query heads and 1 key/value head of size 4 (GQA).
+GQA = DecoderDims(hidden_size=8, intermediate_size=16, num_layers=3, num_heads=2, num_kv_heads=1, head_dim=4)
+
+
+def test_layer_flops_by_hand_with_gqa():
+    # n=10: projections 10*8*(2*2*4 + 2*1*4) = 1920; attention 2*100*2*4 = 1600; FFN 2*10*8*16 = 2560.
+    assert layer_prefill_flops(GQA, 10) == 1920 + 1600 + 2560
+    # n=4: 4*8*24 = 768; 2*16*8 = 256; 2*4*8*16 = 1024.
+    assert layer_prefill_flops(GQA, 4) == 768 + 256 + 1024
+
+
+def test_without_gqa_equals_the_papers_formula():
+    d, m, n = 8, 16, 10
+    mha = DecoderDims(hidden_size=d, intermediate_size=m, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=4)
+    assert layer_prefill_flops(mha, n) == 4 * n * d**2 + 2 * n**2 * d + 2 * n * d * m
+
+
+def test_pruned_total_is_k_full_layers_plus_the_rest_pruned():
+    # K=1: one layer at 10 tokens, two at 4: 6080 + 2*2048.
+    assert pruned_prefill_flops(GQA, 10, 4, prune_layer=1) == 10176
+    assert pruned_prefill_flops(GQA, 10, 4, prune_layer=1) == prefill_flops(GQA, [10, 4, 4])
+    assert pruned_prefill_flops(GQA, 10, 4, prune_layer=0) == 3 * 2048
+    assert pruned_prefill_flops(GQA, 10, 4, prune_layer=3) == prefill_flops(GQA, [10] * 3) == 3 * 6080
+
+
+def test_swiglu_counts_three_ffn_matrices():
+    swiglu = DecoderDims(8, 16, 3, 2, 1, 4, ffn_matrices=3)
+    assert layer_prefill_flops(swiglu, 10) - layer_prefill_flops(GQA, 10) == 10 * 8 * 16
+
+
+def test_kv_bytes_by_hand():
+    # per token and layer: 2 (K and V) * 1 head * 4 dims * 2 bytes = 16; 10 + 4 + 4 tokens.
+    assert kv_cache_bytes(GQA, [10, 4, 4], bytes_per_element=2) == 16 * 18
+    assert kv_cache_bytes(GQA, [10, 10, 10], bytes_per_element=4) == 32 * 30
+
+
+def test_from_config_reads_gqa_and_head_dim():
+    cfg = SimpleNamespace(hidden_size=64, intermediate_size=128, num_hidden_layers=14, num_attention_heads=4,
+                          num_key_value_heads=2)
+    dims = DecoderDims.from_config(cfg)
+    assert (dims.head_dim, dims.num_kv_heads, dims.num_layers) == (16, 2, 14)
+    cfg.head_dim = 32  # explicit head size (Qwen3-style) wins over hidden / heads
+    assert DecoderDims.from_config(cfg).head_dim == 32
+
+
+def test_bad_inputs_name_the_value():
+    with pytest.raises(ValueError, match="tokens_per_layer has 2 entries"):
+        prefill_flops(GQA, [10, 4])
+    with pytest.raises(ValueError, match="prune_layer=4"):
+        pruned_prefill_flops(GQA, 10, 4, prune_layer=4)
+    with pytest.raises(ValueError, match="num_kv_heads=3"):
+        DecoderDims(8, 16, 3, 4, 3, 2)
+    with pytest.raises(ValueError, match="bytes_per_element=0"):
+        kv_cache_bytes(GQA, [1, 1, 1], 0)
