@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch
-
 from lmms_prune.models.base import PrunedChatModel, _int_arg, preset_classes
 
 
@@ -37,27 +35,5 @@ class Qwen25VLPrune(PrunedChatModel):
 
     def processor_kwargs(self) -> dict[str, Any]:
         return dict(self.options.family)
-
-    def _install(self) -> None:
-        # transformers' generate() encodes the images before prefill and drops ``image_grid_thw`` from the
-        # forward call, but the engine lays out Qwen's visual tokens from it: hand it back at prefill (the
-        # forward ignores it once the image features are given). Registered first, so it runs before the
-        # engine's pre-hook.
-        self._grid_thw: torch.Tensor | None = None
-        self._hooks.append(
-            self._model.register_forward_pre_hook(self._give_grid_thw, with_kwargs=True, prepend=True))
-        super()._install()
-
-    def _give_grid_thw(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]):
-        cache = kwargs.get("past_key_values")
-        prefill = cache is None or cache.get_seq_length() == 0
-        if prefill and kwargs.get("image_grid_thw") is None and self._grid_thw is not None:
-            kwargs["image_grid_thw"] = self._grid_thw
-            return args, kwargs
-        return None
-
-    def before_generate(self, inputs: Any) -> None:
-        self._grid_thw = inputs.get("image_grid_thw")
-
 
 globals().update(preset_classes(Qwen25VLPrune))

@@ -6,8 +6,6 @@ imports only when a model is actually requested.
 
 from __future__ import annotations
 
-from lmms_eval.models.registry_v2 import ModelManifest
-
 from lmms_prune.presets import PRESETS
 
 # model id -> chat class path
@@ -26,8 +24,10 @@ for _family, _path in PRUNED_FAMILIES.items():
     MODELS.update({f"{_family}_{_preset}": f"{_path}_{_preset}" for _preset in PRESETS})
 
 
-def manifests() -> list[ModelManifest]:
-    """Every model this package registers with lmms-eval."""
+def manifests() -> list:
+    """Every model this package registers with lmms-eval (a list of lmms-eval ``ModelManifest``)."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
     # lmms-eval calls this before it imports lmms_eval.tasks; see lmms_prune/tasks/takeover.py.
     from lmms_prune.tasks.takeover import install
 
