@@ -25,8 +25,8 @@ from lmms_prune.efficiency import DecoderDims, kv_cache_bytes, pruned_prefill_fl
 from lmms_prune.models import registry
 from lmms_prune.models.base import PrunedChatModel, apply_until, lmms_eval_cli_options, summarize
 from lmms_prune.models.internvl import InternVLPrune, InternVLPrune_d2pruner, InternVLPrune_deepprune
-from lmms_prune.models.llava import LlavaPrune_deepprune
-from lmms_prune.models.qwen2_5_vl import Qwen25VLPrune_deepprune
+from lmms_prune.models.llava import LlavaPrune, LlavaPrune_deepprune
+from lmms_prune.models.qwen2_5_vl import Qwen25VLPrune, Qwen25VLPrune_deepprune
 from lmms_prune.presets import PRESETS
 from lmms_prune.toy.models import LLAVA_IMAGE_TOKENS, internvl_num_tiles, tiny_model_dir
 
@@ -334,6 +334,24 @@ def test_method_none_keeps_every_token():
         assert r["visual_after"] == r["visual_before"] and r["seq_len_after"] == r["seq_len_before"]
         assert r["prefill_flops"] == r["prefill_flops_unpruned"]
         assert r["kv_cache_bytes"] == r["kv_cache_bytes_unpruned"]
+    model.clean()
+
+
+@pytest.mark.parametrize(("family", "method"), [("internvl_llama", "vispruner"), ("llava", "vispruner"),
+                                                ("qwen2_5_vl", "divprune")])
+def test_pre_llm_methods_run_through_the_wrapper(family, method):
+    cls = {"internvl_llama": InternVLPrune, "llava": LlavaPrune, "qwen2_5_vl": Qwen25VLPrune}[family]
+    extra = ",max_num=2" if family.startswith("internvl") else ""
+    model = cls.create_from_arg_string(f"pretrained={tiny_model_dir(family)},method={method},keep_ratio=0.1,"
+                                       f"device=cpu{extra}")
+    model.task_dict = {"tiny": {"test": _docs()}}
+    single = _texts(model, _requests([0, 1]))
+    _set(model, batch_size=2)
+    assert _texts(model, _requests([0, 1])) == single
+    for r in model.records:
+        assert r["visual_after"] == max(1, round(0.1 * r["visual_before"]))
+        assert r["seq_len_after"] == r["seq_len_before"] - r["visual_before"] + r["visual_after"]
+        assert r["prefill_flops"] < r["prefill_flops_unpruned"] and r["llm_prefill_seconds"] > 0
     model.clean()
 
 

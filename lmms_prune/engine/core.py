@@ -88,6 +88,7 @@ class PruneHandle:
         self._old_attn: str | None = None
         self._base_attn = attn.base_name(self.adapter.text_config._attn_implementation)
         self._prior: Prior | None = None
+        self._trend_fits: dict[int, tuple[float, float]] = {}
         self._state: dict[str, Any] = {}
         self._check_model()
         if config.bias_prior and config.score in ("prior", "trend"):
@@ -334,10 +335,16 @@ class PruneHandle:
                 return S.ratio(a, shallow, eps=cfg.eps)
             return S.ratio_combo(a, shallow, weight=cfg.combo_weight, eps=cfg.eps)
         if cfg.score == "trend":
-            prior = S.resize_prior(self._prior.for_tokens(span.length).to(a.device), span.length)
-            mu, sigma = S.fit_trend(prior)
+            mu, sigma = self._trend_fit(span.length)
             return S.trend_debias(a, mu, sigma)
         raise ValueError(f"score={cfg.score!r} is not an intra-LLM score")
+
+    def _trend_fit(self, n: int) -> tuple[float, float]:
+        """(mu, sigma) of the positional trend of the calibrated attention for ``n`` tokens, fitted once."""
+        fits = self._trend_fits
+        if n not in fits:
+            fits[n] = S.fit_trend(S.resize_prior(self._prior.for_tokens(n), n))
+        return fits[n]
 
     def _select_image(self, b: int, span: ImageSpan, hidden: torch.Tensor, n: int) -> tuple[torch.Tensor, Any]:
         cfg = self.config
