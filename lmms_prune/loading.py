@@ -20,6 +20,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return table[dtype]
 
 
+def resolve_pretrained(name_or_path: str) -> str:
+    """Short names of the checkpoints this package ships (``tiny-grounder``) -> their directory; anything
+    else (hub name, local directory) unchanged."""
+    from lmms_prune.toy.grounder import SHORT_NAME, grounder_dir
+
+    return str(grounder_dir()) if name_or_path == SHORT_NAME else name_or_path
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -35,6 +43,7 @@ def load_model(
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     device = device or default_device()
+    name_or_path = resolve_pretrained(name_or_path)
     model = AutoModelForImageTextToText.from_pretrained(
         name_or_path, dtype=resolve_dtype(dtype, device), attn_implementation=attn_implementation,
         device_map=device_map,

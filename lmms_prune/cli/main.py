@@ -13,6 +13,7 @@ import sys
 
 # command name -> (module under lmms_prune.cli, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("demo", "the whole evaluation on CPU with the shipped tiny grounding model (a few minutes)"),
     "methods": ("methods", "list the pruning presets with every parameter and default"),
     "data": ("data", "check RefCOCO data: sample counts per split against the official counts"),
     "bench": ("bench", "efficiency benchmark: prefill/TTFT/decode time, FLOPs, KV cache, memory per method"),

@@ -51,7 +51,7 @@ TASK_KINDS = ("auto", "grounding", "understanding")
 ON_ERROR = ("raise", "skip")
 
 WRAPPER_ARGS: dict[str, str] = {
-    "pretrained": "checkpoint name or local directory (from_pretrained)",
+    "pretrained": "checkpoint name or local directory (from_pretrained); tiny-grounder = the shipped demo model",
     "method": "pruning preset (lmms-prune methods lists them)",
     "dtype": "auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16 or float32",
     "attn_implementation": "sdpa (default), eager, flash_attention_2 (needs flash-attn), auto",
@@ -228,6 +228,10 @@ class PrunedChatModel(lmms):
         config = resolve_config(method, **prune)
 
         pretrained = _optional_str(args.pop("pretrained", None)) or cls.default_pretrained
+        if pretrained is not None:
+            from lmms_prune.loading import resolve_pretrained
+
+            pretrained = resolve_pretrained(pretrained)
         if pretrained is None:
             raise ValueError(f"--model {cls.model_id()} needs pretrained=CHECKPOINT_OR_DIR in --model_args")
         dtype = _choice_arg("dtype", args.pop("dtype", "auto"), ("auto", *DTYPES))
