@@ -1,8 +1,8 @@
 """``lmms-prune diagnose``: the deep-layer paper's Phase-0 table (section 4.4, Table 3) for one model.
 
 Writes to ``--out``: ``diagnose.csv`` and ``diagnose.md`` (one row per layer: prompt stability, position
-correlation, entropy; definitions in :mod:`lmms_prune.diagnostics`) and ``attention_maps_<layout>.png`` (the mean
-attention map per layer and tile, one figure per visual-token layout found among the images).
+correlation, entropy; definitions in :mod:`lmms_prune.diagnostics`) and ``attention_maps_<layout>.png``
+(the mean attention map per layer and tile, one figure per visual-token layout found among the images).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", required=True,
                         help="text file with one prompt template per line, at least 2 (the paper: 5)")
     parser.add_argument("--layers", default=DEFAULT_LAYERS,
-                        help="comma-separated paper layer numbers; layer L = attention of decoder layer index L-1, "
-                             f"the score of prune layer K=L (default {DEFAULT_LAYERS})")
+                        help="comma-separated paper layer numbers; layer L = attention of decoder layer "
+                             f"index L-1, the score of prune layer K=L (default {DEFAULT_LAYERS})")
     parser.add_argument("--num-images", type=int, default=30, help="use the first N images (default 30)")
     parser.add_argument("--max-num", type=int, default=6, help="InternVL: max tiles per image (default 6)")
     parser.add_argument("--out", required=True, help="output directory")
@@ -40,8 +40,8 @@ def _markdown(args: argparse.Namespace, rows: list[dict], n_images: int, prompts
         markdown_table(rows),
         "- `layer`: the paper's layer number L (the score of prune layer K=L); `score_layer` = decoder layer "
         "index L-1 whose last-prompt-token attention is measured.",
-        "- `prompt_stability`: mean pairwise cosine similarity of one image's maps across templates, averaged "
-        "over images.",
+        "- `prompt_stability`: mean pairwise cosine similarity of one image's maps across templates, "
+        "averaged over images.",
         "- `position_correlation`: Spearman rho between attention and token position (mean over maps; "
         "`_abs`: mean |rho|). |rho| >= 0.3 would be a meaningful positional bias (paper, section 4.4).",
         "- `entropy`: natural-log entropy of the map normalised over the visual tokens (mean over maps); "
@@ -80,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     rows = D.phase0_table(per_image)
     D.write_csv(rows, out / "diagnose.csv")
     figures = []
-    for key, (example, means, count) in D.mean_maps_by_layout(per_image, family, processor, args.max_num).items():
+    groups = D.mean_maps_by_layout(per_image, family, processor, args.max_num)
+    for key, (example, means, count) in groups.items():
         labels = grid_labels(family, example.image_size, example.grids, processor, max_num=args.max_num)
         filename = f"attention_maps_{key}.png"
         plot_attention_maps({f"layer {x}": means[x] for x in sorted(means)}, example.grids, labels,

@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("sweep", "run methods x keep ratios x tasks through lmms-eval, one process group per cell, resumable"),
     "report": ("report", "leaderboard tables (markdown/CSV/LaTeX) and plots from lmms-eval result files"),
     "calibrate": ("calibrate", "calibrate a bias prior (mean attention over many images) for d2pruner/trend"),
-    "diagnose": ("diagnose", "Phase-0 attention diagnostics per layer: prompt stability, position correlation, entropy"),
+    "diagnose": ("diagnose", "Phase-0 attention table per layer: prompt stability, position bias, entropy"),
     "visualize": ("visualize", "overlay each method's kept tokens on an image; token-box IoU with --box"),
 }
 

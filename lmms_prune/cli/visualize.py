@@ -1,10 +1,10 @@
 """``lmms-prune visualize``: which visual tokens each method keeps, drawn on the image side by side.
 
-Writes to ``--out``: ``visualize.png`` (the input image, then one column per method: kept tokens' cells at full
-brightness and outlined, pruned cells dimmed; InternVL images with several tiles get two rows, the tile tokens
-and the thumbnail tokens, each drawn over the whole image) and ``visualize.json`` (kept counts, and with
-``--box`` the token-box IoU of :func:`lmms_prune.viz.token_box_iou`: pixel IoU between the union of the kept
-tokens' cells and the box; for InternVL over all kept tokens, and per view).
+Writes to ``--out``: ``visualize.png`` (the input image, then one column per method: kept tokens' cells at
+full brightness and outlined, pruned cells dimmed; InternVL images with several tiles get two rows, the tile
+tokens and the thumbnail tokens, each drawn over the whole image) and ``visualize.json`` (kept counts and
+indices, and with ``--box`` the token-box IoU of :func:`lmms_prune.viz.token_box_iou`: pixel IoU between the
+union of the kept tokens' cells and the box; for InternVL over all kept tokens, and per view).
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated presets (lmms-prune methods), default {DEFAULT_METHODS}")
     parser.add_argument("--keep", type=float, default=0.1, help="keep ratio per image (default 0.1)")
     parser.add_argument("--box", default=None,
-                        help="x1,y1,x2,y2: the referred object's box in original-image pixels; adds the token-box IoU")
+                        help="x1,y1,x2,y2: the referred object's box in original-image pixels; adds the "
+                             "token-box IoU")
     parser.add_argument("--method-args", default=None,
-                        help='JSON parameters: {"param": value} for every method, {"method": {"param": value}} '
-                             'for one, e.g. \'{"d2pruner": {"bias_prior": "prior.pt"}}\'')
+                        help='JSON parameters: {"param": value} for every method, '
+                             '{"method": {"param": value}} for one, '
+                             'e.g. \'{"d2pruner": {"bias_prior": "prior.pt"}}\'')
     parser.add_argument("--max-num", type=int, default=6, help="InternVL: max tiles per image (default 6)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
@@ -90,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
         mask[kept] = True
         panels[method] = {view: overlay_kept_tokens(image, sel.boxes[tokens], mask[tokens], box=box)
                           for view, tokens in sel.views.items()}
-        result: dict[str, Any] = {"kept": int(kept.numel()), "visual_tokens": n, "kept_indices": kept.tolist(),
+        result: dict[str, Any] = {"kept": int(kept.numel()), "visual_tokens": n,
+                                  "kept_indices": kept.tolist(),
                                   "kept_per_view": {v: int(mask[t].sum()) for v, t in sel.views.items()}}
         caption = f"{kept.numel()}/{n} tokens kept"
         if box is not None:
@@ -99,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
             if len(sel.views) > 1:
                 result["token_box_iou_per_view"] = {
                     v: token_box_iou(sel.boxes[t], mask[t], box, image.size) for v, t in sel.views.items()}
-                caption += " (" + ", ".join(f"{v} {x:.3f}" for v, x in result["token_box_iou_per_view"].items()) + ")"
+                per_view = result["token_box_iou_per_view"].items()
+                caption += " (" + ", ".join(f"{v} {x:.3f}" for v, x in per_view) + ")"
         captions[method], results[method] = caption, result
         print(f"{method:<12} kept {kept.numel()}/{n}" +
               (f"  token-box IoU {result['token_box_iou']:.4f}" if box is not None else ""))
