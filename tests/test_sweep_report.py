@@ -37,15 +37,17 @@ def test_cells_and_arguments():
 @pytest.mark.cli
 def test_sweep_resumes_and_report_matches_lmms_eval(tmp_path, monkeypatch):
     data = tmp_path / "refcoco"
-    write_refcoco_hub_layout(data / "RefCOCO", 2, seed=4, splits=("val",))
+    write_refcoco_hub_layout(data / "RefCOCO", 1, seed=4, splits=("val", "testA", "testB"))
     monkeypatch.setenv("LMMS_PRUNE_REFCOCO_DIR", str(data))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     model = tiny_model_dir("internvl_qwen2")
     cells = build_cells([("internvl", str(model))], ["fastv", "deepprune"], [0.5, 0.1],
                         parse_method_args(["*:max_num=1"]))
-    sweep = Sweep(tmp_path / "sweep", ["refcoco_ground_val", "pope_tiny"], limit=2,
-                  include_path=str(TASKS_DIR), retries=0)
+    # `refcoco` is the package's grounding group (val/testA/testB) through the task-name takeover
+    fast = ["--gen_kwargs", "max_new_tokens=8"]  # a random model never stops by itself
+    sweep = Sweep(tmp_path / "sweep", ["refcoco", "pope_tiny"], limit=2,
+                  include_path=str(TASKS_DIR), retries=0, extra_args=fast)
 
     # "interrupted": three cells finished, a fourth left half-written
     first = sweep.run(cells[:3])
@@ -56,8 +58,8 @@ def test_sweep_resumes_and_report_matches_lmms_eval(tmp_path, monkeypatch):
     (partial / "lmms_eval" / "stale_results.json").write_text("{}")
     assert not sweep.is_done(cells[3])
 
-    resumed = Sweep(tmp_path / "sweep", ["refcoco_ground_val", "pope_tiny"], limit=2,
-                    include_path=str(TASKS_DIR), retries=0).run(cells)
+    resumed = Sweep(tmp_path / "sweep", ["refcoco", "pope_tiny"], limit=2,
+                    include_path=str(TASKS_DIR), retries=0, extra_args=fast).run(cells)
     assert [resumed[c.name] for c in cells] == ["skipped (done)"] * 3 + ["done"] * 2
     assert {c.name: (sweep.cell_dir(c) / DONE).stat().st_mtime_ns for c in cells[:3]} == stamps
     assert not (partial / "lmms_eval" / "stale_results.json").exists()
@@ -67,15 +69,18 @@ def test_sweep_resumes_and_report_matches_lmms_eval(tmp_path, monkeypatch):
         assert result["paths"][kind].stat().st_size > 0
     assert result["plots"] and all(p.stat().st_size > 0 for p in result["plots"])
     tables = {t.family: t for t in result["tables"]}
-    assert set(tables) == {"refcoco_ground_val", "pope_tiny"}
+    assert set(tables) == {"refcoco_ground", "pope_tiny"}
+    splits = ["refcoco_ground_val", "refcoco_ground_testA", "refcoco_ground_testB"]
+    assert tables["refcoco_ground"].columns == [*splits, "refcoco_ground"]
     runs = collect(tmp_path / "sweep")
     assert len(runs) == 5
     for run in runs:
         raw = json.loads(run.path.read_text())["results"]
         row = next(r for r in tables["pope_tiny"].rows if (r["method"], r["keep"]) == (run.method, run.keep))
         assert row["pope_tiny"] == raw["pope_tiny"]["pope_accuracy,none"]
-        row = next(r for r in tables["refcoco_ground_val"].rows if (r["method"], r["keep"]) == (run.method, run.keep))
-        assert row["refcoco_ground_val"] == raw["refcoco_ground_val"]["acc@0.5,none"]
+        row = next(r for r in tables["refcoco_ground"].rows if (r["method"], r["keep"]) == (run.method, run.keep))
+        for column in [*splits, "refcoco_ground"]:
+            assert row[column] == raw[column]["acc@0.5,none"]
         assert row["has_baseline"]
         if run.method != "none":
             assert math.isclose(row["visual kept"], run.efficiency["mean_visual_after"])
