@@ -1,0 +1,45 @@
+"""The shipped tiny InternVL grounding model (trained by ``scripts/train_grounding.py``) and its data distribution.
+
+The model is a transformers-native ``InternVLForConditionalGeneration`` with real InternVL geometry (448 px tiles,
+patch 14, pixel shuffle 0.5, 256 visual tokens per tile, dynamic tiling through the saved processor) and a
+Qwen2 text model with 14 decoder layers, trained from scratch on synthetic scenes of :mod:`lmms_prune.toy.data`
+to answer InternVL's grounding prompt with ``<box>[[x1, y1, x2, y2]]</box>`` on the 0-1000 grid. Its weights,
+tokenizer (the toy byte-level BPE of the Llama-family toys), processor and chat template live in
+:func:`grounder_dir`; load them with ``from_pretrained(grounder_dir())``.
+
+Held-out data of the distribution it was trained on: ``write_refcoco_hub_layout(out, n, seed, **SCENE_KWARGS)``
+or ``generate_scenes(n, seed, **SCENE_KWARGS)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+SHORT_NAME = "tiny-grounder"
+"""Proposed short name for ``--model_args pretrained=tiny-grounder`` (resolved to :func:`grounder_dir`)."""
+
+SCENE_KWARGS: dict[str, Any] = {
+    "width": 448,
+    "height": 448,
+    "n_objects": (2, 4),
+    "background": "plain",
+    "size_fraction": (0.15, 0.4),
+}
+"""Scene options of the training and held-out distribution (keyword arguments of ``generate_scenes`` /
+``write_refcoco_hub_layout``): square 448 px images (one InternVL tile, no thumbnail, 256 visual tokens),
+2-4 shapes on a plain light background, each 15-40% of the image side."""
+
+
+def grounder_dir() -> Path:
+    """Directory of the shipped model (``config.json``, ``model.safetensors``, tokenizer and processor files).
+
+    Raises ``FileNotFoundError`` when the package data is missing (e.g. an install without package data).
+    """
+    path = Path(__file__).resolve().parent.parent / "assets" / "tiny_grounder"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path}: the tiny grounding model is not there; reinstall lmms_prune with its package data or "
+            "retrain it with scripts/train_grounding.py --out lmms_prune/assets/tiny_grounder"
+        )
+    return path
