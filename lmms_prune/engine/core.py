@@ -470,6 +470,10 @@ class PruneHandle:
             k_pos = torch.cat([index, extra], 1)
             cols = torch.cat([valid, extra >= 0], 1) & torch.gather(pad, 1, k_pos)
             q_pos = index if q_len == index.shape[1] and kv_full == st["T"] else k_pos[:, -q_len:]
+        if self._base_attn.startswith("flash"):
+            # flash attention takes a 2-D padding mask and applies causality itself; pad slots sit on the left,
+            # like left padding, and the kept tokens keep their order (not exercised without a GPU here)
+            return None if bool(cols.all()) else cols.to(torch.int32)
         if bool(cols.all()) and (q_len == 1 or (q_len == k_pos.shape[1] and self._base_attn != "eager")):
             return None  # plain causal attention: let SDPA use is_causal (or no mask in decode)
         m = self._build(q_pos, k_pos, cols)
