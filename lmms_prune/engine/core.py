@@ -228,8 +228,9 @@ class PruneHandle:
         if kwargs.get("pixel_values") is None:
             if self._state.get("phase") == "pre_llm":
                 self._state["phase"] = "prefill"
-            else:
+            else:  # a prompt without images: nothing to prune, nothing to record
                 self._state = {"phase": "prefill", "spans": None}
+                self.records = []
             return None
         if args:
             kwargs = {**kwargs, "input_ids": args[0]}
