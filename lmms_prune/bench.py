@@ -4,7 +4,8 @@ For every cell (method x keep ratio x visual-token count) on one model (a real c
 a named real geometry built locally), it measures in the same process and run:
 
 * LLM prefill time (vision encoding excluded: pruning inside the LLM cannot save it), per decoder layer;
-* end-to-end time to first token (``generate(max_new_tokens=1)`` from pixels) and decode time per token;
+* end-to-end time to first token (``generate`` from pixels) and decode time per token, both read off one
+  ``generate`` call by a per-step clock;
 * the engine's scoring + selection time, the theoretical prefill FLOPs (methods.md section 8, from the
   per-layer token counts the engine reports) and KV-cache bytes, and peak memory;
 * speed-up against the unpruned model and the ratio of measured to theoretical speed-up;
@@ -132,6 +133,33 @@ def synthetic_inputs(model: nn.Module, visual_tokens: int, text_tokens: int = 48
     return inputs
 
 
+def _release_free_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``), so that RSS growth measures this
+    block's allocations rather than what earlier blocks left in the allocator."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the measurement is only less precise
+        pass
+
+
+class StepClock:
+    """A ``generate`` stopping criterion that never stops and records when each new token is ready: the first
+    call follows the prefill (time to first token), the later ones are decode steps."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if input_ids.is_cuda:
+            torch.cuda.synchronize(input_ids.device)
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 class PeakRSS:
     """Memory the block adds at its peak: resident-set growth of this process sampled every 2 ms (CPU), or
     peak CUDA allocation above the allocation at entry (GPU)."""
@@ -148,6 +176,7 @@ class PeakRSS:
             return self
         import psutil
 
+        _release_free_memory()
         proc = psutil.Process()
         self._start = proc.memory_info().rss
         self.peak = self._start
@@ -308,12 +337,16 @@ class Bench:
             kv_lengths = rec.kv_lengths
             ttft, decode = {"min": float("nan"), "median": float("nan")}, float("nan")
             if self.e2e:
-                gen = {"do_sample": False, "min_new_tokens": 1}
-                first = timed(lambda: model.generate(**inputs, max_new_tokens=1, **gen), self.repeats, self.warmup)
-                longer = timed(lambda: model.generate(**inputs, max_new_tokens=1 + self.decode_tokens, **gen),
-                               1, 0)[0]
-                ttft = _stats(first)
-                decode = max(0.0, longer - ttft["min"]) / self.decode_tokens
+                firsts, steps = [], []
+                for i in range(self.warmup + self.repeats):
+                    clock = StepClock()
+                    t0 = time.perf_counter()
+                    model.generate(**inputs, max_new_tokens=1 + self.decode_tokens,
+                                   min_new_tokens=1 + self.decode_tokens, do_sample=False, stopping_criteria=[clock])
+                    if i >= self.warmup:
+                        firsts.append(clock.times[0] - t0)
+                        steps.append((clock.times[-1] - clock.times[0]) / max(1, len(clock.times) - 1))
+                ttft, decode = _stats(firsts), min(steps)
         k = handle.config.prune_layer if handle.config.stage == "llm" else 0
         full_counts = self._full_depth_counts(kv_lengths, k)
         cell = Cell(
