@@ -444,7 +444,7 @@ def plot(cells: Sequence[Cell], path: Path) -> Path:
         pts = sorted((c.kept_tokens, c.speedup, c.theoretical_speedup, c.kv_bytes) for c in cells if c.method == m)
         xs = [p[0] for p in pts]
         line, = ax1.plot(xs, [p[1] for p in pts], marker="o", label=f"{m} measured")
-        ax1.plot(xs, [p[2] for p in pts], linestyle="--", color=line.get_color(), label=f"{m} theory")
+        ax1.plot(xs, [p[2] for p in pts], linestyle="--", marker="x", color=line.get_color(), label=f"{m} theory")
         ax2.plot(xs, [p[3] / 2**20 for p in pts], marker="o", label=m)
     base = [c for c in cells if c.method == "none"]
     if base:
