@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,13 @@ def count_split(family_name: str, split: str, jsonl_dir: str | None, local_dir: 
     import datasets
 
     try:
-        dataset = datasets.load_dataset(source, split=split)
+        if local_dir:  # by absolute file paths: see data.local_data_files on datasets' cache of local dirs
+            files = sorted(str(p.resolve()) for p in (Path(source) / "data").glob(f"{split}-*.parquet"))
+            if not files:
+                return SplitCount(family_name, split, source, None, official, "no parquet files for this split")
+            dataset = datasets.load_dataset("parquet", data_files={split: files}, split=split)
+        else:
+            dataset = datasets.load_dataset(source, split=split)
     except Exception as error:  # any failure to read means the data is not usable here
         return SplitCount(family_name, split, source, None, official, _first_line(error))
     return SplitCount(family_name, split, source, data.count_hub_expressions(dataset), official)

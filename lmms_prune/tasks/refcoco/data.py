@@ -6,8 +6,9 @@ Three sources, chosen by environment variables (read when a task loads its data)
   ``answer`` = list of expressions and ``bbox`` = ``[x, y, w, h]`` pixels, through lmms-eval's usual
   ``datasets.load_dataset(path, ...)`` call.
 - ``LMMS_PRUNE_REFCOCO_DIR=/data/refcoco``: the same hub layout from a local directory, one sub-directory per
-  family named like the hub repository (``RefCOCO``, ``RefCOCOplus``, ``RefCOCOg``), each loadable with
-  ``datasets.load_dataset(<dir>)``; the path simply replaces the hub id in the same call.
+  family named like the hub repository (``RefCOCO``, ``RefCOCOplus``, ``RefCOCOg``) holding
+  ``data/<split>-*.parquet``, read by lmms-eval's same ``load_dataset`` call through the ``parquet`` builder with
+  the files' absolute paths (`local_data_files`).
 - ``LMMS_PRUNE_REFCOCO_JSONL_DIR=/data/internvl``: InternVL's grounding files ``{family}_{split}.jsonl``
   (``refcoco_val.jsonl``, ``refcoco+_testA.jsonl``, ``refcocog_test.jsonl``, ...), one line per expression
   with ``image`` (relative path), ``sent``, ``bbox`` = ``[x1, y1, x2, y2]`` pixels, ``width``, ``height``.
@@ -88,6 +89,25 @@ def jsonl_path(family: Family, split: str, jsonl_dir: str | os.PathLike) -> Path
 def local_hub_path(family: Family, local_dir: str | os.PathLike) -> Path:
     """The family's directory under a local copy of the hub layout: ``{local_dir}/{RefCOCO|RefCOCOplus|RefCOCOg}``."""
     return Path(local_dir) / family.local_name
+
+
+def local_data_files(family: Family) -> dict[str, list[str]] | None:
+    """``{split: [absolute parquet paths]}`` of ``LMMS_PRUNE_REFCOCO_DIR``'s copy of ``family`` (None without it).
+
+    Loading goes through the ``parquet`` builder with these absolute paths rather than
+    ``load_dataset(<dir>)``: ``datasets`` caches a local directory that carries a README by the README's
+    dataset name, not by its files, so two different local copies would share (and return) one stale cache.
+    """
+    if not os.environ.get(LOCAL_DIR_ENV):
+        return None
+    root = Path(resolve_dataset_path(family)) / "data"
+    files: dict[str, list[str]] = {}
+    for path in sorted(root.glob("*.parquet")):
+        split = path.name.split("-", 1)[0]
+        files.setdefault(split, []).append(str(path.resolve()))
+    if not files:
+        raise FileNotFoundError(f"{LOCAL_DIR_ENV}: no {root}/<split>-*.parquet files for {family.name}")
+    return files
 
 
 def resolve_dataset_path(family: Family) -> str:

@@ -47,6 +47,10 @@ class RefcocoGroundingTask(ConfigurableMessagesTask):
         jsonl = data.jsonl_source()
         if jsonl is None:
             self.DATASET_PATH = data.resolve_dataset_path(family)
+            files = data.local_data_files(family)
+            if files is not None:
+                self.DATASET_PATH = "parquet"
+                dataset_kwargs = {**(dataset_kwargs or {}), "data_files": files}
             super().download(dataset_kwargs)
             return
         from datasets import DatasetDict

@@ -1,0 +1,80 @@
+"""The shipped tiny grounding model through the real lmms-eval command line and the package's RefCOCO task code
+equals direct evaluation (processor + chat template + greedy generate + parse_box + IoU) on the same held-out
+split: tiling, prompt, box scaling, parsing and metric aggregation agree end to end. And the demo's table."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+
+from lmms_prune.demo import GROUNDING_PROMPT, HELD_OUT_SEED, TASK, leaderboard
+from lmms_prune.loading import load_model
+from lmms_prune.report import Table
+from lmms_prune.tasks.refcoco import box_iou, parse_box
+from lmms_prune.toy.data import write_refcoco_hub_layout
+from lmms_prune.toy.grounder import SCENE_KWARGS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _direct_scores(data: Path) -> list[tuple[float, bool]]:
+    """(IoU, parsed) of every referring expression of the split, evaluated without lmms-eval."""
+    model, processor = load_model("tiny-grounder", device="cpu", dtype="float32")
+    files = [str(p) for p in sorted((data / "RefCOCO" / "data").glob("val-*.parquet"))]
+    rows = datasets.load_dataset("parquet", data_files={"val": files}, split="val", cache_dir=str(data / "hf_cache"))
+    out = []
+    for row in rows:
+        image = row["image"].convert("RGB")
+        x, y, w, h = row["bbox"]
+        for expression in row["answer"]:
+            messages = [{"role": "user", "content": [
+                {"type": "image"}, {"type": "text", "text": GROUNDING_PROMPT.format(expression)}]}]
+            text = processor.apply_chat_template(messages, add_generation_prompt=True)
+            inputs = processor(images=[image], text=[text], return_tensors="pt", images_kwargs={"max_patches": 6})
+            with torch.no_grad():
+                ids = model.generate(**inputs, max_new_tokens=100, do_sample=False)
+            answer = processor.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            box = parse_box(answer, image.width, image.height)
+            out.append((0.0 if box is None else box_iou(box, (x, y, x + w, y + h)), box is not None))
+    return out
+
+
+@pytest.mark.cli
+def test_lmms_eval_path_equals_direct_evaluation(tmp_path):
+    data = tmp_path / "data"
+    write_refcoco_hub_layout(data / "RefCOCO", 4, seed=HELD_OUT_SEED, splits=("val",), **SCENE_KWARGS)
+    env = {**os.environ, "LMMS_PRUNE_REFCOCO_DIR": str(data), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", "internvl_none", "--model_args",
+           "pretrained=tiny-grounder,max_num=6", "--tasks", TASK, "--output_path", str(out)]
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (results,) = out.rglob("*_results.json")
+    metrics = json.loads(results.read_text())["results"][TASK]
+    direct = _direct_scores(data)
+    assert json.loads(results.read_text())["n-samples"][TASK]["effective"] == len(direct)
+    assert metrics["acc@0.5,none"] == pytest.approx(100.0 * sum(iou >= 0.5 for iou, _ in direct) / len(direct))
+    assert metrics["mean_iou,none"] == pytest.approx(sum(iou for iou, _ in direct) / len(direct), abs=1e-6)
+    assert metrics["unparseable,none"] == sum(not ok for _, ok in direct) == 0
+
+
+def test_leaderboard_lists_every_method_with_its_share_of_the_unpruned_score():
+    rows = [
+        {"method": "none", "keep": 1.0, TASK: 90.0, f"{TASK} %": 100.0, "visual kept": 256.0,
+         "prefill speed-up": 1.0},
+        {"method": "fastv", "keep": 0.1, TASK: 45.0, f"{TASK} %": 50.0, "visual kept": 26.0,
+         "prefill speed-up": 3.5},
+        {"method": "random", "keep": 0.1, TASK: 30.0, f"{TASK} %": None, "visual kept": None,
+         "prefill speed-up": None},
+    ]
+    lines = leaderboard([Table(TASK, [TASK], rows)]).splitlines()
+    assert lines[2].split(" | ")[1:] == ["1", "90.00", "100.0", "256.0", "1.00x |"]
+    assert lines[3].split(" | ")[1:] == ["0.1", "45.00", "50.0", "26.0", "3.50x |"]
+    assert lines[4].split(" | ")[1:] == ["0.1", "30.00", "n/a", "n/a", "n/a |"]

@@ -1,0 +1,132 @@
+"""The shipped tiny InternVL grounding model: architecture, size, answer format on held-out scenes.
+
+Its grounding accuracy is still below issue 8's bar (see metrics.json and the training script); the accuracy
+of the lmms-eval path is checked against direct evaluation in tests/test_demo.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from lmms_prune.tasks.refcoco import parse_box
+from lmms_prune.toy.data import generate_scenes, split_seed
+from lmms_prune.toy.grounder import SCENE_KWARGS, SHORT_NAME, grounder_dir
+from lmms_prune.toy.models import internvl_num_tiles
+
+PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: <ref>{expression}</ref>"
+MAX_BYTES = 20 * 1024 * 1024
+# A held-out seed: the training script draws training scenes from split_seed(seed, "train") and its own
+# evaluation from split_seed(seed, "heldout"); this one is used by neither.
+TEST_SEED = split_seed(2026, "test_grounder")
+
+
+@pytest.fixture(scope="module")
+def model() -> transformers.InternVLForConditionalGeneration:
+    loaded = transformers.InternVLForConditionalGeneration.from_pretrained(grounder_dir())
+    return loaded.eval()
+
+
+@pytest.fixture(scope="module")
+def processor() -> transformers.ProcessorMixin:
+    return transformers.AutoProcessor.from_pretrained(grounder_dir())
+
+
+def test_shipped_files_are_complete_and_small() -> None:
+    folder = grounder_dir()
+    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                 "processor_config.json"):
+        assert (folder / name).is_file(), name
+    weights = folder / "model.safetensors"
+    assert weights.stat().st_size <= MAX_BYTES
+    total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert total <= MAX_BYTES, f"shipped folder is {total / 2**20:.1f} MiB"
+    assert SHORT_NAME == "tiny-grounder"
+
+
+def test_architecture_is_internvl_with_a_14_layer_qwen2(model, processor) -> None:
+    config = model.config
+    assert config.model_type == "internvl"
+    assert config.text_config.model_type == "qwen2"
+    assert type(model.model.language_model).__name__ == "Qwen2Model"
+    assert config.text_config.num_hidden_layers >= 14
+    assert config.vision_config.image_size == [448, 448]
+    assert config.vision_config.patch_size == [14, 14]
+    assert config.downsample_ratio == 0.5
+    assert config.image_seq_length == 256
+    assert processor.image_seq_length == 256
+    # the embedding table covers the whole tokenizer, so every generated id decodes
+    assert model.get_input_embeddings().num_embeddings == len(processor.tokenizer)
+
+
+def test_processor_tiles_like_internvl(processor) -> None:
+    """A 448 px square is one tile (256 tokens); a wide image gets InternVL's grid plus a thumbnail."""
+    from PIL import Image
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
+    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert prompt.startswith("<|im_start|>user\n<IMG_CONTEXT>\nhi<|im_end|>\n")
+    assert prompt.endswith("<|im_start|>assistant\n")
+    image_token = processor.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    for width, height in ((448, 448), (1200, 500)):
+        image = Image.new("RGB", (width, height), (220, 220, 220))
+        inputs = processor(text=[prompt], images=[image], return_tensors="pt", crop_to_patches=True,
+                           min_patches=1, max_patches=6)
+        tiles = internvl_num_tiles(width, height, max_num=6)
+        assert inputs["pixel_values"].shape[0] == tiles
+        assert int((inputs["input_ids"] == image_token).sum()) == 256 * tiles
+
+
+def test_held_out_answers_all_parse(model, processor) -> None:
+    """Greedy answers on 20 held-out expressions (batched, left padding) all parse as boxes inside the image."""
+    samples = []
+    for scene in generate_scenes(12, TEST_SEED, **SCENE_KWARGS):
+        for obj in scene.objects:
+            samples.append((scene.image, obj.expressions[0], obj.box))
+    samples = samples[:20]
+    assert len(samples) == 20
+    texts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"},
+                                          {"type": "text", "text": PROMPT.format(expression=expr)}]}],
+            tokenize=False, add_generation_prompt=True)
+        for _, expr, _ in samples
+    ]
+    inputs = processor(text=texts, images=[im for im, _, _ in samples], padding=True, padding_side="left",
+                       return_tensors="pt", crop_to_patches=True, min_patches=1, max_patches=6)
+    with torch.inference_mode():
+        output = model.generate(**inputs, max_new_tokens=40, do_sample=False, num_beams=1,
+                                pad_token_id=processor.tokenizer.pad_token_id)
+    answers = processor.tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    for (image, _, _), answer in zip(samples, answers):
+        predicted = parse_box(answer, image.width, image.height)
+        assert predicted is not None, answer
+        x1, y1, x2, y2 = predicted
+        assert 0 <= x1 <= x2 <= image.width and 0 <= y1 <= y2 <= image.height, (answer, predicted)
+
+
+def test_answers_in_internvl_box_format(processor, model) -> None:
+    """The raw answer (special tokens kept) is exactly ``<box>[[x1, y1, x2, y2]]</box>`` on the 0-1000 grid."""
+    import re
+
+    scene = next(generate_scenes(1, TEST_SEED + 1, **SCENE_KWARGS))
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"},
+                                      {"type": "text", "text": PROMPT.format(expression=scene.objects[0].expression)}]}],
+        tokenize=False, add_generation_prompt=True)
+    inputs = processor(text=[text], images=[scene.image], return_tensors="pt")
+    with torch.inference_mode():
+        output = model.generate(**inputs, max_new_tokens=40, do_sample=False, num_beams=1)
+    raw = processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=False)
+    match = re.fullmatch(r"<box>\[\[(\d+), (\d+), (\d+), (\d+)\]\]</box><\|im_end\|>", raw.strip())
+    assert match is not None, raw
+    assert all(0 <= int(v) <= 1000 for v in match.groups())
+
+
+def test_training_metrics_are_recorded() -> None:
+    """The training run's own held-out numbers ship next to the weights."""
+    metrics = json.loads((grounder_dir() / "metrics.json").read_text())
+    assert 0.0 <= metrics["heldout_acc@0.5"] <= 100.0 and metrics["heldout_unparseable"] == 0
+    assert metrics["heldout_expressions"] >= 200
