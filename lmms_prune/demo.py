@@ -67,9 +67,11 @@ def write_overlays(model_dir: Path, out: Path, methods: tuple[str, ...], keep: f
         panels, captions = {}, {}
         for m, kept in sel.kept.items():
             panels[m] = {}
-            for view, idx in sel.views.items():
-                inside = torch.isin(idx, kept)
-                panels[m][view] = overlay_kept_tokens(scene.image, sel.boxes[idx], inside, box=obj.box)
+            kept_mask = torch.zeros(sel.boxes.shape[0], dtype=torch.bool)
+            kept_mask[kept] = True
+            for view, in_view in sel.views.items():  # bool masks over the image's tokens
+                panels[m][view] = overlay_kept_tokens(scene.image, sel.boxes[in_view], kept_mask[in_view],
+                                                      box=obj.box)
             iou = token_box_iou(sel.boxes, kept, obj.box, scene.image.size)
             captions[m] = f"{kept.numel()} kept, token-box IoU {iou:.2f}"
         paths.append(plot_overlays(scene.image, panels, captions, out / f"overlay_{scene.image_id}.png",
@@ -77,7 +79,7 @@ def write_overlays(model_dir: Path, out: Path, methods: tuple[str, ...], keep: f
     return paths
 
 
-def run_demo(out: str | Path = "runs/demo", n_images: int = 40, keep: float = 0.1,
+def run_demo(out: str | Path = "runs/demo", n_images: int = 16, keep: float = 0.1,
              methods: tuple[str, ...] = DEMO_METHODS, launcher: str | None = None, overlays: int = 3,
              pretrained: str | None = None) -> dict[str, Any]:
     from lmms_prune.calibration import calibrate_prior

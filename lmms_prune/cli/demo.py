@@ -7,7 +7,7 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output folder (re-running resumes)")
-    parser.add_argument("--images", type=int, default=40, help="held-out synthetic images (default 40)")
+    parser.add_argument("--images", type=int, default=16, help="held-out synthetic images (default 16)")
     parser.add_argument("--keep", type=float, default=0.1, help="keep ratio (default 0.1)")
     parser.add_argument("--methods", default="none,fastv,d2pruner,deepprune,vispruner,random")
     parser.add_argument("--overlays", type=int, default=3, help="images with kept-token overlays (default 3)")
