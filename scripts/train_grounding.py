@@ -79,7 +79,7 @@ import torch
 import transformers
 from PIL import Image
 from tqdm import tqdm
-from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
+from transformers import InternVLConfig, InternVLForConditionalGeneration, Qwen2Config
 
 from lmms_prune.tasks.refcoco import box_iou, parse_box
 from lmms_prune.toy import models as toy_models
@@ -145,27 +145,9 @@ def grounder_config() -> InternVLConfig:
         pad_token_id=ids["<pad>"],
         tie_word_embeddings=True,
     )
-    vision = InternVLVisionConfig(
-        hidden_size=VISION_HIDDEN,
-        num_hidden_layers=VISION_LAYERS,
-        num_attention_heads=VISION_HEADS,
-        intermediate_size=VISION_INTERMEDIATE,
-        image_size=toy_models.INTERNVL_IMAGE_SIZE,
-        patch_size=toy_models.INTERNVL_PATCH_SIZE,
-        norm_type="layer_norm",
-        use_qk_norm=False,
-    )
-    config = InternVLConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=ids["<IMG_CONTEXT>"],
-        image_seq_length=toy_models.INTERNVL_TOKENS_PER_TILE,
-        downsample_ratio=toy_models.INTERNVL_DOWNSAMPLE_RATIO,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-        tie_word_embeddings=True,
-    )
-    return config
+    return toy_models.internvl_config(text, ids["<IMG_CONTEXT>"], vision_hidden=VISION_HIDDEN,
+                                      vision_layers=VISION_LAYERS, vision_heads=VISION_HEADS,
+                                      vision_intermediate=VISION_INTERMEDIATE)
 
 
 def sincos_2d(grid: int, dim: int) -> torch.Tensor:

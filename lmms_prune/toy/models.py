@@ -123,12 +123,21 @@ def _qwen2_text_config(num_layers: int) -> Qwen2Config:
     )
 
 
-def _internvl_config(text_config: transformers.PretrainedConfig, image_token_id: int) -> InternVLConfig:
+def internvl_config(
+    text_config: transformers.PretrainedConfig,
+    image_token_id: int,
+    vision_hidden: int = VISION_HIDDEN,
+    vision_layers: int = VISION_LAYERS,
+    vision_heads: int = VISION_HEADS,
+    vision_intermediate: int = VISION_INTERMEDIATE,
+) -> InternVLConfig:
+    """An InternVL config with the real token geometry (448 px tiles, patch 14, pixel shuffle 0.5) around
+    ``text_config``; the vision tower's widths are the toys' unless given."""
     vision = InternVLVisionConfig(
-        hidden_size=VISION_HIDDEN,
-        num_hidden_layers=VISION_LAYERS,
-        num_attention_heads=VISION_HEADS,
-        intermediate_size=VISION_INTERMEDIATE,
+        hidden_size=vision_hidden,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=vision_heads,
+        intermediate_size=vision_intermediate,
         image_size=INTERNVL_IMAGE_SIZE,
         patch_size=INTERNVL_PATCH_SIZE,
         norm_type="layer_norm",
@@ -223,9 +232,9 @@ def tiny_config(family: str, num_layers: int = 14) -> transformers.PretrainedCon
     _check_family(family)
     _check_num_layers(num_layers)
     if family == "internvl_llama":
-        config = _internvl_config(_llama_text_config(num_layers), toy_tok.LLAMA_SPECIAL_IDS["<IMG_CONTEXT>"])
+        config = internvl_config(_llama_text_config(num_layers), toy_tok.LLAMA_SPECIAL_IDS["<IMG_CONTEXT>"])
     elif family == "internvl_qwen2":
-        config = _internvl_config(_qwen2_text_config(num_layers), toy_tok.QWEN_SPECIAL_IDS["<IMG_CONTEXT>"])
+        config = internvl_config(_qwen2_text_config(num_layers), toy_tok.QWEN_SPECIAL_IDS["<IMG_CONTEXT>"])
     elif family == "qwen2_5_vl":
         config = _qwen2_5_vl_config(num_layers)
     else:
