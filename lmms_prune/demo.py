@@ -43,6 +43,41 @@ def leaderboard(tables: list[Any], task: str = TASK) -> str:
     return "\n".join(lines)
 
 
+DEMO_OUTPUTS = ("data", "d2pruner_prior_layer1.pt", "runs", "report", "overlays")
+"""What the demo writes under its output folder (and removes again when its inputs change)."""
+
+
+def demo_fingerprint(model_dir: Path, n_images: int, scene_kwargs: dict[str, Any]) -> str:
+    """A digest of what the demo's resumable outputs depend on: the model's files, the split's size and the
+    scene distribution (runs, prior and data from another model or distribution must not be reused)."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    for path in sorted(p for p in model_dir.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    digest.update(json.dumps({"n_images": n_images, "scenes": scene_kwargs, "seed": HELD_OUT_SEED},
+                             sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def reset_stale_outputs(out: Path, fingerprint: str) -> None:
+    """Remove the demo's outputs under ``out`` when they were made from other inputs; record the inputs."""
+    import shutil
+
+    stamp = out / "inputs.sha256"
+    if stamp.is_file() and stamp.read_text().strip() == fingerprint:
+        return
+    stale = [out / name for name in DEMO_OUTPUTS if (out / name).exists()]
+    if stale:
+        print(f"[demo] the model or the demo settings changed since {out} was written: starting afresh")
+    for path in stale:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fingerprint + "\n")
+
+
 def write_overlays(model_dir: Path, out: Path, methods: tuple[str, ...], keep: float, prior: Path,
                    n_images: int, scene_kwargs: dict[str, Any]) -> list[Path]:
     """One figure per image: the tokens each method kept for one referring expression, with its box."""
@@ -92,6 +127,7 @@ def run_demo(out: str | Path = "runs/demo", n_images: int = 16, keep: float = 0.
 
     out = Path(out)
     model_dir = Path(resolve_pretrained(pretrained or SHORT_NAME))
+    reset_stale_outputs(out, demo_fingerprint(model_dir, n_images, SCENE_KWARGS))
     data = out / "data"
     if not (data / "RefCOCO" / "data").is_dir():
         print(f"[demo] writing {n_images} held-out synthetic images (RefCOCO layout) to {data}")

@@ -1,6 +1,7 @@
 """The shipped tiny grounding model through the real lmms-eval command line and the package's RefCOCO task code
 equals direct evaluation (processor + chat template + greedy generate + parse_box + IoU) on the same held-out
-split: tiling, prompt, box scaling, parsing and metric aggregation agree end to end. And the demo's table."""
+split: tiling, prompt, box scaling, parsing and metric aggregation agree end to end; and it really grounds
+(far above the best constant box for the slice). And the demo's table."""
 
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ from lmms_prune.toy.grounder import SCENE_KWARGS
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _direct_scores(data: Path) -> list[tuple[float, bool]]:
-    """(IoU, parsed) of every referring expression of the split, evaluated without lmms-eval."""
+def _direct_scores(data: Path) -> list[tuple[float, bool, tuple[float, float, float, float]]]:
+    """(IoU, parsed, ground-truth box) of every referring expression of the split, evaluated without
+    lmms-eval."""
     model, processor = load_model("tiny-grounder", device="cpu", dtype="float32")
     files = [str(p) for p in sorted((data / "RefCOCO" / "data").glob("val-*.parquet"))]
     rows = datasets.load_dataset("parquet", data_files={"val": files}, split="val", cache_dir=str(data / "hf_cache"))
@@ -42,14 +44,27 @@ def _direct_scores(data: Path) -> list[tuple[float, bool]]:
                 ids = model.generate(**inputs, max_new_tokens=100, do_sample=False)
             answer = processor.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
             box = parse_box(answer, image.width, image.height)
-            out.append((0.0 if box is None else box_iou(box, (x, y, x + w, y + h)), box is not None))
+            truth = (x, y, x + w, y + h)
+            out.append((0.0 if box is None else box_iou(box, truth), box is not None, truth))
     return out
 
 
+SLICE_IMAGES = 12
+MARGIN = 25.0  # acc@0.5 points above the best-constant-box baseline (issue 8's own bar, 70%, is not met yet)
+
+
+def _constant_box_accuracy(boxes: list[tuple[float, float, float, float]]) -> float:
+    """acc@0.5 of the best single box for the whole slice, among the slice's own ground-truth boxes and their
+    mean: what a model that ignores the image and the expression could at most score."""
+    mean = tuple(sum(b[i] for b in boxes) / len(boxes) for i in range(4))
+    candidates = [*boxes, mean]
+    return max(100.0 * sum(box_iou(c, b) >= 0.5 for b in boxes) / len(boxes) for c in candidates)
+
+
 @pytest.mark.cli
-def test_lmms_eval_path_equals_direct_evaluation(tmp_path):
+def test_lmms_eval_path_equals_direct_evaluation_and_grounds(tmp_path):
     data = tmp_path / "data"
-    write_refcoco_hub_layout(data / "RefCOCO", 4, seed=HELD_OUT_SEED, splits=("val",), **SCENE_KWARGS)
+    write_refcoco_hub_layout(data / "RefCOCO", SLICE_IMAGES, seed=HELD_OUT_SEED, splits=("val",), **SCENE_KWARGS)
     env = {**os.environ, "LMMS_PRUNE_REFCOCO_DIR": str(data), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "lmms_eval", "--model", "internvl_none", "--model_args",
@@ -60,9 +75,12 @@ def test_lmms_eval_path_equals_direct_evaluation(tmp_path):
     metrics = json.loads(results.read_text())["results"][TASK]
     direct = _direct_scores(data)
     assert json.loads(results.read_text())["n-samples"][TASK]["effective"] == len(direct)
-    assert metrics["acc@0.5,none"] == pytest.approx(100.0 * sum(iou >= 0.5 for iou, _ in direct) / len(direct))
-    assert metrics["mean_iou,none"] == pytest.approx(sum(iou for iou, _ in direct) / len(direct), abs=1e-6)
-    assert metrics["unparseable,none"] == sum(not ok for _, ok in direct) == 0
+    assert metrics["acc@0.5,none"] == pytest.approx(100.0 * sum(iou >= 0.5 for iou, _, _ in direct) / len(direct))
+    assert metrics["mean_iou,none"] == pytest.approx(sum(iou for iou, _, _ in direct) / len(direct), abs=1e-6)
+    assert metrics["unparseable,none"] == sum(not ok for _, ok, _ in direct) == 0
+    assert len(direct) >= 2 * SLICE_IMAGES
+    baseline = _constant_box_accuracy([truth for _, _, truth in direct])
+    assert metrics["acc@0.5,none"] >= baseline + MARGIN, (metrics, baseline)
 
 
 def test_leaderboard_lists_every_method_with_its_share_of_the_unpruned_score():
@@ -78,3 +96,31 @@ def test_leaderboard_lists_every_method_with_its_share_of_the_unpruned_score():
     assert lines[2].split(" | ")[1:] == ["1", "90.00", "100.0", "256.0", "1.00x |"]
     assert lines[3].split(" | ")[1:] == ["0.1", "45.00", "50.0", "26.0", "3.50x |"]
     assert lines[4].split(" | ")[1:] == ["0.1", "30.00", "n/a", "n/a", "n/a |"]
+
+
+def test_demo_starts_afresh_when_the_model_or_settings_change(tmp_path):
+    """The demo resumes its runs, so results of another model (e.g. a retrained grounder) must not be reused."""
+    from lmms_prune.demo import demo_fingerprint, reset_stale_outputs
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"weights-1")
+    first = demo_fingerprint(model, 16, SCENE_KWARGS)
+    assert first == demo_fingerprint(model, 16, SCENE_KWARGS)
+    assert first != demo_fingerprint(model, 8, SCENE_KWARGS)
+    assert first != demo_fingerprint(model, 16, {**SCENE_KWARGS, "n_objects": (2, 4)})
+    out = tmp_path / "demo"
+    reset_stale_outputs(out, first)
+    (out / "runs").mkdir()
+    (out / "runs" / "result.json").write_text("{}")
+    (out / "d2pruner_prior_layer1.pt").write_bytes(b"prior")
+    (out / "notes.txt").write_text("the user's own file")
+    reset_stale_outputs(out, first)  # same inputs: everything kept
+    assert (out / "runs" / "result.json").is_file() and (out / "d2pruner_prior_layer1.pt").is_file()
+    (model / "model.safetensors").write_bytes(b"weights-2")
+    second = demo_fingerprint(model, 16, SCENE_KWARGS)
+    assert second != first
+    reset_stale_outputs(out, second)  # new weights: the demo's outputs go, other files stay
+    assert not (out / "runs").exists() and not (out / "d2pruner_prior_layer1.pt").exists()
+    assert (out / "notes.txt").is_file() and (out / "inputs.sha256").read_text().strip() == second

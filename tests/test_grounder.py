@@ -1,7 +1,9 @@
-"""The shipped tiny InternVL grounding model: architecture, size, answer format on held-out scenes.
+"""The shipped tiny InternVL grounding model: architecture, size, answer format on held-out scenes, and the
+training run's recorded result (run to its last planned step in under an hour).
 
-Its grounding accuracy is still below issue 8's bar (see metrics.json and the training script); the accuracy
-of the lmms-eval path is checked against direct evaluation in tests/test_demo.py."""
+Issue 8 asks for 80% acc@0.5 held out; the shipped model reaches 56.5% (metrics.json), so the tests hold it to
+regression floors well below that, not to the issue's bar. Its accuracy through the lmms-eval command line
+(equal to direct evaluation, and far above a box-prior baseline) is checked in tests/test_demo.py."""
 
 from __future__ import annotations
 
@@ -125,8 +127,12 @@ def test_answers_in_internvl_box_format(processor, model) -> None:
     assert all(0 <= int(v) <= 1000 for v in match.groups())
 
 
-def test_training_metrics_are_recorded() -> None:
-    """The training run's own held-out numbers ship next to the weights."""
+def test_training_run_finished_within_the_hour() -> None:
+    """The training run's own held-out numbers ship next to the weights: it ran to its planned last step
+    (not cut by the time cap, so the result is reproducible for the seed) in under an hour of CPU, and was
+    scored on hundreds of held-out referring expressions with every answer parseable."""
     metrics = json.loads((grounder_dir() / "metrics.json").read_text())
-    assert 0.0 <= metrics["heldout_acc@0.5"] <= 100.0 and metrics["heldout_unparseable"] == 0
-    assert metrics["heldout_expressions"] >= 200
+    assert metrics["steps_done"] == metrics["steps_planned"] and not metrics["stopped_by_time_cap"]
+    assert metrics["train_minutes"] <= 60.0
+    assert metrics["heldout_expressions"] >= 200 and metrics["heldout_unparseable"] == 0
+    assert 0.0 <= metrics["heldout_acc@0.5"] <= 100.0

@@ -159,6 +159,22 @@ def test_make_scene_is_deterministic_for_a_generator_state():
     assert a.objects == b.objects and a.image.tobytes() == b.image.tobytes()
 
 
+def test_attribute_pool_bounds_the_distinct_shapes_and_colours_and_defaults_to_one_to_three():
+    """Scenes draw their objects from ``attribute_pool`` shapes and colours; leaving it out equals (1, 3),
+    the range the generator always used."""
+    kwargs = {"width": 448, "height": 448, "n_objects": (3, 4)}
+    narrow = list(generate_scenes(30, 5, attribute_pool=(1, 1), **kwargs))
+    assert all(len({o.shape for o in s.objects}) == 1 and len({o.color for o in s.objects}) == 1 for s in narrow)
+    # one shape and one colour: every object has a look-alike, so no expression is shape or colour alone
+    assert all(parse_expression(o.expression).superlative or parse_expression(o.expression).relation
+               for s in narrow for o in s.objects if len(s.objects) > 1)
+    wide = list(generate_scenes(60, 5, attribute_pool=(6, 6), **kwargs))
+    assert max(len({o.shape for o in s.objects}) for s in wide) >= 3
+    default = [(s.objects, s.image.tobytes()) for s in generate_scenes(5, 11, **kwargs)]
+    explicit = [(s.objects, s.image.tobytes()) for s in generate_scenes(5, 11, attribute_pool=(1, 3), **kwargs)]
+    assert default == explicit
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -166,6 +182,8 @@ def test_make_scene_is_deterministic_for_a_generator_state():
         ({"n_objects": (3, 2)}, r"n_objects=\(3, 2\)"),
         ({"background": "noise"}, "background='noise'"),
         ({"size_fraction": (0.5, 1.2)}, r"size_fraction=\(0.5, 1.2\)"),
+        ({"attribute_pool": (0, 3)}, r"attribute_pool=\(0, 3\)"),
+        ({"attribute_pool": (4, 7)}, r"attribute_pool=\(4, 7\)"),
     ],
 )
 def test_make_scene_names_bad_arguments(kwargs, message):

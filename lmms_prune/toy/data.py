@@ -407,6 +407,7 @@ def make_scene(
     size_fraction: tuple[float, float] = (0.12, 0.38),
     max_expressions: int = 3,
     max_attempts: int = 100,
+    attribute_pool: tuple[int, int] = (1, 3),
 ) -> Scene:
     """Draw one scene of coloured shapes and give every object unique referring expressions.
 
@@ -421,6 +422,8 @@ def make_scene(
             many unique ones exist).
         max_attempts: scenes in which some object has no unique expression, or fewer objects than
             ``n_objects[0]`` fit, are redrawn up to this many times.
+        attribute_pool: inclusive range of how many distinct shapes and how many distinct colours a scene
+            draws its objects from; small pools make look-alikes (and superlatives, relations) common.
 
     Shapes and colours are drawn from a small per-scene subset so look-alikes occur and expressions need
     colour, size, position or a relation to disambiguate, as in RefCOCO. Objects never overlap, so each box
@@ -435,9 +438,12 @@ def make_scene(
         raise ValueError(f"size_fraction={size_fraction}: must satisfy 0 < min <= max < 1")
     if background not in ("plain", "photo"):
         raise ValueError(f"background={background!r}: must be 'plain' or 'photo'")
+    if not 1 <= attribute_pool[0] <= attribute_pool[1] <= min(len(SHAPES), len(PALETTE)):
+        raise ValueError(f"attribute_pool={attribute_pool}: must satisfy 1 <= min <= max <= "
+                         f"{min(len(SHAPES), len(PALETTE))}")
     for _attempt in range(max_attempts):
         scene = _try_scene(rng, image_id, width, height, int(rng.integers(lo, hi + 1)), background,
-                           size_fraction, max_expressions)
+                           size_fraction, max_expressions, attribute_pool)
         if scene is not None and len(scene.objects) >= lo:
             return scene
     raise RuntimeError(
@@ -455,11 +461,13 @@ def _try_scene(
     background: str,
     size_fraction: tuple[float, float],
     max_expressions: int,
+    attribute_pool: tuple[int, int] = (1, 3),
 ) -> Scene | None:
     """One draw of a scene with up to ``n`` objects, or None if some object has no unique expression."""
     pixels = _background(rng, width, height, background)
-    shapes = rng.choice(SHAPES, size=min(len(SHAPES), int(rng.integers(1, 4))), replace=False)
-    colors = rng.choice(list(PALETTE), size=int(rng.integers(1, 4)), replace=False)
+    pool_lo, pool_hi = attribute_pool
+    shapes = rng.choice(SHAPES, size=int(rng.integers(pool_lo, pool_hi + 1)), replace=False)
+    colors = rng.choice(list(PALETTE), size=int(rng.integers(pool_lo, pool_hi + 1)), replace=False)
     drawn: list[SceneObject] = []
     for x, y, size in _place_squares(rng, width, height, n, size_fraction):
         shape, color = str(rng.choice(shapes)), str(rng.choice(colors))
