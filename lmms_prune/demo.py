@@ -43,7 +43,8 @@ def leaderboard(tables: list[Any], task: str = TASK) -> str:
     return "\n".join(lines)
 
 
-DEMO_OUTPUTS = ("data", "d2pruner_prior_layer1.pt", "runs", "report", "overlays")
+PRIOR_FILE = "d2pruner_prior_layer1.pt"
+DEMO_OUTPUTS = ("data", PRIOR_FILE, "runs", "report", "overlays")
 """What the demo writes under its output folder (and removes again when its inputs change)."""
 
 
@@ -73,7 +74,10 @@ def reset_stale_outputs(out: Path, fingerprint: str) -> None:
     if stale:
         print(f"[demo] the model or the demo settings changed since {out} was written: starting afresh")
     for path in stale:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     stamp.write_text(fingerprint + "\n")
 
@@ -132,7 +136,7 @@ def run_demo(out: str | Path = "runs/demo", n_images: int = 16, keep: float = 0.
     if not (data / "RefCOCO" / "data").is_dir():
         print(f"[demo] writing {n_images} held-out synthetic images (RefCOCO layout) to {data}")
         write_refcoco_hub_layout(data / "RefCOCO", n_images, seed=HELD_OUT_SEED, splits=("val",), **SCENE_KWARGS)
-    prior = out / "d2pruner_prior_layer1.pt"
+    prior = out / PRIOR_FILE
     if "d2pruner" in methods and not prior.is_file():
         model, processor = load_model(str(model_dir), device="cpu", dtype="float32")
         images = [s.image for s in generate_scenes(32, seed=CALIBRATION_SEED, **SCENE_KWARGS)]

@@ -84,7 +84,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -227,12 +227,7 @@ class Batch:
     labels: torch.Tensor
     pixel_values: torch.Tensor
     n_questions: int
-    cell_color: torch.Tensor  # (B, 256) long: 0 background, 1 + colour index of the object under the token
-    cell_shape: torch.Tensor  # (B, 256) long: 0 background, 1 + shape index
-    cell_extent: torch.Tensor  # (B, 256, 4) float: that object's pixel extent inside the cell / image size
-    cell_box: torch.Tensor  # (B, 256, 4) float: that object's whole box / image size
-    object_cells: torch.Tensor  # (B, MAX_OBJECTS, 256) bool: cells holding pixels of each object
-    edge_cells: torch.Tensor  # (B, MAX_OBJECTS, 4, 256) bool: cells holding each object's x1/y1/x2/y2 pixels
+    cells: CellTargets  # the per-visual-token targets of every image, stacked (leading batch dimension)
     query_rows: torch.Tensor  # (Q,) row of each position that predicts an answer token
     query_positions: torch.Tensor  # (Q,) that position (the last prompt token, then the answer tokens)
     query_objects: torch.Tensor  # (Q,) the object the answer is about
@@ -367,6 +362,18 @@ class SequenceBuilder:
                     inside = False
         return labels, turns, parts
 
+    def images(self, scenes: list[Scene]) -> tuple[torch.Tensor, CellTargets]:
+        """Pixel values (one tile per scene, after a JPEG round trip) and the stacked per-token targets."""
+        pixels = self.processor.image_processor(
+            images=[jpeg_round_trip(s.image) for s in scenes], crop_to_patches=True, min_patches=1,
+            max_patches=MAX_TILES, return_tensors="pt"
+        )
+        if int(pixels["num_patches"].sum()) != len(scenes):
+            raise RuntimeError("training scenes must be single-tile images; check SCENE_KWARGS")
+        cells = [cell_targets(s) for s in scenes]
+        stacked = CellTargets(*(torch.stack([getattr(c, f.name) for c in cells]) for f in fields(CellTargets)))
+        return pixels["pixel_values"], stacked
+
     def batch(self, scenes: list[Scene], rng: np.random.Generator) -> Batch:
         """Right-padded inputs, labels and pixel values of ``scenes``."""
         conversations = [self.conversation(s, rng) for s in scenes]
@@ -390,19 +397,8 @@ class SequenceBuilder:
                     query_positions.append(position - 1)
                     query_objects.append(order[turn])
                     query_parts.append(parts[position])
-        images = [jpeg_round_trip(s.image) for s in scenes]
-        pixels = self.processor.image_processor(
-            images=images, crop_to_patches=True, min_patches=1, max_patches=MAX_TILES, return_tensors="pt"
-        )
-        if int(pixels["num_patches"].sum()) != len(scenes):
-            raise RuntimeError("training scenes must be single-tile images; check SCENE_KWARGS")
-        cells = [cell_targets(s) for s in scenes]
-        return Batch(input_ids, attention, labels, pixels["pixel_values"], questions,
-                     torch.stack([c.color for c in cells]), torch.stack([c.shape for c in cells]),
-                     torch.stack([c.extent for c in cells]), torch.stack([c.box for c in cells]),
-                     torch.stack([c.cells for c in cells]),
-                     torch.stack([c.edges for c in cells]),
-                     torch.tensor(query_rows), torch.tensor(query_positions), torch.tensor(query_objects),
+        pixel_values, cells = self.images(scenes)
+        return Batch(input_ids, attention, labels, pixel_values, questions, cells, torch.tensor(query_rows), torch.tensor(query_positions), torch.tensor(query_objects),
                      torch.tensor(query_parts))
 
 
@@ -414,10 +410,10 @@ def attention_loss(attentions: tuple[torch.Tensor, ...], batch: Batch, image_tok
     top / rightmost / bottom pixels, whose in-cell extent (a local feature) is that box edge."""
     rows, positions, objects = batch.query_rows, batch.query_positions, batch.query_objects
     visual = (batch.input_ids == image_token_id).nonzero()[:, 1].view(batch.input_ids.shape[0], GRID * GRID)
-    target = batch.object_cells[rows, objects]  # (Q, 256)
+    target = batch.cells.cells[rows, objects]  # (Q, 256)
     parts = batch.query_parts
     is_digit = parts >= 0
-    edge = batch.edge_cells[rows, objects, parts.clamp(min=0)]  # (Q, 256)
+    edge = batch.cells.edges[rows, objects, parts.clamp(min=0)]  # (Q, 256)
     target = torch.where(is_digit[:, None], edge, target).float()
     columns = visual[rows]
     total = torch.zeros(())
@@ -449,9 +445,10 @@ def deep_supervision_loss(model: InternVLForConditionalGeneration, hidden_states
 class AuxiliaryHead(torch.nn.Module):
     """Training-only linear probe on the projected visual tokens (the LM's input embeddings of the image).
 
-    It predicts, for every visual token, the colour and shape of the object under it (or background) and that
-    object's box; the loss makes the vision tower and projector encode what and where each object is, densely
-    (256 targets per image instead of a few answers), which is what lets the model learn within the CPU budget.
+    It predicts, for every visual token, the colour and shape of the object with most pixels in its cell (or
+    background), that object's extent inside the cell and its whole box, and the hundreds and tens digits of
+    the in-cell extent (see :class:`CellTargets`); the loss makes the vision tower and projector encode what
+    and where each object is, densely (256 targets per image instead of a few answers).
     It is not part of the shipped model.
     """
 
@@ -459,8 +456,8 @@ class AuxiliaryHead(torch.nn.Module):
         super().__init__()
         self.linear = torch.nn.Linear(hidden, AUX_OUTPUTS)
 
-    def loss(self, features: torch.Tensor, batch: Batch) -> torch.Tensor:
-        out = self.linear(features.reshape(batch.cell_color.shape[0], GRID * GRID, -1))
+    def loss(self, features: torch.Tensor, cells: CellTargets) -> torch.Tensor:
+        out = self.linear(features.reshape(cells.color.shape[0], GRID * GRID, -1))
         n_color = 1 + len(COLORS)
         n_shape = 1 + len(SHAPES)
         color_logits = out[..., :n_color]
@@ -468,16 +465,16 @@ class AuxiliaryHead(torch.nn.Module):
         start = n_color + n_shape
         box = torch.sigmoid(out[..., start : start + 8])
         cross_entropy = torch.nn.functional.cross_entropy
-        loss = cross_entropy(color_logits.reshape(-1, n_color), batch.cell_color.reshape(-1))
-        loss = loss + cross_entropy(shape_logits.reshape(-1, n_shape), batch.cell_shape.reshape(-1))
-        on_object = batch.cell_color > 0
+        loss = cross_entropy(color_logits.reshape(-1, n_color), cells.color.reshape(-1))
+        loss = loss + cross_entropy(shape_logits.reshape(-1, n_shape), cells.shape.reshape(-1))
+        on_object = cells.color > 0
         if bool(on_object.any()):
-            targets = torch.cat([batch.cell_extent, batch.cell_box], dim=-1)[on_object]
+            targets = torch.cat([cells.extent, cells.box], dim=-1)[on_object]
             weights = torch.tensor([AUX_BOX_WEIGHT] * 4 + [AUX_BOX_WEIGHT / 5] * 4)
             loss = loss + ((box[on_object] - targets).abs() * weights).mean() * 2
             # The digits the answer spells for each in-cell edge, as classes: features that hold them
             # linearly let the LM copy a digit from the edge cell it attends to.
-            grid = (batch.cell_extent[on_object] * 1000).round().long().clamp(0, 1000)  # (N, 4)
+            grid = (cells.extent[on_object] * 1000).round().long().clamp(0, 1000)  # (N, 4)
             digits = out[on_object][:, start + 8 :].view(-1, 4, HUNDREDS + TENS)
             loss = loss + cross_entropy(digits[..., :HUNDREDS].reshape(-1, HUNDREDS), (grid // 100).reshape(-1))
             loss = loss + cross_entropy(digits[..., HUNDREDS:].reshape(-1, TENS), (grid // 10 % 10).reshape(-1))
@@ -593,16 +590,15 @@ def pretrain_vision(model: InternVLForConditionalGeneration, aux_head: Auxiliary
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.0)
     scenes = generate_scenes(args.vision_steps * args.vision_batch, split_seed(args.seed, "train-vision"),
                              **SCENE_KWARGS)
-    rng = np.random.default_rng(split_seed(args.seed, "vision-turns"))
     bar = tqdm(range(args.vision_steps), desc="vision", dynamic_ncols=True)
     losses: list[float] = []
     for step in bar:
-        batch = builder.batch([next(scenes) for _ in range(args.vision_batch)], rng)
+        pixel_values, cells = builder.images([next(scenes) for _ in range(args.vision_batch)])
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.vision_steps, args.lr)
         projected.clear()
-        model.model.get_image_features(pixel_values=batch.pixel_values)
-        loss = aux_head.loss(projected[0], batch)
+        model.model.get_image_features(pixel_values=pixel_values)
+        loss = aux_head.loss(projected[0], cells)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -737,7 +733,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                     pixel_values=batch.pixel_values, labels=batch.labels, output_attentions=args.attn_weight > 0,
                     output_hidden_states=args.deep_weight > 0)
-        aux_loss = aux_head.loss(projected[0], batch)
+        aux_loss = aux_head.loss(projected[0], batch.cells)
         total = out.loss + args.aux_weight * aux_loss
         if args.deep_weight > 0:
             total = total + args.deep_weight * deep_supervision_loss(model, out.hidden_states, batch.labels)
