@@ -5,7 +5,8 @@ Command (the shipped model; the defaults are its settings):
     python scripts/train_grounding.py --out lmms_prune/assets/tiny_grounder
 
 which is ``--seed 0 --steps 3200 --batch 4 --questions 2 --lr 2e-3 --text-hidden 128 --text-mlp 384
---aux-weight 0.5 --attn-weight 0.3 --deep-weight 1.0 --threads 2 --minutes 58 --eval-images 100``.
+--aux-weight 0.5 --attn-weight 0.3 --text-attn-weight 1.0 --probe-weight 1.0 --deep-weight 1.0 --threads 2
+--minutes 58 --eval-images 100``.
 Time and result: see RESULT at the end of this docstring.
 
 Model (``InternVLForConditionalGeneration``, real InternVL geometry)
@@ -14,8 +15,10 @@ Model (``InternVLForConditionalGeneration``, real InternVL geometry)
     * pixel shuffle 0.5 -> 256 visual tokens per tile, InternVL's 2-layer MLP projector;
     * text model: ``Qwen2`` with 14 decoder layers (so prune layer 12 exists), hidden 128, 4 query heads and
       2 key/value heads (GQA), MLP 384, tied embeddings, RoPE theta 10000;
-    * tokenizer: the toy byte-level BPE of the Llama-family toys (566 tokens, one digit per token, the
-      InternVL special tokens ``<img>``, ``<IMG_CONTEXT>``, ``<ref>``, ``<box>``, ... and ChatML markers), the
+    * tokenizer: :func:`lmms_prune.toy.grounder.grounder_tokenizer`, the toy byte-level BPE of the
+      Llama-family toys trained with the expression grammar's words added, so that every colour, shape,
+      superlative and relation word is one token as in real vocabularies (577 tokens, one digit per token,
+      the InternVL special tokens ``<img>``, ``<IMG_CONTEXT>``, ``<ref>``, ``<box>``, ... and ChatML markers), the
       InternVL chat template and GotOcr2 image processor of :func:`lmms_prune.toy.models.build_processor`
       (dynamic tiling up to ``max_patches`` tiles plus a thumbnail); about 3.0 M parameters, 12 MB fp32.
 
@@ -23,12 +26,15 @@ Data
     Scenes of :func:`lmms_prune.toy.data.generate_scenes` with :data:`lmms_prune.toy.grounder.SCENE_KWARGS`
     (448 x 448, 1-3 shapes drawn from 4-6 shapes and 4-6 colours, plain background, 20-40% of the side): one
     tile, 256 visual tokens. Images go through a JPEG round trip (quality 95) as in the written RefCOCO
-    layouts. Each training sequence is one image followed by user/assistant turns in random order, each object
-    asked ``--questions`` times with distinct unique referring expressions, in the InternVL chat format; the
-    first turn is exactly the evaluation prompt ``<|im_start|>user\\n<img>...</img>\\nPlease provide the
+    layouts. Every object is asked ``--questions`` times with distinct unique referring expressions, each
+    question as the single-turn evaluation prompt ``<|im_start|>user\\n<img>...</img>\\nPlease provide the
     bounding box coordinate of the region this sentence describes: <ref>{expression}</ref><|im_end|>\\n
-    <|im_start|>assistant\\n`` and the answer ``<box>[[x1, y1, x2, y2]]</box><|im_end|>`` with coordinates
-    rounded to the 0-1000 grid (checked token for token against the processor at start-up). Curriculum
+    <|im_start|>assistant\\n`` followed by the answer ``<box>[[x1, y1, x2, y2]]</box><|im_end|>`` with
+    coordinates rounded to the 0-1000 grid (checked token for token against the processor at start-up). All
+    questions about one image are packed into one row: the image prefix once, then one block per question,
+    with a block attention mask and restarted position ids (:meth:`SequenceBuilder.packed`,
+    :func:`block_attention_mask`), so each question is computed exactly as its own single-turn sequence
+    (``tests/test_train_grounding.py`` compares the logits) while the image is encoded once. Curriculum
     (:data:`CURRICULUM`): single-object scenes for the first 15% of the steps, then the evaluation
     distribution.
 
@@ -45,7 +51,13 @@ Losses (the shipped model is the plain InternVL architecture; the extra heads ex
       answer token (the last prompt token included), is pointed at the referred object's cells, and for the
       digits of x1 / y1 / x2 / y2 at the cells that hold its leftmost / top / rightmost / bottom pixels,
       whose in-cell extent is that box edge (:func:`attention_loss`). This is also what attention-based
-      pruning reads later.
+      pruning reads later;
+    * ``--attn-weight`` x ``--text-attn-weight`` x a second attention loss: head 2 of LM layers 0-1, from the
+      same positions, is pointed at the question's expression tokens (:func:`text_attention_loss`);
+    * ``--probe-weight`` x a training-only linear probe on the hidden state entering LM layer 2 at those
+      positions, which must name what the expression says: colour, shape, superlative, relation, anchor
+      (:class:`ExpressionProbe`). These two give the first hop of grounding (carry the expression to where the
+      object is looked for) a direct signal.
 
 Optimisation
     AdamW (betas 0.9/0.98, weight decay 0.01 on matrices), linear warm-up over 5% of the steps then cosine
@@ -65,16 +77,19 @@ Evaluation
 
 RESULT (shipped model, 2026-11-22, this 2-core machine, nothing else running)
     Run as ``python scripts/train_grounding.py --eval-every 500 --out ...`` (the quick checks only read the
-    model). 54.4 minutes of training, all 3200 planned steps (47,472 questions; 0.8 s/step on single-object scenes,
-    ~1.05 s/step after), then 0.3 minutes of evaluation. Held-out (100 scenes, 368 referring expressions):
-    acc@0.5 = 56.5%, mean IoU = 0.437, 0 unparseable (metrics.json, loss.png). THE 80% TARGET OF ISSUE 8 IS
-    NOT REACHED. The quick held-out checks (``--eval-every 500``, 17 expressions) read 11.8%, 17.6%, 58.8%,
-    64.7%, 64.7% at steps 500-2500 and the answer loss was still falling at the end (0.74), so the budget,
-    not a plateau, is the limit: on this machine about 3200 steps fit in the hour. What got the model off the
-    digit-marginal plateau that stalled the first version (9.0% after 30 minutes): the pixel-level cell
-    targets and edge-cell attention targets, a wider LM (128 vs 96), the deep-supervision loss, two questions
-    per object, and an easier scene distribution (look-alikes rarer; see SCENE_KWARGS). Single-object
-    experiments with 600 steps: 36% without deep supervision, 32% with it, 4% at twice the learning rate.
+    model). 53.0 minutes of training, all 3200 planned steps (47,472 questions; ~0.7 s/step on single-object
+    scenes, ~1.05 s/step after), then 0.3 minutes of evaluation. Held-out (100 scenes, 368 referring
+    expressions): acc@0.5 = 76.1%, mean IoU = 0.601, 1 unparseable (metrics.json, loss.png). THE 80% TARGET OF
+    ISSUE 8 IS NOT REACHED. The quick held-out checks (``--eval-every 500``, 94 expressions) read 4.3%, 22.3%,
+    48.9%, 58.5%, 74.5%, 81.9% at steps 500-3000; the answer loss was still falling at the end (0.71).
+    What moved it from the previous recipe's 56.5%: the previous model picked the wrong object in most of its
+    misses (the object it boxed usually had neither the named colour nor the named shape), and its head 0 put
+    as much attention on the other objects as on the referred one; the expression never reached the
+    positions that look for the object. The fixes: one token per grammar word (the tokenizer), single-turn
+    questions packed with a block mask (training is exactly the evaluation prompt), and the text-attention
+    loss plus expression probe. Earlier lessons: the pixel-level cell and edge-cell targets, a wider LM (128
+    vs 96), deep supervision, two questions per object and the easier scene distribution (SCENE_KWARGS) got
+    the first version off its digit-marginal plateau.
 """
 
 from __future__ import annotations
@@ -100,14 +115,17 @@ from lmms_prune.toy import models as toy_models
 from lmms_prune.toy import tokenizers as toy_tok
 from lmms_prune.toy.data import (
     PALETTE,
+    RELATIONS,
     SHAPES,
+    SUPERLATIVES,
     Scene,
     encode_image,
     generate_scenes,
+    parse_expression,
     referring_expressions,
     split_seed,
 )
-from lmms_prune.toy.grounder import SCENE_KWARGS
+from lmms_prune.toy.grounder import SCENE_KWARGS, grounder_tokenizer
 
 FAMILY = "internvl_llama"  # only for the tokenizer / processor of the toys (small BPE); the LM is Qwen2
 PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: <ref>{expression}</ref>"
@@ -124,6 +142,7 @@ MAX_POSITIONS = 2048
 MAX_TILES = 6
 TRAIN_EXPRESSIONS = 5  # referring expressions per object to draw training questions from
 IGNORE = -100
+QUICK_IMAGES = 30  # held-out scenes of the quick checks (--eval-every)
 GRID = toy_models.INTERNVL_IMAGE_SIZE // (2 * toy_models.INTERNVL_PATCH_SIZE)  # 16 x 16 visual tokens per tile
 COLORS = tuple(PALETTE)
 # Digit classes of an in-cell extent edge on the 0-1000 grid: the hundreds (0-10) and the tens (0-9) digit.
@@ -147,7 +166,7 @@ def grounder_config(text_hidden: int = TEXT_HIDDEN, text_intermediate: int = TEX
     """The InternVL configuration of the grounding model (Qwen2 text model, toy BPE vocabulary)."""
     ids = toy_tok.LLAMA_SPECIAL_IDS
     text = Qwen2Config(
-        vocab_size=toy_tok.llama_vocab_size(),
+        vocab_size=len(grounder_tokenizer()),
         hidden_size=text_hidden,
         intermediate_size=text_intermediate,
         num_hidden_layers=TEXT_LAYERS,
@@ -165,6 +184,11 @@ def grounder_config(text_hidden: int = TEXT_HIDDEN, text_intermediate: int = TEX
     return toy_models.internvl_config(text, ids["<IMG_CONTEXT>"], vision_hidden=VISION_HIDDEN,
                                       vision_layers=VISION_LAYERS, vision_heads=VISION_HEADS,
                                       vision_intermediate=VISION_INTERMEDIATE)
+
+
+def grounder_processor() -> transformers.ProcessorMixin:
+    """InternVL processor (GotOcr2 tiling, chat template) with the grounding model's tokenizer."""
+    return toy_models.build_processor(FAMILY, grounder_tokenizer())
 
 
 def sincos_2d(grid: int, dim: int) -> torch.Tensor:
@@ -223,7 +247,8 @@ class Batch:
     """Model inputs of one training step and the number of supervised answers in it."""
 
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor  # (B, 1, L, L) additive block mask (see block_attention_mask)
+    position_ids: torch.Tensor  # (B, L) each question block continues the prefix's positions
     labels: torch.Tensor
     pixel_values: torch.Tensor
     n_questions: int
@@ -232,6 +257,8 @@ class Batch:
     query_positions: torch.Tensor  # (Q,) that position (the last prompt token, then the answer tokens)
     query_objects: torch.Tensor  # (Q,) the object the answer is about
     query_parts: torch.Tensor  # (Q,) 0-3: predicts a digit of x1, y1, x2, y2; -1: any other answer token
+    query_words: torch.Tensor  # (Q, len(EXPRESSION_FIELDS)) what the question's expression says (classes)
+    query_text: torch.Tensor  # (Q, 2) [start, end) of the question's expression tokens (inside <ref>...</ref>)
 
 
 CELL = toy_models.INTERNVL_IMAGE_SIZE // GRID  # 28 pixels per visual token side
@@ -319,26 +346,51 @@ class SequenceBuilder:
         self.pad_id = ids["<pad>"]
         self.comma_id = self.tokenizer.convert_tokens_to_ids(",")
         self.digit_ids = {self.tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)}
+        self.end_image_id = ids["</img>"]
+        self.ref_id, self.ref_end_id = ids["<ref>"], ids["</ref>"]
         tokens = toy_models.INTERNVL_TOKENS_PER_TILE
         self.image_text = "<img>" + "<IMG_CONTEXT>" * tokens + "</img>"
 
-    def conversation(self, scene: Scene, rng: np.random.Generator) -> tuple[str, list[int]]:
-        """One image, then questions about its objects in random order: each object is asked with
-        ``self.questions_per_object`` of its referring expressions (fewer if it has fewer); also returns the
-        object index of each turn."""
-        width, height = scene.image.size
+    def questions(self, scene: Scene, rng: np.random.Generator) -> list[tuple[int, str]]:
+        """``(object index, expression)`` pairs in random order: each object is asked with
+        ``self.questions_per_object`` of its referring expressions (fewer if it has fewer)."""
         pairs = []
         for index, obj in enumerate(scene.objects):
             expressions = referring_expressions(index, scene.objects, TRAIN_EXPRESSIONS) or [obj.expression]
             picked = rng.permutation(len(expressions))[: self.questions_per_object]
             pairs.extend((index, expressions[int(k)]) for k in picked)
-        text = ""
-        order = [pairs[int(k)] for k in rng.permutation(len(pairs))]
-        for turn, (index, expression) in enumerate(order):
-            image = self.image_text + "\n" if turn == 0 else ""
-            text += f"<|im_start|>user\n{image}{PROMPT.format(expression=expression)}<|im_end|>\n"
-            text += f"<|im_start|>assistant\n{box_answer(scene.objects[index].box, width, height)}<|im_end|>\n"
-        return text, [index for index, _ in order]
+        return [pairs[int(k)] for k in rng.permutation(len(pairs))]
+
+    def single_turn(self, scene: Scene, index: int, expression: str) -> str:
+        """The evaluation prompt for one question (one user turn with the image) followed by its answer."""
+        width, height = scene.image.size
+        answer = box_answer(scene.objects[index].box, width, height)
+        return (f"<|im_start|>user\n{self.image_text}\n{PROMPT.format(expression=expression)}<|im_end|>\n"
+                f"<|im_start|>assistant\n{answer}<|im_end|>")
+
+    def packed(self, scene: Scene, order: list[tuple[int, str]]) -> tuple[list[int], list[int], list[int]]:
+        """One row holding every question of ``order`` about one image: the shared prefix (``<s>``, the user
+        turn's start and the image) once, then each question's own tokens (prompt and answer) as a block.
+
+        Returns token ids, position ids and the block of each token (-1 for the prefix). With
+        :func:`block_attention_mask` every block sees the prefix and itself only, at the positions it has in
+        its own single-turn sequence, so each question is computed exactly as the single-turn evaluation
+        prompt would be, while the image is encoded once for all of them.
+        """
+        ids, positions, blocks = [], [], []
+        prefix: list[int] | None = None
+        for block, (index, expression) in enumerate(order):
+            tokens = self.tokenizer(self.single_turn(scene, index, expression)).input_ids
+            cut = tokens.index(self.end_image_id) + 1  # the image ends the shared prefix
+            if prefix is None:
+                prefix = tokens[:cut]
+                ids, positions, blocks = list(prefix), list(range(cut)), [-1] * cut
+            elif tokens[:cut] != prefix:
+                raise RuntimeError("single-turn sequences of one image must share their prefix")
+            ids.extend(tokens[cut:])
+            positions.extend(range(cut, len(tokens)))
+            blocks.extend([block] * (len(tokens) - cut))
+        return ids, positions, blocks
 
     def labels(self, ids: list[int]) -> tuple[list[int], list[int], list[int]]:
         """Answer-only labels: each ``<box> ... <|im_end|>`` span is supervised, everything else ignored.
@@ -375,31 +427,77 @@ class SequenceBuilder:
         return pixels["pixel_values"], stacked
 
     def batch(self, scenes: list[Scene], rng: np.random.Generator) -> Batch:
-        """Right-padded inputs, labels and pixel values of ``scenes``."""
-        conversations = [self.conversation(s, rng) for s in scenes]
-        sequences = [self.tokenizer(text).input_ids for text, _ in conversations]
-        longest = max(len(s) for s in sequences)
+        """Right-padded packed rows (:meth:`packed`, one per scene), their attention mask, labels and pixels."""
+        orders = [self.questions(s, rng) for s in scenes]
+        rows = [self.packed(s, order) for s, order in zip(scenes, orders)]
+        longest = max(len(ids) for ids, _, _ in rows)
         input_ids = torch.full((len(scenes), longest), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(scenes), longest), dtype=torch.long)
+        position_ids = torch.zeros((len(scenes), longest), dtype=torch.long)
+        block_ids = torch.full((len(scenes), longest), PAD_BLOCK, dtype=torch.long)
         labels = torch.full((len(scenes), longest), IGNORE, dtype=torch.long)
         questions = 0
-        query_rows, query_positions, query_objects, query_parts = [], [], [], []
-        for row, ids in enumerate(sequences):
+        query_rows, query_positions, query_objects, query_parts, query_words = [], [], [], [], []
+        query_text = []
+        for row, ((ids, positions, blocks), order) in enumerate(zip(rows, orders)):
+            opens = [k + 1 for k, token in enumerate(ids) if token == self.ref_id]
+            closes = [k for k, token in enumerate(ids) if token == self.ref_end_id]
             input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention[row, : len(ids)] = 1
+            position_ids[row, : len(ids)] = torch.tensor(positions)
+            block_ids[row, : len(ids)] = torch.tensor(blocks)
             row_labels, turns, parts = self.labels(ids)
             labels[row, : len(ids)] = torch.tensor(row_labels)
-            order = conversations[row][1]
             questions += len(order)
             for position, turn in enumerate(turns):
                 if turn >= 0:  # position - 1 predicts this answer token
                     query_rows.append(row)
                     query_positions.append(position - 1)
-                    query_objects.append(order[turn])
+                    query_objects.append(order[turn][0])
                     query_parts.append(parts[position])
+                    query_words.append(expression_classes(order[turn][1]))
+                    query_text.append((opens[turn], closes[turn]))
         pixel_values, cells = self.images(scenes)
-        return Batch(input_ids, attention, labels, pixel_values, questions, cells, torch.tensor(query_rows), torch.tensor(query_positions), torch.tensor(query_objects),
-                     torch.tensor(query_parts))
+        return Batch(input_ids, block_attention_mask(block_ids), position_ids, labels, pixel_values, questions,
+                     cells, torch.tensor(query_rows), torch.tensor(query_positions), torch.tensor(query_objects),
+                     torch.tensor(query_parts), torch.tensor(query_words), torch.tensor(query_text))
+
+
+PAD_BLOCK = -2  # block id of right padding (the shared prefix is -1)
+
+
+def block_attention_mask(block_ids: torch.Tensor) -> torch.Tensor:
+    """Additive ``(B, 1, L, L)`` float mask: token ``i`` sees token ``j <= i`` when ``j`` is in the shared
+    prefix (block -1) or in ``i``'s own block; padding sees the prefix and itself (its outputs are ignored)."""
+    length = block_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    same = block_ids[:, :, None] == block_ids[:, None, :]
+    prefix = (block_ids == -1)[:, None, :]
+    allowed = causal & (same | prefix)
+    mask = torch.zeros(allowed.shape, dtype=torch.float32)
+    mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)
+    return mask[:, None]
+
+
+TEXT_ATTENTION_LAYERS = (0, 1)
+TEXT_HEAD = 2  # uses the second key/value head; head 0 (first key/value head) is the one looking at the image
+
+
+def text_attention_loss(attentions: tuple[torch.Tensor, ...], batch: Batch) -> torch.Tensor:
+    """Mean over :data:`TEXT_ATTENTION_LAYERS` of ``-log`` (attention mass that head :data:`TEXT_HEAD` puts on
+    the question's expression tokens), from every position that predicts an answer token.
+
+    This is the first hop of grounding: copy what the expression says to the positions that then look for the
+    object. Learnt from the answers alone it takes a long plateau (those positions start out attending to
+    ~300 tokens, 256 of them visual, so the few expression tokens get almost no gradient); without it the
+    visual-attention loss teaches the model to look at every object alike.
+    """
+    rows, positions = batch.query_rows, batch.query_positions
+    columns = torch.arange(batch.input_ids.shape[1])
+    target = ((columns[None, :] >= batch.query_text[:, :1]) & (columns[None, :] < batch.query_text[:, 1:])).float()
+    total = torch.zeros(())
+    for layer in TEXT_ATTENTION_LAYERS:
+        probs = attentions[layer][rows, TEXT_HEAD, positions]  # (Q, L)
+        total = total + (-torch.log((probs * target).sum(-1) + 1e-6)).mean()
+    return total / len(TEXT_ATTENTION_LAYERS)
 
 
 def attention_loss(attentions: tuple[torch.Tensor, ...], batch: Batch, image_token_id: int) -> torch.Tensor:
@@ -422,6 +520,53 @@ def attention_loss(attentions: tuple[torch.Tensor, ...], batch: Batch, image_tok
         mass = (probs.gather(1, columns) * target).sum(-1)
         total = total + (-torch.log(mass + 1e-6)).mean()
     return total / len(ATTENTION_LAYERS)
+
+
+EXPRESSION_FIELDS: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    ("colour", (None, *COLORS)),
+    ("shape", SHAPES),
+    ("superlative", (None, *SUPERLATIVES)),
+    ("relation", (None, *RELATIONS)),
+    ("anchor colour", (None, *COLORS)),
+    ("anchor shape", (None, *SHAPES)),
+)
+"""What a referring expression says, as classes (``None``: not said): the words the LM must carry from the
+``<ref>`` span to the positions that look for the object."""
+PROBE_LAYER = 2  # the hidden state entering LM layer 2, the first layer whose attention is supervised
+
+
+def expression_classes(expression: str) -> list[int]:
+    """The class of each :data:`EXPRESSION_FIELDS` entry for ``expression`` (parsed with the generator's
+    grammar)."""
+    desc = parse_expression(expression)
+    relation, anchor = desc.relation if desc.relation else (None, None)
+    said = (desc.color, desc.shape, desc.superlative, relation, anchor.color if anchor else None,
+            anchor.shape if anchor else None)
+    return [values.index(value) for (_, values), value in zip(EXPRESSION_FIELDS, said)]
+
+
+class ExpressionProbe(torch.nn.Module):
+    """Training-only linear probe on the LM hidden state entering layer :data:`PROBE_LAYER`, at every position
+    that predicts an answer token: it must name what the question's expression says (colour, shape,
+    superlative, relation and the anchor's colour and shape).
+
+    The attention loss teaches those positions to look at the referred object, which only works once their
+    queries carry the expression; without a direct signal the first two layers learn to copy it only after a
+    long plateau, and the model looks at every object alike. Not part of the shipped model.
+    """
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.sizes = [len(values) for _, values in EXPRESSION_FIELDS]
+        self.linear = torch.nn.Linear(hidden, sum(self.sizes))
+
+    def loss(self, hidden_states: tuple[torch.Tensor, ...], batch: Batch) -> torch.Tensor:
+        states = hidden_states[PROBE_LAYER][batch.query_rows, batch.query_positions]  # (Q, hidden)
+        logits = self.linear(states).split(self.sizes, dim=-1)
+        total = torch.zeros(())
+        for field, field_logits in enumerate(logits):
+            total = total + torch.nn.functional.cross_entropy(field_logits, batch.query_words[:, field])
+        return total / len(logits)
 
 
 DEEP_LAYERS = (4, 8)
@@ -481,18 +626,22 @@ class AuxiliaryHead(torch.nn.Module):
         return loss
 
 
-def check_prompt_tokens(builder: SequenceBuilder) -> None:
-    """The first turn of a training sequence must tokenize exactly as the processor tokenizes the prompt."""
-    scene = next(generate_scenes(1, 12345, **SCENE_KWARGS))
-    conversation, _ = builder.conversation(scene, np.random.default_rng(0))
-    first_prompt = conversation.split("<|im_start|>assistant\n")[0] + "<|im_start|>assistant\n"
-    expression = first_prompt.split("<ref>")[1].split("</ref>")[0]
-    prompt = builder.processor.apply_chat_template(eval_messages(expression), tokenize=False,
-                                                   add_generation_prompt=True)
-    ours = builder.tokenizer(first_prompt).input_ids
-    theirs = builder.processor(text=[prompt], images=[scene.image], return_tensors="pt").input_ids[0].tolist()
-    if ours != theirs:
-        raise RuntimeError("training prompt tokens differ from the processor's evaluation prompt tokens")
+def check_prompt_tokens(builder: SequenceBuilder, scene: Scene | None = None) -> None:
+    """Every question of a packed training row, read as its block sees it (the shared prefix, then its own
+    tokens, at positions 0, 1, ...), must be exactly the processor's evaluation prompt followed by the answer."""
+    scene = scene or next(generate_scenes(1, 12345, **SCENE_KWARGS))
+    order = builder.questions(scene, np.random.default_rng(0))
+    ids, positions, blocks = builder.packed(scene, order)
+    width, height = scene.image.size
+    for block, (index, expression) in enumerate(order):
+        seen = [k for k, b in enumerate(blocks) if b in (-1, block)]
+        prompt = builder.processor.apply_chat_template(eval_messages(expression), tokenize=False,
+                                                       add_generation_prompt=True)
+        theirs = builder.processor(text=[prompt], images=[scene.image], return_tensors="pt").input_ids[0].tolist()
+        answer = builder.tokenizer(box_answer(scene.objects[index].box, width, height) + "<|im_end|>",
+                                   add_special_tokens=False).input_ids
+        if [ids[k] for k in seen] != theirs + answer or [positions[k] for k in seen] != list(range(len(seen))):
+            raise RuntimeError("a training question differs from the processor's evaluation prompt and answer")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -661,6 +810,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--text-mlp", type=int, default=TEXT_INTERMEDIATE, help="MLP size of the Qwen2 LM")
     parser.add_argument("--deep-weight", type=float, default=1.0,
                         help="weight of the answer loss read out after intermediate LM layers (0: off)")
+    parser.add_argument("--text-attn-weight", type=float, default=1.0,
+                        help="relative weight (within --attn-weight) of the attention loss of LM layers 0-1 "
+                             "on the expression tokens")
+    parser.add_argument("--probe-weight", type=float, default=1.0,
+                        help="weight of the training-only expression probe on LM layer 2's input (0: off)")
     parser.add_argument("--questions", type=int, default=2,
                         help="questions per object in a training sequence (distinct referring expressions)")
     parser.add_argument("--vision-steps", type=int, default=0,
@@ -683,7 +837,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log_dir = args.log_dir or args.out
     log_dir.mkdir(parents=True, exist_ok=True)
 
-    processor = toy_models.build_processor(FAMILY)
+    processor = grounder_processor()
     builder = SequenceBuilder(processor, args.questions)
     check_prompt_tokens(builder)
     if args.init:
@@ -700,7 +854,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     aux_head = AuxiliaryHead(model.config.text_config.hidden_size)
     projected: list[torch.Tensor] = []
     model.model.multi_modal_projector.register_forward_hook(lambda _m, _i, output: projected.append(output))
-    named = list(model.named_parameters()) + [(f"aux.{n}", p) for n, p in aux_head.named_parameters()]
+    probe = ExpressionProbe(model.config.text_config.hidden_size)
+    named = (list(model.named_parameters()) + [(f"aux.{n}", p) for n, p in aux_head.named_parameters()]
+             + [(f"probe.{n}", p) for n, p in probe.named_parameters()])
     decay = [p for n, p in named if p.ndim >= 2 and "position_embeddings" not in n]
     no_decay = [p for n, p in named if not (p.ndim >= 2 and "position_embeddings" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
@@ -711,7 +867,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for stage, (n_objects, _) in enumerate(CURRICULUM)
     }
     turn_rng = np.random.default_rng(split_seed(args.seed, "turns"))
-    quick = heldout_samples(8, args.seed + 1) if args.eval_every else []
+    quick = heldout_samples(QUICK_IMAGES, args.seed + 1) if args.eval_every else []
 
     if args.vision_steps:
         pretrain_vision(model, aux_head, builder, projected, args)
@@ -720,6 +876,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     losses: list[float] = []
     aux_losses: list[float] = []
     attn_losses: list[float] = [0.0]
+    probe_losses: list[float] = [0.0]
     questions = 0
     start = time.perf_counter()
     stopped_early = False
@@ -731,14 +888,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             group["lr"] = lr_at(step, args.steps, args.lr)
         projected.clear()
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                    pixel_values=batch.pixel_values, labels=batch.labels, output_attentions=args.attn_weight > 0,
-                    output_hidden_states=args.deep_weight > 0)
+                    position_ids=batch.position_ids, pixel_values=batch.pixel_values, labels=batch.labels, output_attentions=args.attn_weight > 0,
+                    output_hidden_states=args.deep_weight > 0 or args.probe_weight > 0)
         aux_loss = aux_head.loss(projected[0], batch.cells)
         total = out.loss + args.aux_weight * aux_loss
         if args.deep_weight > 0:
             total = total + args.deep_weight * deep_supervision_loss(model, out.hidden_states, batch.labels)
+        if args.probe_weight > 0:
+            probe_loss = probe.loss(out.hidden_states, batch)
+            total = total + args.probe_weight * probe_loss
+            probe_losses.append(float(probe_loss.detach()))
         if args.attn_weight > 0:
             attn_loss = attention_loss(out.attentions, batch, model.config.image_token_id)
+            attn_loss = attn_loss + args.text_attn_weight * text_attention_loss(out.attentions, batch)
             total = total + args.attn_weight * attn_loss
             attn_losses.append(float(attn_loss.detach()))
         total.backward()
@@ -751,7 +913,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         aux_losses.append(float(aux_loss.detach()))
         questions += batch.n_questions
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", aux=f"{np.mean(aux_losses[-20:]):.3f}",
-                        attn=f"{np.mean(attn_losses[-20:]):.3f}",
+                        attn=f"{np.mean(attn_losses[-20:]):.3f}", probe=f"{np.mean(probe_losses[-20:]):.3f}",
                         lr=f"{optimizer.param_groups[0]['lr']:.1e}")
         if args.eval_every and (step + 1) % args.eval_every == 0:
             quick_metrics = evaluate(model, processor, quick, progress=False)
@@ -795,6 +957,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "final_loss_avg20": float(np.mean(losses[-20:])),
         "final_aux_loss_avg20": float(np.mean(aux_losses[-20:])),
         "final_attention_loss_avg20": float(np.mean(attn_losses[-20:])),
+        "final_probe_loss_avg20": float(np.mean(probe_losses[-20:])),
         "heldout_images": args.eval_images,
         "heldout_expressions": metrics["n"],
         "heldout_acc@0.5": round(metrics["acc@0.5"], 2),

@@ -1,5 +1,6 @@
 """scripts/train_grounding.py: the training targets are right (they are what the shipped model learned from),
-the training sequences are the evaluation prompt plus supervised answers, and a run is deterministic."""
+every packed training question is computed exactly as its single-turn evaluation prompt, the expression probe's
+classes are what the expression says, and a run is deterministic."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from lmms_prune.toy.data import generate_scenes
-from lmms_prune.toy.grounder import SCENE_KWARGS
+from lmms_prune.toy.data import Description, generate_scenes, parse_expression
+from lmms_prune.toy.grounder import SCENE_KWARGS, grounder_tokenizer, grounding_corpus
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_grounding.py"
 
@@ -75,9 +76,10 @@ def test_edge_cells_hold_the_pixels_the_box_edges_come_from(tg, scenes):
 
 
 def test_training_sequence_is_the_eval_prompt_with_every_answer_supervised(tg, scenes):
-    processor = tg.toy_models.build_processor(tg.FAMILY)
+    processor = tg.grounder_processor()
     builder = tg.SequenceBuilder(processor, questions_per_object=2)
-    tg.check_prompt_tokens(builder)  # raises if the first turn differs from the processor's prompt
+    for scene in scenes[:4]:  # raises if a question differs from the processor's prompt plus the answer
+        tg.check_prompt_tokens(builder, scene)
     batch = builder.batch(scenes[:3], np.random.default_rng(0))
     tokenizer = processor.tokenizer
     for row, scene in enumerate(scenes[:3]):
@@ -95,7 +97,7 @@ def test_training_sequence_is_the_eval_prompt_with_every_answer_supervised(tg, s
         answers = [tokenizer.decode(batch.input_ids[row, s]) for s in spans]
         width, height = scene.image.size
         expected = {tg.box_answer(o.box, width, height) + "<|im_end|>" for o in scene.objects}
-        assert set(answers) <= expected and len(answers) >= len(scene.objects)
+        assert set(answers) == expected  # every object is asked about
         for answer in answers:
             assert answer.startswith("<box>[[") and answer.endswith("]]</box><|im_end|>")
     # every supervised digit is tagged with its coordinate (0-3), every other answer token with -1
@@ -105,6 +107,18 @@ def test_training_sequence_is_the_eval_prompt_with_every_answer_supervised(tg, s
     assert bool(((batch.query_parts >= 0) == is_digit).all())
     assert set(batch.query_parts[is_digit].tolist()) == {0, 1, 2, 3}
     assert int(batch.n_questions) == len(batch.query_rows[targets == builder.box_id])
+    # the text-attention target of every query is its own question's expression, and the probe's classes
+    # are that expression's
+    for q in range(len(batch.query_rows)):
+        row, position = int(batch.query_rows[q]), int(batch.query_positions[q])
+        start, end = batch.query_text[q].tolist()
+        expression = tokenizer.decode(batch.input_ids[row, start:end])
+        assert start < end <= position
+        assert tokenizer.decode(batch.input_ids[row, start - 1]) == "<ref>"
+        assert tokenizer.decode(batch.input_ids[row, end]) == "</ref>"
+        assert batch.query_words[q].tolist() == tg.expression_classes(expression)
+        # nothing between the expression and the query position belongs to another question
+        assert int(batch.position_ids[row, position]) - int(batch.position_ids[row, start]) == position - start
 
 
 def test_box_answer_is_internvl_format_on_the_0_1000_grid(tg):
@@ -123,3 +137,70 @@ def test_two_runs_with_one_seed_give_identical_weights(tg, tmp_path):
         assert (out / "loss.png").stat().st_size > 0 and (out / "metrics.json").is_file()
         digests.append(hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest())
     assert digests[0] == digests[1]
+
+
+def test_block_mask_shows_each_question_the_image_and_itself_only(tg):
+    blocks = torch.tensor([[-1, -1, -1, 0, 0, 1, 1, 1, tg.PAD_BLOCK]])
+    mask = tg.block_attention_mask(blocks)[0, 0]
+    seen = mask == 0
+    for i in range(blocks.shape[1]):
+        for j in range(blocks.shape[1]):
+            same = int(blocks[0, i]) == int(blocks[0, j])
+            expected = j <= i and (int(blocks[0, j]) == -1 or same)
+            assert bool(seen[i, j]) == expected, (i, j)
+    assert float(mask.min()) == torch.finfo(torch.float32).min
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_packed_questions_equal_their_single_turn_sequences(tg, scenes, implementation):
+    """The logits of every question block of a packed row (shared image prefix, block mask, restarted
+    positions) equal those of the question's own single-turn sequence, so training sees exactly the
+    evaluation prompt; with a plain causal mask instead (later blocks seeing earlier ones) they would not."""
+    builder = tg.SequenceBuilder(tg.grounder_processor(), questions_per_object=2)
+    model = tg.build_model(0, text_hidden=32, text_intermediate=64).eval()
+    model.set_attn_implementation(implementation)
+    scene = scenes[0]
+    order = builder.questions(scene, np.random.default_rng(1))
+    assert len(order) >= 4
+    ids, positions, blocks = builder.packed(scene, order)
+    pixels, _ = builder.images([scene])
+    with torch.no_grad():
+        packed = model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions]), pixel_values=pixels,
+                       attention_mask=tg.block_attention_mask(torch.tensor([blocks]))).logits[0]
+        causal = model(input_ids=torch.tensor([ids]), pixel_values=pixels).logits[0]
+        for block in range(len(order)):
+            seen = [k for k, b in enumerate(blocks) if b in (-1, block)]
+            single = model(input_ids=torch.tensor([[ids[k] for k in seen]]), pixel_values=pixels).logits[0]
+            torch.testing.assert_close(packed[seen], single, rtol=1e-4, atol=1e-4)
+            if block > 0:
+                assert float((causal[seen] - single).abs().max()) > 1e-3
+
+
+def test_expression_classes_say_what_the_expression_says(tg, scenes):
+    decoded_any = set()
+    for scene in list(generate_scenes(40, 5, **SCENE_KWARGS)) + scenes:
+        for index, obj in enumerate(scene.objects):
+            for expression in tg.referring_expressions(index, scene.objects, tg.TRAIN_EXPRESSIONS):
+                classes = tg.expression_classes(expression)
+                values = [options[c] for (_, options), c in zip(tg.EXPRESSION_FIELDS, classes)]
+                colour, shape, superlative, relation, anchor_colour, anchor_shape = values
+                anchor = Description(anchor_shape, anchor_colour) if relation else None
+                rebuilt = Description(shape, colour, superlative, (relation, anchor) if relation else None)
+                assert rebuilt == parse_expression(expression), expression
+                assert shape == obj.shape and colour in (None, obj.color)
+                decoded_any.update(name for (name, _), v in zip(tg.EXPRESSION_FIELDS, values) if v is not None)
+    assert decoded_any == {name for name, _ in tg.EXPRESSION_FIELDS}  # every field occurs
+
+
+def test_grounder_tokenizer_keeps_every_grammar_word_whole(tg):
+    tokenizer = grounder_tokenizer()
+    words = {w for line in grounding_corpus() for w in line.replace(",", " ").replace(".", " ").split()}
+    assert {"purple", "hexagon", "leftmost", "orange", "diamond", "below"} <= words
+    for word in words:
+        assert len(tokenizer(" " + word, add_special_tokens=False).input_ids) == 1, word
+    # the digits stay one per token, as the 0-1000 answers need
+    assert len(tokenizer("1000", add_special_tokens=False).input_ids) == 4
+    # special tokens keep the ids the config was built with
+    processor = tg.grounder_processor()
+    assert processor.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>") == tg.grounder_config().image_token_id
+    assert tg.grounder_config().text_config.vocab_size == len(tokenizer)

@@ -4,7 +4,7 @@ The model is a transformers-native ``InternVLForConditionalGeneration`` with rea
 patch 14, pixel shuffle 0.5, 256 visual tokens per tile, dynamic tiling through the saved processor) and a
 Qwen2 text model with 14 decoder layers, trained from scratch on synthetic scenes of :mod:`lmms_prune.toy.data`
 to answer InternVL's grounding prompt with ``<box>[[x1, y1, x2, y2]]</box>`` on the 0-1000 grid. Its weights,
-tokenizer (the toy byte-level BPE of the Llama-family toys), processor and chat template live in
+tokenizer (:func:`grounder_tokenizer`), processor and chat template live in
 :func:`grounder_dir`; load them with ``from_pretrained(grounder_dir())``.
 
 Held-out data of the distribution it was trained on: ``write_refcoco_hub_layout(out, n, seed, **SCENE_KWARGS)``
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+from transformers import PreTrainedTokenizerFast
 
 SHORT_NAME = "tiny-grounder"
 """Proposed short name for ``--model_args pretrained=tiny-grounder`` (resolved to :func:`grounder_dir`)."""
@@ -47,3 +49,23 @@ def grounder_dir() -> Path:
             "retrain it with scripts/train_grounding.py --out lmms_prune/assets/tiny_grounder"
         )
     return path
+
+
+def grounding_corpus() -> tuple[str, ...]:
+    """Extra BPE training text of the grounding model's tokenizer: every word of the referring-expression grammar
+    (colours, shapes, superlatives in both forms, relations), twice, so each becomes one token (as in real
+    vocabularies, where " purple" or " hexagon" are single tokens)."""
+    from lmms_prune.toy.data import PALETTE, RELATIONS, SHAPES, SUPERLATIVES
+
+    phrases = [*PALETTE, *SHAPES, *(form for forms in SUPERLATIVES.values() for form in forms if form), *RELATIONS]
+    line = "the " + ", the ".join(phrases) + "."
+    return (line, line)
+
+
+def grounder_tokenizer() -> PreTrainedTokenizerFast:
+    """The grounding model's tokenizer: the toy Llama-family byte-level BPE (InternVL special tokens, one digit
+    per token) trained on its corpus plus :func:`grounding_corpus`. The shipped model's ``tokenizer.json`` is
+    this tokenizer; training builds it with this function."""
+    from lmms_prune.toy.tokenizers import llama_tokenizer
+
+    return llama_tokenizer("internvl_llama", grounding_corpus())

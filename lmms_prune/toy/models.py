@@ -393,16 +393,18 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-def build_processor(family: str) -> transformers.ProcessorMixin:
+def build_processor(family: str, tokenizer: transformers.PreTrainedTokenizerBase | None = None
+                    ) -> transformers.ProcessorMixin:
     """The processor (tokenizer, image processor, chat template) that goes with the tiny ``family`` model.
 
     InternVL: GotOcr2 image processor cropping to 448 px tiles (at most :data:`INTERNVL_MAX_TILES`, override
     per call with ``images_kwargs={"max_patches": n}``) plus a thumbnail, ImageNet normalisation, 256 tokens
     per tile. Qwen2.5-VL: smart-resize to multiples of 28 within [:data:`QWEN_MIN_PIXELS`,
-    :data:`QWEN_MAX_PIXELS`]. LLaVA-1.5: CLIP resize + centre crop to 336 px, 576 tokens.
+    :data:`QWEN_MAX_PIXELS`]. LLaVA-1.5: CLIP resize + centre crop to 336 px, 576 tokens. ``tokenizer``
+    replaces the family's tokenizer (the grounding model's, :func:`lmms_prune.toy.grounder.grounder_tokenizer`).
     """
     _check_family(family)
-    tokenizer = toy_tok.build_tokenizer(family)
+    tokenizer = tokenizer if tokenizer is not None else toy_tok.build_tokenizer(family)
     if family.startswith("internvl"):
         image_processor = transformers.GotOcr2ImageProcessor(
             size={"height": INTERNVL_IMAGE_SIZE, "width": INTERNVL_IMAGE_SIZE},

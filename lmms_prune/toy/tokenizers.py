@@ -276,11 +276,13 @@ def qwen2_tokenizer(family: str) -> PreTrainedTokenizerFast:
 
 
 
-@functools.lru_cache(maxsize=1)
-def llama_bpe_backend() -> Tokenizer:
-    """A byte-level BPE trained on :data:`CORPUS`, special tokens at ids 0..16; deterministic, ~0.1 s, cached.
+@functools.lru_cache(maxsize=4)
+def llama_bpe_backend(extra_corpus: tuple[str, ...] = ()) -> Tokenizer:
+    """A byte-level BPE trained on :data:`CORPUS` plus ``extra_corpus`` lines, special tokens at ids 0..16;
+    deterministic, ~0.1 s, cached.
 
-    Digits are split one by one (as Llama does), so coordinates like ``345`` cost three tokens.
+    Digits are split one by one (as Llama does), so coordinates like ``345`` cost three tokens. Every word that
+    occurs at least twice in the corpus ends up a single token (the trainer merges down to pairs seen once).
     """
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=False))
     tokenizer.normalizer = normalizers.NFC()
@@ -298,28 +300,29 @@ def llama_bpe_backend() -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    tokenizer.train_from_iterator([*CORPUS.splitlines(), *extra_corpus], trainer=trainer)
     for tok, expected in LLAMA_SPECIAL_IDS.items():
         if tokenizer.token_to_id(tok) != expected:
             raise RuntimeError(f"special token {tok!r} got id {tokenizer.token_to_id(tok)}, expected {expected}")
     return tokenizer
 
 
-def llama_vocab_size() -> int:
+def llama_vocab_size(extra_corpus: tuple[str, ...] = ()) -> int:
     """Number of tokens of the toy Llama-family BPE, special tokens included; the Llama-family toy models have
     exactly this many embedding rows, so every id they can generate decodes to text."""
-    return llama_bpe_backend().get_vocab_size()
+    return llama_bpe_backend(extra_corpus).get_vocab_size()
 
 
-def llama_tokenizer(family: str) -> PreTrainedTokenizerFast:
-    """The toy Llama-family tokenizer for ``family`` (``llava`` or ``internvl_llama``), adding ``<s>`` in front."""
+def llama_tokenizer(family: str, extra_corpus: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """The toy Llama-family tokenizer for ``family`` (``llava`` or ``internvl_llama``), adding ``<s>`` in front;
+    ``extra_corpus`` lines are added to the BPE's training text (see :func:`llama_bpe_backend`)."""
     if family == "llava":
         named = {"image_token": "<image>"}
     elif family == "internvl_llama":
         named = _INTERNVL_NAMED_TOKENS
     else:
         raise ValueError(f"family={family!r}: the toy Llama tokenizer serves 'llava' and 'internvl_llama'")
-    backend = Tokenizer.from_str(llama_bpe_backend().to_str())
+    backend = Tokenizer.from_str(llama_bpe_backend(tuple(extra_corpus)).to_str())
     bos_id = LLAMA_SPECIAL_IDS["<s>"]
     backend.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
