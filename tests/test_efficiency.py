@@ -68,3 +68,21 @@ def test_bad_inputs_name_the_value():
         DecoderDims(8, 16, 3, 4, 3, 2)
     with pytest.raises(ValueError, match="bytes_per_element=0"):
         kv_cache_bytes(GQA, [1, 1, 1], 0)
+
+
+def test_summary_line_of_a_run_without_visual_tokens_reads_n_a():
+    """A run whose samples carry no visual tokens (text-only prompts) has no kept-ratio denominator: the
+    end-of-run log line says n/a instead of crashing the evaluation after every sample was answered."""
+    from lmms_prune.models.base import format_summary, summarize
+
+    record = {key: 0 for key in ("visual_before", "visual_after", "seq_len_before", "seq_len_after",
+                                 "llm_prefill_seconds", "select_seconds", "decode_seconds", "end_to_end_seconds",
+                                 "prefill_flops", "prefill_flops_unpruned", "kv_cache_bytes",
+                                 "kv_cache_bytes_unpruned", "output_tokens")}
+    record.update(seq_len_before=12, seq_len_after=12, prefill_flops=5.0, prefill_flops_unpruned=5.0,
+                  kv_cache_bytes=8, kv_cache_bytes_unpruned=8)
+    summary = summarize([record, record])
+    assert summary["visual_kept_ratio"] is None and summary["prefill_flops_ratio"] == 1.0
+    line = format_summary(summary)
+    assert line.startswith("2 samples (0 skipped): visual tokens 0.0 -> 0.0 (xn/a)"), line
+    assert "prefill FLOPs x1.000" in line

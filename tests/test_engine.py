@@ -369,3 +369,20 @@ def test_text_mean_query_averages_the_text_rows_after_the_image(toys):
             model(**inputs)
             row = handle._state["rows"][layer][0]
     torch.testing.assert_close(row, expected.float(), atol=1e-5, rtol=0)
+
+
+def test_cache_is_found_under_either_transformers_name():
+    """transformers 5.24 renamed the KV cache argument and output field ``past_key_values`` -> ``cache``; the
+    engine's prefill/decode detection reads both (the tests above run on whichever version is installed)."""
+    from types import SimpleNamespace
+
+    from lmms_prune.engine.core import _cache_argument, _cache_output
+
+    cache = object()
+    assert _cache_argument({"cache": cache}) is cache
+    assert _cache_argument({"past_key_values": cache}) is cache
+    assert _cache_argument({"cache": None, "past_key_values": cache}) is cache
+    assert _cache_argument({}) is None
+    assert _cache_output(SimpleNamespace(cache=cache)) is cache
+    assert _cache_output(SimpleNamespace(past_key_values=cache)) is cache
+    assert _cache_output(SimpleNamespace(last_hidden_state=None)) is None

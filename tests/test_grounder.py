@@ -1,9 +1,9 @@
 """The shipped tiny InternVL grounding model: architecture, size, answer format on held-out scenes, and the
 training run's recorded result (run to its last planned step in under an hour).
 
-Issue 8 asks for 80% acc@0.5 held out; the shipped model reaches 76.1% (metrics.json), so the tests hold it to
-regression floors well below that, not to the issue's bar. Its accuracy through the lmms-eval command line
-(equal to direct evaluation, and far above a box-prior baseline) is checked in tests/test_demo.py."""
+Issue 8 asks for 80% acc@0.5 held out: a test measures it on the training script's held-out split. Its accuracy
+through the lmms-eval command line (equal to direct evaluation, at least 70% on a slice, and far above a
+box-prior baseline) is checked in tests/test_demo.py."""
 
 from __future__ import annotations
 
@@ -138,6 +138,31 @@ def test_training_run_finished_within_the_hour() -> None:
     # a malformed answer is scored as a miss and counted; it must stay rare
     assert metrics["heldout_unparseable"] <= 0.01 * metrics["heldout_expressions"]
     assert 0.0 <= metrics["heldout_acc@0.5"] <= 100.0
+
+
+def test_shipped_model_scores_at_least_80_percent_held_out() -> None:
+    """Issue 8's bar, measured now: the shipped weights, scored by the training script's own evaluation (the
+    processor, chat template, greedy decoding, parse_box and IoU) on its held-out split (100 scenes from a seed
+    no training scene comes from), reach 80% acc@0.5, and reproduce the figure the training run recorded in
+    metrics.json (within one expression: greedy ties may break differently with another thread count)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train_grounding.py"
+    spec = importlib.util.spec_from_file_location("train_grounding_eval", script)
+    tg = importlib.util.module_from_spec(spec)
+    sys.modules["train_grounding_eval"] = tg
+    spec.loader.exec_module(tg)
+    recorded = json.loads((grounder_dir() / "metrics.json").read_text())
+    model = transformers.InternVLForConditionalGeneration.from_pretrained(grounder_dir())
+    processor = transformers.AutoProcessor.from_pretrained(grounder_dir())
+    samples = tg.heldout_samples(recorded["heldout_images"], recorded["seed"])
+    metrics = tg.evaluate(model, processor, samples, progress=False)
+    assert metrics["n"] == recorded["heldout_expressions"] >= 300
+    assert metrics["acc@0.5"] >= 80.0, metrics
+    assert abs(metrics["acc@0.5"] - recorded["heldout_acc@0.5"]) <= 100.0 / metrics["n"] + 1e-6, (metrics, recorded)
+    assert metrics["unparseable"] <= 0.01 * metrics["n"]
 
 
 def test_shipped_tokenizer_is_the_grounder_tokenizer(processor) -> None:

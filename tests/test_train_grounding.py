@@ -204,3 +204,55 @@ def test_grounder_tokenizer_keeps_every_grammar_word_whole(tg):
     processor = tg.grounder_processor()
     assert processor.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>") == tg.grounder_config().image_token_id
     assert tg.grounder_config().text_config.vocab_size == len(tokenizer)
+
+
+def test_query_attention_recorder_equals_eager_attention_maps(tg, scenes):
+    """The training attention function (SDPA plus the supervised heads' rows at the answer positions) gives the
+    same probabilities, losses and gradients as eager attention's full maps, and the same model outputs; a
+    recorder that read the wrong head or row would not."""
+    builder = tg.SequenceBuilder(tg.grounder_processor(), questions_per_object=2)
+    model = tg.build_model(0, text_hidden=32, text_intermediate=64).train()
+    with torch.no_grad():  # peaked attention, so that heads and rows differ clearly (random init is ~uniform)
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+            layer.self_attn.k_proj.weight.mul_(8.0)
+    batch = builder.batch(scenes[:3], np.random.default_rng(4))
+    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                  pixel_values=batch.pixel_values, labels=batch.labels)
+
+    def losses_and_grads(probs, out):
+        total = (out.loss + tg.attention_loss(probs, batch, model.config.image_token_id)
+                 + tg.text_attention_loss(probs, batch))
+        model.zero_grad(set_to_none=True)
+        total.backward()
+        return total.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.set_attn_implementation("eager")
+    eager_out = model(**inputs, output_attentions=True)
+    eager_probs = {layer: eager_out.attentions[layer][batch.query_rows, head, batch.query_positions]
+                   for layer, head in tg.SUPERVISED_HEADS.items()}
+    eager_total, eager_grads = losses_and_grads(eager_probs, eager_out)
+
+    recorder = tg.use_query_attention(model)
+    assert model.config.text_config._attn_implementation == tg.ATTENTION_NAME
+    recorder.arm(batch.query_rows, batch.query_positions)
+    out = model(**inputs)
+    recorder.disarm()
+    assert set(recorder.probs) == set(tg.SUPERVISED_HEADS) == set(range(tg.TEXT_LAYERS))
+    for layer, probs in recorder.probs.items():
+        assert probs.shape == (len(batch.query_rows), batch.input_ids.shape[1])
+        torch.testing.assert_close(probs, eager_probs[layer], rtol=1e-5, atol=1e-6)
+        other_head = eager_out.attentions[layer][batch.query_rows, 1, batch.query_positions]
+        assert float((probs - other_head).detach().abs().max()) > 1e-2
+    torch.testing.assert_close(out.logits, eager_out.logits, rtol=1e-4, atol=1e-5)
+    total, grads = losses_and_grads(recorder.probs, out)
+    torch.testing.assert_close(total, eager_total, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == eager_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+
+    # Disarmed (generation, evaluation) it is plain SDPA and records nothing new.
+    recorder.probs = {}
+    with torch.no_grad():
+        model(**inputs)
+    assert recorder.probs == {}

@@ -71,6 +71,18 @@ def _gather_seq(x: torch.Tensor, index: torch.Tensor, seq_dim: int) -> torch.Ten
     return torch.gather(x, seq_dim, idx.expand(*expand))
 
 
+def _cache_argument(kwargs: dict[str, Any]) -> Any:
+    """The KV cache a model call was given: ``cache`` (transformers >= 5.24) or ``past_key_values`` (before)."""
+    cache = kwargs.get("cache")
+    return kwargs.get("past_key_values") if cache is None else cache
+
+
+def _cache_output(output: Any) -> Any:
+    """The KV cache a model output carries, under either of transformers 5's names (see :func:`_cache_argument`)."""
+    cache = getattr(output, "cache", None)
+    return getattr(output, "past_key_values", None) if cache is None else cache
+
+
 class PruneHandle:
     """A pruning patch on one model. Use ``records`` after a prefill; ``remove()`` to undo."""
 
@@ -187,7 +199,7 @@ class PruneHandle:
     # ------------------------------------------------------------------ hooks
     @staticmethod
     def _is_prefill(kwargs: dict[str, Any]) -> bool:
-        cache = kwargs.get("past_key_values")
+        cache = _cache_argument(kwargs)
         return cache is None or cache.get_seq_length() == 0
 
     def _on_model_call(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
@@ -260,7 +272,7 @@ class PruneHandle:
             return
         if not self.records:  # no pruning happened (method none): record the unpruned layout
             self.records = [self._record_unpruned(b) for b in range(len(st["spans"]))]
-        cache = output.past_key_values if hasattr(output, "past_key_values") else None
+        cache = _cache_output(output)
         for b, rec in enumerate(self.records):
             rec.llm_prefill_seconds = seconds
             rec.kv_lengths = self._kv_lengths(cache, b)

@@ -144,6 +144,20 @@ def summarize(records: Sequence[dict[str, Any]], skipped: int = 0) -> dict[str, 
     return out
 
 
+def format_summary(summary: dict[str, Any]) -> str:
+    """One log line of :func:`summarize`'s means and ratios; a ratio without a denominator reads ``n/a``."""
+
+    def num(key: str, spec: str) -> str:
+        value = summary.get(key)
+        return "n/a" if value is None else format(value, spec)
+
+    return (f"{summary['samples']} samples ({summary['skipped']} skipped): visual tokens "
+            f"{num('mean_visual_before', '.1f')} -> {num('mean_visual_after', '.1f')} "
+            f"(x{num('visual_kept_ratio', '.3f')}), prefill FLOPs x{num('prefill_flops_ratio', '.3f')}, "
+            f"KV cache x{num('kv_cache_ratio', '.3f')}, mean LLM prefill {num('mean_llm_prefill_seconds', '.4f')}s, "
+            f"selection {num('mean_select_seconds', '.4f')}s, end-to-end {num('mean_end_to_end_seconds', '.4f')}s")
+
+
 def lmms_eval_cli_options(argv: Sequence[str] | None = None) -> dict[str, str | None]:
     """``--output_path`` and ``--model_args`` of the lmms-eval command line this process runs, if any.
 
@@ -603,13 +617,7 @@ class PrunedChatModel(lmms):
         report.update(summary=summarize(records, len(skipped)), skipped=skipped, samples=records)
         s = report["summary"]
         if records:
-            eval_logger.info(
-                f"{self.model_id()} efficiency over {s['samples']} samples ({s['skipped']} skipped): visual tokens "
-                f"{s['mean_visual_before']:.1f} -> {s['mean_visual_after']:.1f} (x{s['visual_kept_ratio']:.3f}), "
-                f"prefill FLOPs x{s['prefill_flops_ratio']:.3f}, KV cache x{s['kv_cache_ratio']:.3f}, mean LLM "
-                f"prefill {s['mean_llm_prefill_seconds']:.4f}s, selection {s['mean_select_seconds']:.4f}s, "
-                f"end-to-end {s['mean_end_to_end_seconds']:.4f}s"
-            )
+            eval_logger.info(f"{self.model_id()} efficiency over {format_summary(s)}")
         if skipped:
             eval_logger.warning(f"{self.model_id()}: {len(skipped)} sample(s) were SKIPPED (on_error=skip): "
                                 + "; ".join(f"{x['task']} doc {x['doc_id']}: {x['error']}" for x in skipped))
