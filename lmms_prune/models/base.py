@@ -23,6 +23,7 @@ model-name sanitiser). Without either, the summary is only logged.
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib.util
 import json
 import sys
@@ -122,6 +123,18 @@ class _Item:
     doc_to_messages: Any
     gen_kwargs: dict[str, Any]
     padding: bool = False  # lmms-eval's duplicate that evens out the ranks' request counts: not a sample
+
+
+def _close_process_group() -> None:
+    """At interpreter exit, tear down the process group accelerate opened for a multi-process run.
+
+    Neither lmms-eval nor accelerate does; a process that exits with the group alive may abort during
+    interpreter shutdown ("terminate called without an active exception", SIGABRT) after all its results
+    were written, which fails the launcher.
+    """
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def summarize(records: Sequence[dict[str, Any]], skipped: int = 0) -> dict[str, Any]:
@@ -305,6 +318,7 @@ class PrunedChatModel(lmms):
             self._device = self.accelerator.device
             self._rank = self.accelerator.process_index
             self._world_size = self.accelerator.num_processes
+            atexit.register(_close_process_group)
         else:
             try:
                 self._device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
