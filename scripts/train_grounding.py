@@ -506,17 +506,20 @@ class QueryAttentionRecorder:
     """
 
     def __init__(self) -> None:
-        self.rows: torch.Tensor | None = None
-        self.positions: torch.Tensor | None = None
+        self.by_row: list[tuple[int, torch.Tensor]] | None = None  # (batch row, its query positions)
         self.probs: dict[int, torch.Tensor] = {}
 
     def arm(self, rows: torch.Tensor, positions: torch.Tensor) -> None:
-        """Record at ``(rows[q], positions[q])`` during the next forward pass."""
-        self.rows, self.positions, self.probs = rows, positions, {}
+        """Record at ``(rows[q], positions[q])`` during the next forward pass (``rows`` ascending, as
+        :meth:`SequenceBuilder.batch` builds them, so the recorded rows come out in ``q`` order)."""
+        if bool((rows[1:] < rows[:-1]).any()):
+            raise ValueError("query rows must be in ascending order")
+        self.by_row = [(int(row), positions[rows == row]) for row in rows.unique()]
+        self.probs = {}
 
     def disarm(self) -> None:
         """Stop recording (generation and evaluation run plain SDPA); the last probabilities stay readable."""
-        self.rows = self.positions = None
+        self.by_row = None
 
     def __call__(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
@@ -526,15 +529,12 @@ class QueryAttentionRecorder:
         output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                            dropout=dropout, **kwargs)
         layer = getattr(module, "layer_idx", None)
-        if self.rows is not None and layer in SUPERVISED_HEADS:
+        if self.by_row is not None and layer in SUPERVISED_HEADS:
             head = SUPERVISED_HEADS[layer]
             kv_head = head // (query.shape[1] // key.shape[1])  # grouped-query attention
             scale = scaling if scaling is not None else query.shape[-1] ** -0.5
             pieces = []
-            for row in range(query.shape[0]):  # rows hold their queries contiguously (Batch builds them so)
-                positions = self.positions[self.rows == row]
-                if positions.numel() == 0:
-                    continue
+            for row, positions in self.by_row:
                 q = query[row, head].index_select(0, positions)  # (Q_row, D)
                 row_scores = q @ key[row, kv_head].transpose(0, 1) * scale  # (Q_row, L)
                 if attention_mask is not None:

@@ -5,9 +5,6 @@ classes are what the expression says, and a run is deterministic."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,17 +12,6 @@ import torch
 
 from lmms_prune.toy.data import Description, generate_scenes, parse_expression
 from lmms_prune.toy.grounder import SCENE_KWARGS, grounder_tokenizer, grounding_corpus
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_grounding.py"
-
-
-@pytest.fixture(scope="module")
-def tg():
-    spec = importlib.util.spec_from_file_location("train_grounding", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_grounding"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,21 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_grounding.py"
+
+
+@pytest.fixture(scope="session")
+def tg():
+    """``scripts/train_grounding.py`` imported as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("train_grounding", TRAIN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_grounding"] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
