@@ -33,63 +33,21 @@ from torch import nn
 
 from lmms_prune.efficiency import DecoderDims, kv_cache_bytes, prefill_flops
 from lmms_prune.engine import apply
-from lmms_prune.engine.adapters import get_adapter
-
-VOCAB = 2048  # random-weight geometries: a small vocabulary (embedding/LM-head size does not affect prefill)
-IMAGE_TOKEN = 2000
-
-# name -> (family, text (layers, hidden, heads, kv_heads, ffn, text_model), vision settings)
-GEOMETRIES: dict[str, dict[str, Any]] = {
-    "internvl2_5-1b": {"family": "internvl", "text": (24, 896, 14, 2, 4864, "qwen2"), "vision": "internvit-300m"},
-    "internvl2_5-2b": {"family": "internvl", "text": (24, 2048, 16, 8, 8192, "llama"), "vision": "internvit-300m"},
-    "internvl2_5-8b": {"family": "internvl", "text": (32, 4096, 32, 8, 14336, "llama"), "vision": "internvit-300m"},
-    "qwen2_5_vl-7b": {"family": "qwen2_5_vl", "text": (28, 3584, 28, 4, 18944, "qwen2"), "vision": "qwen-vit"},
-    "llava-1.5-7b": {"family": "llava", "text": (32, 4096, 32, 32, 11008, "llama"), "vision": "clip-l-336"},
-}
+from lmms_prune.families import all_families, get_adapter
 
 
-def _text_config(layers: int, hidden: int, heads: int, kv: int, ffn: int, kind: str) -> dict[str, Any]:
-    cfg = {"vocab_size": VOCAB, "hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": layers,
-           "num_attention_heads": heads, "num_key_value_heads": kv, "max_position_embeddings": 32768,
-           "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False}
-    if kind == "qwen2":
-        cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 1_000_000.0}
-    return cfg
+def geometries() -> dict[str, tuple[Any, dict[str, Any]]]:
+    """Every benchmark geometry: name -> (family, spec), from the family modules' ``bench_geometries``."""
+    return {name: (fam, spec) for fam in all_families() for name, spec in fam.bench_geometries.items()}
 
 
 def build_geometry(name: str, layers: int | None = None) -> nn.Module:
     """A random-weight transformers-native VLM with the real geometry ``name`` (optionally ``layers`` deep)."""
-    import transformers as tf
-
-    if name not in GEOMETRIES:
-        raise ValueError(f"--geometry {name!r}: unknown; choose one of {', '.join(GEOMETRIES)}")
-    geo = GEOMETRIES[name]
-    depth, hidden, heads, kv, ffn, kind = geo["text"]
-    text = _text_config(layers or depth, hidden, heads, kv, ffn, kind)
-    if geo["family"] == "internvl":
-        text_cfg = (tf.Qwen2Config if kind == "qwen2" else tf.LlamaConfig)(**text)
-        vision = tf.InternVLVisionConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                                         intermediate_size=4096, image_size=448, patch_size=14,
-                                         norm_type="layer_norm", use_qk_norm=False)
-        config = tf.InternVLConfig(vision_config=vision, text_config=text_cfg, image_token_id=IMAGE_TOKEN,
-                                   image_seq_length=256, downsample_ratio=0.5)
-        cls = tf.InternVLForConditionalGeneration
-    elif geo["family"] == "qwen2_5_vl":
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]}
-        vision = {"depth": 32, "hidden_size": 1280, "num_heads": 16, "intermediate_size": 3420,
-                  "out_hidden_size": hidden, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
-                  "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31]}
-        config = tf.Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
-                                     video_token_id=IMAGE_TOKEN + 1, vision_start_token_id=IMAGE_TOKEN + 2,
-                                     vision_end_token_id=IMAGE_TOKEN + 3)
-        cls = tf.Qwen2_5_VLForConditionalGeneration
-    else:
-        vision = tf.CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                     num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
-        config = tf.LlavaConfig(vision_config=vision, text_config=tf.LlamaConfig(**text),
-                                image_token_index=IMAGE_TOKEN, image_seq_length=576, vision_feature_layer=-2,
-                                vision_feature_select_strategy="default")
-        cls = tf.LlavaForConditionalGeneration
+    table = geometries()
+    if name not in table:
+        raise ValueError(f"--geometry {name!r}: unknown; choose one of {', '.join(table)}")
+    fam, spec = table[name]
+    cls, config = fam.build_geometry(spec, layers)
     config._attn_implementation = "sdpa"
     config.text_config._attn_implementation = "sdpa"
     config.vision_config._attn_implementation = "sdpa"
@@ -101,34 +59,18 @@ def build_geometry(name: str, layers: int | None = None) -> nn.Module:
 
 
 def synthetic_inputs(model: nn.Module, visual_tokens: int, text_tokens: int = 48) -> dict[str, torch.Tensor]:
-    """One prompt with ``visual_tokens`` image tokens (InternVL: 256 per tile; LLaVA-1.5: 576; Qwen2.5-VL: a
-    near-square grid) and random pixels, around ``text_tokens`` ordinary tokens."""
+    """One prompt with ``visual_tokens`` image tokens (the family's synthetic image: InternVL 256 per tile;
+    LLaVA-1.5: 576; Qwen2.5-VL: a near-square grid) and random pixels, around ``text_tokens`` ordinary tokens."""
     adapter = get_adapter(model)
     image_id = adapter.image_token_id
     gen = torch.Generator().manual_seed(0)
     vocab = min(int(model.config.get_text_config().vocab_size), image_id)
     text = torch.randint(3, max(4, vocab - 1), (text_tokens,), generator=gen)
-    extra: dict[str, torch.Tensor] = {}
-    if adapter.family == "internvl":
-        if visual_tokens % 256:
-            raise ValueError(f"--tokens {visual_tokens}: InternVL uses 256 tokens per tile; give a multiple of 256")
-        pixels = torch.randn(visual_tokens // 256, 3, 448, 448, generator=gen)
-    elif adapter.family == "llava":
-        if visual_tokens != adapter.tokens_per_image():
-            raise ValueError(f"--tokens {visual_tokens}: LLaVA-1.5 always has {adapter.tokens_per_image()} tokens")
-        size = model.config.vision_config.image_size
-        pixels = torch.randn(1, 3, size, size, generator=gen)
-    else:
-        rows = max(r for r in range(1, int(visual_tokens**0.5) + 1) if visual_tokens % r == 0)
-        cols = visual_tokens // rows
-        vc = model.config.vision_config
-        patch_dim = 3 * vc.temporal_patch_size * vc.patch_size**2
-        pixels = torch.randn(visual_tokens * 4, patch_dim, generator=gen)
-        extra["image_grid_thw"] = torch.tensor([[1, 2 * rows, 2 * cols]])
+    pixels, extra = type(adapter).synthetic_inputs(model, visual_tokens, text, gen)
     head, tail = text[: text_tokens // 4], text[text_tokens // 4:]
     ids = torch.cat([head, torch.full((visual_tokens,), image_id), tail])[None]
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels, **extra}
-    if adapter.family == "qwen2_5_vl":
+    if "image_grid_thw" in extra:  # M-RoPE families number the image tokens by their token type
         inputs["mm_token_type_ids"] = (ids == image_id).long()
     return inputs
 
@@ -305,11 +247,7 @@ class Bench:
     def _encoded(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """Inputs with the images pre-encoded, so the forward's time is the LLM's (plus embedding)."""
         with torch.no_grad():
-            if self.adapter.family == "qwen2_5_vl":
-                enc = self.model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
-                                                          return_dict=True)
-            else:
-                enc = self.model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True)
+            enc = self.adapter.encode_images(inputs)
         out = {k: v for k, v in inputs.items() if k != "pixel_values"}
         out["mm_encoder_outputs"] = {"image": enc}
         return out

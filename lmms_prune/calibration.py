@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from lmms_prune.engine import apply
 from lmms_prune.engine.prior import Prior, save_prior
+from lmms_prune.families import family_for_processor, family_of, get_adapter
 
 DEFAULT_PROMPT = "Please describe the provided image."
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -42,13 +43,16 @@ def open_image(path: str | Path) -> Image.Image:
         raise ValueError(f"image {str(path)!r} is unreadable ({exc}); remove it or convert it to JPEG/PNG") from exc
 
 
-def single_image_inputs(processor: Any, image: Image.Image, prompt: str, max_num: int | None = None) -> dict:
-    """Processor inputs for one image and one user prompt, through the model's own chat template."""
+def single_image_inputs(processor: Any, image: Image.Image, prompt: str, max_num: int | None = None,
+                        family: Any = None) -> dict:
+    """Processor inputs for one image and one user prompt, through the model's own chat template.
+
+    ``max_num``: the tile budget of families that tile (InternVL); ``family``: the model, its family name or
+    class (default: the family whose processor class this is)."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    kwargs: dict[str, Any] = {}
-    if max_num is not None and type(processor).__name__.startswith("InternVL"):
-        kwargs["images_kwargs"] = {"max_patches": max_num}
+    fam = family_of(family) if family is not None else family_for_processor(processor)
+    kwargs = fam.image_kwargs(max_num) if fam is not None else {}
     return processor(images=[image], text=[text], return_tensors="pt", **kwargs)
 
 
@@ -64,7 +68,7 @@ def calibrate_prior(
     total: int | None = None,
 ) -> Prior:
     """Average the last prompt token's attention at decoder ``layer`` over ``images``, per token layout."""
-    depth = len(model.model.language_model.layers)
+    depth = get_adapter(model).num_layers
     if not 0 <= layer < depth - 1:
         raise ValueError(f"--layer {layer}: must be in [0, {depth - 2}] for this {depth}-layer model")
     sums: dict[int, torch.Tensor] = {}
@@ -74,11 +78,10 @@ def calibrate_prior(
     with apply(model, "fastv", keep_ratio=1.0, prune_layer=layer + 1, score_layer=layer) as handle:
         for item in tqdm(images, total=total, desc=f"calibrating layer {layer}", unit="img"):
             image = item if isinstance(item, Image.Image) else open_image(item)
-            inputs = single_image_inputs(processor, image, prompt, max_num).to(device)
+            inputs = single_image_inputs(processor, image, prompt, max_num, family=model).to(device)
             model(**inputs)
             record = handle.records[0]
-            spans = handle._state["spans"][0]
-            for span, scores in zip(spans, record.scores):
+            for span, scores in zip(record.spans, record.scores):
                 n = span.length
                 sums[n] = sums.get(n, torch.zeros(n)) + scores.float()
                 counts[n] = counts.get(n, 0) + 1

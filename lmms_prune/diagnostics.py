@@ -32,7 +32,7 @@ from scipy import stats
 from torch import nn
 
 from lmms_prune.engine import attention as attn
-from lmms_prune.engine.adapters import get_adapter
+from lmms_prune.families import family_of, get_adapter
 
 COLUMNS = (
     "layer", "score_layer", "prompt_stability", "position_correlation", "position_correlation_abs", "entropy",
@@ -286,12 +286,7 @@ def phase0_table(per_image: Sequence[ImageAttention]) -> list[dict[str, float]]:
 def layout_key(image: ImageAttention, family: str, processor: Any = None, max_num: int | None = None) -> str:
     """A name of the visual-token layout, so maps of the same layout can be averaged: InternVL ``tiles3x2``
     (cols x rows, + thumbnail) or ``tiles1x1``; otherwise the grid, e.g. ``grid24x24``."""
-    from lmms_prune.viz import internvl_tiles
-
-    if family == "internvl":
-        cols, rows = internvl_tiles(image.image_size, image.grids, processor, max_num)
-        return f"tiles{cols}x{rows}"
-    return "grid" + "+".join(f"{r}x{c}" for r, c in image.grids)
+    return family_of(family).layout_key(image.image_size, image.grids, processor, max_num)
 
 
 def mean_maps_by_layout(

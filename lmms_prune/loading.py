@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,12 +21,25 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return table[dtype]
 
 
+# Short names of the checkpoints this package ships -> their folder under lmms_prune/assets.
+SHIPPED = {"tiny-grounder": "tiny_grounder"}
+
+
+def shipped_dir(name: str) -> Path:
+    """Directory of the shipped checkpoint ``name``; ``FileNotFoundError`` when the package data is missing."""
+    path = Path(__file__).resolve().parent / "assets" / SHIPPED[name]
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path}: the shipped model {name!r} is not there; reinstall lmms_prune with its package data or "
+            "retrain it with scripts/train_grounding.py --out lmms_prune/assets/tiny_grounder"
+        )
+    return path
+
+
 def resolve_pretrained(name_or_path: str) -> str:
     """Short names of the checkpoints this package ships (``tiny-grounder``) -> their directory; anything
     else (hub name, local directory) unchanged."""
-    from lmms_prune.toy.grounder import SHORT_NAME, grounder_dir
-
-    return str(grounder_dir()) if name_or_path == SHORT_NAME else name_or_path
+    return str(shipped_dir(name_or_path)) if name_or_path in SHIPPED else name_or_path
 
 
 def default_device() -> str:

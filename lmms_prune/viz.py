@@ -2,19 +2,9 @@
 
 Token geometry (:func:`token_boxes`) maps every visual token of one image to the pixel box it covers in the
 ORIGINAL image (``x1, y1, x2, y2``, floats, exclusive maxima), following each processor's own resize/crop rule
-(methods.md section 1):
-
-* InternVL (2.5/3, ``-hf``): the image is resized to ``cols*448 x rows*448`` (the grid of InternVL's
-  dynamic tiling rule, :func:`lmms_prune.toy.models.internvl_tile_grid`) and cut into tiles row-major; each
-  tile is a 16x16 raster, so the tile tokens together form one ``(rows*16) x (cols*16)`` raster over the
-  whole image. When there is more than one tile, a thumbnail (the whole image at 448 px, 16x16 tokens)
-  follows last.
-* Qwen2.5-VL: the image is smart-resized to ``(h, w)`` multiples of 28; its ``(h/28) x (w/28)`` grid covers
-  the whole image.
-* LLaVA-1.5 (``-hf``, ``CLIPImageProcessor``; the original repo's pad-to-square is not modelled): shortest
-  edge resized to 336 (long edge ``int(336 * long / short)``), then a centre crop of 336x336
-  (``top = int((h - 336) / 2)``); the 24x24 grid covers only the crop. Cells that fall in padding (crop
-  larger than the resized image) are clipped to the image and may have zero area.
+(methods.md section 1). Each family module (:mod:`lmms_prune.families`) owns its rule and documents it
+(InternVL: tiles plus a thumbnail; Qwen2.5-VL: one grid over the whole image; LLaVA-1.5: the 336 px centre
+crop).
 
 Pixel masks (:func:`box_mask`) use one rule everywhere: pixel ``(x, y)`` (the unit square ``[x, x+1) x [y,
 y+1)``) belongs to a box iff its centre ``(x + 0.5, y + 0.5)`` lies in ``[x1, x2) x [y1, y2)``. Cells of one
@@ -38,168 +28,21 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from lmms_prune.toy.models import INTERNVL_MAX_TILES, internvl_tile_grid
+from lmms_prune import geometry as geo
+from lmms_prune.families import family_of
 
-FAMILIES = ("internvl", "qwen2_5_vl", "llava")
-LLAVA_DEFAULTS = {"shortest_edge": 336, "crop": (336, 336), "do_center_crop": True}
-INTERNVL_TILE = 448
 KEPT_COLOR = (255, 196, 0)
 BOX_COLOR = (0, 220, 255)
 
 Grid = tuple[int, int]
 
 
-# ---------------------------------------------------------------------------------------------- helpers
 def model_family(family_or_model: Any) -> str:
-    """``"internvl"``, ``"qwen2_5_vl"`` or ``"llava"`` for a family name (``internvl_qwen2`` etc. of
-    :mod:`lmms_prune.toy.models` are accepted) or a transformers-native model."""
-    if isinstance(family_or_model, str):
-        name = family_or_model.lower()
-        if name.startswith("internvl"):
-            return "internvl"
-        if name in ("qwen2_5_vl", "qwen2.5-vl", "qwen2_5vl"):
-            return "qwen2_5_vl"
-        if name.startswith("llava"):
-            return "llava"
-        raise ValueError(f"family={family_or_model!r}: must be one of {FAMILIES} (or a supported model)")
-    from lmms_prune.engine.adapters import get_adapter
-
-    return get_adapter(family_or_model).family
+    """The family name of a family name (toy names such as ``internvl_qwen2`` are accepted) or a
+    transformers-native model."""
+    return family_of(family_or_model).name
 
 
-def _image_processor(processor: Any) -> Any:
-    return getattr(processor, "image_processor", processor)
-
-
-def _size_value(size: Any, key: str) -> Any:
-    if size is None:
-        return None
-    if isinstance(size, Mapping):
-        return size.get(key)
-    return getattr(size, key, None)
-
-
-def _grid_list(grids: Any) -> list[Grid]:
-    """(rows, cols) pairs from a list of pairs or an ``ImageSpan`` (its ``grids``)."""
-    grids = getattr(grids, "grids", grids)
-    out = [(int(g[0]), int(g[1])) for g in grids]
-    if not out or any(r < 1 or c < 1 for r, c in out):
-        raise ValueError(f"grids={grids!r}: need a non-empty list of (rows, cols) with rows, cols >= 1")
-    return out
-
-
-def _check_size(image_size: Sequence[int]) -> tuple[int, int]:
-    width, height = (int(v) for v in image_size)
-    if width < 1 or height < 1:
-        raise ValueError(f"image_size={tuple(image_size)}: must be (width, height) in pixels, both >= 1")
-    return width, height
-
-
-def _edges(lo: float, hi: float, n: int) -> torch.Tensor:
-    """``n + 1`` cell edges splitting ``[lo, hi]`` evenly (float64, exact end points)."""
-    return lo + (hi - lo) * torch.arange(n + 1, dtype=torch.float64) / n
-
-
-def _lattice(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-    """Boxes [len(ys)-1 * len(xs)-1, 4] of the cells between consecutive edges, row-major."""
-    y1, x1 = torch.meshgrid(ys[:-1], xs[:-1], indexing="ij")
-    y2, x2 = torch.meshgrid(ys[1:], xs[1:], indexing="ij")
-    return torch.stack([x1, y1, x2, y2], -1).reshape(-1, 4)
-
-
-# ---------------------------------------------------------------------------------------------- InternVL
-def internvl_tiles(
-    image_size: Sequence[int],
-    grids: Sequence[Sequence[int]],
-    processor: Any = None,
-    max_num: int | None = None,
-) -> tuple[int, int]:
-    """``(cols, rows)`` of the tiles of one InternVL image with token ``grids`` (one per tile, thumbnail
-    last).
-
-    The grid is InternVL's dynamic tiling rule for ``max_num`` (default: the processor's ``max_patches``, else
-    6); it must give as many tiles as ``grids`` holds, otherwise the image was processed with another budget.
-    """
-    width, height = _check_size(image_size)
-    grids = _grid_list(grids)
-    if len(grids) == 1:
-        return (1, 1)
-    ip = _image_processor(processor) if processor is not None else None
-    if max_num is None:
-        max_num = int(getattr(ip, "max_patches", None) or INTERNVL_MAX_TILES)
-    min_num = int(getattr(ip, "min_patches", None) or 1)
-    tile = int(_size_value(getattr(ip, "size", None), "height") or INTERNVL_TILE)
-    cols, rows = internvl_tile_grid(width, height, max_num=max_num, min_num=min_num, image_size=tile)
-    if cols * rows + 1 != len(grids):
-        raise ValueError(
-            f"max_num={max_num}: InternVL's tiling of a {width}x{height} image gives {cols}x{rows} tiles + a "
-            f"thumbnail = {cols * rows + 1} grids, but the image has {len(grids)}; pass the max_num "
-            "(--max-num) the image was processed with"
-        )
-    return cols, rows
-
-
-def _internvl_boxes(size: tuple[int, int], grids: list[Grid], processor: Any,
-                    max_num: int | None) -> torch.Tensor:
-    width, height = size
-    if len(grids) == 1:
-        r, c = grids[0]
-        return _lattice(_edges(0, width, c), _edges(0, height, r))
-    cols, rows = internvl_tiles(size, grids, processor, max_num)
-    tile_grids = grids[:-1]
-    if len(set(tile_grids)) != 1:
-        raise ValueError(f"grids={grids!r}: InternVL tiles must all have the same token grid")
-    gr, gc = tile_grids[0]
-    # One raster over the whole image, so neighbouring tiles share their edges exactly.
-    xs, ys = _edges(0, width, cols * gc), _edges(0, height, rows * gr)
-    out = []
-    for k in range(cols * rows):
-        r, c = divmod(k, cols)
-        out.append(_lattice(xs[c * gc: (c + 1) * gc + 1], ys[r * gr: (r + 1) * gr + 1]))
-    tr, tc = grids[-1]
-    out.append(_lattice(_edges(0, width, tc), _edges(0, height, tr)))
-    return torch.cat(out)
-
-
-# ---------------------------------------------------------------------------------------------- LLaVA
-def _llava_region(size: tuple[int, int], processor: Any) -> tuple[float, float, float, float]:
-    """The part of the original image the 336 px crop shows: (x1, y1, x2, y2), possibly beyond the image."""
-    width, height = size
-    ip = _image_processor(processor) if processor is not None else None
-    if ip is None:
-        shortest, fixed = LLAVA_DEFAULTS["shortest_edge"], None
-        crop, do_crop = LLAVA_DEFAULTS["crop"], LLAVA_DEFAULTS["do_center_crop"]
-    else:
-        s = getattr(ip, "size", None)
-        shortest = _size_value(s, "shortest_edge")
-        fixed = (_size_value(s, "height"), _size_value(s, "width")) if shortest is None else None
-        cs = getattr(ip, "crop_size", None)
-        crop = (_size_value(cs, "height"), _size_value(cs, "width"))
-        do_crop = bool(getattr(ip, "do_center_crop", False))
-        if getattr(ip, "do_resize", True) is False:
-            shortest, fixed = None, (height, width)
-    if shortest is not None:  # transformers' get_resize_output_image_size(default_to_square=False)
-        if width <= height:
-            new_w, new_h = int(shortest), int(int(shortest) * height / width)
-        else:
-            new_h, new_w = int(shortest), int(int(shortest) * width / height)
-    elif fixed is not None and None not in fixed:
-        new_h, new_w = int(fixed[0]), int(fixed[1])
-    else:
-        raise ValueError(f"LLaVA image processor size={getattr(ip, 'size', None)!r}: expected shortest_edge "
-                         "or height/width")
-    left, top, out_w, out_h = 0.0, 0.0, float(new_w), float(new_h)
-    if do_crop:
-        ch, cw = int(crop[0]), int(crop[1])
-        # transformers' center_crop: pad symmetrically when the crop is larger, then int((size - crop) / 2).
-        left = -((cw - new_w) // 2) if cw > new_w else int((new_w - cw) / 2)
-        top = -((ch - new_h) // 2) if ch > new_h else int((new_h - ch) / 2)
-        out_w, out_h = float(cw), float(ch)
-    sx, sy = width / new_w, height / new_h
-    return left * sx, top * sy, (left + out_w) * sx, (top + out_h) * sy
-
-
-# ---------------------------------------------------------------------------------------------- public
 def token_boxes(
     family_or_model: Any,
     image_size: Sequence[int],
@@ -217,23 +60,9 @@ def token_boxes(
     processor's ``max_patches``).
 
     Returns float32 ``[N, 4]`` boxes ``(x1, y1, x2, y2)``, ``N = sum(rows * cols)``, row i = visual token i
-    of the image (raster order within each grid, grids in order). The module docstring gives each family's
-    rule.
+    of the image (raster order within each grid, grids in order). The family module gives its rule.
     """
-    family = model_family(family_or_model)
-    size = _check_size(image_size)
-    grid_list = _grid_list(grids)
-    width, height = size
-    if family == "internvl":
-        boxes = _internvl_boxes(size, grid_list, processor, max_num)
-    elif family == "qwen2_5_vl":  # one grid per temporal frame, each over the whole image
-        boxes = torch.cat([_lattice(_edges(0, width, c), _edges(0, height, r)) for r, c in grid_list])
-    else:
-        x1, y1, x2, y2 = _llava_region(size, processor)
-        boxes = torch.cat([_lattice(_edges(x1, x2, c), _edges(y1, y2, r)) for r, c in grid_list])
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
-    return boxes.float()
+    return family_of(family_or_model).token_boxes(image_size, grids, processor, max_num)
 
 
 def token_views(family_or_model: Any, grids: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
@@ -242,13 +71,7 @@ def token_views(family_or_model: Any, grids: Sequence[Sequence[int]]) -> dict[st
     InternVL with tiles: ``{"tiles": ..., "thumbnail": ...}`` (the thumbnail's cells overlap the tiles');
     otherwise ``{"image": all tokens}``.
     """
-    grid_list = _grid_list(grids)
-    n = sum(r * c for r, c in grid_list)
-    if model_family(family_or_model) == "internvl" and len(grid_list) > 1:
-        thumb = grid_list[-1][0] * grid_list[-1][1]
-        tiles = torch.arange(n) < n - thumb
-        return {"tiles": tiles, "thumbnail": ~tiles}
-    return {"image": torch.ones(n, dtype=torch.bool)}
+    return family_of(family_or_model).token_views(grids)
 
 
 def grid_labels(
@@ -261,13 +84,7 @@ def grid_labels(
 ) -> list[str]:
     """A short name per grid: ``"tile r1 c2"`` (1-based) and ``"thumbnail"`` for InternVL, ``"image"`` (or
     ``"frame t"``) otherwise."""
-    grid_list = _grid_list(grids)
-    if model_family(family_or_model) == "internvl" and len(grid_list) > 1:
-        cols, _ = internvl_tiles(image_size, grid_list, processor, max_num)
-        return [f"tile r{k // cols + 1} c{k % cols + 1}" for k in range(len(grid_list) - 1)] + ["thumbnail"]
-    if len(grid_list) == 1:
-        return ["image"]
-    return [f"frame {t}" for t in range(len(grid_list))]
+    return family_of(family_or_model).grid_labels(image_size, grids, processor, max_num)
 
 
 def _as_mask(kept: torch.Tensor | Sequence[int], n: int) -> torch.Tensor:
@@ -295,7 +112,7 @@ def _pixel_range(lo: float, hi: float, limit: int) -> tuple[int, int]:
 def box_mask(boxes: torch.Tensor, image_size: Sequence[int]) -> torch.Tensor:
     """Bool ``[H, W]`` pixel mask of the union of ``boxes`` ``[N, 4]`` (the module docstring's pixel-centre
     rule)."""
-    width, height = _check_size(image_size)
+    width, height = geo.check_size(image_size)
     boxes = torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4)
     mask = torch.zeros(height, width, dtype=torch.bool)
     for x1, y1, x2, y2 in boxes.tolist():
@@ -319,7 +136,7 @@ def parse_box(box: Sequence[float] | str, image_size: Sequence[int] | None = Non
     if not (x1 < x2 and y1 < y2):
         raise ValueError(f"box={box!r}: need x1 < x2 and y1 < y2 (corners, not x,y,w,h)")
     if image_size is not None:
-        width, height = _check_size(image_size)
+        width, height = geo.check_size(image_size)
         if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
             raise ValueError(f"box={box!r}: lies outside the {width}x{height} image (give pixel coordinates "
                              "of the original image)")
@@ -405,7 +222,7 @@ def plot_attention_maps(
     Colours share one scale per row (a colour bar per row), so tiles of one layer compare directly."""
     from matplotlib.figure import Figure
 
-    grid_list = _grid_list(grids)
+    grid_list = geo.grid_list(grids)
     n = sum(r * c for r, c in grid_list)
     if len(labels) != len(grid_list):
         raise ValueError(f"{len(labels)} labels for {len(grid_list)} grids: need one label per grid")
@@ -507,7 +324,7 @@ def select_tokens(
     together with the tokens' boxes. Every method prunes the same inputs (``single_image_inputs``)."""
     from lmms_prune.calibration import single_image_inputs
     from lmms_prune.engine import apply
-    from lmms_prune.engine.adapters import get_adapter
+    from lmms_prune.families import get_adapter
 
     device = next(model.parameters()).device
     inputs = single_image_inputs(processor, image, text, max_num).to(device)

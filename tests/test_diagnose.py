@@ -139,7 +139,7 @@ def test_recorder_gives_the_engine_score_of_each_layer_in_one_pass():
         for layer in (0, 2):
             with apply(model, "fastv", keep_ratio=1.0, prune_layer=layer + 1, score_layer=layer) as handle:
                 model(**inputs)
-                engine_row = handle._state["rows"][layer]
+                engine_row = handle.state.attention[layer]
             assert torch.allclose(rows[layer], engine_row.cpu(), atol=1e-6)
     assert set(rows) == {0, 2} and rows[0].shape == (1, inputs["input_ids"].shape[1])
     with pytest.raises(ValueError, match=r"decoder layer index 4: must be in \[0, 3\]"):

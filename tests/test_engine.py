@@ -114,7 +114,7 @@ def test_prune_equals_mask_mode_prefill_and_decode(toys, family):
                 mask_tokens, mask_steps = _generate(model, inputs)
             with lmms_prune.apply(model, "fixed", keep_indices=keep, prune_layer=k_layer) as handle:
                 logits = model(**inputs).logits
-                index = handle._state["keep_index"][0]
+                index = handle.state.keep_index[0]
                 tokens, steps = _generate(model, inputs)
                 rec = handle.records[0]
             assert logits.shape[1] == inputs["input_ids"].shape[1] - n + len(keep)
@@ -139,7 +139,7 @@ def test_k0_equals_feeding_only_kept_tokens(toys, family):
     with torch.no_grad():
         with lmms_prune.apply(model, "fixed", keep_indices=keep, prune_layer=0) as handle:
             pruned = model(**inputs).logits
-            index = handle._state["keep_index"][0]
+            index = handle.state.keep_index[0]
         hook.remove()
         embeds = captured["inputs_embeds"][:, index]
         positions = captured.get("position_ids")
@@ -184,7 +184,7 @@ def test_two_images_prune_per_image(toys, family):
     inputs = _inputs(family, proc, [[_image((300, 200)), _image((240, 240), "astronaut")]], ["Compare them."])
     with torch.no_grad(), lmms_prune.apply(model, "fastv", keep_ratio=0.1, prune_layer=2) as handle:
         model(**inputs)
-        spans = handle._state["spans"][0]
+        spans = handle.state.spans[0]
     rec = handle.records[0]
     assert len(rec.kept) == len(spans) == 2
     for span, kept in zip(spans, rec.kept):
@@ -227,7 +227,7 @@ def test_attention_row_equals_eager_and_builds_no_square_matrix(toys, family):
 
         attn_mod._OBSERVERS[id(model.model.language_model.layers[layer].self_attn)] = recording
         model(**inputs)
-        row = handle._state["rows"][layer]
+        row = handle.state.attention[layer]
         handle.remove()
     torch.testing.assert_close(row, eager.float(), atol=1e-5, rtol=0)
     seq = inputs["input_ids"].shape[1]
@@ -367,7 +367,7 @@ def test_text_mean_query_averages_the_text_rows_after_the_image(toys):
         expected = att[0, :, image_end:, :].mean(0).mean(0)
         with lmms_prune.apply(model, "fastv", keep_ratio=0.5, prune_layer=layer + 1, query="text_mean") as handle:
             model(**inputs)
-            row = handle._state["rows"][layer][0]
+            row = handle.state.attention[layer][0]
     torch.testing.assert_close(row, expected.float(), atol=1e-5, rtol=0)
 
 

@@ -24,9 +24,15 @@ from PIL import Image
 from lmms_prune.efficiency import DecoderDims, kv_cache_bytes, pruned_prefill_flops
 from lmms_prune.models import registry
 from lmms_prune.models.base import PrunedChatModel, apply_until, lmms_eval_cli_options, summarize
-from lmms_prune.models.internvl import InternVLPrune, InternVLPrune_d2pruner, InternVLPrune_deepprune
-from lmms_prune.models.llava import LlavaPrune, LlavaPrune_deepprune
-from lmms_prune.models.qwen2_5_vl import Qwen25VLPrune, Qwen25VLPrune_deepprune
+from lmms_prune.models.wrappers import (
+    InternVLPrune,
+    InternVLPrune_d2pruner,
+    InternVLPrune_deepprune,
+    LlavaPrune,
+    LlavaPrune_deepprune,
+    Qwen25VLPrune,
+    Qwen25VLPrune_deepprune,
+)
 from lmms_prune.presets import PRESETS
 from lmms_prune.toy.models import LLAVA_IMAGE_TOKENS, internvl_num_tiles, tiny_model_dir
 

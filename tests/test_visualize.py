@@ -24,11 +24,11 @@ from PIL import Image
 from lmms_prune.calibration import single_image_inputs
 from lmms_prune.cli import visualize as cli_visualize
 from lmms_prune.cli.main import COMMANDS
+from lmms_prune.families.internvl import tiles_of as internvl_tiles
 from lmms_prune.toy.models import build_processor, tiny_model_dir
 from lmms_prune.viz import (
     box_mask,
     grid_labels,
-    internvl_tiles,
     overlay_kept_tokens,
     parse_box,
     token_box_iou,

@@ -18,8 +18,8 @@ def _ints(text: str) -> list[int]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="hub name or local directory of a real model")
-    src.add_argument("--geometry", help="random weights of a real model's geometry: internvl2_5-1b, internvl2_5-2b, "
-                     "internvl2_5-8b, qwen2_5_vl-7b, llava-1.5-7b")
+    src.add_argument("--geometry", help="random weights of a real checkpoint's geometry, e.g. internvl2_5-8b "
+                     "(each family module's bench_geometries; an unknown name lists them all)")
     parser.add_argument("--layers", type=int, default=None,
                         help="run a truncated stack of N decoder layers and extrapolate (--geometry only)")
     parser.add_argument("--methods", default="fastv,deepprune", help="comma-separated presets (default fastv,deepprune)")
@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from lmms_prune.bench import GEOMETRIES, Bench, build_geometry, write_results
+    from lmms_prune.bench import Bench, build_geometry, geometries, write_results
     from lmms_prune.loading import default_device, load_model, resolve_dtype
 
     device = args.device or default_device()
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads or 1)
     if args.geometry:
         model = build_geometry(args.geometry, args.layers).to(device=device, dtype=resolve_dtype(args.dtype, device))
-        full_depth = GEOMETRIES[args.geometry]["text"][0]
+        full_depth = geometries()[args.geometry][1]["text"][0]
         source = f"random weights, geometry {args.geometry}"
     else:
         if args.layers:

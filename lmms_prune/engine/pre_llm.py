@@ -1,8 +1,9 @@
 """Pre-LLM pruning (VisPruner, DivPrune): the dropped visual tokens never enter the language model.
 
-Before the first forward, the images are encoded once; the selection runs on vision-side signals (VisPruner:
-the vision encoder's [CLS] attention at the feature layer and the pre-projector features; DivPrune: the
-projected embeddings); each image's run of placeholder tokens in ``input_ids`` is shortened to its budget and
+Before the first forward, the images are encoded once; the method's score and selector plug-ins run on the
+vision-side signals they declare (``Needs.vision_attention``: the vision encoder's [CLS] attention at the
+feature layer; ``vision_features``: the pre-projector features; ``embeddings``: the projected embeddings);
+each image's run of placeholder tokens in ``input_ids`` is shortened to its budget and
 the kept embeddings are handed to the model as ``mm_encoder_outputs`` (transformers' public input for
 pre-encoded images), so ``generate`` and ``forward`` run unchanged on the shorter prompt.
 
@@ -21,6 +22,8 @@ from torch import nn
 
 from lmms_prune import selection as sel
 from lmms_prune.engine import attention as attn
+from lmms_prune.engine.state import PruneRecord, sync
+from lmms_prune.methods.base import ImageSignals
 
 if TYPE_CHECKING:
     from lmms_prune.engine.core import PruneHandle
@@ -68,20 +71,17 @@ def _left_pad(rows: list[torch.Tensor], value: int | bool) -> torch.Tensor:
     return out
 
 
-def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Encode the images, select per image, and return the forward/generate kwargs of the shorter prompt.
-
-    Also sets ``handle.records`` (one ``PruneRecord`` per sample)."""
-    from lmms_prune.engine.core import PruneRecord, _sync
-
-    cfg, adapter = handle.config, handle.adapter
+def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[PruneRecord]]:
+    """Encode the images, select per image, and return the forward/generate kwargs of the shorter prompt
+    with one ``PruneRecord`` per sample."""
+    cfg, adapter, needs = handle.config, handle.adapter, handle.needs
     input_ids: torch.Tensor = kwargs["input_ids"]
     mask2d = kwargs.get("attention_mask")
     if mask2d is None:
         mask2d = torch.ones_like(input_ids)
     spans = adapter.spans(input_ids, kwargs)
     t0 = time.perf_counter()
-    capture = VisionCapture(handle, need_cls=cfg.selector == "vispruner")
+    capture = VisionCapture(handle, need_cls=needs.vision_attention)
     try:
         with torch.no_grad():
             encoded = adapter.encode_images(kwargs)
@@ -89,34 +89,31 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> dict[str, Any]
         capture.close()
     projected = adapter.flatten_image_features(encoded.pooler_output)  # [num_visual_total, D]
     vision_t0 = time.perf_counter()
-    if cfg.selector == "vispruner":
-        importance = adapter.cls_importance(torch.cat(capture.cls_rows))
-        features = adapter.flatten_pre_projector(capture.pre_projector)
-    else:
-        importance = None
-        features = projected
+    importance = adapter.cls_importance(torch.cat(capture.cls_rows)) if needs.vision_attention else None
+    features = adapter.flatten_pre_projector(capture.pre_projector) if needs.vision_features else None
     offset = 0
     new_ids, new_mask, new_pos, kept_feats, records, keeps = [], [], [], [], [], []
     original_positions = adapter.original_positions(input_ids, mask2d, kwargs) if cfg.positions == "original" else None
     for b, sample_spans in enumerate(spans):
         keep = mask2d[b].new_ones(input_ids.shape[1], dtype=torch.bool)
         kept_per_image = []
+        n_vis = sum(s.length for s in sample_spans)
+        sample_offset = 0
         for span in sample_spans:
-            feats = features[offset: offset + span.length]
+            rows = slice(offset, offset + span.length)
+            image = ImageSignals(sample=b, span=span, offset=sample_offset, sample_visual=n_vis,
+                                 task_kind=handle.task_kind, device=projected.device,
+                                 vision_attention=None if importance is None else importance[rows],
+                                 vision_features=None if features is None else features[rows],
+                                 embeddings=projected[rows] if needs.embeddings else None)
             n = sel.budget(span.length, keep_ratio=cfg.keep_ratio, keep_tokens=cfg.keep_tokens)
-            if cfg.selector == "vispruner":
-                local = sel.vispruner(importance[offset: offset + span.length], feats, n,
-                                      important_ratio=cfg.important_ratio)
-            elif cfg.selector == "divprune":
-                local = sel.divprune(feats, n)
-            else:
-                raise ValueError(f"selector={cfg.selector!r} cannot run before the LLM")
-            local = local.to(input_ids.device)
+            local = handle.selector(image, handle.score(image), n).to(input_ids.device)
             keep[span.start: span.start + span.length] = False
             keep[span.start + local] = True
             kept_feats.append(projected[offset + local.to(projected.device)])
             kept_per_image.append(local.cpu())
             offset += span.length
+            sample_offset += span.length
         real = mask2d[b].bool()
         keep &= real  # drop the old padding; the batch is left-padded again below
         keeps.append(keep)
@@ -124,17 +121,16 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> dict[str, Any]
         new_mask.append(mask2d[b][keep])
         if original_positions is not None:
             new_pos.append(original_positions[..., b, :][..., keep])
-        n_vis = sum(s.length for s in sample_spans)
         n_kept = sum(k.numel() for k in kept_per_image)
         full = int(real.sum())
-        records.append(PruneRecord(n_vis, n_kept, kept_per_image, full, full - n_vis + n_kept, []))
-    _sync(projected)
+        records.append(PruneRecord(n_vis, n_kept, kept_per_image, full, full - n_vis + n_kept, [],
+                                   spans=list(sample_spans)))
+    sync(projected)
     seconds = time.perf_counter() - t0
     select_seconds = time.perf_counter() - vision_t0
     for rec in records:
         rec.select_seconds = select_seconds
         rec.vision_seconds = seconds - select_seconds
-    handle.records = records
     out = {k: v for k, v in kwargs.items() if k not in adapter.image_input_keys}
     out["input_ids"] = _left_pad(new_ids, adapter.pad_token_id())
     out["attention_mask"] = _left_pad(new_mask, 0)
@@ -146,7 +142,7 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> dict[str, Any]
         out["position_ids"] = torch.stack(_pad_positions(new_pos), dim=-2)
     kept_all = torch.cat(kept_feats, 0) if kept_feats else projected[:0]
     out["mm_encoder_outputs"] = {"image": adapter.wrap_image_features(encoded, kept_all)}
-    return out
+    return out, records
 
 
 def _pad_positions(rows: list[torch.Tensor]) -> list[torch.Tensor]:

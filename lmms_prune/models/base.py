@@ -1,35 +1,28 @@
-"""Shared logic of the lmms-eval chat models that run a pruned VLM.
+"""The lmms-eval layer: chat models that answer lmms-eval requests with a pruned VLM (:mod:`lmms_prune.runner`).
 
-A wrapper (``internvl_deepprune``, ``qwen2_5_vl_prune``, ...) loads a transformers-native VLM with
-``from_pretrained``, patches it once with ``lmms_prune.apply`` and answers lmms-eval's ``generate_until``
-requests in batches (left padding), in request order. Each family subclass only says how to check the
-checkpoint, build the processor inputs and pass its image options (InternVL's ``max_num`` tiles, Qwen's pixel
-budget).
+A wrapper (``internvl_deepprune``, ``qwen2_5_vl_prune``, ...) is generated for every family x preset
+(``lmms_prune.models.wrappers``). This module holds only what is lmms-eval's: the ``--model_args`` string,
+``Instance`` to neutral chat messages, batching in request order, per-sample errors (``on_error``), gathering
+the efficiency records across ranks and where they are written. Loading, prompting, generating and the cost
+accounting are the runner's.
 
-``--model_args`` values arrive as strings (or numbers) from the command line. ``parse_model_args`` parses and
-validates all of them before anything is loaded; every pruning parameter goes through
-``lmms_prune.presets.resolve_config``. A bad value raises one ``ValueError`` that names it and says the fix.
-
-Efficiency: after every batch the engine's ``PruneRecord`` of each sample, the wrapper's own timing and the
-theoretical cost (``lmms_prune.efficiency``) form one record per sample. lmms-eval calls ``clean()`` on every
-rank once all requests have run; there the records are gathered to rank 0, summarised in the log and written
-as JSON next to lmms-eval's results. Where: ``efficiency_path`` (a ``.json`` file or a directory) if given,
-else ``<--output_path>/<model dir>/<date>_efficiency.json``, the directory lmms-eval writes its
-``*_results.json`` to (lmms-eval does not hand its output path to models, so it is read from the command line,
-``sys.argv``, or from a single-run ``--config`` YAML, and the sub-directory is named with lmms-eval's own
-model-name sanitiser). Without either, the summary is only logged.
+Efficiency: lmms-eval calls ``clean()`` on every rank once all requests have run; there the records are
+gathered to rank 0, summarised in the log and written as JSON next to lmms-eval's results. Where:
+``efficiency_path`` (a ``.json`` file or a directory) if given, else ``<--output_path>/<model dir>/<date>_
+efficiency.json``, the directory lmms-eval writes its ``*_results.json`` to (lmms-eval does not hand its
+output path to models, so it is read from the command line, ``sys.argv``, or from a single-run ``--config``
+YAML, and the sub-directory is named with lmms-eval's own model-name sanitiser). Without either, the summary is
+only logged.
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
-import importlib.util
 import json
 import sys
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -42,74 +35,24 @@ from loguru import logger as eval_logger
 from PIL import Image
 from tqdm import tqdm
 
-from lmms_prune.efficiency import DecoderDims, kv_cache_bytes, prefill_flops
-from lmms_prune.presets import PRESETS, PruneConfig, resolve_config
+from lmms_prune.families import family_class
+from lmms_prune.presets import PRESETS, PruneConfig
+from lmms_prune.runner import (
+    OPTIONS,
+    Runner,
+    RunOptions,
+    apply_until,
+    format_summary,
+    generation_kwargs,
+    parse_options,
+    summarize,
+)
 
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-          "float32": torch.float32, "fp32": torch.float32}
-ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
-TASK_KINDS = ("auto", "grounding", "understanding")
-ON_ERROR = ("raise", "skip")
+__all__ = ["PrunedChatModel", "apply_until", "format_summary", "lmms_eval_cli_options", "preset_classes",
+           "summarize"]
 
-WRAPPER_ARGS: dict[str, str] = {
-    "pretrained": "checkpoint name or local directory (from_pretrained); tiny-grounder = the shipped demo model",
-    "method": "pruning preset (lmms-prune methods lists them)",
-    "dtype": "auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16 or float32",
-    "attn_implementation": "sdpa (default), eager, flash_attention_2 (needs flash-attn), auto",
-    "device": "cuda, cuda:1, cpu, ... (default: cuda if available; each rank's own device when multi-process)",
-    "device_map": "passed to from_pretrained, e.g. auto (single process only)",
-    "batch_size": "requests per generate call (left padding)",
-    "task_kind": "grounding, understanding, or auto (grounding for refcoco tasks): selects alpha='auto'",
-    "on_error": "raise (stop at the first failing sample) or skip (count, report and continue)",
-    "efficiency_path": "where the efficiency JSON goes (.json file or directory; default: next to the results)",
-    "max_batch_size": "accepted for lmms-eval's --max_batch_size; unused (no automatic batch size)",
-}
-
-# Sampling options passed on to generate when temperature > 0. Besides these, only max_new_tokens, temperature,
-# num_beams and until are read from a task's gen_kwargs; other keys there (image_sizes, ...) are not for generate.
-_SAMPLING_KEYS = ("top_p", "top_k")
-
-
-def _int_arg(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{name}={value!r}: must be an integer >= {minimum}")
-    try:
-        number = int(value) if not isinstance(value, float) or value.is_integer() else None
-    except (TypeError, ValueError):
-        number = None
-    if number is None or number < minimum:
-        raise ValueError(f"{name}={value!r}: must be an integer >= {minimum}")
-    return number
-
-
-def _choice_arg(name: str, value: Any, choices: Sequence[str]) -> str:
-    text = str(value).strip()
-    if text not in choices:
-        raise ValueError(f"{name}={value!r}: must be one of {', '.join(choices)}")
-    return text
-
-
-def _optional_str(value: Any) -> str | None:
-    if value is None:
-        return None
-    text = str(value).strip()
-    return None if text.lower() in ("", "none", "null") else text
-
-
-@dataclass(frozen=True)
-class WrapperOptions:
-    """The parsed, validated ``--model_args`` that are not pruning parameters."""
-
-    pretrained: str
-    dtype: str = "auto"
-    attn_implementation: str = "sdpa"
-    device: str | None = None
-    device_map: str | None = None
-    batch_size: int = 1
-    task_kind: str = "auto"
-    on_error: str = "raise"
-    efficiency_path: str | None = None
-    family: dict[str, Any] = field(default_factory=dict)
+WRAPPER_ARGS = OPTIONS
+WrapperOptions = RunOptions
 
 
 @dataclass
@@ -137,40 +80,6 @@ def _close_process_group() -> None:
         dist.destroy_process_group()
 
 
-def summarize(records: Sequence[dict[str, Any]], skipped: int = 0) -> dict[str, Any]:
-    """Means of the per-sample efficiency fields and the pruned / unpruned ratios of their totals."""
-    out: dict[str, Any] = {"samples": len(records), "skipped": skipped}
-    if not records:
-        return out
-    for key in ("visual_before", "visual_after", "seq_len_before", "seq_len_after", "llm_prefill_seconds",
-                "select_seconds", "decode_seconds", "end_to_end_seconds", "prefill_flops",
-                "prefill_flops_unpruned", "kv_cache_bytes", "kv_cache_bytes_unpruned", "output_tokens"):
-        out[f"mean_{key}"] = sum(float(r[key]) for r in records) / len(records)
-
-    def ratio(num: str, den: str) -> float | None:
-        total = sum(float(r[den]) for r in records)
-        return sum(float(r[num]) for r in records) / total if total else None
-
-    out["visual_kept_ratio"] = ratio("visual_after", "visual_before")
-    out["prefill_flops_ratio"] = ratio("prefill_flops", "prefill_flops_unpruned")
-    out["kv_cache_ratio"] = ratio("kv_cache_bytes", "kv_cache_bytes_unpruned")
-    return out
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    """One log line of :func:`summarize`'s means and ratios; a ratio without a denominator reads ``n/a``."""
-
-    def num(key: str, spec: str) -> str:
-        value = summary.get(key)
-        return "n/a" if value is None else format(value, spec)
-
-    return (f"{summary['samples']} samples ({summary['skipped']} skipped): visual tokens "
-            f"{num('mean_visual_before', '.1f')} -> {num('mean_visual_after', '.1f')} "
-            f"(x{num('visual_kept_ratio', '.3f')}), prefill FLOPs x{num('prefill_flops_ratio', '.3f')}, "
-            f"KV cache x{num('kv_cache_ratio', '.3f')}, mean LLM prefill {num('mean_llm_prefill_seconds', '.4f')}s, "
-            f"selection {num('mean_select_seconds', '.4f')}s, end-to-end {num('mean_end_to_end_seconds', '.4f')}s")
-
-
 def lmms_eval_cli_options(argv: Sequence[str] | None = None) -> dict[str, str | None]:
     """``--output_path`` and ``--model_args`` of the lmms-eval command line this process runs, if any.
 
@@ -192,99 +101,29 @@ def lmms_eval_cli_options(argv: Sequence[str] | None = None) -> dict[str, str | 
     return options
 
 
-def apply_until(text: str, until: Sequence[str]) -> str:
-    """Cut ``text`` at the earliest occurrence of any stop string (lmms-eval's ``until``)."""
-    for stop in until:
-        if stop:
-            text = text.split(stop, 1)[0]
-    return text
-
-
 class PrunedChatModel(lmms):
-    """An lmms-eval chat model running a transformers VLM pruned by ``lmms_prune``. Subclass per family."""
+    """An lmms-eval chat model running a transformers VLM pruned by ``lmms_prune``. One subclass per family
+    and preset is generated (``lmms_prune.models.wrappers``)."""
 
     is_simple = False
 
-    family: ClassVar[str] = ""  # model id prefix: internvl, qwen2_5_vl, llava
-    model_types: ClassVar[tuple[str, ...]] = ()  # accepted config.model_type of the checkpoint
-    default_pretrained: ClassVar[str | None] = None
+    family: ClassVar[str] = ""  # family name = model id prefix: internvl, qwen2_5_vl, llava, ...
     fixed_method: ClassVar[str | None] = None  # set on the per-preset classes (internvl_deepprune, ...)
-    family_args: ClassVar[dict[str, str]] = {}  # extra --model_args of the family, name -> help
 
     # ------------------------------------------------------------------ parsing
+    @classmethod
+    def family_class(cls):
+        return family_class(cls.family)
+
     @classmethod
     def model_id(cls) -> str:
         """The lmms-eval ``--model`` name of this class."""
         return f"{cls.family}_{cls.fixed_method or 'prune'}"
 
     @classmethod
-    def parse_family_args(cls, args: dict[str, Any]) -> dict[str, Any]:
-        """Parse and validate the family's own ``--model_args`` (``family_args``); returns their values."""
-        return {}
-
-    @classmethod
-    def parse_model_args(cls, **args: Any) -> tuple[WrapperOptions, PruneConfig]:
-        """Validate every ``--model_args`` key and value without loading anything.
-
-        Raises ``ValueError`` naming the bad key or value and the fix.
-        """
-        args = dict(args)
-        prune_fields = set(PruneConfig.__dataclass_fields__) - {"method"}
-        valid = set(WRAPPER_ARGS) | set(cls.family_args) | prune_fields
-        unknown = sorted(set(args) - valid)
-        if unknown:
-            raise ValueError(
-                f"--model {cls.model_id()}: unknown --model_args key(s) {', '.join(unknown)}. Model options: "
-                f"{', '.join(sorted(set(WRAPPER_ARGS) | set(cls.family_args)))}; pruning parameters: "
-                f"{', '.join(sorted(prune_fields))}"
-            )
-        method = args.pop("method", None)  # "none" is a preset name here, not a missing value
-        method = None if method is None or not str(method).strip() else str(method).strip()
-        if cls.fixed_method is not None:
-            if method is not None and method != cls.fixed_method:
-                raise ValueError(
-                    f"--model {cls.model_id()} runs method={cls.fixed_method}; got method={method!r}. Use "
-                    f"--model {cls.family}_prune --model_args method={method},... (or --model "
-                    f"{cls.family}_{method})"
-                )
-            method = cls.fixed_method
-        if method is None:
-            raise ValueError(f"--model {cls.model_id()} needs method=NAME in --model_args; one of "
-                             f"{', '.join(PRESETS)}")
-        prune = {k: args.pop(k) for k in list(args) if k in prune_fields}
-        config = resolve_config(method, **prune)
-
-        pretrained = _optional_str(args.pop("pretrained", None)) or cls.default_pretrained
-        if pretrained is not None:
-            from lmms_prune.loading import resolve_pretrained
-
-            pretrained = resolve_pretrained(pretrained)
-        if pretrained is None:
-            raise ValueError(f"--model {cls.model_id()} needs pretrained=CHECKPOINT_OR_DIR in --model_args")
-        dtype = _choice_arg("dtype", args.pop("dtype", "auto"), ("auto", *DTYPES))
-        attn = _choice_arg("attn_implementation", args.pop("attn_implementation", "sdpa"), ATTN_IMPLEMENTATIONS)
-        flash_installed = importlib.util.find_spec("flash_attn") is not None
-        if attn == "flash_attention_2" and not flash_installed:
-            raise ValueError("attn_implementation=flash_attention_2 needs the flash-attn package: install it "
-                             "or use attn_implementation=sdpa")
-        args.pop("max_batch_size", None)
-        batch_size = args.pop("batch_size", 1)
-        if str(batch_size).startswith("auto"):
-            raise ValueError(f"batch_size={batch_size!r}: automatic batch sizes are not supported; give an "
-                             "integer >= 1")
-        options = WrapperOptions(
-            pretrained=str(pretrained),
-            dtype=dtype,
-            attn_implementation=attn,
-            device=_optional_str(args.pop("device", None)),
-            device_map=_optional_str(args.pop("device_map", None)),
-            batch_size=_int_arg("batch_size", batch_size, 1),
-            task_kind=_choice_arg("task_kind", args.pop("task_kind", "auto"), TASK_KINDS),
-            on_error=_choice_arg("on_error", args.pop("on_error", "raise"), ON_ERROR),
-            efficiency_path=_optional_str(args.pop("efficiency_path", None)),
-            family=cls.parse_family_args(args),
-        )
-        return options, config
+    def parse_model_args(cls, **args: Any) -> tuple[RunOptions, PruneConfig]:
+        """Validate every ``--model_args`` key and value without loading anything (see ``runner.parse_options``)."""
+        return parse_options(cls.family_class(), cls.model_id(), cls.fixed_method, **args)
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> PrunedChatModel:
@@ -298,7 +137,7 @@ class PrunedChatModel(lmms):
     def __init__(self, **model_args: Any) -> None:
         super().__init__()
         self.options, self.prune_config = self.parse_model_args(**model_args)
-        self._hooks: list[Any] = []  # the wrapper's own hooks (the engine's are in self.handle)
+        self.runner = Runner(self.family_class(), self.options, self.prune_config, self.model_id())
         self._setup_device()
         self._load()
         self._install()
@@ -309,81 +148,37 @@ class PrunedChatModel(lmms):
     def _setup_device(self) -> None:
         from accelerate import Accelerator
 
-        opts = self.options
         self.accelerator = Accelerator()
+        device = None
         if self.accelerator.num_processes > 1:
-            if opts.device_map is not None:
-                raise ValueError(f"device_map={opts.device_map!r} cannot be combined with a multi-process run: "
-                                 "each process holds a whole model on its own device; drop device_map")
-            self._device = self.accelerator.device
+            device = self.accelerator.device
             self._rank = self.accelerator.process_index
             self._world_size = self.accelerator.num_processes
             atexit.register(_close_process_group)
-        else:
-            try:
-                self._device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-            except RuntimeError:
-                raise ValueError(f"device={opts.device!r}: not a torch device; use cpu, cuda or cuda:N") from None
-            if self._device.type == "cuda" and not torch.cuda.is_available():
-                raise ValueError(f"device={opts.device!r}: CUDA is not available here; use device=cpu")
-        if opts.dtype == "auto":
-            self._dtype = torch.bfloat16 if self._device.type == "cuda" else torch.float32
-        else:
-            self._dtype = DTYPES[opts.dtype]
-        attn = opts.attn_implementation
-        if attn == "auto":
-            flash = importlib.util.find_spec("flash_attn") is not None and self._device.type == "cuda"
-            attn = "flash_attention_2" if flash else "sdpa"
-        self._attn = attn
+        self.runner.setup_device(device)
 
     def _load(self) -> None:
-        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
-
-        opts = self.options
-        config = AutoConfig.from_pretrained(opts.pretrained)
-        if config.model_type not in self.model_types:
-            raise ValueError(
-                f"pretrained={opts.pretrained!r} is a {config.model_type!r} checkpoint, but --model "
-                f"{self.model_id()} runs {', '.join(self.model_types)} models; pick the wrapper of its family "
-                "(internvl_*, qwen2_5_vl_*, llava_*)"
-            )
-        model = AutoModelForImageTextToText.from_pretrained(
-            opts.pretrained, dtype=self._dtype, attn_implementation=self._attn, device_map=opts.device_map
-        )
-        if opts.device_map is None:
-            model = model.to(self._device)
-        else:
-            self._device = model.device
-        self._model = model.eval()
-        self.processor = AutoProcessor.from_pretrained(opts.pretrained)
-        self.processor.tokenizer.padding_side = "left"
+        self.runner.load()
 
     def _install(self) -> None:
-        import lmms_prune
-
-        self.handle = lmms_prune.apply(self._model, method=self.prune_config.method, config=self.prune_config)
-        self.dims = DecoderDims.from_config(self.handle.adapter.text_config)
-        self.bytes_per_element = torch.empty((), dtype=self._dtype).element_size()
-        self._prefill_end: float | None = None
-        self._hooks.append(self.handle.adapter.language_model.register_forward_hook(self._stamp_prefill_end))
-
-    def _stamp_prefill_end(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
-        if self._prefill_end is None:
-            self._sync()
-            self._prefill_end = time.perf_counter()
-
-    def _sync(self) -> None:
-        if self._device.type == "cuda":
-            torch.cuda.synchronize(self._device)
+        self.runner.install()
 
     # ------------------------------------------------------------------ lmms properties
     @property
     def model(self) -> torch.nn.Module:
-        return self._model
+        return self.runner.model
+
+    @property
+    def handle(self):
+        return self.runner.handle
+
+    @property
+    def processor(self):
+        return self.runner.processor
 
     @property
     def device(self) -> torch.device:
-        return self._device
+        return self.runner.device
 
     @property
     def batch_size(self) -> int:
@@ -393,24 +188,12 @@ class PrunedChatModel(lmms):
     def tokenizer(self) -> Any:
         return self.processor.tokenizer
 
-    # ------------------------------------------------------------------ family hooks
-    def processor_kwargs(self) -> dict[str, Any]:
-        """Extra keyword arguments of the processor call (image options of the family)."""
-        return {}
-
-    def build_prompt(self, messages: list[dict[str, Any]]) -> str:
-        """The prompt text of one request from its chat messages (the checkpoint's own chat template)."""
-        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-    def before_generate(self, inputs: Any) -> None:
-        """Called with the processor's output just before ``generate``."""
-
     # ------------------------------------------------------------------ requests
-    def _messages(self, item: _Item) -> tuple[list[dict[str, Any]], list[Image.Image]]:
-        """The request's chat messages in the processor's format, and its images in order."""
+    def _messages(self, item: _Item) -> list[dict[str, Any]]:
+        """The request's neutral chat messages (images as PIL images, in order)."""
         doc = self.task_dict[item.task][item.split][item.doc_id]
         chat = ChatMessages(messages=item.doc_to_messages(doc))
-        messages, images = [], []
+        messages = []
         for message in chat.messages:
             content = []
             for part in message.content:
@@ -418,36 +201,14 @@ class PrunedChatModel(lmms):
                     content.append({"type": "text", "text": part.text})
                 elif part.type == "image":
                     image = part.url if isinstance(part.url, Image.Image) else Image.open(part.url)
-                    images.append(image.convert("RGB"))
-                    content.append({"type": "image"})
+                    content.append({"type": "image", "image": image.convert("RGB")})
                 else:
                     raise ValueError(f"{part.type} inputs are not supported by {self.model_id()} (images and "
                                      "text only)")
             messages.append({"role": message.role, "content": content})
-        return messages, images
+        return messages
 
-    @staticmethod
-    def generation_kwargs(gen_kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-        """``generate`` keyword arguments and the stop strings from a task's ``gen_kwargs``.
-
-        Greedy unless ``temperature > 0`` (lmms-eval's convention); ``max_new_tokens`` defaults to 128.
-        """
-        until = gen_kwargs.get("until") or []
-        until = [until] if isinstance(until, str) else list(until)
-        temperature = float(gen_kwargs.get("temperature", 0.0) or 0.0)
-        out: dict[str, Any] = {
-            "max_new_tokens": int(gen_kwargs.get("max_new_tokens", 128)),
-            "num_beams": int(gen_kwargs.get("num_beams", 1) or 1),
-            "do_sample": temperature > 0,
-        }
-        if temperature > 0:
-            out["temperature"] = temperature
-            for key in _SAMPLING_KEYS:
-                if gen_kwargs.get(key) is not None:
-                    out[key] = gen_kwargs[key]
-        else:  # silence the checkpoint's own sampling defaults
-            out.update(temperature=None, top_p=None, top_k=None)
-        return out, until
+    generation_kwargs = staticmethod(generation_kwargs)
 
     def _task_kind(self, task: str) -> str:
         if self.options.task_kind != "auto":
@@ -456,82 +217,15 @@ class PrunedChatModel(lmms):
 
     def _run_batch(self, items: list[_Item]) -> list[GenerationResult]:
         """Generate the answers of one batch (same task and gen_kwargs) and record its efficiency."""
-        t_start = time.perf_counter()
-        texts, images = [], []
-        for item in items:
-            messages, item_images = self._messages(item)
-            texts.append(self.build_prompt(messages))
-            images.extend(item_images)
-        inputs = self.processor(text=texts, images=images or None, padding=True, padding_side="left",
-                                return_tensors="pt", **self.processor_kwargs())
-        inputs = inputs.to(self._device)
-        for key, value in inputs.items():
-            if isinstance(value, torch.Tensor) and value.is_floating_point():
-                inputs[key] = value.to(self._dtype)
-        gen, until = self.generation_kwargs(items[0].gen_kwargs)
-        tokenizer = self.processor.tokenizer
-        pad_id = tokenizer.pad_token_id
-        if pad_id is None:
-            pad_id = self._model.generation_config.pad_token_id
-        self.handle.task_kind = self._task_kind(items[0].task)
-        self.before_generate(inputs)
-        self.handle.records = []  # never read a previous batch's records
-        self._prefill_end = None
-        self._sync()
-        t_gen = time.perf_counter()
-        with torch.inference_mode():
-            output = self._model.generate(**inputs, **gen, pad_token_id=pad_id)
-        self._sync()
-        t_gen_end = time.perf_counter()
-        new_tokens = output[:, inputs["input_ids"].shape[1]:]
-        answers = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        t_end = time.perf_counter()
-
-        beams = gen["num_beams"]
-        records = self.handle.records
-        if len(records) != len(items) * beams:
-            raise RuntimeError(f"the pruning engine recorded {len(records)} samples for a batch of {len(items)} "
-                               f"(num_beams={beams})")
+        conversations = [self._messages(item) for item in items]
+        answers = self.runner.generate(conversations, items[0].gen_kwargs, self._task_kind(items[0].task))
         results = []
-        for i, item in enumerate(items):
-            rec = records[i * beams]
-            n_out = int((new_tokens[i] != pad_id).sum()) if pad_id is not None else int(new_tokens.shape[1])
+        for item, answer in zip(items, answers):
             if not item.padding:
-                self.records.append(self._efficiency_record(item, rec, len(items), n_out, t_start, t_gen,
-                                                            t_gen_end, t_end))
-            results.append(GenerationResult(text=apply_until(answers[i], until),
-                                            token_counts=TokenCounts(input_tokens=rec.seq_len_before,
-                                                                     output_tokens=n_out)))
+                self.records.append({"task": item.task, "doc_id": item.doc_id, **answer.record})
+            results.append(GenerationResult(text=answer.text, token_counts=TokenCounts(
+                input_tokens=answer.input_tokens, output_tokens=answer.output_tokens)))
         return results
-
-    def _efficiency_record(self, item: _Item, rec: Any, batch: int, n_out: int, t_start: float, t_gen: float,
-                           t_gen_end: float, t_end: float) -> dict[str, Any]:
-        """One sample's efficiency: engine record + wrapper timing + theoretical cost (methods.md 8).
-        Times measured per batch (prefill, selection, decode, end-to-end) are the batch's."""
-        layers = list(rec.kv_lengths) or [rec.seq_len_after] * self.dims.num_layers
-        full = [rec.seq_len_before] * self.dims.num_layers
-        prefill_end = self._prefill_end if self._prefill_end is not None else t_gen
-        return {
-            "task": item.task,
-            "doc_id": item.doc_id,
-            "batch_size": batch,
-            "task_kind": self.handle.task_kind,
-            "visual_before": rec.visual_before,
-            "visual_after": rec.visual_after,
-            "visual_after_per_image": [int(k.numel()) for k in rec.kept],
-            "seq_len_before": rec.seq_len_before,
-            "seq_len_after": rec.seq_len_after,
-            "llm_prefill_seconds": rec.llm_prefill_seconds,
-            "select_seconds": rec.select_seconds,
-            "decode_seconds": t_gen_end - prefill_end,
-            "generate_seconds": t_gen_end - t_gen,
-            "end_to_end_seconds": t_end - t_start,
-            "prefill_flops": prefill_flops(self.dims, layers),
-            "prefill_flops_unpruned": prefill_flops(self.dims, full),
-            "kv_cache_bytes": kv_cache_bytes(self.dims, layers, self.bytes_per_element),
-            "kv_cache_bytes_unpruned": kv_cache_bytes(self.dims, full, self.bytes_per_element),
-            "output_tokens": n_out,
-        }
 
     def _run_or_skip(self, items: list[_Item]) -> list[GenerationResult]:
         try:
@@ -597,11 +291,7 @@ class PrunedChatModel(lmms):
         """This process's records as the JSON document ``finish`` writes (before gathering)."""
         return {
             "model": self.model_id(),
-            "pretrained": self.options.pretrained,
-            "method": self.prune_config.method,
-            "config": self.prune_config.to_dict(),
-            "dtype": str(self._dtype).replace("torch.", ""),
-            "decoder": self.dims.__dict__,
+            **self.runner.report(),
             "world_size": self.world_size,
             "summary": summarize(self.records, len(self.skipped)),
             "skipped": list(self.skipped),
@@ -645,10 +335,22 @@ class PrunedChatModel(lmms):
     def clean(self) -> None:
         """lmms-eval's end-of-run call on every rank: report efficiency, undo the patch, free the model."""
         self.finish()
-        self.handle.remove()
-        for hook in self._hooks:
-            hook.remove()
+        self.runner.close()
         super().clean()
+
+
+def wrapper_classes(family: str, stem: str, module: str) -> dict[str, type[PrunedChatModel]]:
+    """The lmms-eval chat models of one family: ``<stem>`` (``<family>_prune``, method chosen with ``method=``)
+    and ``<stem>_<preset>`` for every preset (``<family>_<preset>``), all defined in ``module``."""
+    fam = family_class(family)
+    base = type(stem, (PrunedChatModel,), {
+        "family": family,
+        "__module__": module,
+        "__qualname__": stem,
+        "__doc__": f"{fam.model_class} ({family}) with visual-token pruning (method chosen with ``method=``).",
+        "default_pretrained": fam.default_pretrained,
+    })
+    return {stem: base, **preset_classes(base)}
 
 
 def preset_classes(base: type[PrunedChatModel]) -> dict[str, type[PrunedChatModel]]:

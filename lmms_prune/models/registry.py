@@ -1,27 +1,24 @@
 """The ``lmms_eval.models`` entry point: model manifests, built without importing torch or transformers.
 
 lmms-eval calls ``manifests()`` when it builds its model registry; class paths are strings that it
-imports only when a model is actually requested.
+imports only when a model is actually requested. The names are every family row x every preset
+(``<family>_<preset>``, and ``<family>_prune`` with ``method=``).
 """
 
 from __future__ import annotations
 
+from lmms_prune.families import FAMILIES
 from lmms_prune.presets import PRESETS
+
+WRAPPERS = "lmms_prune.models.wrappers"
 
 # model id -> chat class path
 MODELS: dict[str, str] = {
     "grounding_oracle": "lmms_prune.models.oracle.GroundingOracle",
 }
-
-# Pruned VLM wrappers (models/base.py): <family>_prune takes method=...; <family>_<preset> fixes the method.
-PRUNED_FAMILIES: dict[str, str] = {
-    "internvl": "lmms_prune.models.internvl.InternVLPrune",
-    "qwen2_5_vl": "lmms_prune.models.qwen2_5_vl.Qwen25VLPrune",
-    "llava": "lmms_prune.models.llava.LlavaPrune",
-}
-for _family, _path in PRUNED_FAMILIES.items():
-    MODELS[f"{_family}_prune"] = _path
-    MODELS.update({f"{_family}_{_preset}": f"{_path}_{_preset}" for _preset in PRESETS})
+for _family, (_module, _stem) in FAMILIES.items():
+    MODELS[f"{_family}_prune"] = f"{WRAPPERS}.{_stem}"
+    MODELS.update({f"{_family}_{_preset}": f"{WRAPPERS}.{_stem}_{_preset}" for _preset in PRESETS})
 
 
 def manifests() -> list:

@@ -42,13 +42,9 @@ def grounder_dir() -> Path:
 
     Raises ``FileNotFoundError`` when the package data is missing (e.g. an install without package data).
     """
-    path = Path(__file__).resolve().parent.parent / "assets" / "tiny_grounder"
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{path}: the tiny grounding model is not there; reinstall lmms_prune with its package data or "
-            "retrain it with scripts/train_grounding.py --out lmms_prune/assets/tiny_grounder"
-        )
-    return path
+    from lmms_prune.loading import shipped_dir
+
+    return shipped_dir(SHORT_NAME)
 
 
 def grounding_corpus() -> tuple[str, ...]:

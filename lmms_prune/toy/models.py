@@ -23,6 +23,8 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,10 +40,8 @@ from transformers import (
     Qwen2Config,
 )
 
+from lmms_prune.families.internvl import num_tiles, tile_grid
 from lmms_prune.toy import tokenizers as toy_tok
-
-FAMILIES = ("internvl_llama", "internvl_qwen2", "qwen2_5_vl", "llava")
-
 
 TEXT_HIDDEN = 64
 TEXT_HEADS = 4
@@ -231,38 +231,25 @@ def tiny_config(family: str, num_layers: int = 14) -> transformers.PretrainedCon
     """
     _check_family(family)
     _check_num_layers(num_layers)
-    if family == "internvl_llama":
-        config = internvl_config(_llama_text_config(num_layers), toy_tok.LLAMA_SPECIAL_IDS["<IMG_CONTEXT>"])
-    elif family == "internvl_qwen2":
-        config = internvl_config(_qwen2_text_config(num_layers), toy_tok.QWEN_SPECIAL_IDS["<IMG_CONTEXT>"])
-    elif family == "qwen2_5_vl":
-        config = _qwen2_5_vl_config(num_layers)
-    else:
-        config = _llava_config(num_layers)
+    config = RECIPES[family].config(num_layers)
     config._attn_implementation = "sdpa"
     return config
 
 
-def _generation_ids(family: str) -> dict[str, int | list[int]]:
+def _qwen_generation_ids() -> dict[str, int | list[int]]:
     """bos/eos/pad ids for generation: chat models stop at the end-of-turn token as well as end-of-text."""
-    if family in ("internvl_qwen2", "qwen2_5_vl"):
-        ids = toy_tok.QWEN_SPECIAL_IDS
-        return {
-            "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
-            "pad_token_id": ids["<|endoftext|>"],
-        }
+    ids = toy_tok.QWEN_SPECIAL_IDS
+    return {
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
+
+
+def _llama_generation_ids(chat: bool) -> dict[str, int | list[int]]:
     ids = toy_tok.LLAMA_SPECIAL_IDS
-    eos = [ids["<|im_end|>"], ids["</s>"]] if family == "internvl_llama" else [ids["</s>"]]
+    eos = [ids["<|im_end|>"], ids["</s>"]] if chat else [ids["</s>"]]
     return {"bos_token_id": ids["<s>"], "eos_token_id": eos, "pad_token_id": ids["<pad>"]}
-
-
-def _model_class(family: str) -> type[PreTrainedModel]:
-    if family.startswith("internvl"):
-        return transformers.InternVLForConditionalGeneration
-    if family == "qwen2_5_vl":
-        return transformers.Qwen2_5_VLForConditionalGeneration
-    return transformers.LlavaForConditionalGeneration
 
 
 def build_tiny_model(
@@ -275,8 +262,9 @@ def build_tiny_model(
     config = tiny_config(family, num_layers)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = _model_class(family)._from_config(config, attn_implementation="sdpa", dtype=dtype)
-    for key, value in _generation_ids(family).items():
+        model = getattr(transformers, RECIPES[family].model_class)._from_config(
+            config, attn_implementation="sdpa", dtype=dtype)
+    for key, value in RECIPES[family].generation().items():
         setattr(model.generation_config, key, value)
     return model.eval()
 
@@ -286,46 +274,9 @@ def build_tiny_model(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def internvl_tile_grid(
-    width: int, height: int, max_num: int = INTERNVL_MAX_TILES, min_num: int = 1, image_size: int = 448
-) -> tuple[int, int]:
-    """The ``(columns, rows)`` grid InternVL's dynamic preprocessing cuts a ``width x height`` image into.
-
-    Among all grids ``i x j`` with ``min_num <= i * j <= max_num`` (visited in order of increasing area), take
-    the one whose aspect ratio ``i / j`` is closest to ``width / height``. On an exact tie the later, larger
-    grid wins only while the image has more than half the grid's pixel area
-    (``width * height > 0.5 * image_size**2 * i * j``), so small images are not blown up into many tiles.
-    This is ``find_closest_aspect_ratio`` of InternVL's ``dynamic_preprocess``.
-    """
-    if width < 1 or height < 1:
-        raise ValueError(f"image size {width}x{height}: width and height must be >= 1 pixel")
-    if not 1 <= min_num <= max_num:
-        raise ValueError(f"min_num={min_num}, max_num={max_num}: need 1 <= min_num <= max_num")
-    grids = sorted(
-        ((i, j) for i in range(1, max_num + 1) for j in range(1, max_num + 1) if min_num <= i * j <= max_num),
-        key=lambda grid: grid[0] * grid[1],
-    )
-    aspect = width / height
-    best, best_diff = (1, 1), float("inf")
-    for cols, rows in grids:
-        diff = abs(aspect - cols / rows)
-        if diff < best_diff:
-            best, best_diff = (cols, rows), diff
-        elif diff == best_diff and width * height > 0.5 * image_size * image_size * cols * rows:
-            best = (cols, rows)
-    return best
-
-
-def internvl_num_tiles(
-    width: int, height: int, max_num: int = INTERNVL_MAX_TILES, min_num: int = 1, image_size: int = 448
-) -> int:
-    """Number of 448 px tiles InternVL feeds its vision tower for one image: the grid's ``cols * rows``
-    (:func:`internvl_tile_grid`) plus one global thumbnail when the grid has more than one tile.
-
-    The image then costs ``internvl_num_tiles(...) * 256`` visual tokens.
-    """
-    cols, rows = internvl_tile_grid(width, height, max_num=max_num, min_num=min_num, image_size=image_size)
-    return cols * rows + (1 if cols * rows > 1 else 0)
+# The rule itself is production code: lmms_prune.families.internvl (transformers' get_optimal_tiled_canvas).
+internvl_tile_grid = tile_grid
+internvl_num_tiles = num_tiles
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -399,49 +350,59 @@ def build_processor(family: str, tokenizer: transformers.PreTrainedTokenizerBase
 
     InternVL: GotOcr2 image processor cropping to 448 px tiles (at most :data:`INTERNVL_MAX_TILES`, override
     per call with ``images_kwargs={"max_patches": n}``) plus a thumbnail, ImageNet normalisation, 256 tokens
-    per tile. Qwen2.5-VL: smart-resize to multiples of 28 within [:data:`QWEN_MIN_PIXELS`,
+    per tile. Qwen2.5-VL / Qwen2-VL: smart-resize to multiples of 28 within [:data:`QWEN_MIN_PIXELS`,
     :data:`QWEN_MAX_PIXELS`]. LLaVA-1.5: CLIP resize + centre crop to 336 px, 576 tokens. ``tokenizer``
     replaces the family's tokenizer (the grounding model's, :func:`lmms_prune.toy.grounder.grounder_tokenizer`).
     """
     _check_family(family)
-    tokenizer = tokenizer if tokenizer is not None else toy_tok.build_tokenizer(family)
-    if family.startswith("internvl"):
-        image_processor = transformers.GotOcr2ImageProcessor(
-            size={"height": INTERNVL_IMAGE_SIZE, "width": INTERNVL_IMAGE_SIZE},
-            crop_to_patches=True,
-            min_patches=1,
-            max_patches=INTERNVL_MAX_TILES,
-            image_mean=IMAGENET_MEAN,
-            image_std=IMAGENET_STD,
-        )
-        video_processor = transformers.InternVLVideoProcessor(
-            size={"height": INTERNVL_IMAGE_SIZE, "width": INTERNVL_IMAGE_SIZE},
-            image_mean=IMAGENET_MEAN,
-            image_std=IMAGENET_STD,
-        )
-        return transformers.InternVLProcessor(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            video_processor=video_processor,
-            image_seq_length=INTERNVL_TOKENS_PER_TILE,
-            chat_template=INTERNVL_CHAT_TEMPLATE,
-        )
-    if family == "qwen2_5_vl":
-        pixel_kwargs = {
-            "min_pixels": QWEN_MIN_PIXELS,
-            "max_pixels": QWEN_MAX_PIXELS,
-            "patch_size": QWEN_PATCH_SIZE,
-            "merge_size": QWEN_MERGE_SIZE,
-            "temporal_patch_size": 2,
-            "image_mean": CLIP_MEAN,
-            "image_std": CLIP_STD,
-        }
-        return transformers.Qwen2_5_VLProcessor(
-            image_processor=transformers.Qwen2VLImageProcessor(**pixel_kwargs),
-            tokenizer=tokenizer,
-            video_processor=transformers.Qwen2VLVideoProcessor(**pixel_kwargs),
-            chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
-        )
+    recipe = RECIPES[family]
+    return recipe.processor(tokenizer if tokenizer is not None else recipe.tokenizer())
+
+
+def _internvl_processor(tokenizer: transformers.PreTrainedTokenizerBase) -> transformers.ProcessorMixin:
+    image_processor = transformers.GotOcr2ImageProcessor(
+        size={"height": INTERNVL_IMAGE_SIZE, "width": INTERNVL_IMAGE_SIZE},
+        crop_to_patches=True,
+        min_patches=1,
+        max_patches=INTERNVL_MAX_TILES,
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
+    )
+    video_processor = transformers.InternVLVideoProcessor(
+        size={"height": INTERNVL_IMAGE_SIZE, "width": INTERNVL_IMAGE_SIZE},
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
+    )
+    return transformers.InternVLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        image_seq_length=INTERNVL_TOKENS_PER_TILE,
+        chat_template=INTERNVL_CHAT_TEMPLATE,
+    )
+
+
+QWEN_PIXEL_KWARGS = {
+    "min_pixels": QWEN_MIN_PIXELS,
+    "max_pixels": QWEN_MAX_PIXELS,
+    "patch_size": QWEN_PATCH_SIZE,
+    "merge_size": QWEN_MERGE_SIZE,
+    "temporal_patch_size": 2,
+    "image_mean": CLIP_MEAN,
+    "image_std": CLIP_STD,
+}
+
+
+def _qwen2_5_vl_processor(tokenizer: transformers.PreTrainedTokenizerBase) -> transformers.ProcessorMixin:
+    return transformers.Qwen2_5_VLProcessor(
+        image_processor=transformers.Qwen2VLImageProcessor(**QWEN_PIXEL_KWARGS),
+        tokenizer=tokenizer,
+        video_processor=transformers.Qwen2VLVideoProcessor(**QWEN_PIXEL_KWARGS),
+        chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
+    )
+
+
+def _llava_processor(tokenizer: transformers.PreTrainedTokenizerBase) -> transformers.ProcessorMixin:
     image_processor = transformers.CLIPImageProcessor(
         size={"shortest_edge": LLAVA_IMAGE_SIZE},
         crop_size={"height": LLAVA_IMAGE_SIZE, "width": LLAVA_IMAGE_SIZE},
@@ -457,6 +418,36 @@ def build_processor(family: str, tokenizer: transformers.PreTrainedTokenizerBase
         num_additional_image_tokens=1,
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
+
+
+@dataclass(frozen=True)
+class ToyRecipe:
+    """How to build one toy family: its config (of ``num_layers``), transformers class, tokenizer, processor
+    and generation ids."""
+
+    config: Callable[[int], transformers.PretrainedConfig]
+    model_class: str
+    tokenizer: Callable[[], transformers.PreTrainedTokenizerBase]
+    processor: Callable[[transformers.PreTrainedTokenizerBase], transformers.ProcessorMixin]
+    generation: Callable[[], dict[str, int | list[int]]]
+
+
+# One row per toy family (the production family each belongs to: lmms_prune.families.family_of(name)).
+RECIPES: dict[str, ToyRecipe] = {
+    "internvl_llama": ToyRecipe(
+        lambda n: internvl_config(_llama_text_config(n), toy_tok.LLAMA_SPECIAL_IDS["<IMG_CONTEXT>"]),
+        "InternVLForConditionalGeneration", lambda: toy_tok.llama_tokenizer("internvl_llama"), _internvl_processor,
+        lambda: _llama_generation_ids(chat=True)),
+    "internvl_qwen2": ToyRecipe(
+        lambda n: internvl_config(_qwen2_text_config(n), toy_tok.QWEN_SPECIAL_IDS["<IMG_CONTEXT>"]),
+        "InternVLForConditionalGeneration", lambda: toy_tok.qwen2_tokenizer("internvl_qwen2"), _internvl_processor,
+        _qwen_generation_ids),
+    "qwen2_5_vl": ToyRecipe(_qwen2_5_vl_config, "Qwen2_5_VLForConditionalGeneration",
+                            lambda: toy_tok.qwen2_tokenizer("qwen2_5_vl"), _qwen2_5_vl_processor, _qwen_generation_ids),
+    "llava": ToyRecipe(_llava_config, "LlavaForConditionalGeneration", lambda: toy_tok.llama_tokenizer("llava"),
+                       _llava_processor, lambda: _llama_generation_ids(chat=False)),
+}
+FAMILIES = tuple(RECIPES)
 
 
 # ---------------------------------------------------------------------------------------------------------

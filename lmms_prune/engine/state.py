@@ -1,0 +1,66 @@
+"""The engine's typed records: what one prefill did (:class:`PruneRecord`) and the per-call state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lmms_prune.families.base import ImageSpan
+
+
+@dataclass
+class PruneRecord:
+    """What one prefill did to one sample."""
+
+    visual_before: int
+    visual_after: int
+    kept: list[torch.Tensor]  # per image: kept indices within that image's visual tokens, ascending
+    seq_len_before: int  # non-padding tokens entering the LLM
+    seq_len_after: int  # non-padding tokens from layer K on
+    kv_lengths: list[int]  # per decoder layer, cache entries of this sample after prefill
+    scores: list[torch.Tensor | None] = field(default_factory=list)  # per image, the scores selection used
+    select_seconds: float = 0.0  # scoring rows + score combination + selection
+    llm_prefill_seconds: float = 0.0
+    vision_seconds: float = 0.0  # pre-LLM methods: the image encoding the engine ran itself
+    spans: list[ImageSpan] = field(default_factory=list)  # the sample's images, in sequence order
+
+
+@dataclass
+class CallState:
+    """The state of the model call in progress (one ``generate`` or ``forward``).
+
+    ``phase``: ``idle`` (no images), ``pre_llm`` (inputs shrunk inside ``generate``), ``prefill``,
+    ``prefilled``, ``decode``. ``seq_len``: the padded prompt length ``T``; ``lengths``: each sample's
+    non-padding length; ``padding``: the 2-D mask (True = real token) as given. Signals recorded at prefill:
+    ``attention[layer]`` ``[B, S]`` (last-row attention), ``key_norms[layer]`` ``[B, S]``. After selection:
+    ``keep_mask`` ``[B, T]`` (kept positions of the full sequence), ``keep_index`` / ``keep_valid`` ``[B, T']``
+    (the gather index of the pruned sequence, pad slots on the left, and which slots are real), ``pruned``
+    (decoder-layer kwargs gathered at the kept positions), ``kv_full`` (the unpruned cache length in decode).
+    """
+
+    phase: str = "idle"
+    spans: list[list[ImageSpan]] | None = None
+    seq_len: int = 0
+    lengths: list[int] = field(default_factory=list)
+    padding: torch.Tensor | None = None
+    attention: dict[int, torch.Tensor] = field(default_factory=dict)
+    key_norms: dict[int, torch.Tensor] = field(default_factory=dict)
+    score_seconds: float = 0.0
+    lm_t0: float | None = None
+    keep_mask: torch.Tensor | None = None
+    keep_index: torch.Tensor | None = None
+    keep_valid: torch.Tensor | None = None
+    pruned: dict[str, Any] | None = None
+    kv_full: int | None = None
+
+    @property
+    def has_images(self) -> bool:
+        return self.spans is not None and any(self.spans)
+
+
+def sync(t: torch.Tensor | None) -> None:
+    """Wait for the GPU before reading a clock (no-op on the CPU)."""
+    if t is not None and t.is_cuda:
+        torch.cuda.synchronize(t.device)

@@ -1,0 +1,264 @@
+"""What every model family module says about its architecture (methods.md section 1).
+
+A family is one subclass of :class:`Family` in its own module under ``lmms_prune.families``. The class holds the
+facts that do not need a model (default checkpoint, ``--model_args`` of its processor, token-to-pixel geometry,
+benchmark geometries, the box convention of grounding answers); an instance, ``Family(model)``, is the
+engine's adapter for one loaded model (decoder location, image-token spans and their grids, vision tower and
+feature layer, the pre-LLM hand-over).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from lmms_prune import geometry as geo
+
+
+@dataclass
+class ImageSpan:
+    """One image's visual tokens inside one sample: ``length`` tokens from sequence index ``start``.
+
+    ``grids`` lists the (rows, cols) of its consecutive token blocks in order (InternVL: one 16x16 grid per
+    tile, thumbnail last; Qwen2.5-VL: one (h/28, w/28) grid; LLaVA-1.5: one 24x24 grid).
+    """
+
+    start: int
+    length: int
+    grids: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return torch.arange(self.start, self.start + self.length)
+
+
+def runs(mask: torch.Tensor) -> list[tuple[int, int]]:
+    """Contiguous runs of True in a 1-D bool tensor, as (start, length)."""
+    idx = torch.nonzero(mask, as_tuple=False).flatten().tolist()
+    out: list[tuple[int, int]] = []
+    for i in idx:
+        if out and out[-1][0] + out[-1][1] == i:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((i, 1))
+    return out
+
+
+def int_arg(name: str, value: Any, minimum: int) -> int:
+    """``value`` as an int >= ``minimum`` (strings from the command line are parsed), or a clear error."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name}={value!r}: must be an integer >= {minimum}")
+    try:
+        number = int(value) if not isinstance(value, float) or value.is_integer() else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number < minimum:
+        raise ValueError(f"{name}={value!r}: must be an integer >= {minimum}")
+    return number
+
+
+VOCAB = 2048  # benchmark geometries: a small vocabulary (embedding/LM-head size does not affect prefill)
+IMAGE_TOKEN = 2000
+
+
+def bench_text_config(layers: int, hidden: int, heads: int, kv: int, ffn: int, kind: str) -> dict[str, Any]:
+    """The text-model config of a benchmark geometry (random weights, real widths)."""
+    cfg = {"vocab_size": VOCAB, "hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": layers,
+           "num_attention_heads": heads, "num_key_value_heads": kv, "max_position_embeddings": 32768,
+           "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False}
+    if kind == "qwen2":
+        cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 1_000_000.0}
+    return cfg
+
+
+class Family:
+    """Base family: the facts of a transformers-native VLM and, bound to a model, the engine's adapter."""
+
+    # ---- facts (class level; reading them loads no model)
+    name: ClassVar[str] = "base"
+    model_types: ClassVar[tuple[str, ...]] = ()  # accepted ``config.model_type`` values
+    model_class: ClassVar[str] = ""  # transformers class name, for messages and docs
+    processor_class: ClassVar[str] = ""  # the transformers processor class of its checkpoints
+    default_pretrained: ClassVar[str | None] = None
+    model_args: ClassVar[dict[str, str]] = {}  # family-specific --model_args, name -> help
+    # Grounding answers: "grid1000" (``<box>[[x1,y1,x2,y2]]</box>`` on a 0-1000 grid of the original image) or
+    # "resized_pixels" (absolute pixels of the processor's resized image, e.g. Qwen2.5-VL's ``bbox_2d``).
+    box_convention: ClassVar[str] = "grid1000"
+    has_cls: ClassVar[bool] = True
+    image_input_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "image_sizes")
+    # name -> benchmark geometry spec (real widths, random weights); see :meth:`build_geometry`.
+    bench_geometries: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    # ---- --model_args of the family's processor
+    @classmethod
+    def parse_model_args(cls, args: dict[str, Any]) -> dict[str, Any]:
+        """Pop and validate the family's own ``--model_args`` (:attr:`model_args`) from ``args``."""
+        return {}
+
+    @classmethod
+    def processor_kwargs(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """Keyword arguments of the processor call for the parsed family options."""
+        return {}
+
+    @classmethod
+    def image_kwargs(cls, max_num: int | None) -> dict[str, Any]:
+        """Processor-call keyword arguments for a tile budget (calibration, diagnostics, overlays)."""
+        return {}
+
+    # ---- token-to-pixel geometry
+    @classmethod
+    def token_boxes(cls, image_size: Sequence[int], grids: Any, processor: Any = None,
+                    max_num: int | None = None) -> torch.Tensor:
+        """Float ``[N, 4]`` pixel boxes of one image's visual tokens in the ORIGINAL image (one raster per
+        grid, each over the whole image, unless the family says otherwise)."""
+        width, height = geo.check_size(image_size)
+        return torch.cat([geo.raster((0, 0, width, height), g) for g in geo.grid_list(grids)]).float()
+
+    @classmethod
+    def token_views(cls, grids: Any) -> dict[str, torch.Tensor]:
+        """Named bool masks ``[N]`` of token subsets that each cover the image once."""
+        grid_list = geo.grid_list(grids)
+        n = sum(r * c for r, c in grid_list)
+        return {"image": torch.ones(n, dtype=torch.bool)}
+
+    @classmethod
+    def grid_labels(cls, image_size: Sequence[int], grids: Any, processor: Any = None,
+                    max_num: int | None = None) -> list[str]:
+        grid_list = geo.grid_list(grids)
+        if len(grid_list) == 1:
+            return ["image"]
+        return [f"frame {t}" for t in range(len(grid_list))]
+
+    @classmethod
+    def layout_key(cls, image_size: Sequence[int], grids: Any, processor: Any = None,
+                   max_num: int | None = None) -> str:
+        """A name of the visual-token layout (maps of one layout can be averaged)."""
+        return "grid" + "+".join(f"{r}x{c}" for r, c in geo.grid_list(grids))
+
+    # ---- benchmark geometries (random weights of a real checkpoint's widths)
+    @classmethod
+    def build_geometry(cls, spec: dict[str, Any], layers: int | None = None) -> nn.Module:
+        raise TypeError(f"{cls.name}: this family has no benchmark geometry")
+
+    @classmethod
+    def synthetic_inputs(cls, model: nn.Module, visual_tokens: int, text: torch.Tensor,
+                         gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(pixel_values, extra inputs)`` of one image of ``visual_tokens`` tokens."""
+        raise TypeError(f"{cls.name}: this family has no synthetic benchmark inputs")
+
+    # ---- the adapter (bound to one model)
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+        inner = model.model
+        self.language_model: nn.Module = inner.language_model
+        self.layers: nn.ModuleList = self.language_model.layers
+        self.text_config = self.language_model.config
+        self.image_token_id: int = int(self.config.image_token_id)
+
+    @property
+    def family(self) -> str:
+        return self.name
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def final_norm(self) -> nn.Module:
+        """The language model's final norm (DART measures similarity on normed hidden states)."""
+        return self.language_model.norm
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.vision_tower
+
+    @property
+    def vision_config(self):
+        return self.vision_tower.config
+
+    def projector(self) -> nn.Module:
+        return self.model.model.multi_modal_projector
+
+    def vision_layers(self) -> nn.ModuleList:
+        raise TypeError(f"{self.name}: vision-encoder attention is not available")
+
+    def vision_feature_attention(self) -> nn.Module:
+        """The attention module of the vision layer whose output the model feeds to the projector."""
+        layers = self.vision_layers()
+        fl = self.config.vision_feature_layer
+        if not isinstance(fl, int):
+            raise ValueError(f"{self.name}: vispruner needs one vision_feature_layer, got {fl!r}")
+        hidden_index = fl if fl >= 0 else len(layers) + 1 + fl  # hidden_states[0] is the embedding output
+        return self._attention_of(layers[hidden_index - 1])
+
+    @staticmethod
+    def _attention_of(layer: nn.Module) -> nn.Module:
+        return getattr(layer, "self_attn", None) or layer.attention
+
+    def encode_images(self, kwargs: dict[str, Any]):
+        return self.model.model.get_image_features(pixel_values=kwargs["pixel_values"], return_dict=True)
+
+    @staticmethod
+    def flatten_image_features(pooled) -> torch.Tensor:
+        """Projected visual embeddings of every image, in prompt order: [num_visual_tokens, D]."""
+        if isinstance(pooled, (list, tuple)):
+            return torch.cat([p.reshape(-1, p.shape[-1]) for p in pooled], 0)
+        return pooled.reshape(-1, pooled.shape[-1])
+
+    def flatten_pre_projector(self, pre: torch.Tensor) -> torch.Tensor:
+        return pre.reshape(-1, pre.shape[-1])
+
+    def cls_importance(self, rows: torch.Tensor) -> torch.Tensor:
+        """[images or tiles, H, 1 + P] [CLS] rows -> [num_visual_tokens] VisPruner importance."""
+        from lmms_prune.scores import cls_attention
+
+        return torch.cat([cls_attention(r, has_cls=True) for r in rows])
+
+    def wrap_image_features(self, encoded, kept: torch.Tensor):
+        encoded.pooler_output = [kept]
+        return encoded
+
+    def original_positions(self, input_ids: torch.Tensor, mask2d: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        """RoPE positions of the unpruned prompt, [B, T] (as ``generate`` numbers a left-padded batch)."""
+        pos = mask2d.long().cumsum(-1) - 1
+        return pos.masked_fill(mask2d == 0, 0)
+
+    def pad_token_id(self) -> int:
+        pad = getattr(self.model.generation_config, "pad_token_id", None)
+        if isinstance(pad, (list, tuple)):
+            pad = pad[0] if pad else None
+        return int(pad) if pad is not None else 0
+
+    def tokens_per_image(self) -> int:
+        return int(self.config.image_seq_length)
+
+    def image_grids(self, run_length: int, image_index: int, forward_kwargs: dict[str, Any],
+                    sample: int = 0, start: int = 0) -> list[list[tuple[int, int]]]:
+        """Split one run of image tokens into images, each a list of grids."""
+        per_image = self.tokens_per_image()
+        side = math.isqrt(per_image)
+        if run_length % per_image:
+            raise ValueError(f"{self.name}: a run of {run_length} image tokens is not a multiple of {per_image}")
+        return [[(side, side)] for _ in range(run_length // per_image)]
+
+    def spans(self, input_ids: torch.Tensor, forward_kwargs: dict[str, Any]) -> list[list[ImageSpan]]:
+        """Image spans per sample, in sequence order. ``input_ids``: LongTensor[B, T]."""
+        out: list[list[ImageSpan]] = []
+        image_index = 0
+        for b, row in enumerate(input_ids):
+            spans: list[ImageSpan] = []
+            for start, length in runs(row == self.image_token_id):
+                images = self.image_grids(length, image_index, forward_kwargs, b, start)
+                image_index += len(images)
+                offset = start
+                for grids in images:
+                    n = sum(r * c for r, c in grids)
+                    spans.append(ImageSpan(offset, n, grids))
+                    offset += n
+            out.append(spans)
+        return out

@@ -1,0 +1,198 @@
+"""InternVL2.5 / InternVL3 (transformers-native ``-hf`` checkpoints, Llama or Qwen2 text model).
+
+Token layout (methods.md section 1): an image is cut into ``t <= max_num`` 448 px tiles chosen by aspect
+ratio, row-major, plus a 448 px thumbnail last when ``t > 1``; each tile gives 256 tokens = a 16x16 raster
+after pixel shuffle. InternVL wraps every image in ``<img>...</img>``, so one run of image tokens is one image.
+
+Token-to-pixel geometry: the image is resized to ``cols*448 x rows*448`` (the grid of transformers'
+``get_optimal_tiled_canvas``, the rule of InternVL's ``dynamic_preprocess``) and cut into tiles row-major; the
+tile tokens together form one ``(rows*16) x (cols*16)`` raster over the whole image; the thumbnail's 16x16
+raster covers the whole image again.
+
+``--model_args``: ``max_num`` (at most this many tiles, default 6: InternVL's grounding protocol, section 6),
+passed to the processor as ``max_patches``. Grounding answers: ``<box>[[x1, y1, x2, y2]]</box>`` on a 0-1000
+grid of the original image.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from lmms_prune import geometry as geo
+from lmms_prune.families.base import IMAGE_TOKEN, Family, bench_text_config, int_arg
+
+TILE = 448
+DEFAULT_MAX_NUM = 6
+_INTERNVIT_300M = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+
+
+def tile_grid(width: int, height: int, max_num: int = DEFAULT_MAX_NUM, min_num: int = 1,
+              image_size: int = TILE) -> tuple[int, int]:
+    """``(columns, rows)`` of the tiles InternVL cuts a ``width x height`` image into: transformers'
+    ``get_optimal_tiled_canvas`` (the aspect ratio closest to the image's among ``min_num..max_num`` tiles;
+    ties go to more tiles while the image covers more than half of their area)."""
+    from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
+
+    if width < 1 or height < 1:
+        raise ValueError(f"image size {width}x{height}: width and height must be >= 1 pixel")
+    if not 1 <= min_num <= max_num:
+        raise ValueError(f"min_num={min_num}, max_num={max_num}: need 1 <= min_num <= max_num")
+    cols, rows = get_optimal_tiled_canvas((height, width), (image_size, image_size), min_num, max_num)
+    return int(cols), int(rows)
+
+
+def num_tiles(width: int, height: int, max_num: int = DEFAULT_MAX_NUM, min_num: int = 1,
+              image_size: int = TILE) -> int:
+    """Tiles fed to the vision tower for one image: the grid's ``cols * rows`` plus a thumbnail when > 1."""
+    cols, rows = tile_grid(width, height, max_num=max_num, min_num=min_num, image_size=image_size)
+    return cols * rows + (1 if cols * rows > 1 else 0)
+
+
+def tiles_of(image_size: Sequence[int], grids: Any, processor: Any = None,
+             max_num: int | None = None) -> tuple[int, int]:
+    """``(cols, rows)`` of the tiles of one image with token ``grids`` (one per tile, thumbnail last).
+
+    The budget is ``max_num`` (default: the processor's ``max_patches``, else 6); it must give as many tiles as
+    ``grids`` holds, otherwise the image was processed with another budget.
+    """
+    width, height = geo.check_size(image_size)
+    grids = geo.grid_list(grids)
+    if len(grids) == 1:
+        return (1, 1)
+    ip = geo.image_processor(processor) if processor is not None else None
+    if max_num is None:
+        max_num = int(getattr(ip, "max_patches", None) or DEFAULT_MAX_NUM)
+    min_num = int(getattr(ip, "min_patches", None) or 1)
+    tile = int(geo.size_value(getattr(ip, "size", None), "height") or TILE)
+    cols, rows = tile_grid(width, height, max_num=max_num, min_num=min_num, image_size=tile)
+    if cols * rows + 1 != len(grids):
+        raise ValueError(
+            f"max_num={max_num}: InternVL's tiling of a {width}x{height} image gives {cols}x{rows} tiles + a "
+            f"thumbnail = {cols * rows + 1} grids, but the image has {len(grids)}; pass the max_num "
+            "(--max-num) the image was processed with"
+        )
+    return cols, rows
+
+
+class InternVL(Family):
+    """InternVL2.5/3 (-hf): each image is a run of ``tiles * 256`` tokens; one 16x16 grid per tile."""
+
+    name = "internvl"
+    model_types = ("internvl",)
+    model_class = "InternVLForConditionalGeneration"
+    processor_class = "InternVLProcessor"
+    default_pretrained = "OpenGVLab/InternVL2_5-8B-MPO-hf"
+    model_args: ClassVar[dict[str, str]] = {"max_num": "maximum number of 448 px tiles per image (default 6)"}
+    bench_geometries: ClassVar[dict[str, dict[str, Any]]] = {
+        "internvl2_5-1b": {"text": (24, 896, 14, 2, 4864, "qwen2")},
+        "internvl2_5-2b": {"text": (24, 2048, 16, 8, 8192, "llama")},
+        "internvl2_5-8b": {"text": (32, 4096, 32, 8, 14336, "llama")},
+    }
+
+    @classmethod
+    def parse_model_args(cls, args):
+        return {"max_num": int_arg("max_num", args.pop("max_num", DEFAULT_MAX_NUM), 1)}
+
+    @classmethod
+    def processor_kwargs(cls, options):
+        # Explicit, so a checkpoint whose saved image-processor config turns tiling off still follows InternVL's
+        # dynamic preprocessing (1..max_num tiles + thumbnail).
+        return {"crop_to_patches": True, "min_patches": 1, "max_patches": options["max_num"]}
+
+    @classmethod
+    def image_kwargs(cls, max_num):
+        return {} if max_num is None else {"images_kwargs": {"max_patches": max_num}}
+
+    # ---- geometry
+    @classmethod
+    def token_boxes(cls, image_size, grids, processor=None, max_num=None):
+        width, height = geo.check_size(image_size)
+        grids = geo.grid_list(grids)
+        if len(grids) == 1:
+            return geo.raster((0, 0, width, height), grids[0]).float()
+        cols, rows = tiles_of((width, height), grids, processor, max_num)
+        tile_grids = grids[:-1]
+        if len(set(tile_grids)) != 1:
+            raise ValueError(f"grids={grids!r}: InternVL tiles must all have the same token grid")
+        gr, gc = tile_grids[0]
+        # One raster over the whole image, so neighbouring tiles share their edges exactly.
+        xs, ys = geo.edges(0, width, cols * gc), geo.edges(0, height, rows * gr)
+        out = []
+        for k in range(cols * rows):
+            r, c = divmod(k, cols)
+            out.append(geo.lattice(xs[c * gc: (c + 1) * gc + 1], ys[r * gr: (r + 1) * gr + 1]))
+        out.append(geo.raster((0, 0, width, height), grids[-1]))
+        return torch.cat(out).float()
+
+    @classmethod
+    def token_views(cls, grids):
+        grid_list = geo.grid_list(grids)
+        if len(grid_list) == 1:
+            return super().token_views(grids)
+        n = sum(r * c for r, c in grid_list)
+        thumb = grid_list[-1][0] * grid_list[-1][1]
+        tiles = torch.arange(n) < n - thumb
+        return {"tiles": tiles, "thumbnail": ~tiles}
+
+    @classmethod
+    def grid_labels(cls, image_size, grids, processor=None, max_num=None):
+        grid_list = geo.grid_list(grids)
+        if len(grid_list) == 1:
+            return ["image"]
+        cols, _ = tiles_of(image_size, grid_list, processor, max_num)
+        return [f"tile r{k // cols + 1} c{k % cols + 1}" for k in range(len(grid_list) - 1)] + ["thumbnail"]
+
+    @classmethod
+    def layout_key(cls, image_size, grids, processor=None, max_num=None):
+        cols, rows = tiles_of(image_size, grids, processor, max_num)
+        return f"tiles{cols}x{rows}"
+
+    # ---- benchmark geometry
+    @classmethod
+    def build_geometry(cls, spec, layers=None):
+        import transformers as tf
+
+        depth, hidden, heads, kv, ffn, kind = spec["text"]
+        text = bench_text_config(layers or depth, hidden, heads, kv, ffn, kind)
+        text_cfg = (tf.Qwen2Config if kind == "qwen2" else tf.LlamaConfig)(**text)
+        vision = tf.InternVLVisionConfig(**_INTERNVIT_300M, image_size=TILE, patch_size=14,
+                                         norm_type="layer_norm", use_qk_norm=False)
+        config = tf.InternVLConfig(vision_config=vision, text_config=text_cfg, image_token_id=IMAGE_TOKEN,
+                                   image_seq_length=256, downsample_ratio=0.5)
+        return tf.InternVLForConditionalGeneration, config
+
+    @classmethod
+    def synthetic_inputs(cls, model, visual_tokens, text, gen):
+        if visual_tokens % 256:
+            raise ValueError(f"--tokens {visual_tokens}: InternVL uses 256 tokens per tile; give a multiple of 256")
+        return torch.randn(visual_tokens // 256, 3, TILE, TILE, generator=gen), {}
+
+    # ---- adapter
+    def vision_layers(self):
+        return self.vision_tower.encoder.layer
+
+    def cls_importance(self, rows):
+        """InternViT [CLS] row over 32x32 patches, summed over the 2x2 groups pixel shuffle merges."""
+        from lmms_prune.scores import cls_attention, merge_pixel_shuffle
+
+        side = math.isqrt(rows.shape[-1] - 1)
+        factor = round(1 / self.config.downsample_ratio)
+        return torch.cat([merge_pixel_shuffle(cls_attention(r, has_cls=True), side, factor) for r in rows])
+
+    def wrap_image_features(self, encoded, kept):
+        encoded.pooler_output = kept[None]
+        return encoded
+
+    def image_grids(self, run_length, image_index, forward_kwargs, sample=0, start=0):
+        per_tile = self.tokens_per_image()
+        side = math.isqrt(per_tile)
+        if run_length % per_tile:
+            raise ValueError(f"internvl: a run of {run_length} image tokens is not a multiple of {per_tile}")
+        return [[(side, side)] * (run_length // per_tile)]
+
+
+FAMILY = InternVL

@@ -1,0 +1,160 @@
+"""Qwen2.5-VL (transformers-native): one ``(h/28) x (w/28)`` grid of merged tokens per image, 3-D M-RoPE.
+
+Images are smart-resized by the processor to multiples of 28 px within its pixel budget; ``min_pixels`` and
+``max_pixels`` override the budget. The grid comes from ``image_grid_thw`` when the forward call has it;
+``generate`` in transformers 5 encodes images before the first forward and passes only the 3-D M-RoPE
+``position_ids``, whose height and width rows span exactly the grid of each image. Grounding answers:
+``{"bbox_2d": [x1, y1, x2, y2]}`` in pixels of the resized image.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from lmms_prune.families.base import IMAGE_TOKEN, Family, bench_text_config, int_arg
+
+
+class Qwen25VL(Family):
+    """Qwen2.5-VL: one (h/28, w/28) grid per image."""
+
+    name = "qwen2_5_vl"
+    model_types = ("qwen2_5_vl",)
+    model_class = "Qwen2_5_VLForConditionalGeneration"
+    processor_class = "Qwen2_5_VLProcessor"
+    default_pretrained = "Qwen/Qwen2.5-VL-7B-Instruct"
+    model_args: ClassVar[dict[str, str]] = {
+        "min_pixels": "lower bound of an image's resized area in pixels (default: the processor's)",
+        "max_pixels": "upper bound of an image's resized area in pixels (default: the processor's)",
+    }
+    box_convention = "resized_pixels"
+    has_cls = False
+    image_input_keys = ("pixel_values", "image_grid_thw")
+    bench_geometries: ClassVar[dict[str, dict[str, Any]]] = {
+        "qwen2_5_vl-7b": {"text": (28, 3584, 28, 4, 18944, "qwen2")},
+    }
+    config_class: ClassVar[str] = "Qwen2_5_VLConfig"
+
+    @classmethod
+    def bench_vision(cls, text_hidden: int) -> dict[str, Any]:
+        """The vision tower of the benchmark geometries (the 7B's widths) for an LM of width ``text_hidden``."""
+        return {"depth": 32, "hidden_size": 1280, "num_heads": 16, "intermediate_size": 3420, "patch_size": 14,
+                "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+                "fullatt_block_indexes": [7, 15, 23, 31], "out_hidden_size": text_hidden}
+
+    @classmethod
+    def parse_model_args(cls, args):
+        out = {}
+        for name in ("min_pixels", "max_pixels"):
+            value = args.pop(name, None)
+            if value is not None and str(value).lower() not in ("", "none"):
+                out[name] = int_arg(name, value, 28 * 28)
+        if out.get("min_pixels", 0) > out.get("max_pixels", float("inf")):
+            raise ValueError(f"min_pixels={out['min_pixels']} > max_pixels={out['max_pixels']}: swap them")
+        return out
+
+    @classmethod
+    def processor_kwargs(cls, options):
+        return dict(options)
+
+    @classmethod
+    def build_geometry(cls, spec, layers=None):
+        import transformers as tf
+
+        depth, hidden, heads, kv, ffn, kind = spec["text"]
+        text = bench_text_config(layers or depth, hidden, heads, kv, ffn, kind)
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]}
+        vision = cls.bench_vision(hidden)
+        config = getattr(tf, cls.config_class)(
+            vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, video_token_id=IMAGE_TOKEN + 1,
+            vision_start_token_id=IMAGE_TOKEN + 2, vision_end_token_id=IMAGE_TOKEN + 3)
+        return getattr(tf, cls.model_class), config
+
+    @classmethod
+    def synthetic_inputs(cls, model, visual_tokens, text, gen):
+        rows = max(r for r in range(1, int(visual_tokens**0.5) + 1) if visual_tokens % r == 0)
+        cols = visual_tokens // rows
+        vc = model.config.vision_config
+        merge = int(vc.spatial_merge_size)
+        patch_dim = 3 * vc.temporal_patch_size * vc.patch_size**2
+        pixels = torch.randn(visual_tokens * merge * merge, patch_dim, generator=gen)
+        return pixels, {"image_grid_thw": torch.tensor([[1, merge * rows, merge * cols]])}
+
+    # ---- adapter
+    @property
+    def vision_tower(self):
+        return self.model.model.visual
+
+    def projector(self):
+        return self.vision_tower.merger
+
+    def vision_feature_attention(self):
+        raise ValueError(f"vispruner needs a [CLS] token in the vision encoder; {self.model_class}'s has none "
+                         "(use method=divprune, or an intra-LLM method)")
+
+    def encode_images(self, kwargs):
+        return self.model.model.get_image_features(kwargs["pixel_values"], kwargs["image_grid_thw"], return_dict=True)
+
+    def wrap_image_features(self, encoded, kept):
+        encoded.pooler_output = (kept,)
+        return encoded
+
+    def original_positions(self, input_ids, mask2d, kwargs):
+        """[4, B, T]: the text row transformers uses for masks, then the 3-D M-RoPE (t, h, w) rows."""
+        text = super().original_positions(input_ids, mask2d, kwargs)
+        mrope, _ = self.model.model.get_rope_index(
+            input_ids, image_grid_thw=kwargs.get("image_grid_thw"), attention_mask=mask2d,
+            mm_token_type_ids=kwargs.get("mm_token_type_ids"))
+        return torch.cat([text[None], mrope], 0)
+
+    def image_grids(self, run_length, image_index, forward_kwargs, sample=0, start=0):
+        thw = forward_kwargs.get("image_grid_thw")
+        if thw is not None:
+            return self._grids_from_thw(thw, run_length, image_index)
+        pos = forward_kwargs.get("position_ids")
+        if isinstance(pos, torch.Tensor) and pos.dim() == 3 and pos.shape[0] in (3, 4):
+            return self._grids_from_positions(pos[-3:, sample, start: start + run_length])
+        raise ValueError(f"{self.name}: image_grid_thw or 3-D position_ids are needed to lay out the visual tokens")
+
+    def _grids_from_thw(self, thw, run_length, image_index):
+        merge = int(self.config.vision_config.spatial_merge_size)
+        images: list[list[tuple[int, int]]] = []
+        covered, i = 0, image_index
+        while covered < run_length:
+            t, h, w = (int(v) for v in thw[i])
+            grid = (h // merge, w // merge)
+            images.append([grid] * t)
+            covered += t * grid[0] * grid[1]
+            i += 1
+        if covered != run_length:
+            raise ValueError(f"{self.name}: image_grid_thw does not match a run of {run_length} image tokens")
+        return images
+
+    def _grids_from_positions(self, pos: torch.Tensor) -> list[list[tuple[int, int]]]:
+        """pos: [3, n] (temporal, height, width) positions of one run; images restart the raster each time the
+        width position stops increasing after a full row and the height position jumps back."""
+        images: list[list[tuple[int, int]]] = []
+        n = pos.shape[1]
+        i = 0
+        while i < n:
+            t0, h0, w0 = (int(v) for v in pos[:, i])
+            rows = cols = 0
+            j = i
+            while j < n and int(pos[0, j]) == t0 and int(pos[1, j]) - h0 == rows:
+                width = 0
+                while j < n and int(pos[1, j]) - h0 == rows and int(pos[2, j]) - w0 == width:
+                    width += 1
+                    j += 1
+                if cols and width != cols:
+                    break
+                cols = width
+                rows += 1
+            if rows * cols == 0:
+                raise ValueError(f"{self.name}: cannot read the image grid from position_ids")
+            images.append([(rows, cols)])
+            i += rows * cols
+        return images
+
+
+FAMILY = Qwen25VL

@@ -1,0 +1,273 @@
+"""The plug-in interface of pruning methods: parameters, the signals a method needs, scores and selectors.
+
+A method module under ``lmms_prune.methods`` declares, with the classes here:
+
+* :class:`Param` rows: every parameter it introduces (default, type, range, help text);
+* :class:`Score` plug-ins: an importance score per visual token, computed from declared signals;
+* :class:`Selector` plug-ins: the kept indices of one image, from its scores and declared signals;
+* :class:`Preset` rows: named settings (``fastv`` = score ``attention`` + selector ``topk`` at ``K=2``).
+
+The engine (``lmms_prune.engine``) collects the union of the :class:`Needs` of the chosen score and selector,
+hands each image's :class:`ImageSignals` to the score, then to the selector. It names no method and no score.
+Method modules stay light to import (lmms-eval reads the preset names at start-up): the tensor maths is
+reached through :data:`sel` and :data:`S`, imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    import torch
+
+    from lmms_prune.families.base import ImageSpan
+
+
+class _Lazy:
+    """A module imported on first attribute access."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self._name), attr)
+
+
+sel = _Lazy("lmms_prune.selection")  # pure selection algorithms
+S = _Lazy("lmms_prune.scores")  # pure importance scores
+
+STAGES = ("none", "llm", "pre_llm")
+
+
+# ---------------------------------------------------------------------------------------------- parameters
+@dataclass(frozen=True)
+class Param:
+    """One pruning parameter: its default, type, allowed values and help text.
+
+    ``kind``: ``int``, ``float``, ``str`` (with ``choices``), ``path`` (a file path or None), ``alpha`` (a
+    float or ``"auto"``) or ``indices`` (``"3,5;1,2"``). ``low``/``high`` bound numbers (inclusive unless
+    ``open_low``); ``optional`` allows None.
+    """
+
+    name: str
+    default: Any
+    help: str
+    kind: str = "float"
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    choices: tuple[str, ...] = ()
+    optional: bool = False
+
+    def parse(self, value: Any) -> Any:
+        """Parse a command-line string (or check a Python value) into this parameter's type."""
+        text = value.strip() if isinstance(value, str) else None
+        if text is not None and text.lower() in ("", "none", "null") and self.kind not in ("str",):
+            if not self.optional:
+                raise ValueError(f"{self.name}={value!r}: a value is required ({self._expect()})")
+            return None
+        if value is None:
+            if not self.optional:
+                raise ValueError(f"{self.name}=None: a value is required ({self._expect()})")
+            return None
+        if self.kind == "int":
+            number = self._as_int(value, text)
+            return self._number(number, number if text is not None else value)
+        if self.kind == "float":
+            number = self._as_float(value, text)
+            return self._number(number, number if text is not None else value)
+        if self.kind == "alpha":
+            if value == "auto":
+                return "auto"
+            try:
+                number = self._as_float(value, text)
+            except ValueError:
+                raise ValueError(f"{self.name}={value!r}: must be in [0, 1] or 'auto'") from None
+            shown = number if text is not None else value
+            if not 0.0 <= number <= 1.0:
+                raise ValueError(f"{self.name}={shown!r}: must be in [0, 1] or 'auto'")
+            return number
+        if self.kind == "indices":
+            return parse_indices(text) if text is not None else value
+        if self.kind == "path":
+            return text if text is not None else str(value)
+        out = text if text is not None else value
+        if self.choices and out not in self.choices:
+            raise ValueError(f"{self.name}={value!r}: must be one of {self.choices}")
+        return out
+
+    def _expect(self) -> str:
+        return {"int": "an integer", "float": "a number", "alpha": "a number or 'auto'"}.get(self.kind, "a value")
+
+    def _as_int(self, value: Any, text: str | None) -> int:
+        try:
+            if text is not None:
+                return int(text)
+            if isinstance(value, bool) or not float(value).is_integer():
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{self.name}={value!r}: must be an integer") from None
+
+    def _as_float(self, value: Any, text: str | None) -> float:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(text if text is not None else value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{self.name}={value!r}: must be a number") from None
+        if not math.isfinite(number):
+            raise ValueError(f"{self.name}={value!r}: must be a finite number")
+        return number
+
+    def _number(self, number: float, shown: Any) -> Any:
+        low_ok = self.low is None or (number > self.low if self.open_low else number >= self.low)
+        high_ok = self.high is None or number <= self.high
+        if not (low_ok and high_ok):
+            raise ValueError(f"{self.name}={shown}: must be {self.range_text()}")
+        return number
+
+    def range_text(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}]"
+        if self.low is not None:
+            return f"{'>' if self.open_low else '>='} {self.low:g}"
+        return f"<= {self.high:g}"
+
+
+def parse_indices(text: str) -> list[int] | list[list[int]]:
+    """``"3,5,9"`` or ``"3,5;1,2"`` (one list per sample, ';'-separated) into lists of ints."""
+    try:
+        groups = [[int(x) for x in g.replace(" ", "").split(",") if x] for g in text.split(";")]
+    except ValueError:
+        raise ValueError(f"keep_indices={text!r}: must be comma-separated integers, ';' between samples") from None
+    return groups[0] if len(groups) == 1 else groups
+
+
+# ---------------------------------------------------------------------------------------------- signals
+@dataclass(frozen=True)
+class Needs:
+    """The signals a score or selector reads; the engine collects the union of both.
+
+    Inside the LLM: ``attention`` (decoder layers whose last-prompt-token attention row is recorded),
+    ``key_norms`` (layers whose key L1 norms are recorded), ``hidden`` (visual hidden states at layer K's
+    input), ``final_norm`` (the same through the LM's final norm), ``text`` (the same signals for the text
+    tokens after the image), ``prior`` (a calibrated prior file). Before the LLM: ``vision_attention`` (the
+    vision encoder's [CLS] row at the feature layer), ``vision_features`` (pre-projector features),
+    ``embeddings`` (projected visual embeddings).
+    """
+
+    attention: tuple[int, ...] = ()
+    key_norms: tuple[int, ...] = ()
+    hidden: bool = False
+    final_norm: bool = False
+    text: bool = False
+    prior: bool = False
+    vision_attention: bool = False
+    vision_features: bool = False
+    embeddings: bool = False
+
+    def __or__(self, other: Needs) -> Needs:
+        values = {}
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            values[f.name] = tuple(sorted(set(a) | set(b))) if isinstance(a, tuple) else (a or b)
+        return Needs(**values)
+
+
+@dataclass
+class ImageSignals:
+    """What the engine hands a score and a selector for one image of one sample.
+
+    Tensors over the image's ``N`` visual tokens: ``attention[layer]`` ``[N]``, ``key_norms[layer]`` ``[N]``,
+    ``hidden`` / ``final_norm`` ``[N, D]``, ``vision_attention`` ``[N]``, ``vision_features`` ``[N, D_v]``,
+    ``embeddings`` ``[N, D]``; the text tokens after the image: ``text_key_norms[layer]`` ``[M]``,
+    ``text_hidden`` / ``text_final_norm`` ``[M, D]``. ``offset``: index of the image's first token among the
+    sample's visual tokens (``sample_visual`` in all).
+    """
+
+    sample: int
+    span: ImageSpan
+    offset: int
+    sample_visual: int
+    task_kind: str | None = None
+    attention: dict[int, torch.Tensor] = field(default_factory=dict)
+    key_norms: dict[int, torch.Tensor] = field(default_factory=dict)
+    hidden: torch.Tensor | None = None
+    final_norm: torch.Tensor | None = None
+    text_key_norms: dict[int, torch.Tensor] = field(default_factory=dict)
+    text_hidden: torch.Tensor | None = None
+    text_final_norm: torch.Tensor | None = None
+    vision_attention: torch.Tensor | None = None
+    vision_features: torch.Tensor | None = None
+    embeddings: torch.Tensor | None = None
+    device: Any = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.span.length
+
+
+# ---------------------------------------------------------------------------------------------- plug-ins
+class Plugin:
+    """Common part of scores and selectors: a name, the parameters read, the stages where it runs."""
+
+    name: ClassVar[str] = ""
+    params: ClassVar[tuple[str, ...]] = ()  # config fields this plug-in reads
+    stages: ClassVar[tuple[str, ...]] = ("llm",)
+    description: ClassVar[str] = ""
+
+    def __init__(self, config: Any, prior: Any = None):
+        self.config = config
+        self.prior = prior
+
+    @classmethod
+    def needs(cls, config: Any) -> Needs:
+        return Needs()
+
+    @classmethod
+    def used_params(cls, config: Any) -> tuple[str, ...]:
+        """The config fields this plug-in reads under ``config`` (may depend on other fields)."""
+        return cls.params
+
+    @classmethod
+    def check(cls, config: Any) -> None:
+        """Cross-field checks that do not need a model (raise ``ValueError`` naming the value and the fix)."""
+
+
+class Score(Plugin):
+    """An importance score: ``score(image) -> [N] tensor`` (or None for selectors that need none)."""
+
+    def __call__(self, image: ImageSignals) -> torch.Tensor | None:
+        return None
+
+
+class Selector(Plugin):
+    """A selection: ``selector(image, scores, n) -> [n]`` kept indices within the image, ascending."""
+
+    def __call__(self, image: ImageSignals, scores: torch.Tensor | None, n: int) -> torch.Tensor:
+        raise TypeError(f"selector {self.name!r} does not select")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named method: its description and the config fields it sets."""
+
+    name: str
+    description: str
+    settings: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class MethodModule:
+    """What one method module contributes (its module-level ``PARAMS``, ``SCORES``, ``SELECTORS``, ``PRESETS``)."""
+
+    params: Sequence[Param] = ()
+    scores: Sequence[type[Score]] = ()
+    selectors: Sequence[type[Selector]] = ()
+    presets: Sequence[Preset] = ()
+

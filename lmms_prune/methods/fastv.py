@@ -1,0 +1,41 @@
+"""FastV: top-k of the last prompt token's attention at layer K-1 (methods.md sections 4-5; K=2)."""
+
+from __future__ import annotations
+
+from lmms_prune.methods.base import Needs, Param, Preset, Score, Selector, sel
+
+PARAMS = (
+    Param("query", "last", "attention query: 'last' prompt token, or 'text_mean' over text rows after the image",
+          kind="str", choices=("last", "text_mean")),
+)
+
+
+class Attention(Score):
+    """Text-to-vision attention ``A^(l)`` of the last prompt token (or the text rows' mean), heads averaged."""
+
+    name = "attention"
+    params = ("score_layer", "query")
+
+    @classmethod
+    def needs(cls, config):
+        return Needs(attention=(config.effective_score_layer,))
+
+    def __call__(self, image):
+        return image.attention[self.config.effective_score_layer]
+
+
+class TopK(Selector):
+    """The ``n`` highest scores."""
+
+    name = "topk"
+
+    def __call__(self, image, scores, n):
+        return sel.topk(scores, n)
+
+
+SCORES = (Attention,)
+SELECTORS = (TopK,)
+PRESETS = (
+    Preset("fastv", "FastV: top-k of the last prompt token's attention at layer K-1 (K=2)",
+           dict(stage="llm", selector="topk", score="attention", prune_layer=2)),
+)

@@ -1,0 +1,55 @@
+"""Attention debiasing by trend removal: attention divided by its fitted positional trend ``mu*exp(sigma*x)``.
+
+methods.md section 4. A plug-in score on top of any selector (``trend_selector``, default top-k).
+"""
+
+from __future__ import annotations
+
+from lmms_prune.methods.base import Needs, Param, Preset, S, Score
+from lmms_prune.methods.d2pruner import check_prior
+
+PARAMS = (
+    Param("trend_selector", "topk", "trend: selector applied to the trend-debiased scores (topk or pivot_mis)",
+          kind="str", choices=("topk", "pivot_mis")),
+)
+
+
+class Trend(Score):
+    """``A_i / f(i / N)`` with ``f`` fitted once per token count to the calibrated prior."""
+
+    name = "trend"
+    params = ("score_layer", "query", "bias_prior", "trend_selector")
+
+    @classmethod
+    def needs(cls, config):
+        return Needs(attention=(config.effective_score_layer,), prior=True)
+
+    @classmethod
+    def check(cls, config):
+        check_prior(config)
+
+    @classmethod
+    def adjust(cls, values: dict) -> dict:
+        """``trend_selector`` chooses the selector of the trend-debiased scores."""
+        return {**values, "selector": values.get("trend_selector", "topk")}
+
+    def __init__(self, config, prior=None):
+        super().__init__(config, prior)
+        self._fits: dict[int, tuple[float, float]] = {}
+
+    def fit(self, n: int) -> tuple[float, float]:
+        """(mu, sigma) of the positional trend of the calibrated attention for ``n`` tokens, fitted once."""
+        if n not in self._fits:
+            self._fits[n] = S.fit_trend(S.resize_prior(self.prior.for_tokens(n), n))
+        return self._fits[n]
+
+    def __call__(self, image):
+        mu, sigma = self.fit(image.num_tokens)
+        return S.trend_debias(image.attention[self.config.effective_score_layer], mu, sigma)
+
+
+SCORES = (Trend,)
+PRESETS = (
+    Preset("trend", "attention divided by its fitted positional trend mu*exp(sigma*x), then top-k (K=2)",
+           dict(stage="llm", selector="topk", score="trend", prune_layer=2)),
+)

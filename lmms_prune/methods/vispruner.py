@@ -1,0 +1,46 @@
+"""VisPruner (pre-LLM): vision-encoder [CLS] importance + similarity-based diverse tokens (methods.md 4-5)."""
+
+from __future__ import annotations
+
+from lmms_prune.methods.base import Needs, Param, Preset, Score, Selector, sel
+
+PARAMS = (
+    Param("important_ratio", 0.5, "vispruner: fraction of the budget taken by [CLS] importance", low=0.0, high=1.0),
+)
+
+
+class VisionAttention(Score):
+    """The vision encoder's [CLS] attention over the patches at the feature layer, per LLM token."""
+
+    name = "vision"
+    stages = ("pre_llm",)
+
+    @classmethod
+    def needs(cls, config):
+        return Needs(vision_attention=True)
+
+    def __call__(self, image):
+        return image.vision_attention
+
+
+class VisPruner(Selector):
+    """Important tokens by vision attention, diverse tokens by duplicate removal on pre-projector features."""
+
+    name = "vispruner"
+    params = ("important_ratio",)
+    stages = ("pre_llm",)
+
+    @classmethod
+    def needs(cls, config):
+        return Needs(vision_features=True)
+
+    def __call__(self, image, scores, n):
+        return sel.vispruner(scores, image.vision_features, n, important_ratio=self.config.important_ratio)
+
+
+SCORES = (VisionAttention,)
+SELECTORS = (VisPruner,)
+PRESETS = (
+    Preset("vispruner", "VisPruner: vision-encoder [CLS] importance + similarity-based diverse tokens, pre-LLM",
+           dict(stage="pre_llm", selector="vispruner", score="vision")),
+)

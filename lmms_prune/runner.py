@@ -1,0 +1,429 @@
+"""The harness-neutral runner: load a pruned VLM, build inputs from chat messages, generate, account for cost.
+
+A harness (the lmms-eval layer in :mod:`lmms_prune.models`, or another evaluation harness) parses its own
+request format into neutral chat messages::
+
+    [{"role": "user", "content": [{"type": "image", "image": PIL.Image}, {"type": "text", "text": "..."}]}]
+
+and hands batches of them to :meth:`Runner.generate`, which returns one :class:`Answer` per conversation: the
+text, the token counts and the sample's efficiency record (the engine's ``PruneRecord``, the runner's timing
+and the theoretical cost of :mod:`lmms_prune.efficiency`).
+
+Options: :func:`parse_options` validates every option and pruning parameter (through
+:func:`lmms_prune.presets.resolve_config`) before anything is loaded; a bad value raises one ``ValueError``
+that names it and says the fix.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from lmms_prune.efficiency import DecoderDims, kv_cache_bytes, prefill_flops
+from lmms_prune.families.base import Family, int_arg
+from lmms_prune.presets import PRESETS, PruneConfig, resolve_config
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "float32": torch.float32, "fp32": torch.float32}
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+TASK_KINDS = ("auto", "grounding", "understanding")
+ON_ERROR = ("raise", "skip")
+
+OPTIONS: dict[str, str] = {
+    "pretrained": "checkpoint name or local directory (from_pretrained); tiny-grounder = the shipped demo model",
+    "method": "pruning preset (lmms-prune methods lists them)",
+    "dtype": "auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16 or float32",
+    "attn_implementation": "sdpa (default), eager, flash_attention_2 (needs flash-attn), auto",
+    "device": "cuda, cuda:1, cpu, ... (default: cuda if available; each rank's own device when multi-process)",
+    "device_map": "passed to from_pretrained, e.g. auto (single process only)",
+    "batch_size": "requests per generate call (left padding)",
+    "task_kind": "grounding, understanding, or auto (grounding for refcoco tasks): selects alpha='auto'",
+    "on_error": "raise (stop at the first failing sample) or skip (count, report and continue)",
+    "efficiency_path": "where the efficiency JSON goes (.json file or directory; default: next to the results)",
+    "max_batch_size": "accepted for lmms-eval's --max_batch_size; unused (no automatic batch size)",
+}
+
+# Sampling options passed on to generate when temperature > 0. Besides these, only max_new_tokens, temperature,
+# num_beams and until are read from a task's gen_kwargs; other keys there (image_sizes, ...) are not for generate.
+_SAMPLING_KEYS = ("top_p", "top_k")
+
+
+def _choice_arg(name: str, value: Any, choices: Sequence[str]) -> str:
+    text = str(value).strip()
+    if text not in choices:
+        raise ValueError(f"{name}={value!r}: must be one of {', '.join(choices)}")
+    return text
+
+
+def _optional_str(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip()
+    return None if text.lower() in ("", "none", "null") else text
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The parsed, validated options that are not pruning parameters (``family``: the family's own)."""
+
+    pretrained: str
+    dtype: str = "auto"
+    attn_implementation: str = "sdpa"
+    device: str | None = None
+    device_map: str | None = None
+    batch_size: int = 1
+    task_kind: str = "auto"
+    on_error: str = "raise"
+    efficiency_path: str | None = None
+    family: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_options(family: type[Family], model_id: str, fixed_method: str | None,
+                  **args: Any) -> tuple[RunOptions, PruneConfig]:
+    """Validate every option and pruning parameter of a run of ``family`` without loading anything.
+
+    ``model_id`` names the run in messages (``internvl_deepprune``); ``fixed_method`` is the preset the model
+    name fixes (None: ``method=`` is required). Raises ``ValueError`` naming the bad key or value and the fix.
+    """
+    args = dict(args)
+    prune_fields = set(PruneConfig.__dataclass_fields__) - {"method"}
+    valid = set(OPTIONS) | set(family.model_args) | prune_fields
+    unknown = sorted(set(args) - valid)
+    if unknown:
+        raise ValueError(
+            f"--model {model_id}: unknown --model_args key(s) {', '.join(unknown)}. Model options: "
+            f"{', '.join(sorted(set(OPTIONS) | set(family.model_args)))}; pruning parameters: "
+            f"{', '.join(sorted(prune_fields))}"
+        )
+    method = args.pop("method", None)  # "none" is a preset name here, not a missing value
+    method = None if method is None or not str(method).strip() else str(method).strip()
+    if fixed_method is not None:
+        if method is not None and method != fixed_method:
+            raise ValueError(
+                f"--model {model_id} runs method={fixed_method}; got method={method!r}. Use "
+                f"--model {family.name}_prune --model_args method={method},... (or --model "
+                f"{family.name}_{method})"
+            )
+        method = fixed_method
+    if method is None:
+        raise ValueError(f"--model {model_id} needs method=NAME in --model_args; one of {', '.join(PRESETS)}")
+    prune = {k: args.pop(k) for k in list(args) if k in prune_fields}
+    config = resolve_config(method, **prune)
+
+    pretrained = _optional_str(args.pop("pretrained", None)) or family.default_pretrained
+    if pretrained is not None:
+        from lmms_prune.loading import resolve_pretrained
+
+        pretrained = resolve_pretrained(pretrained)
+    if pretrained is None:
+        raise ValueError(f"--model {model_id} needs pretrained=CHECKPOINT_OR_DIR in --model_args")
+    dtype = _choice_arg("dtype", args.pop("dtype", "auto"), ("auto", *DTYPES))
+    attn = _choice_arg("attn_implementation", args.pop("attn_implementation", "sdpa"), ATTN_IMPLEMENTATIONS)
+    if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ValueError("attn_implementation=flash_attention_2 needs the flash-attn package: install it "
+                         "or use attn_implementation=sdpa")
+    args.pop("max_batch_size", None)
+    batch_size = args.pop("batch_size", 1)
+    if str(batch_size).startswith("auto"):
+        raise ValueError(f"batch_size={batch_size!r}: automatic batch sizes are not supported; give an "
+                         "integer >= 1")
+    options = RunOptions(
+        pretrained=str(pretrained),
+        dtype=dtype,
+        attn_implementation=attn,
+        device=_optional_str(args.pop("device", None)),
+        device_map=_optional_str(args.pop("device_map", None)),
+        batch_size=int_arg("batch_size", batch_size, 1),
+        task_kind=_choice_arg("task_kind", args.pop("task_kind", "auto"), TASK_KINDS),
+        on_error=_choice_arg("on_error", args.pop("on_error", "raise"), ON_ERROR),
+        efficiency_path=_optional_str(args.pop("efficiency_path", None)),
+        family=family.parse_model_args(args),
+    )
+    return options, config
+
+
+def generation_kwargs(gen_kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``generate`` keyword arguments and the stop strings from a task's ``gen_kwargs``.
+
+    Greedy unless ``temperature > 0`` (lmms-eval's convention); ``max_new_tokens`` defaults to 128.
+    """
+    until = gen_kwargs.get("until") or []
+    until = [until] if isinstance(until, str) else list(until)
+    temperature = float(gen_kwargs.get("temperature", 0.0) or 0.0)
+    out: dict[str, Any] = {
+        "max_new_tokens": int(gen_kwargs.get("max_new_tokens", 128)),
+        "num_beams": int(gen_kwargs.get("num_beams", 1) or 1),
+        "do_sample": temperature > 0,
+    }
+    if temperature > 0:
+        out["temperature"] = temperature
+        for key in _SAMPLING_KEYS:
+            if gen_kwargs.get(key) is not None:
+                out[key] = gen_kwargs[key]
+    else:  # silence the checkpoint's own sampling defaults
+        out.update(temperature=None, top_p=None, top_k=None)
+    return out, until
+
+
+def apply_until(text: str, until: Sequence[str]) -> str:
+    """Cut ``text`` at the earliest occurrence of any stop string (lmms-eval's ``until``)."""
+    for stop in until:
+        if stop:
+            text = text.split(stop, 1)[0]
+    return text
+
+
+def summarize(records: Sequence[dict[str, Any]], skipped: int = 0) -> dict[str, Any]:
+    """Means of the per-sample efficiency fields and the pruned / unpruned ratios of their totals."""
+    out: dict[str, Any] = {"samples": len(records), "skipped": skipped}
+    if not records:
+        return out
+    for key in ("visual_before", "visual_after", "seq_len_before", "seq_len_after", "llm_prefill_seconds",
+                "select_seconds", "decode_seconds", "end_to_end_seconds", "prefill_flops",
+                "prefill_flops_unpruned", "kv_cache_bytes", "kv_cache_bytes_unpruned", "output_tokens"):
+        out[f"mean_{key}"] = sum(float(r[key]) for r in records) / len(records)
+
+    def ratio(num: str, den: str) -> float | None:
+        total = sum(float(r[den]) for r in records)
+        return sum(float(r[num]) for r in records) / total if total else None
+
+    out["visual_kept_ratio"] = ratio("visual_after", "visual_before")
+    out["prefill_flops_ratio"] = ratio("prefill_flops", "prefill_flops_unpruned")
+    out["kv_cache_ratio"] = ratio("kv_cache_bytes", "kv_cache_bytes_unpruned")
+    return out
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """One log line of :func:`summarize`'s means and ratios; a ratio without a denominator reads ``n/a``."""
+
+    def num(key: str, spec: str) -> str:
+        value = summary.get(key)
+        return "n/a" if value is None else format(value, spec)
+
+    return (f"{summary['samples']} samples ({summary['skipped']} skipped): visual tokens "
+            f"{num('mean_visual_before', '.1f')} -> {num('mean_visual_after', '.1f')} "
+            f"(x{num('visual_kept_ratio', '.3f')}), prefill FLOPs x{num('prefill_flops_ratio', '.3f')}, "
+            f"KV cache x{num('kv_cache_ratio', '.3f')}, mean LLM prefill {num('mean_llm_prefill_seconds', '.4f')}s, "
+            f"selection {num('mean_select_seconds', '.4f')}s, end-to-end {num('mean_end_to_end_seconds', '.4f')}s")
+
+
+@dataclass
+class Answer:
+    """One conversation's answer: the text, token counts and its efficiency record."""
+
+    text: str
+    input_tokens: int
+    output_tokens: int
+    record: dict[str, Any]
+
+
+class Runner:
+    """A pruned VLM of one family, loaded and patched, answering batches of neutral chat conversations.
+
+    The steps are separate so a harness can validate and place the run before any weights load:
+    ``setup_device()`` (``accelerator``: an ``accelerate.Accelerator`` of a multi-process run, or None),
+    ``load()``, ``install()``.
+    """
+
+    def __init__(self, family: type[Family], options: RunOptions, config: PruneConfig, model_id: str):
+        self.family = family
+        self.options = options
+        self.config = config
+        self.model_id = model_id
+        self._prefill_end: float | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def setup_device(self, device: torch.device | None = None) -> None:
+        """Choose the device (``device``: the rank's own one in a multi-process run), dtype and attention."""
+        opts = self.options
+        if device is not None:
+            if opts.device_map is not None:
+                raise ValueError(f"device_map={opts.device_map!r} cannot be combined with a multi-process run: "
+                                 "each process holds a whole model on its own device; drop device_map")
+            self.device = device
+        else:
+            try:
+                self.device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            except RuntimeError:
+                raise ValueError(f"device={opts.device!r}: not a torch device; use cpu, cuda or cuda:N") from None
+            if self.device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"device={opts.device!r}: CUDA is not available here; use device=cpu")
+        if opts.dtype == "auto":
+            self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        else:
+            self.dtype = DTYPES[opts.dtype]
+        attn = opts.attn_implementation
+        if attn == "auto":
+            flash = importlib.util.find_spec("flash_attn") is not None and self.device.type == "cuda"
+            attn = "flash_attention_2" if flash else "sdpa"
+        self.attn = attn
+
+    def load(self) -> None:
+        """Load the checkpoint with ``from_pretrained`` after checking its config against family and method."""
+        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+        from lmms_prune.presets import check_model
+
+        opts = self.options
+        config = AutoConfig.from_pretrained(opts.pretrained)
+        if config.model_type not in self.family.model_types:
+            raise ValueError(
+                f"pretrained={opts.pretrained!r} is a {config.model_type!r} checkpoint, but --model "
+                f"{self.model_id} runs {', '.join(self.family.model_types)} models; pick the wrapper of its family "
+                f"({', '.join(_family_prefixes())})"
+            )
+        check_model(self.config, config)
+        if self.config.stage != "none" and self.config.needs().prior and self.config.bias_prior:
+            from lmms_prune.engine.prior import load_prior
+
+            load_prior(self.config.bias_prior).check(opts.pretrained, self.config.effective_score_layer)
+        model = AutoModelForImageTextToText.from_pretrained(
+            opts.pretrained, dtype=self.dtype, attn_implementation=self.attn, device_map=opts.device_map
+        )
+        if opts.device_map is None:
+            model = model.to(self.device)
+        else:
+            self.device = model.device
+        self.model = model.eval()
+        self.processor = AutoProcessor.from_pretrained(opts.pretrained)
+        self.processor.tokenizer.padding_side = "left"
+
+    def install(self) -> None:
+        """Patch the model with the pruning engine; stamp the end of each prefill for decode timing."""
+        import lmms_prune
+
+        self.handle = lmms_prune.apply(self.model, method=self.config.method, config=self.config)
+        self.dims = DecoderDims.from_config(self.handle.adapter.text_config)
+        self.bytes_per_element = torch.empty((), dtype=self.dtype).element_size()
+        self._hooks = [self.handle.adapter.language_model.register_forward_hook(self._stamp_prefill_end)]
+
+    def _stamp_prefill_end(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        if self._prefill_end is None:
+            self.sync()
+            self._prefill_end = time.perf_counter()
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def close(self) -> None:
+        """Undo the patch and the runner's own hooks."""
+        self.handle.remove()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    # ------------------------------------------------------------------ generation
+    def build_prompt(self, messages: list[dict[str, Any]]) -> str:
+        """The prompt text of one conversation (the checkpoint's own chat template)."""
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    @staticmethod
+    def split_images(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Image.Image]]:
+        """The processor's messages (image parts as placeholders) and the images in order."""
+        out, images = [], []
+        for message in messages:
+            content = []
+            for part in message["content"]:
+                if part["type"] == "image":
+                    images.append(part["image"])
+                    content.append({"type": "image"})
+                else:
+                    content.append(part)
+            out.append({"role": message["role"], "content": content})
+        return out, images
+
+    def generate(self, conversations: list[list[dict[str, Any]]], gen_kwargs: dict[str, Any],
+                 task_kind: str | None) -> list[Answer]:
+        """Answer a batch of conversations with one ``generate`` call (left padding)."""
+        t_start = time.perf_counter()
+        texts, images = [], []
+        for messages in conversations:
+            plain, item_images = self.split_images(messages)
+            texts.append(self.build_prompt(plain))
+            images.extend(item_images)
+        inputs = self.processor(text=texts, images=images or None, padding=True, padding_side="left",
+                                return_tensors="pt", **self.family.processor_kwargs(self.options.family))
+        inputs = inputs.to(self.device)
+        for key, value in inputs.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                inputs[key] = value.to(self.dtype)
+        gen, until = generation_kwargs(gen_kwargs)
+        tokenizer = self.processor.tokenizer
+        pad_id = tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = self.model.generation_config.pad_token_id
+        self.handle.task_kind = task_kind
+        self.handle.records = []  # never read a previous batch's records
+        self._prefill_end = None
+        self.sync()
+        t_gen = time.perf_counter()
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, **gen, pad_token_id=pad_id)
+        self.sync()
+        t_gen_end = time.perf_counter()
+        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+        answers = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        t_end = time.perf_counter()
+
+        beams = gen["num_beams"]
+        records = self.handle.records
+        if len(records) != len(conversations) * beams:
+            raise RuntimeError(f"the pruning engine recorded {len(records)} samples for a batch of "
+                               f"{len(conversations)} (num_beams={beams})")
+        out = []
+        for i in range(len(conversations)):
+            rec = records[i * beams]
+            n_out = int((new_tokens[i] != pad_id).sum()) if pad_id is not None else int(new_tokens.shape[1])
+            record = self.efficiency_record(rec, len(conversations), n_out, t_start, t_gen, t_gen_end, t_end)
+            out.append(Answer(apply_until(answers[i], until), rec.seq_len_before, n_out, record))
+        return out
+
+    def efficiency_record(self, rec: Any, batch: int, n_out: int, t_start: float, t_gen: float,
+                          t_gen_end: float, t_end: float) -> dict[str, Any]:
+        """One sample's efficiency: engine record + runner timing + theoretical cost (methods.md 8).
+        Times measured per batch (prefill, selection, decode, end-to-end) are the batch's."""
+        layers = list(rec.kv_lengths) or [rec.seq_len_after] * self.dims.num_layers
+        full = [rec.seq_len_before] * self.dims.num_layers
+        prefill_end = self._prefill_end if self._prefill_end is not None else t_gen
+        return {
+            "batch_size": batch,
+            "task_kind": self.handle.task_kind,
+            "visual_before": rec.visual_before,
+            "visual_after": rec.visual_after,
+            "visual_after_per_image": [int(k.numel()) for k in rec.kept],
+            "seq_len_before": rec.seq_len_before,
+            "seq_len_after": rec.seq_len_after,
+            "llm_prefill_seconds": rec.llm_prefill_seconds,
+            "select_seconds": rec.select_seconds,
+            "decode_seconds": t_gen_end - prefill_end,
+            "generate_seconds": t_gen_end - t_gen,
+            "end_to_end_seconds": t_end - t_start,
+            "prefill_flops": prefill_flops(self.dims, layers),
+            "prefill_flops_unpruned": prefill_flops(self.dims, full),
+            "kv_cache_bytes": kv_cache_bytes(self.dims, layers, self.bytes_per_element),
+            "kv_cache_bytes_unpruned": kv_cache_bytes(self.dims, full, self.bytes_per_element),
+            "output_tokens": n_out,
+        }
+
+    def report(self) -> dict[str, Any]:
+        """What identifies the run in an efficiency report."""
+        return {
+            "pretrained": self.options.pretrained,
+            "method": self.config.method,
+            "config": self.config.to_dict(),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "decoder": self.dims.__dict__,
+        }
+
+
+def _family_prefixes() -> list[str]:
+    from lmms_prune.families import FAMILIES
+
+    return [f"{name}_*" for name in FAMILIES]
