@@ -19,6 +19,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "internvl": ("lmms_prune.families.internvl", "InternVLPrune"),
     "qwen2_5_vl": ("lmms_prune.families.qwen2_5_vl", "Qwen25VLPrune"),
     "llava": ("lmms_prune.families.llava", "LlavaPrune"),
+    "qwen2_vl": ("lmms_prune.families.qwen2_vl", "Qwen2VLPrune"),
 }
 
 

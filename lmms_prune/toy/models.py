@@ -200,6 +200,19 @@ def _qwen2_5_vl_config(num_layers: int) -> Qwen2_5_VLConfig:
     )
 
 
+def _qwen2_vl_config(num_layers: int) -> transformers.Qwen2VLConfig:
+    """Qwen2-VL: Qwen2.5-VL's text model and token geometry; a full-attention vision tower whose ``hidden_size``
+    is the merger's output (the LM width) and ``embed_dim`` its own width."""
+    qwen25 = _qwen2_5_vl_config(num_layers)
+    vision = {"depth": VISION_LAYERS, "embed_dim": VISION_HIDDEN, "hidden_size": TEXT_HIDDEN, "mlp_ratio": 2,
+              "num_heads": VISION_HEADS, "patch_size": QWEN_PATCH_SIZE, "spatial_merge_size": QWEN_MERGE_SIZE,
+              "temporal_patch_size": 2}
+    return transformers.Qwen2VLConfig(
+        vision_config=vision, text_config=qwen25.text_config.to_dict(), image_token_id=qwen25.image_token_id,
+        video_token_id=qwen25.video_token_id, vision_start_token_id=qwen25.vision_start_token_id,
+        vision_end_token_id=qwen25.vision_end_token_id, tie_word_embeddings=True)
+
+
 def _llava_config(num_layers: int) -> LlavaConfig:
     vision = CLIPVisionConfig(
         hidden_size=VISION_HIDDEN,
@@ -402,6 +415,15 @@ def _qwen2_5_vl_processor(tokenizer: transformers.PreTrainedTokenizerBase) -> tr
     )
 
 
+def _qwen2_vl_processor(tokenizer: transformers.PreTrainedTokenizerBase) -> transformers.ProcessorMixin:
+    return transformers.Qwen2VLProcessor(
+        image_processor=transformers.Qwen2VLImageProcessor(**QWEN_PIXEL_KWARGS),
+        tokenizer=tokenizer,
+        video_processor=transformers.Qwen2VLVideoProcessor(**QWEN_PIXEL_KWARGS),
+        chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
+    )
+
+
 def _llava_processor(tokenizer: transformers.PreTrainedTokenizerBase) -> transformers.ProcessorMixin:
     image_processor = transformers.CLIPImageProcessor(
         size={"shortest_edge": LLAVA_IMAGE_SIZE},
@@ -444,6 +466,8 @@ RECIPES: dict[str, ToyRecipe] = {
         _qwen_generation_ids),
     "qwen2_5_vl": ToyRecipe(_qwen2_5_vl_config, "Qwen2_5_VLForConditionalGeneration",
                             lambda: toy_tok.qwen2_tokenizer("qwen2_5_vl"), _qwen2_5_vl_processor, _qwen_generation_ids),
+    "qwen2_vl": ToyRecipe(_qwen2_vl_config, "Qwen2VLForConditionalGeneration",
+                          lambda: toy_tok.qwen2_tokenizer("qwen2_5_vl"), _qwen2_vl_processor, _qwen_generation_ids),
     "llava": ToyRecipe(_llava_config, "LlavaForConditionalGeneration", lambda: toy_tok.llama_tokenizer("llava"),
                        _llava_processor, lambda: _llama_generation_ids(chat=False)),
 }

@@ -1,0 +1,36 @@
+"""Qwen2-VL (transformers-native ``Qwen2VLForConditionalGeneration``): as Qwen2.5-VL, one ``(h/28) x (w/28)``
+grid of merged tokens per image with 3-D M-RoPE, but a vision tower of full attention only (no windows) and
+its own vision config (``embed_dim`` wide, ``hidden_size`` = the LM width after the merger).
+
+Everything else (spans from ``image_grid_thw`` or M-RoPE positions, pre-LLM hand-over, the ``min_pixels`` /
+``max_pixels`` arguments, ``bbox_2d`` answers in resized pixels) is Qwen2.5-VL's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from lmms_prune.families.qwen2_5_vl import Qwen25VL
+
+
+class Qwen2VL(Qwen25VL):
+    """Qwen2-VL: one (h/28, w/28) grid per image."""
+
+    name = "qwen2_vl"
+    model_types = ("qwen2_vl",)
+    model_class = "Qwen2VLForConditionalGeneration"
+    processor_class = "Qwen2VLProcessor"
+    default_pretrained = "Qwen/Qwen2-VL-7B-Instruct"
+    config_class = "Qwen2VLConfig"
+    bench_geometries: ClassVar[dict[str, dict[str, Any]]] = {
+        "qwen2_vl-7b": {"text": (28, 3584, 28, 4, 18944, "qwen2")},
+    }
+
+    @classmethod
+    def bench_vision(cls, text_hidden: int) -> dict[str, Any]:
+        """Qwen2-VL-7B's vision tower (675M, 32 full-attention blocks) for an LM of width ``text_hidden``."""
+        return {"depth": 32, "embed_dim": 1280, "hidden_size": text_hidden, "mlp_ratio": 4, "num_heads": 16,
+                "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
+
+
+FAMILY = Qwen2VL
