@@ -561,6 +561,22 @@ def test_qwen2_with_internvit_6b_converts_and_matches_the_original(tmp_path):
     _assert_equals_reference(native, src, "qwen2", inputs, processor.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"))
 
 
+@pytest.mark.parametrize("vit", ["300m", "6b"])
+def test_structural_options_missing_from_the_config_are_read_off_the_weights(tmp_path, vit):
+    """Older configs omit norm_type / qkv_bias / qk_normalization / bias: the weights decide, the result loads."""
+    src = write_tiny_original_internvl(tmp_path / "src", vit=vit)
+    config = json.loads((src / "config.json").read_text())
+    for key in ("norm_type", "qkv_bias", "qk_normalization"):
+        config["vision_config"].pop(key)
+    config["llm_config"].pop("bias")
+    (src / "config.json").write_text(json.dumps(config))
+    dst = convert_internvl(src, tmp_path / "dst")
+    vision = json.loads((dst / "config.json").read_text())["vision_config"]
+    assert (vision["norm_type"], vision["attention_bias"], vision["use_qk_norm"]) == (
+        ("layer_norm", True, False) if vit == "300m" else ("rms_norm", False, True))
+    assert json.loads((dst / "config.json").read_text())["text_config"]["attention_bias"] is False
+
+
 def test_uncovered_checkpoints_fail_with_a_clear_error(tmp_path):
     src = write_tiny_original_internvl(tmp_path / "src")
     config = json.loads((src / "config.json").read_text())
@@ -606,11 +622,13 @@ def test_convert_cli_exits_nonzero_with_a_clear_message(tmp_path):
     src = write_tiny_original_internvl(tmp_path / "src")
     assert main(["convert-internvl", str(src), str(tmp_path / "dst")]) == 0
     assert (tmp_path / "dst" / "config.json").is_file()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, "-m", "lmms_prune.cli.main", "convert-internvl", str(tmp_path / "nowhere"),
-                           str(tmp_path / "dst2")], capture_output=True, text=True, env=env, cwd=REPO)
-    assert done.returncode != 0
-    assert "nowhere" in done.stderr and "Traceback" not in done.stderr
+    assert main(["convert-internvl", str(tmp_path / "nowhere"), str(tmp_path / "dst2")]) == 1
+    # a hub id offline, not in the (empty) hub cache: one clear line, no traceback
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-m", "lmms_prune.cli.main", "convert-internvl", "OpenGVLab/InternVL2_5-8B",
+                           str(tmp_path / "dst3")], capture_output=True, text=True, env=env, cwd=REPO)
+    assert done.returncode == 1
+    assert "not in the local hub cache" in done.stderr and "Traceback" not in done.stderr
 
 
 @pytest.mark.cli

@@ -229,6 +229,24 @@ def vision_config(original: dict[str, Any]) -> transformers.InternVLVisionConfig
     )
 
 
+def fill_structural_defaults(original: dict[str, Any], weight_names: set[str]) -> dict[str, Any]:
+    """A copy of ``original`` whose structural options that ``config.json`` leaves out are read off the weights
+    (``weight_names``: the original state-dict keys): InternViT's ``norm_type`` (a LayerNorm has a bias, an
+    RMSNorm none), ``qkv_bias``, ``qk_normalization``, and InternLM2's ``bias``. Options the config states are
+    kept; the weight check then reports any disagreement."""
+    if not weight_names:
+        return original
+    filled = json.loads(json.dumps(original))
+    vision, llm = filled.setdefault("vision_config", {}), filled.setdefault("llm_config", {})
+    layer = "vision_model.encoder.layers.0."
+    vision.setdefault("norm_type", "layer_norm" if layer + "norm1.bias" in weight_names else "rms_norm")
+    vision.setdefault("qkv_bias", layer + "attn.qkv.bias" in weight_names)
+    vision.setdefault("qk_normalization", layer + "attn.q_norm.weight" in weight_names)
+    if (llm.get("architectures") or [None])[0] == "InternLM2ForCausalLM":
+        llm.setdefault("bias", "language_model.model.layers.0.attention.wqkv.bias" in weight_names)
+    return filled
+
+
 def tokens_per_tile(original: dict[str, Any]) -> int:
     """Visual tokens per tile: ``(image_size / patch_size)^2 * downsample_ratio^2`` (256 for 448 px, patch 14,
     pixel shuffle 0.5)."""
@@ -401,6 +419,18 @@ def _weight_files(src_dir: Path) -> list[Path]:
         if (src_dir / single).is_file():
             return [src_dir / single]
     raise ValueError(f"{src_dir}: no model.safetensors(.index.json) or pytorch_model.bin(.index.json) found")
+
+
+def weight_names(src_dir: Path) -> set[str]:
+    """The original state-dict keys, from the index or the safetensors header (no tensor is read); empty for a
+    single PyTorch ``.bin`` file."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (src_dir / index_name).is_file():
+            return set(json.loads((src_dir / index_name).read_text())["weight_map"])
+    if (src_dir / "model.safetensors").is_file():
+        with safe_open(str(src_dir / "model.safetensors"), framework="pt") as handle:
+            return set(handle.keys())
+    return set()
 
 
 def _read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -640,7 +670,7 @@ def convert_internvl(src: str | os.PathLike, dst: str | os.PathLike,
     """
     log = log or (lambda message: None)
     src_dir = fetch_checkpoint(src)
-    original = read_original_config(src_dir)
+    original = fill_structural_defaults(read_original_config(src_dir), weight_names(src_dir))
     arch = lm_kind(original)
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
