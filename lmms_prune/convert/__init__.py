@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -23,6 +24,7 @@ ORIGINAL_ARCHITECTURE = "InternVLChatModel"
 ORIGINAL_MODEL_TYPE = "internvl_chat"
 # Bump when the converted output changes for the same input; it keys the conversion cache.
 CONVERTER_VERSION = "1"
+logger = logging.getLogger(__name__)
 
 
 def is_original_internvl(config: dict[str, Any]) -> bool:
@@ -132,11 +134,13 @@ def converted_dir(src: str | os.PathLike) -> Path:
     if (final / "config.json").is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
+    logger.warning("lmms-prune: converting the original InternVL checkpoint %s into %s (once; later runs reuse "
+                   "it)", src, final)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
     try:
         from lmms_prune.convert.internvl import convert_internvl
 
-        convert_internvl(src_dir, staging)
+        convert_internvl(src_dir, staging, log=logger.info)
         try:
             staging.rename(final)
         except OSError:
