@@ -506,6 +506,15 @@ def test_tokenizer_and_template_match_the_original(tmp_path, add_dummy_prefix, t
         text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = processor(images=[_image((448, 448))], text=[text], return_tensors="pt")["input_ids"][0].tolist()
         assert ids == original_internlm2_ids(src, original_prompt(template, question, 1)), question
+    # with history: chat(..., history=[(q1, a1)]) appends each past turn as role + message + sep
+    t = CONVERSATION_TEMPLATES[template]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "A cup."}]},
+                {"role": "user", "content": [{"type": "text", "text": "Which colour?"}]}]
+    expected = (t.system_template.format(system_message=t.system_message) + t.sep + t.user_role
+                + "<IMG_CONTEXT>\nWhat is it?" + t.sep + t.assistant_role + "A cup." + t.sep + t.user_role
+                + "Which colour?" + t.sep + t.assistant_role)
+    assert processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == expected
 
 
 def test_keep_all_equals_unpruned(internlm2):
