@@ -455,6 +455,8 @@ def write_weights(src_dir: Path, dst: Path, config: transformers.InternVLConfig,
     the native model's tensor names and shapes; returns the index."""
     expected = _expected_shapes(config)
     files = _weight_files(src_dir)
+    for stale in [*dst.glob("model*.safetensors"), *dst.glob("model.safetensors.index.json")]:
+        stale.unlink()  # a previous conversion's shards would shadow or contradict the new index
     names = (["model.safetensors"] if len(files) == 1 else
              [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))])
     weight_map: dict[str, str] = {}
