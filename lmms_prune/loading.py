@@ -37,9 +37,17 @@ def shipped_dir(name: str) -> Path:
 
 
 def resolve_pretrained(name_or_path: str) -> str:
-    """Short names of the checkpoints this package ships (``tiny-grounder``) -> their directory; anything
-    else (hub name, local directory) unchanged."""
-    return str(shipped_dir(name_or_path)) if name_or_path in SHIPPED else name_or_path
+    """Short names of the checkpoints this package ships (``tiny-grounder``) -> their directory; an original
+    (remote-code) InternVL2 / InternVL2.5 checkpoint -> its transformers-native copy, converted once into
+    ``$LMMS_PRUNE_CACHE/converted`` (:func:`lmms_prune.convert.converted_dir`); anything else (hub name, local
+    directory) unchanged. Only ``config.json`` is read to tell (a local one, or the hub cache's)."""
+    if name_or_path in SHIPPED:
+        return str(shipped_dir(name_or_path))
+    from lmms_prune.convert import converted_dir, original_internvl_source
+
+    if original_internvl_source(name_or_path) is not None:
+        return str(converted_dir(name_or_path))
+    return name_or_path
 
 
 def default_device() -> str:

@@ -36,7 +36,9 @@ TASK_KINDS = ("auto", "grounding", "understanding")
 ON_ERROR = ("raise", "skip")
 
 OPTIONS: dict[str, str] = {
-    "pretrained": "checkpoint name or local directory (from_pretrained); tiny-grounder = the shipped demo model",
+    "pretrained": "checkpoint name or local directory (from_pretrained); an original InternVL2/2.5 checkpoint "
+                  "(e.g. OpenGVLab/InternVL2_5-8B) is converted once into the cache; tiny-grounder = the shipped "
+                  "demo model",
     "method": "pruning preset (lmms-prune methods lists them)",
     "dtype": "auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16 or float32",
     "attn_implementation": "sdpa (default), eager, flash_attention_2 (needs flash-attn), auto",
