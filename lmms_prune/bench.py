@@ -141,32 +141,45 @@ class PeakRSS:
 
 
 class LayerTimer:
-    """Wall time of each decoder layer during one forward (synchronising on CUDA)."""
+    """Time of each decoder layer during one forward: CUDA events on a GPU (read once after the forward), the
+    wall clock otherwise."""
 
-    def __init__(self, layers: nn.ModuleList):
-        self.times = [0.0] * len(layers)
+    def __init__(self, layers: nn.ModuleList, device: torch.device | None = None):
+        self.cuda = device is not None and device.type == "cuda"
+        self._times = [0.0] * len(layers)
         self._t0 = [0.0] * len(layers)
+        self._events: list[list[Any]] = [[None, None] for _ in layers]
         self._hooks = []
         for i, layer in enumerate(layers):
             self._hooks.append(layer.register_forward_pre_hook(self._start(i)))
             self._hooks.append(layer.register_forward_hook(self._end(i)))
 
-    @staticmethod
-    def _sync(x: Any) -> None:
-        if isinstance(x, torch.Tensor) and x.is_cuda:
-            torch.cuda.synchronize(x.device)
-
     def _start(self, i):
         def hook(module, args):
-            self._sync(args[0] if args else None)
-            self._t0[i] = time.perf_counter()
+            if self.cuda:
+                self._events[i][0] = torch.cuda.Event(enable_timing=True)
+                self._events[i][0].record()
+            else:
+                self._t0[i] = time.perf_counter()
         return hook
 
     def _end(self, i):
         def hook(module, args, output):
-            self._sync(output if isinstance(output, torch.Tensor) else None)
-            self.times[i] = time.perf_counter() - self._t0[i]
+            if self.cuda:
+                self._events[i][1] = torch.cuda.Event(enable_timing=True)
+                self._events[i][1].record()
+            else:
+                self._times[i] = time.perf_counter() - self._t0[i]
         return hook
+
+    @property
+    def times(self) -> list[float]:
+        """Seconds per layer of the last forward."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [start.elapsed_time(end) / 1000 if start is not None and end is not None else 0.0
+                    for start, end in self._events]
+        return list(self._times)
 
     def remove(self) -> None:
         for h in self._hooks:
@@ -261,7 +274,7 @@ class Bench:
         with torch.no_grad(), apply(model, method, **params) as handle:
             pre_llm = handle.config.stage == "pre_llm"
             llm_inputs = inputs if pre_llm else self._encoded(inputs)
-            timer = LayerTimer(self.adapter.layers)
+            timer = LayerTimer(self.adapter.layers, dev)
             prefill, selects, layer_times = [], [], []
             for i in range(self.warmup + self.repeats):
                 with PeakRSS(dev) as mem:
