@@ -110,26 +110,6 @@ def _efficiency_document(results_path: Path, args: dict[str, str]) -> dict[str, 
     return {}
 
 
-def warm_samples(records: Sequence[dict[str, Any]], world_size: int = 1) -> list[dict[str, Any]]:
-    """``records`` without each process's warm-up batch (the rule in the module docstring)."""
-    if not records:
-        return []
-    world_size = max(1, int(world_size or 1))
-    if all("rank" in r and "position" in r for r in records):
-        first: dict[Any, int] = {}
-        for r in records:
-            first[r["rank"]] = min(first.get(r["rank"], r["position"]), r["position"])
-        return [r for r in records if r["position"] - first[r["rank"]] >= int(r.get("batch_size", 1) or 1)]
-    by_stream: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for r in records:
-        by_stream.setdefault((str(r.get("task")), int(r["doc_id"]) % world_size), []).append(r)
-    out = []
-    for stream in by_stream.values():
-        stream.sort(key=lambda r: int(r["doc_id"]))
-        out += stream[int(stream[0].get("batch_size", 1) or 1):]
-    return out
-
-
 def efficiency_figures(document: dict[str, Any]) -> dict[str, Any]:
     """Means of a wrapper's efficiency JSON: token and KV means over every sample, timing means over the
     samples left by `warm_samples`; ``samples`` and ``timed_samples`` say how many each rests on. A document
@@ -143,6 +123,8 @@ def efficiency_figures(document: dict[str, Any]) -> dict[str, Any]:
                 "prefill_flops_unpruned"):
         values = [float(r[key]) for r in records if r.get(key) is not None]
         out[f"mean_{key}"] = sum(values) / len(values) if values else None
+    from lmms_prune.efficiency import warm_samples
+
     timed = warm_samples(records, document.get("world_size", 1))
     out["timed_samples"] = len(timed)
     for key in ("llm_prefill_seconds", "select_seconds", "decode_seconds", "end_to_end_seconds"):

@@ -288,7 +288,7 @@ def test_report_speed_up_excludes_the_cold_start_and_says_what_it_rests_on(tmp_p
 
 
 def test_warm_samples_drop_the_first_batch_of_each_rank_and_task():
-    from lmms_prune.report import warm_samples
+    from lmms_prune.efficiency import warm_samples
 
     records = [{"task": t, "doc_id": d, "batch_size": 1} for t in ("a", "b") for d in range(6)]
     kept = warm_samples(records, world_size=2)  # rank 0: doc 0, 2, 4; rank 1: doc 1, 3, 5
