@@ -266,6 +266,30 @@ def _signals_raise() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGTERM / SIGINT off the block (main thread only) and raise `SweepInterrupted` after it if one came.
+
+    Done with a recording handler, not a blocked signal mask: a mask would be inherited by the children the
+    block starts (and survive their ``exec``), a handler is not.
+    """
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    if received:
+        raise SweepInterrupted(received[0])
+
+
+@contextlib.contextmanager
 def cell_lock(path: Path) -> Iterator[bool]:
     """Hold an exclusive ``flock`` on ``path`` for the block; yields False (without waiting) if another
     process holds it."""
@@ -361,12 +385,17 @@ class Sweep:
         cmd = self.command(cell)
         (d / "command.txt").write_text(shlex.join(cmd) + "\n")
         t0 = time.time()
+        proc = None
         with open(d / "log.txt", "w") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
             try:
+                with _signals_deferred():  # a signal between fork and assignment would orphan the child
+                    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                            start_new_session=True)
                 code = proc.wait()
             finally:  # also after a normal exit: no process of the run may outlive it
-                _stop_group(proc)
+                if proc is not None:
+                    with _signals_deferred():  # a second Ctrl-C must not abort the stopping
+                        _stop_group(proc)
         problem = check_run(d)
         if problem is None and code != 0:
             problem = f"exit status {code}: {_last_error(d)}"

@@ -153,7 +153,7 @@ def image_size(image: dict[str, Any] | str) -> tuple[int, int]:
     try:
         with Image.open(source) as opened:
             return opened.size
-    except (OSError, SyntaxError, ValueError, TypeError):  # PIL's failures to identify a file
+    except (OSError, SyntaxError, ValueError, TypeError, AttributeError):  # PIL's failures to identify a file
         return (0, 0)
 
 
