@@ -17,7 +17,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from lmms_prune.engine import apply
-from lmms_prune.engine.prior import Prior, save_prior
+from lmms_prune.engine.prior import Prior, prior_fingerprint_from_config, save_prior
 from lmms_prune.families import family_for_processor, family_of, get_adapter
 
 DEFAULT_PROMPT = "Please describe the provided image."
@@ -96,6 +96,7 @@ def calibrate_prior(
         "num_images": sum(counts.values()),
         "layouts": {str(n): layouts[n] for n in layouts},
         "max_num": max_num,
+        "fingerprint": prior_fingerprint_from_config(model.config, layer, prompt),
     }
     return Prior(means, counts, meta)
 

@@ -122,7 +122,7 @@ def run_demo(out: str | Path = "runs/demo", n_images: int = 16, keep: float = 0.
              methods: tuple[str, ...] = DEMO_METHODS, launcher: str | None = None, overlays: int = 3,
              pretrained: str | None = None) -> dict[str, Any]:
     from lmms_prune.calibration import calibrate_prior
-    from lmms_prune.engine.prior import save_prior
+    from lmms_prune.engine.prior import load_prior, save_prior
     from lmms_prune.loading import load_model, resolve_pretrained
     from lmms_prune.report import write_report
     from lmms_prune.sweep import Sweep, build_cells
@@ -137,6 +137,8 @@ def run_demo(out: str | Path = "runs/demo", n_images: int = 16, keep: float = 0.
         print(f"[demo] writing {n_images} held-out synthetic images (RefCOCO layout) to {data}")
         write_refcoco_hub_layout(data / "RefCOCO", n_images, seed=HELD_OUT_SEED, splits=("val",), **SCENE_KWARGS)
     prior = out / PRIOR_FILE
+    if prior.is_file() and "fingerprint" not in load_prior(prior).meta:
+        prior.unlink()  # made before priors carried a model fingerprint: it would be refused
     if "d2pruner" in methods and not prior.is_file():
         model, processor = load_model(str(model_dir), device="cpu", dtype="float32")
         images = [s.image for s in generate_scenes(32, seed=CALIBRATION_SEED, **SCENE_KWARGS)]
@@ -148,7 +150,7 @@ def run_demo(out: str | Path = "runs/demo", n_images: int = 16, keep: float = 0.
     env = dict(os.environ, LMMS_PRUNE_REFCOCO_DIR=str(data), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     sweep = Sweep(out / "runs", [TASK], launcher=launcher or default_launcher(), env=env)
     statuses = sweep.run(cells, progress=lambda s: print(f"[demo] {s}"))
-    failed = {k: v for k, v in statuses.items() if v.startswith("FAILED")}
+    failed = {k: v for k, v in statuses.items() if not v.startswith(("done", "skipped"))}
     if failed:
         raise RuntimeError("demo runs failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
     report = write_report(out / "runs", out / "report")

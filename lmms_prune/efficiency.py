@@ -15,6 +15,9 @@ in general it costs ``sum_l f(n_l)`` over the per-layer token counts ``n_l``.
 
 The KV cache of a layer holding ``n_l`` tokens takes ``2 * KV * hd * bytes_per_element * n_l`` bytes (keys and
 values), summed over layers.
+
+Measured times are another matter: a process's first batch pays its cold start (kernel compilation,
+allocator growth, lazy imports), so timing means leave it out (`warm_samples`).
 """
 
 from __future__ import annotations
@@ -102,3 +105,30 @@ def kv_cache_bytes(dims: DecoderDims, tokens_per_layer: Sequence[int], bytes_per
         raise ValueError(f"bytes_per_element={bytes_per_element}: must be >= 1 (2 for bfloat16, 4 for float32)")
     per_token = 2 * dims.num_kv_heads * dims.head_dim * bytes_per_element
     return per_token * sum(int(n) for n in tokens_per_layer)
+
+
+def warm_samples(records: Sequence[dict[str, Any]], world_size: int = 1) -> list[dict[str, Any]]:
+    """``records`` (per-sample efficiency records of a run) without each process's warm-up batch.
+
+    Rule: with ``rank`` and ``position`` (0-based order within the process) on every record, drop the first
+    ``batch_size`` positions of each rank. Otherwise (records hold ``task``, ``doc_id``, ``batch_size``) use
+    lmms-eval's split: rank ``r`` of ``world_size`` answers the ``doc_id`` equal to ``r`` modulo
+    ``world_size``, a task's samples in ``doc_id`` order, so drop the first ``batch_size`` ``doc_id`` of each
+    (task, rank); the records do not say which task ran first, so one batch per task goes.
+    """
+    if not records:
+        return []
+    world_size = max(1, int(world_size or 1))
+    if all("rank" in r and "position" in r for r in records):
+        first: dict[Any, int] = {}
+        for r in records:
+            first[r["rank"]] = min(first.get(r["rank"], r["position"]), r["position"])
+        return [r for r in records if r["position"] - first[r["rank"]] >= int(r.get("batch_size", 1) or 1)]
+    by_stream: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in records:
+        by_stream.setdefault((str(r.get("task")), int(r["doc_id"]) % world_size), []).append(r)
+    out = []
+    for stream in by_stream.values():
+        stream.sort(key=lambda r: int(r["doc_id"]))
+        out += stream[int(stream[0].get("batch_size", 1) or 1):]
+    return out

@@ -37,14 +37,16 @@ def package_versions(names: Sequence[str] = ("lmms-prune", "lmms-eval", "transfo
 
 
 def run_settings(model: str, pretrained: str, model_args: Mapping[str, Any], tasks: Sequence[str],
-                 limit: int | float | None = None, revision: str | None = None) -> dict[str, Any]:
+                 limit: int | float | None = None, revision: str | None = None,
+                 extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The settings that determine an lmms-eval run's result, in the form that :func:`fingerprint` keys.
 
     ``model``: the lmms-eval model name (``internvl_fastv``); ``pretrained``: the resolved checkpoint (hub id
     or absolute local path); ``model_args``: every other ``--model_args`` key and value, as strings;
-    ``revision``: the hub revision, when one is pinned.
+    ``revision``: the hub revision, when one is pinned; ``extra``: anything else the result depends on (other
+    lmms-eval options, the data source), stored under ``"extra"`` when given.
     """
-    return {
+    settings = {
         "model": model,
         "pretrained": pretrained,
         "revision": revision,
@@ -53,3 +55,19 @@ def run_settings(model: str, pretrained: str, model_args: Mapping[str, Any], tas
         "limit": limit,
         "versions": package_versions(),
     }
+    if extra:
+        settings["extra"] = dict(extra)
+    return settings
+
+
+def settings_differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf where two settings mappings differ (nested keys joined by dots)."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += settings_differences(a, b, f"{name}.")
+        elif canonical_json({"v": a}) != canonical_json({"v": b}):
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return out

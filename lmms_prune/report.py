@@ -5,7 +5,24 @@ folder) and the efficiency JSON written next to it by this package's models. Row
 ratio); for each task family (an lmms-eval group such as ``refcoco_ground``, or a lone task) the columns are its
 splits and its average, each shown as the absolute score and the % of the unpruned run of the same model
 (method ``none``, same checkpoint). Efficiency columns: mean visual tokens kept, LLM prefill speed-up and
-KV-cache reduction against that same unpruned run.
+KV-cache reduction against that same unpruned run, and the samples these rest on.
+
+One result per cell: runs are keyed by their fingerprint (the sweep's ``cell.json`` in a folder above the
+results file, else the fingerprint of the results file's own model, model arguments without
+``efficiency_path``, tasks and ``--limit``). When a cell holds several results (an interrupted run that wrote
+late, two copies of a folder), the newest (lmms-eval's ``date`` stamp, then the file time) is kept and the
+report lists every result it dropped.
+
+Warm-up: a process's first batch pays its cold start (kernel compilation, allocator growth, lazy imports),
+which once made a 2-sample fastv run read 27x faster. Timing means (LLM prefill seconds, hence the speed-up)
+therefore leave out, per process, the first batch of every task: lmms-eval gives rank ``r`` of ``W`` processes
+the samples whose ``doc_id`` is ``r`` modulo ``W`` and each process answers a task's samples in ``doc_id``
+order in batches of ``batch_size``, so the first ``batch_size`` such ``doc_id`` of each (task, rank) are
+dropped (one batch per task rather than only the very first one, because the records do not say in which
+order the tasks ran). When the records carry ``rank`` and ``position`` (0-based order within the process), the
+first batch by ``position`` of each rank is dropped instead. Token counts and the KV-cache reduction are
+deterministic and use every sample. The report shows, per row, how many samples were scored for efficiency
+and how many of them are timed.
 """
 
 from __future__ import annotations
@@ -36,7 +53,10 @@ class Run:
     scores: dict[str, float]  # task or group name -> headline score
     metric: dict[str, str]  # task -> the metric used
     groups: dict[str, list[str]]
-    efficiency: dict[str, Any] = field(default_factory=dict)
+    efficiency: dict[str, Any] = field(default_factory=dict)  # `efficiency_figures` of the run
+    fingerprint: str = ""
+    date: str = ""
+    skipped: int = 0
 
     @property
     def key(self) -> tuple[str, str]:
@@ -75,7 +95,8 @@ def _family_and_method(model: str, args: dict[str, str]) -> tuple[str, str]:
     return model, args.get("method", "none")
 
 
-def _efficiency_for(results_path: Path, args: dict[str, str]) -> dict[str, Any]:
+def _efficiency_document(results_path: Path, args: dict[str, str]) -> dict[str, Any]:
+    """The efficiency JSON this package's wrapper wrote for the run of ``results_path`` ({} if none)."""
     candidates = []
     if args.get("efficiency_path"):
         p = Path(args["efficiency_path"])
@@ -85,11 +106,55 @@ def _efficiency_for(results_path: Path, args: dict[str, str]) -> dict[str, Any]:
     candidates += sorted(results_path.parent.parent.parent.glob("efficiency.json"))
     for c in candidates:
         if c.is_file():
-            return json.loads(c.read_text()).get("summary", {})
+            return json.loads(c.read_text())
     return {}
 
 
-def load_run(path: Path) -> Run:
+def efficiency_figures(document: dict[str, Any]) -> dict[str, Any]:
+    """Means of a wrapper's efficiency JSON: token and KV means over every sample, timing means over the
+    samples left by `warm_samples`; ``samples`` and ``timed_samples`` say how many each rests on. A document
+    without per-sample records gives its summary's means (``timed_samples`` None: warm-up not excluded)."""
+    summary = dict(document.get("summary", {}))
+    records = document.get("samples")
+    if not records:
+        return {**summary, "timed_samples": None}
+    out: dict[str, Any] = {"samples": len(records), "skipped": summary.get("skipped", 0)}
+    for key in ("visual_before", "visual_after", "kv_cache_bytes", "kv_cache_bytes_unpruned", "prefill_flops",
+                "prefill_flops_unpruned"):
+        values = [float(r[key]) for r in records if r.get(key) is not None]
+        out[f"mean_{key}"] = sum(values) / len(values) if values else None
+    from lmms_prune.efficiency import warm_samples
+
+    timed = warm_samples(records, document.get("world_size", 1))
+    out["timed_samples"] = len(timed)
+    for key in ("llm_prefill_seconds", "select_seconds", "decode_seconds", "end_to_end_seconds"):
+        values = [float(r[key]) for r in timed if r.get(key) is not None]
+        out[f"mean_{key}"] = sum(values) / len(values) if values else None
+    return out
+
+
+def run_fingerprint(path: Path, data: dict[str, Any], root: Path | None = None) -> str:
+    """The cell fingerprint of a results file: ``cell.json`` of the nearest folder above it (up to ``root``),
+    else a fingerprint of its model, model arguments (without ``efficiency_path``), tasks and limit."""
+    from lmms_prune.fingerprint import fingerprint
+
+    for folder in path.parents:
+        cell = folder / "cell.json"
+        if cell.is_file():
+            try:
+                return str(json.loads(cell.read_text())["fingerprint"])
+            except (OSError, ValueError, KeyError):
+                break
+        if root is not None and folder == root:
+            break
+    config = data.get("config", {})
+    args = parse_model_args(config.get("model_args"))
+    args.pop("efficiency_path", None)
+    return fingerprint({"model": config.get("model"), "model_args": args, "limit": config.get("limit"),
+                        "tasks": sorted(data.get("results", {}))})
+
+
+def load_run(path: Path, root: Path | None = None) -> Run:
     from lmms_prune.presets import PRESETS
 
     data = json.loads(path.read_text())
@@ -105,16 +170,38 @@ def load_run(path: Path) -> Run:
         if head:
             metric[task], scores[task] = head
     groups = {g: list(subs) for g, subs in data.get("group_subtasks", {}).items() if subs}
+    document = _efficiency_document(path, args)
     return Run(path, model, family, method, keep, args.get("pretrained", ""), scores, metric, groups,
-               _efficiency_for(path, args))
+               efficiency_figures(document), run_fingerprint(path, data, root), str(data.get("date", "")),
+               int(document.get("summary", {}).get("skipped", 0) or 0))
 
 
-def collect(folder: str | Path) -> list[Run]:
+@dataclass
+class Dropped:
+    """A result the report left out because a newer one of the same cell exists."""
+
+    path: Path
+    kept: Path
+
+
+def collect_runs(folder: str | Path) -> tuple[list[Run], list[Dropped]]:
+    """Every ``*_results.json`` below ``folder``, one per cell fingerprint (the newest); and the dropped ones."""
     folder = Path(folder)
     files = sorted(folder.rglob("*_results.json"))
     if not files:
         raise FileNotFoundError(f"{folder}: no lmms-eval *_results.json files below it")
-    return [load_run(f) for f in files]
+    runs = [load_run(f, folder) for f in files]
+    newest: dict[str, Run] = {}
+    for run in sorted(runs, key=lambda r: (r.date, r.path.stat().st_mtime_ns, str(r.path))):
+        newest[run.fingerprint] = run
+    kept = [r for r in runs if newest[r.fingerprint] is r]
+    dropped = [Dropped(r.path, newest[r.fingerprint].path) for r in runs if newest[r.fingerprint] is not r]
+    return kept, dropped
+
+
+def collect(folder: str | Path) -> list[Run]:
+    """The runs below ``folder``, one per cell (`collect_runs`)."""
+    return collect_runs(folder)[0]
 
 
 def _families(runs: Sequence[Run]) -> dict[str, list[str]]:
@@ -179,6 +266,8 @@ def build_tables(runs: Sequence[Run]) -> list[Table]:
                         base_value = sum(bparts) / len(bparts) if bparts else None
                 row[f"{c} %"] = _pct(value, base_value)
             eff, beff = run.efficiency, (base.efficiency if base else {})
+            row["samples"] = eff.get("samples")
+            row["timed"] = eff.get("timed_samples")
             row["visual kept"] = eff.get("mean_visual_after")
             bp, rp = beff.get("mean_llm_prefill_seconds"), eff.get("mean_llm_prefill_seconds")
             row["prefill speed-up"] = bp / rp if bp and rp else None
@@ -207,11 +296,14 @@ def _cell(row: dict[str, Any], col: str) -> str:
 def to_markdown(tables: Sequence[Table]) -> str:
     out = []
     for t in tables:
-        head = ["model", "method", "keep", *t.columns, "visual kept", "prefill speed-up", "KV reduction %"]
+        head = ["model", "method", "keep", *t.columns, "visual kept", "prefill speed-up", "KV reduction %",
+                "samples (timed)"]
         out += [f"### {t.family}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in t.rows:
+            timed = "all, warm-up included" if r.get("timed") is None else str(r["timed"])
+            counted = "n/a" if r.get("samples") is None else f"{r['samples']} ({timed})"
             cells = [r["model"], r["method"], _fmt(r["keep"], 2), *[_cell(r, c) for c in t.columns],
-                     _fmt(r["visual kept"], 1), _fmt(r["prefill speed-up"]), _fmt(r["KV reduction %"], 1)]
+                     _fmt(r["visual kept"], 1), _fmt(r["prefill speed-up"]), _fmt(r["KV reduction %"], 1), counted]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
@@ -221,12 +313,13 @@ def to_csv(tables: Sequence[Table], path: Path) -> Path:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["task_family", "model", "pretrained", "method", "keep", "column", "score", "pct_of_unpruned",
-                    "visual_kept", "prefill_speedup", "kv_reduction_pct"])
+                    "visual_kept", "prefill_speedup", "kv_reduction_pct", "efficiency_samples", "timed_samples"])
         for t in tables:
             for r in t.rows:
                 for c in t.columns:
                     w.writerow([t.family, r["model"], r["pretrained"], r["method"], r["keep"], c, r.get(c),
-                                r.get(f"{c} %"), r["visual kept"], r["prefill speed-up"], r["KV reduction %"]])
+                                r.get(f"{c} %"), r["visual kept"], r["prefill speed-up"], r["KV reduction %"],
+                                r.get("samples"), r.get("timed")])
     return path
 
 
@@ -301,17 +394,40 @@ def plot(tables: Sequence[Table], out_dir: Path) -> list[Path]:
     return paths
 
 
+def notes(runs: Sequence[Run], dropped: Sequence[Dropped], folder: Path) -> str:
+    """The report's notes: results dropped as older copies of a cell, runs with skipped samples."""
+    lines = []
+    for d in dropped:
+        lines.append(f"- dropped {_relative(d.path, folder)}: an older result of the same cell as "
+                     f"{_relative(d.kept, folder)}")
+    for run in runs:
+        if run.skipped:
+            lines.append(f"- {run.family} {run.method} keep {run.keep:g}: {run.skipped} sample(s) skipped "
+                         "(on_error=skip), scored as wrong answers")
+    return "### Notes\n\n" + "\n".join(lines) + "\n" if lines else ""
+
+
+def _relative(path: Path, folder: Path) -> str:
+    try:
+        return str(path.relative_to(folder))
+    except ValueError:
+        return str(path)
+
+
 def write_report(folder: str | Path, out: str | Path | None = None, cross_keep: float | None = None) -> dict[str, Any]:
-    runs = collect(folder)
+    runs, dropped = collect_runs(folder)
     out_dir = Path(out) if out else Path(folder) / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     tables = build_tables(runs)
     keeps = sorted({r.keep for r in runs if r.method != "none"})
     cross_keep = cross_keep if cross_keep is not None else (min(keeps) if keeps else 1.0)
     markdown = to_markdown(tables) + "\n" + cross_task(tables, cross_keep)
+    extra = notes(runs, dropped, Path(folder))
+    if extra:
+        markdown += "\n" + extra
     paths = {"markdown": out_dir / "report.md", "csv": out_dir / "report.csv", "latex": out_dir / "report.tex"}
     paths["markdown"].write_text(markdown)
     to_csv(tables, paths["csv"])
     paths["latex"].write_text(to_latex(tables))
     plots = plot(tables, out_dir)
-    return {"tables": tables, "markdown": markdown, "paths": paths, "plots": plots, "runs": runs}
+    return {"tables": tables, "markdown": markdown, "paths": paths, "plots": plots, "runs": runs, "dropped": dropped}

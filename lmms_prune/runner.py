@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from lmms_prune.efficiency import DecoderDims, kv_cache_bytes, prefill_flops
+from lmms_prune.efficiency import DecoderDims, kv_cache_bytes, prefill_flops, warm_samples
 from lmms_prune.families.base import Family, int_arg
 from lmms_prune.presets import PRESETS, PruneConfig, resolve_config
 
@@ -182,14 +182,22 @@ def apply_until(text: str, until: Sequence[str]) -> str:
 
 
 def summarize(records: Sequence[dict[str, Any]], skipped: int = 0) -> dict[str, Any]:
-    """Means of the per-sample efficiency fields and the pruned / unpruned ratios of their totals."""
+    """Means of the per-sample efficiency fields and the pruned / unpruned ratios of their totals (timing means
+    without the warm-up batch of each process, :func:`lmms_prune.efficiency.warm_samples`)."""
     out: dict[str, Any] = {"samples": len(records), "skipped": skipped}
     if not records:
         return out
-    for key in ("visual_before", "visual_after", "seq_len_before", "seq_len_after", "llm_prefill_seconds",
-                "select_seconds", "decode_seconds", "end_to_end_seconds", "prefill_flops",
+    # Timing means leave out each process's warm-up batch when the records say which it was (rank, position);
+    # token and cost figures use every sample.
+    timed = list(records)
+    if all("rank" in r and "position" in r for r in records):
+        timed = warm_samples(records) or timed
+    out["timed_samples"] = len(timed)
+    for key in ("visual_before", "visual_after", "seq_len_before", "seq_len_after", "prefill_flops",
                 "prefill_flops_unpruned", "kv_cache_bytes", "kv_cache_bytes_unpruned", "output_tokens"):
         out[f"mean_{key}"] = sum(float(r[key]) for r in records) / len(records)
+    for key in ("llm_prefill_seconds", "select_seconds", "decode_seconds", "end_to_end_seconds"):
+        out[f"mean_{key}"] = sum(float(r[key]) for r in timed) / len(timed)
 
     def ratio(num: str, den: str) -> float | None:
         total = sum(float(r[den]) for r in records)
@@ -212,7 +220,8 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{num('mean_visual_before', '.1f')} -> {num('mean_visual_after', '.1f')} "
             f"(x{num('visual_kept_ratio', '.3f')}), prefill FLOPs x{num('prefill_flops_ratio', '.3f')}, "
             f"KV cache x{num('kv_cache_ratio', '.3f')}, mean LLM prefill {num('mean_llm_prefill_seconds', '.4f')}s, "
-            f"selection {num('mean_select_seconds', '.4f')}s, end-to-end {num('mean_end_to_end_seconds', '.4f')}s")
+            f"selection {num('mean_select_seconds', '.4f')}s, end-to-end {num('mean_end_to_end_seconds', '.4f')}s "
+            f"(times over {summary.get('timed_samples', summary['samples'])} samples after warm-up)")
 
 
 @dataclass
@@ -284,7 +293,7 @@ class Runner:
         if self.config.stage != "none" and self.config.needs().prior and self.config.bias_prior:
             from lmms_prune.engine.prior import load_prior
 
-            load_prior(self.config.bias_prior).check(opts.pretrained, self.config.effective_score_layer)
+            load_prior(self.config.bias_prior).check(config, self.config.effective_score_layer)
         model = AutoModelForImageTextToText.from_pretrained(
             opts.pretrained, dtype=self.dtype, attn_implementation=self.attn, device_map=opts.device_map
         )

@@ -3,34 +3,92 @@
 A cell is one lmms-eval process group (``python -m lmms_eval`` or the ``--launcher`` prefix, e.g.
 ``accelerate launch --num_processes 8``) over all the sweep's tasks, writing into its own folder:
 
-    OUT/<model>/<method>/keep<ratio>/   lmms-eval results (*_results.json), efficiency.json, log.txt, DONE
+    OUT/<family>-<checkpoint name>-<hash>/<method>/keep<ratio>/
+        cell.json   {"fingerprint": ..., "settings": ...}: what determines the result (`cell_settings`)
+        lmms_eval/  lmms-eval's output (one *_results.json), efficiency.json, log.txt, command.txt, DONE
 
-``DONE`` is written only after the process exited 0 and its results file exists, so a crashed or interrupted
-cell is never mistaken for a finished one: on the next run its partial files are cleared and it runs again
-(``--retries`` more times within one run). Finished cells are skipped. ``none`` runs once per model (its keep
-ratio is 1).
+One folder per checkpoint: ``<hash>`` digests the resolved checkpoint (absolute local path, or hub id and
+the cached revision), so two checkpoints of one family never share cells. The cell's **fingerprint**
+(`lmms_prune.fingerprint`) covers the checkpoint, every model argument, the tasks, ``--limit``, the other
+lmms-eval options, the data-source environment and the package versions. A cell is done when ``DONE`` is
+there and ``cell.json`` holds the fingerprint of the settings asked for now; a cell whose settings changed is
+rerun, its old output replaced, and the status says which settings changed.
+
+``DONE`` is written only after a run was verified, without trusting the exit status (lmms-eval's command line
+catches every exception and exits 0): exactly one results file that parses and holds scores, and an
+efficiency JSON in which not every sample was skipped. A failed, interrupted or all-skipped cell is cleared
+and run again on the next sweep (``--retries`` more times within one run). ``none`` runs once per model (its
+keep ratio is 1).
+
+Children: each run starts in its own process group (session); stopping the sweep (SIGTERM, SIGINT) kills
+that whole group before the sweep exits, so no ``lmms_eval`` process outlives it. A lock per cell
+(``fcntl.flock`` on ``<cell>.lock`` next to the cell folder) keeps two sweeps from writing one cell.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
-DEFAULT_PRETRAINED = {
-    "internvl": "OpenGVLab/InternVL2_5-8B-MPO-hf",
-    "qwen2_5_vl": "Qwen/Qwen2.5-VL-7B-Instruct",
-    "llava": "llava-hf/llava-1.5-7b-hf",
-}
+from lmms_prune.fingerprint import fingerprint, run_settings, settings_differences
+
+
+
+def default_pretrained() -> dict[str, str]:
+    """Family name -> its default checkpoint (the family modules' ``default_pretrained``)."""
+    from lmms_prune.families import all_families
+
+    return {fam.name: fam.default_pretrained for fam in all_families()}
+
 DONE = "DONE"
+CELL_FILE = "cell.json"
+DATA_ENV = ("LMMS_PRUNE_REFCOCO_DIR", "LMMS_PRUNE_REFCOCO_JSONL_DIR", "LMMS_PRUNE_COCO_ROOT")
+"""Environment variables that choose the RefCOCO data (`lmms_prune.tasks.refcoco.data`): part of a cell's settings."""
+KILL_GRACE_SECONDS = 10.0
+
+
+class SweepInterrupted(Exception):
+    """The sweep received SIGTERM or SIGINT; its running child group has been stopped."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"sweep stopped by {signal.Signals(signum).name}")
+
+
+def hub_revision(repo_id: str) -> str | None:
+    """The commit the local hub cache resolves ``repo_id``'s ``main`` to (what an offline run loads), or None."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return None
+    ref = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs" / "main"
+    return ref.read_text().strip() if ref.is_file() else None
+
+
+def resolve_checkpoint(pretrained: str) -> tuple[str, str | None]:
+    """``(checkpoint, revision)``: a shipped short name or an existing local path as an absolute path
+    (revision None); anything else as a hub id with its cached revision (None when not cached)."""
+    from lmms_prune.loading import resolve_pretrained
+
+    resolved = resolve_pretrained(pretrained)
+    path = Path(resolved).expanduser()
+    if path.exists():
+        return str(path.resolve()), None
+    return resolved, hub_revision(resolved)
 
 
 @dataclass(frozen=True)
@@ -40,18 +98,35 @@ class Cell:
     method: str
     keep_ratio: float
     model_args: tuple[tuple[str, str], ...] = ()
+    revision: str | None = None
+
+    @property
+    def model_folder(self) -> str:
+        """``<family>-<checkpoint name>-<8 hex digits of checkpoint and revision>``: one folder per checkpoint."""
+        base = Path(self.pretrained.rstrip("/")).name or "checkpoint"
+        digest = fingerprint({"pretrained": self.pretrained, "revision": self.revision})[:8]
+        return f"{self.family}-{base}-{digest}"
 
     @property
     def name(self) -> str:
         keep = "1" if self.method == "none" else f"{self.keep_ratio:g}"
-        return f"{self.family}/{self.method}/keep{keep}"
+        return f"{self.model_folder}/{self.method}/keep{keep}"
 
-    def lmms_eval_model_args(self, efficiency: Path) -> str:
+    @property
+    def model(self) -> str:
+        """The lmms-eval ``--model`` name."""
+        return f"{self.family}_{self.method}"
+
+    def model_arg_dict(self) -> dict[str, str]:
+        """``--model_args`` without ``efficiency_path`` (which only says where a record goes)."""
         args = {"pretrained": self.pretrained}
         if self.method != "none":
             args["keep_ratio"] = f"{self.keep_ratio:g}"
         args.update(dict(self.model_args))
-        args["efficiency_path"] = str(efficiency)
+        return args
+
+    def lmms_eval_model_args(self, efficiency: Path) -> str:
+        args = {**self.model_arg_dict(), "efficiency_path": str(efficiency)}
         return ",".join(f"{k}={v}" for k, v in args.items())
 
 
@@ -60,9 +135,10 @@ def parse_models(spec: str) -> list[tuple[str, str]]:
     out = []
     for item in (s.strip() for s in spec.split(",") if s.strip()):
         family, _, path = item.partition("=")
-        if family not in DEFAULT_PRETRAINED:
-            raise ValueError(f"--models {family!r}: unknown family; choose from {', '.join(DEFAULT_PRETRAINED)}")
-        out.append((family, path or DEFAULT_PRETRAINED[family]))
+        defaults = default_pretrained()
+        if family not in defaults:
+            raise ValueError(f"--models {family!r}: unknown family; choose from {', '.join(defaults)}")
+        out.append((family, path or defaults[family]))
     return out
 
 
@@ -80,6 +156,7 @@ def parse_method_args(items: Sequence[str]) -> dict[str, dict[str, str]]:
 
 def build_cells(models: Sequence[tuple[str, str]], methods: Sequence[str], keeps: Sequence[float],
                 method_args: dict[str, dict[str, str]] | None = None) -> list[Cell]:
+    """One cell per (checkpoint, method, keep ratio); checkpoints resolved by `resolve_checkpoint`."""
     from lmms_prune.presets import PRESETS
 
     method_args = method_args or {}
@@ -89,13 +166,152 @@ def build_cells(models: Sequence[tuple[str, str]], methods: Sequence[str], keeps
     for k in keeps:
         if not 0 < k <= 1:
             raise ValueError(f"--keep {k}: keep ratios must be in (0, 1]")
-    cells = []
+    unknown_args = sorted(set(method_args) - set(PRESETS) - {"*"})
+    if unknown_args:
+        raise ValueError(f"--method-args {','.join(unknown_args)}: unknown method; choose from *, {', '.join(PRESETS)}")
+    cells, seen = [], set()
     for family, pretrained in models:
+        checkpoint, revision = resolve_checkpoint(pretrained)
+        if (family, checkpoint, revision) in seen:
+            raise ValueError(f"--models {family}={pretrained}: given twice")
+        seen.add((family, checkpoint, revision))
         for method in ["none", *[m for m in methods if m != "none"]]:
             extra = {**method_args.get("*", {}), **method_args.get(method, {})}
             for keep in [1.0] if method == "none" else keeps:
-                cells.append(Cell(family, pretrained, method, float(keep), tuple(sorted(extra.items()))))
+                cells.append(Cell(family, checkpoint, method, float(keep), tuple(sorted(extra.items())), revision))
     return cells
+
+
+def check_run(cell_dir: Path) -> str | None:
+    """Why the finished run in ``cell_dir`` is not a usable result, or None when it is.
+
+    Never reads the exit status: one ``*_results.json`` that parses and holds scores, and an efficiency JSON
+    (written by this package's wrappers) that has at least one sample not skipped.
+    """
+    results = sorted((cell_dir / "lmms_eval").rglob("*_results.json"))
+    if len(results) != 1:
+        return f"{len(results)} results files (expected 1)" + (f"; {_last_error(cell_dir)}" if not results else "")
+    try:
+        scores = json.loads(results[0].read_text()).get("results")
+    except (OSError, ValueError) as err:
+        return f"{results[0].name} unreadable: {err}"
+    if not scores:
+        return f"{results[0].name} holds no scores"
+    efficiency = cell_dir / "efficiency.json"
+    if not efficiency.is_file():
+        return "no efficiency.json (the model wrapper did not finish)"
+    try:
+        summary = json.loads(efficiency.read_text()).get("summary", {})
+    except (OSError, ValueError) as err:
+        return f"efficiency.json unreadable: {err}"
+    samples, skipped = int(summary.get("samples", 0)), int(summary.get("skipped", 0))
+    if samples == 0:
+        return f"every sample was skipped ({skipped} skipped, 0 answered; see log.txt)"
+    return None
+
+
+def _last_error(cell_dir: Path) -> str:
+    """The last line of the cell's log that names an error, for the status line."""
+    log = cell_dir / "log.txt"
+    if not log.is_file():
+        return "no log"
+    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines()
+             if "Error" in ln or "Traceback" in ln or "error" in ln]
+    return lines[-1][-300:] if lines else "no error line in log.txt"
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stop_group(proc: subprocess.Popen, grace: float = KILL_GRACE_SECONDS) -> None:
+    """End the child's whole process group: SIGTERM, then SIGKILL whatever is left after ``grace`` seconds.
+
+    The child leads its own group (``start_new_session=True``), so this reaches every process it started.
+    """
+    if proc.poll() is not None and not _group_alive(proc.pid):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if proc.poll() is not None and not _group_alive(proc.pid):
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """While the block runs (main thread only), SIGTERM and SIGINT raise `SweepInterrupted`."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SweepInterrupted(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGTERM / SIGINT off the block (main thread only) and raise `SweepInterrupted` after it if one came.
+
+    Done with a recording handler, not a blocked signal mask: a mask would be inherited by the children the
+    block starts (and survive their ``exec``), a handler is not.
+    """
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    if received:
+        raise SweepInterrupted(received[0])
+
+
+@contextlib.contextmanager
+def cell_lock(path: Path) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on ``path`` for the block; yields False (without waiting) if another
+    process holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @dataclass
@@ -113,13 +329,48 @@ class Sweep:
     def cell_dir(self, cell: Cell) -> Path:
         return self.out / cell.name
 
+    def settings(self, cell: Cell) -> dict[str, Any]:
+        """What determines the cell's result (`lmms_prune.fingerprint.run_settings`)."""
+        env = self.env if self.env is not None else os.environ
+        extra = {"lmms_eval_args": list(self.extra_args), "include_path": self.include_path,
+                 "data": {k: env[k] for k in DATA_ENV if env.get(k)}}
+        return run_settings(cell.model, cell.pretrained, cell.model_arg_dict(), self.tasks, self.limit,
+                            cell.revision, extra)
+
+    def cell_record(self, cell: Cell) -> dict[str, Any]:
+        """The ``cell.json`` document: ``{"fingerprint": ..., "settings": ...}``."""
+        settings = self.settings(cell)
+        return {"fingerprint": fingerprint(settings), "settings": settings}
+
+    def stored_record(self, cell: Cell) -> dict[str, Any] | None:
+        path = self.cell_dir(cell) / CELL_FILE
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+
     def is_done(self, cell: Cell) -> bool:
         d = self.cell_dir(cell)
-        return (d / DONE).is_file() and any(d.rglob("*_results.json"))
+        stored = self.stored_record(cell)
+        return ((d / DONE).is_file() and stored is not None
+                and stored.get("fingerprint") == self.cell_record(cell)["fingerprint"])
+
+    def rerun_reason(self, cell: Cell) -> str | None:
+        """Why an existing output of ``cell`` is being replaced (None when there is none, or it is done)."""
+        d = self.cell_dir(cell)
+        if not d.exists() or self.is_done(cell):
+            return None
+        stored = self.stored_record(cell)
+        if stored is None:
+            return "earlier output without cell.json"
+        if (d / DONE).is_file():
+            diff = settings_differences(stored.get("settings", {}), self.cell_record(cell)["settings"])
+            return "settings changed: " + "; ".join(diff or ["fingerprint differs"])
+        return "earlier run did not finish"
 
     def command(self, cell: Cell) -> list[str]:
         d = self.cell_dir(cell)
-        cmd = [*shlex.split(self.launcher), "-m", "lmms_eval", "--model", f"{cell.family}_{cell.method}",
+        cmd = [*shlex.split(self.launcher), "-m", "lmms_eval", "--model", cell.model,
                "--model_args", cell.lmms_eval_model_args(d / "efficiency.json"), "--tasks", ",".join(self.tasks),
                "--output_path", str(d / "lmms_eval"), "--batch_size", "1"]
         if self.limit:
@@ -128,31 +379,65 @@ class Sweep:
             cmd += ["--include_path", self.include_path]
         return cmd + list(self.extra_args)
 
-    def run_cell(self, cell: Cell) -> bool:
+    def _attempt(self, cell: Cell) -> str | None:
+        """Run the cell once into a cleared folder; None on a verified result, else why not."""
         d = self.cell_dir(cell)
-        for attempt in range(1 + self.retries):
-            if d.exists():
-                shutil.rmtree(d)  # partial output of an earlier, unfinished attempt
-            d.mkdir(parents=True)
-            cmd = self.command(cell)
-            (d / "command.txt").write_text(shlex.join(cmd) + "\n")
-            t0 = time.time()
-            with open(d / "log.txt", "w") as log:
-                code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env)
-            if code == 0 and any(d.rglob("*_results.json")):
-                (d / DONE).write_text(json.dumps({"seconds": time.time() - t0, "attempts": attempt + 1}) + "\n")
-                return True
-        return False
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True)
+        (d / CELL_FILE).write_text(json.dumps(self.cell_record(cell), indent=2, sort_keys=True) + "\n")
+        cmd = self.command(cell)
+        (d / "command.txt").write_text(shlex.join(cmd) + "\n")
+        t0 = time.time()
+        proc = None
+        with open(d / "log.txt", "w") as log:
+            try:
+                with _signals_deferred():  # a signal between fork and assignment would orphan the child
+                    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                            start_new_session=True)
+                code = proc.wait()
+            finally:  # also after a normal exit: no process of the run may outlive it
+                if proc is not None:
+                    with _signals_deferred():  # a second Ctrl-C must not abort the stopping
+                        _stop_group(proc)
+        problem = check_run(d)
+        if problem is None and code != 0:
+            problem = f"exit status {code}: {_last_error(d)}"
+        if problem is None:
+            (d / DONE).write_text(json.dumps({"seconds": time.time() - t0}) + "\n")
+        return problem
+
+    def run_cell(self, cell: Cell) -> bool:
+        """Run ``cell`` (up to ``1 + retries`` attempts) under its lock; True when it is done."""
+        return self._run_cell(cell).startswith("done")
+
+    def _run_cell(self, cell: Cell) -> str:
+        d = self.cell_dir(cell)
+        with cell_lock(d.parent / f"{d.name}.lock") as locked:
+            if not locked:
+                return f"BUSY (another sweep holds {d.parent / (d.name + '.lock')})"
+            if self.is_done(cell):
+                return "skipped (done)"
+            reason = self.rerun_reason(cell)
+            problem = "not run"
+            for attempt in range(1 + self.retries):
+                problem = self._attempt(cell)
+                if problem is None:
+                    status = "done" if attempt == 0 else f"done (attempt {attempt + 1})"
+                    return f"{status}, rerun because {reason}" if reason else status
+            return f"FAILED: {problem} (see {d / 'log.txt'})"
 
     def run(self, cells: Sequence[Cell], progress: Callable[[str], None] | None = None) -> dict[str, str]:
+        """Run every cell not done yet; SIGTERM / SIGINT stop the running child group and raise
+        `SweepInterrupted`."""
         bar = tqdm(cells, desc="sweep", unit="cell")
-        for cell in bar:
-            bar.set_postfix_str(cell.name)
-            if self.is_done(cell):
-                self.statuses[cell.name] = "skipped (done)"
-                continue
-            ok = self.run_cell(cell)
-            self.statuses[cell.name] = "done" if ok else f"FAILED (see {self.cell_dir(cell) / 'log.txt'})"
-            if progress:
-                progress(f"{cell.name}: {self.statuses[cell.name]}")
+        with _signals_raise():
+            for cell in bar:
+                bar.set_postfix_str(cell.name)
+                reason = None if self.is_done(cell) else self.rerun_reason(cell)
+                if reason and progress:
+                    progress(f"{cell.name}: rerunning ({reason})")
+                self.statuses[cell.name] = self._run_cell(cell)
+                if progress:
+                    progress(f"{cell.name}: {self.statuses[cell.name]}")
         return self.statuses

@@ -119,7 +119,7 @@ def sdpa_kernels(model: torch.nn.Module, inputs: dict[str, Any], method: str, pa
 def bench_cells(spec: dict[str, Any], device: str, dtype: torch.dtype, repeats: int, out: Path) -> dict[str, Any]:
     """One geometry's bench: every method at every keep ratio beside the unpruned model."""
     from lmms_prune.bench import Bench, build_geometry, synthetic_inputs
-    from lmms_prune.engine.prior import save_prior
+    from lmms_prune.engine.prior import prior_fingerprint_from_config, save_prior
     from lmms_prune.presets import PRESETS
     from lmms_prune.toy.models import tiny_model_dir
 
@@ -141,7 +141,8 @@ def bench_cells(spec: dict[str, Any], device: str, dtype: torch.dtype, repeats: 
             model(**{k: v.to(device) for k, v in inputs.items()})
             scores = h.records[0].scores[0].float()
         save_prior(prior_path, {scores.numel(): scores}, {scores.numel(): 1},
-                   {"model": getattr(model.config, "_name_or_path", ""), "score_layer": 1, "prompt": "synthetic"})
+                   {"model": getattr(model.config, "_name_or_path", ""), "score_layer": 1, "prompt": "synthetic",
+                    "fingerprint": prior_fingerprint_from_config(model.config, 1, "synthetic")})
         extra["d2pruner"] = {"bias_prior": str(prior_path)}
     depth = len(model.model.language_model.layers)
     if depth <= 12:  # deepprune's K=12 needs 13 layers

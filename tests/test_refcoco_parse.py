@@ -52,6 +52,9 @@ PARSE_CASES = [
     ("unclosed", "[[100, 200, 500, 800", None),
     ("empty_brackets", "[[]]", None),
     ("five_plain_numbers", "[100, 200, 500, 800, 900]", None),
+    ("overflow_to_infinity", "[[1e999, 200, 500, 800]]", None),
+    ("overflow_plain", "[100, 200, 1e999, 800]", None),
+    ("negative_overflow", "[[-1e999, 200, 500, 800]]", None),
 ]
 
 
@@ -79,7 +82,22 @@ def test_qwen_bbox_2d_wins_over_other_brackets_and_is_clamped():
     assert (y1, y2) == pytest.approx((20.0, 300.0))
 
 
-@pytest.mark.parametrize("answer", ['{"bbox_2d": [1, 2, 3]}', '{"bbox_2d": []}', '{"bbox_2d": [a, b, c, d]}'])
+def test_nested_qwen_bbox_2d_is_read_in_resized_pixels_like_the_flat_one():
+    width, height = 1000, 700
+    flat = parse_box('[{"bbox_2d": [100.8, 70, 504, 350]}]', width, height)
+    nested = parse_box('[{"bbox_2d": [[100.8, 70, 504, 350]], "label": "the dog"}]', width, height)
+    assert nested == flat == pytest.approx((100.0, 70.0, 500.0, 350.0))
+    # not the InternVL 0-1000 grid, which would read x1 = 100.8 / 1000 * 1000 and y1 = 70 / 1000 * 700
+    assert nested != pytest.approx((100.8, 49.0, 504.0, 245.0))
+
+
+@pytest.mark.parametrize("answer", [None, 5, 3.5, ["[[1, 2, 3, 4]]"], b"[[1, 2, 3, 4]]", {"bbox_2d": [1, 2, 3, 4]}])
+def test_non_string_answers_are_unparseable(answer):
+    assert parse_box(answer, W, H) is None
+
+
+@pytest.mark.parametrize("answer", ['{"bbox_2d": [1, 2, 3]}', '{"bbox_2d": []}', '{"bbox_2d": [a, b, c, d]}',
+                                    '{"bbox_2d": [1e999, 2, 3, 4]}', '{"bbox_2d": [[1, 2, 3]]}'])
 def test_malformed_qwen_answer_is_none(answer):
     assert parse_box(answer, 640, 480) is None
 

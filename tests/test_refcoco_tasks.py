@@ -85,8 +85,8 @@ def task_manager(include_path):
 def test_process_results_scores_one_answer_for_all_three_metrics():
     doc = {"box": [64.0, 96.0, 320.0, 384.0], "width": 640, "height": 480, "expression": "the dog"}
     exact = utils.process_results(doc, ["<ref>the dog</ref><box>[[100, 200, 500, 800]]</box>"])
-    assert set(exact) == {"acc@0.5", "mean_iou", "unparseable"}
-    assert exact["acc@0.5"] is exact["mean_iou"] is exact["unparseable"]
+    assert set(exact) == {"acc@0.5", "mean_iou", "unparseable", "image_errors"}
+    assert exact["acc@0.5"] is exact["mean_iou"] is exact["unparseable"] is exact["image_errors"]
     assert exact["acc@0.5"] == {"iou": pytest.approx(1.0), "parsed": True}
     # the right half of the true box: IoU 0.5 exactly
     half = utils.process_results(doc, ["[[300, 200, 500, 800]]"])["acc@0.5"]
@@ -125,7 +125,9 @@ def test_yaml_tasks_and_groups_are_consistent():
         assert groups[f"{family}_ground"]["task"] == [TASK_NAMES[(family, s)] for s in data.FAMILIES[family].splits]
     assert groups["refcoco_ground_all"]["task"] == list(TASK_NAMES.values())
     for config in groups.values():
-        means = {m["metric"]: m for m in config["aggregate_metric_list"] if m["metric"] != "unparseable"}
+        counts = {"unparseable", "image_errors"}
+        assert counts <= {m["metric"] for m in config["aggregate_metric_list"]}
+        means = {m["metric"]: m for m in config["aggregate_metric_list"] if m["metric"] not in counts}
         assert set(means) == {"acc@0.5", "mean_iou"}
         assert all(m["weight_by_size"] is False for m in means.values())  # the papers' unweighted "Avg"
 
@@ -362,8 +364,8 @@ def test_data_check_jsonl_and_exit_status(tmp_path, capsys):
     table = capsys.readouterr().out
     [line] = [line for line in table.splitlines() if line.startswith("refcocog ") and " test " in line]
     assert line.split()[2:5] == [str(len(load_internvl_jsonl(path))), "9602", "mismatch"]
-    assert table.count("missing") == 7
-    assert main(["data", "check", "--jsonl-dir", str(tmp_path / "nothing")]) == 0  # all missing: no crash
+    assert sum(line.split()[4] == "missing" for line in table.splitlines()[1:9]) == 7
+    assert main(["data", "check", "--jsonl-dir", str(tmp_path / "nothing")]) == 1  # all missing: fails, no crash
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -440,3 +442,214 @@ def test_cli_garbage_with_takeover_off_via_include_path(tmp_path, toy_root, expe
         assert scores["unparseable,none"] == expected_counts[("refcocog", split)]
         total += expected_counts[("refcocog", split)]
     assert results["groups"]["refcocog_ground"]["unparseable,none"] == total
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bad answers, bad images, bad data (issue 19)
+
+
+def _doc(**kw):
+    return {"sample_id": "q/0", "box": [64.0, 96.0, 320.0, 384.0], "width": 640, "height": 480, **kw}
+
+
+@pytest.mark.parametrize("answer", [None, 7, ["[[100, 200, 500, 800]]"], {"text": "x"}])
+def test_non_string_answers_count_as_unparseable(answer):
+    record = utils.process_results(_doc(), [answer])["unparseable"]
+    assert record == {"iou": 0.0, "parsed": False}
+    assert utils.unparseable_count([record]) == 1 and utils.image_error_count([record]) == 0
+
+
+def test_image_errors_are_counted_apart_and_stay_in_the_denominator(caplog):
+    hit = {"iou": 0.9, "parsed": True}
+    bad = [utils.image_error_record(f"q{i}/0", f"sample 'q{i}/0': image 'x.jpg' cannot be used: empty")
+           for i in range(3)]
+    records = [hit, {"iou": 0.0, "parsed": False}, *bad]
+    assert utils.accuracy_at_05(records) == 20.0  # 1 of 5: the 3 image errors count as misses
+    assert utils.mean_iou(records) == pytest.approx(0.9 / 5)
+    assert (utils.unparseable_count(records), utils.image_error_count(records)) == (1, 3)
+
+
+def _truncated_jpeg() -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()[:-600]
+
+
+def test_task_image_loading_refuses_truncated_files_and_scores_them_as_image_errors():
+    from PIL import ImageFile
+
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # set by lmms-eval when its task module is imported
+    doc = _doc(sample_id="trunc/0", image={"bytes": _truncated_jpeg(), "path": "t.jpg"}, width=80, height=60)
+    with pytest.raises(utils.ImageLoadError, match="sample 'trunc/0'.*truncated"):
+        utils.doc_to_visual(doc)
+    # lmms-eval scores from the docs without their image column; the answer of a skipped sample is ""
+    no_image = {k: v for k, v in doc.items() if k != "image"}
+    record = utils.process_results(no_image, [""])["image_errors"]
+    assert record["iou"] == 0.0 and "trunc/0" in record["image_error"]
+    assert utils.image_error_count([record]) == 1 and utils.unparseable_count([record]) == 0
+
+
+def test_zero_byte_image_keeps_its_samples_at_data_loading():
+    batch = {"question_id": ["z"], "image": [{"bytes": b"", "path": "zero.jpg"}], "answer": [["a", "b"]],
+             "bbox": [[1.0, 2.0, 3.0, 4.0]]}
+    out = data.explode_rows(batch)
+    assert out["sample_id"] == ["z/0", "z/1"] and out["width"] == [0, 0] and out["height"] == [0, 0]
+    doc = {k: v[0] for k, v in out.items() if k != "image"}
+    record = utils.process_results(doc, [""])["image_errors"]
+    assert record["image_error"] and record["iou"] == 0.0
+
+
+def test_rows_without_expressions_are_logged(caplog):
+    import logging
+
+    batch = {"question_id": ["e", "f"], "image": [{"bytes": b"", "path": "a.jpg"}] * 2, "answer": [[], ["x"]],
+             "bbox": [[1.0, 2.0, 3.0, 4.0]] * 2}
+    with caplog.at_level(logging.WARNING, logger=data.__name__):
+        out = data.explode_rows(batch)
+    assert out["sample_id"] == ["f/0"]
+    assert "1 RefCOCO row(s) without any referring expression" in caplog.text and "e" in caplog.text
+
+
+def test_missing_split_gives_one_clear_message(takeover_on, monkeypatch, tmp_path):
+    write_refcoco_hub_layout(tmp_path / "RefCOCO", 1, seed=3, splits=("val",), width=320, height=240)
+    monkeypatch.delenv(data.JSONL_DIR_ENV, raising=False)
+    monkeypatch.setenv(data.LOCAL_DIR_ENV, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"refcoco split 'testB' is missing from .*RefCOCO \(it holds: val\)"):
+        load_task("refcoco_ground_testB")
+
+
+@pytest.mark.parametrize(("box", "width", "height", "reason"), [
+    ([10, 10, 10, 50], 100, 100, "zero width or height"),
+    ([10, 50, 60, 40], 100, 100, "zero width or height"),
+    ([10, 10, 150, 50], 100, 100, "outside the 100x100 image"),
+    ([-5, 10, 50, 50], 100, 100, "outside"),
+    ([10, 10, 50, 50], 0, 0, "image size unreadable"),
+    ([0, 0, 100.5, 100], 100, 100, None),  # touching the border (within a pixel) is fine
+])
+def test_degenerate_box(box, width, height, reason):
+    got = data.degenerate_box(box, width, height)
+    assert (got is None) if reason is None else (reason in got)
+
+
+def test_data_check_flags_degenerate_boxes_and_empty_expressions(tmp_path, capsys):
+    from lmms_prune.cli import data as data_cli
+    from lmms_prune.cli.main import main
+
+    records = [{"image": "a.jpg", "sent": "the dog", "bbox": [10, 10, 10, 50], "width": 100, "height": 100},
+               {"image": "a.jpg", "sent": "the cat", "bbox": [10, 10, 150, 50], "width": 100, "height": 100},
+               {"image": "a.jpg", "sent": "", "bbox": [10, 10, 50, 50], "width": 100, "height": 100},
+               {"image": "a.jpg", "sent": "fine", "bbox": [10, 10, 50, 50], "width": 100, "height": 100}]
+    (tmp_path / "refcoco_val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["data", "check", "--jsonl-dir", str(tmp_path), "--splits", "refcoco/val"]) == 1
+    out = capsys.readouterr().out
+    assert "refcoco val: 2 row(s) with degenerate box: refcoco_val/0 (zero width or height), refcoco_val/1 " \
+           "(outside the 100x100 image)" in out
+    assert "refcoco val: 1 row(s) with no expression: refcoco_val/2" in out
+    (row,) = data_cli.check(str(tmp_path), None, [("refcoco", "val")])
+    assert row.status == "problems" and row.count == 4
+
+
+def test_data_check_hub_rows_with_empty_answers_and_degenerate_boxes(tmp_path):
+    import pyarrow as pa
+
+    from lmms_prune.cli import data as data_cli
+
+    write_refcoco_hub_layout(tmp_path / "RefCOCO", 2, seed=1, splits=("val",), width=320, height=240)
+    path = tmp_path / "RefCOCO" / "data" / "val-00000-of-00001.parquet"
+    table = pq.read_table(path)
+    rows = table.to_pylist()
+    rows[0]["answer"] = []
+    rows[1]["bbox"] = [10.0, 10.0, 0.0, 30.0]
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), path)
+    (row,) = data_cli.check(None, str(tmp_path), [("refcoco", "val")])
+    assert row.problems["no expression"] == [rows[0]["question_id"]]
+    assert row.problems["degenerate box"] == [f"{rows[1]['question_id']} (zero width or height)"]
+    assert row.status == "problems"
+
+
+def test_data_check_exits_1_when_a_requested_split_is_missing(toy_root, tmp_path, capsys):
+    from lmms_prune.cli.main import main
+
+    (tmp_path / "RefCOCO").symlink_to(toy_root / "RefCOCO")
+    assert main(["data", "check", "--local-dir", str(tmp_path), "--splits", "refcocog/val"]) == 1
+    assert "missing: refcocog/val" in capsys.readouterr().out
+    assert main(["data", "check", "--local-dir", str(tmp_path), "--splits", "refcoco/nope"]) == 2
+
+
+def write_bad_image_split(root: Path) -> dict[str, list[str]]:
+    """A RefCOCO val split (hub layout under ``root/RefCOCO``) of five samples on four images: a truncated
+    JPEG (1 sample), a zero-byte file (2 samples), a 16-bit grey PNG (1 sample) and a good JPEG (1 sample).
+    Returns the sample ids by kind."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    from PIL import Image
+
+    write_refcoco_hub_layout(root / "RefCOCO", 4, seed=11, splits=("val",), width=320, height=240)
+    path = root / "RefCOCO" / "data" / "val-00000-of-00001.parquet"
+    table = pq.read_table(path)
+    first_per_image = {}
+    for row in table.to_pylist():
+        first_per_image.setdefault(row["file_name"], row)
+    rows = list(first_per_image.values())[:4]
+    png = io.BytesIO()
+    Image.fromarray(np.full((240, 320), 30000, dtype=np.uint16)).save(png, "PNG")
+    rows[0]["image"] = {"bytes": rows[0]["image"]["bytes"][:-2000], "path": "cut.jpg"}
+    rows[1]["image"] = {"bytes": b"", "path": "zero.jpg"}
+    rows[2]["image"] = {"bytes": png.getvalue(), "path": "grey16.png"}
+    answers = [["a"], ["b", "c"], ["d"], ["e"]]
+    for row, answer in zip(rows, answers):
+        row["answer"] = answer
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), path)
+    ids = [f"{row['question_id']}/{k}" for row, answer in zip(rows, answers) for k in range(len(answer))]
+    return {"errors": ids[:3], "grey16": [ids[3]], "good": [ids[4]]}
+
+
+def test_16_bit_sample_reaches_the_model_grey_not_white(takeover_on, monkeypatch, tmp_path):
+    ids = write_bad_image_split(tmp_path)
+    monkeypatch.delenv(data.JSONL_DIR_ENV, raising=False)
+    monkeypatch.setenv(data.LOCAL_DIR_ENV, str(tmp_path))
+    docs = {d["sample_id"]: d for d in load_task("refcoco_ground_val").test_docs()}
+    assert len(docs) == 5
+    (image,) = utils.doc_to_visual(docs[ids["grey16"][0]])
+    assert image.mode == "RGB" and image.getextrema() == ((117, 117),) * 3  # 30000 / 257 = 116.7
+
+
+@pytest.mark.cli
+def test_cli_bad_images_are_counted_as_errors_with_on_error_skip(tmp_path):
+    from lmms_prune.toy.models import tiny_model_dir
+
+    root = tmp_path / "data"
+    ids = write_bad_image_split(root)
+    model_args = f"pretrained={tiny_model_dir('internvl_qwen2')},on_error=skip,max_num=1,device=cpu"
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in (takeover.TAKEOVER_ENV, data.JSONL_DIR_ENV, data.COCO_ROOT_ENV)}
+    full_env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", data.LOCAL_DIR_ENV: str(root),
+                     "LMMS_EVAL_DATASETS_CACHE": str(tmp_path / "cache")})
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", "internvl_none", "--model_args", model_args,
+           "--tasks", "refcoco_ground_val", "--output_path", str(out), "--gen_kwargs", "max_new_tokens=4",
+           "--log_samples"]
+    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=900)
+    log = proc.stdout + proc.stderr
+    files = list(out.rglob("*_results.json"))
+    assert len(files) == 1, log[-4000:]
+    results = json.loads(files[0].read_text())
+    scores = results["results"]["refcoco_ground_val"]
+    assert scores["image_errors,none"] == 3
+    assert results["n-samples"]["refcoco_ground_val"]["effective"] == 5  # the 3 errors are in the denominator
+    assert scores["unparseable,none"] <= 2
+    for sample_id in ids["errors"]:
+        assert log.count(sample_id) >= 2, sample_id  # the wrapper's SKIPPED line and the task's summary
+    for sample_id in ids["grey16"] + ids["good"]:
+        assert sample_id not in log
+    [samples_file] = out.rglob("*_samples_refcoco_ground_val.jsonl")
+    logged = [json.loads(line) for line in samples_file.read_text().splitlines() if line.strip()]
+    assert len(logged) == 5
+    assert sum(bool(s["image_errors"].get("image_error")) for s in logged) == 3

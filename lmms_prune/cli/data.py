@@ -3,8 +3,14 @@
 The data source is chosen as the tasks choose it (`lmms_prune.tasks.refcoco.data`): InternVL jsonl files
 (``--jsonl-dir`` / ``LMMS_PRUNE_REFCOCO_JSONL_DIR``), else a local copy of the hub layout (``--local-dir`` /
 ``LMMS_PRUNE_REFCOCO_DIR``), else the hub datasets, read from the local cache only (nothing is downloaded).
-A split that cannot be read is reported as missing. Exit status: 1 if a present split's count differs from
-the official one, else 0.
+A split that cannot be read is reported as missing. Each present split is also checked row by row: ground-truth
+boxes that cannot be scored (zero width or height, outside the image; `data.degenerate_box`), images whose size
+cannot be read, and rows with an empty expression list (they yield no sample) are counted, and the first few ids
+of each are printed.
+
+``--splits`` names the splits to check (``refcoco`` for a family's splits, ``refcoco/testB`` for one; default
+all eight). Exit status: 1 if a requested split is missing, its count differs from the official one, or it
+holds degenerate boxes, unreadable images or empty expression lists; else 0.
 """
 
 from __future__ import annotations
@@ -12,8 +18,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+
+SHOW_IDS = 5
+"""Ids printed per kind of problem."""
 
 
 @dataclass(frozen=True)
@@ -26,17 +36,67 @@ class SplitCount:
     count: int | None
     official: int
     detail: str = ""
+    problems: dict[str, list[str]] = field(default_factory=dict)  # kind -> row ids (see `row_problems`)
 
     @property
     def status(self) -> str:
         if self.count is None:
             return "missing"
+        if any(self.problems.values()):
+            return "problems"
         return "ok" if self.count == self.official else "mismatch"
+
+
+PROBLEM_KINDS = ("degenerate box", "unreadable image size", "no expression")
+
+
+def row_problems(rows: Iterable[tuple[str, Sequence[float], int, int, int]]) -> dict[str, list[str]]:
+    """Row ids per problem kind, from ``(id, box [x1, y1, x2, y2], width, height, expressions)`` rows."""
+    from lmms_prune.tasks.refcoco import data
+
+    out: dict[str, list[str]] = {kind: [] for kind in PROBLEM_KINDS}
+    for row_id, box, width, height, expressions in rows:
+        if expressions == 0:
+            out["no expression"].append(row_id)
+        if width <= 0 or height <= 0:
+            out["unreadable image size"].append(row_id)
+            continue
+        reason = data.degenerate_box(box, width, height)
+        if reason is not None:
+            out["degenerate box"].append(f"{row_id} ({reason})")
+    return out
+
+
+def _hub_rows(dataset) -> Iterable[tuple[str, list[float], int, int, int]]:
+    """`row_problems` rows of a hub-layout split (image sizes from the headers, boxes from ``[x, y, w, h]``)."""
+    from datasets import Image
+
+    from lmms_prune.tasks.refcoco import data
+
+    rows = dataset.select_columns(["question_id", "image", "answer", "bbox"]).cast_column("image", Image(decode=False))
+    for batch in rows.iter(batch_size=256):
+        for qid, image, answers, bbox in zip(batch["question_id"], batch["image"], batch["answer"], batch["bbox"]):
+            width, height = data.image_size(image)
+            x, y, w, h = (float(v) for v in bbox)
+            n = 1 if isinstance(answers, str) else len(answers or [])
+            yield str(qid), [x, y, x + w, y + h], width, height, n
+
+
+def _jsonl_rows(records: list[dict], name: str) -> Iterable[tuple[str, list[float], int, int, int]]:
+    """`row_problems` rows of InternVL jsonl records (pixel ``[x1, y1, x2, y2]`` boxes, sizes as written)."""
+    for index, record in enumerate(records):
+        sentence = record.get("sent")
+        yield (f"{name}/{index}", [float(v) for v in record["bbox"]], int(record.get("width") or 0),
+               int(record.get("height") or 0), int(isinstance(sentence, str) and bool(sentence.strip())))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    check = sub.add_parser("check", help="count samples per split against the official counts")
+    check = sub.add_parser("check", help="count samples per split against the official counts; flag boxes "
+                                         "that cannot be scored and rows without an expression")
+    check.add_argument("--splits", default=None,
+                       help="comma-separated splits to check: a family (refcoco, refcoco+, refcocog) or "
+                            "FAMILY/SPLIT (refcoco/testB); default all eight")
     check.add_argument("--jsonl-dir", default=None,
                        help="InternVL jsonl directory (default: $LMMS_PRUNE_REFCOCO_JSONL_DIR)")
     check.add_argument("--local-dir", default=None,
@@ -59,7 +119,9 @@ def count_split(family_name: str, split: str, jsonl_dir: str | None, local_dir: 
         path = data.jsonl_path(family, split, jsonl_dir)
         if not path.is_file():
             return SplitCount(family_name, split, str(path), None, official, "file not found")
-        return SplitCount(family_name, split, str(path), len(data.read_jsonl(path)), official)
+        records = data.read_jsonl(path)
+        return SplitCount(family_name, split, str(path), len(records), official,
+                          problems=row_problems(_jsonl_rows(records, f"{family_name}_{split}")))
     if local_dir:
         source = str(data.local_hub_path(family, local_dir))
         if not os.path.isdir(source):
@@ -78,7 +140,8 @@ def count_split(family_name: str, split: str, jsonl_dir: str | None, local_dir: 
             dataset = datasets.load_dataset(source, split=split)
     except Exception as error:  # any failure to read means the data is not usable here
         return SplitCount(family_name, split, source, None, official, _first_line(error))
-    return SplitCount(family_name, split, source, data.count_hub_expressions(dataset), official)
+    return SplitCount(family_name, split, source, data.count_hub_expressions(dataset), official,
+                      problems=row_problems(_hub_rows(dataset)))
 
 
 def format_table(rows: list[SplitCount]) -> str:
@@ -91,15 +154,36 @@ def format_table(rows: list[SplitCount]) -> str:
         "  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths)) + "  " + row[-1]
         for row in [header, *lines]
     ]
+    for r in rows:
+        for kind, ids in r.problems.items():
+            if ids:
+                more = f" and {len(ids) - SHOW_IDS} more" if len(ids) > SHOW_IDS else ""
+                render.append(f"{r.family} {r.split}: {len(ids)} row(s) with {kind}: "
+                              f"{', '.join(ids[:SHOW_IDS])}{more}")
     return "\n".join(render)
 
 
-def check(jsonl_dir: str | None, local_dir: str | None) -> list[SplitCount]:
-    """Counts for all eight splits, in the papers' order."""
+def parse_splits(spec: str | None) -> list[tuple[str, str]]:
+    """``"refcoco,refcocog/val"`` -> [(family, split)] in the papers' order; None means all eight."""
     from lmms_prune.tasks.refcoco import data
 
-    return [count_split(family.name, split, jsonl_dir, local_dir)
-            for family in data.FAMILIES.values() for split in family.splits]
+    every = [(f.name, s) for f in data.FAMILIES.values() for s in f.splits]
+    if spec is None:
+        return every
+    wanted = set()
+    for item in (part.strip() for part in spec.split(",") if part.strip()):
+        family, _, split = item.partition("/")
+        if family not in data.FAMILIES or (split and split not in data.FAMILIES[family].splits):
+            raise ValueError(f"--splits {item!r}: not a RefCOCO split; choose from "
+                             f"{', '.join(data.FAMILIES)} or one of {', '.join(f'{f}/{s}' for f, s in every)}")
+        wanted.update((family, s) for s in ([split] if split else data.FAMILIES[family].splits))
+    return [pair for pair in every if pair in wanted]
+
+
+def check(jsonl_dir: str | None, local_dir: str | None, splits: Sequence[tuple[str, str]] | None = None
+          ) -> list[SplitCount]:
+    """Counts and row problems for ``splits`` (default all eight), in the papers' order."""
+    return [count_split(family, split, jsonl_dir, local_dir) for family, split in (splits or parse_splits(None))]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -111,9 +195,19 @@ def run(args: argparse.Namespace) -> int:
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     jsonl_dir = args.jsonl_dir or os.environ.get(data.JSONL_DIR_ENV) or None
     local_dir = args.local_dir or os.environ.get(data.LOCAL_DIR_ENV) or None
-    rows = check(jsonl_dir, local_dir)
+    try:
+        splits = parse_splits(args.splits)
+    except ValueError as err:
+        print(f"lmms-prune data check: {err}", file=sys.stderr)
+        return 2
+    rows = check(jsonl_dir, local_dir, splits)
     print(format_table(rows))
     present = [r for r in rows if r.count is not None]
     mismatched = [r for r in present if r.status == "mismatch"]
-    print(f"\n{len(present)}/{len(rows)} splits present, {len(mismatched)} with a count different from the official one")
-    return 1 if mismatched else 0
+    flawed = [r for r in present if r.status == "problems"]
+    print(f"\n{len(present)}/{len(rows)} requested splits present, {len(mismatched)} with a count different from "
+          f"the official one, {len(flawed)} with rows that cannot be scored")
+    if len(present) < len(rows):
+        print("missing: " + ", ".join(f"{r.family}/{r.split}" for r in rows if r.count is None)
+              + " (check only the splits you have with --splits)")
+    return 1 if len(present) < len(rows) or mismatched or flawed else 0

@@ -2,7 +2,9 @@
 
 Each sub-command lives in its own module under ``lmms_prune.cli`` and exposes ``add_arguments(parser)``
 and ``run(args) -> int``. Modules are imported only when their command runs, so ``lmms-prune --help``
-stays fast.
+stays fast. Exit status: what ``run`` returns (0 on success); 1 when a command fails with a ``ValueError`` or
+``OSError`` (printed as one line) or any other exception (with its traceback); 2 for a usage error; 128 + N
+when stopped by signal N during a sweep.
 """
 
 from __future__ import annotations
@@ -43,7 +45,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     module = importlib.import_module(f"lmms_prune.cli.{args._module}")
-    return int(module.run(args) or 0)
+    from lmms_prune.sweep import SweepInterrupted
+
+    try:
+        return int(module.run(args) or 0)
+    except SweepInterrupted as stop:  # the demo's sweep; `lmms-prune sweep` handles its own
+        print(f"lmms-prune {args.command}: {stop}", file=sys.stderr)
+        return 128 + stop.signum
+    except (ValueError, OSError) as err:  # bad input: one line naming the value and the fix, exit status 1
+        print(f"lmms-prune {args.command}: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

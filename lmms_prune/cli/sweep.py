@@ -26,19 +26,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Exit status: 0 when every cell is done, 1 when one failed (or another sweep holds it), 2 for bad
+    arguments, 128 + the signal number when stopped by SIGTERM / SIGINT (its running cell's processes ended)."""
     import sys
 
-    from lmms_prune.sweep import Sweep, build_cells, parse_method_args, parse_models
+    from lmms_prune.sweep import Sweep, SweepInterrupted, build_cells, parse_method_args, parse_models
 
-    cells = build_cells(parse_models(args.models), [m for m in args.methods.split(",") if m],
-                        [float(k) for k in args.keep.split(",") if k], parse_method_args(args.method_args))
+    try:
+        keeps = [float(k) for k in args.keep.split(",") if k]
+    except ValueError:
+        print(f"lmms-prune sweep: --keep {args.keep!r}: write comma-separated numbers in (0, 1]", file=sys.stderr)
+        return 2
+    try:
+        cells = build_cells(parse_models(args.models), [m for m in args.methods.split(",") if m], keeps,
+                            parse_method_args(args.method_args))
+    except ValueError as err:
+        print(f"lmms-prune sweep: {err}", file=sys.stderr)
+        return 2
     launcher = args.launcher or sys.executable
     sweep = Sweep(Path(args.out), [t for t in args.tasks.split(",") if t], launcher=launcher, limit=args.limit,
                   include_path=args.include_path, retries=args.retries)
-    statuses = sweep.run(cells)
-    for name, status in statuses.items():
-        print(f"{name}: {status}")
-    failed = [n for n, s in statuses.items() if s.startswith("FAILED")]
+    try:
+        statuses = sweep.run(cells, progress=lambda line: print(line, flush=True))
+    except SweepInterrupted as stop:
+        print(f"lmms-prune sweep: {stop}; the running cell was stopped and will rerun next time", file=sys.stderr)
+        return 128 + stop.signum
+    failed = [n for n, s in statuses.items() if not (s.startswith("done") or s.startswith("skipped"))]
+    print(f"{len(statuses) - len(failed)}/{len(statuses)} cells done" + (f"; not done: {', '.join(failed)}" if failed else ""))
     if args.report:
         from lmms_prune.report import write_report
 

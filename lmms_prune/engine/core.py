@@ -96,7 +96,7 @@ class PruneHandle:
         prior: Prior | None = None
         if self.needs.prior and config.bias_prior:
             prior = load_prior(config.bias_prior)
-            prior.check(getattr(model.config, "_name_or_path", None), config.effective_score_layer)
+            prior.check(model.config, config.effective_score_layer)
         self.score = SCORES[config.score](config, prior)
         self.selector = SELECTORS[config.selector](config, prior) if config.selector in SELECTORS else None
         if config.stage == "llm":

@@ -32,10 +32,10 @@ from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 from lmms_eval.protocol import ChatMessages
 from loguru import logger as eval_logger
-from PIL import Image
 from tqdm import tqdm
 
 from lmms_prune.families import family_class
+from lmms_prune.images import load_image
 from lmms_prune.presets import PRESETS, PruneConfig
 from lmms_prune.runner import (
     OPTIONS,
@@ -144,6 +144,7 @@ class PrunedChatModel(lmms):
         self.records: list[dict[str, Any]] = []
         self.skipped: list[dict[str, Any]] = []
         self._finished = False
+        self._answered = 0  # requests this process has answered, in order
 
     def _setup_device(self) -> None:
         from accelerate import Accelerator
@@ -200,8 +201,8 @@ class PrunedChatModel(lmms):
                 if part.type == "text":
                     content.append({"type": "text", "text": part.text})
                 elif part.type == "image":
-                    image = part.url if isinstance(part.url, Image.Image) else Image.open(part.url)
-                    content.append({"type": "image", "image": image.convert("RGB")})
+                    image = load_image(part.url, f"{item.task}/{item.doc_id}")
+                    content.append({"type": "image", "image": image})
                 else:
                     raise ValueError(f"{part.type} inputs are not supported by {self.model_id()} (images and "
                                      "text only)")
@@ -221,8 +222,10 @@ class PrunedChatModel(lmms):
         answers = self.runner.generate(conversations, items[0].gen_kwargs, self._task_kind(items[0].task))
         results = []
         for item, answer in zip(items, answers):
-            if not item.padding:
-                self.records.append({"task": item.task, "doc_id": item.doc_id, **answer.record})
+            if not item.padding:  # rank and position let the report drop each process's warm-up exactly
+                self.records.append({"task": item.task, "doc_id": item.doc_id, "rank": self.rank,
+                                     "position": self._answered, **answer.record})
+            self._answered += 1
             results.append(GenerationResult(text=answer.text, token_counts=TokenCounts(
                 input_tokens=answer.input_tokens, output_tokens=answer.output_tokens)))
         return results

@@ -19,15 +19,20 @@ Three sources, chosen by environment variables (read when a task loads its data)
 
 Every source yields the same sample columns (`SAMPLE_COLUMNS`): ``sample_id``, ``image`` (an undecoded
 ``{"bytes", "path"}`` record or a file path), ``expression``, ``box`` (``[x1, y1, x2, y2]`` pixels),
-``width`` and ``height`` of the original image. Images are decoded only when a model asks for one.
+``width`` and ``height`` of the original image. Images are decoded only when a model asks for one; an image
+whose size cannot be read from its header (an empty or broken file) keeps its sample, with ``width`` and
+``height`` 0, so that one bad file is counted as that sample's image error instead of failing the data
+loading (see ``utils.process_results``).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
+import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +40,8 @@ from typing import Any
 LOCAL_DIR_ENV = "LMMS_PRUNE_REFCOCO_DIR"
 JSONL_DIR_ENV = "LMMS_PRUNE_REFCOCO_JSONL_DIR"
 COCO_ROOT_ENV = "LMMS_PRUNE_COCO_ROOT"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -124,16 +131,48 @@ def resolve_dataset_path(family: Family) -> str:
     return str(path)
 
 
+def require_split(family: Family, split: str, present: Iterable[str], source: str) -> None:
+    """Raise one clear ``FileNotFoundError`` when ``split`` is not among the ``present`` splits of ``source``."""
+    present = list(present)
+    if split not in present:
+        raise FileNotFoundError(
+            f"{family.name} split {split!r} is missing from {source} (it holds: {', '.join(present) or 'nothing'}); "
+            f"add the split's data there, or run only the splits present (`lmms-prune data check` lists them)"
+        )
+
+
 def image_size(image: dict[str, Any] | str) -> tuple[int, int]:
-    """``(width, height)`` read from the image header only (no pixel decoding)."""
+    """``(width, height)`` read from the image header only (no pixel decoding); ``(0, 0)`` when it cannot be
+    read (empty, missing or not an image: the sample then counts as an image error when it is scored)."""
     from PIL import Image
 
     if isinstance(image, dict):
-        source = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
+        source = io.BytesIO(image["bytes"]) if image.get("bytes") is not None else image.get("path")
     else:
         source = image
-    with Image.open(source) as opened:
-        return opened.size
+    try:
+        with Image.open(source) as opened:
+            return opened.size
+    except (OSError, SyntaxError, ValueError, TypeError, AttributeError):  # PIL's failures to identify a file
+        return (0, 0)
+
+
+def degenerate_box(box: Sequence[float], width: int, height: int, tolerance: float = 1.0) -> str | None:
+    """Why an ``(x1, y1, x2, y2)`` ground-truth box cannot be scored on a ``width x height`` image, or None.
+
+    Degenerate: zero (or negative) width or height, a non-finite coordinate, an unknown image size, or a
+    corner outside the image by more than ``tolerance`` pixels (COCO boxes may touch the border).
+    """
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        return "non-finite coordinate"
+    if x2 <= x1 or y2 <= y1:
+        return "zero width or height"
+    if width <= 0 or height <= 0:
+        return "image size unreadable"
+    if x1 < -tolerance or y1 < -tolerance or x2 > width + tolerance or y2 > height + tolerance:
+        return f"outside the {width}x{height} image"
+    return None
 
 
 def explode_rows(batch: dict[str, list]) -> dict[str, list]:
@@ -141,13 +180,17 @@ def explode_rows(batch: dict[str, list]) -> dict[str, list]:
 
     Reads ``question_id``, ``image`` (undecoded), ``answer`` (list of expressions, or one string) and
     ``bbox`` (``[x, y, w, h]`` pixels); writes `SAMPLE_COLUMNS`. ``sample_id`` is
-    ``{question_id}/{k}`` for the row's k-th expression.
+    ``{question_id}/{k}`` for the row's k-th expression. A row with an empty expression list has no
+    sample to give; its ``question_id`` is logged as a warning.
     """
     out: dict[str, list] = {name: [] for name in SAMPLE_COLUMNS}
+    empty = []
     for question_id, image, answers, bbox in zip(batch["question_id"], batch["image"], batch["answer"], batch["bbox"]):
         width, height = image_size(image)
         x, y, w, h = (float(v) for v in bbox)
-        expressions = [answers] if isinstance(answers, str) else list(answers)
+        expressions = [answers] if isinstance(answers, str) else list(answers or [])
+        if not expressions:
+            empty.append(str(question_id))
         for k, expression in enumerate(expressions):
             out["sample_id"].append(f"{question_id}/{k}")
             out["image"].append(image)
@@ -155,6 +198,9 @@ def explode_rows(batch: dict[str, list]) -> dict[str, list]:
             out["box"].append([x, y, x + w, y + h])
             out["width"].append(width)
             out["height"].append(height)
+    if empty:
+        logger.warning(f"{len(empty)} RefCOCO row(s) without any referring expression give no sample: "
+                       f"{', '.join(empty)} (`lmms-prune data check` lists every such row)")
     return out
 
 

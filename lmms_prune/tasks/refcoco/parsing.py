@@ -36,15 +36,18 @@ QWEN_MAX_PIXELS = 28 * 28 * 1280
 _NUMBER = re.compile(r"^[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?$")
 _DOUBLE_BRACKETS = re.compile(r"\[\[([^\[\]]*)\]\]")
 _BRACKETS = re.compile(r"\[([^\[\]]*)\]")
-_QWEN_BOX = re.compile(r"""["']?bbox_2d["']?\s*:\s*\[([^\[\]]*)\]""")
+_QWEN_BOX = re.compile(r"""["']?bbox_2d["']?\s*:\s*\[\s*\[?([^\[\]]*)\]""")
+"""``"bbox_2d": [x1, y1, x2, y2]`` or the nested ``"bbox_2d": [[x1, y1, x2, y2]]``; group 1 holds the numbers."""
 
 
 def _numbers(items: str) -> list[float] | None:
-    """The comma-separated numbers in ``items`` (``"1, 2.5, -3"``), or None if any item is not a number."""
+    """The comma-separated finite numbers in ``items`` (``"1, 2.5, -3"``), or None if any item is not a number
+    or overflows to infinity (``1e999``)."""
     parts = [part.strip() for part in items.split(",")]
     if not all(_NUMBER.match(part) for part in parts):
         return None
-    return [float(part) for part in parts]
+    values = [float(part) for part in parts]
+    return values if all(math.isfinite(v) for v in values) else None
 
 
 def order_corners(box: Box) -> Box:
@@ -140,11 +143,15 @@ def parse_box(text: str, width: int, height: int) -> Box | None:
     InternVL format (see the module docstring): the first four numbers of the first ``[[...]]``, or a plain
     ``[x1, y1, x2, y2]``; values summing to >= 4 are on the 0-1000 grid, otherwise 0-1 fractions. Qwen2.5-VL
     format: the first ``"bbox_2d": [...]`` in resized-input pixels, mapped back by `qwen_box_to_original`.
+    The nested ``"bbox_2d": [[...]]`` some Qwen answers give is read the same way (resized pixels).
     Swapped corners are ordered and the box is clamped to the image. Returns None when no box can be read
-    (no brackets, fewer than four numbers, a non-numeric item, empty text).
+    (no brackets, fewer than four numbers, a non-numeric or non-finite item, empty text, or ``text`` not a
+    string at all, e.g. None from a failed generation).
     """
     if width <= 0 or height <= 0:
         raise ValueError(f"width={width}, height={height}: image size must be positive")
+    if not isinstance(text, str):
+        return None
     qwen = _QWEN_BOX.search(text)
     if qwen is not None:
         values = _numbers(qwen.group(1))
