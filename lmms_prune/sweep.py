@@ -47,7 +47,6 @@ from tqdm.auto import tqdm
 from lmms_prune.fingerprint import fingerprint, run_settings, settings_differences
 
 
-
 def default_pretrained() -> dict[str, str]:
     """Family name -> its default checkpoint (the family modules' ``default_pretrained``)."""
     from lmms_prune.families import all_families
