@@ -144,7 +144,11 @@ def test_k0_equals_feeding_only_kept_tokens(toys, family):
         embeds = captured["inputs_embeds"][:, index]
         positions = captured.get("position_ids")
         positions = index[None] if positions is None else positions[..., index]
-        hidden = lm(inputs_embeds=embeds, position_ids=positions).last_hidden_state
+        extra = {}
+        if captured.get("deepstack_visual_embeds") is not None:  # Qwen3-VL: DeepStack rows of the kept tokens
+            extra = {"visual_pos_masks": captured["visual_pos_masks"][:, index],
+                     "deepstack_visual_embeds": [e[keep] for e in captured["deepstack_visual_embeds"]]}
+        hidden = lm(inputs_embeds=embeds, position_ids=positions, **extra).last_hidden_state
         direct = model.lm_head(hidden)
     torch.testing.assert_close(pruned, direct, atol=ATOL, rtol=0)
 
@@ -310,7 +314,9 @@ def test_pre_llm_keep_all_equals_unpruned(toys, family, positions):
 
 
 @pytest.mark.parametrize(("family", "method"), [("internvl_llama", "vispruner"), ("internvl_qwen2", "divprune"),
-                                                ("llava", "vispruner"), ("qwen2_5_vl", "divprune")])
+                                                ("llava", "vispruner"), ("qwen2_5_vl", "divprune"),
+                                                ("qwen2_5_vl", "vispruner"), ("qwen3_vl", "vispruner"),
+                                                ("qwen3_vl", "divprune"), ("internvl3_5", "vispruner")])
 def test_pre_llm_with_original_positions_equals_k0_of_the_same_set(toys, family, method):
     """Dropping tokens before the LLM at their original positions is exactly intra-LLM pruning at K=0."""
     model, proc = toys(family)
