@@ -4,7 +4,7 @@ The engine's equivalence proofs run on the tiny model through the parametrised t
 tests/test_presets.py iterate over every toy family, so K=0, 2 and the last layer already equal mask mode);
 here: the ``save_pretrained`` round trip, the geometry read from the config, DeepStack pruning below the last
 injection (equal to mask mode, and unequal when the injections are dropped or land on the wrong tokens),
-VisPruner's mean received attention, and one lmms-eval command-line run.
+and one lmms-eval command-line run (VisPruner's mean received attention: tests/test_vispruner_no_cls.py).
 """
 
 from __future__ import annotations
@@ -21,16 +21,13 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 from transformers import AutoModelForImageTextToText, AutoProcessor
-from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
 
 import lmms_prune
 from lmms_prune.bench import geometries
-from lmms_prune.engine.pre_llm import VisionCapture
 from lmms_prune.families import family_of, get_adapter
 from lmms_prune.families.qwen3_vl import Qwen3VL
 from lmms_prune.models import registry
-from lmms_prune.scores import cls_attention
-from lmms_prune.toy.models import build_tiny_model, tiny_model_dir
+from lmms_prune.toy.models import tiny_model_dir
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -146,43 +143,6 @@ def test_deepstack_injections_dropped_or_misplaced_break_the_equivalence(saved, 
             logits = model(**inputs).logits
             index = handle.state.keep_index[0]
     assert (logits[0] - mask_logits[0, index]).abs().max() > 100 * ATOL
-
-
-def test_vispruner_importance_is_the_mean_received_attention_of_the_last_block():
-    """The engine's importance equals an eager recomputation from the tower's own q/k at its last block
-    (hooked), per image (``cu_seqlens``), summed over each 2x2 merge group, in prompt order."""
-    model = build_tiny_model("qwen3_vl").eval()
-    processor = AutoProcessor.from_pretrained(tiny_model_dir("qwen3_vl"))
-    inputs = _inputs(processor, size=(256, 160), images=2)
-    adapter = get_adapter(model)
-    attention = adapter.vision_feature_attention()
-    assert attention is model.model.visual.blocks[-1].attn
-    grabbed = {}
-
-    def grab(module, args, kwargs):
-        grabbed["hidden"], grabbed["cu"], grabbed["pe"] = args[0], kwargs["cu_seqlens"], kwargs["position_embeddings"]
-
-    hook = attention.register_forward_pre_hook(grab, with_kwargs=True)
-    with torch.no_grad(), lmms_prune.apply(model, "vispruner", keep_ratio=0.25) as handle:
-        capture = VisionCapture(handle, need_cls=True)
-        try:
-            adapter.encode_images(inputs)
-        finally:
-            capture.close()
-        importance = adapter.vision_importance(capture.cls_rows, inputs)
-    hook.remove()
-    hidden, cu = grabbed["hidden"], grabbed["cu"].tolist()
-    seq = hidden.shape[0]
-    q, k, _ = attention.qkv(hidden).reshape(seq, 3, attention.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-    q, k = apply_rotary_pos_emb_vision(q, k, *grabbed["pe"])
-    expected = []
-    for lo, hi in zip(cu[:-1], cu[1:]):
-        qi, ki = q[lo:hi].transpose(0, 1).float(), k[lo:hi].transpose(0, 1).float()
-        probs = torch.softmax(qi @ ki.transpose(-1, -2) * attention.scaling, dim=-1)  # [H, P, P]
-        expected.append(cls_attention(probs, has_cls=False).reshape(-1, 4).sum(1))
-    expected = torch.cat(expected)
-    assert len(cu) == 3 and importance.shape == expected.shape
-    torch.testing.assert_close(importance, expected, atol=1e-6, rtol=1e-5)
 
 
 def test_bench_geometry_is_qwen3_vl_8b():
