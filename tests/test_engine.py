@@ -352,10 +352,18 @@ def test_pre_llm_contiguous_positions_renumber_the_short_prompt(toys, family):
     torch.testing.assert_close(logits, direct, atol=ATOL, rtol=0)
 
 
-def test_vispruner_without_cls_token_is_a_clear_error(toys):
-    model, _ = toys("qwen2_5_vl")
-    with pytest.raises(ValueError, match="divprune"):
-        lmms_prune.apply(model, "vispruner")
+def test_vispruner_where_its_signal_is_missing_is_a_clear_error(toys):
+    """Towers without [CLS] now run VisPruner (mean received attention, tests/test_vispruner_no_cls.py); a
+    model that feeds the projector several vision layers has no single layer to score: the error names the
+    family, the method and the reason, before anything runs."""
+    model, _ = toys("llava")
+    old = model.config.vision_feature_layer
+    model.config.vision_feature_layer = [-2, -1]
+    try:
+        with pytest.raises(ValueError, match=r"llava: vispruner needs one vision_feature_layer, got \[-2, -1\]"):
+            lmms_prune.apply(model, "vispruner")
+    finally:
+        model.config.vision_feature_layer = old
 
 
 def test_text_mean_query_averages_the_text_rows_after_the_image(toys):

@@ -114,3 +114,23 @@ def test_vispruner_runs_and_keeps_the_budget_on_towers_without_cls():
         assert out.shape[1] == inputs["input_ids"].shape[1] + 2
         per_image = [s.length for s in rec.spans]
         assert sum(per_image) == n and [len(k) for k in rec.kept] == [max(1, round(0.2 * m)) for m in per_image]
+
+
+def test_one_varlen_call_over_several_images_is_split_at_cu_seqlens():
+    """Flash attention calls the vision layer once for all images (``cu_seqlens``); the capture must score
+    each image on its own, as SDPA's per-image calls do."""
+    model = build_tiny_model("qwen3_vl")
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(1, 2, 20, 8, generator=g), torch.randn(1, 2, 20, 8, generator=g)
+    with lmms_prune.apply(model, "vispruner") as handle:
+        capture = VisionCapture(handle, need_cls=False)
+        try:
+            capture._grab_segments(None, (), {"cu_seqlens": torch.tensor([0, 12, 20])})
+            capture._observe(None, q, k, None, 0.5)  # one call spanning both images
+            capture._observe(None, q[:, :, :12], k[:, :, :12], None, 0.5)  # SDPA: one call per image
+        finally:
+            capture.close()
+    first, second, alone = capture.cls_rows
+    torch.testing.assert_close(first, attn.received_attention(q[:, :, :12], k[:, :, :12], 0.5)[0])
+    torch.testing.assert_close(second, attn.received_attention(q[:, :, 12:], k[:, :, 12:], 0.5)[0])
+    torch.testing.assert_close(alone, first)

@@ -145,9 +145,10 @@ class PruneHandle:
 
     def _install_injections(self) -> None:
         """Per-token additions the language model makes to the outputs of its first layers (the family's
-        :meth:`~lmms_prune.families.base.Family.injected_layers`, e.g. Qwen3-VL's DeepStack): at prefill the
-        model keeps those of layers < K (full length) and hands those of layers >= K to hooks that add them
-        to the kept tokens only. Mask mode runs at full length and leaves them to the model."""
+        :meth:`~lmms_prune.families.base.Family.injected_layers`): at prefill the model keeps those of layers
+        < K (full length) and hands those of layers >= K (``Family.take_injections``) to forward hooks on those
+        layers that add them to the kept tokens only. Mask mode runs at full length and leaves them to the
+        model, which is why the two agree."""
         first, last = self.config.prune_layer, min(self.adapter.injected_layers(), self.adapter.num_layers)
         if self.mode != "prune" or first >= last:
             return

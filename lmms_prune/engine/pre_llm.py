@@ -2,10 +2,11 @@
 
 Before the first forward, the images are encoded once; the method's score and selector plug-ins run on the
 vision-side signals they declare (``Needs.vision_attention``: the vision encoder's [CLS] attention at the
-feature layer; ``vision_features``: the pre-projector features; ``embeddings``: the projected embeddings);
-each image's run of placeholder tokens in ``input_ids`` is shortened to its budget and
-the kept embeddings are handed to the model as ``mm_encoder_outputs`` (transformers' public input for
-pre-encoded images), so ``generate`` and ``forward`` run unchanged on the shorter prompt.
+feature layer, or its mean received attention without [CLS]; ``vision_features``: the pre-projector features;
+``embeddings``: the projected embeddings); each image's run of placeholder tokens in ``input_ids`` is
+shortened to its budget and the kept embeddings (with the family's other per-token encoder outputs,
+``Family.keep_encoder_extras``) are handed to the model as ``mm_encoder_outputs`` (transformers' public input
+for pre-encoded images), so ``generate`` and ``forward`` run unchanged on the shorter prompt.
 
 Positions: ``positions="contiguous"`` (default, as the VisPruner and DivPrune papers: the shorter prompt is
 numbered 0..T'-1); ``positions="original"`` gives each kept token its position in the unpruned prompt

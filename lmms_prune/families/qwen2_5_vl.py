@@ -5,6 +5,10 @@ Images are smart-resized by the processor to multiples of 28 px within its pixel
 ``generate`` in transformers 5 encodes images before the first forward and passes only the 3-D M-RoPE
 ``position_ids``, whose height and width rows span exactly the grid of each image. Grounding answers:
 ``{"bbox_2d": [x1, y1, x2, y2]}`` in pixels of the resized image.
+
+VisPruner (no [CLS] token): the mean attention each patch receives at the last full-attention vision block
+(``fullatt_block_indexes[-1]``; the windowed blocks do not qualify), summed over each 2x2 merge group and
+mapped from the tower's window order back to the prompt's token order (methods.md section 4).
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ class Qwen25VL(Family):
         "qwen2_5_vl-7b": {"text": (28, 3584, 28, 4, 18944, "qwen2")},
     }
     config_class: ClassVar[str] = "Qwen2_5_VLConfig"
-    token_pixels: ClassVar[int] = 28  # side of one merged token in pixels (patch 14 x merge 2): the smallest image
+    # Side of one merged token in pixels (patch 14 x merge 2): min_pixels/max_pixels below its square are refused.
+    # Adapters read the geometry from the loaded config; this bound serves argument checks before loading.
+    token_pixels: ClassVar[int] = 28
 
     @classmethod
     def bench_vision(cls, text_hidden: int) -> dict[str, Any]:
