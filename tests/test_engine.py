@@ -153,7 +153,7 @@ def test_k0_equals_feeding_only_kept_tokens(toys, family):
     torch.testing.assert_close(pruned, direct, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["internvl_qwen2", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["internvl_qwen2", "qwen2_5_vl", "qwen3_vl", "internvl3_5"])
 def test_kv_cache_decoding_equals_recomputation(toys, family):
     model, proc = toys(family)
     inputs = _one(family, proc)
@@ -165,7 +165,7 @@ def test_kv_cache_decoding_equals_recomputation(toys, family):
     torch.testing.assert_close(cached_steps, full_steps, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["internvl_llama", "qwen2_5_vl", "llava"])
+@pytest.mark.parametrize("family", ["internvl_llama", "qwen2_5_vl", "llava", "qwen3_vl", "internvl3", "internvl3_5"])
 def test_left_padded_batch_equals_single_samples(toys, family):
     model, proc = toys(family)
     sizes = [(300, 200), (200, 420)]  # InternVL: 1 tile vs 2 tiles + thumbnail -> unequal kept lengths
@@ -182,7 +182,7 @@ def test_left_padded_batch_equals_single_samples(toys, family):
             torch.testing.assert_close(steps[row], s1[0], atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["internvl_qwen2", "qwen2_5_vl", "llava"])
+@pytest.mark.parametrize("family", ["internvl_qwen2", "qwen2_5_vl", "llava", "qwen3_vl", "internvl3", "internvl3_5"])
 def test_two_images_prune_per_image(toys, family):
     model, proc = toys(family)
     inputs = _inputs(family, proc, [[_image((300, 200)), _image((240, 240), "astronaut")]], ["Compare them."])
