@@ -197,12 +197,16 @@ def test_k0_equals_feeding_only_kept_tokens(toys, family):
         embeds = captured["inputs_embeds"][:, index]
         positions = captured.get("position_ids")
         positions = index[None] if positions is None else positions[..., index]
-        hidden = lm(inputs_embeds=embeds, position_ids=positions).last_hidden_state
+        extra = {}
+        if captured.get("deepstack_visual_embeds") is not None:  # Qwen3-VL: DeepStack rows of the kept tokens
+            extra = {"visual_pos_masks": captured["visual_pos_masks"][:, index],
+                     "deepstack_visual_embeds": [e[keep] for e in captured["deepstack_visual_embeds"]]}
+        hidden = lm(inputs_embeds=embeds, position_ids=positions, **extra).last_hidden_state
         direct = model.lm_head(hidden)
     torch.testing.assert_close(pruned, direct, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["internvl_qwen2", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["internvl_qwen2", "qwen2_5_vl", "qwen3_vl", "internvl3_5"])
 def test_kv_cache_decoding_equals_recomputation(toys, family):
     model, proc = toys(family)
     inputs = _one(family, proc)
@@ -214,7 +218,7 @@ def test_kv_cache_decoding_equals_recomputation(toys, family):
     assert _steps_close(cached_steps, full_steps, cached_tokens, full_tokens)
 
 
-@pytest.mark.parametrize("family", ["internvl_llama", "qwen2_5_vl", "llava"])
+@pytest.mark.parametrize("family", ["internvl_llama", "qwen2_5_vl", "llava", "qwen3_vl", "internvl3", "internvl3_5"])
 def test_left_padded_batch_equals_single_samples(toys, family):
     model, proc = toys(family)
     sizes = [(300, 200), (200, 420)]  # InternVL: 1 tile vs 2 tiles + thumbnail -> unequal kept lengths
@@ -231,7 +235,7 @@ def test_left_padded_batch_equals_single_samples(toys, family):
             assert _steps_close(steps[row:row + 1], s1, tokens[row:row + 1], t1)
 
 
-@pytest.mark.parametrize("family", ["internvl_qwen2", "qwen2_5_vl", "llava"])
+@pytest.mark.parametrize("family", ["internvl_qwen2", "qwen2_5_vl", "llava", "qwen3_vl", "internvl3", "internvl3_5"])
 def test_two_images_prune_per_image(toys, family):
     model, proc = toys(family)
     inputs = _inputs(family, proc, [[_image((300, 200)), _image((240, 240), "astronaut")]], ["Compare them."])
@@ -363,7 +367,9 @@ def test_pre_llm_keep_all_equals_unpruned(toys, family, positions):
 
 
 @pytest.mark.parametrize(("family", "method"), [("internvl_llama", "vispruner"), ("internvl_qwen2", "divprune"),
-                                                ("llava", "vispruner"), ("qwen2_5_vl", "divprune")])
+                                                ("llava", "vispruner"), ("qwen2_5_vl", "divprune"),
+                                                ("qwen2_5_vl", "vispruner"), ("qwen3_vl", "vispruner"),
+                                                ("qwen3_vl", "divprune"), ("internvl3_5", "vispruner")])
 def test_pre_llm_with_original_positions_equals_k0_of_the_same_set(toys, family, method):
     """Dropping tokens before the LLM at their original positions is exactly intra-LLM pruning at K=0."""
     model, proc = toys(family)
@@ -399,10 +405,18 @@ def test_pre_llm_contiguous_positions_renumber_the_short_prompt(toys, family):
     torch.testing.assert_close(logits, direct, atol=ATOL, rtol=0)
 
 
-def test_vispruner_without_cls_token_is_a_clear_error(toys):
-    model, _ = toys("qwen2_5_vl")
-    with pytest.raises(ValueError, match="divprune"):
-        lmms_prune.apply(model, "vispruner")
+def test_vispruner_where_its_signal_is_missing_is_a_clear_error(toys):
+    """Towers without [CLS] now run VisPruner (mean received attention, tests/test_vispruner_no_cls.py); a
+    model that feeds the projector several vision layers has no single layer to score: the error names the
+    family, the method and the reason, before anything runs."""
+    model, _ = toys("llava")
+    old = model.config.vision_feature_layer
+    model.config.vision_feature_layer = [-2, -1]
+    try:
+        with pytest.raises(ValueError, match=r"llava: vispruner needs one vision_feature_layer, got \[-2, -1\]"):
+            lmms_prune.apply(model, "vispruner")
+    finally:
+        model.config.vision_feature_layer = old
 
 
 def test_text_mean_query_averages_the_text_rows_after_the_image(toys):

@@ -30,6 +30,7 @@ from lmms_prune.models.wrappers import (
     InternVLPrune_deepprune,
     LlavaPrune,
     LlavaPrune_deepprune,
+    Qwen3VLPrune,
     Qwen25VLPrune,
     Qwen25VLPrune_deepprune,
 )
@@ -344,9 +345,10 @@ def test_method_none_keeps_every_token():
 
 
 @pytest.mark.parametrize(("family", "method"), [("internvl_llama", "vispruner"), ("llava", "vispruner"),
-                                                ("qwen2_5_vl", "divprune")])
+                                                ("qwen2_5_vl", "divprune"), ("qwen3_vl", "vispruner")])
 def test_pre_llm_methods_run_through_the_wrapper(family, method):
-    cls = {"internvl_llama": InternVLPrune, "llava": LlavaPrune, "qwen2_5_vl": Qwen25VLPrune}[family]
+    cls = {"internvl_llama": InternVLPrune, "llava": LlavaPrune, "qwen2_5_vl": Qwen25VLPrune,
+           "qwen3_vl": Qwen3VLPrune}[family]
     extra = ",max_num=2" if family.startswith("internvl") else ""
     model = cls.create_from_arg_string(f"pretrained={tiny_model_dir(family)},method={method},keep_ratio=0.1,"
                                        f"device=cpu{extra}")

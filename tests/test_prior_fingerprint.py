@@ -44,7 +44,7 @@ def test_prior_made_with_calibrate_tiny_grounder_is_accepted_for_pretrained_tiny
     assert prior.meta["model"] == "tiny-grounder"  # what the user typed: information only
     model, _ = load_model("tiny-grounder", device="cpu", dtype="float32")  # as the wrappers resolve it
     with lmms_prune.apply(model, "d2pruner", bias_prior=str(out)) as handle:
-        assert handle._prior is not None
+        assert handle.score.prior is not None
 
 
 def test_prior_from_a_qwen2_model_is_refused_for_a_llama_model_in_a_folder_of_the_same_name(tmp_path):

@@ -91,7 +91,8 @@ def test_config_has_the_requested_small_geometry(family):
     assert text.num_hidden_layers == 14
     assert (text.hidden_size, text.num_attention_heads, text.num_key_value_heads) == (64, 4, 2)
     assert text.intermediate_size == 128
-    assert config.vision_config.num_hidden_layers <= 2
+    taps = getattr(config.vision_config, "deepstack_visual_indexes", [])  # Qwen3-VL: 3 tapped layers + the last
+    assert config.vision_config.num_hidden_layers <= max(2, len(taps) + 1)
     assert config._attn_implementation == "sdpa"
     assert tiny_config(family, num_layers=3).text_config.num_hidden_layers == 3
 
@@ -175,13 +176,19 @@ def test_visual_token_count_matches_the_real_geometry(loaded, photo_640x480, cof
             assert inputs["pixel_values"].shape == (tiles, 3, 448, 448)
             assert n_image_tokens == tiles * INTERNVL_TOKENS_PER_TILE == tiles * 256
         elif family.startswith("qwen"):
+            ip = processor.image_processor  # Qwen2/2.5-VL: patch 14 (28 px tokens); Qwen3-VL: patch 16 (32 px)
+            patch, side = ip.patch_size, ip.patch_size * ip.merge_size
+            assert ip.merge_size == model.config.vision_config.spatial_merge_size
             t, gh, gw = inputs["image_grid_thw"][0].tolist()
-            resized_h, resized_w = gh * 14, gw * 14
-            assert t == 1 and resized_h % 28 == 0 and resized_w % 28 == 0
-            assert QWEN_MIN_PIXELS <= resized_h * resized_w <= QWEN_MAX_PIXELS
-            # smart_resize keeps the aspect ratio up to rounding each side to a multiple of 28
-            assert abs(resized_w / resized_h - width / height) < 28 * (1 / resized_h + 1 / resized_w) * 2
-            assert n_image_tokens == (resized_h // 28) * (resized_w // 28)
+            resized_h, resized_w = gh * patch, gw * patch
+            assert t == 1 and resized_h % side == 0 and resized_w % side == 0
+            low, high = ip.size["shortest_edge"], ip.size["longest_edge"]  # the min/max pixel budget
+            assert low <= resized_h * resized_w <= high
+            if side == 28:
+                assert (low, high) == (QWEN_MIN_PIXELS, QWEN_MAX_PIXELS)
+            # smart_resize keeps the aspect ratio up to rounding each side to a multiple of the token side
+            assert abs(resized_w / resized_h - width / height) < side * (1 / resized_h + 1 / resized_w) * 2
+            assert n_image_tokens == (resized_h // side) * (resized_w // side)
         else:
             assert inputs["pixel_values"].shape == (1, 3, 336, 336)
             assert n_image_tokens == LLAVA_IMAGE_TOKENS == 576

@@ -108,3 +108,19 @@ def query_rows(query: torch.Tensor, key: torch.Tensor, scaling: float | None, ro
     scale = d**-0.5 if scaling is None else scaling
     logits = torch.matmul(query[:, :, rows].float(), key.float().transpose(-1, -2)) * scale
     return torch.softmax(logits, dim=-1)
+
+
+def received_attention(query: torch.Tensor, key: torch.Tensor, scaling: float | None,
+                       block_rows: int = 1024) -> torch.Tensor:
+    """Mean attention each token receives over all query rows, heads averaged, for unmasked (vision encoder)
+    attention of one segment: ``mean_{h, i} softmax(q_i . K^T * scale)_j`` (methods.md section 4, VisPruner
+    without [CLS]). Rows are processed ``block_rows`` at a time, so at most a ``[B, H, block_rows, S]`` block
+    exists. query [B, H, Q, d], key [B, H, S, d] -> float32 [B, S]."""
+    d = query.shape[-1]
+    scale = d**-0.5 if scaling is None else scaling
+    k = key.float().transpose(-1, -2)
+    total = query.new_zeros(query.shape[0], key.shape[2], dtype=torch.float32)
+    for lo in range(0, query.shape[2], block_rows):
+        probs = torch.softmax(torch.matmul(query[:, :, lo:lo + block_rows].float(), k) * scale, dim=-1)
+        total += probs.sum(dim=2).mean(dim=1)
+    return total / query.shape[2]

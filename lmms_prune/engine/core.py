@@ -141,6 +141,42 @@ class PruneHandle:
                 self._observed.append(module)
         for idx in range(self.config.prune_layer, len(layers)):
             self._hooks.append(layers[idx].register_forward_pre_hook(self._make_layer_hook(idx), with_kwargs=True))
+        self._install_injections()
+
+    def _install_injections(self) -> None:
+        """Per-token additions the language model makes to the outputs of its first layers (the family's
+        :meth:`~lmms_prune.families.base.Family.injected_layers`): at prefill the model keeps those of layers
+        < K (full length) and hands those of layers >= K (``Family.take_injections``) to forward hooks on those
+        layers that add them to the kept tokens only. Mask mode runs at full length and leaves them to the
+        model, which is why the two agree."""
+        first, last = self.config.prune_layer, min(self.adapter.injected_layers(), self.adapter.num_layers)
+        if self.mode != "prune" or first >= last:
+            return
+        lm = self.adapter.language_model
+        self._hooks.append(lm.register_forward_pre_hook(self._take_injections, with_kwargs=True))
+        for idx in range(first, last):
+            self._hooks.append(self.adapter.layers[idx].register_forward_hook(self._make_injection_hook(idx)))
+
+    def _take_injections(self, module, args, kwargs):
+        st = self._state
+        if st.phase != "prefill" or not st.has_images:
+            return None
+        st.injections = self.adapter.take_injections(kwargs, self.config.prune_layer)
+        return args, kwargs
+
+    def _make_injection_hook(self, idx: int):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor):
+            st = self._state
+            if st.phase != "prefill" or idx not in st.injections or st.keep_index is None:
+                return None
+            positions, values = st.injections[idx]  # bool [B, T] of the full sequence, [positions.sum(), D]
+            positions = positions.to(output.device)
+            kept = _gather_seq(positions, st.keep_index, 1) & st.keep_valid
+            out = output.clone()
+            out[kept] = out[kept] + values.to(output.device, output.dtype)[st.keep_mask[positions]]
+            return out
+
+        return hook
 
     def _install_pre_llm(self) -> None:
         if self.needs.vision_attention:

@@ -2,10 +2,11 @@
 
 Before the first forward, the images are encoded once; the method's score and selector plug-ins run on the
 vision-side signals they declare (``Needs.vision_attention``: the vision encoder's [CLS] attention at the
-feature layer; ``vision_features``: the pre-projector features; ``embeddings``: the projected embeddings);
-each image's run of placeholder tokens in ``input_ids`` is shortened to its budget and
-the kept embeddings are handed to the model as ``mm_encoder_outputs`` (transformers' public input for
-pre-encoded images), so ``generate`` and ``forward`` run unchanged on the shorter prompt.
+feature layer, or its mean received attention without [CLS]; ``vision_features``: the pre-projector features;
+``embeddings``: the projected embeddings); each image's run of placeholder tokens in ``input_ids`` is
+shortened to its budget and the kept embeddings (with the family's other per-token encoder outputs,
+``Family.keep_encoder_extras``) are handed to the model as ``mm_encoder_outputs`` (transformers' public input
+for pre-encoded images), so ``generate`` and ``forward`` run unchanged on the shorter prompt.
 
 Positions: ``positions="contiguous"`` (default, as the VisPruner and DivPrune papers: the shorter prompt is
 numbered 0..T'-1); ``positions="original"`` gives each kept token its position in the unpruned prompt
@@ -30,11 +31,18 @@ if TYPE_CHECKING:
 
 
 class VisionCapture:
-    """Observe the vision encoder's [CLS] attention row at the feature layer and the projector's input."""
+    """Observe the vision encoder's attention at the feature layer and the projector's input.
+
+    With a [CLS] token, the attention signal is the [CLS] query row ``[B, H, T]`` of each call; without one
+    (``adapter.has_cls`` False), each image's mean received attention ``[P]`` (:func:`attn.received_attention`),
+    split at the varlen boundaries ``cu_seqlens`` the layer is called with, so images never mix.
+    """
 
     def __init__(self, handle: PruneHandle, need_cls: bool):
         self.handle = handle
         self.cls_rows: list[torch.Tensor] = []
+        self._has_cls = handle.adapter.has_cls
+        self._segments: torch.Tensor | None = None
         self.pre_projector: torch.Tensor | None = None
         self._hooks: list[Any] = []
         self._module: nn.Module | None = None
@@ -48,12 +56,27 @@ class VisionCapture:
             self._old = vcfg._attn_implementation
             vcfg._attn_implementation = attn.wrapped_name(attn.base_name(self._old))
             attn.add_observer(self._module, self._observe)
+            if not self._has_cls:
+                self._hooks.append(self._module.register_forward_pre_hook(self._grab_segments, with_kwargs=True))
 
     def _grab_projector_input(self, module, args):
         self.pre_projector = args[0].detach()
 
+    def _grab_segments(self, module, args, kwargs):
+        cu = kwargs.get("cu_seqlens")
+        self._segments = None if cu is None else cu.tolist()
+
     def _observe(self, module, query, key, attention_mask, scaling):
-        self.cls_rows.append(attn.query_rows(query, key, scaling, rows=slice(0, 1))[:, :, 0])  # [B, H, T]
+        if self._has_cls:
+            self.cls_rows.append(attn.query_rows(query, key, scaling, rows=slice(0, 1))[:, :, 0])  # [B, H, T]
+            return
+        cu = self._segments
+        if cu is None or query.shape[2] != cu[-1]:  # the layer calls attention once per segment
+            cu = [0, query.shape[2]]
+        for b in range(query.shape[0]):
+            for lo, hi in zip(cu[:-1], cu[1:]):
+                self.cls_rows.append(attn.received_attention(query[b:b + 1, :, lo:hi], key[b:b + 1, :, lo:hi],
+                                                             scaling)[0])
 
     def close(self) -> None:
         for h in self._hooks:
@@ -89,10 +112,10 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
         capture.close()
     projected = adapter.flatten_image_features(encoded.pooler_output)  # [num_visual_total, D]
     vision_t0 = time.perf_counter()
-    importance = adapter.cls_importance(torch.cat(capture.cls_rows)) if needs.vision_attention else None
-    features = adapter.flatten_pre_projector(capture.pre_projector) if needs.vision_features else None
+    importance = adapter.vision_importance(capture.cls_rows, kwargs) if needs.vision_attention else None
+    features = adapter.flatten_pre_projector(capture.pre_projector, kwargs) if needs.vision_features else None
     offset = 0
-    new_ids, new_mask, new_pos, kept_feats, records, keeps = [], [], [], [], [], []
+    new_ids, new_mask, new_pos, kept_rows, records, keeps = [], [], [], [], [], []
     original_positions = adapter.original_positions(input_ids, mask2d, kwargs) if cfg.positions == "original" else None
     for b, sample_spans in enumerate(spans):
         keep = mask2d[b].new_ones(input_ids.shape[1], dtype=torch.bool)
@@ -110,7 +133,7 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
             local = handle.selector(image, handle.score(image), n).to(input_ids.device)
             keep[span.start: span.start + span.length] = False
             keep[span.start + local] = True
-            kept_feats.append(projected[offset + local.to(projected.device)])
+            kept_rows.append(offset + local.to(projected.device))
             kept_per_image.append(local.cpu())
             offset += span.length
             sample_offset += span.length
@@ -140,8 +163,9 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
             out[key] = _left_pad([value[b][keeps[b]] for b in range(len(keeps))], 0)
     if new_pos:
         out["position_ids"] = torch.stack(_pad_positions(new_pos), dim=-2)
-    kept_all = torch.cat(kept_feats, 0) if kept_feats else projected[:0]
-    out["mm_encoder_outputs"] = {"image": adapter.wrap_image_features(encoded, kept_all)}
+    rows = torch.cat(kept_rows) if kept_rows else torch.zeros(0, dtype=torch.long, device=projected.device)
+    encoded = adapter.keep_encoder_extras(encoded, rows)
+    out["mm_encoder_outputs"] = {"image": adapter.wrap_image_features(encoded, projected[rows])}
     return out, records
 
 

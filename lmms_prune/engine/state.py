@@ -54,6 +54,9 @@ class CallState:
     keep_valid: torch.Tensor | None = None
     pruned: dict[str, Any] | None = None
     kv_full: int | None = None
+    # layer -> (bool [B, T] positions, [n, D] values): per-token additions to that layer's output that the
+    # engine applies to the kept tokens (see ``PruneHandle._install_injections``)
+    injections: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def has_images(self) -> bool:

@@ -20,7 +20,11 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "qwen2_5_vl": ("lmms_prune.families.qwen2_5_vl", "Qwen25VLPrune"),
     "llava": ("lmms_prune.families.llava", "LlavaPrune"),
     "qwen2_vl": ("lmms_prune.families.qwen2_vl", "Qwen2VLPrune"),
+    "qwen3_vl": ("lmms_prune.families.qwen3_vl", "Qwen3VLPrune"),
 }
+# Toy-model names (``lmms_prune.toy.models.RECIPES``) that are variants of a family: the text model
+# (``internvl_llama``) or the release (``internvl3``, ``internvl3_5``).
+_VARIANT_SUFFIXES = ("_llama", "_qwen2", "3", "3_5")
 
 
 def family_class(name: str) -> type[Family]:
@@ -65,8 +69,8 @@ def family_of(family_or_model: Any) -> type[Family]:
         name = family_or_model.lower().replace(".", "_").replace("-", "_")
         if name in FAMILIES:
             return family_class(name)
-        for fam in sorted(FAMILIES, key=len, reverse=True):  # toy variants: internvl_llama, ...
-            if name.startswith(fam + "_") and name[len(fam) + 1:] in ("llama", "qwen2"):
+        for fam in sorted(FAMILIES, key=len, reverse=True):  # toy variants: internvl_llama, internvl3, ...
+            if name.startswith(fam) and name[len(fam):] in _VARIANT_SUFFIXES:
                 return family_class(fam)
         raise ValueError(f"family={family_or_model!r}: must be one of {tuple(FAMILIES)} (or a supported model)")
     config = getattr(family_or_model, "config", family_or_model)

@@ -71,8 +71,10 @@ def bench_text_config(layers: int, hidden: int, heads: int, kv: int, ffn: int, k
     cfg = {"vocab_size": VOCAB, "hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": layers,
            "num_attention_heads": heads, "num_key_value_heads": kv, "max_position_embeddings": 32768,
            "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False}
-    if kind == "qwen2":
+    if kind in ("qwen2", "qwen3"):
         cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 1_000_000.0}
+    if kind == "qwen3":  # Qwen3 states its head width (q/k RMSNorm over it)
+        cfg["head_dim"] = hidden // heads
     return cfg
 
 
@@ -210,7 +212,8 @@ class Family:
             return torch.cat([p.reshape(-1, p.shape[-1]) for p in pooled], 0)
         return pooled.reshape(-1, pooled.shape[-1])
 
-    def flatten_pre_projector(self, pre: torch.Tensor) -> torch.Tensor:
+    def flatten_pre_projector(self, pre: torch.Tensor, kwargs: dict[str, Any] | None = None) -> torch.Tensor:
+        """The projector's input as one feature row per visual token, prompt order: [num_visual_tokens, D']."""
         return pre.reshape(-1, pre.shape[-1])
 
     def cls_importance(self, rows: torch.Tensor) -> torch.Tensor:
@@ -219,9 +222,31 @@ class Family:
 
         return torch.cat([cls_attention(r, has_cls=True) for r in rows])
 
+    def vision_importance(self, rows: list[torch.Tensor], kwargs: dict[str, Any]) -> torch.Tensor:
+        """VisPruner importance ``[num_visual_tokens]`` (prompt order) from the vision signal the engine
+        recorded at :meth:`vision_feature_attention`: with [CLS] (:attr:`has_cls`), the [CLS] rows
+        ``[images or tiles, H, 1 + P]`` per call; without, each image's mean received attention ``[P_i]``.
+        ``kwargs``: the forward/generate inputs (e.g. the image grids)."""
+        return self.cls_importance(torch.cat(rows))
+
     def wrap_image_features(self, encoded, kept: torch.Tensor):
         encoded.pooler_output = [kept]
         return encoded
+
+    def keep_encoder_extras(self, encoded, rows: torch.Tensor):
+        """``encoded`` with its other per-token outputs (beyond ``pooler_output``) reduced to the kept visual
+        tokens ``rows`` (indices into :meth:`flatten_image_features`); none by default."""
+        return encoded
+
+    def injected_layers(self) -> int:
+        """How many first decoder layers get per-token additions to their outputs from the model itself
+        (Qwen3-VL's DeepStack); 0 if none."""
+        return 0
+
+    def take_injections(self, lm_kwargs: dict[str, Any], first: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Remove from the language model's call ``lm_kwargs`` the additions to the outputs of layers
+        ``>= first`` and return them as ``layer -> (bool [B, T] positions, values [positions.sum(), D])``."""
+        return {}
 
     def original_positions(self, input_ids: torch.Tensor, mask2d: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         """RoPE positions of the unpruned prompt, [B, T] (as ``generate`` numbers a left-padded batch)."""

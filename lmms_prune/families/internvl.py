@@ -1,4 +1,8 @@
-"""InternVL2.5 / InternVL3 (transformers-native ``-hf`` checkpoints, Llama or Qwen2 text model).
+"""InternVL2.5 / InternVL3 / InternVL3.5 (transformers-native ``-hf`` checkpoints, one class).
+
+The releases differ only in the text model: InternVL2.5 Llama (InternLM2.5 converted) or Qwen2, InternVL3
+Qwen2.5 (a Qwen2 config, ``OpenGVLab/InternVL3-8B-hf``), InternVL3.5 Qwen3 (q/k RMSNorm,
+``OpenGVLab/InternVL3_5-8B-HF``); the vision side (InternViT-300M, 448 px tiles, pixel shuffle) is the same.
 
 Token layout (methods.md section 1): an image is cut into ``t <= max_num`` 448 px tiles chosen by aspect
 ratio, row-major, plus a 448 px thumbnail last when ``t > 1``; each tile gives 256 tokens = a 16x16 raster
@@ -91,6 +95,8 @@ class InternVL(Family):
         "internvl2_5-1b": {"text": (24, 896, 14, 2, 4864, "qwen2")},
         "internvl2_5-2b": {"text": (24, 2048, 16, 8, 8192, "llama")},
         "internvl2_5-8b": {"text": (32, 4096, 32, 8, 14336, "llama")},
+        "internvl3-8b": {"text": (28, 3584, 28, 4, 18944, "qwen2")},  # Qwen2.5-7B
+        "internvl3_5-8b": {"text": (36, 4096, 32, 8, 12288, "qwen3")},  # Qwen3-8B
     }
 
     @classmethod
@@ -158,7 +164,7 @@ class InternVL(Family):
 
         depth, hidden, heads, kv, ffn, kind = spec["text"]
         text = bench_text_config(layers or depth, hidden, heads, kv, ffn, kind)
-        text_cfg = (tf.Qwen2Config if kind == "qwen2" else tf.LlamaConfig)(**text)
+        text_cfg = {"qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config}.get(kind, tf.LlamaConfig)(**text)
         vision = tf.InternVLVisionConfig(**_INTERNVIT_300M, image_size=TILE, patch_size=14,
                                          norm_type="layer_norm", use_qk_norm=False)
         config = tf.InternVLConfig(vision_config=vision, text_config=text_cfg, image_token_id=IMAGE_TOKEN,

@@ -5,6 +5,10 @@ Images are smart-resized by the processor to multiples of 28 px within its pixel
 ``generate`` in transformers 5 encodes images before the first forward and passes only the 3-D M-RoPE
 ``position_ids``, whose height and width rows span exactly the grid of each image. Grounding answers:
 ``{"bbox_2d": [x1, y1, x2, y2]}`` in pixels of the resized image.
+
+VisPruner (no [CLS] token): the mean attention each patch receives at the last full-attention vision block
+(``fullatt_block_indexes[-1]``; the windowed blocks do not qualify), summed over each 2x2 merge group and
+mapped from the tower's window order back to the prompt's token order (methods.md section 4).
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ class Qwen25VL(Family):
         "qwen2_5_vl-7b": {"text": (28, 3584, 28, 4, 18944, "qwen2")},
     }
     config_class: ClassVar[str] = "Qwen2_5_VLConfig"
+    # Side of one merged token in pixels (patch 14 x merge 2): min_pixels/max_pixels below its square are refused.
+    # Adapters read the geometry from the loaded config; this bound serves argument checks before loading.
+    token_pixels: ClassVar[int] = 28
 
     @classmethod
     def bench_vision(cls, text_hidden: int) -> dict[str, Any]:
@@ -49,7 +56,7 @@ class Qwen25VL(Family):
         for name in ("min_pixels", "max_pixels"):
             value = args.pop(name, None)
             if value is not None and str(value).lower() not in ("", "none"):
-                out[name] = int_arg(name, value, 28 * 28)
+                out[name] = int_arg(name, value, cls.token_pixels**2)
         if out.get("min_pixels", 0) > out.get("max_pixels", float("inf")):
             raise ValueError(f"min_pixels={out['min_pixels']} > max_pixels={out['max_pixels']}: swap them")
         return out
@@ -89,9 +96,46 @@ class Qwen25VL(Family):
     def projector(self):
         return self.vision_tower.merger
 
+    def vision_layers(self):
+        return self.vision_tower.blocks
+
     def vision_feature_attention(self):
-        raise ValueError(f"vispruner needs a [CLS] token in the vision encoder; {self.model_class}'s has none "
-                         "(use method=divprune, or an intra-LLM method)")
+        """The last full-attention block's attention (VisPruner without [CLS], methods.md section 4):
+        Qwen2.5-VL's windowed blocks do not qualify, so ``fullatt_block_indexes[-1]``; towers without
+        windows (Qwen2-VL, Qwen3-VL): the last block, whose output the merger projects."""
+        blocks = self.vision_layers()
+        full = getattr(self.vision_config, "fullatt_block_indexes", None)
+        return blocks[full[-1] if full else len(blocks) - 1].attn
+
+    def _merged_order(self, kwargs: dict[str, Any]) -> torch.Tensor | None:
+        """Position in the prompt's token order of each merged unit the tower processes, or None when the
+        tower keeps the processor's order. Qwen2.5-VL permutes the merge units into attention windows before
+        its blocks (``get_vision_window_index``) and restores the order after the merger."""
+        vc = self.vision_config
+        if getattr(vc, "window_size", None) is None:
+            return None
+        from transformers.vision_utils import get_vision_window_index
+
+        window_index, _ = get_vision_window_index(kwargs["image_grid_thw"], spatial_merge_size=vc.spatial_merge_size,
+                                                  window_size=vc.window_size, patch_size=vc.patch_size)
+        return torch.argsort(window_index)
+
+    def vision_importance(self, rows, kwargs):
+        """Mean received attention per patch (in the tower's order), summed over each merged 2x2 group, in
+        the prompt's token order."""
+        from lmms_prune.scores import merge_consecutive
+
+        unit = int(self.vision_config.spatial_merge_size) ** 2
+        tokens = merge_consecutive(torch.cat(rows), unit)
+        order = self._merged_order(kwargs)
+        return tokens if order is None else tokens[order.to(tokens.device)]
+
+    def flatten_pre_projector(self, pre, kwargs=None):
+        """The merger's input per LLM token: the ``unit`` patch features it merges, concatenated."""
+        unit = int(self.vision_config.spatial_merge_size) ** 2
+        tokens = pre.reshape(-1, unit * pre.shape[-1])
+        order = self._merged_order(kwargs) if kwargs is not None else None
+        return tokens if order is None else tokens[order.to(tokens.device)]
 
     def encode_images(self, kwargs):
         return self.model.model.get_image_features(kwargs["pixel_values"], kwargs["image_grid_thw"], return_dict=True)

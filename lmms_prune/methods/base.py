@@ -157,8 +157,8 @@ class Needs:
     ``key_norms`` (layers whose key L1 norms are recorded), ``hidden`` (visual hidden states at layer K's
     input), ``final_norm`` (the same through the LM's final norm), ``text`` (the same signals for the text
     tokens after the image), ``prior`` (a calibrated prior file). Before the LLM: ``vision_attention`` (the
-    vision encoder's [CLS] row at the feature layer), ``vision_features`` (pre-projector features),
-    ``embeddings`` (projected visual embeddings).
+    vision encoder's [CLS] row at the feature layer, or its mean received attention without [CLS]),
+    ``vision_features`` (pre-projector features), ``embeddings`` (projected visual embeddings).
     """
 
     attention: tuple[int, ...] = ()

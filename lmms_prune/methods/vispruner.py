@@ -1,16 +1,23 @@
-"""VisPruner (pre-LLM): vision-encoder [CLS] importance + similarity-based diverse tokens (methods.md 4-5)."""
+"""VisPruner (pre-LLM): vision-encoder attention importance + similarity-based diverse tokens (methods.md 4-5).
+
+The importance is the [CLS] row over the patches where the tower has a [CLS] token (CLIP, InternViT), else the
+mean attention each patch receives over all query rows at the last full-attention vision layer (Qwen2-VL,
+Qwen2.5-VL, Qwen3-VL, SigLIP); either way heads are averaged and patches summed per LLM token. The family
+supplies the layer (``vision_feature_attention``) and the patch-to-token mapping (``vision_importance``).
+"""
 
 from __future__ import annotations
 
 from lmms_prune.methods.base import Needs, Param, Preset, Score, Selector, sel
 
 PARAMS = (
-    Param("important_ratio", 0.5, "vispruner: fraction of the budget taken by [CLS] importance", low=0.0, high=1.0),
+    Param("important_ratio", 0.5, "vispruner: fraction of the budget taken by vision-attention importance", low=0.0, high=1.0),
 )
 
 
 class VisionAttention(Score):
-    """The vision encoder's [CLS] attention over the patches at the feature layer, per LLM token."""
+    """The vision encoder's attention at the feature layer per LLM token: the [CLS] row over the patches, or
+    without [CLS] the mean received attention (see the module docstring)."""
 
     name = "vision"
     stages = ("pre_llm",)
@@ -41,6 +48,6 @@ class VisPruner(Selector):
 SCORES = (VisionAttention,)
 SELECTORS = (VisPruner,)
 PRESETS = (
-    Preset("vispruner", "VisPruner: vision-encoder [CLS] importance + similarity-based diverse tokens, pre-LLM",
+    Preset("vispruner", "VisPruner: vision-encoder attention importance + similarity-based diverse tokens, pre-LLM",
            dict(stage="pre_llm", selector="vispruner", score="vision")),
 )

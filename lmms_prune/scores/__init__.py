@@ -6,11 +6,12 @@ Nothing here knows about models, hooks or lmms-eval.
 from lmms_prune.scores.prior import prior_debias, resize_prior
 from lmms_prune.scores.ratio import minmax, ratio, ratio_combo
 from lmms_prune.scores.trend import fit_trend, trend, trend_debias
-from lmms_prune.scores.vision import cls_attention, merge_pixel_shuffle
+from lmms_prune.scores.vision import cls_attention, merge_consecutive, merge_pixel_shuffle
 
 __all__ = [
     "cls_attention",
     "fit_trend",
+    "merge_consecutive",
     "merge_pixel_shuffle",
     "minmax",
     "prior_debias",

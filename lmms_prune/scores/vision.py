@@ -65,3 +65,22 @@ def merge_pixel_shuffle(scores: Tensor, side: int, factor: int = 2) -> Tensor:
     groups = side // factor
     grouped = scores.reshape(*scores.shape[:-1], groups, factor, groups, factor)
     return grouped.sum(dim=(-3, -1)).reshape(*scores.shape[:-1], groups * groups)
+
+
+def merge_consecutive(scores: Tensor, unit: int) -> Tensor:
+    """Sum patch scores over runs of ``unit`` consecutive patches: the groups Qwen2-VL/2.5-VL/3-VL's patch
+    merger folds into one LLM token (``unit = spatial_merge_size ** 2``; their processors emit each 2x2
+    group's patches consecutively, so the merger's ``view(-1, unit * D)`` takes them together).
+
+    Args:
+        scores: ``[P]`` patch scores in the vision tower's patch order, ``P`` a multiple of ``unit``.
+        unit: patches per token.
+
+    Returns:
+        ``[P // unit]`` token scores, in the same (merged) order.
+    """
+    if not is_int(unit) or unit < 1:
+        raise ValueError(f"unit={unit!r}: must be an int >= 1")
+    if scores.dim() != 1 or scores.shape[0] % unit:
+        raise ValueError(f"scores have shape {tuple(scores.shape)}: must be [P] with P a multiple of unit={unit}")
+    return scores.reshape(-1, unit).sum(dim=1)

@@ -10,6 +10,11 @@ layout, but with widths small enough that a model builds in well under a second 
 * ``qwen2_5_vl``: ``Qwen2_5_VLForConditionalGeneration``; ``(h / 28) * (w / 28)`` tokens for an image
   smart-resized to ``h x w``, 3-D M-RoPE.
 * ``llava``: ``LlavaForConditionalGeneration`` (LLaVA-1.5-hf: CLIP ViT at 336 px, patch 14, Llama); 576 tokens.
+* ``qwen3_vl``: ``Qwen3VLForConditionalGeneration`` (Qwen3-VL-8B-Instruct): patch 16, merge 2, so
+  ``(h / 32) * (w / 32)`` tokens; interleaved M-RoPE; DeepStack features of three vision layers added to the
+  outputs of decoder layers 0, 1, 2 (the real model: vision layers 8, 16, 24 of 27).
+* ``internvl3``: InternVL3-8B-hf's layout (InternViT, Qwen2.5 text model: Qwen2 config, untied head).
+* ``internvl3_5``: InternVL3.5-8B-HF's layout (InternViT, Qwen3 text model: ``Qwen3Config``, q/k RMSNorm).
 
 Text models have ``num_layers`` decoder layers (default 14, so that the usual prune layer 12 exists),
 hidden size 64, 4 query heads and 2 key/value heads (GQA), MLP width 128. Vision towers have 2 layers of width
@@ -38,6 +43,8 @@ from transformers import (
     PreTrainedModel,
     Qwen2_5_VLConfig,
     Qwen2Config,
+    Qwen3Config,
+    Qwen3VLConfig,
 )
 
 from lmms_prune.families.internvl import num_tiles, tile_grid
@@ -213,6 +220,88 @@ def _qwen2_vl_config(num_layers: int) -> transformers.Qwen2VLConfig:
         vision_end_token_id=qwen25.vision_end_token_id, tie_word_embeddings=True)
 
 
+# Qwen3-VL: patch 16 (merge 2: 32 px per token); interleaved M-RoPE over head_dim / 2 = 8 frequencies with
+# the real [24, 20, 20] split of 64 scaled to [3, 3, 2]; the real learned position grid is 48x48, here 8x8.
+QWEN3_PATCH_SIZE = 16
+QWEN3_MROPE_SECTION = [3, 3, 2]
+QWEN3_VISION_LAYERS = 4
+QWEN3_DEEPSTACK_INDEXES = [0, 1, 2]  # the real tower: [8, 16, 24] of 27 layers; three injections either way
+QWEN3_MIN_PIXELS = 4 * 32 * 32
+QWEN3_MAX_PIXELS = 256 * 32 * 32
+
+
+def _qwen3_vl_config(num_layers: int) -> Qwen3VLConfig:
+    ids = toy_tok.QWEN_SPECIAL_IDS
+    vision = {
+        "depth": QWEN3_VISION_LAYERS,
+        "hidden_size": VISION_HIDDEN,
+        "num_heads": VISION_HEADS,
+        "intermediate_size": VISION_INTERMEDIATE,
+        "out_hidden_size": TEXT_HIDDEN,
+        "patch_size": QWEN3_PATCH_SIZE,
+        "spatial_merge_size": QWEN_MERGE_SIZE,
+        "temporal_patch_size": 2,
+        "num_position_embeddings": 64,
+        "deepstack_visual_indexes": list(QWEN3_DEEPSTACK_INDEXES),
+    }
+    text = {
+        "vocab_size": toy_tok.QWEN_VOCAB_SIZE,
+        "hidden_size": TEXT_HIDDEN,
+        "intermediate_size": TEXT_INTERMEDIATE,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": TEXT_HEADS,
+        "num_key_value_heads": TEXT_KV_HEADS,
+        "head_dim": TEXT_HIDDEN // TEXT_HEADS,
+        "max_position_embeddings": MAX_POSITIONS,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 5_000_000.0,
+                            "mrope_section": list(QWEN3_MROPE_SECTION), "mrope_interleaved": True},
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+        "tie_word_embeddings": True,
+    }
+    return Qwen3VLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+
+
+def _internvl3_text_config(num_layers: int) -> Qwen2Config:
+    """InternVL3-8B-hf's text model: Qwen2.5-7B (a Qwen2 config; untied LM head, rope theta 1e6)."""
+    config = _qwen2_text_config(num_layers)
+    config.tie_word_embeddings = False
+    return config
+
+
+def _internvl3_5_text_config(num_layers: int) -> Qwen3Config:
+    """InternVL3.5-8B-HF's text model: Qwen3-8B (q/k RMSNorm per head, explicit head_dim, no qkv bias)."""
+    ids = toy_tok.QWEN_SPECIAL_IDS
+    return Qwen3Config(
+        vocab_size=toy_tok.QWEN_VOCAB_SIZE,
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=TEXT_INTERMEDIATE,
+        num_hidden_layers=num_layers,
+        num_attention_heads=TEXT_HEADS,
+        num_key_value_heads=TEXT_KV_HEADS,
+        head_dim=TEXT_HIDDEN // TEXT_HEADS,
+        max_position_embeddings=MAX_POSITIONS,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+        attention_bias=False,
+        use_sliding_window=False,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False,
+    )
+
+
 def _llava_config(num_layers: int) -> LlavaConfig:
     vision = CLIPVisionConfig(
         hidden_size=VISION_HIDDEN,
@@ -334,6 +423,9 @@ QWEN2_5_VL_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
 
+# Qwen3-VL's ChatML: as Qwen2.5-VL's but without a default system turn.
+QWEN3_VL_CHAT_TEMPLATE = QWEN2_5_VL_CHAT_TEMPLATE[QWEN2_5_VL_CHAT_TEMPLATE.index("{%- for message"):]
+
 # LLaVA-1.5's Vicuna-v1 conversation: "[system ]USER: <image>\n{question} ASSISTANT: {answer}</s>", with the
 # images of a user turn placed before its text and the generation prompt "ASSISTANT:".
 LLAVA_CHAT_TEMPLATE = (
@@ -424,6 +516,26 @@ def _qwen2_vl_processor(tokenizer: transformers.PreTrainedTokenizerBase) -> tran
     )
 
 
+QWEN3_PIXEL_KWARGS = {
+    "min_pixels": QWEN3_MIN_PIXELS,
+    "max_pixels": QWEN3_MAX_PIXELS,
+    "patch_size": QWEN3_PATCH_SIZE,
+    "merge_size": QWEN_MERGE_SIZE,
+    "temporal_patch_size": 2,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+}
+
+
+def _qwen3_vl_processor(tokenizer: transformers.PreTrainedTokenizerBase) -> transformers.ProcessorMixin:
+    return transformers.Qwen3VLProcessor(
+        image_processor=transformers.Qwen2VLImageProcessor(**QWEN3_PIXEL_KWARGS),
+        tokenizer=tokenizer,
+        video_processor=transformers.Qwen3VLVideoProcessor(**QWEN3_PIXEL_KWARGS),
+        chat_template=QWEN3_VL_CHAT_TEMPLATE,
+    )
+
+
 def _llava_processor(tokenizer: transformers.PreTrainedTokenizerBase) -> transformers.ProcessorMixin:
     image_processor = transformers.CLIPImageProcessor(
         size={"shortest_edge": LLAVA_IMAGE_SIZE},
@@ -470,6 +582,16 @@ RECIPES: dict[str, ToyRecipe] = {
                           lambda: toy_tok.qwen2_tokenizer("qwen2_5_vl"), _qwen2_vl_processor, _qwen_generation_ids),
     "llava": ToyRecipe(_llava_config, "LlavaForConditionalGeneration", lambda: toy_tok.llama_tokenizer("llava"),
                        _llava_processor, lambda: _llama_generation_ids(chat=False)),
+    "qwen3_vl": ToyRecipe(_qwen3_vl_config, "Qwen3VLForConditionalGeneration",
+                          lambda: toy_tok.qwen2_tokenizer("qwen2_5_vl"), _qwen3_vl_processor, _qwen_generation_ids),
+    "internvl3": ToyRecipe(
+        lambda n: internvl_config(_internvl3_text_config(n), toy_tok.QWEN_SPECIAL_IDS["<IMG_CONTEXT>"]),
+        "InternVLForConditionalGeneration", lambda: toy_tok.qwen2_tokenizer("internvl_qwen2"), _internvl_processor,
+        _qwen_generation_ids),
+    "internvl3_5": ToyRecipe(
+        lambda n: internvl_config(_internvl3_5_text_config(n), toy_tok.QWEN_SPECIAL_IDS["<IMG_CONTEXT>"]),
+        "InternVLForConditionalGeneration", lambda: toy_tok.qwen2_tokenizer("internvl_qwen2"), _internvl_processor,
+        _qwen_generation_ids),
 }
 FAMILIES = tuple(RECIPES)
 
