@@ -346,19 +346,22 @@ def build_bundle(files: RunFiles, run_dir: Path, baseline: RunFiles | None = Non
     }
 
 
-def _model_key(files: RunFiles) -> tuple[str, str]:
+@lru_cache(maxsize=4096)
+def _method_and_model(results: Path, mtime_ns: int) -> tuple[str, tuple[str, str]]:
     from lmms_prune.report import load_run
 
-    run = load_run(files.results)
-    return run.key
+    run = load_run(results)
+    return run.method, run.key
 
 
 def baseline_of(files: RunFiles, runs: list[RunFiles]) -> RunFiles | None:
     """The ``none`` run of the same model (family and checkpoint) among ``runs``, if any (the latest)."""
-    from lmms_prune.report import load_run
 
-    key = _model_key(files)
-    nones = [r for r in runs if load_run(r.results).method == "none" and _model_key(r) == key]
+    def meta(r: RunFiles) -> tuple[str, tuple[str, str]]:
+        return _method_and_model(r.results, r.results.stat().st_mtime_ns)
+
+    key = meta(files)[1]
+    nones = [r for r in runs if meta(r) == ("none", key)]
     return sorted(nones, key=lambda r: r.date)[-1] if nones else None
 
 
