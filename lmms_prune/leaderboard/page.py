@@ -74,13 +74,15 @@ def _headline_value(bundle: Mapping[str, Any], task: str) -> tuple[str | None, f
 
 
 def _changed_parameters(bundle: Mapping[str, Any]) -> dict[str, Any]:
-    """The method's parameters that differ from its preset's defaults (keep ratio aside)."""
-    from lmms_prune.presets import PRESETS, resolve_config
+    """The method's parameters that differ from its preset's defaults (keep ratio aside). The defaults are
+    ``PruneConfig``'s with the preset's settings laid over, unvalidated (d2pruner has no default prior)."""
+    import dataclasses
+
+    from lmms_prune.presets import PRESETS, PruneConfig
 
     m = bundle["method"]
-    if m["name"] not in PRESETS:
-        return {k: v for k, v in m["parameters"].items() if k not in ("method", "keep_ratio")}
-    default = resolve_config(m["name"]).to_dict()
+    default = {f.name: f.default for f in dataclasses.fields(PruneConfig)}
+    default.update(PRESETS[m["name"]].settings if m["name"] in PRESETS else {})
     return {k: v for k, v in m["parameters"].items()
             if k not in ("method", "keep_ratio") and default.get(k) != v}
 
