@@ -452,3 +452,18 @@ def test_real_run_page_loads_without_errors(real_bundles, tmp_path, capsys):
         assert errors == []
         browser.close()
     assert main(["leaderboard", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 1
+
+
+def test_page_lists_the_parameters_that_differ_from_the_preset(synthetic_bundles):
+    """d2pruner has no default prior (resolve_config refuses it): its page row still builds, naming the prior."""
+    import dataclasses
+
+    from lmms_prune.presets import PRESETS, PruneConfig
+
+    bundle = json.loads(synthetic_bundles[0].read_text())
+    defaults = {f.name: f.default for f in dataclasses.fields(PruneConfig)}
+    params = {**defaults, **PRESETS["d2pruner"].settings, "method": "d2pruner", "keep_ratio": 0.25,
+              "bias_prior": "/priors/p.pt", "prune_layer": 7}
+    bundle["method"] = {**bundle["method"], "name": "d2pruner", "parameters": params}
+    (cell,) = page_data([bundle])["cells"]
+    assert cell["params"] == {"bias_prior": "/priors/p.pt", "prune_layer": 7}
