@@ -6,11 +6,14 @@
 3. runs lmms-eval (``accelerate launch -m lmms_eval``) with the package's RefCOCO task for ``none``, ``fastv``,
    ``d2pruner``, ``deepprune``, ``vispruner`` and ``random`` at 10% visual tokens (a resumable sweep);
 4. prints a leaderboard (acc@0.5, % of unpruned, visual tokens kept, LLM prefill speed-up) and writes the
-   full report and PNG overlays of the tokens each method kept on a few images.
+   full report and PNG overlays of the tokens each method kept on a few images;
+5. writes one leaderboard bundle per run (``bundles/``), verifies each against the per-sample logs and builds
+   the static leaderboard page (``site/index.html``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -22,6 +25,8 @@ DEMO_METHODS = ("none", "fastv", "d2pruner", "deepprune", "vispruner", "random")
 HELD_OUT_SEED = 20261122
 CALIBRATION_SEED = 7
 TASK = "refcoco_ground_val"
+SWEEP_ARGS = ("--log_samples",)
+"""Extra lmms-eval arguments of the demo's runs: per-sample logs, for the bundles' ``--verify``."""
 GROUNDING_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: <ref>{}</ref>"
 
 
@@ -44,7 +49,7 @@ def leaderboard(tables: list[Any], task: str = TASK) -> str:
 
 
 PRIOR_FILE = "d2pruner_prior_layer1.pt"
-DEMO_OUTPUTS = ("data", PRIOR_FILE, "runs", "report", "overlays")
+DEMO_OUTPUTS = ("data", PRIOR_FILE, "runs", "report", "overlays", "bundles", "site")
 """What the demo writes under its output folder (and removes again when its inputs change)."""
 
 
@@ -52,14 +57,13 @@ def demo_fingerprint(model_dir: Path, n_images: int, scene_kwargs: dict[str, Any
     """A digest of what the demo's resumable outputs depend on: the model's files, the split's size and the
     scene distribution (runs, prior and data from another model or distribution must not be reused)."""
     import hashlib
-    import json
 
     digest = hashlib.sha256()
     for path in sorted(p for p in model_dir.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors")):
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
-    digest.update(json.dumps({"n_images": n_images, "scenes": scene_kwargs, "seed": HELD_OUT_SEED},
-                             sort_keys=True, default=str).encode())
+    digest.update(json.dumps({"n_images": n_images, "scenes": scene_kwargs, "seed": HELD_OUT_SEED,
+                              "lmms_eval_args": list(SWEEP_ARGS)}, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 
@@ -148,7 +152,7 @@ def run_demo(out: str | Path = "runs/demo", n_images: int = 16, keep: float = 0.
     cells = build_cells([("internvl", str(model_dir))], [m for m in methods if m != "none"], [keep],
                         {"d2pruner": {"bias_prior": str(prior)}})
     env = dict(os.environ, LMMS_PRUNE_REFCOCO_DIR=str(data), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    sweep = Sweep(out / "runs", [TASK], launcher=launcher or default_launcher(), env=env)
+    sweep = Sweep(out / "runs", [TASK], launcher=launcher or default_launcher(), env=env, extra_args=SWEEP_ARGS)
     statuses = sweep.run(cells, progress=lambda s: print(f"[demo] {s}"))
     failed = {k: v for k, v in statuses.items() if not v.startswith(("done", "skipped"))}
     if failed:
@@ -157,4 +161,28 @@ def run_demo(out: str | Path = "runs/demo", n_images: int = 16, keep: float = 0.
     table = leaderboard(report["tables"])
     overlay_paths = write_overlays(model_dir, out / "overlays", tuple(methods), keep, prior, overlays,
                                    SCENE_KWARGS) if overlays else []
-    return {"leaderboard": table, "report": report, "overlays": overlay_paths, "model": model_dir}
+    page = write_leaderboard(out)
+    return {"leaderboard": table, "report": report, "overlays": overlay_paths, "model": model_dir, "page": page}
+
+
+def write_leaderboard(out: Path) -> Path:
+    """Bundles of the demo's runs (``out/bundles``), each verified against its per-sample logs, and the
+    static leaderboard page built from them (``out/site/index.html``); prints and returns the page's path."""
+    import shutil
+
+    from lmms_prune.leaderboard.bundle import write_bundles
+    from lmms_prune.leaderboard.page import write_page
+    from lmms_prune.leaderboard.verify import TaskConfigs, verify_bundle
+
+    if (out / "bundles").exists():
+        shutil.rmtree(out / "bundles")  # bundles of runs that were since redone
+    paths = write_bundles(out / "runs", out / "bundles")
+    configs = TaskConfigs()
+    for path in paths:
+        result = verify_bundle(json.loads(path.read_text()), out / "runs", name=str(path), configs=configs)
+        if not result.ok:
+            raise RuntimeError(f"{path}: the bundle does not match its logs: " + "; ".join(result.mismatches))
+    print(f"[demo] {len(paths)} leaderboard bundles in {out / 'bundles'}, each verified against its logs")
+    page = write_page(paths, out / "site")
+    print(f"[demo] leaderboard page: {page}")
+    return page

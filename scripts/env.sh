@@ -20,6 +20,13 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     python -m pip install -q -e "$ROOT[dev]" "torch==2.14.1" "torchvision==0.29.1"
     echo "$WANT" > "$STAMP"
 fi
+# The leaderboard page test (tests/test_leaderboard.py) drives Debian's Chromium with Playwright; install it once
+# (as root, where apt is available) when it is missing. Playwright's own browser download is never used.
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[env] installing chromium (Debian package) for the leaderboard page test"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } ||
+        echo "[env] WARNING: could not install chromium: tests/test_leaderboard.py's browser tests will fail"
+fi
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 export HF_DATASETS_OFFLINE="${HF_DATASETS_OFFLINE:-1}"
 export TOKENIZERS_PARALLELISM=false

@@ -33,5 +33,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"full report: {result['report']['paths']['markdown']}")
     for path in result["overlays"]:
         print(f"overlay: {path}")
+    print(f"leaderboard page: {result['page']}")
     print(f"done in {time.time() - t0:.0f} s")
     return 0

@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("bench", "efficiency benchmark: prefill/TTFT/decode time, FLOPs, KV cache, memory per method"),
     "sweep": ("sweep", "run methods x keep ratios x tasks through lmms-eval, one process group per cell, resumable"),
     "report": ("report", "leaderboard tables (markdown/CSV/LaTeX) and plots from lmms-eval result files"),
+    "submit": ("submit", "leaderboard bundles (one JSON per cell) from a run folder; --verify them against its logs"),
+    "leaderboard": ("leaderboard", "one static offline leaderboard page (table, Pareto scatter, cross-task matrix)"),
     "calibrate": ("calibrate", "calibrate a bias prior (mean attention over many images) for d2pruner/trend"),
     "diagnose": ("diagnose", "Phase-0 attention table per layer: prompt stability, position bias, entropy"),
     "visualize": ("visualize", "overlay each method's kept tokens on an image; token-box IoU with --box"),

@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retries", type=int, default=1, help="re-runs of a failed cell within this run")
     parser.add_argument("--out", required=True, help="sweep folder (re-run with the same folder to resume)")
     parser.add_argument("--report", action="store_true", help="write the report when the sweep finishes")
+    parser.add_argument("--log-samples", action="store_true",
+                        help="lmms-eval --log_samples: per-sample logs, needed by `lmms-prune submit --verify`")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     launcher = args.launcher or sys.executable
     sweep = Sweep(Path(args.out), [t for t in args.tasks.split(",") if t], launcher=launcher, limit=args.limit,
-                  include_path=args.include_path, retries=args.retries)
+                  include_path=args.include_path, retries=args.retries,
+                  extra_args=("--log_samples",) if args.log_samples else ())
     try:
         statuses = sweep.run(cells, progress=lambda line: print(line, flush=True))
     except SweepInterrupted as stop:

@@ -101,6 +101,15 @@ def lmms_eval_cli_options(argv: Sequence[str] | None = None) -> dict[str, str | 
     return options
 
 
+def _hardware(device: torch.device) -> dict[str, Any]:
+    """The device a run used, for efficiency reports and leaderboard bundles."""
+    import platform
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {"device": str(device), "device_name": gpu or platform.processor() or platform.machine(),
+            "cpu": platform.processor() or platform.machine(), "gpu": gpu}
+
+
 class PrunedChatModel(lmms):
     """An lmms-eval chat model running a transformers VLM pruned by ``lmms_prune``. One subclass per family
     and preset is generated (``lmms_prune.models.wrappers``)."""
@@ -296,6 +305,7 @@ class PrunedChatModel(lmms):
             "model": self.model_id(),
             **self.runner.report(),
             "world_size": self.world_size,
+            "hardware": _hardware(self.device),
             "summary": summarize(self.records, len(self.skipped)),
             "skipped": list(self.skipped),
             "samples": list(self.records),
