@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lmms_prune.scores import (
     cls_attention,
     fit_trend,
+    load_trend_weights,
     merge_pixel_shuffle,
     minmax,
+    pad_to_square_token_mask,
     prior_debias,
     ratio,
     ratio_combo,
     resize_prior,
     trend,
     trend_debias,
+    weight_debias,
 )
 
 # --- D2Pruner prior ------------------------------------------------------------------------------------
@@ -126,6 +132,126 @@ def test_trend_values_and_validation():
         trend(4, 0, 1.0)
     with pytest.raises(ValueError, match="pad_mask"):
         trend_debias(torch.rand(4), 1.0, 0.0, pad_mask=torch.zeros(3, dtype=torch.bool))
+
+
+def test_weight_debias_multiplies_by_the_weights_resized_like_a_prior():
+    attn = torch.rand(12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    weights = torch.tensor([1.0, 0.8, 0.5, 0.4], dtype=torch.float64)
+    assert torch.allclose(weight_debias(attn[:4], weights), attn[:4] * weights)
+    assert torch.allclose(weight_debias(attn, weights), attn * resize_prior(weights, 12))
+    assert weight_debias(attn.float(), weights).dtype == torch.float32
+
+
+def test_an_exponential_weight_vector_is_the_reciprocal_trend():
+    # The authors' HiMAP/PyramidDrop/SparseVLM/TokenCarve vectors are exp(-s * i / N): A * w = mu * (A / f).
+    mu, sigma = 0.004, 1.8
+    attn = torch.rand(576, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    weights = torch.exp(-sigma * torch.arange(576, dtype=torch.float64) / 576)
+    assert torch.allclose(weight_debias(attn, weights) / mu, trend_debias(attn, mu, sigma))
+
+
+def test_weight_debias_zeroes_padding_tokens():
+    attn = torch.rand(8, dtype=torch.float64) + 0.1
+    pad = torch.tensor([True, False, False, False, False, False, True, True])
+    scores = weight_debias(attn, torch.ones(8, dtype=torch.float64), pad_mask=pad)
+    assert torch.equal(scores[pad], torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(scores[~pad], attn[~pad])
+    with pytest.raises(ValueError, match="pad_mask"):
+        weight_debias(attn, torch.ones(8), pad_mask=pad.float())
+
+
+def test_load_trend_weights_reads_a_released_vector(tmp_path):
+    values = np.exp(-0.85 * np.arange(576) / 576)
+    np.save(tmp_path / "weight.npy", values)
+    weights = load_trend_weights(tmp_path / "weight.npy")
+    assert weights.dtype == torch.float64 and weights.shape == (576,)
+    assert torch.equal(weights, torch.from_numpy(values))
+    np.save(tmp_path / "half.npy", values.astype(np.float32))
+    assert load_trend_weights(str(tmp_path / "half.npy")).dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    ("array", "shown"),
+    [
+        (np.arange(5), "dtype int64"),
+        (np.ones((2, 3)), r"shape \(2, 3\)"),
+        (np.array([1.0, np.nan, np.inf]), "2 of 3 weights are NaN or infinite"),
+        (np.array([1.0, -0.5]), "smallest weight is -0.5"),
+        (np.zeros(4), "every weight is 0"),
+        (np.array([{"w": 1}], dtype=object), "not a NumPy .npy array"),
+    ],
+)
+def test_load_trend_weights_rejects_bad_files_by_name(tmp_path, array, shown):
+    path = tmp_path / "bad.npy"
+    np.save(path, array, allow_pickle=True)
+    with pytest.raises(ValueError, match=shown):
+        load_trend_weights(path)
+
+
+def test_load_trend_weights_names_a_missing_file_and_an_archive(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.npy: no trend weight file"):
+        load_trend_weights(tmp_path / "nothing.npy")
+    np.savez(tmp_path / "two.npz", a=np.ones(3), b=np.ones(3))
+    with pytest.raises(ValueError, match="archive"):
+        load_trend_weights(tmp_path / "two.npz")
+
+
+# --- LLaVA pad-to-square padding tokens ----------------------------------------------------------------
+
+
+def reference_pad_mask(width: int, height: int, grid_side: int) -> np.ndarray:
+    """Pixel counting: paste a width x height image as expand2square does, upsample the square by grid_side
+    so that every grid cell is a whole number of pixels, and call a cell padding when at most half of its
+    pixels are image."""
+    side = max(width, height)
+    canvas = np.zeros((side, side))
+    top, left = (side - height) // 2, (side - width) // 2
+    canvas[top : top + height, left : left + width] = 1.0
+    fine = np.kron(canvas, np.ones((grid_side, grid_side)))  # cell (i, j) = side x side fine pixels
+    cells = fine.reshape(grid_side, side, grid_side, side).mean(axis=(1, 3))
+    return (cells <= 0.5).flatten()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 40), st.integers(1, 9))
+def test_pad_mask_equals_pixel_counting(width, height, grid_side):
+    mask = pad_to_square_token_mask(width, height, grid_side)
+    assert mask.dtype == torch.bool and mask.shape == (grid_side * grid_side,)
+    assert mask.tolist() == reference_pad_mask(width, height, grid_side).tolist()
+
+
+def test_a_square_image_has_no_padding():
+    for side, grid in [(336, 24), (17, 5), (1, 1)]:
+        assert not pad_to_square_token_mask(side, side, grid).any()
+
+
+def test_a_wide_image_pads_top_and_bottom_rows_symmetrically():
+    grid = pad_to_square_token_mask(640, 480, 24).view(24, 24)  # 80 px bars = 3 rows of 640 / 24 px
+    assert grid[:3].all() and grid[-3:].all() and not grid[3:-3].any()
+    for width, height in [(500, 300), (1000, 562), (90, 34)]:
+        grid = pad_to_square_token_mask(width, height, 24).view(24, 24)
+        assert torch.equal(grid, grid.flip(0)), "bars above and below match"
+        assert torch.equal(grid.all(dim=1), grid.any(dim=1)), "padding is whole rows"
+        assert grid.any()
+    tall = pad_to_square_token_mask(480, 640, 24).view(24, 24)
+    assert torch.equal(tall, grid_t := pad_to_square_token_mask(640, 480, 24).view(24, 24).T) and grid_t[:, :3].all()
+
+
+def test_an_exactly_half_padded_token_counts_as_padding():
+    # 8 x 6 on an 8 px square, 4 x 4 grid: 2 px rows, image rows 1..6, so rows 0 and 3 are half padding.
+    grid = pad_to_square_token_mask(8, 6, 4).view(4, 4)
+    assert grid[0].all() and grid[3].all() and not grid[1:3].any()
+    # 8 x 7: one padding pixel row at the bottom (offset (8 - 7) // 2 = 0) is half of row 3: padding.
+    assert pad_to_square_token_mask(8, 7, 4).view(4, 4).any(dim=1).tolist() == [False, False, False, True]
+    # 16 x 15: the same pixel row is a quarter of row 3's 4 px: not padding.
+    assert not pad_to_square_token_mask(16, 15, 4).any()
+
+
+def test_pad_mask_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="width=0"):
+        pad_to_square_token_mask(0, 5, 24)
+    with pytest.raises(ValueError, match="grid_side=2.5"):
+        pad_to_square_token_mask(5, 5, 2.5)
 
 
 # --- VisPruner importance ------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -339,21 +340,126 @@ def reference_duplicate_removal(features: torch.Tensor, num_keep: int) -> list[i
     return remaining
 
 
+class TheirIndexingFails(Exception):
+    """Raised by the reference where the authors' batched indexing raises (their code, not the algorithm)."""
+
+
+def reference_authors_vispruner(importance, features, n, ratio) -> list[int]:
+    """The VisPruner authors' selection loop (llava_arch.encode_images), rewritten with Python lists.
+
+    Candidates start in descending-importance order. Where their ``expand(-1, R // 2 - r)`` index does not
+    broadcast against the ``ceil(R / 2) - r`` surviving ``a`` tokens (odd lists, or ``r`` above ``R // 2 + 1``),
+    their code raises; so does this reference.
+    """
+    unit = features / features.norm(dim=1, keepdim=True)
+    order = sorted(range(importance.numel()), key=lambda i: -float(importance[i]))
+    num_important = int(n * ratio)
+    residual, diverse = order[num_important:], n - num_important
+    while diverse > 0:
+        length = len(residual)
+        r = min(8, length - diverse)
+        if r <= 0:
+            break
+        survivors = (length + 1) // 2 - r
+        expanded = length // 2 - r
+        if not (expanded == survivors or expanded == 1 or (expanded == -1 and survivors <= 0)):
+            raise TheirIndexingFails(f"R={length}, r={r}")
+        a, b = residual[0::2], residual[1::2]
+        score = [max(float(unit[i] @ unit[j]) for j in b) for i in a]
+        by_score = sorted(range(len(a)), key=lambda k: -score[k])
+        residual = [a[k] for k in by_score[r:]] + b
+    return sorted(order[:num_important] + (residual if diverse > 0 else []))
+
+
 @pytest.mark.parametrize("ratio", [0.0, 0.5, 0.8])
-def test_vispruner_matches_algorithm_1_for_every_budget(ratio):
+def test_vispruner_matches_algorithm_1_in_patch_order_with_residual_order_original(ratio):
     num_tokens = 40
     for seed in range(2):
         importance = distinct_scores(num_tokens, seed)
         features = torch.randn(num_tokens, 5, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
         order = rank_order(importance)
         for n in range(1, num_tokens + 1):
-            kept = vispruner(importance, features, n, important_ratio=ratio)
+            kept = vispruner(importance, features, n, important_ratio=ratio, residual_order="original")
             assert_selection(kept, n, num_tokens)
             n_imp = math.floor(n * ratio + 1e-9)
             rest = sorted(order[n_imp:])
             diverse = [rest[k] for k in reference_duplicate_removal(features[rest], n - n_imp)]
             assert set(order[:n_imp]) <= set(kept.tolist()), "the top floor(n * r) are kept"
             assert kept.tolist() == sorted(order[:n_imp] + diverse)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 0.5, 0.8])
+def test_vispruner_equals_the_authors_loop_wherever_their_code_runs(ratio):
+    compared = 0
+    for num_tokens, seed in [(40, 0), (41, 1), (64, 2)]:
+        importance = torch.rand(num_tokens, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        features = torch.randn(num_tokens, 6, generator=torch.Generator().manual_seed(seed + 10), dtype=torch.float64)
+        for n in range(1, num_tokens + 1):
+            try:
+                expected = reference_authors_vispruner(importance, features, n, ratio)
+            except TheirIndexingFails:
+                continue
+            compared += 1
+            assert vispruner(importance, features, n, important_ratio=ratio).tolist() == expected
+    assert compared >= 60, "the comparison must cover many budgets"
+
+
+def test_vispruner_residual_order_changes_which_tokens_are_paired():
+    # The start order decides the a/b pairs of every round, so the two orders are different methods.
+    importance = torch.rand(64, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    features = torch.randn(64, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    differ = sum(
+        vispruner(importance, features, n).tolist() != vispruner(importance, features, n, residual_order="original").tolist()
+        for n in range(8, 40)
+    )
+    assert differ >= 16
+
+
+@pytest.mark.parametrize("num_tokens", [7, 21, 33, 99])
+def test_vispruner_never_crashes_on_odd_candidate_lists_and_keeps_exactly_n(num_tokens):
+    gen = torch.Generator().manual_seed(num_tokens)
+    importance = torch.rand(num_tokens, generator=gen)
+    features = torch.randn(num_tokens, 4, generator=gen)
+    for order in ("descending", "original"):
+        for ratio in (0.0, 0.5):
+            for n in range(1, num_tokens + 1):
+                assert_selection(vispruner(importance, features, n, ratio, residual_order=order), n, num_tokens)
+
+
+def test_remove_duplicates_splits_an_odd_list_with_a_one_longer_than_b():
+    for length in (5, 9, 17, 23):
+        features = torch.randn(length, 4, generator=torch.Generator().manual_seed(length), dtype=torch.float64)
+        for keep in range(1, length + 1):
+            assert remove_duplicates(features, keep).tolist() == reference_duplicate_removal(features, keep)
+
+
+def near_duplicate_features(num_tokens: int, seed: int, dim: int = 48, spread: float = 1e-3) -> torch.Tensor:
+    """float32 features of a nearly plain image: one vector plus tiny per-token differences. Their cosine
+    similarities differ by ~1e-7, float32's rounding, as for the demo's background patches."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(dim, generator=gen)
+    return (base + spread * torch.randn(num_tokens, dim, generator=gen)).float()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_selections_depend_on_the_feature_values_not_on_their_rounding(seed):
+    # The same values in float32 and float64, and with the feature dimensions permuted (a different
+    # accumulation order, as another BLAS kernel or CPU instruction set uses), must select the same
+    # tokens: near-tie decisions may not be left to float32 rounding.
+    num_tokens, n = 96, 16
+    features = near_duplicate_features(num_tokens + 6, seed)  # the last 6 rows are DART's text tokens
+    perm = torch.randperm(features.shape[1], generator=torch.Generator().manual_seed(seed))
+    variants = (features, features.double(), features[:, perm], features[:, perm].double())
+    importance = torch.rand(num_tokens, generator=torch.Generator().manual_seed(seed + 100))
+    text_norms = torch.rand(6, generator=torch.Generator().manual_seed(seed + 200))
+    for order in ("descending", "original"):
+        picks = [vispruner(importance, f[:num_tokens], n, residual_order=order).tolist() for f in variants]
+        assert all(p == picks[0] for p in picks), order
+    picks = [divprune(f[:num_tokens], n).tolist() for f in variants]
+    assert all(p == picks[0] for p in picks), "divprune"
+    picks = [dart(importance, f[:num_tokens], n, text_key_norms=text_norms, text_features=f[num_tokens:]).tolist()
+             for f in variants]
+    assert all(p == picks[0] for p in picks), "dart"
 
 
 def test_vispruner_with_ratio_one_is_topk():
@@ -368,11 +474,15 @@ def test_remove_duplicates_drops_an_exact_copy_first():
     assert sorted(remove_duplicates(features, 5).tolist()) == [0, 1, 3, 4, 5]
 
 
-def test_vispruner_rejects_bad_ratio_and_shapes():
+def test_vispruner_rejects_bad_ratio_order_and_shapes():
     with pytest.raises(ValueError, match="important_ratio=1.2"):
         vispruner(torch.rand(8), torch.rand(8, 3), 4, important_ratio=1.2)
+    with pytest.raises(ValueError, match="residual_order='patch'"):
+        vispruner(torch.rand(8), torch.rand(8, 3), 4, residual_order="patch")
     with pytest.raises(ValueError, match="7 rows"):
         vispruner(torch.rand(8), torch.rand(7, 3), 4)
+    with pytest.raises(ValueError, match="num_keep=9"):
+        remove_duplicates(torch.rand(8, 3), 9)
 
 
 # --- DivPrune ------------------------------------------------------------------------------------------
@@ -415,12 +525,14 @@ def test_divprune_single_token():
 # --- DART ----------------------------------------------------------------------------------------------
 
 
-def reference_dart(key_norms, features, n, num_pivots, text=None) -> list[int]:
+def reference_dart(key_norms, features, n, num_pivots, text_norms=None, text=None, num_text_pivots=4) -> list[int]:
+    """Our documented rule, literally: pivots in order, shares split with the remainder to the first."""
     unit = features / features.norm(dim=1, keepdim=True)
     pivots = rank_order(key_norms)[: min(num_pivots, n)]
     pivot_units = [unit[p] for p in pivots]
     if text is not None:
-        pivot_units += list(text / text.norm(dim=1, keepdim=True))
+        chosen = rank_order(text_norms)[:num_text_pivots]
+        pivot_units += [text[t] / text[t].norm() for t in chosen]
     share, extra = divmod(n - len(pivots), len(pivot_units))
     kept = list(pivots)
     for k, pivot in enumerate(pivot_units):
@@ -430,21 +542,79 @@ def reference_dart(key_norms, features, n, num_pivots, text=None) -> list[int]:
     return sorted(kept)
 
 
+def reference_authors_dart(key_norms, features, text_norms, text, num_pivots, num_text_pivots, token_topk) -> list[int]:
+    """The DART authors' get_retained_image_token, rewritten over one sequence [visual tokens, text tokens]
+    with Python sets, iterating the pivots by descending key norm, visual first (theirs: set order)."""
+    sequence = torch.cat([features, text])
+    num_visual = features.shape[0]
+    image_pivots = sorted(range(num_visual), key=lambda i: -float(key_norms[i]))[:num_pivots]
+    text_pivots = [num_visual + t for t in sorted(range(text.shape[0]), key=lambda t: -float(text_norms[t]))]
+    text_pivots = text_pivots[:num_text_pivots]
+    kept = set(image_pivots + text_pivots)
+    valid = set(range(num_visual)) - set(image_pivots)
+    for pivot in image_pivots + text_pivots:
+        cosine = {i: float(F.cosine_similarity(sequence[pivot], sequence[i], dim=0)) for i in valid}
+        least_similar = sorted(valid, key=lambda i: cosine[i])[:token_topk]
+        kept.update(least_similar)
+        valid.difference_update(least_similar)
+    return sorted(kept - set(text_pivots))
+
+
 @pytest.mark.parametrize("num_pivots", [1, 3, 8])
 def test_dart_keeps_its_pivots_and_matches_the_reference(num_pivots):
     for seed in range(2):
         gen = torch.Generator().manual_seed(seed)
         key_norms = distinct_scores(30, seed)
         features = torch.randn(30, 5, generator=gen, dtype=torch.float64)
-        text = torch.randn(2, 5, generator=gen, dtype=torch.float64)
+        text = torch.randn(5, 5, generator=gen, dtype=torch.float64)
+        text_norms = distinct_scores(5, seed + 1)
         for n in range(1, 31):
             kept = dart(key_norms, features, n, num_pivots=num_pivots)
             assert_selection(kept, n, 30)
             assert set(rank_order(key_norms)[: min(num_pivots, n)]) <= set(kept.tolist())
             assert kept.tolist() == reference_dart(key_norms, features, n, num_pivots)
-            with_text = dart(key_norms, features, n, num_pivots=num_pivots, text_pivot_features=text)
+            with_text = dart(key_norms, features, n, num_pivots=num_pivots, text_key_norms=text_norms,
+                             text_features=text, num_text_pivots=2)
             assert_selection(with_text, n, 30)
-            assert with_text.tolist() == reference_dart(key_norms, features, n, num_pivots, text)
+            assert set(rank_order(key_norms)[: min(num_pivots, n)]) <= set(with_text.tolist())
+            assert with_text.tolist() == reference_dart(key_norms, features, n, num_pivots, text_norms, text, 2)
+
+
+@pytest.mark.parametrize(("num_pivots", "num_text_pivots"), [(4, 4), (2, 3), (1, 0)])
+def test_dart_equals_the_authors_loop_when_the_budget_splits_evenly(num_pivots, num_text_pivots):
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        key_norms = torch.rand(48, generator=gen, dtype=torch.float64)
+        features = torch.randn(48, 8, generator=gen, dtype=torch.float64)
+        text_norms = torch.rand(7, generator=gen, dtype=torch.float64)
+        text = torch.randn(7, 8, generator=gen, dtype=torch.float64)
+        pivots = num_pivots + num_text_pivots
+        for token_topk in range(0, (48 - num_pivots) // pivots + 1):
+            n = num_pivots + pivots * token_topk  # the authors keep exactly this many
+            kept = dart(key_norms, features, n, num_pivots, text_norms, text, num_text_pivots)
+            expected = reference_authors_dart(key_norms, features, text_norms, text, num_pivots, num_text_pivots,
+                                              token_topk)
+            assert kept.tolist() == expected
+
+
+def test_dart_defaults_are_the_authors_4_visual_and_4_text_pivots():
+    gen = torch.Generator().manual_seed(5)
+    key_norms, features = torch.rand(60, generator=gen, dtype=torch.float64), torch.randn(60, 6, generator=gen, dtype=torch.float64)
+    text_norms, text = torch.rand(9, generator=gen, dtype=torch.float64), torch.randn(9, 6, generator=gen, dtype=torch.float64)
+    for n in (4, 12, 28, 52):
+        assert dart(key_norms, features, n, text_key_norms=text_norms, text_features=text).tolist() == \
+            reference_authors_dart(key_norms, features, text_norms, text, 4, 4, (n - 4) // 8)
+
+
+def test_dart_text_pivots_claim_budget_but_are_never_kept():
+    # Visual pivot 0 = [1, 0]; its least similar token is 1 = [-1, 0]; tokens 2 and 3 are equally dissimilar.
+    features = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0], [0.9, 0.1]])
+    key_norms = torch.tensor([5.0, 1.0, 1.0, 1.0, 1.0])
+    assert dart(key_norms, features, 3, num_pivots=1).tolist() == [0, 1, 2]  # the tie goes to token 2
+    # One text pivot [0, 1] takes one of the two picks: its least similar visual token, 3.
+    with_text = dart(key_norms, features, 3, num_pivots=1, text_key_norms=torch.tensor([2.0, 1.0]),
+                     text_features=torch.tensor([[0.0, 1.0], [1.0, 0.0]]), num_text_pivots=1)
+    assert with_text.tolist() == [0, 1, 3]
 
 
 def test_dart_one_pivot_adds_the_least_similar_tokens():
@@ -453,9 +623,18 @@ def test_dart_one_pivot_adds_the_least_similar_tokens():
     assert dart(key_norms, features, 3, num_pivots=1).tolist() == [0, 2, 3]
 
 
-def test_dart_rejects_bad_pivot_counts():
+def test_dart_rejects_bad_pivot_counts_and_text_inputs():
     with pytest.raises(ValueError, match="num_pivots=0"):
         dart(torch.rand(5), torch.rand(5, 2), 2, num_pivots=0)
+    with pytest.raises(ValueError, match="num_text_pivots=-1"):
+        dart(torch.rand(5), torch.rand(5, 2), 2, text_key_norms=torch.rand(3), text_features=torch.rand(3, 2),
+             num_text_pivots=-1)
+    with pytest.raises(ValueError, match="go together"):
+        dart(torch.rand(5), torch.rand(5, 2), 2, text_key_norms=torch.rand(3))
+    with pytest.raises(ValueError, match="D=3"):
+        dart(torch.rand(5), torch.rand(5, 2), 2, text_key_norms=torch.rand(3), text_features=torch.rand(3, 3))
+    with pytest.raises(ValueError, match="2 rows"):
+        dart(torch.rand(5), torch.rand(5, 2), 2, text_key_norms=torch.rand(3), text_features=torch.rand(2, 2))
 
 
 # --- random and uniform baselines ----------------------------------------------------------------------

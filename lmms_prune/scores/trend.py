@@ -3,17 +3,27 @@
 Recency bias makes text-to-vision attention grow along the visual sequence; the paper fits
 ``f(x) = mu * exp(sigma * x)``, ``x = i / N``, to the position-wise mean of calibrated attention and uses
 ``A / f(i / N)`` as the importance, with attention on padding tokens set to 0 (methods.md section 4).
+
+The authors (github.com/intcomp/attention-bias) instead ship one weight vector per pruning method and
+benchmark (``playground/data/weight/<method>/<benchmark>.npy``, float64 ``[576]`` for LLaVA-1.5, ``w[0] = 1``,
+decreasing) and score ``A * w``. Their HiMAP, PyramidDrop, SparseVLM and TokenCarve vectors are exactly
+``exp(-s * i / 576)`` (the reciprocal of a fitted trend, so ``trend_debias`` ranks tokens identically with
+``sigma = s``); their FastV vector is a smooth non-exponential curve (from 1 to 0.358, log-deviation up to
+0.26 from the best exponential), reproducible only from the file: ``load_trend_weights`` + ``weight_debias``.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from numbers import Real
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from lmms_prune.scores._validate import check_vector, is_int
+from lmms_prune.scores.prior import resize_prior
 
 
 def fit_trend(mean_attn: Tensor) -> tuple[float, float]:
@@ -68,11 +78,72 @@ def trend_debias(attn: Tensor, mu: float, sigma: float, pad_mask: Tensor | None 
     """
     num_tokens = check_vector(attn, "attn")
     scores = attn / trend(num_tokens, mu, sigma, attn.device).to(attn.dtype)
+    return _zero_padding(scores, pad_mask)
+
+
+def load_trend_weights(path: str | os.PathLike) -> Tensor:
+    """Read a released trend weight vector (the attention-debiasing authors' ``.npy`` files).
+
+    The file must hold one non-empty 1-D floating array with finite, non-negative entries, at least one
+    of them positive (the authors': float64 ``[576]``, from 1 down). Any length is accepted:
+    ``weight_debias`` resizes it to the sample's token count.
+
+    Returns:
+        float64 ``[M]`` tensor on the CPU.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path}: no trend weight file there; pass a .npy vector (e.g. the attention-debiasing authors' "
+            "playground/data/weight/FastV/weight.npy) or use the fitted exponential (score='trend' with a prior)"
+        )
+    try:
+        values = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as error:
+        raise ValueError(f"{path}: not a NumPy .npy array ({error}); save the vector with numpy.save") from error
+    if not isinstance(values, np.ndarray):
+        raise ValueError(f"{path}: holds an archive of several arrays; save the one weight vector with numpy.save")
+    if not np.issubdtype(values.dtype, np.floating):
+        raise ValueError(f"{path}: dtype {values.dtype}: the weights must be floating point (e.g. float64)")
+    if values.ndim != 1 or values.size == 0:
+        raise ValueError(f"{path}: shape {values.shape}: must be a non-empty 1-D vector [M], one weight per token")
+    finite = np.isfinite(values)
+    if not finite.all():
+        raise ValueError(f"{path}: {int((~finite).sum())} of {values.size} weights are NaN or infinite")
+    if (values < 0).any():
+        raise ValueError(f"{path}: the smallest weight is {float(values.min())!r}: weights must be >= 0")
+    if not (values > 0).any():
+        raise ValueError(f"{path}: every weight is 0: the scores would all be 0")
+    return torch.from_numpy(values.astype(np.float64))
+
+
+def weight_debias(attn: Tensor, weights: Tensor, pad_mask: Tensor | None = None) -> Tensor:
+    """Attention-debiasing score with a released weight vector: ``A_i * w_i``, padding tokens set to 0.
+
+    ``weights`` ``[M]`` (``load_trend_weights``) is resized to ``N`` tokens by the priors' linear rule
+    (``scores.prior.resize_prior``) when ``M != N``.
+
+    Args:
+        attn: ``[N]`` text-to-vision attention of one sample.
+        weights: ``[M]`` non-negative weights along the visual sequence.
+        pad_mask: optional bool ``[N]``, True where the token is padding (``pad_to_square_token_mask``).
+
+    Returns:
+        ``[N]`` debiased importance, in ``attn``'s dtype.
+    """
+    num_tokens = check_vector(attn, "attn")
+    check_vector(weights, "weights")
+    resized = resize_prior(weights.to(device=attn.device, dtype=torch.float64), num_tokens)
+    return _zero_padding(attn * resized.to(attn.dtype), pad_mask)
+
+
+def _zero_padding(scores: Tensor, pad_mask: Tensor | None) -> Tensor:
+    """``scores`` with the entries under ``pad_mask`` (bool, True = padding) set to 0."""
     if pad_mask is None:
         return scores
-    if not isinstance(pad_mask, Tensor) or pad_mask.dtype != torch.bool or pad_mask.shape != attn.shape:
+    if not isinstance(pad_mask, Tensor) or pad_mask.dtype != torch.bool or pad_mask.shape != scores.shape:
         raise ValueError(
-            f"pad_mask must be a bool tensor of shape {tuple(attn.shape)} (True = padding), got "
+            f"pad_mask must be a bool tensor of shape {tuple(scores.shape)} (True = padding), got "
             f"{getattr(pad_mask, 'dtype', type(pad_mask).__name__)} {tuple(getattr(pad_mask, 'shape', ()))}"
         )
-    return scores.masked_fill(pad_mask.to(attn.device), 0.0)
+    return scores.masked_fill(pad_mask.to(scores.device), 0.0)

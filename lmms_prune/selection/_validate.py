@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from numbers import Integral, Real
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 Grid = tuple[int, int]
@@ -105,3 +106,14 @@ def descending_order(scores: Tensor) -> Tensor:
 def sorted_indices(indices: Tensor) -> Tensor:
     """Return kept indices as an ascending int64 tensor (the selection functions' output contract)."""
     return torch.sort(indices.to(torch.long)).values
+
+
+def unit_rows(features: Tensor) -> Tensor:
+    """L2-normalised rows of ``[N, D]`` features in float64, for cosine similarities that decide orders.
+
+    Selections that sort or take the arg-max of similarities (VisPruner, DivPrune, DART) flip on near-ties:
+    near-duplicate tokens differ in cosine by ~1e-7, which is float32's rounding, and that rounding differs
+    between CPU instruction sets, BLAS kernels and GPUs. float64 rounding (~1e-16) stays far below the
+    features' own differences, so the selection no longer depends on the machine that multiplies them.
+    """
+    return F.normalize(features.double(), dim=-1)

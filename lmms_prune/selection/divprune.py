@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from lmms_prune.selection._validate import check_budget, check_features, sorted_indices
+from lmms_prune.selection._validate import check_budget, check_features, sorted_indices, unit_rows
 
 
 def divprune(features: Tensor, n: int) -> Tensor:
@@ -18,9 +17,13 @@ def divprune(features: Tensor, n: int) -> Tensor:
     - Each next pick: the unpicked token with the largest distance to its nearest picked token,
       ``argmax_{i not in S} min_{j in S} d(i, j)``.
 
-    Ties go to the lower index. Picked tokens are excluded explicitly (not through their zero self
-    distance, which rounding can make slightly positive). The ``[N, N]`` distance matrix is formed once in
-    at least float32; each pick updates an ``[N]`` running minimum.
+    Ties go to the lower index (as the authors' ``argmax``). Picked tokens are excluded explicitly; the
+    authors' code relies on their zero self distance, which rounding can make slightly positive, so it can
+    pick a token twice when the rest duplicate the picked ones. Their first pick takes the second-smallest
+    distance of each column (the smallest being the self distance); ours excludes the diagonal, which is the
+    same unless rounding puts another distance below the self distance. The ``[N, N]`` distance matrix is
+    formed once in float64 (``unit_rows``: near-ties must not depend on the machine's rounding); each pick
+    updates an ``[N]`` running minimum.
 
     Args:
         features: ``[N, D]`` token features.
@@ -31,7 +34,7 @@ def divprune(features: Tensor, n: int) -> Tensor:
     """
     num_tokens = check_features(features)
     check_budget(n, num_tokens)
-    unit = F.normalize(features.to(torch.promote_types(features.dtype, torch.float32)), dim=-1)
+    unit = unit_rows(features)
     distance = 1.0 - unit @ unit.T
     picked = torch.zeros(num_tokens, dtype=torch.bool, device=features.device)
     if num_tokens == 1:
