@@ -38,6 +38,9 @@ class CallState:
     ``keep_mask`` ``[B, T]`` (kept positions of the full sequence), ``keep_index`` / ``keep_valid`` ``[B, T']``
     (the gather index of the pruned sequence, pad slots on the left, and which slots are real), ``pruned``
     (decoder-layer kwargs gathered at the kept positions), ``kv_full`` (the unpruned cache length in decode).
+    Multi-stage pruning keeps one entry per stage done in ``stage_mask`` / ``stage_index`` / ``stage_valid`` /
+    ``stage_pruned`` (the fields above are the last stage's), and ``stage_kept[s][b][i]``: image ``i``'s kept
+    token indices after stage ``s`` (within the image, ascending).
     """
 
     phase: str = "idle"
@@ -54,6 +57,12 @@ class CallState:
     keep_valid: torch.Tensor | None = None
     pruned: dict[str, Any] | None = None
     kv_full: int | None = None
+    stage_mask: list[torch.Tensor] = field(default_factory=list)
+    stage_index: list[torch.Tensor] = field(default_factory=list)
+    stage_valid: list[torch.Tensor] = field(default_factory=list)
+    stage_pruned: list[dict[str, Any]] = field(default_factory=list)
+    stage_kept: list[list[list[torch.Tensor]]] = field(default_factory=list)
+    stage_inverse: dict[int, torch.Tensor] = field(default_factory=dict)  # stage -> [B, T] position -> slot
 
     @property
     def has_images(self) -> bool:

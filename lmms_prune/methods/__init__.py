@@ -21,6 +21,7 @@ MODULES: tuple[str, ...] = (
     "lmms_prune.methods.vispruner",
     "lmms_prune.methods.divprune",
     "lmms_prune.methods.dart",
+    "lmms_prune.methods.pyramiddrop",
 )
 
 

@@ -5,7 +5,13 @@ Nothing here knows about models, hooks or lmms-eval.
 """
 
 from lmms_prune.selection.baselines import block_quotas, random_select, uniform_select
-from lmms_prune.selection.budget import budget
+from lmms_prune.selection.budget import (
+    average_kept_fraction,
+    budget,
+    depth_scaled_layers,
+    stage_budgets,
+    stage_ratio_for_average,
+)
 from lmms_prune.selection.dart import dart
 from lmms_prune.selection.divprune import divprune
 from lmms_prune.selection.pivot_mis import (
@@ -19,9 +25,11 @@ from lmms_prune.selection.topk import topk
 from lmms_prune.selection.vispruner import remove_duplicates, vispruner
 
 __all__ = [
+    "average_kept_fraction",
     "block_quotas",
     "budget",
     "dart",
+    "depth_scaled_layers",
     "divprune",
     "fused_graph",
     "grid_adjacency",
@@ -30,6 +38,8 @@ __all__ = [
     "pivot_mis",
     "random_select",
     "remove_duplicates",
+    "stage_budgets",
+    "stage_ratio_for_average",
     "topk",
     "uniform_select",
     "vispruner",
