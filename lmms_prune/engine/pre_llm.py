@@ -10,6 +10,14 @@ pre-encoded images), so ``generate`` and ``forward`` run unchanged on the shorte
 Positions: ``positions="contiguous"`` (default, as the VisPruner and DivPrune papers: the shorter prompt is
 numbered 0..T'-1); ``positions="original"`` gives each kept token its position in the unpruned prompt
 (Qwen2.5-VL: its 3-D M-RoPE position), and generation continues from the unpruned length.
+
+Merged tokens (VisionZip): a selector may return a :class:`lmms_prune.selection.Merge` (kept tokens + groups
+whose means become new embeddings). The image's run of placeholders is shortened to ``k + m`` tokens holding
+``[kept embeddings (ascending); group means (in group order)]``; merged tokens have no original position, so
+positions are renumbered (``positions="contiguous"``, the only setting merging selectors accept): the short
+prompt is numbered 0..T'-1 exactly as for pruning (1-D RoPE; Qwen's M-RoPE recomputes its grid positions
+from the shortened prompt as for any pre-LLM selection). ``PruneRecord.kept`` lists the kept original tokens,
+``PruneRecord.merged`` the number of merged tokens per image; ``visual_after`` counts both.
 """
 
 from __future__ import annotations
@@ -96,7 +104,7 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
     original_positions = adapter.original_positions(input_ids, mask2d, kwargs) if cfg.positions == "original" else None
     for b, sample_spans in enumerate(spans):
         keep = mask2d[b].new_ones(input_ids.shape[1], dtype=torch.bool)
-        kept_per_image = []
+        kept_per_image, merged = [], []
         n_vis = sum(s.length for s in sample_spans)
         sample_offset = 0
         for span in sample_spans:
@@ -107,10 +115,21 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
                                  vision_features=None if features is None else features[rows],
                                  embeddings=projected[rows] if needs.embeddings else None)
             n = sel.budget(span.length, keep_ratio=cfg.keep_ratio, keep_tokens=cfg.keep_tokens)
-            local = handle.selector(image, handle.score(image), n).to(input_ids.device)
+            result = handle.selector(image, handle.score(image), n)
             keep[span.start: span.start + span.length] = False
-            keep[span.start + local] = True
-            kept_feats.append(projected[offset + local.to(projected.device)])
+            if isinstance(result, sel.Merge):
+                if cfg.positions != "contiguous":
+                    raise ValueError(f"method {cfg.method!r} merges tokens, which have no original position: "
+                                     "use positions='contiguous'")
+                local = result.index.to(input_ids.device)
+                keep[span.start: span.start + result.count] = True  # identical placeholders, renumbered
+                kept_feats.append(sel.merged_embeddings(projected[rows], result))
+                merged.append(int(result.weights.shape[0]))
+            else:
+                local = result.to(input_ids.device)
+                keep[span.start + local] = True
+                kept_feats.append(projected[offset + local.to(projected.device)])
+                merged.append(0)
             kept_per_image.append(local.cpu())
             offset += span.length
             sample_offset += span.length
@@ -121,10 +140,10 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
         new_mask.append(mask2d[b][keep])
         if original_positions is not None:
             new_pos.append(original_positions[..., b, :][..., keep])
-        n_kept = sum(k.numel() for k in kept_per_image)
+        n_kept = sum(k.numel() for k in kept_per_image) + sum(merged)
         full = int(real.sum())
         records.append(PruneRecord(n_vis, n_kept, kept_per_image, full, full - n_vis + n_kept, [],
-                                   spans=list(sample_spans)))
+                                   spans=list(sample_spans), merged=merged))
     sync(projected)
     seconds = time.perf_counter() - t0
     select_seconds = time.perf_counter() - vision_t0

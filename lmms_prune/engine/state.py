@@ -25,6 +25,7 @@ class PruneRecord:
     llm_prefill_seconds: float = 0.0
     vision_seconds: float = 0.0  # pre-LLM methods: the image encoding the engine ran itself
     spans: list[ImageSpan] = field(default_factory=list)  # the sample's images, in sequence order
+    merged: list[int] = field(default_factory=list)  # pre-LLM merging: per image, merged tokens added after kept
 
 
 @dataclass

@@ -14,6 +14,7 @@ from lmms_prune.selection.budget import (
 )
 from lmms_prune.selection.dart import dart
 from lmms_prune.selection.divprune import divprune
+from lmms_prune.selection.merge import Merge, group_weights, merged_embeddings, visionzip
 from lmms_prune.selection.pivot_mis import (
     fused_graph,
     grid_adjacency,
@@ -25,6 +26,7 @@ from lmms_prune.selection.topk import topk
 from lmms_prune.selection.vispruner import remove_duplicates, vispruner
 
 __all__ = [
+    "Merge",
     "average_kept_fraction",
     "block_quotas",
     "budget",
@@ -34,6 +36,8 @@ __all__ = [
     "fused_graph",
     "grid_adjacency",
     "grid_neighbour_pairs",
+    "group_weights",
+    "merged_embeddings",
     "normalized_similarity",
     "pivot_mis",
     "random_select",
@@ -43,4 +47,5 @@ __all__ = [
     "topk",
     "uniform_select",
     "vispruner",
+    "visionzip",
 ]
