@@ -113,7 +113,9 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
                                  task_kind=handle.task_kind, device=projected.device,
                                  vision_attention=None if importance is None else importance[rows],
                                  vision_features=None if features is None else features[rows],
-                                 embeddings=projected[rows] if needs.embeddings else None)
+                                 embeddings=projected[rows] if needs.embeddings else None,
+                                 instruction=_instruction(handle, input_ids, mask2d, b, span, sample_spans)
+                                 if needs.instruction else None)
             n = sel.budget(span.length, keep_ratio=cfg.keep_ratio, keep_tokens=cfg.keep_tokens)
             result = handle.selector(image, handle.score(image), n)
             keep[span.start: span.start + span.length] = False
@@ -162,6 +164,21 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
     kept_all = torch.cat(kept_feats, 0) if kept_feats else projected[:0]
     out["mm_encoder_outputs"] = {"image": adapter.wrap_image_features(encoded, kept_all)}
     return out, records
+
+
+def _instruction(handle: PruneHandle, input_ids: torch.Tensor, mask2d: torch.Tensor, b: int, span: Any,
+                 spans: list[Any]) -> torch.Tensor:
+    """[M, D]: the LLM's input embeddings of sample ``b``'s real tokens after ``span``, up to the next image or
+    the prompt's end (the instruction and the chat template's closing tokens)."""
+    later = [s.start for s in spans if s.start > span.start]
+    end = min(later) if later else input_ids.shape[1]
+    pos = torch.arange(span.start + span.length, end, device=input_ids.device)
+    pos = pos[mask2d[b, pos].bool()]
+    if pos.numel() == 0:
+        raise ValueError(f"method {handle.config.method!r} needs the instruction after the image, but the prompt "
+                         "has no text after it; put the question after the image")
+    with torch.no_grad():
+        return handle.model.get_input_embeddings()(input_ids[b, pos])
 
 
 def _pad_positions(rows: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -24,6 +24,7 @@ MODULES: tuple[str, ...] = (
     "lmms_prune.methods.pyramiddrop",
     "lmms_prune.methods.visionzip",
     "lmms_prune.methods.fastervlm",
+    "lmms_prune.methods.cdpruner",
 )
 
 

@@ -178,7 +178,8 @@ class Needs:
     input), ``final_norm`` (the same through the LM's final norm), ``text`` (the same signals for the text
     tokens after the image), ``prior`` (a calibrated prior file). Before the LLM: ``vision_attention`` (the
     vision encoder's [CLS] row at the feature layer), ``vision_features`` (pre-projector features),
-    ``embeddings`` (projected visual embeddings).
+    ``embeddings`` (projected visual embeddings), ``instruction`` (the LLM's input embeddings of the prompt's
+    text tokens after the image, up to the next image or the prompt's end).
     """
 
     attention: tuple[int, ...] = ()
@@ -190,6 +191,7 @@ class Needs:
     vision_attention: bool = False
     vision_features: bool = False
     embeddings: bool = False
+    instruction: bool = False
 
     def __or__(self, other: Needs) -> Needs:
         values = {}
@@ -229,6 +231,7 @@ class ImageSignals:
     vision_attention: torch.Tensor | None = None
     vision_features: torch.Tensor | None = None
     embeddings: torch.Tensor | None = None
+    instruction: torch.Tensor | None = None  # [M, D] pre-LLM: input embeddings of the text after the image
     device: Any = None
     present: torch.Tensor | None = None
 

@@ -14,6 +14,7 @@ from lmms_prune.selection.budget import (
 )
 from lmms_prune.selection.dart import dart
 from lmms_prune.selection.divprune import divprune
+from lmms_prune.selection.dpp import cdpruner, dpp_greedy, instruction_relevance
 from lmms_prune.selection.merge import Merge, group_weights, merged_embeddings, visionzip
 from lmms_prune.selection.pivot_mis import (
     fused_graph,
@@ -30,12 +31,15 @@ __all__ = [
     "average_kept_fraction",
     "block_quotas",
     "budget",
+    "cdpruner",
     "dart",
     "depth_scaled_layers",
     "divprune",
+    "dpp_greedy",
     "fused_graph",
     "grid_adjacency",
     "grid_neighbour_pairs",
+    "instruction_relevance",
     "group_weights",
     "merged_embeddings",
     "normalized_similarity",
