@@ -118,3 +118,14 @@ def test_cdpruner_selects_the_dpp_map_of_the_recorded_signals(family):
     torch.testing.assert_close(seen["scores"], q)
     assert rec.kept[0].tolist() == sel.cdpruner(seen["emb"], q, seen["n"]).tolist()
     assert rec.visual_after == max(1, round(0.1 * _num_visual(model, inputs)))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_picks_near_the_kernel_rank_stay_finite(seed):
+    """At n close to the rank, the last gains are tiny; a pick must never take a negative (rounded) gain."""
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(120, 8, generator=g)
+    q = torch.rand(120, generator=g) ** 4 + 1e-5
+    for n in (7, 8, 9, 12):
+        out = sel.cdpruner(features, q, n)
+        assert out.numel() == n and out.tolist() == sorted(set(out.tolist()))

@@ -43,7 +43,7 @@ def dpp_greedy(kernel: Tensor, n: int) -> Tensor:
         gains = d2.masked_fill(picked, -float("inf"))
         best = float(gains.max())
         # ties (to rounding: 1e-9 relative) go to the lower index, so equal-relevance kernels are deterministic
-        j = int(torch.nonzero(gains >= best - 1e-9 * max(1.0, abs(best)))[0])
+        j = int(torch.nonzero(gains >= best - 1e-9 * abs(best))[0])
         if best <= EPS:
             rest = torch.diagonal(k).masked_fill(picked, -float("inf"))
             extra = torch.sort(rest, descending=True, stable=True).indices[: n - i]
