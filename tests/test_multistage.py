@@ -211,3 +211,24 @@ def test_unreachable_average_and_too_deep_layers_fail_before_running(toys):
         lmms_prune.apply(model, "pyramiddrop", keep_ratio=0.1)
     with pytest.raises(ValueError, match="this model has 14 decoder layers"):
         lmms_prune.apply(model, "pyramiddrop", prune_layers="4,8,14")
+
+
+@pytest.mark.parametrize("family", FAMILIES_MS)
+def test_multistage_left_padded_batch_equals_single_samples(toys, family):
+    from test_engine import _inputs
+
+    model, proc = toys(family)
+    sizes = [(300, 200), (200, 420)]  # InternVL: 1 tile vs 2 tiles + thumbnail -> unequal lengths at every stage
+    texts = ["Where is the cup?", "Describe the picture in a few words please, with detail."]
+    batch = _inputs(family, proc, [[_image(s)] for s in sizes], texts)
+    singles = [_inputs(family, proc, [[_image(s)]], [t]) for s, t in zip(sizes, texts)]
+    with torch.no_grad(), lmms_prune.apply(model, "pyramiddrop", prune_layers="2,5,9") as handle:
+        tokens, steps = _generate(model, batch)
+        batch_records = list(handle.records)
+        for row, single in enumerate(singles):
+            t1, s1 = _generate(model, single)
+            rec = handle.records[0]
+            assert rec.kept[0].tolist() == batch_records[row].kept[0].tolist()
+            assert rec.kv_lengths == batch_records[row].kv_lengths
+            assert torch.equal(tokens[row], t1[0])
+            torch.testing.assert_close(steps[row], s1[0], atol=ATOL, rtol=0)
