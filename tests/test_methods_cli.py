@@ -8,6 +8,8 @@ import sys
 import pytest
 from test_models import _env, _lmms_eval_args, _outputs, _run
 
+from lmms_prune import selection as sel
+
 
 @pytest.mark.cli
 @pytest.mark.parametrize(("model", "extra"), [("internvl_pyramiddrop", ",keep_ratio=0.3"),
@@ -23,8 +25,11 @@ def test_cli_pyramiddrop_and_visionzip(tmp_path, model, extra):
         n, layers = s["visual_before"], s["tokens_per_layer"]
         text = s["seq_len_before"] - n
         visual = [t - text for t in layers]
-        if model.endswith("pyramiddrop"):  # four distinct counts (all, then three stages); average = keep_ratio
-            assert len(set(visual)) == 4 and visual[0] == n and visual[-1] == s["visual_after"]
-            assert abs(sum(visual) / len(visual) / n - 0.3) < 0.02
+        if model.endswith("pyramiddrop"):  # all tokens, then the three stages' counts; average = keep_ratio
+            depth = len(visual)
+            layers = sel.depth_scaled_layers(depth)
+            counts = sel.stage_budgets(n, sel.stage_ratio_for_average(0.3, layers, depth), len(layers))
+            assert visual == [n if i < layers[0] else counts[sum(k <= i for k in layers) - 1] for i in range(depth)]
+            assert visual[-1] == s["visual_after"] and abs(sum(visual) / depth / n - 0.3) < 0.02
         else:
             assert s["visual_after"] == max(1, round(0.1 * n)) and visual == [s["visual_after"]] * len(visual)
