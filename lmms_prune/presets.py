@@ -41,10 +41,19 @@ COMMON_PARAMS: tuple[Param, ...] = (
           kind="int", low=0, optional=True),
     Param("score_layer", None, "layer whose attention scores tokens (default K-1)", kind="int", low=0,
           optional=True),
+    Param("prune_layers", None, "multi-stage pruning (PyramidDrop): decoder layers K1<K2<... where a stage keeps "
+          "a subset of the visual tokens still present, each scored at its own layer K_s-1; '8,16,24', or 'auto' "
+          "(LLaVA-1.5-7B's 8,16,24 of 32 layers scaled to the depth: floor(L*s/4+0.5), s=1..3). With it, "
+          "keep_ratio/keep_tokens is the AVERAGE number of visual tokens per decoder layer (all L layers; the "
+          "per-stage ratio is solved from it), or give stage_ratio instead. Replaces prune_layer",
+          kind="layers", optional=True),
+    Param("stage_ratio", None, "multi-stage: fraction of the ORIGINAL visual tokens kept after stage s is "
+          "stage_ratio^s (each stage keeps stage_ratio of those still present); give it instead of "
+          "keep_ratio/keep_tokens", low=0.0, high=1.0, open_low=True, optional=True),
     Param("positions", "contiguous", "pre_llm: RoPE positions of the kept tokens: 'contiguous' renumbering (as "
           "VisPruner/DivPrune) or 'original'", kind="str", choices=("contiguous", "original")),
 )
-STAGE_PARAMS = {"none": (), "llm": ("prune_layer",), "pre_llm": ("positions",)}
+STAGE_PARAMS = {"none": (), "llm": ("prune_layer", "prune_layers"), "pre_llm": ("positions",)}
 ALWAYS = ("method", "stage", "selector", "score", "keep_ratio", "keep_tokens")
 PARAMS: dict[str, Param] = {p.name: p for p in COMMON_PARAMS} | METHOD_PARAMS
 
@@ -52,7 +61,33 @@ PARAMS: dict[str, Param] = {p.name: p for p in COMMON_PARAMS} | METHOD_PARAMS
 def _effective_score_layer(self) -> int | None:
     if self.score_layer is not None:
         return self.score_layer
+    if self.prune_layer is None and isinstance(self.prune_layers, tuple):
+        return self.prune_layers[0] - 1  # multi-stage: the first stage's scoring layer
     return None if self.prune_layer is None else self.prune_layer - 1
+
+
+def _multi_stage(self) -> bool:
+    return self.stage == "llm" and self.prune_layers is not None
+
+
+def _stage_layers(self, depth: int) -> tuple[int, ...]:
+    """The pruning layers of this config on a decoder of ``depth`` layers (one for single-stage methods)."""
+    if not self.multi_stage:
+        return (self.prune_layer,)
+    if self.prune_layers == "auto":
+        from lmms_prune.selection.budget import depth_scaled_layers
+
+        return depth_scaled_layers(depth)
+    return tuple(self.prune_layers)
+
+
+def _stage_configs(self, depth: int) -> list[Any]:
+    """One single-stage config per pruning stage (``prune_layer=K_s``, scored at ``K_s-1``): the score and
+    selector plug-ins of stage ``s`` are built from it, so any single-stage score composes per stage."""
+    if not self.multi_stage:
+        return [self]
+    return [dataclasses.replace(self, prune_layer=k, prune_layers=None, stage_ratio=None)
+            for k in self.stage_layers(depth)]
 
 
 def _needs(self):
@@ -64,6 +99,8 @@ def _needs(self):
 def _score_layers(self) -> tuple[int, ...]:
     """Decoder layers whose last-row attention (or key norms) this config needs."""
     if self.stage != "llm":
+        return ()
+    if self.multi_stage:  # per stage, known once the depth is (see stage_configs)
         return ()
     needs = self.needs()
     return tuple(sorted(set(needs.attention) | set(needs.key_norms)))
@@ -88,6 +125,9 @@ PruneConfig = dataclasses.make_dataclass(
         "__doc__": "Everything that defines one pruning run. Field help texts are printed by ``lmms-prune "
                    "methods``; fields come from lmms_prune.presets.COMMON_PARAMS and each method module.",
         "effective_score_layer": property(_effective_score_layer),
+        "multi_stage": property(_multi_stage),
+        "stage_layers": _stage_layers,
+        "stage_configs": _stage_configs,
         "needs": _needs,
         "score_layers": _score_layers,
         "resolved_alpha": _resolved_alpha,
@@ -100,6 +140,8 @@ PruneConfig.__module__ = __name__
 def used_params(cfg: Any) -> set[str]:
     """The config fields that ``cfg``'s stage, score and selector read."""
     used = set(ALWAYS) | set(STAGE_PARAMS[cfg.stage])
+    if cfg.multi_stage:
+        used |= {"stage_ratio"}
     if cfg.stage != "none":
         used |= set(SCORES[cfg.score].used_params(cfg))
         if cfg.selector in SELECTORS:
@@ -126,7 +168,20 @@ def validate(cfg: Any) -> Any:
         value = getattr(cfg, name)
         if not (value is None and param.optional):
             param.parse(value)
-    if (cfg.keep_ratio is None) == (cfg.keep_tokens is None):
+    if cfg.multi_stage:
+        given = [v is not None for v in (cfg.keep_ratio, cfg.keep_tokens, cfg.stage_ratio)]
+        if sum(given) != 1:
+            raise ValueError(
+                f"keep_ratio={cfg.keep_ratio!r}, keep_tokens={cfg.keep_tokens!r}, stage_ratio={cfg.stage_ratio!r}: "
+                "multi-stage pruning (prune_layers) takes exactly one of them (keep_ratio/keep_tokens: the average "
+                "visual tokens per decoder layer; stage_ratio: the fraction each stage keeps)")
+        if cfg.prune_layer is not None:
+            raise ValueError(f"prune_layer={cfg.prune_layer!r} with prune_layers={cfg.prune_layers!r}: give one "
+                             "of them (prune_layers for several stages)")
+        if cfg.score_layer is not None:
+            raise ValueError(f"score_layer={cfg.score_layer!r}: multi-stage pruning scores each stage K_s at layer "
+                             "K_s-1; drop score_layer")
+    elif (cfg.keep_ratio is None) == (cfg.keep_tokens is None):
         raise ValueError(f"keep_ratio={cfg.keep_ratio!r}, keep_tokens={cfg.keep_tokens!r}: give exactly one of "
                          "them (e.g. keep_ratio=0.1, or keep_tokens=64)")
     if cfg.stage == "none":
@@ -139,7 +194,15 @@ def validate(cfg: Any) -> Any:
             where = {"llm": "inside the LLM", "pre_llm": "before the LLM"}[cfg.stage]
             raise ValueError(f"{'score' if plugin is score else 'selector'}={plugin.name!r} cannot run {where} "
                              f"(stage={cfg.stage!r}); it runs at stage {', '.join(plugin.stages)}")
-    if cfg.stage == "llm":
+    if cfg.multi_stage:
+        for plugin in (score, selector):
+            if not plugin.subsets:
+                raise ValueError(
+                    f"{'score' if plugin is score else 'selector'}={plugin.name!r} cannot run in multi-stage pruning "
+                    f"(prune_layers={cfg.prune_layers!r}): its later stages see a subset of each image's tokens; "
+                    "use one of the scores/selectors that work on subsets (" + ", ".join(
+                        n for n, p in {**SCORES, **SELECTORS}.items() if p.subsets) + ") or drop prune_layers")
+    if cfg.stage == "llm" and not cfg.multi_stage:
         if cfg.prune_layer is None:
             raise ValueError(f"prune_layer=None: must be an integer >= 0 for method {cfg.method!r}")
         for layer in cfg.score_layers():
@@ -171,6 +234,14 @@ def resolve_config(method: str = "fastv", **overrides: Any) -> Any:
         values[name] = PARAMS[name].parse(value)
     if values.get("keep_tokens") is not None and "keep_ratio" not in overrides:
         values["keep_ratio"] = None
+    if "prune_layers" in overrides and "prune_layer" not in overrides:
+        values["prune_layer"] = None  # several stages replace the preset's single layer
+    if values.get("prune_layers") is not None:  # multi-stage: the budget is keep_* or stage_ratio, the last given
+        budget_given = "keep_ratio" in overrides or "keep_tokens" in overrides
+        if "stage_ratio" in overrides and not budget_given:
+            values["keep_ratio"] = values["keep_tokens"] = None
+        elif budget_given and "stage_ratio" not in overrides:
+            values["stage_ratio"] = None
     score = SCORES.get(values.get("score", "none"))
     if score is not None and hasattr(score, "adjust"):
         values = score.adjust(values)
@@ -190,6 +261,18 @@ def check_model(cfg: Any, config: Any) -> None:
     """Checks that need the model's shape, from its transformers config only (no weights)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     depth = int(text.num_hidden_layers)
+    if cfg.multi_stage:
+        layers = cfg.stage_layers(depth)
+        if layers[-1] >= depth:
+            raise ValueError(f"prune_layers={cfg.prune_layers!r}: this model has {depth} decoder layers, so every "
+                             f"layer must be in [1, {depth - 1}]")
+        if cfg.keep_ratio is not None:
+            from lmms_prune.selection.budget import stage_ratio_for_average
+
+            stage_ratio_for_average(cfg.keep_ratio, layers, depth)  # raises when the average is unreachable
+        for stage in cfg.stage_configs(depth):
+            check_model(stage, config)
+        return
     if cfg.stage == "llm" and not 0 <= cfg.prune_layer < depth:
         raise ValueError(
             f"prune_layer={cfg.prune_layer}: this model has {depth} decoder layers, so it must be in [0, {depth - 1}]")

@@ -408,7 +408,9 @@ class Runner:
             "task_kind": self.handle.task_kind,
             "visual_before": rec.visual_before,
             "visual_after": rec.visual_after,
-            "visual_after_per_image": [int(k.numel()) for k in rec.kept],
+            "visual_after_per_image": [int(k.numel()) + (rec.merged[i] if rec.merged else 0)
+                                       for i, k in enumerate(rec.kept)],
+            "tokens_per_layer": layers,  # per decoder layer, tokens in its KV cache after prefill (multi-stage)
             "seq_len_before": rec.seq_len_before,
             "seq_len_after": rec.seq_len_after,
             "llm_prefill_seconds": rec.llm_prefill_seconds,

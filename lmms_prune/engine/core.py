@@ -16,10 +16,18 @@
 The engine names no method and no score: what to record and how to select comes from the config's plug-ins.
 ``mode="mask"`` is the reference used by the tests: full length, with the pruned key columns masked for
 layers >= K. ``PruneHandle.remove()`` restores the model exactly.
+
+Multi-stage pruning (``prune_layers=(K_1, K_2, ...)``, PyramidDrop) repeats the single stage: the hook of layer
+``K_s`` scores the tokens still present with stage ``s``'s own plug-ins (built from a single-stage config with
+``prune_layer=K_s``, so scored at ``K_s-1``), keeps a subset of them, and gathers the hidden states of stage
+``s-1``'s sequence; layers ``K_s..K_{s+1}-1`` get stage ``s``'s gathered kwargs and masks, and their KV cache
+holds stage ``s``'s tokens (mask mode: stage ``s``'s removed set is masked as keys from layer ``K_s`` on).
+Per-stage budgets: ``lmms_prune.selection.budget.stage_budgets`` (see :meth:`PruneHandle._stage_counts`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -92,13 +100,25 @@ class PruneHandle:
         self._base_attn = attn.base_name(self.adapter.text_config._attn_implementation)
         self._state = CallState()
         check_model(config, self.adapter.text_config)
-        self.needs: Needs = config.needs() if config.stage != "none" else Needs()
+        depth = self.adapter.num_layers
+        if config.multi_stage:  # resolve prune_layers='auto' to this model's layers
+            config = self.config = dataclasses.replace(config, prune_layers=config.stage_layers(depth))
+        self.stage_layers: tuple[int, ...] = config.stage_layers(depth) if config.stage == "llm" else ()
+        self.stage_configs = config.stage_configs(depth) if config.stage == "llm" else [config]
+        self._stage_of = {idx: sum(k <= idx for k in self.stage_layers) - 1 for idx in range(depth)}
+        self._ratio: float | None = None
+        self.stage_needs: list[Needs] = [c.needs() if config.stage != "none" else Needs() for c in self.stage_configs]
+        self.needs: Needs = Needs()
+        for stage_needs in self.stage_needs:
+            self.needs = self.needs | stage_needs
         prior: Prior | None = None
         if self.needs.prior and config.bias_prior:
             prior = load_prior(config.bias_prior)
             prior.check(model.config, config.effective_score_layer)
-        self.score = SCORES[config.score](config, prior)
-        self.selector = SELECTORS[config.selector](config, prior) if config.selector in SELECTORS else None
+        self.scores = [SCORES[c.score](c, prior) for c in self.stage_configs]
+        self.selectors = [SELECTORS[c.selector](c, prior) if c.selector in SELECTORS else None
+                          for c in self.stage_configs]
+        self.score, self.selector = self.scores[0], self.selectors[0]
         if config.stage == "llm":
             self._install_llm()
         elif config.stage == "pre_llm":
@@ -130,7 +150,7 @@ class PruneHandle:
     def _install_llm(self) -> None:
         self._install_observe_only()
         layers = self.adapter.layers
-        need = self.config.score_layers()
+        need = sorted({layer for c in self.stage_configs for layer in c.score_layers()})
         if need:
             text_cfg = self.adapter.text_config
             self._old_attn = text_cfg._attn_implementation
@@ -139,7 +159,7 @@ class PruneHandle:
                 module = layers[layer].self_attn
                 attn.add_observer(module, self._make_observer(layer))
                 self._observed.append(module)
-        for idx in range(self.config.prune_layer, len(layers)):
+        for idx in range(self.stage_layers[0], len(layers)):
             self._hooks.append(layers[idx].register_forward_pre_hook(self._make_layer_hook(idx), with_kwargs=True))
         self._install_injections()
 
@@ -149,9 +169,13 @@ class PruneHandle:
         < K (full length) and hands those of layers >= K (``Family.take_injections``) to forward hooks on those
         layers that add them to the kept tokens only. Mask mode runs at full length and leaves them to the
         model, which is why the two agree."""
-        first, last = self.config.prune_layer, min(self.adapter.injected_layers(), self.adapter.num_layers)
+        first, last = self.stage_layers[0], min(self.adapter.injected_layers(), self.adapter.num_layers)
         if self.mode != "prune" or first >= last:
             return
+        if len(self.stage_layers) > 1:
+            raise ValueError(f"prune_layers={tuple(self.stage_layers)}: {self.adapter.name} adds per-token vision "
+                             f"features to the outputs of its first {last} layers (DeepStack); multi-stage pruning "
+                             f"must start at layer >= {last} on it")
         lm = self.adapter.language_model
         self._hooks.append(lm.register_forward_pre_hook(self._take_injections, with_kwargs=True))
         for idx in range(first, last):
@@ -161,7 +185,7 @@ class PruneHandle:
         st = self._state
         if st.phase != "prefill" or not st.has_images:
             return None
-        st.injections = self.adapter.take_injections(kwargs, self.config.prune_layer)
+        st.injections = self.adapter.take_injections(kwargs, self.stage_layers[0])
         return args, kwargs
 
     def _make_injection_hook(self, idx: int):
@@ -181,6 +205,10 @@ class PruneHandle:
     def _install_pre_llm(self) -> None:
         if self.needs.vision_attention:
             self.adapter.vision_feature_attention()  # fails early, with the reason, where the signal is missing
+        if getattr(self.selector, "merges", False) and self.adapter.injected_layers():
+            raise ValueError(f"method {self.config.method!r} merges tokens, but {self.adapter.name} also adds "
+                             "per-token vision features inside the LLM (DeepStack) that a merged token has none "
+                             "of; use a method that keeps a subset (vispruner, divprune, fastervlm, cdpruner)")
         self._install_observe_only()
         original = self.model.generate
 
@@ -313,8 +341,9 @@ class PruneHandle:
         full = st.lengths[b]
         if st.keep_valid is None or self.mode == "mask":
             return [full] * depth
-        kept = int(st.keep_valid[b].sum()) - (st.seq_len - full)  # kept slots minus padding tokens
-        return [full if i < self.config.prune_layer else kept for i in range(depth)]
+        padding = st.seq_len - full
+        kept = [int(valid[b].sum()) - padding for valid in st.stage_valid]  # kept slots minus padding tokens
+        return [full if self._stage_of[i] < 0 else kept[self._stage_of[i]] for i in range(depth)]
 
     def _record_unpruned(self, b: int) -> PruneRecord:
         spans = self._state.spans[b]
@@ -362,20 +391,21 @@ class PruneHandle:
 
     # ------------------------------------------------------------------ selection
     def _signals(self, b: int, span: ImageSpan, offset: int, num_visual: int, hidden: torch.Tensor,
-                 normed: torch.Tensor | None) -> ImageSignals:
-        """The declared signals of one image of sample ``b`` (visual columns only)."""
-        st, needs = self._state, self.needs
-        pos = span.positions
+                 normed: torch.Tensor | None, stage: int = 0, present: torch.Tensor | None = None) -> ImageSignals:
+        """The declared signals of one image of sample ``b`` (visual columns only); at a later stage of
+        multi-stage pruning, of its tokens still ``present`` (columns of the current, shorter sequence)."""
+        st, needs = self._state, self.stage_needs[stage]
+        pos = span.positions if present is None else self._columns(b, span.start + present, stage)
         image = ImageSignals(sample=b, span=span, offset=offset, sample_visual=num_visual,
-                             task_kind=self._task_kind, device=hidden.device)
+                             task_kind=self._task_kind, device=hidden.device, present=present)
         image.attention = {layer: st.attention[layer][b, pos] for layer in needs.attention}
         image.key_norms = {layer: st.key_norms[layer][b, pos] for layer in needs.key_norms}
         if needs.hidden:
-            image.hidden = hidden[b, span.start: span.start + span.length]
+            image.hidden = hidden[b, pos]
         if normed is not None:
-            image.final_norm = normed[b, span.start: span.start + span.length]
+            image.final_norm = normed[b, pos]
         if needs.text:
-            text = self._text_after(b, span)
+            text = self._columns(b, self._text_after(b, span), stage)
             image.text_key_norms = {layer: st.key_norms[layer][b, text] for layer in needs.key_norms}
             image.text_hidden = hidden[b, text]
             if normed is not None:
@@ -388,37 +418,88 @@ class PruneHandle:
         end = min(later) if later else self._state.seq_len
         return torch.arange(span.start + span.length, end)
 
-    def _select(self, hidden: torch.Tensor) -> None:
-        """Choose the kept tokens of every sample; store the gather index and its validity mask."""
-        cfg, st = self.config, self._state
+    def _columns(self, b: int, positions: torch.Tensor, stage: int) -> torch.Tensor:
+        """Columns of the current sequence (stage ``stage-1``'s, in prune mode) holding the given ORIGINAL
+        positions of sample ``b`` (which must still be present); the identity before the first stage."""
+        if stage == 0 or self.mode == "mask":
+            return positions
+        return self._inverse(stage - 1)[b, positions.to(self._inverse(stage - 1).device)]
+
+    def _inverse(self, stage: int) -> torch.Tensor:
+        """[B, T]: for each original position kept by ``stage``, its slot in that stage's sequence (else 0)."""
+        st = self._state
+        if stage in st.stage_inverse:
+            return st.stage_inverse[stage]
+        index, valid = st.stage_index[stage], st.stage_valid[stage]
+        inv = torch.zeros(index.shape[0], st.seq_len, dtype=torch.long, device=index.device)
+        slots = torch.arange(index.shape[1], device=index.device).expand_as(index)
+        for b in range(index.shape[0]):
+            inv[b, index[b, valid[b]]] = slots[b, valid[b]]
+        st.stage_inverse[stage] = inv
+        return inv
+
+    def _stage_counts(self, num_tokens: int) -> list[int]:
+        """Visual tokens of an ``num_tokens``-token image kept after each stage.
+
+        Single stage: ``sel.budget`` (keep_ratio or keep_tokens). Multi-stage (PyramidDrop's rule, paper eq. and
+        authors' code: stage ``s`` keeps ``stage_ratio^s`` of the original tokens): with ``stage_ratio`` given,
+        that; with ``keep_ratio``/``keep_tokens``, the ratio whose AVERAGE visual tokens per decoder layer (over
+        all ``L`` layers, the first stage's earlier layers counting every token) equals ``keep_ratio * N`` (or
+        ``keep_tokens``) -- the same first-order prefill FLOPs as single-stage pruning of that many tokens at
+        layer 0 (see :func:`lmms_prune.selection.budget.stage_ratio_for_average`)."""
+        cfg = self.config
+        if not cfg.multi_stage:
+            return [sel.budget(num_tokens, keep_ratio=cfg.keep_ratio, keep_tokens=cfg.keep_tokens)]
+        depth = self.adapter.num_layers
+        if cfg.stage_ratio is not None:
+            ratio = cfg.stage_ratio
+        elif cfg.keep_ratio is not None:
+            if self._ratio is None:
+                self._ratio = sel.stage_ratio_for_average(cfg.keep_ratio, self.stage_layers, depth)
+            ratio = self._ratio
+        else:
+            ratio = sel.stage_ratio_for_average(min(1.0, cfg.keep_tokens / num_tokens), self.stage_layers, depth)
+        return sel.stage_budgets(num_tokens, ratio, len(self.stage_layers))
+
+    def _select(self, hidden: torch.Tensor, stage: int = 0) -> None:
+        """Choose the kept tokens of every sample at ``stage``; store the gather index and its validity mask."""
+        st = self._state
         sync(hidden)
         t0 = time.perf_counter()
-        bsz, t_len = hidden.shape[:2]
-        normed = self.adapter.final_norm()(hidden) if self.needs.final_norm else None
-        keep_rows, records = [], []
+        bsz = hidden.shape[0]
+        normed = self.adapter.final_norm()(hidden) if self.stage_needs[stage].final_norm else None
+        score, selector = self.scores[stage], self.selectors[stage]
+        keep_rows, records, stage_kept = [], [], []
         for b in range(bsz):
             spans = st.spans[b]
-            keep = torch.ones(t_len, dtype=torch.bool, device=hidden.device)
+            keep = (torch.ones(st.seq_len, dtype=torch.bool, device=hidden.device) if stage == 0
+                    else st.stage_mask[stage - 1][b].clone())
             kept_per_image, scores_per_image = [], []
             num_visual = sum(s.length for s in spans)
             offset = 0
-            for span in spans:
+            for i, span in enumerate(spans):
+                present = None if stage == 0 else st.stage_kept[stage - 1][b][i]
                 keep[span.start: span.start + span.length] = False
-                image = self._signals(b, span, offset, num_visual, hidden, normed)
-                scores = self.score(image)
-                n = sel.budget(span.length, keep_ratio=cfg.keep_ratio, keep_tokens=cfg.keep_tokens)
-                local = self.selector(image, scores, n).to(hidden.device)
+                image = self._signals(b, span, offset, num_visual, hidden, normed, stage, present)
+                scores = score(image)
+                n = min(self._stage_counts(span.length)[stage], image.num_tokens)
+                local = selector(image, scores, n).to(hidden.device)
+                if present is not None:
+                    local = present.to(hidden.device)[local]
                 keep[span.start + local] = True
                 kept_per_image.append(local.cpu())
                 scores_per_image.append(None if scores is None else scores.detach().cpu())
                 offset += span.length
             keep_rows.append(keep)
+            stage_kept.append(kept_per_image)
             kept = sum(k.numel() for k in kept_per_image)
             full = st.lengths[b]
             records.append(PruneRecord(num_visual, kept, kept_per_image, full, full - num_visual + kept, [],
                                        scores_per_image, spans=list(spans)))
+        st.stage_kept.append(stage_kept)
         keep_mask = torch.stack(keep_rows)
         st.keep_mask = keep_mask
+        st.stage_mask.append(keep_mask)
         counts = keep_mask.sum(1)
         t_new = int(counts.max())
         index = torch.zeros(bsz, t_new, dtype=torch.long, device=hidden.device)
@@ -428,10 +509,13 @@ class PruneHandle:
             index[b, t_new - pos.numel():] = pos  # left-align pad slots, so the last token stays last
             valid[b, t_new - pos.numel():] = True
         st.keep_index, st.keep_valid = index, valid
+        st.stage_index.append(index)
+        st.stage_valid.append(valid)
         sync(hidden)
         seconds = time.perf_counter() - t0 + st.score_seconds
-        for rec in records:
-            rec.select_seconds = seconds
+        st.score_seconds = 0.0
+        for b, rec in enumerate(records):
+            rec.select_seconds = seconds + (self.records[b].select_seconds if stage else 0.0)
         self.records = records
 
     # ------------------------------------------------------------------ masks
@@ -440,7 +524,7 @@ class PruneHandle:
     def _padding(self, length: int, device: torch.device) -> torch.Tensor:
         """Bool [B, length]: True for real (non-padding) tokens of the full-length sequence."""
         pad = self._state.padding
-        bsz = self._state.keep_mask.shape[0]
+        bsz = self._state.stage_mask[0].shape[0]
         if pad is None:
             return torch.ones(bsz, length, dtype=torch.bool, device=device)
         pad = pad.to(device=device, dtype=torch.bool)
@@ -459,16 +543,17 @@ class PruneHandle:
         return m[:, None]
 
     def _layer_mask(self, like: torch.Tensor | None, q_len: int, kv_full: int, dtype: torch.dtype,
-                    device: torch.device) -> torch.Tensor | None:
-        """The attention mask of a layer >= K for the current call (prefill or decode, prune or mask mode)."""
+                    device: torch.device, stage: int = 0) -> torch.Tensor | None:
+        """The attention mask of a layer of ``stage`` (>= K) for the current call (prefill or decode, prune or
+        mask mode)."""
         st = self._state
         pad = self._padding(kv_full, device)
         if self.mode == "mask":
-            cols = torch.cat([st.keep_mask, pad.new_ones(pad.shape[0], kv_full - st.seq_len)], 1) & pad
+            cols = torch.cat([st.stage_mask[stage], pad.new_ones(pad.shape[0], kv_full - st.seq_len)], 1) & pad
             k_pos = torch.arange(kv_full, device=device).expand(pad.shape[0], -1)
             q_pos = k_pos[:, kv_full - q_len:]
         else:
-            index, valid = st.keep_index, st.keep_valid
+            index, valid = st.stage_index[stage], st.stage_valid[stage]
             extra = torch.arange(st.seq_len, kv_full, device=device).expand(index.shape[0], -1)
             k_pos = torch.cat([index, extra], 1)
             cols = torch.cat([valid, extra >= 0], 1) & torch.gather(pad, 1, k_pos)
@@ -486,7 +571,8 @@ class PruneHandle:
 
     # ------------------------------------------------------------------ layer hooks
     def _make_layer_hook(self, idx: int):
-        first = idx == self.config.prune_layer
+        stage = self._stage_of[idx]
+        first = idx == self.stage_layers[stage]
 
         def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
             st = self._state
@@ -496,20 +582,23 @@ class PruneHandle:
             phase = st.phase
             if phase == "prefill":
                 if first:
-                    self._select(hidden)
+                    self._select(hidden, stage)
                     if self.mode == "prune":
                         st.pruned = self._gather_kwargs(kwargs)
+                        st.stage_pruned.append(st.pruned)
                 if self.mode == "prune":
-                    if first:
-                        hidden = _gather_seq(hidden, st.keep_index, 1)
-                    kwargs.update(st.pruned)
+                    if first:  # stage s gathers from stage s-1's sequence (the full one for the first)
+                        index = st.keep_index if stage == 0 else torch.gather(
+                            self._inverse(stage - 1), 1, st.stage_index[stage])
+                        hidden = _gather_seq(hidden, index, 1)
+                    kwargs.update(st.stage_pruned[stage])
                 kv_full = st.seq_len
             elif phase == "decode" and st.keep_index is not None:
                 kv_full = st.kv_full
             else:
                 return None
             kwargs["attention_mask"] = self._layer_mask(
-                kwargs.get("attention_mask"), hidden.shape[1], kv_full, hidden.dtype, hidden.device)
+                kwargs.get("attention_mask"), hidden.shape[1], kv_full, hidden.dtype, hidden.device, stage)
             if args:
                 args = (hidden, *args[1:])
             else:

@@ -11,6 +11,14 @@ for pre-encoded images), so ``generate`` and ``forward`` run unchanged on the sh
 Positions: ``positions="contiguous"`` (default, as the VisPruner and DivPrune papers: the shorter prompt is
 numbered 0..T'-1); ``positions="original"`` gives each kept token its position in the unpruned prompt
 (Qwen2.5-VL: its 3-D M-RoPE position), and generation continues from the unpruned length.
+
+Merged tokens (VisionZip): a selector may return a :class:`lmms_prune.selection.Merge` (kept tokens + groups
+whose means become new embeddings). The image's run of placeholders is shortened to ``k + m`` tokens holding
+``[kept embeddings (ascending); group means (in group order)]``; merged tokens have no original position, so
+positions are renumbered (``positions="contiguous"``, the only setting merging selectors accept): the short
+prompt is numbered 0..T'-1 exactly as for pruning (1-D RoPE; Qwen's M-RoPE recomputes its grid positions
+from the shortened prompt as for any pre-LLM selection). ``PruneRecord.kept`` lists the kept original tokens,
+``PruneRecord.merged`` the number of merged tokens per image; ``visual_after`` counts both.
 """
 
 from __future__ import annotations
@@ -115,11 +123,11 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
     importance = adapter.vision_importance(capture.cls_rows, kwargs) if needs.vision_attention else None
     features = adapter.flatten_pre_projector(capture.pre_projector, kwargs) if needs.vision_features else None
     offset = 0
-    new_ids, new_mask, new_pos, kept_rows, records, keeps = [], [], [], [], [], []
+    new_ids, new_mask, new_pos, kept_rows, kept_feats, records, keeps = [], [], [], [], [], [], []
     original_positions = adapter.original_positions(input_ids, mask2d, kwargs) if cfg.positions == "original" else None
     for b, sample_spans in enumerate(spans):
         keep = mask2d[b].new_ones(input_ids.shape[1], dtype=torch.bool)
-        kept_per_image = []
+        kept_per_image, merged = [], []
         n_vis = sum(s.length for s in sample_spans)
         sample_offset = 0
         for span in sample_spans:
@@ -128,12 +136,28 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
                                  task_kind=handle.task_kind, device=projected.device,
                                  vision_attention=None if importance is None else importance[rows],
                                  vision_features=None if features is None else features[rows],
-                                 embeddings=projected[rows] if needs.embeddings else None)
+                                 embeddings=projected[rows] if needs.embeddings else None,
+                                 instruction=_instruction(handle, input_ids, mask2d, b, span, sample_spans)
+                                 if needs.instruction else None)
             n = sel.budget(span.length, keep_ratio=cfg.keep_ratio, keep_tokens=cfg.keep_tokens)
-            local = handle.selector(image, handle.score(image), n).to(input_ids.device)
+            result = handle.selector(image, handle.score(image), n)
             keep[span.start: span.start + span.length] = False
-            keep[span.start + local] = True
-            kept_rows.append(offset + local.to(projected.device))
+            if isinstance(result, sel.Merge):
+                if cfg.positions != "contiguous":
+                    raise ValueError(f"method {cfg.method!r} merges tokens, which have no original position: "
+                                     "use positions='contiguous'")
+                local = result.index.to(input_ids.device)
+                keep[span.start: span.start + result.count] = True  # identical placeholders, renumbered
+                kept_feats.append(sel.merged_embeddings(projected[rows], result))
+                kept_rows.append(None)  # new embeddings: no encoder row of their own
+                merged.append(int(result.weights.shape[0]))
+            else:
+                local = result.to(input_ids.device)
+                keep[span.start + local] = True
+                index = offset + local.to(projected.device)
+                kept_feats.append(projected[index])
+                kept_rows.append(index)
+                merged.append(0)
             kept_per_image.append(local.cpu())
             offset += span.length
             sample_offset += span.length
@@ -144,10 +168,10 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
         new_mask.append(mask2d[b][keep])
         if original_positions is not None:
             new_pos.append(original_positions[..., b, :][..., keep])
-        n_kept = sum(k.numel() for k in kept_per_image)
+        n_kept = sum(k.numel() for k in kept_per_image) + sum(merged)
         full = int(real.sum())
         records.append(PruneRecord(n_vis, n_kept, kept_per_image, full, full - n_vis + n_kept, [],
-                                   spans=list(sample_spans)))
+                                   spans=list(sample_spans), merged=merged))
     sync(projected)
     seconds = time.perf_counter() - t0
     select_seconds = time.perf_counter() - vision_t0
@@ -163,10 +187,32 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
             out[key] = _left_pad([value[b][keeps[b]] for b in range(len(keeps))], 0)
     if new_pos:
         out["position_ids"] = torch.stack(_pad_positions(new_pos), dim=-2)
-    rows = torch.cat(kept_rows) if kept_rows else torch.zeros(0, dtype=torch.long, device=projected.device)
-    encoded = adapter.keep_encoder_extras(encoded, rows)
-    out["mm_encoder_outputs"] = {"image": adapter.wrap_image_features(encoded, projected[rows])}
+    kept_all = torch.cat(kept_feats, 0) if kept_feats else projected[:0]
+    if any(r is None for r in kept_rows):
+        if adapter.injected_layers():
+            raise ValueError(f"method {cfg.method!r} merges tokens, but {adapter.name} also adds per-token "
+                             "vision features inside the LLM (DeepStack) that a merged token has none of; use a "
+                             "method that keeps a subset (vispruner, divprune, fastervlm, cdpruner)")
+    else:
+        rows = torch.cat(kept_rows) if kept_rows else torch.zeros(0, dtype=torch.long, device=projected.device)
+        encoded = adapter.keep_encoder_extras(encoded, rows)
+    out["mm_encoder_outputs"] = {"image": adapter.wrap_image_features(encoded, kept_all)}
     return out, records
+
+
+def _instruction(handle: PruneHandle, input_ids: torch.Tensor, mask2d: torch.Tensor, b: int, span: Any,
+                 spans: list[Any]) -> torch.Tensor:
+    """[M, D]: the LLM's input embeddings of sample ``b``'s real tokens after ``span``, up to the next image or
+    the prompt's end (the instruction and the chat template's closing tokens)."""
+    later = [s.start for s in spans if s.start > span.start]
+    end = min(later) if later else input_ids.shape[1]
+    pos = torch.arange(span.start + span.length, end, device=input_ids.device)
+    pos = pos[mask2d[b, pos].bool()]
+    if pos.numel() == 0:
+        raise ValueError(f"method {handle.config.method!r} needs the instruction after the image, but the prompt "
+                         "has no text after it; put the question after the image")
+    with torch.no_grad():
+        return handle.model.get_input_embeddings()(input_ids[b, pos])
 
 
 def _pad_positions(rows: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -25,6 +25,7 @@ class PruneRecord:
     llm_prefill_seconds: float = 0.0
     vision_seconds: float = 0.0  # pre-LLM methods: the image encoding the engine ran itself
     spans: list[ImageSpan] = field(default_factory=list)  # the sample's images, in sequence order
+    merged: list[int] = field(default_factory=list)  # pre-LLM merging: per image, merged tokens added after kept
 
 
 @dataclass
@@ -38,6 +39,9 @@ class CallState:
     ``keep_mask`` ``[B, T]`` (kept positions of the full sequence), ``keep_index`` / ``keep_valid`` ``[B, T']``
     (the gather index of the pruned sequence, pad slots on the left, and which slots are real), ``pruned``
     (decoder-layer kwargs gathered at the kept positions), ``kv_full`` (the unpruned cache length in decode).
+    Multi-stage pruning keeps one entry per stage done in ``stage_mask`` / ``stage_index`` / ``stage_valid`` /
+    ``stage_pruned`` (the fields above are the last stage's), and ``stage_kept[s][b][i]``: image ``i``'s kept
+    token indices after stage ``s`` (within the image, ascending).
     """
 
     phase: str = "idle"
@@ -57,6 +61,12 @@ class CallState:
     # layer -> (bool [B, T] positions, [n, D] values): per-token additions to that layer's output that the
     # engine applies to the kept tokens (see ``PruneHandle._install_injections``)
     injections: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    stage_mask: list[torch.Tensor] = field(default_factory=list)
+    stage_index: list[torch.Tensor] = field(default_factory=list)
+    stage_valid: list[torch.Tensor] = field(default_factory=list)
+    stage_pruned: list[dict[str, Any]] = field(default_factory=list)
+    stage_kept: list[list[list[torch.Tensor]]] = field(default_factory=list)
+    stage_inverse: dict[int, torch.Tensor] = field(default_factory=dict)  # stage -> [B, T] position -> slot
 
     @property
     def has_images(self) -> bool:

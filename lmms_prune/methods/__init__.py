@@ -21,6 +21,10 @@ MODULES: tuple[str, ...] = (
     "lmms_prune.methods.vispruner",
     "lmms_prune.methods.divprune",
     "lmms_prune.methods.dart",
+    "lmms_prune.methods.pyramiddrop",
+    "lmms_prune.methods.visionzip",
+    "lmms_prune.methods.fastervlm",
+    "lmms_prune.methods.cdpruner",
 )
 
 

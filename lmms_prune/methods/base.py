@@ -49,7 +49,8 @@ class Param:
     """One pruning parameter: its default, type, allowed values and help text.
 
     ``kind``: ``int``, ``float``, ``str`` (with ``choices``), ``path`` (a file path or None), ``alpha`` (a
-    float or ``"auto"``) or ``indices`` (``"3,5;1,2"``). ``low``/``high`` bound numbers (inclusive unless
+    float or ``"auto"``), ``indices`` (``"3,5;1,2"``) or ``layers`` (``"8,16,24"`` or ``"auto"``: a strictly
+    increasing tuple of decoder layers >= 1). ``low``/``high`` bound numbers (inclusive unless
     ``open_low``); ``optional`` allows None.
     """
 
@@ -93,6 +94,8 @@ class Param:
             return number
         if self.kind == "indices":
             return parse_indices(text) if text is not None else value
+        if self.kind == "layers":
+            return parse_layers(self.name, value)
         if self.kind == "path":
             return text if text is not None else str(value)
         out = text if text is not None else value
@@ -139,6 +142,23 @@ class Param:
         return f"<= {self.high:g}"
 
 
+def parse_layers(name: str, value: Any) -> tuple[int, ...] | str:
+    """``"8,16,24"`` (or a sequence of ints) into a strictly increasing tuple of layers >= 1; ``"auto"`` kept."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    fix = f"{name}: give strictly increasing decoder layers >= 1, e.g. {name}=8,16,24 (or 'auto')"
+    try:
+        items = value.replace(" ", "").split(",") if isinstance(value, str) else list(value)
+        layers = tuple(int(x) for x in items if x != "")
+        if any(isinstance(x, bool) or float(x) != int(x) for x in items if x != ""):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r}: not a list of integers; {fix}") from None
+    if not layers or layers[0] < 1 or any(b <= a for a, b in zip(layers, layers[1:])):
+        raise ValueError(f"{name}={value!r}: {fix}")
+    return layers
+
+
 def parse_indices(text: str) -> list[int] | list[list[int]]:
     """``"3,5,9"`` or ``"3,5;1,2"`` (one list per sample, ';'-separated) into lists of ints."""
     try:
@@ -158,7 +178,9 @@ class Needs:
     input), ``final_norm`` (the same through the LM's final norm), ``text`` (the same signals for the text
     tokens after the image), ``prior`` (a calibrated prior file). Before the LLM: ``vision_attention`` (the
     vision encoder's [CLS] row at the feature layer, or its mean received attention without [CLS]),
-    ``vision_features`` (pre-projector features), ``embeddings`` (projected visual embeddings).
+    ``vision_features`` (pre-projector features), ``embeddings`` (projected visual embeddings), ``instruction``
+    (the LLM's input embeddings of the prompt's text tokens after the image, up to the next image or the
+    prompt's end).
     """
 
     attention: tuple[int, ...] = ()
@@ -170,6 +192,7 @@ class Needs:
     vision_attention: bool = False
     vision_features: bool = False
     embeddings: bool = False
+    instruction: bool = False
 
     def __or__(self, other: Needs) -> Needs:
         values = {}
@@ -188,6 +211,10 @@ class ImageSignals:
     ``embeddings`` ``[N, D]``; the text tokens after the image: ``text_key_norms[layer]`` ``[M]``,
     ``text_hidden`` / ``text_final_norm`` ``[M, D]``. ``offset``: index of the image's first token among the
     sample's visual tokens (``sample_visual`` in all).
+
+    Multi-stage pruning (``prune_layers``): at a later stage ``present`` holds the image's token indices still
+    present (ascending, within the image's original ``span.length`` tokens); every tensor above then covers
+    those ``num_tokens = len(present)`` tokens only, and the selector's indices count within them.
     """
 
     sample: int
@@ -205,11 +232,13 @@ class ImageSignals:
     vision_attention: torch.Tensor | None = None
     vision_features: torch.Tensor | None = None
     embeddings: torch.Tensor | None = None
+    instruction: torch.Tensor | None = None  # [M, D] pre-LLM: input embeddings of the text after the image
     device: Any = None
+    present: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
-        return self.span.length
+        return self.span.length if self.present is None else int(self.present.numel())
 
 
 # ---------------------------------------------------------------------------------------------- plug-ins
@@ -220,6 +249,9 @@ class Plugin:
     params: ClassVar[tuple[str, ...]] = ()  # config fields this plug-in reads
     stages: ClassVar[tuple[str, ...]] = ("llm",)
     description: ClassVar[str] = ""
+    # True when it works on any subset of an image's tokens (no grid layout, no sample-wide indices), as the
+    # later stages of multi-stage pruning (``prune_layers``) need
+    subsets: ClassVar[bool] = False
 
     def __init__(self, config: Any, prior: Any = None):
         self.config = config
@@ -247,7 +279,10 @@ class Score(Plugin):
 
 
 class Selector(Plugin):
-    """A selection: ``selector(image, scores, n) -> [n]`` kept indices within the image, ascending."""
+    """A selection: ``selector(image, scores, n) -> [n]`` kept indices within the image, ascending (or, where
+    ``merges`` is set, a :class:`lmms_prune.selection.Merge` of new embeddings)."""
+
+    merges: ClassVar[bool] = False
 
     def __call__(self, image: ImageSignals, scores: torch.Tensor | None, n: int) -> torch.Tensor:
         raise TypeError(f"selector {self.name!r} does not select")

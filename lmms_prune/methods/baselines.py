@@ -16,6 +16,7 @@ class NoScore(Score):
 
     name = "none"
     stages = ("none", "llm", "pre_llm")
+    subsets = True
 
 
 class Fixed(Selector):
@@ -58,6 +59,7 @@ class Random(Selector):
 
     name = "random"
     params = ("seed",)
+    subsets = True
 
     def __call__(self, image, scores, n):
         return sel.random_select(image.num_tokens, n, seed=self.config.seed + image.sample, device=image.device)

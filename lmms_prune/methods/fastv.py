@@ -15,6 +15,7 @@ class Attention(Score):
 
     name = "attention"
     params = ("score_layer", "query")
+    subsets = True
 
     @classmethod
     def needs(cls, config):
@@ -28,6 +29,7 @@ class TopK(Selector):
     """The ``n`` highest scores."""
 
     name = "topk"
+    subsets = True
 
     def __call__(self, image, scores, n):
         return sel.topk(scores, n)

@@ -19,6 +19,7 @@ class Trend(Score):
 
     name = "trend"
     params = ("score_layer", "query", "bias_prior", "trend_selector")
+    subsets = True  # at later stages it debiases the tokens still present at their original positions
 
     @classmethod
     def needs(cls, config):
@@ -44,8 +45,16 @@ class Trend(Score):
         return self._fits[n]
 
     def __call__(self, image):
-        mu, sigma = self.fit(image.num_tokens)
-        return S.trend_debias(image.attention[self.config.effective_score_layer], mu, sigma)
+        n = image.span.length  # the trend is a function of the ORIGINAL position i / N
+        mu, sigma = self.fit(n)
+        attention = image.attention[self.config.effective_score_layer]
+        if image.present is None:
+            return S.trend_debias(attention, mu, sigma)
+        # a later multi-stage stage: the tokens still present keep their original positions i / N
+        full = attention.new_zeros(n)
+        index = image.present.to(attention.device)
+        full[index] = attention
+        return S.trend_debias(full, mu, sigma)[index]
 
 
 SCORES = (Trend,)

@@ -5,9 +5,17 @@ Nothing here knows about models, hooks or lmms-eval.
 """
 
 from lmms_prune.selection.baselines import block_quotas, random_select, uniform_select
-from lmms_prune.selection.budget import budget
+from lmms_prune.selection.budget import (
+    average_kept_fraction,
+    budget,
+    depth_scaled_layers,
+    stage_budgets,
+    stage_ratio_for_average,
+)
 from lmms_prune.selection.dart import dart
 from lmms_prune.selection.divprune import divprune
+from lmms_prune.selection.dpp import cdpruner, dpp_greedy, instruction_relevance
+from lmms_prune.selection.merge import Merge, group_weights, merged_embeddings, visionzip
 from lmms_prune.selection.pivot_mis import (
     fused_graph,
     grid_adjacency,
@@ -19,18 +27,29 @@ from lmms_prune.selection.topk import topk
 from lmms_prune.selection.vispruner import remove_duplicates, vispruner
 
 __all__ = [
+    "Merge",
+    "average_kept_fraction",
     "block_quotas",
     "budget",
+    "cdpruner",
     "dart",
+    "depth_scaled_layers",
     "divprune",
+    "dpp_greedy",
     "fused_graph",
     "grid_adjacency",
     "grid_neighbour_pairs",
+    "instruction_relevance",
+    "group_weights",
+    "merged_embeddings",
     "normalized_similarity",
     "pivot_mis",
     "random_select",
     "remove_duplicates",
+    "stage_budgets",
+    "stage_ratio_for_average",
     "topk",
     "uniform_select",
     "vispruner",
+    "visionzip",
 ]

@@ -33,3 +33,59 @@ def budget(num_tokens: int, keep_ratio: float | None = None, keep_tokens: int | 
     if isinstance(keep_tokens, bool) or not isinstance(keep_tokens, Integral) or keep_tokens < 1:
         raise ValueError(f"keep_tokens={keep_tokens!r}: must be an int >= 1")
     return int(min(keep_tokens, num_tokens))
+
+
+def depth_scaled_layers(depth: int, fractions: tuple[float, ...] = (0.25, 0.5, 0.75)) -> tuple[int, ...]:
+    """Pruning layers at fixed fractions of the decoder's depth, rounded half up: ``floor(depth * f + 0.5)``.
+
+    PyramidDrop's LLaVA-1.5-7B layers 8, 16, 24 of 32 are the fractions 1/4, 2/4, 3/4 (24 layers: 6, 12, 18;
+    28 layers: 7, 14, 21). Raises when the depth is too small for distinct layers >= 1.
+    """
+    if isinstance(depth, bool) or not isinstance(depth, Integral) or depth < 1:
+        raise ValueError(f"depth={depth!r}: must be an int >= 1")
+    layers = tuple(int(math.floor(depth * f + 0.5)) for f in fractions)
+    if layers[0] < 1 or any(b <= a for a, b in zip(layers, layers[1:])) or layers[-1] >= depth:
+        raise ValueError(f"a decoder of {depth} layers is too shallow for pruning layers at fractions {fractions} "
+                         f"(got {layers}); give prune_layers explicitly")
+    return layers
+
+
+def average_kept_fraction(ratio: float, layers: tuple[int, ...], depth: int) -> float:
+    """Mean over the ``depth`` decoder layers of the fraction of visual tokens present when stage ``s`` keeps
+    ``ratio`` of the tokens still present at layer ``layers[s]`` (continuous, before rounding):
+    ``(K_1 + sum_s (K_{s+1} - K_s) ratio^s) / L`` with ``K_{S+1} = L``."""
+    bounds = (*layers, depth)
+    total = float(layers[0])
+    for s in range(len(layers)):
+        total += (bounds[s + 1] - bounds[s]) * ratio ** (s + 1)
+    return total / depth
+
+
+def stage_ratio_for_average(target: float, layers: tuple[int, ...], depth: int) -> float:
+    """The per-stage ratio ``r`` whose :func:`average_kept_fraction` equals ``target`` (bisection, monotone
+    in ``r``). The average is at least ``K_1 / L`` (every token runs through layers ``0..K_1-1``)."""
+    low = layers[0] / depth
+    if not low < target <= 1.0:
+        raise ValueError(
+            f"keep_ratio={target:g}: with prune_layers={tuple(layers)} of {depth} decoder layers every visual "
+            f"token runs through layers 0..{layers[0] - 1}, so the average kept per layer is above {low:g}; "
+            f"raise keep_ratio or lower the first prune layer (e.g. prune_layers=2,...)")
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if average_kept_fraction(mid, layers, depth) < target else (lo, mid)
+    return (lo + hi) / 2
+
+
+def stage_budgets(num_tokens: int, ratio: float, stages: int) -> list[int]:
+    """Visual tokens kept after each of ``stages`` stages: ``max(1, round(N * ratio^s))``, s = 1..S, computed
+    from the original count ``N`` (no compounding of rounding), non-increasing and <= N."""
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, Integral) or num_tokens < 1:
+        raise ValueError(f"num_tokens={num_tokens!r}: must be an int >= 1")
+    if not (isinstance(ratio, Real) and 0.0 < ratio <= 1.0):
+        raise ValueError(f"stage_ratio={ratio!r}: must be in (0, 1]")
+    out, prev = [], int(num_tokens)
+    for s in range(1, stages + 1):
+        prev = min(prev, max(1, int(round(num_tokens * ratio**s))))
+        out.append(prev)
+    return out

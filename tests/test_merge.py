@@ -1,0 +1,191 @@
+"""Merged tokens before the LLM (VisionZip) and the [CLS]-only FasterVLM.
+
+Engine proofs: a merge whose groups are singletons equals pre-LLM pruning of the same set; merging a group of
+identical embeddings equals keeping one of them. Selection properties of :func:`lmms_prune.selection.visionzip`:
+exactly ``n`` tokens, dominant = top [CLS] tokens, groups partition the rest, each member joins its most similar
+target, means are means."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_engine import ATOL, _generate, _num_visual, _one
+
+import lmms_prune
+from lmms_prune import selection as sel
+from lmms_prune.families import get_adapter
+from lmms_prune.toy.models import build_processor, build_tiny_model
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def toys():
+    cache: dict[str, tuple] = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = (build_tiny_model(family, seed=0), build_processor(family))
+        return cache[family]
+
+    return get
+
+
+def _run(model, inputs, method, selector=None, **params):
+    """Logits, greedy tokens and step logits of a pre-LLM run; ``selector`` replaces the preset's."""
+    with torch.no_grad(), lmms_prune.apply(model, method, **params) as handle:
+        if selector is not None:
+            handle.selector = selector
+        logits = model(**inputs).logits
+        tokens, steps = _generate(model, inputs)
+        return logits, tokens, steps, handle.records[0]
+
+
+@pytest.mark.parametrize("family", ["internvl_llama", "llava", "qwen2_5_vl"])
+def test_singleton_merge_equals_pre_llm_pruning_of_the_same_set(toys, family):
+    model, proc = toys(family)
+    inputs = _one(family, proc)
+    n = _num_visual(model, inputs)
+    keep = sorted(torch.randperm(n, generator=torch.Generator().manual_seed(2))[:12].tolist())
+    kept_part, merged_part = keep[:5], keep[5:]  # some kept as they are, the others as one-token groups
+
+    def prune(image, scores, k):
+        return torch.tensor(keep)
+
+    def merge(image, scores, k):
+        return sel.Merge(torch.tensor(kept_part), sel.group_weights([[i] for i in merged_part], image.num_tokens))
+
+    ref = _run(model, inputs, "divprune", prune)
+    out = _run(model, inputs, "divprune", merge)
+    torch.testing.assert_close(out[0], ref[0], atol=ATOL, rtol=0)
+    assert torch.equal(out[1], ref[1])
+    torch.testing.assert_close(out[2], ref[2], atol=ATOL, rtol=0)
+    assert out[3].visual_after == ref[3].visual_after == len(keep) and out[3].merged == [len(merged_part)]
+
+
+@pytest.mark.parametrize("family", ["internvl_llama", "qwen2_5_vl"])
+def test_merging_identical_embeddings_equals_keeping_one(toys, family):
+    """The last two visual tokens are made identical (a hook on the projector); merging them equals keeping
+    the first of them (it comes last in both prompts)."""
+    model, proc = toys(family)
+    inputs = _one(family, proc)
+    n = _num_visual(model, inputs)
+    a, b = n - 2, n - 1
+
+    def same(module, args, out):
+        flat = out.reshape(-1, out.shape[-1]).clone()
+        flat[b] = flat[a]
+        return flat.view(out.shape)
+
+    hook = get_adapter(model).projector().register_forward_hook(same)
+    try:
+        base = [0, 3, 7, 20]
+        ref = _run(model, inputs, "divprune", lambda image, s, k: torch.tensor([*base, a]))
+        out = _run(model, inputs, "divprune",
+                   lambda image, s, k: sel.Merge(torch.tensor(base), sel.group_weights([[a, b]], image.num_tokens)))
+    finally:
+        hook.remove()
+    torch.testing.assert_close(out[0], ref[0], atol=ATOL, rtol=0)
+    assert torch.equal(out[1], ref[1])
+    torch.testing.assert_close(out[2], ref[2], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["internvl_llama", "llava"])
+def test_visionzip_runs_its_selection_on_the_recorded_signals(toys, family):
+    model, proc = toys(family)
+    inputs = _one(family, proc)
+    n_visual = _num_visual(model, inputs)
+    with torch.no_grad(), lmms_prune.apply(model, "visionzip", keep_tokens=16) as handle:
+        captured = {}
+        original = handle.selector.__call__
+
+        def spy(image, scores, n):
+            captured.update(scores=scores, features=image.vision_features, n=n)
+            return original(image, scores, n)
+
+        handle.selector = spy
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        rec = handle.records[0]
+    expected = sel.visionzip(captured["scores"], captured["features"], 16)
+    assert rec.kept[0].tolist() == expected.index.tolist() and rec.merged == [expected.weights.shape[0]]
+    assert rec.visual_before == n_visual and rec.visual_after == 16 == captured["n"]
+    assert rec.kept[0].numel() == round(16 * 54 / 64)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_fastervlm_is_vispruner_with_importance_only(toys):
+    model, proc = toys("internvl_llama")
+    inputs = _one("internvl_llama", proc)
+    with torch.no_grad():
+        with lmms_prune.apply(model, "fastervlm", keep_ratio=0.2) as handle:
+            model(**inputs)
+            fast = handle.records[0].kept[0].tolist()
+        with lmms_prune.apply(model, "vispruner", keep_ratio=0.2, important_ratio=1.0) as handle:
+            model(**inputs)
+            vis = handle.records[0].kept[0].tolist()
+    assert fast == vis and len(fast) == round(0.2 * _num_visual(model, inputs))
+
+
+def test_merging_refuses_original_positions():
+    with pytest.raises(ValueError, match="positions='contiguous'"):
+        lmms_prune.presets.resolve_config("visionzip", positions="original")
+
+
+# ------------------------------------------------------------------------------ pure selection properties
+def _case(seed, n_tokens=60, dim=8):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n_tokens, generator=g), torch.randn(n_tokens, dim, generator=g)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("n", [1, 2, 7, 16, 33, 59, 60])
+def test_visionzip_properties(seed, n):
+    importance, features = _case(seed)
+    big_n = importance.numel()
+    m = sel.visionzip(importance, features, n)
+    assert m.count == n
+    idx = m.index.tolist()
+    assert idx == sorted(set(idx)) and m.index.dtype == torch.long
+    d = len(idx)
+    assert d == (big_n if n == big_n else min(n, max(1, round(n * 54 / 64))))
+    assert set(idx) == set(torch.sort(importance, descending=True, stable=True).indices[:d].tolist())
+    w = m.weights
+    if w.shape[0] == 0:
+        return
+    torch.testing.assert_close(w.sum(1), torch.ones(w.shape[0]))
+    members = w > 0
+    assert not members[:, idx].any()  # dominant tokens are not merged
+    rest = [i for i in range(big_n) if i not in set(idx)]
+    assert members[:, rest].sum(0).tolist() == [1] * len(rest)  # the groups partition the other tokens
+    # targets: every step-th of the other tokens, in order; each member joins its most similar target
+    step = max(1, len(rest) // w.shape[0])
+    targets = rest[::step][: w.shape[0]]
+    unit = F.normalize(features, dim=-1)
+    for j, t in enumerate(targets):
+        assert members[j, t]
+    for i in rest:
+        if i in targets:
+            continue
+        best = int((unit[targets] @ unit[i]).argmax())
+        assert members[best, i]
+
+
+def test_merged_embeddings_are_group_means_and_identical_rows_merge_to_themselves():
+    x = torch.randn(10, 4)
+    m = sel.Merge(torch.tensor([1, 4]), sel.group_weights([[0, 2, 3], [5]], 10))
+    out = sel.merged_embeddings(x, m)
+    torch.testing.assert_close(out, torch.stack([x[1], x[4], x[[0, 2, 3]].mean(0), x[5]]))
+    x[[6, 7, 8]] = x[6].clone()
+    same = sel.merged_embeddings(x, sel.Merge(torch.tensor([], dtype=torch.long), sel.group_weights([[6, 7, 8]], 10)))
+    torch.testing.assert_close(same, x[6:7])
+
+
+def test_visionzip_bad_inputs_raise_clear_errors():
+    importance, features = _case(0)
+    with pytest.raises(ValueError, match="n=61"):
+        sel.visionzip(importance, features, 61)
+    with pytest.raises(ValueError, match="dominant_ratio"):
+        sel.visionzip(importance, features, 5, dominant_ratio=0.0)
+    with pytest.raises(ValueError, match="empty"):
+        sel.group_weights([[]], 5)
