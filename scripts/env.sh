@@ -1,5 +1,5 @@
 # Sourced by the other scripts: makes sure ./.venv exists with torch from the machine's local wheels
-# and this package installed (editable, with its dev extra), then activates it.
+# and this package installed (editable, with its dev and vlmeval extras), then activates it.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${LMMS_PRUNE_VENV:-$ROOT/.venv}"
@@ -17,7 +17,8 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     python -m pip install -q --upgrade pip
     # torch/torchvision first and pinned, so that nothing later pulls another build.
     python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-    python -m pip install -q -e "$ROOT[dev]" "torch==2.14.1" "torchvision==0.29.1"
+    # The vlmeval extra (VLMEvalKit, for tests/test_vlmeval.py) adds about two minutes to a fresh install.
+    python -m pip install -q -e "$ROOT[dev,vlmeval]" "torch==2.14.1" "torchvision==0.29.1"
     echo "$WANT" > "$STAMP"
 fi
 # The leaderboard page test (tests/test_leaderboard.py) drives Debian's Chromium with Playwright; install it once

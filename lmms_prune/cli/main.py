@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("calibrate", "calibrate a bias prior (mean attention over many images) for d2pruner/trend"),
     "diagnose": ("diagnose", "Phase-0 attention table per layer: prompt stability, position bias, entropy"),
     "visualize": ("visualize", "overlay each method's kept tokens on an image; token-box IoU with --box"),
+    "vlmeval": ("vlmeval", "VLMEvalKit's own evaluation of the pruned models (needs the vlmeval extra)"),
     "convert-internvl": ("convert", "original InternVL2/2.5 checkpoint (remote code) -> transformers-native directory"),
 }
 
