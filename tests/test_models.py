@@ -460,6 +460,16 @@ def test_cli_internvl_pope_and_mme_produce_their_metrics_and_efficiency(internvl
     assert len(answers) == 8
     _check_efficiency(report, ("pope_tiny", "mme_tiny"))
     assert "internvl_deepprune efficiency over 8 samples (0 skipped)" in done.stdout + done.stderr
+    # lmms-eval's own places: results["throughput"] (log_metrics) and the samples' token_counts
+    output_path = Path(done.args[done.args.index("--output_path") + 1])
+    out = Path(glob.glob(str(output_path / "*" / "*_results.json"))[0])
+    throughput = json.loads(out.read_text())["throughput"]
+    assert 0 < throughput["avg_prefill_flops_ratio"] < 1
+    assert throughput["avg_visual_tokens_after"] < throughput["avg_visual_tokens_before"]
+    for path in glob.glob(str(out.parent / "*_samples_*.jsonl")):
+        for line in Path(path).read_text().splitlines():
+            counts = json.loads(line)["token_counts"][0]
+            assert counts["input_tokens"] == counts["pruning"]["seq_len_after"] < counts["pruning"]["seq_len_before"]
 
 
 @pytest.mark.cli

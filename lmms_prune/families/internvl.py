@@ -123,9 +123,7 @@ class InternVL(Family):
             raise ValueError(f"crop_to_patches={crop!r}: must be true, false or auto")
         out["crop_to_patches"] = crop
         out["num_frames"] = int_arg("num_frames", args.pop("num_frames", 32), 1)
-        fps = optional_float_arg("fps", args.pop("fps", None))
-        if fps is not None:
-            out["fps"] = fps
+        out["fps"] = optional_float_arg("fps", args.pop("fps", None))
         out["default_max_new_tokens"] = 1024  # lmms-eval's internvl_hf, when a task sets none
         return out
 

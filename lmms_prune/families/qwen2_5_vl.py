@@ -76,9 +76,7 @@ class Qwen25VL(Family):
         out["reasoning_prompt"] = reasoning.replace("\\n", "\n") if reasoning else None
         out["interleave_visuals"] = bool_arg("interleave_visuals", args.pop("interleave_visuals", False))
         out["max_num_frames"] = int_arg("max_num_frames", args.pop("max_num_frames", 32), 1)
-        fps = optional_float_arg("fps", args.pop("fps", None))
-        if fps is not None:
-            out["fps"] = fps
+        out["fps"] = optional_float_arg("fps", args.pop("fps", None))
         out["default_max_new_tokens"] = 128  # lmms-eval's qwen2_5_vl, when a task sets none
         return out
 

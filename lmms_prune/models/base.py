@@ -201,8 +201,8 @@ class PrunedChatModel(lmms):
     # ------------------------------------------------------------------ set-up
     def __init__(self, **model_args: Any) -> None:
         super().__init__()
-        self.options, self.prune_config = self.parse_model_args(**model_args)
-        self.runner = Runner(self.family_class(), self.options, self.prune_config, self.model_id())
+        options, self.prune_config = self.parse_model_args(**model_args)
+        self.runner = Runner(self.family_class(), options, self.prune_config, self.model_id())
         self._setup_device()
         self._load()
         self._install()
@@ -231,6 +231,15 @@ class PrunedChatModel(lmms):
         self.runner.install()
 
     # ------------------------------------------------------------------ lmms properties
+    @property
+    def options(self) -> RunOptions:
+        """The run's options: the runner's (one copy, so a change reaches generation too)."""
+        return self.runner.options
+
+    @options.setter
+    def options(self, options: RunOptions) -> None:
+        self.runner.options = options
+
     @property
     def model(self) -> torch.nn.Module:
         return self.runner.model
