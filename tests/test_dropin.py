@@ -147,17 +147,22 @@ def _refcoco_generation_kwargs() -> dict:
         return yaml.load(f, Loader=Loader)["generation_kwargs"]
 
 
-def test_refcoco_tasks_ask_internvl_for_6_tiles_and_nothing_of_the_others():
+def test_refcoco_tasks_carry_internvl_6_tiles_and_the_qwen_bounds_their_parser_assumes():
+    from lmms_prune.tasks.refcoco import parsing
+
     gen = _refcoco_generation_kwargs()
     internvl = family_class("internvl")
     run = InternVLPrune_none.parse_model_args()[0].family
     assert run["max_patches"] == 12
     assert protocol_options(internvl, run, gen)["max_patches"] == 6
     assert protocol_options(internvl, run, {"max_new_tokens": 8}) is run  # other tasks: the run's options
-    for name in ("qwen2_5_vl", "llava"):
+    for name in ("qwen2_5_vl", "qwen2_vl"):
         fam = family_class(name)
-        opts = fam.parse_model_args({})
-        assert protocol_options(fam, opts, gen) is opts
+        opts = protocol_options(fam, fam.parse_model_args({}), gen)
+        assert (opts["min_pixels"], opts["max_pixels"]) == (parsing.QWEN_MIN_PIXELS, parsing.QWEN_MAX_PIXELS)
+    llava = family_class("llava")
+    opts = llava.parse_model_args({})
+    assert protocol_options(llava, opts, gen) is opts
 
 
 def test_a_bad_protocol_setting_names_the_task_and_key():
