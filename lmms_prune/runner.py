@@ -11,7 +11,19 @@ and the theoretical cost of :mod:`lmms_prune.efficiency`).
 
 Options: :func:`parse_options` validates every option and pruning parameter (through
 :func:`lmms_prune.presets.resolve_config`) before anything is loaded; a bad value raises one ``ValueError``
-that names it and says the fix.
+that names it and says the fix. The options are those of lmms-eval's own wrapper of each family (same names,
+meanings and defaults; the family module lists its own) plus the pruning parameters.
+
+Protocol settings of a task: a task whose protocol fixes a processor setting (RefCOCO: InternVL's 6 tiles)
+states it in its ``generation_kwargs`` under :data:`PROTOCOL_KEY`, keyed by family name::
+
+    generation_kwargs:
+      lmms_prune_protocol: {internvl: {max_patches: 6}}
+
+``generation_kwargs`` are the only per-request settings lmms-eval hands to a model (``lmms_eval_specific_kwargs``
+reach only the prompt functions, task ``metadata`` none of the model's), so the setting travels with the
+task's requests and applies to them only; other tasks of the same run keep the run's options, and other
+harnesses' models ignore the key. ``task_protocol=false`` turns it off.
 """
 
 from __future__ import annotations
@@ -26,14 +38,16 @@ import torch
 from PIL import Image
 
 from lmms_prune.efficiency import DecoderDims, kv_cache_bytes, prefill_flops, warm_samples
-from lmms_prune.families.base import Family, int_arg
+from lmms_prune.families.base import Family, bool_arg, int_arg
 from lmms_prune.presets import PRESETS, PruneConfig, resolve_config
 
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-          "float32": torch.float32, "fp32": torch.float32}
+# dtype names: torch's own (lmms_eval.utils.get_dtype resolves them) and their short aliases.
+DTYPE_ALIASES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
+                 "half": "float16", "float32": "float32", "fp32": "float32", "float": "float32"}
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 TASK_KINDS = ("auto", "grounding", "understanding")
 ON_ERROR = ("raise", "skip")
+PROTOCOL_KEY = "lmms_prune_protocol"  # a task's per-family protocol settings in its generation_kwargs
 
 OPTIONS: dict[str, str] = {
     "pretrained": "checkpoint name or local directory (from_pretrained); an original InternVL2/2.5 checkpoint "
@@ -49,6 +63,14 @@ OPTIONS: dict[str, str] = {
     "on_error": "raise (stop at the first failing sample) or skip (count, report and continue)",
     "efficiency_path": "where the efficiency JSON goes (.json file or directory; default: next to the results)",
     "max_batch_size": "accepted for lmms-eval's --max_batch_size; unused (no automatic batch size)",
+    "revision": "checkpoint revision (from_pretrained), default main",
+    "trust_remote_code": "from_pretrained's trust_remote_code, default false",
+    "low_cpu_mem_usage": "from_pretrained's low_cpu_mem_usage, default false",
+    "use_cache": "generate with the KV cache, default true (false recomputes the prefix every step)",
+    "use_until": "stop generating at the task's until strings, default true (lmms-eval's own wrappers ignore "
+                 "them: false reproduces their answers)",
+    "task_protocol": "apply a task's protocol settings (generation_kwargs lmms_prune_protocol, e.g. RefCOCO's 6 "
+                     "InternVL tiles) to its requests, default true",
 }
 
 # Sampling options passed on to generate when temperature > 0. Besides these, only max_new_tokens, temperature,
@@ -61,6 +83,13 @@ def _choice_arg(name: str, value: Any, choices: Sequence[str]) -> str:
     if text not in choices:
         raise ValueError(f"{name}={value!r}: must be one of {', '.join(choices)}")
     return text
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a dtype name or alias (``bf16`` -> ``torch.bfloat16``), via lmms-eval's ``get_dtype``."""
+    from lmms_eval.utils import get_dtype
+
+    return get_dtype(DTYPE_ALIASES[name])
 
 
 def _optional_str(value: Any) -> str | None:
@@ -83,6 +112,12 @@ class RunOptions:
     task_kind: str = "auto"
     on_error: str = "raise"
     efficiency_path: str | None = None
+    revision: str = "main"
+    trust_remote_code: bool = False
+    low_cpu_mem_usage: bool = False
+    use_cache: bool = True
+    use_until: bool = True
+    task_protocol: bool = True
     family: dict[str, Any] = field(default_factory=dict)
 
 
@@ -125,8 +160,9 @@ def parse_options(family: type[Family], model_id: str, fixed_method: str | None,
         pretrained = resolve_pretrained(pretrained)
     if pretrained is None:
         raise ValueError(f"--model {model_id} needs pretrained=CHECKPOINT_OR_DIR in --model_args")
-    dtype = _choice_arg("dtype", args.pop("dtype", "auto"), ("auto", *DTYPES))
-    attn = _choice_arg("attn_implementation", args.pop("attn_implementation", "sdpa"), ATTN_IMPLEMENTATIONS)
+    dtype = _choice_arg("dtype", args.pop("dtype", "auto"), ("auto", *DTYPE_ALIASES))
+    attn = _optional_str(args.pop("attn_implementation", None)) or "sdpa"  # lmms-eval's None: the default
+    attn = _choice_arg("attn_implementation", attn, ATTN_IMPLEMENTATIONS)
     if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ValueError("attn_implementation=flash_attention_2 needs the flash-attn package: install it "
                          "or use attn_implementation=sdpa")
@@ -145,21 +181,50 @@ def parse_options(family: type[Family], model_id: str, fixed_method: str | None,
         task_kind=_choice_arg("task_kind", args.pop("task_kind", "auto"), TASK_KINDS),
         on_error=_choice_arg("on_error", args.pop("on_error", "raise"), ON_ERROR),
         efficiency_path=_optional_str(args.pop("efficiency_path", None)),
+        revision=_optional_str(args.pop("revision", None)) or "main",
+        trust_remote_code=bool_arg("trust_remote_code", args.pop("trust_remote_code", False)),
+        low_cpu_mem_usage=bool_arg("low_cpu_mem_usage", args.pop("low_cpu_mem_usage", False)),
+        use_cache=bool_arg("use_cache", args.pop("use_cache", True)),
+        use_until=bool_arg("use_until", args.pop("use_until", True)),
+        task_protocol=bool_arg("task_protocol", args.pop("task_protocol", True)),
         family=family.parse_model_args(args),
     )
     return options, config
 
 
-def generation_kwargs(gen_kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+def protocol_options(family: type[Family], options: dict[str, Any], gen_kwargs: dict[str, Any],
+                     task: str = "") -> dict[str, Any]:
+    """The family options of a request: the run's ``options`` (parsed) updated with the task's protocol
+    settings for ``family`` (``gen_kwargs[PROTOCOL_KEY][family.name]``, see the module docstring), validated
+    by the family like ``--model_args``. Where both give a setting, the task's protocol wins."""
+    protocol = gen_kwargs.get(PROTOCOL_KEY) or {}
+    if not isinstance(protocol, dict):
+        raise ValueError(f"task {task!r}: generation_kwargs {PROTOCOL_KEY}={protocol!r} must map family names to "
+                         "settings, e.g. {internvl: {max_patches: 6}}")
+    settings = protocol.get(family.name)
+    if not settings:
+        return options
+    if not isinstance(settings, dict):
+        raise ValueError(f"task {task!r}: {PROTOCOL_KEY}.{family.name}={settings!r} must be a mapping of "
+                         f"{family.name} options ({', '.join(family.model_args)})")
+    unknown = sorted(set(settings) - set(family.model_args))
+    if unknown:
+        raise ValueError(f"task {task!r}: {PROTOCOL_KEY}.{family.name} has unknown key(s) {', '.join(unknown)}; "
+                         f"{family.name} options: {', '.join(family.model_args)}")
+    return family.parse_model_args({**options, **settings})
+
+
+def generation_kwargs(gen_kwargs: dict[str, Any], max_new_tokens: int = 128) -> tuple[dict[str, Any], list[str]]:
     """``generate`` keyword arguments and the stop strings from a task's ``gen_kwargs``.
 
-    Greedy unless ``temperature > 0`` (lmms-eval's convention); ``max_new_tokens`` defaults to 128.
+    Greedy unless ``temperature > 0`` (lmms-eval's convention); ``max_new_tokens`` defaults to
+    ``max_new_tokens`` (that of lmms-eval's wrapper of the family: 1024 for InternVL and LLaVA, 128 for Qwen).
     """
     until = gen_kwargs.get("until") or []
     until = [until] if isinstance(until, str) else list(until)
     temperature = float(gen_kwargs.get("temperature", 0.0) or 0.0)
     out: dict[str, Any] = {
-        "max_new_tokens": int(gen_kwargs.get("max_new_tokens", 128)),
+        "max_new_tokens": int(gen_kwargs.get("max_new_tokens", max_new_tokens)),
         "num_beams": int(gen_kwargs.get("num_beams", 1) or 1),
         "do_sample": temperature > 0,
     }
@@ -268,7 +333,7 @@ class Runner:
         if opts.dtype == "auto":
             self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         else:
-            self.dtype = DTYPES[opts.dtype]
+            self.dtype = torch_dtype(opts.dtype)
         attn = opts.attn_implementation
         if attn == "auto":
             flash = importlib.util.find_spec("flash_attn") is not None and self.device.type == "cuda"
@@ -295,14 +360,20 @@ class Runner:
 
             load_prior(self.config.bias_prior).check(config, self.config.effective_score_layer)
         model = AutoModelForImageTextToText.from_pretrained(
-            opts.pretrained, dtype=self.dtype, attn_implementation=self.attn, device_map=opts.device_map
+            opts.pretrained, revision=opts.revision, trust_remote_code=opts.trust_remote_code,
+            low_cpu_mem_usage=opts.low_cpu_mem_usage, dtype=self.dtype, attn_implementation=self.attn,
+            device_map=opts.device_map,
         )
         if opts.device_map is None:
             model = model.to(self.device)
         else:
             self.device = model.device
         self.model = model.eval()
-        self.processor = AutoProcessor.from_pretrained(opts.pretrained)
+        # Loaded with the run's processor options (as lmms-eval's wrappers load it), so the processor's own
+        # calls (outside generate) resize like the run; generate passes them again with any task protocol.
+        self.processor = AutoProcessor.from_pretrained(
+            opts.pretrained, revision=opts.revision, trust_remote_code=opts.trust_remote_code,
+            **self.family.processor_kwargs(opts.family))
         self.processor.tokenizer.padding_side = "left"
 
     def install(self) -> None:
@@ -331,9 +402,28 @@ class Runner:
         self._hooks = []
 
     # ------------------------------------------------------------------ generation
-    def build_prompt(self, messages: list[dict[str, Any]]) -> str:
-        """The prompt text of one conversation (the checkpoint's own chat template)."""
-        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def build_prompt(self, messages: list[dict[str, Any]], family_options: dict[str, Any] | None = None) -> str:
+        """The prompt text of one conversation: the checkpoint's chat template (or the ``chat_template`` option)
+        after the family's ``system_prompt`` and ``reasoning_prompt`` options (lmms-eval's meanings: a system
+        message where the conversation has none; text appended to the last user turn)."""
+        fam = self.options.family if family_options is None else family_options
+        messages = [dict(m) for m in messages]
+        system = fam.get("system_prompt")
+        if system and not (messages and messages[0]["role"] == "system"):
+            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
+        reasoning = fam.get("reasoning_prompt")
+        if reasoning:
+            last = max(i for i, m in enumerate(messages) if m["role"] == "user")
+            content = list(messages[last]["content"])
+            texts = [i for i, part in enumerate(content) if part["type"] == "text"]
+            if texts:
+                k = texts[-1]
+                content[k] = {**content[k], "text": content[k]["text"].strip() + reasoning}
+            else:
+                content.append({"type": "text", "text": reasoning})
+            messages[last] = {**messages[last], "content": content}
+        kwargs = {"chat_template": fam["chat_template"]} if fam.get("chat_template") else {}
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
 
     @staticmethod
     def split_images(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Image.Image]]:
@@ -350,37 +440,66 @@ class Runner:
             out.append({"role": message["role"], "content": content})
         return out, images
 
+    def stop_ids(self) -> tuple[int | None, int | None]:
+        """``(eos_token_id, pad_token_id)`` of ``generate``: the tokenizer's, as lmms-eval's wrappers pass them
+        (the pad falls back to the generation config's, then to the eos)."""
+        tokenizer = self.processor.tokenizer
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            eos = self.model.generation_config.eos_token_id
+        pad = tokenizer.pad_token_id
+        if pad is None:
+            pad = self.model.generation_config.pad_token_id
+        if isinstance(pad, (list, tuple)):
+            pad = pad[0] if pad else None
+        if pad is None:
+            pad = eos[0] if isinstance(eos, (list, tuple)) else eos
+        return eos, pad
+
     def generate(self, conversations: list[list[dict[str, Any]]], gen_kwargs: dict[str, Any],
-                 task_kind: str | None) -> list[Answer]:
-        """Answer a batch of conversations with one ``generate`` call (left padding)."""
+                 task_kind: str | None, task: str = "") -> list[Answer]:
+        """Answer a batch of conversations with one ``generate`` call (left padding).
+
+        The task's ``until`` strings stop decoding (``generate(stop_strings=...)``: a sample ends at the step
+        whose text contains one) and are cut from the answers; ``use_until=false`` ignores them, as lmms-eval's
+        own wrappers do. ``task`` names the task in messages about its protocol settings.
+        """
         t_start = time.perf_counter()
+        family_options = self.options.family
+        if self.options.task_protocol:
+            family_options = protocol_options(self.family, family_options, gen_kwargs, task)
         texts, images = [], []
         for messages in conversations:
             plain, item_images = self.split_images(messages)
-            texts.append(self.build_prompt(plain))
+            texts.append(self.build_prompt(plain, family_options))
             images.extend(item_images)
+        images = self.family.prepare_images(images, family_options)
         inputs = self.processor(text=texts, images=images or None, padding=True, padding_side="left",
-                                return_tensors="pt", **self.family.processor_kwargs(self.options.family))
+                                return_tensors="pt", **self.family.processor_kwargs(family_options))
         inputs = inputs.to(self.device)
         for key, value in inputs.items():
             if isinstance(value, torch.Tensor) and value.is_floating_point():
                 inputs[key] = value.to(self.dtype)
-        gen, until = generation_kwargs(gen_kwargs)
+        gen, until = generation_kwargs(gen_kwargs, int(family_options.get("default_max_new_tokens", 128)))
+        if not self.options.use_until:
+            until = []
         tokenizer = self.processor.tokenizer
-        pad_id = tokenizer.pad_token_id
-        if pad_id is None:
-            pad_id = self.model.generation_config.pad_token_id
+        eos_id, pad_id = self.stop_ids()
+        stops = [u for u in until if u]
+        if stops:
+            gen.update(stop_strings=stops, tokenizer=tokenizer)
         self.handle.task_kind = task_kind
         self.handle.records = []  # never read a previous batch's records
         self._prefill_end = None
         self.sync()
         t_gen = time.perf_counter()
         with torch.inference_mode():
-            output = self.model.generate(**inputs, **gen, pad_token_id=pad_id)
+            output = self.model.generate(**inputs, **gen, eos_token_id=eos_id, pad_token_id=pad_id,
+                                         use_cache=self.options.use_cache)
         self.sync()
         t_gen_end = time.perf_counter()
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
-        answers = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        answers = tokenizer.batch_decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         t_end = time.perf_counter()
 
         beams = gen["num_beams"]
@@ -393,7 +512,8 @@ class Runner:
             rec = records[i * beams]
             n_out = int((new_tokens[i] != pad_id).sum()) if pad_id is not None else int(new_tokens.shape[1])
             record = self.efficiency_record(rec, len(conversations), n_out, t_start, t_gen, t_gen_end, t_end)
-            out.append(Answer(apply_until(answers[i], until), rec.seq_len_before, n_out, record))
+            # input tokens: what the LLM really processed, i.e. after pruning
+            out.append(Answer(apply_until(answers[i], until), rec.seq_len_after, n_out, record))
         return out
 
     def efficiency_record(self, rec: Any, batch: int, n_out: int, t_start: float, t_gen: float,

@@ -94,11 +94,13 @@ def test_command_line_strings_are_parsed():
         method="fastv", keep_ratio="0.25", prune_layer="3", max_num="4", batch_size="2", on_error="skip",
         task_kind="grounding", dtype="bf16")
     assert (config.method, config.keep_ratio, config.prune_layer, config.effective_score_layer) == ("fastv", 0.25, 3, 2)
-    assert (options.family["max_num"], options.batch_size, options.on_error, options.task_kind) == (4, 2, "skip",
-                                                                                                  "grounding")
+    assert (options.family["max_patches"], options.batch_size, options.on_error, options.task_kind) == (
+        4, 2, "skip", "grounding")
     assert options.pretrained == InternVLPrune.default_pretrained == "OpenGVLab/InternVL2_5-8B-MPO-hf"
     options, config = InternVLPrune_deepprune.parse_model_args(keep_tokens=32)
-    assert (config.keep_tokens, config.keep_ratio, config.prune_layer, options.family["max_num"]) == (32, None, 12, 6)
+    # lmms-eval's internvl_hf default: 12 tiles (RefCOCO's 6 come with its tasks)
+    assert (config.keep_tokens, config.keep_ratio, config.prune_layer, options.family["max_patches"]) == (32, None, 12,
+                                                                                                       12)
 
 
 def test_model_args_win_over_lmms_eval_defaults(monkeypatch):
@@ -259,7 +261,8 @@ def _expected_visual_tokens(family: str, model: PrunedChatModel, doc_id: int) ->
         return 256 * internvl_num_tiles(w, h, max_num=2)
     if family == "llava":
         return LLAVA_IMAGE_TOKENS
-    image = model.task_dict["tiny"]["test"][doc_id]["image"]
+    image = model.family_class().prepare_images([model.task_dict["tiny"]["test"][doc_id]["image"]],
+                                                model.options.family)  # Qwen's pipeline: qwen_vl_utils first
     t, gh, gw = model.processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"][0].tolist()
     return t * gh * gw // 4
 
@@ -459,6 +462,16 @@ def test_cli_internvl_pope_and_mme_produce_their_metrics_and_efficiency(internvl
     assert len(answers) == 8
     _check_efficiency(report, ("pope_tiny", "mme_tiny"))
     assert "internvl_deepprune efficiency over 8 samples (0 skipped)" in done.stdout + done.stderr
+    # lmms-eval's own places: results["throughput"] (log_metrics) and the samples' token_counts
+    output_path = Path(done.args[done.args.index("--output_path") + 1])
+    out = Path(glob.glob(str(output_path / "*" / "*_results.json"))[0])
+    throughput = json.loads(out.read_text())["throughput"]
+    assert 0 < throughput["avg_prefill_flops_ratio"] < 1
+    assert throughput["avg_visual_tokens_after"] < throughput["avg_visual_tokens_before"]
+    for path in glob.glob(str(out.parent / "*_samples_*.jsonl")):
+        for line in Path(path).read_text().splitlines():
+            counts = json.loads(line)["token_counts"][0]
+            assert counts["input_tokens"] == counts["pruning"]["seq_len_after"] < counts["pruning"]["seq_len_before"]
 
 
 @pytest.mark.cli

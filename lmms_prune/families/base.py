@@ -62,6 +62,31 @@ def int_arg(name: str, value: Any, minimum: int) -> int:
     return number
 
 
+def bool_arg(name: str, value: Any) -> bool:
+    """``value`` as a bool (``true``/``false``/``1``/``0``/``yes``/``no`` from the command line), or a clear error."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"{name}={value!r}: must be true or false")
+
+
+def optional_float_arg(name: str, value: Any) -> float | None:
+    """``value`` as a float > 0, or None when unset (``None``, ``""``, ``none``); else a clear error."""
+    if value is None or str(value).strip().lower() in ("", "none", "null"):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not number > 0:
+        raise ValueError(f"{name}={value!r}: must be a number > 0")
+    return number
+
+
 VOCAB = 2048  # benchmark geometries: a small vocabulary (embedding/LM-head size does not affect prefill)
 IMAGE_TOKEN = 2000
 
@@ -87,7 +112,9 @@ class Family:
     model_class: ClassVar[str] = ""  # transformers class name, for messages and docs
     processor_class: ClassVar[str] = ""  # the transformers processor class of its checkpoints
     default_pretrained: ClassVar[str | None] = None
-    model_args: ClassVar[dict[str, str]] = {}  # family-specific --model_args, name -> help
+    # family-specific --model_args, name -> help: those of lmms-eval's own wrapper of the family (same names,
+    # meanings and defaults). parse_model_args may add ``default_max_new_tokens`` (that wrapper's default).
+    model_args: ClassVar[dict[str, str]] = {}
     # Grounding answers: "grid1000" (``<box>[[x1,y1,x2,y2]]</box>`` on a 0-1000 grid of the original image) or
     # "resized_pixels" (absolute pixels of the processor's resized image, e.g. Qwen2.5-VL's ``bbox_2d``).
     box_convention: ClassVar[str] = "grid1000"
@@ -106,6 +133,11 @@ class Family:
     def processor_kwargs(cls, options: dict[str, Any]) -> dict[str, Any]:
         """Keyword arguments of the processor call for the parsed family options."""
         return {}
+
+    @classmethod
+    def prepare_images(cls, images: list[Any], options: dict[str, Any]) -> list[Any]:
+        """The images as the family's own pipeline hands them to its processor (default: unchanged)."""
+        return images
 
     @classmethod
     def image_kwargs(cls, max_num: int | None) -> dict[str, Any]:

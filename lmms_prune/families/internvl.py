@@ -13,8 +13,10 @@ Token-to-pixel geometry: the image is resized to ``cols*448 x rows*448`` (the gr
 tile tokens together form one ``(rows*16) x (cols*16)`` raster over the whole image; the thumbnail's 16x16
 raster covers the whole image again.
 
-``--model_args``: ``max_num`` (at most this many tiles, default 6: InternVL's grounding protocol, section 6),
-passed to the processor as ``max_patches``. Grounding answers: ``<box>[[x1, y1, x2, y2]]</box>`` on a 0-1000
+``--model_args``: lmms-eval's ``internvl_hf`` keys (``min_patches``, ``max_patches`` = at most this many tiles,
+default 12, ``num_frames``, ``fps``), ``max_num`` (older name of ``max_patches``) and ``crop_to_patches``.
+RefCOCO's tasks ask for 6 tiles (InternVL's grounding protocol, section 6) through their generation kwargs
+(:data:`lmms_prune.runner.PROTOCOL_KEY`). Grounding answers: ``<box>[[x1, y1, x2, y2]]</box>`` on a 0-1000
 grid of the original image.
 """
 
@@ -27,10 +29,11 @@ from typing import Any, ClassVar
 import torch
 
 from lmms_prune import geometry as geo
-from lmms_prune.families.base import IMAGE_TOKEN, Family, bench_text_config, int_arg
+from lmms_prune.families.base import IMAGE_TOKEN, Family, bench_text_config, int_arg, optional_float_arg
 
 TILE = 448
-DEFAULT_MAX_NUM = 6
+DEFAULT_MAX_NUM = 6  # InternVL's grounding protocol (methods.md section 6): calibration, overlays, RefCOCO
+LMMS_EVAL_MAX_PATCHES = 12  # lmms-eval's internvl_hf default (and the checkpoints' saved one)
 _INTERNVIT_300M = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
 
 
@@ -90,7 +93,17 @@ class InternVL(Family):
     model_class = "InternVLForConditionalGeneration"
     processor_class = "InternVLProcessor"
     default_pretrained = "OpenGVLab/InternVL2_5-8B-MPO-hf"
-    model_args: ClassVar[dict[str, str]] = {"max_num": "maximum number of 448 px tiles per image (default 6)"}
+    # lmms-eval's internvl_hf keys (same defaults), plus our max_num and crop_to_patches.
+    model_args: ClassVar[dict[str, str]] = {
+        "min_patches": "minimum number of 448 px tiles per image (default 1)",
+        "max_patches": f"maximum number of 448 px tiles per image (default {LMMS_EVAL_MAX_PATCHES}, lmms-eval's; "
+                       "RefCOCO tasks use 6, InternVL's grounding protocol)",
+        "max_num": "older name of max_patches; max_patches wins when both are given",
+        "crop_to_patches": "true (default): InternVL's dynamic tiling; false: one tile per image; auto: the "
+                           "checkpoint's saved setting (what lmms-eval's internvl_hf uses)",
+        "num_frames": "frames sampled per video (default 32; videos are not supported yet)",
+        "fps": "video frames per second to sample (default unset; videos are not supported yet)",
+    }
     bench_geometries: ClassVar[dict[str, dict[str, Any]]] = {
         "internvl2_5-1b": {"text": (24, 896, 14, 2, 4864, "qwen2")},
         "internvl2_5-2b": {"text": (24, 2048, 16, 8, 8192, "llama")},
@@ -101,13 +114,34 @@ class InternVL(Family):
 
     @classmethod
     def parse_model_args(cls, args):
-        return {"max_num": int_arg("max_num", args.pop("max_num", DEFAULT_MAX_NUM), 1)}
+        max_num = args.pop("max_num", None)
+        max_patches = args.pop("max_patches", None)
+        if max_patches is None:
+            max_patches = LMMS_EVAL_MAX_PATCHES if max_num is None else max_num
+        name = "max_num" if max_num is not None and max_patches is max_num else "max_patches"
+        out = {"min_patches": int_arg("min_patches", args.pop("min_patches", 1), 1),
+               "max_patches": int_arg(name, max_patches, 1)}
+        if out["min_patches"] > out["max_patches"]:
+            raise ValueError(f"min_patches={out['min_patches']} > max_patches={out['max_patches']}: need "
+                             "min_patches <= max_patches")
+        crop = str(args.pop("crop_to_patches", "true")).strip().lower()
+        if crop not in ("true", "false", "auto"):
+            raise ValueError(f"crop_to_patches={crop!r}: must be true, false or auto")
+        out["crop_to_patches"] = crop
+        out["num_frames"] = int_arg("num_frames", args.pop("num_frames", 32), 1)
+        out["fps"] = optional_float_arg("fps", args.pop("fps", None))
+        out["default_max_new_tokens"] = 1024  # lmms-eval's internvl_hf, when a task sets none
+        return out
 
     @classmethod
     def processor_kwargs(cls, options):
-        # Explicit, so a checkpoint whose saved image-processor config turns tiling off still follows InternVL's
-        # dynamic preprocessing (1..max_num tiles + thumbnail).
-        return {"crop_to_patches": True, "min_patches": 1, "max_patches": options["max_num"]}
+        # lmms-eval passes min_patches/max_patches and relies on the checkpoint's crop_to_patches, which the
+        # -hf checkpoints save as false (one tile whatever max_patches says); true is InternVL's own dynamic
+        # preprocessing (1..max_patches tiles + thumbnail), auto restores lmms-eval's behaviour.
+        out = {"min_patches": options["min_patches"], "max_patches": options["max_patches"]}
+        if options["crop_to_patches"] != "auto":
+            out["crop_to_patches"] = options["crop_to_patches"] == "true"
+        return out
 
     @classmethod
     def image_kwargs(cls, max_num):

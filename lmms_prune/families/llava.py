@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 
 from lmms_prune import geometry as geo
-from lmms_prune.families.base import IMAGE_TOKEN, Family, bench_text_config
+from lmms_prune.families.base import IMAGE_TOKEN, Family, bench_text_config, int_arg
 
 DEFAULTS = {"shortest_edge": 336, "crop": (336, 336), "do_center_crop": True}
 
@@ -63,9 +63,22 @@ class Llava(Family):
     model_class = "LlavaForConditionalGeneration"
     processor_class = "LlavaProcessor"
     default_pretrained = "llava-hf/llava-1.5-7b-hf"
+    # lmms-eval's llava_hf keys (its dtype, revision, trust_remote_code, use_cache, ... are run options)
+    model_args: ClassVar[dict[str, str]] = {
+        "chat_template": "a Jinja chat template replacing the checkpoint's (default: the checkpoint's)",
+        "max_frames_num": "frames sampled per video (default 32; videos are not supported yet)",
+    }
     bench_geometries: ClassVar[dict[str, dict[str, Any]]] = {
         "llava-1.5-7b": {"text": (32, 4096, 32, 32, 11008, "llama")},
     }
+
+    @classmethod
+    def parse_model_args(cls, args):
+        template = args.pop("chat_template", None)
+        template = None if template is None or str(template).strip().lower() in ("", "none") else str(template)
+        return {"chat_template": template,
+                "max_frames_num": int_arg("max_frames_num", args.pop("max_frames_num", 32), 1),
+                "default_max_new_tokens": 1024}  # lmms-eval's llava_hf, when a task sets none
 
     @classmethod
     def token_boxes(cls, image_size, grids, processor=None, max_num=None):

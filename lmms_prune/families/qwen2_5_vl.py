@@ -1,7 +1,8 @@
 """Qwen2.5-VL (transformers-native): one ``(h/28) x (w/28)`` grid of merged tokens per image, 3-D M-RoPE.
 
-Images are smart-resized by the processor to multiples of 28 px within its pixel budget; ``min_pixels`` and
-``max_pixels`` override the budget. The grid comes from ``image_grid_thw`` when the forward call has it;
+Images go through Qwen's own pipeline (qwen_vl_utils ``fetch_image``, as lmms-eval's ``qwen2_5_vl`` does), then
+the processor smart-resizes them to multiples of 28 px within ``min_pixels``..``max_pixels`` (lmms-eval's
+defaults: 256*28*28..1605632). The grid comes from ``image_grid_thw`` when the forward call has it;
 ``generate`` in transformers 5 encodes images before the first forward and passes only the 3-D M-RoPE
 ``position_ids``, whose height and width rows span exactly the grid of each image. Grounding answers:
 ``{"bbox_2d": [x1, y1, x2, y2]}`` in pixels of the resized image.
@@ -17,7 +18,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from lmms_prune.families.base import IMAGE_TOKEN, Family, bench_text_config, int_arg
+from lmms_prune.families.base import (
+    IMAGE_TOKEN,
+    Family,
+    bench_text_config,
+    bool_arg,
+    int_arg,
+    optional_float_arg,
+)
 
 
 class Qwen25VL(Family):
@@ -28,9 +36,18 @@ class Qwen25VL(Family):
     model_class = "Qwen2_5_VLForConditionalGeneration"
     processor_class = "Qwen2_5_VLProcessor"
     default_pretrained = "Qwen/Qwen2.5-VL-7B-Instruct"
+    # lmms-eval's qwen2_5_vl keys and defaults (Qwen2-VL: its qwen2_vl wrapper's pixel defaults).
+    lmms_eval_pixels: ClassVar[tuple[int, int]] = (256 * 28 * 28, 1605632)  # (min_pixels, max_pixels)
     model_args: ClassVar[dict[str, str]] = {
-        "min_pixels": "lower bound of an image's resized area in pixels (default: the processor's)",
-        "max_pixels": "upper bound of an image's resized area in pixels (default: the processor's)",
+        "min_pixels": "lower bound of an image's resized area in pixels (default 200704 = 256*28*28, lmms-eval's)",
+        "max_pixels": "upper bound of an image's resized area in pixels (default 1605632, lmms-eval's)",
+        "system_prompt": "system message of conversations that have none (default 'You are a helpful "
+                         "assistant.'; none: no system message, the chat template's own default applies)",
+        "reasoning_prompt": "text appended to the last user turn (default none; \\n is a newline)",
+        "interleave_visuals": "accepted for lmms-eval (default false); chat requests keep the task's own order of "
+                              "images and text, as lmms-eval's chat wrapper does",
+        "max_num_frames": "frames sampled per video (default 32; videos are not supported yet)",
+        "fps": "video frames per second to sample (default unset; videos are not supported yet)",
     }
     box_convention = "resized_pixels"
     has_cls = False
@@ -53,17 +70,37 @@ class Qwen25VL(Family):
     @classmethod
     def parse_model_args(cls, args):
         out = {}
-        for name in ("min_pixels", "max_pixels"):
+        for name, default in zip(("min_pixels", "max_pixels"), cls.lmms_eval_pixels):
             value = args.pop(name, None)
-            if value is not None and str(value).lower() not in ("", "none"):
-                out[name] = int_arg(name, value, cls.token_pixels**2)
-        if out.get("min_pixels", 0) > out.get("max_pixels", float("inf")):
+            unset = value is None or str(value).strip().lower() in ("", "none")
+            out[name] = default if unset else int_arg(name, value, cls.token_pixels**2)
+        if out["min_pixels"] > out["max_pixels"]:
             raise ValueError(f"min_pixels={out['min_pixels']} > max_pixels={out['max_pixels']}: swap them")
+        system = args.pop("system_prompt", "You are a helpful assistant.")
+        out["system_prompt"] = None if system is None or str(system).strip().lower() in ("", "none") else str(system)
+        reasoning = args.pop("reasoning_prompt", None)
+        reasoning = None if reasoning is None or str(reasoning).lower() in ("", "none") else str(reasoning)
+        out["reasoning_prompt"] = reasoning.replace("\\n", "\n") if reasoning else None
+        out["interleave_visuals"] = bool_arg("interleave_visuals", args.pop("interleave_visuals", False))
+        out["max_num_frames"] = int_arg("max_num_frames", args.pop("max_num_frames", 32), 1)
+        out["fps"] = optional_float_arg("fps", args.pop("fps", None))
+        out["default_max_new_tokens"] = 128  # lmms-eval's qwen2_5_vl, when a task sets none
         return out
 
     @classmethod
     def processor_kwargs(cls, options):
-        return dict(options)
+        # transformers' name of the pixel budget (min_pixels/max_pixels call arguments are deprecated)
+        return {"size": {"shortest_edge": options["min_pixels"], "longest_edge": options["max_pixels"]}}
+
+    @classmethod
+    def prepare_images(cls, images, options):
+        """Qwen's own pipeline (qwen_vl_utils ``fetch_image``, which lmms-eval's wrapper runs through
+        ``process_vision_info``): RGB, resized to multiples of 28 px within qwen_vl_utils' own pixel bounds,
+        before the processor resizes within ``min_pixels``/``max_pixels``."""
+        from qwen_vl_utils import fetch_image
+
+        patch = cls.token_pixels // 2  # the patch of one merged token's 2x2 (Qwen3-VL: 16, lmms-eval's qwen3_vl)
+        return [fetch_image({"image": image}, image_patch_size=patch) for image in images]
 
     @classmethod
     def build_geometry(cls, spec, layers=None):

@@ -3,7 +3,8 @@ grid of merged tokens per image with 3-D M-RoPE, but a vision tower of full atte
 its own vision config (``embed_dim`` wide, ``hidden_size`` = the LM width after the merger).
 
 Everything else (spans from ``image_grid_thw`` or M-RoPE positions, pre-LLM hand-over, the ``min_pixels`` /
-``max_pixels`` arguments, ``bbox_2d`` answers in resized pixels) is Qwen2.5-VL's.
+``max_pixels`` arguments, ``bbox_2d`` answers in resized pixels) is Qwen2.5-VL's; the pixel defaults are those of
+lmms-eval's ``qwen2_vl`` wrapper (3136..602112).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class Qwen2VL(Qwen25VL):
     processor_class = "Qwen2VLProcessor"
     default_pretrained = "Qwen/Qwen2-VL-7B-Instruct"
     config_class = "Qwen2VLConfig"
+    lmms_eval_pixels = (3136, 602112)  # lmms-eval's qwen2_vl wrapper: min_pixels, max_pixels
     bench_geometries: ClassVar[dict[str, dict[str, Any]]] = {
         "qwen2_vl-7b": {"text": (28, 3584, 28, 4, 18944, "qwen2")},
     }

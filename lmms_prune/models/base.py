@@ -6,13 +6,25 @@ A wrapper (``internvl_deepprune``, ``qwen2_5_vl_prune``, ...) is generated for e
 the efficiency records across ranks and where they are written. Loading, prompting, generating and the cost
 accounting are the runner's.
 
-Efficiency: lmms-eval calls ``clean()`` on every rank once all requests have run; there the records are
-gathered to rank 0, summarised in the log and written as JSON next to lmms-eval's results. Where:
-``efficiency_path`` (a ``.json`` file or a directory) if given, else ``<--output_path>/<model dir>/<date>_
-efficiency.json``, the directory lmms-eval writes its ``*_results.json`` to (lmms-eval does not hand its
-output path to models, so it is read from the command line, ``sys.argv``, or from a single-run ``--config``
-YAML, and the sub-directory is named with lmms-eval's own model-name sanitiser). Without either, the summary is
-only logged.
+Results go where lmms-eval puts its own:
+
+- ``results["throughput"]``: each ``generate_until`` call reports through lmms-eval's ``log_metrics`` (generated
+  tokens, generation seconds) with our figures as ``additional_metrics`` (visual tokens before/after, LLM
+  prefill and selection seconds, prefill-FLOPs ratio, KV-cache bytes and ratio); lmms-eval averages them into
+  ``avg_<name>``.
+- ``results["efficiency"]`` and ``--log_samples``: every answer carries a :class:`PrunedTokenCounts`, whose
+  ``input_tokens`` are the tokens the LLM really processed (after pruning) and whose ``pruning`` entry is the
+  sample's efficiency record; lmms-eval writes both into the sample's ``token_counts``.
+- The efficiency JSON (all records and their summary): lmms-eval calls ``clean()`` on every rank once all
+  requests have run; there the records are gathered to rank 0 and summarised in the log. The file goes to
+  ``efficiency_path`` (a ``.json`` file or a directory) if given, else next to lmms-eval's
+  ``<--output_path>/<model dir>/<date>_results.json`` as ``<date>_efficiency.json`` with the same ``<date>``.
+  lmms-eval hands neither its output path nor the run's date to models (``simple_evaluate`` gets them, the
+  model only ``--model_args``), and writes its results after ``clean()``: so the output path is read from the
+  command line (``sys.argv``, or a single-run ``--config`` YAML; the sub-directory named with lmms-eval's own
+  model-name sanitiser) and the file is written at process exit, dated like the results file lmms-eval wrote
+  in that directory during this run (the current date if it wrote none). Without either, the summary is only
+  logged.
 """
 
 from __future__ import annotations
@@ -21,8 +33,9 @@ import argparse
 import atexit
 import json
 import sys
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -30,6 +43,7 @@ import torch
 from lmms_eval import utils as lmms_utils
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
+from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from lmms_eval.protocol import ChatMessages
 from loguru import logger as eval_logger
 from tqdm import tqdm
@@ -48,8 +62,8 @@ from lmms_prune.runner import (
     summarize,
 )
 
-__all__ = ["PrunedChatModel", "apply_until", "format_summary", "lmms_eval_cli_options", "preset_classes",
-           "summarize"]
+__all__ = ["PrunedChatModel", "PrunedTokenCounts", "apply_until", "format_summary", "lmms_eval_cli_options",
+           "preset_classes", "summarize"]
 
 WRAPPER_ARGS = OPTIONS
 WrapperOptions = RunOptions
@@ -66,6 +80,57 @@ class _Item:
     doc_to_messages: Any
     gen_kwargs: dict[str, Any]
     padding: bool = False  # lmms-eval's duplicate that evens out the ranks' request counts: not a sample
+
+
+@dataclass
+class PrunedTokenCounts(TokenCounts):
+    """lmms-eval's per-sample token counts plus the sample's efficiency record (``pruning``), which lmms-eval
+    writes into the ``token_counts`` of each ``--log_samples`` line."""
+
+    pruning: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = super().to_dict()
+        if self.pruning:
+            out["pruning"] = dict(self.pruning)
+        return out
+
+
+def throughput_metrics(records: Sequence[dict[str, Any]], rank: int) -> dict[str, Any]:
+    """``log_metrics`` arguments of one ``generate_until`` call from its samples' efficiency records
+    (``generate_seconds`` is per batch: each batch counts once)."""
+    batches: dict[tuple[float, float], float] = {}
+    for r in records:
+        batches[(r["batch_start"], r["generate_seconds"])] = r["generate_seconds"]
+    elapsed = sum(batches.values())
+    tokens = sum(int(r["output_tokens"]) for r in records)
+    s = summarize(records)
+    additional: dict[str, Any] = {"rank": rank, "total_requests": len(records)}
+    if records:
+        additional.update({
+            "visual_tokens_before": s["mean_visual_before"],
+            "visual_tokens_after": s["mean_visual_after"],
+            "visual_kept_ratio": s["visual_kept_ratio"],
+            "llm_prefill_seconds": s["mean_llm_prefill_seconds"],
+            "select_seconds": s["mean_select_seconds"],
+            "prefill_flops_ratio": s["prefill_flops_ratio"],
+            "kv_cache_bytes": s["mean_kv_cache_bytes"],
+            "kv_cache_bytes_unpruned": s["mean_kv_cache_bytes_unpruned"],
+            "kv_cache_ratio": s["kv_cache_ratio"],
+        })
+    return {"total_gen_tokens": tokens, "total_elapsed_time": elapsed,
+            "avg_speed": tokens / elapsed if elapsed > 0 else 0.0,
+            "additional_metrics": {k: v for k, v in additional.items() if v is not None}}
+
+
+def results_date(directory: Path, since: float) -> str | None:
+    """The ``<date>`` of the newest ``<date>_results.json`` lmms-eval wrote in ``directory`` at or after
+    ``since`` (a ``time.time()``), or None."""
+    if not directory.is_dir():
+        return None
+    found = [(f.stat().st_mtime, f.name[: -len("_results.json")]) for f in directory.glob("*_results.json")
+             if f.stat().st_mtime >= since]
+    return max(found)[1] if found else None
 
 
 def _close_process_group() -> None:
@@ -145,15 +210,17 @@ class PrunedChatModel(lmms):
     # ------------------------------------------------------------------ set-up
     def __init__(self, **model_args: Any) -> None:
         super().__init__()
-        self.options, self.prune_config = self.parse_model_args(**model_args)
-        self.runner = Runner(self.family_class(), self.options, self.prune_config, self.model_id())
+        options, self.prune_config = self.parse_model_args(**model_args)
+        self.runner = Runner(self.family_class(), options, self.prune_config, self.model_id())
         self._setup_device()
         self._load()
         self._install()
         self.records: list[dict[str, Any]] = []
         self.skipped: list[dict[str, Any]] = []
+        self._call_records: list[dict[str, Any]] = []
         self._finished = False
         self._answered = 0  # requests this process has answered, in order
+        self._started = time.time()  # results files older than this are another run's
 
     def _setup_device(self) -> None:
         from accelerate import Accelerator
@@ -174,6 +241,15 @@ class PrunedChatModel(lmms):
         self.runner.install()
 
     # ------------------------------------------------------------------ lmms properties
+    @property
+    def options(self) -> RunOptions:
+        """The run's options: the runner's (one copy, so a change reaches generation too)."""
+        return self.runner.options
+
+    @options.setter
+    def options(self, options: RunOptions) -> None:
+        self.runner.options = options
+
     @property
     def model(self) -> torch.nn.Module:
         return self.runner.model
@@ -228,15 +304,19 @@ class PrunedChatModel(lmms):
     def _run_batch(self, items: list[_Item]) -> list[GenerationResult]:
         """Generate the answers of one batch (same task and gen_kwargs) and record its efficiency."""
         conversations = [self._messages(item) for item in items]
-        answers = self.runner.generate(conversations, items[0].gen_kwargs, self._task_kind(items[0].task))
+        batch_start = time.perf_counter()
+        answers = self.runner.generate(conversations, items[0].gen_kwargs, self._task_kind(items[0].task),
+                                       items[0].task)
         results = []
         for item, answer in zip(items, answers):
-            if not item.padding:  # rank and position let the report drop each process's warm-up exactly
-                self.records.append({"task": item.task, "doc_id": item.doc_id, "rank": self.rank,
-                                     "position": self._answered, **answer.record})
+            record = {"task": item.task, "doc_id": item.doc_id, "rank": self.rank, "position": self._answered,
+                      **answer.record}  # rank and position let the report drop each process's warm-up exactly
             self._answered += 1
-            results.append(GenerationResult(text=answer.text, token_counts=TokenCounts(
-                input_tokens=answer.input_tokens, output_tokens=answer.output_tokens)))
+            self._call_records.append({**record, "batch_start": batch_start})
+            if not item.padding:
+                self.records.append(record)
+            results.append(GenerationResult(text=answer.text, token_counts=PrunedTokenCounts(
+                input_tokens=answer.input_tokens, output_tokens=answer.output_tokens, pruning=answer.record)))
         return results
 
     def _run_or_skip(self, items: list[_Item]) -> list[GenerationResult]:
@@ -251,32 +331,33 @@ class PrunedChatModel(lmms):
                 return [r for item in items for r in self._run_or_skip([item])]
             eval_logger.warning(f"{self.model_id()}: SKIPPED {where}: {type(err).__name__}: {err}")
             if not items[0].padding:
-                    self.skipped.append({"task": items[0].task, "doc_id": items[0].doc_id,
+                self.skipped.append({"task": items[0].task, "doc_id": items[0].doc_id,
                                      "error": f"{type(err).__name__}: {err}"})
             return [GenerationResult(text="")]
 
     def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
         """Answer ``requests`` (lmms-eval chat requests) in batches of ``batch_size``; results in request order.
 
-        A batch holds requests of one task, split and ``gen_kwargs``, in their original order.
+        Batches come from lmms-eval's ``Collator``: grouped by task, split and ``gen_kwargs``, in request order
+        within a group. The call's throughput and efficiency go to lmms-eval's ``log_metrics``.
         """
-        groups: dict[tuple[str, str, str], list[_Item]] = {}
+        items = []
         for index, req in enumerate(requests):
             _, doc_to_messages, gen_kwargs, doc_id, task, split = req.args
-            key = (task, split, json.dumps(gen_kwargs, sort_keys=True, default=str))
             padding = bool((req.metadata or {}).get("__padding_only__"))
-            groups.setdefault(key, []).append(
-                _Item(index, task, split, doc_id, doc_to_messages, dict(gen_kwargs), padding))
-        results: list[GenerationResult | None] = [None] * len(requests)
-        size = self.batch_size
+            items.append(_Item(index, task, split, doc_id, doc_to_messages, dict(gen_kwargs), padding))
+        collator = lmms_utils.Collator(
+            items, lambda it: it.index, grouping=True,
+            group_fn=lambda it: {"task": it.task, "split": it.split,
+                                 "gen_kwargs": json.dumps(it.gen_kwargs, sort_keys=True, default=str)})
+        self._call_records = []
+        results: list[GenerationResult] = []
         with tqdm(total=len(requests), disable=self.rank != 0, desc=f"{self.model_id()} responding") as pbar:
-            for items in groups.values():
-                for start in range(0, len(items), size):
-                    batch = items[start:start + size]
-                    for item, result in zip(batch, self._run_or_skip(batch)):
-                        results[item.index] = result
-                    pbar.update(len(batch))
-        return results
+            for batch in collator.get_batched(n=self.batch_size):
+                results.extend(self._run_or_skip(batch))
+                pbar.update(len(batch))
+        log_metrics(**throughput_metrics(self._call_records, self.rank))
+        return collator.get_original(results)
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         raise NotImplementedError(f"{self.model_id()} answers generation tasks only (generate_until)")
@@ -285,19 +366,30 @@ class PrunedChatModel(lmms):
         raise NotImplementedError(f"{self.model_id()} answers single-round generation tasks only")
 
     # ------------------------------------------------------------------ end of run
-    def efficiency_file(self) -> Path | None:
-        """Where ``finish`` writes the efficiency JSON (module docstring), or None."""
-        stamp = lmms_utils.get_datetime_str()  # the format and clock of lmms-eval's own result files
+    def efficiency_file(self, stamp: str | None = None) -> Path | None:
+        """Where the efficiency JSON goes (module docstring), or None. ``stamp``: the ``<date>`` of the file
+        name (default: that of lmms-eval's results file of this run in the same directory, else now)."""
         if self.options.efficiency_path:
             path = Path(self.options.efficiency_path)
-            return path if path.suffix == ".json" else path / f"{stamp}_efficiency.json"
+            if path.suffix == ".json":
+                return path
+            return path / f"{stamp or lmms_utils.get_datetime_str().replace(':', '-')}_efficiency.json"
+        directory = self.results_dir()
+        if directory is None:
+            return None
+        stamp = stamp or results_date(directory, self._started) or lmms_utils.get_datetime_str().replace(":", "-")
+        return directory / f"{stamp}_efficiency.json"
+
+    def results_dir(self) -> Path | None:
+        """The directory lmms-eval writes this run's ``*_results.json`` to, from its command line (lmms-eval
+        hands its output path to no model), or None."""
         cli = lmms_eval_cli_options()
         if not cli["output_path"]:
             return None
         from lmms_eval.loggers.evaluation_tracker import GeneralConfigTracker
 
         model_dir = lmms_utils.sanitize_model_name(GeneralConfigTracker._get_model_name(cli["model_args"] or ""))
-        return Path(cli["output_path"]) / model_dir / f"{stamp}_efficiency.json"
+        return Path(cli["output_path"]) / model_dir
 
     def efficiency_report(self) -> dict[str, Any]:
         """This process's records as the JSON document ``finish`` writes (before gathering)."""
@@ -338,12 +430,21 @@ class PrunedChatModel(lmms):
         if skipped:
             eval_logger.warning(f"{self.model_id()}: {len(skipped)} sample(s) were SKIPPED (on_error=skip): "
                                 + "; ".join(f"{x['task']} doc {x['doc_id']}: {x['error']}" for x in skipped))
+        if self.options.efficiency_path:
+            self.write_efficiency(report)
+        elif self.results_dir() is not None:
+            # lmms-eval writes its results after clean(): date the file like them once they exist
+            atexit.register(self.write_efficiency, report)
+        return report
+
+    def write_efficiency(self, report: dict[str, Any]) -> Path | None:
+        """Write ``report`` to :meth:`efficiency_file`; returns the path (None: nowhere to write)."""
         path = self.efficiency_file()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
             eval_logger.info(f"{self.model_id()}: efficiency records written to {path}")
-        return report
+        return path
 
     def clean(self) -> None:
         """lmms-eval's end-of-run call on every rank: report efficiency, undo the patch, free the model."""
