@@ -169,3 +169,35 @@ def test_preset_table_and_parameter_parsing():
         resolve_config("fastv", prune_layer="x")
     with pytest.raises(ValueError, match="alpha=1.5"):
         resolve_config("d2pruner", alpha="1.5", bias_prior="p.pt")
+
+
+def test_dart_uses_the_authors_pivots_and_final_norm_features(toys):
+    """DART in the engine: 4 visual + 4 text pivots by layer K-1's key norms, similarity on the final RMSNorm of
+    layer K's input (docs/fidelity.md); equal to the pure function called on those signals, and different from
+    the raw-hidden-state, visual-pivots-only variant."""
+    from lmms_prune import selection as sel
+
+    model, proc = toys("internvl_qwen2")
+    inputs = _inputs("internvl_qwen2", proc, _scene_images(1, seed=4)[0])
+    captured = {}
+    layer2 = model.model.language_model.layers[2]
+    def grab(module, args, kwargs):
+        captured.setdefault("hidden", (args or (kwargs["hidden_states"],))[0])
+
+    hook = layer2.register_forward_pre_hook(grab, with_kwargs=True)  # runs before the engine's gather
+    with torch.no_grad(), lmms_prune.apply(model, "dart", keep_ratio=0.1) as handle:
+        model(**inputs)
+        hook.remove()
+        rec = handle.records[0]
+        span = handle.state.spans[0][0]
+        norms = handle.state.key_norms[1][0]
+        normed = model.model.language_model.norm(captured["hidden"])[0]
+    assert handle.config.num_pivots == 4 and handle.config.num_text_pivots == 4
+    text = torch.arange(span.start + span.length, inputs["input_ids"].shape[1])
+    n = max(1, round(0.1 * span.length))
+    visual = slice(span.start, span.start + span.length)
+    expected = sel.dart(norms[visual], normed[visual], n, num_pivots=4, text_key_norms=norms[text],
+                        text_features=normed[text], num_text_pivots=4)
+    assert rec.kept[0].tolist() == expected.tolist()
+    raw = sel.dart(norms[visual], captured["hidden"][0][visual], n, num_pivots=8, num_text_pivots=0)
+    assert raw.tolist() != expected.tolist()

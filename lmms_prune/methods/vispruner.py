@@ -11,6 +11,9 @@ from __future__ import annotations
 from lmms_prune.methods.base import Needs, Param, Preset, Score, Selector, sel
 
 PARAMS = (
+    Param("residual_order", "descending", "vispruner: order of the diverse-token candidates before duplicate "
+          "removal: 'descending' importance (the authors' code) or 'original' patch order", kind="str",
+          choices=("descending", "original")),
     Param("important_ratio", 0.5, "vispruner: fraction of the budget taken by vision-attention importance", low=0.0, high=1.0),
 )
 
@@ -34,7 +37,7 @@ class VisPruner(Selector):
     """Important tokens by vision attention, diverse tokens by duplicate removal on pre-projector features."""
 
     name = "vispruner"
-    params = ("important_ratio",)
+    params = ("important_ratio", "residual_order")
     stages = ("pre_llm",)
 
     @classmethod
@@ -42,7 +45,8 @@ class VisPruner(Selector):
         return Needs(vision_features=True)
 
     def __call__(self, image, scores, n):
-        return sel.vispruner(scores, image.vision_features, n, important_ratio=self.config.important_ratio)
+        return sel.vispruner(scores, image.vision_features, n, important_ratio=self.config.important_ratio,
+                             residual_order=self.config.residual_order)
 
 
 SCORES = (VisionAttention,)
