@@ -14,11 +14,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
         return dtype
     if dtype in (None, "auto"):
         return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in table:
-        raise ValueError(f"dtype={dtype!r}: must be one of auto, {', '.join(table)}")
-    return table[dtype]
+    from lmms_prune.runner import DTYPE_ALIASES, torch_dtype
+
+    if dtype not in DTYPE_ALIASES:
+        raise ValueError(f"dtype={dtype!r}: must be one of auto, {', '.join(DTYPE_ALIASES)}")
+    return torch_dtype(dtype)
 
 
 # Short names of the checkpoints this package ships -> their folder under lmms_prune/assets.

@@ -64,12 +64,10 @@ class Run:
 
 
 def parse_model_args(text: str | None) -> dict[str, str]:
-    out = {}
-    for part in (text or "").split(","):
-        k, eq, v = part.partition("=")
-        if eq:
-            out[k.strip()] = v.strip()
-    return out
+    """An lmms-eval ``--model_args`` string as key -> value text (lmms-eval's own parser)."""
+    from lmms_eval.utils import simple_parse_args_string
+
+    return {str(k): str(v) for k, v in simple_parse_args_string(text or "").items()}
 
 
 def _headline(metrics: dict[str, Any]) -> tuple[str, float] | None:

@@ -56,30 +56,36 @@ def order_corners(box: Box) -> Box:
     return (min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))
 
 
+def _tensor(box):
+    """``[1, 4]`` float64 tensor of one box (torch imported on first use: task modules load at start-up)."""
+    import torch
+
+    return torch.tensor([[float(v) for v in box]], dtype=torch.float64)
+
+
 def clamp_box(box: Box, width: int, height: int) -> Box:
-    """``box`` clipped to the image ``[0, width] x [0, height]``; a box fully outside collapses to an edge."""
-    x1, y1, x2, y2 = box
-    return (
-        min(max(x1, 0.0), float(width)),
-        min(max(y1, 0.0), float(height)),
-        min(max(x2, 0.0), float(width)),
-        min(max(y2, 0.0), float(height)),
-    )
+    """``box`` clipped to the image ``[0, width] x [0, height]`` (``torchvision.ops.clip_boxes_to_image``); a box
+    fully outside collapses to an edge."""
+    from torchvision.ops import clip_boxes_to_image
+
+    return tuple(float(v) for v in clip_boxes_to_image(_tensor(box), (int(height), int(width)))[0])
 
 
 def xywh_to_xyxy(box: tuple[float, float, float, float] | list[float]) -> Box:
-    """COCO ``[x, y, w, h]`` (top-left corner plus size, pixels) -> ``(x1, y1, x2, y2)``."""
-    x, y, w, h = (float(v) for v in box)
-    return (x, y, x + w, y + h)
+    """COCO ``[x, y, w, h]`` (top-left corner plus size, pixels) -> ``(x1, y1, x2, y2)``
+    (``torchvision.ops.box_convert``)."""
+    from torchvision.ops import box_convert
+
+    return tuple(float(v) for v in box_convert(_tensor(box), "xywh", "xyxy")[0])
 
 
 def box_iou(a: Box, b: Box) -> float:
-    """Intersection over union of two ``(x1, y1, x2, y2)`` boxes; 0.0 when the union has zero area."""
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    intersection = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - intersection
-    return intersection / union if union > 0 else 0.0
+    """Intersection over union of two ``(x1, y1, x2, y2)`` boxes (``torchvision.ops.box_iou``, float64); 0.0
+    when the union has zero area."""
+    from torchvision.ops import box_iou as tv_box_iou
+
+    iou = float(tv_box_iou(_tensor(a), _tensor(b))[0, 0])
+    return 0.0 if math.isnan(iou) else iou
 
 
 def smart_resize(
@@ -89,27 +95,14 @@ def smart_resize(
     min_pixels: int = QWEN_MIN_PIXELS,
     max_pixels: int = QWEN_MAX_PIXELS,
 ) -> tuple[int, int]:
-    """Qwen2-VL / Qwen2.5-VL input size ``(resized_height, resized_width)`` for an image of ``height x width``.
+    """Qwen2-VL / Qwen2.5-VL input size ``(resized_height, resized_width)`` for an image of ``height x width``:
+    transformers' own ``smart_resize`` (``Qwen2VLImageProcessor``), with the bounds this module documents."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as qwen_smart_resize
 
-    Both sides are rounded to multiples of ``factor``; if the area leaves ``[min_pixels, max_pixels]`` the
-    image is rescaled (keeping its aspect ratio) to fit, rounding down when shrinking and up when growing.
-    The same rule as ``transformers.models.qwen2_vl.image_processing_qwen2_vl.smart_resize``.
-    """
     if height <= 0 or width <= 0:
         raise ValueError(f"height={height}, width={width}: both must be positive")
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"height={height}, width={width}: aspect ratio must be at most 200")
-    resized_h = round(height / factor) * factor
-    resized_w = round(width / factor) * factor
-    if resized_h * resized_w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        resized_h = max(factor, math.floor(height / beta / factor) * factor)
-        resized_w = max(factor, math.floor(width / beta / factor) * factor)
-    elif resized_h * resized_w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        resized_h = math.ceil(height * beta / factor) * factor
-        resized_w = math.ceil(width * beta / factor) * factor
-    return resized_h, resized_w
+    return tuple(int(v) for v in qwen_smart_resize(height, width, factor=factor, min_pixels=min_pixels,
+                                                    max_pixels=max_pixels))
 
 
 def qwen_box_to_original(box: Box, width: int, height: int, resized_width: int, resized_height: int) -> Box:
