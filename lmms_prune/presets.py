@@ -149,6 +149,14 @@ def used_params(cfg: Any) -> set[str]:
     return used
 
 
+def reads(method: str, name: str) -> bool:
+    """Whether preset ``method`` (with its own settings) reads parameter ``name``: shared options such as a
+    sweep's ``*:KEY=VALUE`` apply only where they are read."""
+    if method not in PRESETS:
+        raise ValueError(f"method={method!r}: unknown; choose one of {', '.join(PRESETS)}")
+    return name in used_params(PruneConfig(**{"method": method, **PRESETS[method].settings}))
+
+
 def _users(name: str) -> list[str]:
     """Presets whose methods read parameter ``name``."""
     out = []

@@ -156,7 +156,7 @@ def parse_method_args(items: Sequence[str]) -> dict[str, dict[str, str]]:
 def build_cells(models: Sequence[tuple[str, str]], methods: Sequence[str], keeps: Sequence[float],
                 method_args: dict[str, dict[str, str]] | None = None) -> list[Cell]:
     """One cell per (checkpoint, method, keep ratio); checkpoints resolved by `resolve_checkpoint`."""
-    from lmms_prune.presets import PRESETS
+    from lmms_prune.presets import PARAMS, PRESETS, reads
 
     method_args = method_args or {}
     unknown = [m for m in methods if m not in PRESETS]
@@ -175,7 +175,9 @@ def build_cells(models: Sequence[tuple[str, str]], methods: Sequence[str], keeps
             raise ValueError(f"--models {family}={pretrained}: given twice")
         seen.add((family, checkpoint, revision))
         for method in ["none", *[m for m in methods if m != "none"]]:
-            extra = {**method_args.get("*", {}), **method_args.get(method, {})}
+            # '*' values apply to every method; a pruning parameter only where the method reads it
+            shared = {k: v for k, v in method_args.get("*", {}).items() if k not in PARAMS or reads(method, k)}
+            extra = {**shared, **method_args.get(method, {})}
             for keep in [1.0] if method == "none" else keeps:
                 cells.append(Cell(family, checkpoint, method, float(keep), tuple(sorted(extra.items())), revision))
     return cells

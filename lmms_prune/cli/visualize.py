@@ -38,8 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def method_configs(methods: str, keep: float, method_args: str | None) -> dict[str, Any]:
     """``{method: PruneConfig}`` for the comma-separated ``methods`` at keep ratio ``keep``, with the
-    ``--method-args`` JSON applied (a dict value under a method's name applies to that method only)."""
-    from lmms_prune.presets import PRESETS, resolve_config
+    ``--method-args`` JSON applied (a dict value under a method's name applies to that method only; a plain
+    value applies to every listed method that reads it)."""
+    from lmms_prune.presets import PRESETS, reads, resolve_config
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
     if not names:
@@ -64,7 +65,12 @@ def method_configs(methods: str, keep: float, method_args: str | None) -> dict[s
             raise ValueError(f"--methods: unknown method {name!r}; choose from {', '.join(PRESETS)}")
         if name == "none":
             raise ValueError("--methods: 'none' keeps every token, there is nothing to show; drop it")
-        params = {"keep_ratio": keep, **common, **per_method.get(name, {})}
+    unread = sorted(k for k in common if not any(reads(name, k) for name in names))
+    if unread:
+        raise ValueError(f"--method-args: {', '.join(unread)} is read by none of --methods {methods!r}")
+    for name in names:
+        shared = {k: v for k, v in common.items() if reads(name, k)}  # shared values apply where they are read
+        params = {"keep_ratio": keep, **shared, **per_method.get(name, {})}
         configs[name] = resolve_config(name, **params)
     return configs
 
