@@ -184,10 +184,11 @@ def summarize(records: Sequence[dict[str, Any]], skipped: int = 0) -> dict[str, 
     out: dict[str, Any] = {"samples": len(records), "skipped": skipped}
     if not records:
         return out
-    for key in ("visual_before", "visual_after", "seq_len_before", "seq_len_after", "llm_prefill_seconds",
+    for key in ("visual_before", "visual_before_papers", "visual_after", "seq_len_before", "seq_len_after", "llm_prefill_seconds",
                 "select_seconds", "decode_seconds", "end_to_end_seconds", "prefill_flops",
                 "prefill_flops_unpruned", "kv_cache_bytes", "kv_cache_bytes_unpruned", "output_tokens"):
-        out[f"mean_{key}"] = sum(float(r[key]) for r in records) / len(records)
+        if all(key in r for r in records):  # visual_before_papers: records written before it existed lack it
+            out[f"mean_{key}"] = sum(float(r[key]) for r in records) / len(records)
 
     def ratio(num: str, den: str) -> float | None:
         total = sum(float(r[den]) for r in records)
@@ -396,6 +397,7 @@ class Runner:
             "batch_size": batch,
             "task_kind": self.handle.task_kind,
             "visual_before": rec.visual_before,
+            "visual_before_papers": rec.visual_before_papers,
             "visual_after": rec.visual_after,
             "visual_after_per_image": [int(k.numel()) for k in rec.kept],
             "seq_len_before": rec.seq_len_before,

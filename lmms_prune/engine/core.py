@@ -282,9 +282,9 @@ class PruneHandle:
 
     def _record_unpruned(self, b: int) -> PruneRecord:
         spans = self._state.spans[b]
-        n = sum(s.length for s in spans)
+        n = sum(s.num_visual for s in spans)
         full = self._state.lengths[b]
-        return PruneRecord(n, n, [torch.arange(s.length) for s in spans], full, full, [], spans=list(spans))
+        return PruneRecord(n, n, [torch.arange(s.num_visual) for s in spans], full, full, [], spans=list(spans))
 
     def _make_observer(self, layer: int):
         want_norms = layer in self.needs.key_norms
@@ -327,17 +327,17 @@ class PruneHandle:
     # ------------------------------------------------------------------ selection
     def _signals(self, b: int, span: ImageSpan, offset: int, num_visual: int, hidden: torch.Tensor,
                  normed: torch.Tensor | None) -> ImageSignals:
-        """The declared signals of one image of sample ``b`` (visual columns only)."""
+        """The declared signals of one image of sample ``b`` (visual columns only; structural tokens hidden)."""
         st, needs = self._state, self.needs
-        pos = span.positions
+        pos = span.visual_positions
         image = ImageSignals(sample=b, span=span, offset=offset, sample_visual=num_visual,
                              task_kind=self._task_kind, device=hidden.device)
         image.attention = {layer: st.attention[layer][b, pos] for layer in needs.attention}
         image.key_norms = {layer: st.key_norms[layer][b, pos] for layer in needs.key_norms}
         if needs.hidden:
-            image.hidden = hidden[b, span.start: span.start + span.length]
+            image.hidden = hidden[b, pos.to(hidden.device)]
         if normed is not None:
-            image.final_norm = normed[b, span.start: span.start + span.length]
+            image.final_norm = normed[b, pos.to(normed.device)]
         if needs.text:
             text = self._text_after(b, span)
             image.text_key_norms = {layer: st.key_norms[layer][b, text] for layer in needs.key_norms}
@@ -364,18 +364,19 @@ class PruneHandle:
             spans = st.spans[b]
             keep = torch.ones(t_len, dtype=torch.bool, device=hidden.device)
             kept_per_image, scores_per_image = [], []
-            num_visual = sum(s.length for s in spans)
+            num_visual = sum(s.num_visual for s in spans)
             offset = 0
             for span in spans:
                 keep[span.start: span.start + span.length] = False
+                keep[span.structural_positions.to(hidden.device)] = True
                 image = self._signals(b, span, offset, num_visual, hidden, normed)
                 scores = self.score(image)
-                n = sel.budget(span.length, keep_ratio=cfg.keep_ratio, keep_tokens=cfg.keep_tokens)
-                local = self.selector(image, scores, n).to(hidden.device)
-                keep[span.start + local] = True
+                n = sel.budget(span.num_visual, keep_ratio=cfg.keep_ratio, keep_tokens=cfg.keep_tokens)
+                local = self.selector(image, scores, n)
+                keep[span.visual_positions[local.cpu()].to(hidden.device)] = True
                 kept_per_image.append(local.cpu())
                 scores_per_image.append(None if scores is None else scores.detach().cpu())
-                offset += span.length
+                offset += span.num_visual
             keep_rows.append(keep)
             kept = sum(k.numel() for k in kept_per_image)
             full = st.lengths[b]

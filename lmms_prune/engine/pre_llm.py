@@ -3,7 +3,8 @@
 Before the first forward, the images are encoded once; the method's score and selector plug-ins run on the
 vision-side signals they declare (``Needs.vision_attention``: the vision encoder's [CLS] attention at the
 feature layer; ``vision_features``: the pre-projector features; ``embeddings``: the projected embeddings);
-each image's run of placeholder tokens in ``input_ids`` is shortened to its budget and
+each image's run of placeholder tokens in ``input_ids`` is shortened to its budget (structural tokens, e.g.
+LLaVA-NeXT's row newlines, always stay; per-token vision signals come one row per span token) and
 the kept embeddings are handed to the model as ``mm_encoder_outputs`` (transformers' public input for
 pre-encoded images), so ``generate`` and ``forward`` run unchanged on the shorter prompt.
 
@@ -97,23 +98,25 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
     for b, sample_spans in enumerate(spans):
         keep = mask2d[b].new_ones(input_ids.shape[1], dtype=torch.bool)
         kept_per_image = []
-        n_vis = sum(s.length for s in sample_spans)
+        n_vis = sum(s.num_visual for s in sample_spans)
         sample_offset = 0
         for span in sample_spans:
-            rows = slice(offset, offset + span.length)
+            # rows of the encoder outputs (one per span token, structural ones included) of the visual tokens
+            rows = (offset + span.visual_index).to(projected.device)
             image = ImageSignals(sample=b, span=span, offset=sample_offset, sample_visual=n_vis,
                                  task_kind=handle.task_kind, device=projected.device,
                                  vision_attention=None if importance is None else importance[rows],
                                  vision_features=None if features is None else features[rows],
                                  embeddings=projected[rows] if needs.embeddings else None)
-            n = sel.budget(span.length, keep_ratio=cfg.keep_ratio, keep_tokens=cfg.keep_tokens)
-            local = handle.selector(image, handle.score(image), n).to(input_ids.device)
+            n = sel.budget(span.num_visual, keep_ratio=cfg.keep_ratio, keep_tokens=cfg.keep_tokens)
+            local = handle.selector(image, handle.score(image), n).cpu()
+            in_span = torch.cat([torch.tensor(span.structural, dtype=torch.long), span.visual_index[local]]).sort()[0]
             keep[span.start: span.start + span.length] = False
-            keep[span.start + local] = True
-            kept_feats.append(projected[offset + local.to(projected.device)])
-            kept_per_image.append(local.cpu())
+            keep[(span.start + in_span).to(keep.device)] = True
+            kept_feats.append(projected[(offset + in_span).to(projected.device)])
+            kept_per_image.append(local)
             offset += span.length
-            sample_offset += span.length
+            sample_offset += span.num_visual
         real = mask2d[b].bool()
         keep &= real  # drop the old padding; the batch is left-padded again below
         keeps.append(keep)

@@ -19,6 +19,8 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "internvl": ("lmms_prune.families.internvl", "InternVLPrune"),
     "qwen2_5_vl": ("lmms_prune.families.qwen2_5_vl", "Qwen25VLPrune"),
     "llava": ("lmms_prune.families.llava", "LlavaPrune"),
+    "llava_next": ("lmms_prune.families.llava_next", "LlavaNextPrune"),
+    "llava_onevision": ("lmms_prune.families.llava_onevision", "LlavaOnevisionPrune"),
 }
 
 

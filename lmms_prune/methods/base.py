@@ -209,7 +209,8 @@ class ImageSignals:
 
     @property
     def num_tokens(self) -> int:
-        return self.span.length
+        """The image's visual tokens ``N`` (its span's structural tokens, e.g. newlines, are not among them)."""
+        return self.span.num_visual
 
 
 # ---------------------------------------------------------------------------------------------- plug-ins
