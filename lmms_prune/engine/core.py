@@ -126,6 +126,7 @@ class PruneHandle:
         lm = self.adapter.language_model
         self._hooks.append(lm.register_forward_pre_hook(self._on_lm_start, with_kwargs=True))
         self._hooks.append(lm.register_forward_hook(self._on_lm_end, with_kwargs=True))
+        self._hooks.extend(self.adapter.install_hooks())  # the family's own observers (removed with ours)
 
     def _install_llm(self) -> None:
         self._install_observe_only()

@@ -256,6 +256,11 @@ class Family:
 
         return torch.cat([cls_attention(r, has_cls=True) for r in rows])
 
+    def install_hooks(self) -> list[Any]:
+        """Observers the family needs on its model while a pruning handle is installed (each with ``remove()``);
+        e.g. LLaVA-NeXT keeps the ``image_sizes`` that ``generate`` hands the image encoder."""
+        return []
+
     def wrap_image_features(self, encoded, kept: torch.Tensor):
         encoded.pooler_output = [kept]
         return encoded

@@ -17,10 +17,10 @@ the efficiency record's ``visual_before_papers``) gives the papers' ``576 x (1 +
 
 The layout is read with the model's own packing rule from ``image_sizes`` when the forward call has them; in
 ``generate`` (transformers 5 encodes the images before the first forward and passes only
-``mm_encoder_outputs``) the newline rows are found in the encoder output itself (they are the ``image_newline``
-parameter, bit for bit), and the tiles of the papers' count are ``ceil(rows / 24) x ceil(cols / 24)`` (unpadding
-removes less than one tile per side for every image size: ``tests/test_llava_next.py`` checks it against
-``image_sizes`` for the 1.6 pinpoints).
+``mm_encoder_outputs``) from the ``image_sizes`` the encoder was called with (kept by :meth:`install_hooks`).
+Encoder outputs made elsewhere (a caller's own ``mm_encoder_outputs``) are read from their newline rows (the
+``image_newline`` parameter, bit for bit); their papers' count is then the lower bound
+``576 x (1 + ceil(rows / 24) ceil(cols / 24))`` (a small image can leave a whole tile of padding).
 
 ``--model_args``: lmms-eval's own ``llava_hf`` wrapper takes no image-processing options (``pretrained``,
 ``dtype``, ``device``, ``device_map``, ``batch_size``, ``attn_implementation``, ``chat_template``, ``use_cache``),
@@ -34,6 +34,8 @@ sentence describes: {expression}" (no ``<ref>`` tags). :func:`padded_square_box_
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -58,6 +60,19 @@ def padded_square_box_to_original(box: Sequence[float], width: int, height: int)
     dx, dy = (side - width) / 2, (side - height) / 2
     x1, y1, x2, y2 = (float(v) for v in box)
     return x1 * side - dx, y1 * side - dy, x2 * side - dx, y2 * side - dy
+
+
+ENCODER_INPUTS = "lmms_prune_encoder_inputs"  # attribute of an encoder output: the image sizes it was made for
+
+
+class _RestoreMethod:
+    """Removes an instance attribute that shadows a method (the class method is back)."""
+
+    def __init__(self, owner: Any, name: str):
+        self.owner, self.name = owner, name
+
+    def remove(self) -> None:
+        self.owner.__dict__.pop(self.name, None)
 
 
 @dataclass(frozen=True)
@@ -224,13 +239,35 @@ class LlavaNext(Llava):
         return out
 
     def image_layouts(self, forward_kwargs: dict[str, Any]) -> list[ImageLayout]:
-        """Every image of the call, in order: from ``image_sizes`` (the model's rule) or the encoder output."""
+        """Every image of the call, in order: from ``image_sizes`` (the model's rule: the forward's own, or those
+        ``generate`` gave the encoder, kept by :meth:`install_hooks`), else from the encoder output's newlines."""
         if forward_kwargs.get("image_sizes") is not None:
             return self._layouts_from_sizes(forward_kwargs)
         encoded = (forward_kwargs.get("mm_encoder_outputs") or {}).get("image")
-        if encoded is not None:
-            return self._layouts_from_features(encoded)
-        return []
+        if encoded is None:
+            return []
+        seen = getattr(encoded, ENCODER_INPUTS, None)
+        if seen is not None and seen.get("image_sizes") is not None:
+            return self._layouts_from_sizes(seen)
+        return self._layouts_from_features(encoded)
+
+    def install_hooks(self) -> list[Any]:
+        """Wrap ``get_image_features`` (an instance attribute, signature kept: ``generate`` reads it) so that its
+        output remembers the ``image_sizes`` / ``batch_num_images`` it was called with; ``generate`` drops
+        them from the forward's inputs once the images are encoded."""
+        inner = self.model.model
+        original = inner.get_image_features
+
+        @functools.wraps(original)
+        def get_image_features(*args: Any, **kwargs: Any):
+            out = original(*args, **kwargs)
+            bound = inspect.signature(original).bind_partial(*args, **kwargs).arguments
+            if not isinstance(out, tuple):
+                setattr(out, ENCODER_INPUTS, {k: bound.get(k) for k in ("image_sizes", "batch_num_images")})
+            return out
+
+        inner.get_image_features = get_image_features
+        return [_RestoreMethod(inner, "get_image_features")]
 
     def spans(self, input_ids, forward_kwargs):
         layouts = self.image_layouts(forward_kwargs)
