@@ -68,7 +68,8 @@ def synthetic_inputs(model: nn.Module, visual_tokens: int, text_tokens: int = 48
     text = torch.randint(3, max(4, vocab - 1), (text_tokens,), generator=gen)
     pixels, extra = type(adapter).synthetic_inputs(model, visual_tokens, text, gen)
     head, tail = text[: text_tokens // 4], text[text_tokens // 4:]
-    ids = torch.cat([head, torch.full((visual_tokens,), image_id), tail])[None]
+    placeholders = type(adapter).placeholder_count(model, visual_tokens)
+    ids = torch.cat([head, torch.full((placeholders,), image_id), tail])[None]
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels, **extra}
     if "image_grid_thw" in extra:  # M-RoPE families number the image tokens by their token type
         inputs["mm_token_type_ids"] = (ids == image_id).long()
@@ -268,7 +269,6 @@ class Bench:
     def run_cell(self, method: str, keep_ratio: float, inputs: dict[str, Any], extra: dict[str, Any]) -> Cell:
         model, dev = self.model, self.device
         inputs = {k: v.to(dev) for k, v in inputs.items()}
-        n_visual = int((inputs["input_ids"] == self.adapter.image_token_id).sum())
         params = self._params(method, keep_ratio, extra)
         vision = timed(lambda: self._encoded(inputs), 1, 0)[0]
         with torch.no_grad(), apply(model, method, **params) as handle:
@@ -301,7 +301,7 @@ class Bench:
         k = handle.config.prune_layer if handle.config.stage == "llm" else 0
         full_counts = self._full_depth_counts(kv_lengths, k)
         cell = Cell(
-            method=method, keep_ratio=1.0 if method == "none" else keep_ratio, visual_tokens=n_visual,
+            method=method, keep_ratio=1.0 if method == "none" else keep_ratio, visual_tokens=rec.visual_before,
             kept_tokens=rec.visual_after, prune_layer=handle.config.prune_layer,
             llm_prefill_s=_stats(prefill), vision_s=vision, ttft_s=ttft, decode_per_token_s=decode,
             select_s=min(selects), flops=float(prefill_flops(self.full_dims, full_counts)),

@@ -82,7 +82,7 @@ def calibrate_prior(
             model(**inputs)
             record = handle.records[0]
             for span, scores in zip(record.spans, record.scores):
-                n = span.length
+                n = span.num_visual
                 sums[n] = sums.get(n, torch.zeros(n)) + scores.float()
                 counts[n] = counts.get(n, 0) + 1
                 layouts[n] = [list(g) for g in span.grids]

@@ -266,7 +266,7 @@ def collect_attention(
                     raise RuntimeError(f"layer {missing[0]} recorded no attention: the model's attention "
                                        "implementation bypasses transformers' attention interface")
                 for x in layers:
-                    rows[x].append(recorder.rows[x - 1][0, span.start: span.start + span.length].float())
+                    rows[x].append(recorder.rows[x - 1][0, span.visual_positions].float())
                 bar.update(1)
             results.append(ImageAttention(name, tuple(image.size), grids,
                                           {x: torch.stack(rows[x]) for x in layers}))

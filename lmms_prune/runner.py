@@ -258,9 +258,11 @@ def summarize(records: Sequence[dict[str, Any]], skipped: int = 0) -> dict[str, 
     if all("rank" in r and "position" in r for r in records):
         timed = warm_samples(records) or timed
     out["timed_samples"] = len(timed)
-    for key in ("visual_before", "visual_after", "seq_len_before", "seq_len_after", "prefill_flops",
-                "prefill_flops_unpruned", "kv_cache_bytes", "kv_cache_bytes_unpruned", "output_tokens"):
-        out[f"mean_{key}"] = sum(float(r[key]) for r in records) / len(records)
+    for key in ("visual_before", "visual_before_papers", "visual_after", "seq_len_before", "seq_len_after",
+                "prefill_flops", "prefill_flops_unpruned", "kv_cache_bytes", "kv_cache_bytes_unpruned",
+                "output_tokens"):
+        if all(key in r for r in records):  # visual_before_papers: records written before it existed lack it
+            out[f"mean_{key}"] = sum(float(r[key]) for r in records) / len(records)
     for key in ("llm_prefill_seconds", "select_seconds", "decode_seconds", "end_to_end_seconds"):
         out[f"mean_{key}"] = sum(float(r[key]) for r in timed) / len(timed)
 
@@ -527,6 +529,7 @@ class Runner:
             "batch_size": batch,
             "task_kind": self.handle.task_kind,
             "visual_before": rec.visual_before,
+            "visual_before_papers": rec.visual_before_papers,
             "visual_after": rec.visual_after,
             "visual_after_per_image": [int(k.numel()) + (rec.merged[i] if rec.merged else 0)
                                        for i, k in enumerate(rec.kept)],

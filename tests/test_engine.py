@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import lmms_prune
 from lmms_prune.engine import attention as attn_mod
+from lmms_prune.families import get_adapter
 from lmms_prune.toy.models import FAMILIES, build_processor, build_tiny_model
 
 torch.set_num_threads(1)
@@ -112,7 +113,11 @@ def _one(family, proc, size=(300, 200), text="Where is the cup on the table?"):
 
 
 def _num_visual(model, inputs, row=0):
-    return int((inputs["input_ids"][row] == model.config.image_token_id).sum())
+    """Visual tokens of a sample: its image placeholders minus structural ones (LLaVA-NeXT's row newlines)."""
+    spans = get_adapter(model).spans(inputs["input_ids"], inputs)[row]
+    placeholders = int((inputs["input_ids"][row] == model.config.image_token_id).sum())
+    assert sum(s.length for s in spans) == placeholders
+    return sum(s.num_visual for s in spans)
 
 
 def _generate(model, inputs, **kw):
@@ -206,7 +211,8 @@ def test_k0_equals_feeding_only_kept_tokens(toys, family):
     torch.testing.assert_close(pruned, direct, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["internvl_qwen2", "qwen2_5_vl", "qwen3_vl", "internvl3_5"])
+@pytest.mark.parametrize("family", ["internvl_qwen2", "qwen2_5_vl", "qwen3_vl", "internvl3_5", "llava_next",
+                                    "llava_onevision"])
 def test_kv_cache_decoding_equals_recomputation(toys, family):
     model, proc = toys(family)
     inputs = _one(family, proc)
@@ -218,7 +224,8 @@ def test_kv_cache_decoding_equals_recomputation(toys, family):
     assert _steps_close(cached_steps, full_steps, cached_tokens, full_tokens)
 
 
-@pytest.mark.parametrize("family", ["internvl_llama", "qwen2_5_vl", "llava", "qwen3_vl", "internvl3", "internvl3_5"])
+@pytest.mark.parametrize("family", ["internvl_llama", "qwen2_5_vl", "llava", "qwen3_vl", "internvl3", "internvl3_5",
+                                    "llava_next", "llava_onevision"])
 def test_left_padded_batch_equals_single_samples(toys, family):
     model, proc = toys(family)
     sizes = [(300, 200), (200, 420)]  # InternVL: 1 tile vs 2 tiles + thumbnail -> unequal kept lengths
@@ -235,7 +242,8 @@ def test_left_padded_batch_equals_single_samples(toys, family):
             assert _steps_close(steps[row:row + 1], s1, tokens[row:row + 1], t1)
 
 
-@pytest.mark.parametrize("family", ["internvl_qwen2", "qwen2_5_vl", "llava", "qwen3_vl", "internvl3", "internvl3_5"])
+@pytest.mark.parametrize("family", ["internvl_qwen2", "qwen2_5_vl", "llava", "qwen3_vl", "internvl3", "internvl3_5",
+                                    "llava_next", "llava_onevision"])
 def test_two_images_prune_per_image(toys, family):
     model, proc = toys(family)
     inputs = _inputs(family, proc, [[_image((300, 200)), _image((240, 240), "astronaut")]], ["Compare them."])
@@ -245,8 +253,8 @@ def test_two_images_prune_per_image(toys, family):
     rec = handle.records[0]
     assert len(rec.kept) == len(spans) == 2
     for span, kept in zip(spans, rec.kept):
-        assert kept.numel() == max(1, round(0.1 * span.length))
-        assert kept.max() < span.length
+        assert kept.numel() == max(1, round(0.1 * span.num_visual))
+        assert kept.max() < span.num_visual
     assert rec.visual_after == sum(k.numel() for k in rec.kept)
 
 
@@ -369,7 +377,8 @@ def test_pre_llm_keep_all_equals_unpruned(toys, family, positions):
 @pytest.mark.parametrize(("family", "method"), [("internvl_llama", "vispruner"), ("internvl_qwen2", "divprune"),
                                                 ("llava", "vispruner"), ("qwen2_5_vl", "divprune"),
                                                 ("qwen2_5_vl", "vispruner"), ("qwen3_vl", "vispruner"),
-                                                ("qwen3_vl", "divprune"), ("internvl3_5", "vispruner")])
+                                                ("qwen3_vl", "divprune"), ("internvl3_5", "vispruner"),
+                                                ("llava_next", "vispruner"), ("llava_onevision", "divprune")])
 def test_pre_llm_with_original_positions_equals_k0_of_the_same_set(toys, family, method):
     """Dropping tokens before the LLM at their original positions is exactly intra-LLM pruning at K=0."""
     model, proc = toys(family)
@@ -388,7 +397,7 @@ def test_pre_llm_with_original_positions_equals_k0_of_the_same_set(toys, family,
     torch.testing.assert_close(pre_steps, k0_steps, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["internvl_qwen2", "llava"])
+@pytest.mark.parametrize("family", ["internvl_qwen2", "llava", "llava_next"])
 def test_pre_llm_contiguous_positions_renumber_the_short_prompt(toys, family):
     model, proc = toys(family)
     inputs = _one(family, proc)

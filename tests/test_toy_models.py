@@ -11,7 +11,9 @@ import tiktoken
 import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers.image_processing_utils import select_best_resolution
 
+from lmms_prune.families import get_adapter
 from lmms_prune.toy import tokenizers as toy_tok
 from lmms_prune.toy.models import (
     FAMILIES,
@@ -104,7 +106,7 @@ def test_qwen_mrope_sections_cover_the_rotary_half_of_a_head():
     assert len(section) == 3 and sum(section) == head_dim // 2
 
 
-@pytest.mark.parametrize("bad", ["llava_next", "InternVL"])
+@pytest.mark.parametrize("bad", ["llava_next_video", "InternVL"])
 def test_unknown_family_is_rejected_by_name(bad):
     with pytest.raises(ValueError, match=bad):
         tiny_config(bad)
@@ -145,7 +147,7 @@ def test_reloaded_model_generates_from_a_real_photo(loaded, photo_640x480):
     assert out.shape == (1, prompt_len + 3)
     assert torch.equal(out[:, :prompt_len], inputs["input_ids"])
     assert len(model.model.language_model.layers) == 14  # the default depth, so prune layer 12 exists
-    if family in ("llava", "internvl_llama"):
+    if family in ("llava", "llava_next", "internvl_llama"):
         # the toy BPE has exactly as many tokens as embedding rows: every generated id decodes to a token
         assert model.config.text_config.vocab_size == len(processor.tokenizer)
         assert None not in processor.tokenizer.convert_ids_to_tokens(out[0, prompt_len:].tolist())
@@ -159,7 +161,7 @@ def test_config_token_ids_agree_with_the_tokenizer(loaded):
     assert len(tokenizer) <= model.config.text_config.vocab_size
     eos = model.generation_config.eos_token_id
     eos_tokens = set(tokenizer.convert_ids_to_tokens(eos if isinstance(eos, list) else [eos]))
-    end_of_turn = "</s>" if family == "llava" else "<|im_end|>"
+    end_of_turn = "</s>" if family in ("llava", "llava_next") else "<|im_end|>"
     assert end_of_turn in eos_tokens
     pad = tokenizer.convert_ids_to_tokens(model.generation_config.pad_token_id)
     assert pad == tokenizer.pad_token and pad in tokenizer.all_special_tokens
@@ -189,6 +191,16 @@ def test_visual_token_count_matches_the_real_geometry(loaded, photo_640x480, cof
             # smart_resize keeps the aspect ratio up to rounding each side to a multiple of the token side
             assert abs(resized_w / resized_h - width / height) < side * (1 / resized_h + 1 / resized_w) * 2
             assert n_image_tokens == (resized_h // side) * (resized_w // side)
+        elif family in ("llava_next", "llava_onevision"):
+            # anyres: the processor's placeholder count equals the model's own packing of the tiles (base grid,
+            # unpadded mosaic, one newline per mosaic row); the pixels are the base image plus the tiles
+            tile = model.config.vision_config.image_size
+            grid_h, grid_w = select_best_resolution((height, width), model.config.image_grid_pinpoints)
+            assert inputs["pixel_values"].shape == (1, 1 + (grid_h // tile) * (grid_w // tile), 3, tile, tile)
+            (span,) = get_adapter(model).spans(inputs["input_ids"], inputs)[0]
+            (rows, cols), side = span.grids[1], tile // 14
+            assert span.grids[0] == (side, side) and len(span.structural) == rows
+            assert n_image_tokens == span.length == side * side + rows * (cols + 1)
         else:
             assert inputs["pixel_values"].shape == (1, 3, 336, 336)
             assert n_image_tokens == LLAVA_IMAGE_TOKENS == 576
@@ -197,7 +209,7 @@ def test_visual_token_count_matches_the_real_geometry(loaded, photo_640x480, cof
 def test_vision_features_have_one_row_per_placeholder(loaded, photo_640x480):
     family, model, processor = loaded
     inputs = _chat_inputs(processor, photo_640x480)
-    kwargs = {"image_grid_thw": inputs["image_grid_thw"]} if family.startswith("qwen") else {}
+    kwargs = {k: inputs[k] for k in ("image_grid_thw", "image_sizes") if k in inputs}
     with torch.inference_mode():
         features = model.get_image_features(pixel_values=inputs["pixel_values"], **kwargs)
     features = getattr(features, "pooler_output", features)

@@ -146,6 +146,7 @@ class PruneHandle:
         lm = self.adapter.language_model
         self._hooks.append(lm.register_forward_pre_hook(self._on_lm_start, with_kwargs=True))
         self._hooks.append(lm.register_forward_hook(self._on_lm_end, with_kwargs=True))
+        self._hooks.extend(self.adapter.install_hooks())  # the family's own observers (removed with ours)
 
     def _install_llm(self) -> None:
         self._install_observe_only()
@@ -347,9 +348,9 @@ class PruneHandle:
 
     def _record_unpruned(self, b: int) -> PruneRecord:
         spans = self._state.spans[b]
-        n = sum(s.length for s in spans)
+        n = sum(s.num_visual for s in spans)
         full = self._state.lengths[b]
-        return PruneRecord(n, n, [torch.arange(s.length) for s in spans], full, full, [], spans=list(spans))
+        return PruneRecord(n, n, [torch.arange(s.num_visual) for s in spans], full, full, [], spans=list(spans))
 
     def _make_observer(self, layer: int):
         want_norms = layer in self.needs.key_norms
@@ -392,18 +393,20 @@ class PruneHandle:
     # ------------------------------------------------------------------ selection
     def _signals(self, b: int, span: ImageSpan, offset: int, num_visual: int, hidden: torch.Tensor,
                  normed: torch.Tensor | None, stage: int = 0, present: torch.Tensor | None = None) -> ImageSignals:
-        """The declared signals of one image of sample ``b`` (visual columns only); at a later stage of
-        multi-stage pruning, of its tokens still ``present`` (columns of the current, shorter sequence)."""
+        """The declared signals of one image of sample ``b`` (visual columns only: structural tokens, e.g. row
+        newlines, are hidden); at a later stage of multi-stage pruning, of its visual tokens still ``present``
+        (indices among the image's visual tokens; columns of the current, shorter sequence)."""
         st, needs = self._state, self.stage_needs[stage]
-        pos = span.positions if present is None else self._columns(b, span.start + present, stage)
+        vis = span.visual_positions if present is None else span.visual_positions[present.cpu()]
+        pos = vis if present is None else self._columns(b, vis, stage)
         image = ImageSignals(sample=b, span=span, offset=offset, sample_visual=num_visual,
                              task_kind=self._task_kind, device=hidden.device, present=present)
         image.attention = {layer: st.attention[layer][b, pos] for layer in needs.attention}
         image.key_norms = {layer: st.key_norms[layer][b, pos] for layer in needs.key_norms}
         if needs.hidden:
-            image.hidden = hidden[b, pos]
+            image.hidden = hidden[b, pos.to(hidden.device)]
         if normed is not None:
-            image.final_norm = normed[b, pos]
+            image.final_norm = normed[b, pos.to(normed.device)]
         if needs.text:
             text = self._columns(b, self._text_after(b, span), stage)
             image.text_key_norms = {layer: st.key_norms[layer][b, text] for layer in needs.key_norms}
@@ -475,21 +478,22 @@ class PruneHandle:
             keep = (torch.ones(st.seq_len, dtype=torch.bool, device=hidden.device) if stage == 0
                     else st.stage_mask[stage - 1][b].clone())
             kept_per_image, scores_per_image = [], []
-            num_visual = sum(s.length for s in spans)
+            num_visual = sum(s.num_visual for s in spans)
             offset = 0
             for i, span in enumerate(spans):
                 present = None if stage == 0 else st.stage_kept[stage - 1][b][i]
                 keep[span.start: span.start + span.length] = False
+                keep[span.structural_positions.to(hidden.device)] = True  # structure: always kept, never scored
                 image = self._signals(b, span, offset, num_visual, hidden, normed, stage, present)
                 scores = score(image)
-                n = min(self._stage_counts(span.length)[stage], image.num_tokens)
+                n = min(self._stage_counts(span.num_visual)[stage], image.num_tokens)
                 local = selector(image, scores, n).to(hidden.device)
                 if present is not None:
                     local = present.to(hidden.device)[local]
-                keep[span.start + local] = True
+                keep[span.visual_positions.to(hidden.device)[local]] = True
                 kept_per_image.append(local.cpu())
                 scores_per_image.append(None if scores is None else scores.detach().cpu())
-                offset += span.length
+                offset += span.num_visual
             keep_rows.append(keep)
             stage_kept.append(kept_per_image)
             kept = sum(k.numel() for k in kept_per_image)

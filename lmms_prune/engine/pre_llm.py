@@ -6,7 +6,8 @@ feature layer, or its mean received attention without [CLS]; ``vision_features``
 ``embeddings``: the projected embeddings); each image's run of placeholder tokens in ``input_ids`` is
 shortened to its budget and the kept embeddings (with the family's other per-token encoder outputs,
 ``Family.keep_encoder_extras``) are handed to the model as ``mm_encoder_outputs`` (transformers' public input
-for pre-encoded images), so ``generate`` and ``forward`` run unchanged on the shorter prompt.
+for pre-encoded images), so ``generate`` and ``forward`` run unchanged on the shorter prompt. Structural
+tokens (e.g. LLaVA-NeXT's row newlines) always stay; per-token vision signals come one row per span token.
 
 Positions: ``positions="contiguous"`` (default, as the VisPruner and DivPrune papers: the shorter prompt is
 numbered 0..T'-1); ``positions="original"`` gives each kept token its position in the unpruned prompt
@@ -128,10 +129,11 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
     for b, sample_spans in enumerate(spans):
         keep = mask2d[b].new_ones(input_ids.shape[1], dtype=torch.bool)
         kept_per_image, merged = [], []
-        n_vis = sum(s.length for s in sample_spans)
+        n_vis = sum(s.num_visual for s in sample_spans)
         sample_offset = 0
         for span in sample_spans:
-            rows = slice(offset, offset + span.length)
+            # rows of the encoder outputs (one per span token, structural ones included) of the visual tokens
+            rows = (offset + span.visual_index).to(projected.device)
             image = ImageSignals(sample=b, span=span, offset=sample_offset, sample_visual=n_vis,
                                  task_kind=handle.task_kind, device=projected.device,
                                  vision_attention=None if importance is None else importance[rows],
@@ -139,28 +141,34 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
                                  embeddings=projected[rows] if needs.embeddings else None,
                                  instruction=_instruction(handle, input_ids, mask2d, b, span, sample_spans)
                                  if needs.instruction else None)
-            n = sel.budget(span.length, keep_ratio=cfg.keep_ratio, keep_tokens=cfg.keep_tokens)
+            n = sel.budget(span.num_visual, keep_ratio=cfg.keep_ratio, keep_tokens=cfg.keep_tokens)
             result = handle.selector(image, handle.score(image), n)
             keep[span.start: span.start + span.length] = False
             if isinstance(result, sel.Merge):
                 if cfg.positions != "contiguous":
                     raise ValueError(f"method {cfg.method!r} merges tokens, which have no original position: "
                                      "use positions='contiguous'")
+                if span.structural:
+                    raise ValueError(f"method {cfg.method!r} merges tokens, but {adapter.name} images have "
+                                     "structural tokens (row newlines) that a merged sequence cannot place; use a "
+                                     "method that keeps a subset")
                 local = result.index.to(input_ids.device)
                 keep[span.start: span.start + result.count] = True  # identical placeholders, renumbered
                 kept_feats.append(sel.merged_embeddings(projected[rows], result))
                 kept_rows.append(None)  # new embeddings: no encoder row of their own
                 merged.append(int(result.weights.shape[0]))
             else:
-                local = result.to(input_ids.device)
-                keep[span.start + local] = True
-                index = offset + local.to(projected.device)
+                local = result.cpu()
+                # structural tokens (row newlines) always stay, with their own encoder rows
+                in_span = torch.cat([torch.tensor(span.structural, dtype=torch.long), span.visual_index[local]]).sort()[0]
+                keep[(span.start + in_span).to(keep.device)] = True
+                index = (offset + in_span).to(projected.device)
                 kept_feats.append(projected[index])
                 kept_rows.append(index)
                 merged.append(0)
             kept_per_image.append(local.cpu())
             offset += span.length
-            sample_offset += span.length
+            sample_offset += span.num_visual
         real = mask2d[b].bool()
         keep &= real  # drop the old padding; the batch is left-padded again below
         keeps.append(keep)

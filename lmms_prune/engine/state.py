@@ -14,9 +14,9 @@ from lmms_prune.families.base import ImageSpan
 class PruneRecord:
     """What one prefill did to one sample."""
 
-    visual_before: int
+    visual_before: int  # visual tokens present (structural ones such as LLaVA-NeXT's newlines excluded)
     visual_after: int
-    kept: list[torch.Tensor]  # per image: kept indices within that image's visual tokens, ascending
+    kept: list[torch.Tensor]  # per image: kept indices among that image's visual (non-structural) tokens
     seq_len_before: int  # non-padding tokens entering the LLM
     seq_len_after: int  # non-padding tokens from layer K on
     kv_lengths: list[int]  # per decoder layer, cache entries of this sample after prefill
@@ -26,6 +26,12 @@ class PruneRecord:
     vision_seconds: float = 0.0  # pre-LLM methods: the image encoding the engine ran itself
     spans: list[ImageSpan] = field(default_factory=list)  # the sample's images, in sequence order
     merged: list[int] = field(default_factory=list)  # pre-LLM merging: per image, merged tokens added after kept
+
+    @property
+    def visual_before_papers(self) -> int:
+        """The papers' count of this sample's visual tokens (LLaVA-NeXT's "of 2880": 576 x (1 + tiles), without
+        unpadding); equals ``visual_before`` for families whose papers count the tokens present."""
+        return sum(s.num_visual if s.papers_length is None else s.papers_length for s in self.spans)
 
 
 @dataclass

@@ -21,6 +21,8 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "llava": ("lmms_prune.families.llava", "LlavaPrune"),
     "qwen2_vl": ("lmms_prune.families.qwen2_vl", "Qwen2VLPrune"),
     "qwen3_vl": ("lmms_prune.families.qwen3_vl", "Qwen3VLPrune"),
+    "llava_next": ("lmms_prune.families.llava_next", "LlavaNextPrune"),
+    "llava_onevision": ("lmms_prune.families.llava_onevision", "LlavaOnevisionPrune"),
 }
 # Toy-model names (``lmms_prune.toy.models.RECIPES``) that are variants of a family: the text model
 # (``internvl_llama``) or the release (``internvl3``, ``internvl3_5``).

@@ -25,16 +25,45 @@ class ImageSpan:
     """One image's visual tokens inside one sample: ``length`` tokens from sequence index ``start``.
 
     ``grids`` lists the (rows, cols) of its consecutive token blocks in order (InternVL: one 16x16 grid per
-    tile, thumbnail last; Qwen2.5-VL: one (h/28, w/28) grid; LLaVA-1.5: one 24x24 grid).
+    tile, thumbnail last; Qwen2.5-VL: one (h/28, w/28) grid; LLaVA-1.5: one 24x24 grid; LLaVA-NeXT: the 24x24
+    base image and the unpadded mosaic), over its visual tokens: the span's tokens except ``structural``.
     """
 
     start: int
     length: int
     grids: list[tuple[int, int]] = field(default_factory=list)
+    # Positions within the span of structural tokens (LLaVA-NeXT's ``image_newline`` ending each mosaic row):
+    # always kept, never scored, not counted in budgets; the grids cover the other tokens, in order.
+    structural: tuple[int, ...] = ()
+    # The visual-token count the papers quote for this image when it differs from the tokens present
+    # (LLaVA-NeXT: 576 x (1 + tiles), their code without unpadding); None when it is the same.
+    papers_length: int | None = None
 
     @property
     def positions(self) -> torch.Tensor:
         return torch.arange(self.start, self.start + self.length)
+
+    @property
+    def num_visual(self) -> int:
+        """Number of visual (non-structural) tokens: what scores, selectors and budgets see."""
+        return self.length - len(self.structural)
+
+    @property
+    def visual_index(self) -> torch.Tensor:
+        """LongTensor[num_visual]: positions within the span of the visual (non-structural) tokens, ascending."""
+        keep = torch.ones(self.length, dtype=torch.bool)
+        keep[list(self.structural)] = False
+        return torch.nonzero(keep).flatten()
+
+    @property
+    def visual_positions(self) -> torch.Tensor:
+        """Sequence positions of the visual (non-structural) tokens."""
+        return self.start + self.visual_index
+
+    @property
+    def structural_positions(self) -> torch.Tensor:
+        """Sequence positions of the structural tokens."""
+        return self.start + torch.tensor(self.structural, dtype=torch.long)
 
 
 def runs(mask: torch.Tensor) -> list[tuple[int, int]]:
@@ -116,7 +145,9 @@ class Family:
     # meanings and defaults). parse_model_args may add ``default_max_new_tokens`` (that wrapper's default).
     model_args: ClassVar[dict[str, str]] = {}
     # Grounding answers: "grid1000" (``<box>[[x1,y1,x2,y2]]</box>`` on a 0-1000 grid of the original image) or
-    # "resized_pixels" (absolute pixels of the processor's resized image, e.g. Qwen2.5-VL's ``bbox_2d``).
+    # "resized_pixels" (absolute pixels of the processor's resized image, e.g. Qwen2.5-VL's ``bbox_2d``) or
+    # "unit_padded_square" (``[x1, y1, x2, y2]`` floats in 0-1 of the image padded to a centred square: LLaVA-1.5/
+    # 1.6's training data; see lmms_prune.families.llava_next.padded_square_box_to_original).
     box_convention: ClassVar[str] = "grid1000"
     has_cls: ClassVar[bool] = True
     image_input_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "image_sizes")
@@ -184,6 +215,12 @@ class Family:
                          gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(pixel_values, extra inputs)`` of one image of ``visual_tokens`` tokens."""
         raise TypeError(f"{cls.name}: this family has no synthetic benchmark inputs")
+
+    @classmethod
+    def placeholder_count(cls, model: nn.Module, visual_tokens: int) -> int:
+        """Image placeholder tokens of the synthetic image of ``visual_tokens`` visual tokens (more when the
+        family adds structural tokens, e.g. LLaVA-NeXT's newlines)."""
+        return visual_tokens
 
     # ---- the adapter (bound to one model)
     def __init__(self, model: nn.Module):
@@ -260,6 +297,11 @@ class Family:
         ``[images or tiles, H, 1 + P]`` per call; without, each image's mean received attention ``[P_i]``.
         ``kwargs``: the forward/generate inputs (e.g. the image grids)."""
         return self.cls_importance(torch.cat(rows))
+
+    def install_hooks(self) -> list[Any]:
+        """Observers the family needs on its model while a pruning handle is installed (each with ``remove()``);
+        e.g. LLaVA-NeXT keeps the ``image_sizes`` that ``generate`` hands the image encoder."""
+        return []
 
     def wrap_image_features(self, encoded, kept: torch.Tensor):
         encoded.pooler_output = [kept]

@@ -238,7 +238,9 @@ class ImageSignals:
 
     @property
     def num_tokens(self) -> int:
-        return self.span.length if self.present is None else int(self.present.numel())
+        """The image's visual tokens ``N`` still present (its span's structural tokens, e.g. newlines, are not
+        among them)."""
+        return self.span.num_visual if self.present is None else int(self.present.numel())
 
 
 # ---------------------------------------------------------------------------------------------- plug-ins

@@ -20,7 +20,8 @@ class NoScore(Score):
 
 
 class Fixed(Selector):
-    """Keep exactly ``keep_indices`` (per sample, counted over the sample's visual tokens in order)."""
+    """Keep exactly ``keep_indices`` (per sample, counted over the sample's visual tokens in order; structural
+    tokens such as LLaVA-NeXT's row newlines are not counted and are always kept)."""
 
     name = "fixed"
     params = ("keep_indices",)

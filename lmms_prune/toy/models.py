@@ -15,6 +15,13 @@ layout, but with widths small enough that a model builds in well under a second 
   outputs of decoder layers 0, 1, 2 (the real model: vision layers 8, 16, 24 of 27).
 * ``internvl3``: InternVL3-8B-hf's layout (InternViT, Qwen2.5 text model: Qwen2 config, untied head).
 * ``internvl3_5``: InternVL3.5-8B-HF's layout (InternViT, Qwen3 text model: ``Qwen3Config``, q/k RMSNorm).
+* ``llava_next``: ``LlavaNextForConditionalGeneration`` (LLaVA-1.6-hf) at a third of the real scale: CLIP ViT at
+  112 px, patch 14 (an 8x8 base grid for the real 24x24), the 1.6 grid pinpoints divided by 3 (at most 4 tiles),
+  the unpadded mosaic with one newline token per row, Llama text model and the Vicuna conversation.
+* ``llava_onevision``: ``LlavaOnevisionForConditionalGeneration`` (OneVision-hf) at a quarter-ish of the real
+  scale: SigLIP at 98 px, patch 14 (7x7 base grid for 27x27), no [CLS], pinpoints ``(98 a, 98 b)`` for
+  ``a, b in 1..6`` (the real ``384 a``), anyres_max_9, newline tokens, Qwen2 text model with the real Qwen2
+  vocabulary; the image placeholder is ``<|image_pad|>`` (the real checkpoints add ``<image>``).
 
 Text models have ``num_layers`` decoder layers (default 14, so that the usual prune layer 12 exists),
 hidden size 64, 4 query heads and 2 key/value heads (GQA), MLP width 128. Vision towers have 2 layers of width
@@ -40,11 +47,14 @@ from transformers import (
     InternVLVisionConfig,
     LlamaConfig,
     LlavaConfig,
+    LlavaNextConfig,
+    LlavaOnevisionConfig,
     PreTrainedModel,
     Qwen2_5_VLConfig,
     Qwen2Config,
     Qwen3Config,
     Qwen3VLConfig,
+    SiglipVisionConfig,
 )
 
 from lmms_prune.families.internvl import num_tiles, tile_grid
@@ -80,6 +90,16 @@ QWEN_MAX_PIXELS = 256 * 28 * 28
 LLAVA_IMAGE_SIZE = 336
 LLAVA_PATCH_SIZE = 14
 LLAVA_IMAGE_TOKENS = (LLAVA_IMAGE_SIZE // LLAVA_PATCH_SIZE) ** 2
+
+# LLaVA-NeXT at 1/3 scale: 112 px tiles of 8x8 patches (real: 336 px, 24x24); pinpoints = LLaVA-1.6's / 3.
+LLAVA_NEXT_IMAGE_SIZE = 112
+LLAVA_NEXT_PINPOINTS = [[112, 224], [224, 112], [224, 224], [336, 112], [112, 336]]
+# LLaVA-OneVision scaled: 98 px tiles of 7x7 patches (real: 384 px, 27x27), pinpoints (98 a, 98 b), a, b <= 6.
+ONEVISION_IMAGE_SIZE = 98
+ONEVISION_PINPOINTS = [[ONEVISION_IMAGE_SIZE * a, ONEVISION_IMAGE_SIZE * b] for a in range(1, 7) for b in range(1, 7)]
+ONEVISION_IMAGE_TOKENS = (ONEVISION_IMAGE_SIZE // 14) ** 2
+SIGLIP_MEAN = [0.5, 0.5, 0.5]
+SIGLIP_STD = [0.5, 0.5, 0.5]
 
 
 def _check_family(family: str) -> None:
@@ -325,6 +345,54 @@ def _llava_config(num_layers: int) -> LlavaConfig:
     )
 
 
+def _llava_next_config(num_layers: int) -> LlavaNextConfig:
+    vision = CLIPVisionConfig(
+        hidden_size=VISION_HIDDEN,
+        intermediate_size=VISION_INTERMEDIATE,
+        num_hidden_layers=VISION_LAYERS,
+        num_attention_heads=VISION_HEADS,
+        image_size=LLAVA_NEXT_IMAGE_SIZE,
+        patch_size=LLAVA_PATCH_SIZE,
+        projection_dim=TEXT_HIDDEN,
+        hidden_act="quick_gelu",
+    )
+    return LlavaNextConfig(
+        vision_config=vision,
+        text_config=_llama_text_config(num_layers),
+        image_token_index=toy_tok.LLAMA_SPECIAL_IDS["<image>"],
+        image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        tie_word_embeddings=False,
+    )
+
+
+def _llava_onevision_config(num_layers: int) -> LlavaOnevisionConfig:
+    ids = toy_tok.QWEN_SPECIAL_IDS
+    vision = SiglipVisionConfig(
+        hidden_size=VISION_HIDDEN,
+        intermediate_size=VISION_INTERMEDIATE,
+        num_hidden_layers=VISION_LAYERS,
+        num_attention_heads=VISION_HEADS,
+        image_size=ONEVISION_IMAGE_SIZE,
+        patch_size=14,
+        vision_use_head=False,
+    )
+    return LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=_qwen2_text_config(num_layers),
+        image_token_index=ids["<|image_pad|>"],
+        video_token_index=ids["<|video_pad|>"],
+        image_grid_pinpoints=ONEVISION_PINPOINTS,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        vision_aspect_ratio="anyres_max_9",
+        tie_word_embeddings=True,
+    )
+
+
 def tiny_config(family: str, num_layers: int = 14) -> transformers.PretrainedConfig:
     """The configuration of a tiny model of ``family`` with ``num_layers`` text decoder layers.
 
@@ -554,6 +622,57 @@ def _llava_processor(tokenizer: transformers.PreTrainedTokenizerBase) -> transfo
     )
 
 
+def _llava_next_processor(tokenizer: transformers.PreTrainedTokenizerBase) -> transformers.ProcessorMixin:
+    image_processor = transformers.LlavaNextImageProcessor(
+        size={"shortest_edge": LLAVA_NEXT_IMAGE_SIZE},
+        crop_size={"height": LLAVA_NEXT_IMAGE_SIZE, "width": LLAVA_NEXT_IMAGE_SIZE},
+        image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+    )
+    return transformers.LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=LLAVA_PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+
+
+# LLaVA-OneVision's Qwen ChatML: "<|im_start|>user <image>\n{text}<|im_end|>\n<|im_start|>assistant\n" (the
+# checkpoint's template writes the image placeholder before the text and adds no default system turn).
+ONEVISION_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + ' ' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{- '<|image_pad|>\n' -}}"
+    "{%- elif part['type'] == 'video' -%}{{- '<|video_pad|>\n' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
+)
+
+
+def _llava_onevision_processor(tokenizer: transformers.PreTrainedTokenizerBase) -> transformers.ProcessorMixin:
+    size = {"height": ONEVISION_IMAGE_SIZE, "width": ONEVISION_IMAGE_SIZE}
+    image_processor = transformers.LlavaOnevisionImageProcessor(
+        size=size, image_grid_pinpoints=ONEVISION_PINPOINTS, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD)
+    video_processor = transformers.LlavaOnevisionVideoProcessor(size=size, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD)
+    return transformers.LlavaOnevisionProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        num_image_tokens=ONEVISION_IMAGE_TOKENS,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        chat_template=ONEVISION_CHAT_TEMPLATE,
+    )
+
+
 @dataclass(frozen=True)
 class ToyRecipe:
     """How to build one toy family: its config (of ``num_layers``), transformers class, tokenizer, processor
@@ -592,6 +711,12 @@ RECIPES: dict[str, ToyRecipe] = {
         lambda n: internvl_config(_internvl3_5_text_config(n), toy_tok.QWEN_SPECIAL_IDS["<IMG_CONTEXT>"]),
         "InternVLForConditionalGeneration", lambda: toy_tok.qwen2_tokenizer("internvl_qwen2"), _internvl_processor,
         _qwen_generation_ids),
+    "llava_next": ToyRecipe(_llava_next_config, "LlavaNextForConditionalGeneration",
+                            lambda: toy_tok.llama_tokenizer("llava"), _llava_next_processor,
+                            lambda: _llama_generation_ids(chat=False)),
+    "llava_onevision": ToyRecipe(_llava_onevision_config, "LlavaOnevisionForConditionalGeneration",
+                                 lambda: toy_tok.qwen2_tokenizer("qwen2_5_vl"), _llava_onevision_processor,
+                                 _qwen_generation_ids),
 }
 FAMILIES = tuple(RECIPES)
 

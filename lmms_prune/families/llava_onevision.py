@@ -1,0 +1,99 @@
+"""LLaVA-OneVision (transformers-native ``llava-hf`` checkpoints): anyres_max_9, SigLIP, Qwen2 (methods.md 1).
+
+The token layout is LLaVA-NeXT's (:mod:`lmms_prune.families.llava_next`): a 27x27 base grid (SigLIP-384/14, no
+[CLS]) then the unpadded mosaic with one ``image_newline`` token ending each row, with two differences taken
+from ``LlavaOnevisionModel.pack_image_features``:
+
+* ``anyres_max_9``: when the unpadded mosaic has more than 1.1 x 9 tiles' worth of tokens it is bilinearly
+  resized to ``(int(rows / r), int(cols / r))``, ``r = sqrt(rows cols / (9 x 729))``; the grid is then that
+  resized mosaic (each token still covers the whole image's raster);
+* in a prompt with several images (``batch_num_images > 1``) every image is the base grid alone plus one newline.
+
+The papers using OneVision (EffiVLM-Bench, UniPruneBench) quote ratios, not counts: records carry no separate
+papers' count (``visual_before_papers == visual_before``). Pre-projector features for ``vision_features`` are
+repacked through the same rule (resized like the projected tokens). VisPruner needs a [CLS] row, which SigLIP
+has not: it is refused with the method, the family and the reason. Grounding answers: LLaVA's
+``unit_padded_square`` convention (OneVision keeps LLaVA-1.5's RefCOCO data format).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from lmms_prune.families.base import IMAGE_TOKEN, bench_text_config
+from lmms_prune.families.llava_next import LlavaNext
+
+# LLaVA-OneVision's pinpoints: every (a x 384, b x 384) for a, b in 1..6.
+PINPOINTS_OV = [[384 * a, 384 * b] for a in range(1, 7) for b in range(1, 7)]
+
+
+class LlavaOnevision(LlavaNext):
+    """LLaVA-OneVision: LLaVA-NeXT's anyres layout with anyres_max_9 and a SigLIP tower without [CLS]."""
+
+    name = "llava_onevision"
+    model_types = ("llava_onevision",)
+    model_class = "LlavaOnevisionForConditionalGeneration"
+    processor_class = "LlavaOnevisionProcessor"
+    default_pretrained = "llava-hf/llava-onevision-qwen2-7b-ov-hf"
+    also_pretrained: ClassVar[tuple[str, ...]] = ()
+    has_cls = False
+    papers_count = False
+    image_input_keys = ("pixel_values", "image_sizes", "batch_num_images")
+    bench_geometries: ClassVar[dict[str, dict[str, Any]]] = {
+        # Qwen2-7B + SigLIP-so400m/14-384; --tokens 3645 = a 768x768 image (2x2 tiles of 729 + the base).
+        "llava-onevision-7b": {"text": (28, 3584, 28, 4, 18944, "qwen2"), "pinpoints": PINPOINTS_OV},
+    }
+
+    @classmethod
+    def build_geometry(cls, spec, layers=None):
+        import transformers as tf
+
+        depth, hidden, heads, kv, ffn, kind = spec["text"]
+        text = bench_text_config(layers or depth, hidden, heads, kv, ffn, kind)
+        vision = tf.SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
+                                       num_attention_heads=16, image_size=384, patch_size=14)
+        config = tf.LlavaOnevisionConfig(vision_config=vision, text_config=tf.Qwen2Config(**text),
+                                         image_token_index=IMAGE_TOKEN, video_token_index=IMAGE_TOKEN + 1,
+                                         image_grid_pinpoints=spec["pinpoints"], vision_feature_layer=-1,
+                                         vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9")
+        return tf.LlavaOnevisionForConditionalGeneration, config
+
+    # ---- adapter
+    def vision_layers(self):
+        return self.vision_tower.vision_model.encoder.layers
+
+    def vision_feature_attention(self):
+        raise ValueError(f"method=vispruner on family {self.name}: {self.model_class}'s SigLIP vision tower has no "
+                         "[CLS] token, whose attention VisPruner ranks by (use method=divprune, or an intra-LLM "
+                         "method such as fastv)")
+
+    def _num_patches(self, image_sizes, batch_num_images=None):
+        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+        vc = self.config.vision_config
+        return [image_size_to_num_patches(s, self.config.image_grid_pinpoints, vc.image_size) for s in image_sizes]
+
+    def _patched(self, kwargs):
+        counts = kwargs.get("batch_num_images")
+        if counts is None:
+            return None
+        return [int(n) == 1 for n in counts for _ in range(int(n))]
+
+    def _pack(self, per_image, image_sizes, newline):
+        packed, _ = self.model.model.pack_image_features(per_image, image_sizes, image_newline=newline,
+                                                         vision_aspect_ratio=self.config.vision_aspect_ratio)
+        return packed
+
+    def encode_images(self, kwargs):
+        self._encoded_kwargs = {k: kwargs.get(k) for k in ("image_sizes", "batch_num_images")}
+        return self.model.model.get_image_features(pixel_values=kwargs["pixel_values"],
+                                                   image_sizes=kwargs["image_sizes"],
+                                                   batch_num_images=kwargs.get("batch_num_images"), return_dict=True)
+
+    def cls_importance(self, rows: torch.Tensor) -> torch.Tensor:
+        raise ValueError(f"{self.name}: the SigLIP tower has no [CLS] row")
+
+
+FAMILY = LlavaOnevision
