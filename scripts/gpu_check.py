@@ -145,6 +145,10 @@ def bench_cells(spec: dict[str, Any], device: str, dtype: torch.dtype, repeats: 
                     "fingerprint": prior_fingerprint_from_config(model.config, 1, "synthetic")})
         extra["d2pruner"] = {"bias_prior": str(prior_path)}
     depth = len(model.model.language_model.layers)
+    if "pyramiddrop" in methods:
+        # keep_ratio is PyramidDrop's average kept per layer (its FLOPs-equivalent budget): at 10% its first stage
+        # must come early for that average to be reachable, so stages at 1, L/4 and L/2
+        extra["pyramiddrop"] = {"prune_layers": f"1,{max(2, depth // 4)},{max(3, depth // 2)}"}
     if depth <= 12:  # deepprune's K=12 needs 13 layers
         methods = [m for m in methods if m != "deepprune"]
     bench = Bench(model, full_depth=spec.get("full_depth"), repeats=repeats, warmup=1, decode_tokens=8,

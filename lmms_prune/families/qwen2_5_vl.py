@@ -69,11 +69,18 @@ class Qwen25VL(Family):
 
     @classmethod
     def parse_model_args(cls, args):
-        out = {}
+        out, given = {}, set()
         for name, default in zip(("min_pixels", "max_pixels"), cls.lmms_eval_pixels):
             value = args.pop(name, None)
             unset = value is None or str(value).strip().lower() in ("", "none")
             out[name] = default if unset else int_arg(name, value, cls.token_pixels**2)
+            given |= set() if unset else {name}
+        # a bound the user set wins over the other bound's default: max_pixels=65536 alone lowers min_pixels to
+        # qwen_vl_utils' floor of 4 tokens (not to max_pixels itself: smart_resize rounds up to reach a minimum)
+        if given == {"max_pixels"} and out["min_pixels"] > out["max_pixels"]:
+            out["min_pixels"] = min(4 * cls.token_pixels**2, out["max_pixels"])
+        elif given == {"min_pixels"}:
+            out["max_pixels"] = max(out["min_pixels"], out["max_pixels"])
         if out["min_pixels"] > out["max_pixels"]:
             raise ValueError(f"min_pixels={out['min_pixels']} > max_pixels={out['max_pixels']}: swap them")
         system = args.pop("system_prompt", "You are a helpful assistant.")

@@ -43,17 +43,23 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 
 from lmms_prune.families import FAMILIES, family_class
 from lmms_prune.presets import PRESETS
 from lmms_prune.runner import Runner, format_summary, parse_options, summarize
 
+_grad_enabled = torch.is_grad_enabled()
 try:
+    # vlmeval.vlm switches autograd off for the whole process at import (torch.set_grad_enabled(False)); our
+    # model calls run under torch.inference_mode anyway, so give the importing process its own setting back.
     from vlmeval.vlm.base import BaseModel
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError("lmms_prune.harness.vlmeval needs VLMEvalKit: pip install 'lmms-prune[vlmeval]' "
                       f"(the ms-vlmeval package); import failed with: {err}") from err
+finally:
+    torch.set_grad_enabled(_grad_enabled)
 
 logger = logging.getLogger("lmms_prune.vlmeval")
 
