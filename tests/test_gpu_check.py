@@ -28,7 +28,10 @@ def test_gpu_check_small_on_cpu_writes_its_summary(tmp_path):
         methods = {c["method"] for c in cells[1:]}
         assert {"fastv", "d2pruner", "deepprune", "vispruner"} <= methods
         for c in cells[1:]:
-            assert c["kept_tokens"] == max(1, round(c["keep_ratio"] * geo["spec"]["tokens"]))
+            if c["method"] == "pyramiddrop":  # keep_ratio = the average kept per layer: fewer after the last stage
+                assert 1 <= c["kept_tokens"] < round(c["keep_ratio"] * geo["spec"]["tokens"])
+            else:
+                assert c["kept_tokens"] == max(1, round(c["keep_ratio"] * geo["spec"]["tokens"]))
             assert c["theoretical_speedup"] > 1 and c["flops"] < c["flops_unpruned"]
             assert c["measured_over_theoretical"] == c["speedup"] / c["theoretical_speedup"]
         # batch 1: the pruned layers get no mask, so SDPA is free to choose its fast kernel
