@@ -19,3 +19,19 @@ def tg():
     sys.modules["train_grounding"] = module  # dataclasses resolve their annotations through sys.modules
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def toys():
+    """``toys(family) -> (model, processor)``: each tiny random model built once per test module, in float32
+    on the CPU (tests/test_engine.py overrides it with its device and dtype settings)."""
+    from lmms_prune.toy.models import build_processor, build_tiny_model
+
+    cache: dict[str, tuple] = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = (build_tiny_model(family), build_processor(family))
+        return cache[family]
+
+    return get

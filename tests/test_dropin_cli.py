@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import glob
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from cli_runs import cli_env, run_checked
 
 from lmms_prune.toy.models import tiny_model_dir
 
@@ -31,19 +30,11 @@ CASES = {
 }
 
 
-def _env(tmp_path: Path) -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false", HF_DATASETS_CACHE=str(tmp_path / "hf_datasets"))
-    env.pop("ACCELERATE_USE_CPU", None)
-    return env
-
-
 def _run(model: str, model_args: str, out: Path, tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "lmms_eval", "--model", model, "--model_args", model_args, "--device", "cpu",
            "--tasks", "pope_tiny,mme_tiny", "--include_path", str(TASKS), "--limit", "4",
            "--gen_kwargs", "max_new_tokens=6", "--output_path", str(out), "--log_samples"]
-    done = subprocess.run(cmd, env=_env(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_checked(cmd, cli_env(tmp_path))
 
 
 def _samples(out: Path) -> dict[tuple[str, int], dict]:

@@ -8,15 +8,11 @@ attention's, the bench geometries, and one lmms-eval command-line run.
 
 from __future__ import annotations
 
-import glob
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import run_lmms_eval
 from PIL import Image
 from skimage import data as skdata
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -102,20 +98,9 @@ def test_bench_geometries(geometry, config_class, dims):
 def test_cli_internvl_fastv_on_internvl3_runs_with_efficiency_records(tmp_path):
     from lmms_prune.toy.models import tiny_model_dir
 
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false", HF_DATASETS_CACHE=str(tmp_path / "hf"))
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "lmms_eval", "--model", "internvl_fastv", "--model_args",
-           f"pretrained={tiny_model_dir('internvl3')},keep_ratio=0.1,max_num=2", "--tasks", "pope_tiny",
-           "--include_path", str(REPO / "tests" / "tasks"), "--limit", "3", "--gen_kwargs", "max_new_tokens=4",
-           "--output_path", str(out)]
-    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = glob.glob(str(out / "*" / "*_results.json"))
-    efficiency = glob.glob(str(out / "*" / "*_efficiency.json"))
-    assert len(results) == 1 and len(efficiency) == 1, done.stderr[-3000:]
-    assert "pope_accuracy,none" in json.loads(Path(results[0]).read_text())["results"]["pope_tiny"]
-    report = json.loads(Path(efficiency[0]).read_text())
+    run = run_lmms_eval(tmp_path, "internvl_fastv", f"pretrained={tiny_model_dir('internvl3')},keep_ratio=0.1,max_num=2")
+    assert "pope_accuracy,none" in run.metrics["pope_tiny"]
+    report = run.efficiency
     assert report["model"] == "internvl_fastv" and report["summary"]["samples"] == 3
     for sample in report["samples"]:
         assert sample["visual_after"] == max(1, round(0.1 * sample["visual_before"]))

@@ -4,15 +4,11 @@ convention, benchmark geometries, and one lmms-eval CLI run per family with effi
 
 from __future__ import annotations
 
-import glob
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import run_lmms_eval
 from PIL import Image
 from skimage import data as skdata
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -23,25 +19,13 @@ from lmms_prune.bench import Bench, geometries, synthetic_inputs
 from lmms_prune.families import family_for_config, get_adapter
 from lmms_prune.families.llava_next import LlavaNext, padded_square_box_to_original
 from lmms_prune.families.llava_onevision import LlavaOnevision
-from lmms_prune.toy.models import build_processor, build_tiny_model, tiny_model_dir
+from lmms_prune.toy.models import tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ("llava_next", "llava_onevision")
 SIZES = [(300, 200), (200, 420), (240, 240), (640, 200), (90, 500), (600, 400)]
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def toys():
-    cache: dict[str, tuple] = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = (build_tiny_model(family), build_processor(family))
-        return cache[family]
-
-    return get
 
 
 def _image(size, which="coffee"):
@@ -267,19 +251,10 @@ def test_bench_runs_on_the_anyres_layout(toys):
 @pytest.mark.cli
 @pytest.mark.parametrize(("family", "method"), [("llava_next", "fastv"), ("llava_onevision", "divprune")])
 def test_cli_run_writes_efficiency_records(tmp_path, family, method):
-    out = tmp_path / "out"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false", HF_DATASETS_CACHE=str(tmp_path / "hf_datasets"))
-    cmd = [sys.executable, "-m", "lmms_eval", "--model", f"{family}_{method}", "--model_args",
-           f"pretrained={tiny_model_dir(family)},keep_ratio=0.1", "--tasks", "pope_tiny", "--include_path",
-           str(REPO / "tests" / "tasks"), "--limit", "4", "--gen_kwargs", "max_new_tokens=4", "--output_path",
-           str(out), "--log_samples"]
-    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    (results,) = glob.glob(str(out / "*" / "*_results.json"))
-    (efficiency,) = glob.glob(str(out / "*" / "*_efficiency.json"))
-    assert "pope_accuracy,none" in json.loads(Path(results).read_text())["results"]["pope_tiny"]
-    report = json.loads(Path(efficiency).read_text())
+    run = run_lmms_eval(tmp_path, f"{family}_{method}", f"pretrained={tiny_model_dir(family)},keep_ratio=0.1",
+                        limit=4, log_samples=True)
+    assert "pope_accuracy,none" in run.metrics["pope_tiny"]
+    report = run.efficiency
     assert report["method"] == method and len(report["samples"]) == 4
     for s in report["samples"]:
         assert s["visual_after"] == max(1, round(0.1 * s["visual_before"]))

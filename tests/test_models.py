@@ -6,7 +6,6 @@ from __future__ import annotations
 import glob
 import importlib
 import json
-import os
 import runpy
 import socket
 import subprocess
@@ -18,6 +17,9 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
+from cli_runs import cli_env as _env
+from cli_runs import read_outputs as _outputs
+from cli_runs import run_checked as _run
 from lmms_eval.api.instance import Instance
 from PIL import Image
 
@@ -385,40 +387,10 @@ def test_a_checkpoint_of_another_family_is_refused():
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _env(tmp_path: Path) -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false", HF_DATASETS_CACHE=str(tmp_path / "hf_datasets"))
-    env.pop("ACCELERATE_USE_CPU", None)
-    return env
-
-
 def _lmms_eval_args(model: str, family: str, tasks: str, out: Path, extra: str = "") -> list[str]:
     model_args = f"pretrained={tiny_model_dir(family)}" + (",max_num=2" if family.startswith("internvl") else "")
     return ["--model", model, "--model_args", model_args + extra, "--tasks", tasks, "--include_path", str(TASKS),
             "--limit", "4", "--gen_kwargs", "max_new_tokens=6", "--output_path", str(out), "--log_samples"]
-
-
-def _run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
-
-
-def _outputs(out: Path) -> tuple[dict, dict, dict]:
-    """(metrics per task, {(task, doc_id): answer}, efficiency report) of one run's output directory."""
-    results = glob.glob(str(out / "*" / "*_results.json"))
-    efficiency = glob.glob(str(out / "*" / "*_efficiency.json"))
-    assert len(results) == 1, f"expected one results file under {out}, found {results}"
-    assert len(efficiency) == 1, f"expected one efficiency file next to the results, found {efficiency}"
-    assert Path(efficiency[0]).parent == Path(results[0]).parent
-    metrics = json.loads(Path(results[0]).read_text())["results"]
-    answers = {}
-    for path in glob.glob(str(out / "*" / "*_samples_*.jsonl")):
-        task = path.rsplit("_samples_", 1)[1][: -len(".jsonl")]
-        for line in Path(path).read_text().splitlines():
-            sample = json.loads(line)
-            answers[(task, sample["doc_id"])] = sample["filtered_resps"]
-    return metrics, answers, json.loads(Path(efficiency[0]).read_text())
 
 
 def _check_efficiency(report: dict, tasks: tuple[str, ...]) -> None:

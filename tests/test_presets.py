@@ -15,21 +15,9 @@ from lmms_prune.engine.prior import load_prior, save_prior
 from lmms_prune.families import get_adapter
 from lmms_prune.presets import PRESETS, PruneConfig, describe_presets, resolve_config
 from lmms_prune.toy.data import generate_scenes
-from lmms_prune.toy.models import FAMILIES, build_processor, build_tiny_model, tiny_model_dir
+from lmms_prune.toy.models import FAMILIES, build_tiny_model, tiny_model_dir
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def toys():
-    cache: dict[str, tuple] = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = (build_tiny_model(family), build_processor(family))
-        return cache[family]
-
-    return get
 
 
 def _inputs(family, proc, image, text="Where is the red circle?", max_num=2):

@@ -9,15 +9,11 @@ and one lmms-eval command-line run (VisPruner's mean received attention: tests/t
 
 from __future__ import annotations
 
-import glob
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import run_lmms_eval
 from PIL import Image
 from skimage import data as skdata
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -159,20 +155,10 @@ def test_bench_geometry_is_qwen3_vl_8b():
 
 @pytest.mark.cli
 def test_cli_qwen3_vl_fastv_runs_with_efficiency_records(tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false", HF_DATASETS_CACHE=str(tmp_path / "hf"))
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "lmms_eval", "--model", "qwen3_vl_fastv", "--model_args",
-           f"pretrained={tiny_model_dir('qwen3_vl')},keep_ratio=0.1,max_pixels=65536", "--tasks", "pope_tiny",
-           "--include_path", str(REPO / "tests" / "tasks"), "--limit", "3", "--gen_kwargs", "max_new_tokens=4",
-           "--output_path", str(out)]
-    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = glob.glob(str(out / "*" / "*_results.json"))
-    efficiency = glob.glob(str(out / "*" / "*_efficiency.json"))
-    assert len(results) == 1 and len(efficiency) == 1, done.stderr[-3000:]
-    assert "pope_accuracy,none" in json.loads(Path(results[0]).read_text())["results"]["pope_tiny"]
-    report = json.loads(Path(efficiency[0]).read_text())
+    run = run_lmms_eval(tmp_path, "qwen3_vl_fastv",
+                        f"pretrained={tiny_model_dir('qwen3_vl')},keep_ratio=0.1,max_pixels=65536")
+    assert "pope_accuracy,none" in run.metrics["pope_tiny"]
+    report = run.efficiency
     assert report["model"] == "qwen3_vl_fastv" and report["summary"]["samples"] == 3
     for sample in report["samples"]:
         assert sample["visual_after"] == max(1, round(0.1 * sample["visual_before"]))
