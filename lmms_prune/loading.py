@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,29 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     if dtype not in DTYPE_ALIASES:
         raise ValueError(f"dtype={dtype!r}: must be one of auto, {', '.join(DTYPE_ALIASES)}")
     return torch_dtype(dtype)
+
+
+def build_once(final: Path, build: Callable[[Path], None]) -> Path:
+    """The checkpoint directory ``final``, written by ``build(staging)`` on first use and reused after.
+
+    ``build`` writes into a private temporary directory beside ``final``, which is then renamed into place,
+    so concurrent callers (pytest-xdist workers, ranks) never see a half-written checkpoint; the loser of a
+    race discards its copy. A directory holding ``config.json`` counts as complete.
+    """
+    if (final / "config.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        build(staging)
+        try:
+            staging.rename(final)
+        except OSError:
+            if not (final / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
 
 
 # Short names of the checkpoints this package ships -> their folder under lmms_prune/assets.

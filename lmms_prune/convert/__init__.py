@@ -15,8 +15,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -133,22 +131,17 @@ def converted_dir(src: str | os.PathLike) -> Path:
     final = root / f"{label}-{checkpoint_fingerprint(src_dir)}"
     if (final / "config.json").is_file():
         return final
-    root.mkdir(parents=True, exist_ok=True)
     logger.warning("lmms-prune: converting the original InternVL checkpoint %s into %s (once; later runs reuse "
                    "it)", src, final)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
-    try:
+
+    def build(staging: Path) -> None:
         from lmms_prune.convert.internvl import convert_internvl
 
         convert_internvl(src_dir, staging, log=logger.info)
-        try:
-            staging.rename(final)
-        except OSError:
-            if not (final / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return final
+
+    from lmms_prune.loading import build_once
+
+    return build_once(final, build)
 
 
 def __getattr__(name: str) -> Any:

@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +56,7 @@ from transformers import (
 )
 
 from lmms_prune.families.internvl import num_tiles, tile_grid
+from lmms_prune.loading import build_once
 from lmms_prune.toy import tokenizers as toy_tok
 
 TEXT_HIDDEN = 64
@@ -759,23 +758,9 @@ def tiny_model_dir(family: str, seed: int = 0) -> Path:
     """Directory of the saved tiny ``family`` model (14 layers) and its processor, built by
     :func:`save_tiny_model` once per ``(family, seed, code version)`` under :func:`toy_cache_root` and reused.
 
-    The model is written to a private temporary directory and renamed into place, so concurrent callers (for
-    example pytest-xdist workers) never see a half-written directory; the loser of a race discards its copy.
+    Written through :func:`lmms_prune.loading.build_once`, so concurrent callers never see a half-written
+    directory.
     """
     _check_family(family)
-    root = toy_cache_root()
-    final = root / f"{family}-seed{seed}-{toy_code_version()}"
-    if (final / "config.json").is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
-    try:
-        save_tiny_model(family, staging, seed=seed)
-        try:
-            staging.rename(final)
-        except OSError:
-            if not (final / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return final
+    final = toy_cache_root() / f"{family}-seed{seed}-{toy_code_version()}"
+    return build_once(final, lambda staging: save_tiny_model(family, staging, seed=seed))
