@@ -88,6 +88,7 @@ def test_pad_images_are_expand2square_with_the_processor_mean(proc, size):
     (square,) = Llava.prepare_images([image], {"image_aspect_ratio": "pad"}, proc)
     reference = _reference_square(image, proc.image_processor.image_mean)
     assert np.array_equal(np.asarray(square), reference)
+    assert np.array_equal(np.asarray(expand2square(image, (1, 2, 3))), _reference_square(image, (1 / 255, 2 / 255, 3.5 / 255)))
     got = _inputs(proc, [image])["pixel_values"]
     expected = proc(images=[Image.fromarray(reference)], text=["<image>"], return_tensors="pt")["pixel_values"]
     assert torch.equal(got, expected)
