@@ -81,6 +81,43 @@ def test_a_bad_aspect_ratio_stops_the_run_before_the_weights_load(monkeypatch):
         LlavaNextPrune_fastv(pretrained=str(tiny_model_dir("llava_next")), device="cpu", image_aspect_ratio="pad")
 
 
+@pytest.mark.parametrize(("array", "shown"), [
+    (None, r"trend_weights=.*missing.npy: no trend weight file there; pass a .npy vector"),
+    (np.ones((24, 24)), r"trend_weights=.*bad.npy: shape \(24, 24\): must be a non-empty 1-D vector"),
+    (np.array([1.0, np.nan, 0.5]), r"trend_weights=.*bad.npy: 1 of 3 weights are NaN or infinite"),
+    (np.array([1.0, -0.2, 0.5]), r"trend_weights=.*bad.npy: the smallest weight is -0.2: weights must be >= 0"),
+    (np.arange(5), r"trend_weights=.*bad.npy: dtype int64: the weights must be floating point"),
+])
+def test_bad_trend_weights_stop_the_run_before_the_weights_load(monkeypatch, tmp_path, array, shown):
+    import transformers
+
+    from lmms_prune.models.wrappers import LlavaPrune_trend
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights must not load when the configuration is invalid")
+
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", refuse)
+    path = tmp_path / ("missing.npy" if array is None else "bad.npy")
+    if array is not None:
+        np.save(path, array)
+    with pytest.raises((ValueError, FileNotFoundError), match=shown):
+        LlavaPrune_trend(pretrained=str(tiny_model_dir("llava")), device="cpu", trend_weights=str(path))
+
+
+def test_trend_takes_a_prior_or_weights_not_both(tmp_path):
+    from lmms_prune.presets import resolve_config
+
+    path = _weights(tmp_path, np.ones(576))
+    with pytest.raises(ValueError, match=r"trend_weights=.* and bias_prior='p.pt': .* give one of them"):
+        resolve_config("trend", trend_weights=path, bias_prior="p.pt")
+    with pytest.raises(ValueError, match=r"needs a calibrated attention prior.*or pass trend_weights=PATH.npy"):
+        resolve_config("trend")
+    assert not resolve_config("trend", trend_weights=path).needs().prior
+    assert resolve_config("pyramiddrop", score="trend", trend_weights=path).needs().padding
+    with pytest.raises(ValueError, match="does not use trend_weights"):
+        resolve_config("fastv", trend_weights=path)
+
+
 # ------------------------------------------------------------------------------------------------ pixels
 @pytest.mark.parametrize("size", SIZES)
 def test_pad_images_are_expand2square_with_the_processor_mean(proc, size):
