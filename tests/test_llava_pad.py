@@ -355,3 +355,18 @@ def test_padding_tokens_score_zero_end_to_end(tmp_path, proc):
         assert bool((records[0].scores[0] > 0).all())
     finally:
         crop.close()
+
+
+def test_overlays_see_the_padding_too(toy, tmp_path):
+    """``viz.select_tokens`` (lmms-prune visualize) runs the default pipeline, pad-to-square, with its masks."""
+    from lmms_prune.presets import resolve_config
+    from lmms_prune.viz import select_tokens
+
+    model, proc = toy
+    image = _image(337, 100)
+    config = resolve_config("trend", trend_weights=_weights(tmp_path, np.ones(576)), keep_ratio=0.2)
+    selection = select_tokens(model, proc, image, "What is it?", {"trend": config})
+    pad = pad_to_square_token_mask(337, 100, 24)
+    assert int((~pad).sum()) > 0.2 * 576 and not bool(pad[selection.kept["trend"]].any())
+    areas = (selection.boxes[:, 2] - selection.boxes[:, 0]) * (selection.boxes[:, 3] - selection.boxes[:, 1])
+    assert float(areas.sum()) == pytest.approx(337 * 100, rel=1e-5)  # the pad geometry: cells tile the image
