@@ -53,7 +53,8 @@ def single_image_inputs(processor: Any, image: Image.Image, prompt: str, max_num
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     fam = family_of(family) if family is not None else family_for_processor(processor)
     kwargs = fam.image_kwargs(max_num) if fam is not None else {}
-    return processor(images=[image], text=[text], return_tensors="pt", **kwargs)
+    images = fam.standalone_images([image], processor) if fam is not None else [image]  # LLaVA-1.5: pad-to-square
+    return processor(images=images, text=[text], return_tensors="pt", **kwargs)
 
 
 @torch.no_grad()

@@ -470,12 +470,15 @@ class Runner:
         family_options = self.options.family
         if self.options.task_protocol:
             family_options = protocol_options(self.family, family_options, gen_kwargs, task)
-        texts, images = [], []
+        texts, images, per_sample = [], [], []
         for messages in conversations:
             plain, item_images = self.split_images(messages)
             texts.append(self.build_prompt(plain, family_options))
             images.extend(item_images)
-        images = self.family.prepare_images(images, family_options)
+            per_sample.append(item_images)
+        # padding tokens of the family's own image pipeline (LLaVA-1.5 pad-to-square), for the scores that zero them
+        self.handle.image_padding = self.handle.adapter.padding_masks(per_sample, family_options, self.processor)
+        images = self.family.prepare_images(images, family_options, processor=self.processor)
         inputs = self.processor(text=texts, images=images or None, padding=True, padding_side="left",
                                 return_tensors="pt", **self.family.processor_kwargs(family_options))
         inputs = inputs.to(self.device)

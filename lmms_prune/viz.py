@@ -328,7 +328,8 @@ def select_tokens(
 
     device = next(model.parameters()).device
     inputs = single_image_inputs(processor, image, text, max_num).to(device)
-    spans = get_adapter(model).spans(inputs["input_ids"], inputs)[0]
+    adapter = get_adapter(model)
+    spans = adapter.spans(inputs["input_ids"], inputs)[0]
     if len(spans) != 1:
         raise ValueError(f"the prompt holds {len(spans)} images: select_tokens shows exactly one")
     grids = [tuple(g) for g in spans[0].grids]
@@ -336,6 +337,8 @@ def select_tokens(
     selection = TokenSelection(tuple(image.size), grids, boxes, token_views(model, grids))
     for label, config in configs.items():
         with apply(model, config=config) as handle:
+            # the padding tokens of the family's default pipeline (LLaVA-1.5 pad-to-square), as a run has them
+            handle.image_padding = adapter.padding_masks([[image]], type(adapter).parse_model_args({}), processor)
             model(**inputs, logits_to_keep=1)  # a prefill selects; skip the full-vocabulary logits
             records = handle.records
         if not records or not records[0].kept:

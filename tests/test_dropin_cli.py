@@ -25,8 +25,9 @@ CASES = {
     "qwen2_5_vl": ("qwen2_5_vl", "qwen2_5_vl_none", "qwen2_5_vl", "device_map=cpu",
                    "dtype=bfloat16,use_until=false"),
     # llava_hf: its default device_map="" is refused by transformers 5; its dtype=auto is the checkpoint's
-    # (float32 here, as our auto on the CPU)
-    "llava": ("llava_hf", "llava_none", "llava", "device_map=cpu", "use_until=false"),
+    # (float32 here, as our auto on the CPU); it centre-crops (transformers' pipeline), ours pads to a square by
+    # default (the original LLaVA's, as the papers ran it)
+    "llava": ("llava_hf", "llava_none", "llava", "device_map=cpu", "use_until=false,image_aspect_ratio=crop"),
 }
 
 

@@ -74,7 +74,7 @@ def _processed_token_colours(family: str, inputs) -> torch.Tensor:
         img = _denorm(pv, IMAGENET, 1)
         cells = img.reshape(img.shape[0], 3, 16, 28, 16, 28).mean((3, 5))  # [T, 3, 16, 16]
         return cells.permute(0, 2, 3, 1).reshape(-1, 3)[:, :2]
-    if family == "llava":  # [1, 3, 336, 336] -> 24x24 tokens of 14x14
+    if family.startswith("llava"):  # [1, 3, 336, 336] -> 24x24 tokens of 14x14
         img = _denorm(pv, CLIP, 1)
         cells = img.reshape(3, 24, 14, 24, 14).mean((2, 4))
         return cells.permute(1, 2, 0).reshape(-1, 3)[:, :2]
@@ -87,7 +87,7 @@ def _processed_token_colours(family: str, inputs) -> torch.Tensor:
 def _grids(family: str, inputs) -> list[tuple[int, int]]:
     if family == "internvl":
         return [(16, 16)] * inputs["pixel_values"].shape[0]
-    if family == "llava":
+    if family.startswith("llava"):
         return [(24, 24)]
     _, h, w = inputs["image_grid_thw"][0].tolist()
     return [(h // 2, w // 2)]
@@ -114,17 +114,30 @@ def processors():
 
 # ------------------------------------------------------------------------------------------------ geometry
 @pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("family", ["internvl", "qwen2_5_vl", "llava"])
+@pytest.mark.parametrize("family", ["internvl", "qwen2_5_vl", "llava", "llava_crop"])
 def test_each_token_box_holds_the_pixels_the_processor_gave_that_token(processors, family, size):
-    proc = processors[family]
+    proc = processors[family.removesuffix("_crop")]
     image = _gradient(*size)
-    inputs = single_image_inputs(proc, image, "Describe.", max_num=2)
+    if family == "llava_crop":  # image_aspect_ratio=crop: the processor's own resize + centre crop
+        from lmms_prune.families.llava import Llava
+
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}]
+        inputs = proc(images=[image], text=[proc.apply_chat_template(messages, add_generation_prompt=True)],
+                      return_tensors="pt")
+        boxes = Llava.token_boxes(size, [(24, 24)], proc, image_aspect_ratio="crop")
+    else:  # LLaVA: the default image_aspect_ratio=pad (pad-to-square with the mean colour)
+        inputs = single_image_inputs(proc, image, "Describe.", max_num=2)
+        boxes = token_boxes(family, size, _grids(family, inputs), proc, max_num=2)
     grids = _grids(family, inputs)
-    boxes = token_boxes(family, size, grids, proc, max_num=2)
     n_tokens = int((inputs["input_ids"] == proc.tokenizer.convert_tokens_to_ids(proc.image_token)).sum())
     assert boxes.shape == (n_tokens, 4) == (sum(r * c for r, c in grids), 4)
     got = _processed_token_colours(family, inputs)
     expected = _expected_colours(boxes, *size)
+    if family == "llava":  # tokens whose cell lies wholly in the image (the others hold padding too)
+        areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        whole = areas > 0.999 * areas.max()
+        assert int(whole.sum()) >= 24 * 24 * min(size) // max(size) - 2 * 24
+        got, expected = got[whole], expected[whole]
     # Measured: < 0.3 levels everywhere; shifting every box by half a cell moves some token by >= 2.7 levels.
     assert (got - expected).abs().max() < 1.0
 
@@ -167,8 +180,10 @@ def test_qwen_boxes_tile_the_whole_image(size):
 
 @pytest.mark.parametrize("size", SIZES + [(336, 336)])
 def test_llava_boxes_tile_the_centre_crop_only(processors, size):
+    from lmms_prune.families.llava import Llava
+
     width, height = size
-    boxes = token_boxes("llava", size, [(24, 24)], processors["llava"])
+    boxes = Llava.token_boxes(size, [(24, 24)], processors["llava"], image_aspect_ratio="crop")
     side = min(width, height)  # the 336 crop of the shortest-edge resize is a centred square of this side
     x1, y1 = boxes[:, 0].min().item(), boxes[:, 1].min().item()
     x2, y2 = boxes[:, 2].max().item(), boxes[:, 3].max().item()

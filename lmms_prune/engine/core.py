@@ -83,7 +83,12 @@ class PruneHandle:
     """A pruning patch on one model. Use ``records`` after a prefill; ``remove()`` to undo.
 
     ``task_kind`` (``None``, ``"grounding"`` or ``"understanding"``) is the kind of the requests being run; it
-    selects ``alpha='auto'``. ``state`` is the per-call state (read-only use: tests and diagnostics)."""
+    selects ``alpha='auto'``. ``state`` is the per-call state (read-only use: tests and diagnostics).
+
+    ``image_padding``: set before a call whose images the family padded (``Family.padding_masks``: per sample,
+    per image, a bool ``[N visual tokens]`` mask, True = padding token, or None); the next prefill takes it (and
+    resets it to None) and hands each image's mask to the scores that need it (``Needs.padding``). A batch
+    expanded inside ``generate`` (``num_beams``) repeats each sample's masks."""
 
     def __init__(self, model: nn.Module, config: PruneConfig, mode: str = "prune"):
         if mode not in ("prune", "mask"):
@@ -93,6 +98,7 @@ class PruneHandle:
         self.mode = mode
         self.adapter: Family = get_adapter(model)
         self._task_kind: str | None = None
+        self.image_padding: list[list[torch.Tensor | None]] | None = None
         self.records: list[PruneRecord] = []
         self._hooks: list[Any] = []
         self._observed: list[nn.Module] = []
@@ -287,9 +293,32 @@ class PruneHandle:
         spans = self.adapter.spans(input_ids, kwargs)
         lengths = mask2d.sum(-1).tolist() if mask2d is not None else [input_ids.shape[1]] * input_ids.shape[0]
         self._state = CallState(phase="prefill", spans=spans, seq_len=input_ids.shape[1],
-                                lengths=[int(x) for x in lengths], padding=mask2d)
+                                lengths=[int(x) for x in lengths], padding=mask2d,
+                                image_padding=self._take_image_padding(spans))
         self.records = []
         return None
+
+    def _take_image_padding(self, spans: list[list[ImageSpan]]) -> list[dict[int, torch.Tensor]] | None:
+        """The caller's :attr:`image_padding` for this prefill (then reset), checked against its images and keyed
+        by span start; sample ``b`` of a batch ``k`` times larger (``num_beams``) takes sample ``b // k``'s."""
+        given, self.image_padding = self.image_padding, None
+        if given is None:
+            return None
+        if not given or len(spans) % len(given):
+            raise ValueError(f"image_padding has masks for {len(given)} samples, but the call has {len(spans)}")
+        repeat = len(spans) // len(given)
+        out = []
+        for b, sample in enumerate(spans):
+            masks = given[b // repeat]
+            if len(masks) != len(sample):
+                raise ValueError(f"image_padding of sample {b // repeat} has {len(masks)} masks for its "
+                                 f"{len(sample)} images")
+            for mask, span in zip(masks, sample):
+                if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (span.num_visual,)):
+                    raise ValueError(f"image_padding: a mask must be bool [{span.num_visual}] (the image's visual "
+                                     f"tokens), got {mask.dtype} {tuple(mask.shape)}")
+            out.append({span.start: mask.cpu() for mask, span in zip(masks, sample) if mask is not None})
+        return out
 
     def _on_model_call_pre_llm(self, args: tuple, kwargs: dict[str, Any]):
         """A direct forward with images: shrink its inputs; inside generate they were shrunk already."""
@@ -407,6 +436,9 @@ class PruneHandle:
             image.hidden = hidden[b, pos.to(hidden.device)]
         if normed is not None:
             image.final_norm = normed[b, pos.to(normed.device)]
+        if needs.padding and st.image_padding is not None and span.start in st.image_padding[b]:
+            mask = st.image_padding[b][span.start]
+            image.padding = mask if present is None else mask[present.cpu()]
         if needs.text:
             text = self._columns(b, self._text_after(b, span), stage)
             image.text_key_norms = {layer: st.key_norms[layer][b, text] for layer in needs.key_norms}

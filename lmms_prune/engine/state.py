@@ -73,6 +73,8 @@ class CallState:
     stage_pruned: list[dict[str, Any]] = field(default_factory=list)
     stage_kept: list[list[list[torch.Tensor]]] = field(default_factory=list)
     stage_inverse: dict[int, torch.Tensor] = field(default_factory=dict)  # stage -> [B, T] position -> slot
+    # per sample: span start -> bool [N visual tokens] padding mask of that image (PruneHandle.image_padding)
+    image_padding: list[dict[int, torch.Tensor]] | None = None
 
     @property
     def has_images(self) -> bool:

@@ -166,8 +166,14 @@ class Family:
         return {}
 
     @classmethod
-    def prepare_images(cls, images: list[Any], options: dict[str, Any]) -> list[Any]:
+    def prepare_images(cls, images: list[Any], options: dict[str, Any], processor: Any = None) -> list[Any]:
         """The images as the family's own pipeline hands them to its processor (default: unchanged)."""
+        return images
+
+    @classmethod
+    def standalone_images(cls, images: list[Any], processor: Any = None) -> list[Any]:
+        """The images as :meth:`prepare_images` hands them over under the family's default options, for calls
+        outside a run (calibration, diagnostics, overlays); default: unchanged."""
         return images
 
     @classmethod
@@ -297,6 +303,14 @@ class Family:
         ``[images or tiles, H, 1 + P]`` per call; without, each image's mean received attention ``[P_i]``.
         ``kwargs``: the forward/generate inputs (e.g. the image grids)."""
         return self.cls_importance(torch.cat(rows))
+
+    def padding_masks(self, images: list[list[Any]], options: dict[str, Any],
+                      processor: Any = None) -> list[list[torch.Tensor | None]] | None:
+        """Per sample, per image (the original images, before :meth:`prepare_images`): bool ``[N visual tokens]``,
+        True where the token's patch is at least half padding that the family's pipeline added (LLaVA-1.5's
+        pad-to-square), or None; None when the family adds no padding. The engine hands them to the scores
+        (``PruneHandle.image_padding``)."""
+        return None
 
     def install_hooks(self) -> list[Any]:
         """Observers the family needs on its model while a pruning handle is installed (each with ``remove()``);

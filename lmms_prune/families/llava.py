@@ -1,21 +1,81 @@
 """LLaVA-1.5 (transformers-native ``llava-hf`` checkpoints): one 24x24 grid (576 tokens) per image.
 
-Token-to-pixel geometry follows ``CLIPImageProcessor``: shortest edge resized to 336 (long edge
-``int(336 * long / short)``), then a centre crop of 336x336 (``top = int((h - 336) / 2)``); the 24x24 grid
-covers only the crop. Cells that fall in padding (crop larger than the resized image) are clipped to the image
-and may have zero area. Grounding answers: ``<box>[[...]]</box>`` on the 0-1000 grid.
+Image pipeline (``--model_args image_aspect_ratio=pad|crop``, methods.md section 1):
+
+* ``pad`` (default; the original LLaVA code's ``image_aspect_ratio=pad``, which the papers' LLaVA-1.5 runs use):
+  the image is pasted on a centred square of side ``max(w, h)`` filled with the image processor's
+  ``image_mean`` colour as ``int(x * 255)`` (LLaVA's ``expand2square``), then the processor resizes the square
+  to 336 and its centre crop is a no-op. Each 14 px cell of the 336 square maps back to the original image
+  through the pad offsets ``((S - w) // 2, (S - h) // 2)``; a token whose patch is at least half padding is a
+  padding token (:meth:`Llava.padding_masks`, handed to the engine so trend debiasing zeroes it).
+* ``crop`` (transformers' own ``llava-hf`` pipeline): ``CLIPImageProcessor`` resizes the shortest edge to 336
+  (long edge ``int(336 * long / short)``), then centre-crops 336x336 (``top = int((h - 336) / 2)``); the 24x24
+  grid covers only the crop.
+
+Cells that fall in padding are clipped to the image and may have zero area. Grounding answers:
+``<box>[[...]]</box>`` on the 0-1000 grid.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
+from PIL import Image
 
 from lmms_prune import geometry as geo
 from lmms_prune.families.base import IMAGE_TOKEN, Family, bench_text_config, int_arg
 
 DEFAULTS = {"shortest_edge": 336, "crop": (336, 336), "do_center_crop": True}
+ASPECT_RATIOS = ("pad", "crop")  # image_aspect_ratio values; the first is the default
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIPImageProcessor's image_mean (LLaVA-1.5's processors)
+# lmms-eval's llava_hf keys (its dtype, revision, trust_remote_code, use_cache, ... are run options)
+LLAVA_HF_ARGS: dict[str, str] = {
+    "chat_template": "a Jinja chat template replacing the checkpoint's (default: the checkpoint's)",
+    "max_frames_num": "frames sampled per video (default 32; videos are not supported yet)",
+}
+
+
+def aspect_ratio_arg(value: Any) -> str:
+    """``image_aspect_ratio`` as ``pad`` or ``crop`` (``None``/empty: the default ``pad``), or a clear error."""
+    text = ASPECT_RATIOS[0] if value is None else str(value).strip().lower() or ASPECT_RATIOS[0]
+    if text not in ASPECT_RATIOS:
+        raise ValueError(f"image_aspect_ratio={value!r}: must be pad (the original LLaVA's pad-to-square with the "
+                         "mean colour, the papers' setting) or crop (the processor's resize + centre crop)")
+    return text
+
+
+def pad_colour(processor: Any = None) -> tuple[int, int, int]:
+    """The fill colour of ``expand2square``: the image processor's ``image_mean`` as ``int(x * 255)`` per channel
+    (LLaVA's ``tuple(int(x * 255) for x in image_processor.image_mean)``); CLIP's mean without a processor."""
+    ip = geo.image_processor(processor) if processor is not None else None
+    mean = getattr(ip, "image_mean", None) or CLIP_MEAN
+    if isinstance(mean, (int, float)):
+        mean = (mean,) * 3
+    return tuple(int(x * 255) for x in mean)
+
+
+def expand2square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
+    """LLaVA's ``expand2square``: ``image`` (as RGB) pasted on a ``S x S`` square (``S = max(w, h)``) of colour
+    ``background``, at ``(0, (S - h) // 2)`` for a wide image or ``((S - w) // 2, 0)`` for a tall one; a square
+    image is returned as it is."""
+    image = image if image.mode == "RGB" else image.convert("RGB")
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    result = Image.new(image.mode, (side, side), tuple(background))
+    result.paste(image, ((side - width) // 2, (side - height) // 2))
+    return result
+
+
+def pad_offsets(size: tuple[int, int]) -> tuple[int, int, int]:
+    """``(side, left, top)`` of ``expand2square`` for a ``(width, height)`` image: the square's side and where
+    the image's top-left corner sits in it."""
+    width, height = size
+    side = max(width, height)
+    return side, (side - width) // 2, (side - height) // 2
 
 
 def crop_region(size: tuple[int, int], processor: Any) -> tuple[float, float, float, float]:
@@ -63,10 +123,10 @@ class Llava(Family):
     model_class = "LlavaForConditionalGeneration"
     processor_class = "LlavaProcessor"
     default_pretrained = "llava-hf/llava-1.5-7b-hf"
-    # lmms-eval's llava_hf keys (its dtype, revision, trust_remote_code, use_cache, ... are run options)
     model_args: ClassVar[dict[str, str]] = {
-        "chat_template": "a Jinja chat template replacing the checkpoint's (default: the checkpoint's)",
-        "max_frames_num": "frames sampled per video (default 32; videos are not supported yet)",
+        **LLAVA_HF_ARGS,
+        "image_aspect_ratio": "pad (default: the original LLaVA's pad-to-square with the image-mean colour, as the "
+                              "papers ran LLaVA-1.5) or crop (transformers' resize + centre crop)",
     }
     bench_geometries: ClassVar[dict[str, dict[str, Any]]] = {
         "llava-1.5-7b": {"text": (32, 4096, 32, 32, 11008, "llama")},
@@ -74,16 +134,68 @@ class Llava(Family):
 
     @classmethod
     def parse_model_args(cls, args):
+        return {**cls.parse_llava_hf_args(args),
+                "image_aspect_ratio": aspect_ratio_arg(args.pop("image_aspect_ratio", None))}
+
+    @classmethod
+    def parse_llava_hf_args(cls, args):
+        """The keys lmms-eval's ``llava_hf`` takes (:data:`LLAVA_HF_ARGS`), popped from ``args``."""
         template = args.pop("chat_template", None)
         template = None if template is None or str(template).strip().lower() in ("", "none") else str(template)
         return {"chat_template": template,
                 "max_frames_num": int_arg("max_frames_num", args.pop("max_frames_num", 32), 1),
                 "default_max_new_tokens": 1024}  # lmms-eval's llava_hf, when a task sets none
 
+    # ---- pad-to-square (image_aspect_ratio=pad)
     @classmethod
-    def token_boxes(cls, image_size, grids, processor=None, max_num=None):
+    def prepare_images(cls, images, options, processor=None):
+        """``pad``: each image through :func:`expand2square` with the processor's mean colour (the processor then
+        resizes the square, and its centre crop is a no-op); ``crop``: unchanged."""
+        if aspect_ratio_arg(options.get("image_aspect_ratio")) != "pad":
+            return images
+        colour = pad_colour(processor)
+        return [expand2square(image, colour) for image in images]
+
+    @classmethod
+    def standalone_images(cls, images, processor=None):
+        return cls.prepare_images(images, {"image_aspect_ratio": ASPECT_RATIOS[0]}, processor)
+
+    def padding_masks(self, images, options, processor=None):
+        """``pad``: per sample, per image, bool ``[576]`` (the grid's tokens), True where the token's patch of the
+        square is at least half padding (:func:`lmms_prune.scores.pad_to_square_token_mask`); ``crop``: None."""
+        if aspect_ratio_arg(options.get("image_aspect_ratio")) != "pad":
+            return None
+        from lmms_prune.scores.padding import pad_to_square_token_mask
+
+        side = math.isqrt(self.tokens_per_image())
+        out = []
+        for sample in images:
+            masks = []
+            for image in sample:
+                width, height = geo.check_size(image.size)
+                square = max(width, height)
+                region = crop_region((square, square), processor)
+                if any(abs(a - b) > 1e-9 for a, b in zip(region, (0, 0, square, square))):
+                    raise ValueError(f"image_aspect_ratio=pad: this image processor (size="
+                                     f"{getattr(geo.image_processor(processor), 'size', None)!r}, crop_size="
+                                     f"{getattr(geo.image_processor(processor), 'crop_size', None)!r}) does not map "
+                                     "the padded square onto the token grid (its crop cuts the square); use "
+                                     "image_aspect_ratio=crop or a processor whose crop equals its resize")
+                masks.append(pad_to_square_token_mask(width, height, side))
+            out.append(masks)
+        return out
+
+    @classmethod
+    def token_boxes(cls, image_size, grids, processor=None, max_num=None, image_aspect_ratio="pad"):
+        """Cells of the 336 crop (``crop``) or of the padded square (``pad``), in original-image pixels, clipped
+        to the image (cells entirely in padding have zero area)."""
         width, height = geo.check_size(image_size)
-        region = crop_region((width, height), processor)
+        if aspect_ratio_arg(image_aspect_ratio) == "pad":
+            side, left, top = pad_offsets((width, height))
+            x1, y1, x2, y2 = crop_region((side, side), processor)
+            region = (x1 - left, y1 - top, x2 - left, y2 - top)
+        else:
+            region = crop_region((width, height), processor)
         boxes = torch.cat([geo.raster(region, g) for g in geo.grid_list(grids)])
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)

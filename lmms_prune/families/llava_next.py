@@ -45,7 +45,7 @@ import torch
 
 from lmms_prune import geometry as geo
 from lmms_prune.families.base import IMAGE_TOKEN, Family, ImageSpan, bench_text_config, runs
-from lmms_prune.families.llava import Llava
+from lmms_prune.families.llava import LLAVA_HF_ARGS, Llava
 
 # LLaVA-1.6's grid pinpoints (height, width): at most 4 tiles of 336 px, so the papers' count is 576 x 5 = 2880.
 PINPOINTS_1_6 = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
@@ -122,6 +122,24 @@ class LlavaNext(Llava):
         # newline tokens come on top (2928 placeholders).
         "llava-next-7b": {"text": (32, 4096, 32, 32, 11008, "llama"), "pinpoints": PINPOINTS_1_6},
     }
+
+    # ---- image options: anyres pads and tiles in the processor, so LLaVA-1.5's image_aspect_ratio is not one
+    model_args: ClassVar[dict[str, str]] = dict(LLAVA_HF_ARGS)
+
+    @classmethod
+    def parse_model_args(cls, args):
+        return cls.parse_llava_hf_args(args)
+
+    @classmethod
+    def prepare_images(cls, images, options, processor=None):
+        return images
+
+    @classmethod
+    def standalone_images(cls, images, processor=None):
+        return images
+
+    def padding_masks(self, images, options, processor=None):
+        return None
 
     # ---- token-to-pixel geometry: the base grid and the unpadded mosaic each cover the whole image
     @classmethod

@@ -100,7 +100,7 @@ class Qwen25VL(Family):
         return {"size": {"shortest_edge": options["min_pixels"], "longest_edge": options["max_pixels"]}}
 
     @classmethod
-    def prepare_images(cls, images, options):
+    def prepare_images(cls, images, options, processor=None):
         """Qwen's own pipeline (qwen_vl_utils ``fetch_image``, which lmms-eval's wrapper runs through
         ``process_vision_info``): RGB, resized to multiples of 28 px within qwen_vl_utils' own pixel bounds,
         before the processor resizes within ``min_pixels``/``max_pixels``."""

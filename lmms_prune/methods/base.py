@@ -180,7 +180,8 @@ class Needs:
     vision encoder's [CLS] row at the feature layer, or its mean received attention without [CLS]),
     ``vision_features`` (pre-projector features), ``embeddings`` (projected visual embeddings), ``instruction``
     (the LLM's input embeddings of the prompt's text tokens after the image, up to the next image or the
-    prompt's end).
+    prompt's end). ``padding``: each image's padding-token mask, where the caller gave one
+    (``PruneHandle.image_padding``: LLaVA-1.5's pad-to-square).
     """
 
     attention: tuple[int, ...] = ()
@@ -193,6 +194,7 @@ class Needs:
     vision_features: bool = False
     embeddings: bool = False
     instruction: bool = False
+    padding: bool = False
 
     def __or__(self, other: Needs) -> Needs:
         values = {}
@@ -215,6 +217,9 @@ class ImageSignals:
     Multi-stage pruning (``prune_layers``): at a later stage ``present`` holds the image's token indices still
     present (ascending, within the image's original ``span.length`` tokens); every tensor above then covers
     those ``num_tokens = len(present)`` tokens only, and the selector's indices count within them.
+
+    ``padding`` (when the score or selector needs it and the caller gave one): bool ``[N]``, True where the
+    token's patch is at least half padding the family's image pipeline added (LLaVA-1.5's pad-to-square).
     """
 
     sample: int
@@ -235,6 +240,7 @@ class ImageSignals:
     instruction: torch.Tensor | None = None  # [M, D] pre-LLM: input embeddings of the text after the image
     device: Any = None
     present: torch.Tensor | None = None
+    padding: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -12,7 +12,7 @@ CALIBRATE = "`lmms-prune calibrate --model MODEL --images DIR --layer {layer} --
 PARAMS = (
     Param("eps", 1e-7, "epsilon of the debiasing divisions", low=0.0, open_low=True),
     Param("bias_prior", None, "path of a calibrated attention prior (lmms-prune calibrate); needed by d2pruner "
-          "and trend", kind="path", optional=True),
+          "and trend (unless trend_weights is given)", kind="path", optional=True),
     Param("r_pivot", 0.7, "pivot_mis: fraction of the budget taken as pivots (top floor(n*r_pivot))", low=0.0, high=1.0),
     Param("theta_sim", 0.8, "pivot_mis: edge threshold on the fused similarity (in [0, 1])", low=0.0, high=1.0),
     Param("alpha", 0.5, "pivot_mis: weight of semantic vs spatial similarity; 'auto' = 0.5 for grounding tasks, "
