@@ -299,6 +299,8 @@ class Answer:
     input_tokens: int
     output_tokens: int
     record: dict[str, Any]
+    # one box frame per image of the conversation (``Family.box_frame``: how its grounding answers map back)
+    box_frames: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Runner:
@@ -470,14 +472,19 @@ class Runner:
         family_options = self.options.family
         if self.options.task_protocol:
             family_options = protocol_options(self.family, family_options, gen_kwargs, task)
-        texts, images = [], []
+        texts, images, counts = [], [], []
         for messages in conversations:
             plain, item_images = self.split_images(messages)
             texts.append(self.build_prompt(plain, family_options))
             images.extend(item_images)
+            counts.append(len(item_images))
+        sizes = [image.size for image in images]  # original sizes, before the family's own pipeline
         images = self.family.prepare_images(images, family_options)
         inputs = self.processor(text=texts, images=images or None, padding=True, padding_side="left",
                                 return_tensors="pt", **self.family.processor_kwargs(family_options))
+        frames = [self.family.box_frame(size, inputs, i, family_options, self.processor)
+                  for i, size in enumerate(sizes)]
+        starts = [sum(counts[:i]) for i in range(len(counts))]
         inputs = inputs.to(self.device)
         for key, value in inputs.items():
             if isinstance(value, torch.Tensor) and value.is_floating_point():
@@ -515,7 +522,8 @@ class Runner:
             n_out = int((new_tokens[i] != pad_id).sum()) if pad_id is not None else int(new_tokens.shape[1])
             record = self.efficiency_record(rec, len(conversations), n_out, t_start, t_gen, t_gen_end, t_end)
             # input tokens: what the LLM really processed, i.e. after pruning
-            out.append(Answer(apply_until(answers[i], until), rec.seq_len_after, n_out, record))
+            out.append(Answer(apply_until(answers[i], until), rec.seq_len_after, n_out, record,
+                              frames[starts[i]:starts[i] + counts[i]]))
         return out
 
     def efficiency_record(self, rec: Any, batch: int, n_out: int, t_start: float, t_gen: float,

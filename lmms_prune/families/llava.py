@@ -3,7 +3,7 @@
 Token-to-pixel geometry follows ``CLIPImageProcessor``: shortest edge resized to 336 (long edge
 ``int(336 * long / short)``), then a centre crop of 336x336 (``top = int((h - 336) / 2)``); the 24x24 grid
 covers only the crop. Cells that fall in padding (crop larger than the resized image) are clipped to the image
-and may have zero area. Grounding answers: ``<box>[[...]]</box>`` on the 0-1000 grid.
+and may have zero area. Grounding answers: see :func:`llava_box_frame`.
 """
 
 from __future__ import annotations
@@ -55,6 +55,26 @@ def crop_region(size: tuple[int, int], processor: Any) -> tuple[float, float, fl
     return left * sx, top * sy, (left + out_w) * sx, (top + out_h) * sy
 
 
+def llava_box_frame(image_size: tuple[int, int], options: dict[str, Any], processor: Any = None) -> dict[str, Any]:
+    """The box frame of one LLaVA-1.5 image (``lmms_prune.tasks.refcoco.parsing``).
+
+    LLaVA-1.5 is trained on RefCOCO boxes as ``[x1, y1, x2, y2]`` floats in [0, 1] of the image it sees:
+    ``image_aspect_ratio=pad`` (the family option, default ``pad`` when absent) pads the image to a centred
+    square (``expand2square``) -> ``unit_padded_square`` of the original size; ``crop`` shows the processor's
+    centre crop -> ``unit_region`` with the crop's region in original pixels (:func:`crop_region`, possibly
+    beyond the image).
+    """
+    width, height = geo.check_size(image_size)
+    mode = str(options.get("image_aspect_ratio", "pad") or "pad").lower()
+    if mode == "pad":
+        return {"convention": "unit_padded_square", "width": width, "height": height}
+    if mode == "crop":
+        region = crop_region((width, height), processor)
+        return {"convention": "unit_region", "width": width, "height": height,
+                "region": [float(v) for v in region]}
+    raise ValueError(f"image_aspect_ratio={mode!r}: must be pad or crop")
+
+
 class Llava(Family):
     """LLaVA-1.5: 576 tokens (24x24) per image."""
 
@@ -63,6 +83,7 @@ class Llava(Family):
     model_class = "LlavaForConditionalGeneration"
     processor_class = "LlavaProcessor"
     default_pretrained = "llava-hf/llava-1.5-7b-hf"
+    box_convention = "unit_padded_square"  # image_aspect_ratio=crop: "unit_region" (llava_box_frame)
     # lmms-eval's llava_hf keys (its dtype, revision, trust_remote_code, use_cache, ... are run options)
     model_args: ClassVar[dict[str, str]] = {
         "chat_template": "a Jinja chat template replacing the checkpoint's (default: the checkpoint's)",
@@ -79,6 +100,10 @@ class Llava(Family):
         return {"chat_template": template,
                 "max_frames_num": int_arg("max_frames_num", args.pop("max_frames_num", 32), 1),
                 "default_max_new_tokens": 1024}  # lmms-eval's llava_hf, when a task sets none
+
+    @classmethod
+    def box_frame(cls, image_size, inputs, index, options, processor=None):
+        return llava_box_frame(image_size, options, processor)
 
     @classmethod
     def token_boxes(cls, image_size, grids, processor=None, max_num=None):

@@ -123,6 +123,12 @@ class LlavaNext(Llava):
         "llava-next-7b": {"text": (32, 4096, 32, 32, 11008, "llama"), "pinpoints": PINPOINTS_1_6},
     }
 
+    @classmethod
+    def box_frame(cls, image_size, inputs, index, options, processor=None):
+        """``unit_padded_square`` of the original image (module docstring; LLaVA-1.5's pad/crop option does not
+        apply to anyres)."""
+        return Family.box_frame.__func__(cls, image_size, inputs, index, options, processor)
+
     # ---- token-to-pixel geometry: the base grid and the unpadded mosaic each cover the whole image
     @classmethod
     def token_boxes(cls, image_size, grids, processor=None, max_num=None):
