@@ -297,6 +297,48 @@ def test_internvl_prompt_is_the_protocols():
     assert utils.doc_to_text({"expression": "e"}, None) == utils.PROMPT.format(expression="e")
 
 
+@pytest.mark.parametrize("model, prompt, source", [
+    ("qwen2_5_vl_fastv", "Locate {expression}, output its bbox coordinates using JSON format.", "wrapper"),
+    ("qwen3_vl", "Locate {expression}, output its bbox coordinates using JSON format.", "command line"),
+    ("internvl_deepprune", utils.PROMPT, "wrapper"),
+])
+def test_the_task_built_for_a_model_asks_in_its_familys_prompt(tmp_path, monkeypatch, model, prompt, source):
+    import lmms_eval.tasks  # noqa: F401  (lmms-eval's task package first, as its CLI does)
+    from lmms_eval.tasks import TaskManager
+
+    from lmms_prune.toy.data import write_refcoco_hub_layout
+
+    root = tmp_path / "hub"
+    write_refcoco_hub_layout(root / data.FAMILIES["refcoco"].local_name, 1, 0, splits=("val",), width=320,
+                             height=240)
+    monkeypatch.setenv(data.LOCAL_DIR_ENV, str(root))
+    monkeypatch.setenv("LMMS_EVAL_DATASETS_CACHE", str(tmp_path / "cache"))
+    for name in (data.JSONL_DIR_ENV, takeover.TAKEOVER_ENV):
+        monkeypatch.delenv(name, raising=False)
+    # lmms-eval builds tasks that name a class without the model name: our wrappers register theirs, and
+    # lmms-eval's own wrappers are found on the command line
+    if source == "wrapper":
+        utils.register_run_model(model)
+    else:
+        monkeypatch.setattr(sys, "argv", ["lmms_eval", "--model", model, "--tasks", "refcoco_ground_val"])
+    manager = TaskManager("WARNING", include_path=[str(takeover.TASKS_DIR)], include_defaults=False,
+                          model_name=model)
+    task = manager.load_task_or_group(["refcoco_ground_val"], task_type="chat")["refcoco_ground_val"]
+    doc = task.test_docs()[0]
+    [turn] = task.doc_to_messages(doc)
+    assert turn["content"][1] == {"type": "text", "text": prompt.format(expression=doc["expression"])}
+    assert utils._RUN["model"] == model  # the frameless fallback knows the run's family
+
+
+def test_the_command_lines_model_name(tmp_path):
+    assert utils.cli_model_name(["--model", "llava_hf", "--tasks", "refcoco"]) == "llava_hf"
+    config = tmp_path / "run.yaml"
+    config.write_text("model: qwen3_vl\ntasks: refcoco\n")
+    assert utils.cli_model_name(["--config", str(config)]) == "qwen3_vl"
+    assert utils.cli_model_name(["--config", str(config), "--model", "internvl_hf"]) == "internvl_hf"
+    assert utils.cli_model_name(["--tasks", "refcoco"]) is None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # end to end: a tiny Qwen2.5-VL through lmms-eval with max_pixels below the image size
 
@@ -330,3 +372,6 @@ def test_cli_qwen2_5_vl_refcoco_records_the_real_resize(tmp_path):
         assert frame == expected
         assert frame["resized_width"] * frame["resized_height"] <= max_pixels < 320 * 240
         assert (frame["resized_width"], frame["resized_height"]) != smart_resize(240, 320)[::-1]
+        # the request's context (lmms-eval logs it as "input"): Qwen's own grounding prompt
+        assert line["input"].startswith("Locate "), line["input"]
+        assert line["input"].endswith(", output its bbox coordinates using JSON format."), line["input"]

@@ -220,6 +220,9 @@ class PrunedChatModel(lmms):
         self._call_records: list[dict[str, Any]] = []
         self._finished = False
         self._answered = 0  # requests this process has answered, in order
+        from lmms_prune.tasks.refcoco.utils import register_run_model
+
+        register_run_model(self.model_id())  # the RefCOCO tasks pick this family's prompt and box fallback
         self._started = time.time()  # results files older than this are another run's
 
     def _setup_device(self) -> None:

@@ -67,14 +67,29 @@ class RefcocoGroundingTask(ConfigurableMessagesTask):
         super().__init__(*args, config=config, **kwargs)
 
     def _prepare_model_specific_config(self) -> None:
-        """lmms-eval's, except for ``lmms_eval_specific_kwargs``: the entry of the run's model family
-        (`specific_kwargs`), which also tells `process_results` the family (`model_family`)."""
+        """lmms-eval's, keeping the YAML's ``lmms_eval_specific_kwargs`` entries for the property below."""
         given = copy.deepcopy(self.config.lmms_eval_specific_kwargs)
         super()._prepare_model_specific_config()
-        _RUN["model"] = self.model_name
         if given is not None:
             self.config.lmms_eval_specific_kwargs = given  # lmms-eval's default branch updates it in place
-            self.lmms_eval_specific_kwargs = specific_kwargs(given, self.model_name)
+        self._specific_entries = given
+
+    @property
+    def lmms_eval_specific_kwargs(self) -> dict | None:
+        """The entry of the run's model family (`specific_kwargs`), resolved when the prompts are built.
+
+        lmms-eval builds tasks that name a ``class`` without the model's name, so the name comes from
+        `run_model_name`; reading it here also tells `process_results` the run's family (`fallback_frame`)."""
+        entries = self.__dict__.get("_specific_entries")
+        if entries is None:
+            return self.__dict__.get("_lmms_eval_specific_kwargs")
+        name = run_model_name(getattr(self, "model_name", None))
+        _RUN["model"] = name
+        return specific_kwargs(entries, name)
+
+    @lmms_eval_specific_kwargs.setter
+    def lmms_eval_specific_kwargs(self, value: dict | None) -> None:
+        self.__dict__["_lmms_eval_specific_kwargs"] = value
 
     def download(self, dataset_kwargs: dict | None = None) -> None:
         family = data.family_of(self.config.dataset_path)
@@ -154,7 +169,43 @@ def specific_kwargs(entries: dict[str, Any], model_name: str | None) -> dict[str
 
 
 _RUN: dict[str, Any] = {"model": None}
-"""The ``--model`` name of this process's run (set when the tasks are built)."""
+"""The ``--model`` name of this process's run (set when the prompts are built) and, under ``"registered"``, the
+name our wrapper registered (`register_run_model`)."""
+
+
+def register_run_model(model_id: str) -> None:
+    """Called by our lmms-eval wrappers when they are made: the run's model name (Python API runs too)."""
+    _RUN["registered"] = str(model_id)
+
+
+def run_model_name(given: str | None = None) -> str | None:
+    """The run's model name: the one lmms-eval gave the task (``given``), else the one our wrapper registered,
+    else the ``--model`` of the lmms-eval command line (or its ``--config`` YAML), else None."""
+    if given:
+        return str(given)
+    if _RUN.get("registered"):
+        return _RUN["registered"]
+    return cli_model_name()
+
+
+def cli_model_name(argv: list[str] | None = None) -> str | None:
+    """``--model`` of the lmms-eval command line this process runs (``sys.argv``), else that of a one-run
+    ``--config`` YAML, else None."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--config", default=None)
+    known, _ = parser.parse_known_args(sys.argv[1:] if argv is None else list(argv))
+    if known.model is None and known.config and Path(known.config).is_file():
+        import yaml
+
+        config = yaml.safe_load(Path(known.config).read_text())
+        if isinstance(config, dict) and config.get("model") is not None:
+            return str(config["model"])
+    return known.model
 
 
 def doc_to_text(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> str:
