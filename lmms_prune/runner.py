@@ -466,7 +466,9 @@ class Runner:
 
         The task's ``until`` strings stop decoding (``generate(stop_strings=...)``: a sample ends at the step
         whose text contains one) and are cut from the answers; ``use_until=false`` ignores them, as lmms-eval's
-        own wrappers do. ``task`` names the task in messages about its protocol settings.
+        own wrappers do. ``task`` names the task in messages about its protocol settings. Each answer carries
+        the box frames of its images (``Family.box_frame`` from the original sizes and the processor's output:
+        how a grounding answer maps back to the image).
         """
         t_start = time.perf_counter()
         family_options = self.options.family
