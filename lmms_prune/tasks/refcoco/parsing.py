@@ -29,8 +29,9 @@ After mapping, swapped corners are ordered and the box is clamped to the image.
 Without a frame (lmms-eval's own wrappers, VLMEvalKit, a re-score of old answers) `parse_box` detects the
 convention from the text alone: a ``"bbox_2d"`` key means Qwen2.5-VL resized pixels, mapped back through
 the resize rule with the pixel limits it is given (default: those of lmms-eval's ``qwen2_5_vl`` wrapper,
-`FALLBACK_MIN_PIXELS` / `FALLBACK_MAX_PIXELS`; for COCO-sized images every published limit setting gives the
-same resized size); anything else is read on InternVL's 0-1000 grid.
+`FALLBACK_MIN_PIXELS` / `FALLBACK_MAX_PIXELS`: right for a typical 640x480 COCO image under the common limit
+settings, wrong for images the run's limits resize differently); anything else is read on InternVL's 0-1000
+grid.
 """
 
 from __future__ import annotations
