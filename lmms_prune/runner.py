@@ -299,6 +299,8 @@ class Answer:
     input_tokens: int
     output_tokens: int
     record: dict[str, Any]
+    # one box frame per image of the conversation (``Family.box_frame``: how its grounding answers map back)
+    box_frames: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Runner:
@@ -464,7 +466,9 @@ class Runner:
 
         The task's ``until`` strings stop decoding (``generate(stop_strings=...)``: a sample ends at the step
         whose text contains one) and are cut from the answers; ``use_until=false`` ignores them, as lmms-eval's
-        own wrappers do. ``task`` names the task in messages about its protocol settings.
+        own wrappers do. ``task`` names the task in messages about its protocol settings. Each answer carries
+        the box frames of its images (``Family.box_frame`` from the original sizes and the processor's output:
+        how a grounding answer maps back to the image).
         """
         t_start = time.perf_counter()
         family_options = self.options.family
@@ -478,9 +482,14 @@ class Runner:
             per_sample.append(item_images)
         # padding tokens of the family's own image pipeline (LLaVA-1.5 pad-to-square), for the scores that zero them
         self.handle.image_padding = self.handle.adapter.padding_masks(per_sample, family_options, self.processor)
+        counts = [len(item) for item in per_sample]
+        sizes = [image.size for image in images]  # original sizes, before the family's own pipeline
         images = self.family.prepare_images(images, family_options, processor=self.processor)
         inputs = self.processor(text=texts, images=images or None, padding=True, padding_side="left",
                                 return_tensors="pt", **self.family.processor_kwargs(family_options))
+        frames = [self.family.box_frame(size, inputs, i, family_options, self.processor)
+                  for i, size in enumerate(sizes)]
+        starts = [sum(counts[:i]) for i in range(len(counts))]
         inputs = inputs.to(self.device)
         for key, value in inputs.items():
             if isinstance(value, torch.Tensor) and value.is_floating_point():
@@ -518,7 +527,8 @@ class Runner:
             n_out = int((new_tokens[i] != pad_id).sum()) if pad_id is not None else int(new_tokens.shape[1])
             record = self.efficiency_record(rec, len(conversations), n_out, t_start, t_gen, t_gen_end, t_end)
             # input tokens: what the LLM really processed, i.e. after pruning
-            out.append(Answer(apply_until(answers[i], until), rec.seq_len_after, n_out, record))
+            out.append(Answer(apply_until(answers[i], until), rec.seq_len_after, n_out, record,
+                              frames[starts[i]:starts[i] + counts[i]]))
         return out
 
     def efficiency_record(self, rec: Any, batch: int, n_out: int, t_start: float, t_gen: float,

@@ -147,19 +147,17 @@ def _refcoco_generation_kwargs() -> dict:
         return yaml.load(f, Loader=Loader)["generation_kwargs"]
 
 
-def test_refcoco_tasks_carry_internvl_6_tiles_and_the_qwen_bounds_their_parser_assumes():
-    from lmms_prune.tasks.refcoco import parsing
-
+def test_refcoco_tasks_carry_internvl_6_tiles_and_leave_qwen_at_the_runs_pixel_bounds():
     gen = _refcoco_generation_kwargs()
     internvl = family_class("internvl")
     run = InternVLPrune_none.parse_model_args()[0].family
     assert run["max_patches"] == 12
     assert protocol_options(internvl, run, gen)["max_patches"] == 6
     assert protocol_options(internvl, run, {"max_new_tokens": 8}) is run  # other tasks: the run's options
-    for name in ("qwen2_5_vl", "qwen2_vl"):
+    for name in ("qwen2_5_vl", "qwen2_vl"):  # boxes map back through each sample's recorded resize (box frame)
         fam = family_class(name)
-        opts = protocol_options(fam, fam.parse_model_args({}), gen)
-        assert (opts["min_pixels"], opts["max_pixels"]) == (parsing.QWEN_MIN_PIXELS, parsing.QWEN_MAX_PIXELS)
+        opts = fam.parse_model_args({"max_pixels": 50176})
+        assert protocol_options(fam, opts, gen) is opts
     llava = family_class("llava")
     opts = llava.parse_model_args({})
     assert protocol_options(llava, opts, gen) is opts

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from cli_runs import run_lmms_eval
@@ -206,14 +207,21 @@ def test_token_boxes_cover_the_image_once_per_view(family):
     assert family.grid_labels((300, 200), grids) == ["base", "mosaic"]
 
 
-@pytest.mark.parametrize(("width", "height"), [(640, 480), (300, 500), (256, 256)])
+@pytest.mark.parametrize(("width", "height"), [(640, 480), (641, 480), (300, 501), (256, 256)])
 def test_padded_square_boxes_map_back_to_the_original_image(width, height):
-    side = max(width, height)
-    box = (10.0, 20.0, width - 5.0, height - 40.0)
-    dx, dy = (side - width) / 2, (side - height) / 2
-    unit = ((box[0] + dx) / side, (box[1] + dy) / side, (box[2] + dx) / side, (box[3] + dy) / side)
+    """A box drawn on the image, found again on LLaVA's padded square (odd padding included, where the paste
+    offset is rounded down), maps back to where it was drawn."""
+    from lmms_prune.families.llava import expand2square
+
+    box = (10, 20, width - 5, height - 40)
+    image = Image.new("RGB", (width, height), (0, 0, 0))
+    image.paste((255, 255, 255), box)
+    square = np.asarray(expand2square(image, (0, 0, 0)))[..., 0] == 255
+    rows, cols = np.nonzero(square)
+    side = square.shape[0]
+    unit = (cols.min() / side, rows.min() / side, (cols.max() + 1) / side, (rows.max() + 1) / side)
     assert all(0 <= v <= 1 for v in unit)
-    assert padded_square_box_to_original(unit, width, height) == pytest.approx(box)
+    assert padded_square_box_to_original(unit, width, height) == pytest.approx(box, abs=1e-9)
     assert LlavaNext.box_convention == LlavaOnevision.box_convention == "unit_padded_square"
 
 

@@ -53,6 +53,13 @@ def expected_counts(toy_root) -> dict[tuple[str, str], int]:
     return counts
 
 
+@pytest.fixture(autouse=True)
+def _no_run_model(monkeypatch):
+    """No box frames and no run model from earlier tests in this process: answers are read by text detection."""
+    monkeypatch.setattr(utils, "_BOX_FRAMES", {})
+    monkeypatch.setattr(utils, "_RUN", {"model": None})
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _datasets_cache(tmp_path_factory):
     os.environ.setdefault("LMMS_EVAL_DATASETS_CACHE", str(tmp_path_factory.mktemp("datasets_cache")))

@@ -144,10 +144,12 @@ class Family:
     # family-specific --model_args, name -> help: those of lmms-eval's own wrapper of the family (same names,
     # meanings and defaults). parse_model_args may add ``default_max_new_tokens`` (that wrapper's default).
     model_args: ClassVar[dict[str, str]] = {}
-    # Grounding answers: "grid1000" (``<box>[[x1,y1,x2,y2]]</box>`` on a 0-1000 grid of the original image) or
-    # "resized_pixels" (absolute pixels of the processor's resized image, e.g. Qwen2.5-VL's ``bbox_2d``) or
-    # "unit_padded_square" (``[x1, y1, x2, y2]`` floats in 0-1 of the image padded to a centred square: LLaVA-1.5/
-    # 1.6's training data; see lmms_prune.families.llava_next.padded_square_box_to_original).
+    # Grounding answers: "grid1000" (``<box>[[x1,y1,x2,y2]]</box>`` on a 0-1000 grid of the original image;
+    # InternVL, Qwen2-VL, Qwen3-VL) or "resized_pixels" (absolute pixels of the processor's resized image, e.g.
+    # Qwen2.5-VL's ``bbox_2d``) or "unit_padded_square" (``[x1, y1, x2, y2]`` floats in 0-1 of the image padded to
+    # a centred square: LLaVA-1.5/1.6's training data; see lmms_prune.families.llava_next.padded_square_box_to_
+    # original). LLaVA-1.5 with image_aspect_ratio=crop: "unit_region" (0-1 of the centre crop). Per sample, with
+    # the real input geometry: :meth:`box_frame` (lmms_prune.tasks.refcoco.parsing reads answers with it).
     box_convention: ClassVar[str] = "grid1000"
     has_cls: ClassVar[bool] = True
     image_input_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "image_sizes")
@@ -180,6 +182,24 @@ class Family:
     def image_kwargs(cls, max_num: int | None) -> dict[str, Any]:
         """Processor-call keyword arguments for a tile budget (calibration, diagnostics, overlays)."""
         return {}
+
+    # ---- grounding answers
+    @classmethod
+    def box_frame(cls, image_size: Sequence[int], inputs: Any, index: int, options: dict[str, Any],
+                  processor: Any = None) -> dict[str, Any]:
+        """The box frame of one image of a processed batch: a small JSON-serialisable dict naming the family's
+        box convention and the numbers that map an answer's box back to pixels of the original image
+        (``lmms_prune.tasks.refcoco.parsing.parse_box_in_frame``).
+
+        ``image_size``: the original ``(width, height)`` (before ``prepare_images``); ``inputs``: the processor's
+        output for the batch; ``index``: the image's position among the batch's images; ``options``: the
+        request's family options. Default: :attr:`box_convention` on the original image (``grid1000``,
+        ``unit_padded_square``); families whose answers depend on the processed input override it.
+        """
+        width, height = geo.check_size(image_size)
+        if cls.box_convention not in ("grid1000", "unit_padded_square"):
+            raise TypeError(f"{cls.name}: box_convention={cls.box_convention!r} needs its own box_frame")
+        return {"convention": cls.box_convention, "width": int(width), "height": int(height)}
 
     # ---- token-to-pixel geometry
     @classmethod

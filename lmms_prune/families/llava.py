@@ -12,8 +12,8 @@ Image pipeline (``--model_args image_aspect_ratio=pad|crop``, methods.md section
   (long edge ``int(336 * long / short)``), then centre-crops 336x336 (``top = int((h - 336) / 2)``); the 24x24
   grid covers only the crop.
 
-Cells that fall in padding are clipped to the image and may have zero area. Grounding answers:
-``<box>[[...]]</box>`` on the 0-1000 grid.
+Cells that fall in padding are clipped to the image and may have zero area. Grounding answers: see
+:func:`llava_box_frame`.
 """
 
 from __future__ import annotations
@@ -115,6 +115,26 @@ def crop_region(size: tuple[int, int], processor: Any) -> tuple[float, float, fl
     return left * sx, top * sy, (left + out_w) * sx, (top + out_h) * sy
 
 
+def llava_box_frame(image_size: tuple[int, int], options: dict[str, Any], processor: Any = None) -> dict[str, Any]:
+    """The box frame of one LLaVA-1.5 image (``lmms_prune.tasks.refcoco.parsing``).
+
+    LLaVA-1.5 is trained on RefCOCO boxes as ``[x1, y1, x2, y2]`` floats in [0, 1] of the image it sees:
+    ``image_aspect_ratio=pad`` (the family option, default ``pad`` when absent) pads the image to a centred
+    square (``expand2square``) -> ``unit_padded_square`` of the original size; ``crop`` shows the processor's
+    centre crop -> ``unit_region`` with the crop's region in original pixels (:func:`crop_region`, possibly
+    beyond the image).
+    """
+    width, height = geo.check_size(image_size)
+    mode = str(options.get("image_aspect_ratio", "pad") or "pad").lower()
+    if mode == "pad":
+        return {"convention": "unit_padded_square", "width": width, "height": height}
+    if mode == "crop":
+        region = crop_region((width, height), processor)
+        return {"convention": "unit_region", "width": width, "height": height,
+                "region": [float(v) for v in region]}
+    raise ValueError(f"image_aspect_ratio={mode!r}: must be pad or crop")
+
+
 class Llava(Family):
     """LLaVA-1.5: 576 tokens (24x24) per image."""
 
@@ -123,6 +143,7 @@ class Llava(Family):
     model_class = "LlavaForConditionalGeneration"
     processor_class = "LlavaProcessor"
     default_pretrained = "llava-hf/llava-1.5-7b-hf"
+    box_convention = "unit_padded_square"  # image_aspect_ratio=crop: "unit_region" (llava_box_frame)
     model_args: ClassVar[dict[str, str]] = {
         **LLAVA_HF_ARGS,
         "image_aspect_ratio": "pad (default: the original LLaVA's pad-to-square with the image-mean colour, as the "
@@ -184,6 +205,10 @@ class Llava(Family):
                 masks.append(pad_to_square_token_mask(width, height, side))
             out.append(masks)
         return out
+
+    @classmethod
+    def box_frame(cls, image_size, inputs, index, options, processor=None):
+        return llava_box_frame(image_size, options, processor)
 
     @classmethod
     def token_boxes(cls, image_size, grids, processor=None, max_num=None, image_aspect_ratio="pad"):

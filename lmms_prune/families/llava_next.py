@@ -53,11 +53,12 @@ PINPOINTS_1_6 = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 def padded_square_box_to_original(box: Sequence[float], width: int, height: int) -> tuple[float, float, float, float]:
     """``[x1, y1, x2, y2]`` in [0, 1] of the image padded to a centred ``S x S`` square (``S = max(w, h)``,
-    LLaVA's ``expand2square``) -> pixels of the original ``width x height`` image (not clamped)."""
+    LLaVA's ``expand2square``, which pastes the image at the integer offsets ``((S - w) // 2, (S - h) // 2)``)
+    -> pixels of the original ``width x height`` image (not clamped)."""
     if width <= 0 or height <= 0:
         raise ValueError(f"width={width}, height={height}: image size must be positive")
     side = max(width, height)
-    dx, dy = (side - width) / 2, (side - height) / 2
+    dx, dy = (side - width) // 2, (side - height) // 2
     x1, y1, x2, y2 = (float(v) for v in box)
     return x1 * side - dx, y1 * side - dy, x2 * side - dx, y2 * side - dy
 
@@ -140,6 +141,12 @@ class LlavaNext(Llava):
 
     def padding_masks(self, images, options, processor=None):
         return None
+
+    @classmethod
+    def box_frame(cls, image_size, inputs, index, options, processor=None):
+        """``unit_padded_square`` of the original image (module docstring; LLaVA-1.5's pad/crop option does not
+        apply to anyres)."""
+        return Family.box_frame.__func__(cls, image_size, inputs, index, options, processor)
 
     # ---- token-to-pixel geometry: the base grid and the unpadded mosaic each cover the whole image
     @classmethod

@@ -110,6 +110,28 @@ class Qwen25VL(Family):
         return [fetch_image({"image": image}, image_patch_size=patch) for image in images]
 
     @classmethod
+    def box_frame(cls, image_size, inputs, index, options, processor=None):
+        """``resized_pixels`` with the size the processor really resized image ``index`` to: ``image_grid_thw``
+        rows ``(t, h, w)`` are patches, so the input is ``h * patch`` x ``w * patch`` pixels (patch: the image
+        processor's ``patch_size``, else half of :attr:`token_pixels`). Families answering on a relative grid
+        (Qwen2-VL, Qwen3-VL: ``grid1000``) record the resized size too, for information, when ``inputs`` has it."""
+        from lmms_prune import geometry as geo
+
+        width, height = geo.check_size(image_size)
+        if cls.box_convention not in ("resized_pixels", "grid1000"):
+            raise TypeError(f"{cls.name}: box_convention={cls.box_convention!r} has no Qwen box frame")
+        frame = {"convention": cls.box_convention, "width": int(width), "height": int(height)}
+        grid = None if inputs is None else inputs.get("image_grid_thw")
+        if grid is None:
+            if cls.box_convention == "resized_pixels":
+                raise ValueError(f"{cls.name}: a resized_pixels box frame needs the processor's image_grid_thw")
+            return frame
+        _, rows, cols = (int(v) for v in grid[index])
+        ip = geo.image_processor(processor) if processor is not None else None
+        patch = int(getattr(ip, "patch_size", None) or cls.token_pixels // 2)
+        return {**frame, "resized_width": cols * patch, "resized_height": rows * patch}
+
+    @classmethod
     def build_geometry(cls, spec, layers=None):
         import transformers as tf
 

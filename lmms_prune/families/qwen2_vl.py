@@ -3,8 +3,12 @@ grid of merged tokens per image with 3-D M-RoPE, but a vision tower of full atte
 its own vision config (``embed_dim`` wide, ``hidden_size`` = the LM width after the merger).
 
 Everything else (spans from ``image_grid_thw`` or M-RoPE positions, pre-LLM hand-over, the ``min_pixels`` /
-``max_pixels`` arguments, ``bbox_2d`` answers in resized pixels) is Qwen2.5-VL's; the pixel defaults are those of
-lmms-eval's ``qwen2_vl`` wrapper (3136..602112).
+``max_pixels`` arguments) is Qwen2.5-VL's; the pixel defaults are those of lmms-eval's ``qwen2_vl`` wrapper
+(3136..602112).
+
+Grounding answers (``box_convention = "grid1000"``): unlike Qwen2.5-VL, Qwen2-VL answers
+``<|box_start|>(x1,y1),(x2,y2)<|box_end|>`` normalised to a 0-1000 grid of the image (the Qwen2-VL report;
+decoded text keeps ``(x1,y1),(x2,y2)``), prompted with ``<|object_ref_start|>{expression}<|object_ref_end|>``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ class Qwen2VL(Qwen25VL):
     processor_class = "Qwen2VLProcessor"
     default_pretrained = "Qwen/Qwen2-VL-7B-Instruct"
     config_class = "Qwen2VLConfig"
+    box_convention = "grid1000"
     lmms_eval_pixels = (3136, 602112)  # lmms-eval's qwen2_vl wrapper: min_pixels, max_pixels
     bench_geometries: ClassVar[dict[str, dict[str, Any]]] = {
         "qwen2_vl-7b": {"text": (28, 3584, 28, 4, 18944, "qwen2")},

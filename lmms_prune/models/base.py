@@ -220,6 +220,9 @@ class PrunedChatModel(lmms):
         self._call_records: list[dict[str, Any]] = []
         self._finished = False
         self._answered = 0  # requests this process has answered, in order
+        from lmms_prune.tasks.refcoco.utils import register_run_model
+
+        register_run_model(self.model_id())  # the RefCOCO tasks pick this family's prompt and box fallback
         self._started = time.time()  # results files older than this are another run's
 
     def _setup_device(self) -> None:
@@ -312,12 +315,23 @@ class PrunedChatModel(lmms):
             record = {"task": item.task, "doc_id": item.doc_id, "rank": self.rank, "position": self._answered,
                       **answer.record}  # rank and position let the report drop each process's warm-up exactly
             self._answered += 1
+            self._record_box_frames(item, answer.box_frames)
             self._call_records.append({**record, "batch_start": batch_start})
             if not item.padding:
                 self.records.append(record)
             results.append(GenerationResult(text=answer.text, token_counts=PrunedTokenCounts(
                 input_tokens=answer.input_tokens, output_tokens=answer.output_tokens, pruning=answer.record)))
         return results
+
+    def _record_box_frames(self, item: _Item, frames: list[dict[str, Any]]) -> None:
+        """Hand a grounding sample's box frame (its first image's) to the RefCOCO task, which scores the answer
+        with it in this process (``lmms_prune.tasks.refcoco.utils.record_box_frame``); other docs have no
+        ``sample_id`` and are left alone."""
+        doc = self.task_dict[item.task][item.split][item.doc_id]
+        if frames and isinstance(doc, dict) and "sample_id" in doc:
+            from lmms_prune.tasks.refcoco.utils import record_box_frame
+
+            record_box_frame(doc, frames[0])
 
     def _run_or_skip(self, items: list[_Item]) -> list[GenerationResult]:
         try:

@@ -3,9 +3,22 @@
 The task YAMLs next to this file name these functions with absolute ``!function lmms_prune.tasks.refcoco.utils.X``
 paths, so one module instance serves every task.
 
-Per sample: the prompt ``Please provide the bounding box coordinate of the region this sentence describes:
-<ref>{expression}</ref>`` after the image; the answer is parsed by `parse_box` and scored by IoU with the
-ground-truth box. Per split: ``acc@0.5`` (percent of samples with IoU >= 0.5, the headline), ``mean_iou``
+Per sample: the image, then the grounding prompt of the model's family for the sample's expression (the YAML's
+``lmms_eval_specific_kwargs``, keyed by family, chosen by `specific_kwargs`; InternVL's ``Please provide the
+bounding box coordinate of the region this sentence describes: <ref>{expression}</ref>`` by default). The
+answer is parsed in the family's own box convention and scored by IoU with the ground-truth box:
+
+- with a **box frame** (`record_box_frame`): our wrappers record one per sample from the processor's real
+  output (``Family.box_frame``: e.g. Qwen2.5-VL's resized size from ``image_grid_thw``) before lmms-eval
+  scores it; `process_results` reads the answer with it (``parsing.parse_box_in_frame``) and puts it in the
+  sample's record (``box_frame``, in the ``--log_samples`` lines), so the answer can be re-scored later;
+- without one (lmms-eval's own wrappers ``internvl_hf``, ``qwen2_5_vl``, ``qwen3_vl``, ``llava_hf``, ...): the
+  family named by the run's ``--model`` (`model_family`) gives a frame from the original image size where its
+  convention needs nothing else (`fallback_frame`); otherwise (Qwen2.5-VL, an unknown model, VLMEvalKit) the
+  format is detected from the text alone (``parsing.parse_box``: ``bbox_2d`` = Qwen2.5-VL pixels of the
+  resize under lmms-eval's ``qwen2_5_vl`` default pixel limits, anything else the 0-1000 grid).
+
+Per split: ``acc@0.5`` (percent of samples with IoU >= 0.5, the headline), ``mean_iou``
 (in [0, 1]), ``unparseable`` (number of answers with no readable box; they score IoU 0) and
 ``image_errors`` (number of samples whose image could not be decoded: missing, empty, truncated or not an
 image; they score IoU 0 and stay in the denominator of ``acc@0.5`` and ``mean_iou``, and their sample ids are
@@ -16,11 +29,13 @@ Image errors: `doc_to_visual` decodes with `lmms_prune.images.load_image`, which
 naming the sample id. With ``on_error=raise`` (the wrappers' default) the run stops there. With
 ``on_error=skip`` the wrapper skips the sample; `process_results` then finds the sample id among the failures
 `doc_to_visual` recorded in this process (lmms-eval scores each rank's own samples on that rank, after its
-generation) and counts an image error instead of an unparseable answer.
+generation) and counts an image error instead of an unparseable answer. Box frames live in this process the
+same way.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from lmms_eval.api.task import ConfigurableMessagesTask
@@ -28,7 +43,7 @@ from loguru import logger as eval_logger
 
 from lmms_prune.images import ImageLoadError, load_image
 from lmms_prune.tasks.refcoco import data
-from lmms_prune.tasks.refcoco.parsing import Box, box_iou, parse_box
+from lmms_prune.tasks.refcoco.parsing import Box, box_iou, check_frame, parse_box, parse_box_in_frame
 
 PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: <ref>{expression}</ref>"
 IOU_THRESHOLD = 0.5
@@ -50,6 +65,31 @@ class RefcocoGroundingTask(ConfigurableMessagesTask):
         if config is not None:
             config = {key: value for key, value in config.items() if key != "class"}
         super().__init__(*args, config=config, **kwargs)
+
+    def _prepare_model_specific_config(self) -> None:
+        """lmms-eval's, keeping the YAML's ``lmms_eval_specific_kwargs`` entries for the property below."""
+        given = copy.deepcopy(self.config.lmms_eval_specific_kwargs)
+        super()._prepare_model_specific_config()
+        if given is not None:
+            self.config.lmms_eval_specific_kwargs = given  # lmms-eval's default branch updates it in place
+        self._specific_entries = given
+
+    @property
+    def lmms_eval_specific_kwargs(self) -> dict | None:
+        """The entry of the run's model family (`specific_kwargs`), resolved when the prompts are built.
+
+        lmms-eval builds tasks that name a ``class`` without the model's name, so the name comes from
+        `run_model_name`; reading it here also tells `process_results` the run's family (`fallback_frame`)."""
+        entries = self.__dict__.get("_specific_entries")
+        if entries is None:
+            return self.__dict__.get("_lmms_eval_specific_kwargs")
+        name = run_model_name(getattr(self, "model_name", None))
+        _RUN["model"] = name
+        return specific_kwargs(entries, name)
+
+    @lmms_eval_specific_kwargs.setter
+    def lmms_eval_specific_kwargs(self, value: dict | None) -> None:
+        self.__dict__["_lmms_eval_specific_kwargs"] = value
 
     def download(self, dataset_kwargs: dict | None = None) -> None:
         family = data.family_of(self.config.dataset_path)
@@ -91,10 +131,88 @@ def doc_to_visual(doc: dict) -> list:
         raise
 
 
+# lmms-eval's own wrappers -> (family, the family options that describe how they feed images)
+MODEL_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "internvl_hf": ("internvl", {}),
+    "internvl2": ("internvl", {}),
+    "internvl3": ("internvl", {}),
+    "llava": ("llava", {"image_aspect_ratio": "pad"}),  # the original LLaVA code: pad-to-square
+    "llava_hf": ("llava", {"image_aspect_ratio": "crop"}),  # transformers' processor: centre crop
+}
+
+
+def model_family(model_name: str | None) -> tuple[str | None, dict[str, Any]]:
+    """``(family, options)`` of an lmms-eval ``--model`` name: our wrappers ``<family>_<preset>`` (the longest
+    family name that prefixes it), lmms-eval's own wrappers named after a family (``qwen2_5_vl``, ``qwen3_vl``,
+    ``llava_onevision``) or listed in `MODEL_ALIASES`; ``(None, {})`` for any other model."""
+    from lmms_prune.families import FAMILIES
+
+    name = str(model_name or "")
+    if name in MODEL_ALIASES:
+        family, options = MODEL_ALIASES[name]
+        return family, dict(options)
+    for family in sorted(FAMILIES, key=len, reverse=True):
+        if name == family or name.startswith(family + "_"):
+            return family, {}
+    return None, {}
+
+
+def specific_kwargs(entries: dict[str, Any], model_name: str | None) -> dict[str, Any]:
+    """The ``lmms_eval_specific_kwargs`` of a run: ``default`` updated with the entry named exactly like the
+    model, else with that of its family (`model_family`). lmms-eval itself matches exact model names only,
+    which would miss our ``<family>_<preset>`` wrappers."""
+    out = dict(entries.get("default") or {})
+    name = str(model_name or "")
+    key = name if name in entries else model_family(name)[0]
+    out.update(entries.get(key) or {})
+    return out
+
+
+_RUN: dict[str, Any] = {"model": None}
+"""The ``--model`` name of this process's run (set when the prompts are built) and, under ``"registered"``, the
+name our wrapper registered (`register_run_model`)."""
+
+
+def register_run_model(model_id: str) -> None:
+    """Called by our lmms-eval wrappers when they are made: the run's model name (Python API runs too)."""
+    _RUN["registered"] = str(model_id)
+
+
+def run_model_name(given: str | None = None) -> str | None:
+    """The run's model name: the one lmms-eval gave the task (``given``), else the one our wrapper registered,
+    else the ``--model`` of the lmms-eval command line (or its ``--config`` YAML), else None."""
+    if given:
+        return str(given)
+    if _RUN.get("registered"):
+        return _RUN["registered"]
+    return cli_model_name()
+
+
+def cli_model_name(argv: list[str] | None = None) -> str | None:
+    """``--model`` of the lmms-eval command line this process runs (``sys.argv``), else that of a one-run
+    ``--config`` YAML, else None."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--config", default=None)
+    known, _ = parser.parse_known_args(sys.argv[1:] if argv is None else list(argv))
+    if known.model is None and known.config and Path(known.config).is_file():
+        import yaml
+
+        config = yaml.safe_load(Path(known.config).read_text())
+        if isinstance(config, dict) and config.get("model") is not None:
+            return str(config["model"])
+    return known.model
+
+
 def doc_to_text(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> str:
-    """InternVL's grounding prompt for the sample's expression."""
-    del lmms_eval_specific_kwargs  # the protocol fixes the prompt
-    return PROMPT.format(expression=doc["expression"])
+    """The family's grounding prompt (``lmms_eval_specific_kwargs["prompt"]``, a template of ``{expression}``;
+    InternVL's `PROMPT` when there is none) for the sample's expression."""
+    template = (lmms_eval_specific_kwargs or {}).get("prompt") or PROMPT
+    return template.format(expression=doc["expression"])
 
 
 def doc_to_messages(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> list[dict]:
@@ -110,9 +228,37 @@ def doc_to_messages(doc: dict, lmms_eval_specific_kwargs: dict | None = None) ->
     ]
 
 
-def score_answer(answer: Any, target: Box, width: int, height: int) -> dict[str, Any]:
-    """``{"iou": float, "parsed": bool}`` for one answer; an unparseable answer (or not a string) has IoU 0."""
-    predicted = parse_box(answer, width, height)
+_BOX_FRAMES: dict[tuple[str, int, int], dict[str, Any]] = {}
+"""(sample_id, width, height) -> the box frame our wrapper recorded for the sample in this process. A frame is a
+function of the image size and the run's options, so two tasks' samples sharing an id and a size share it."""
+
+
+def _frame_key(doc: dict) -> tuple[str, int, int]:
+    return str(doc.get("sample_id", "")), int(doc.get("width", 0)), int(doc.get("height", 0))
+
+
+def record_box_frame(doc: dict, frame: dict[str, Any]) -> None:
+    """Record the box frame of ``doc``'s image (``Family.box_frame``, validated) for `process_results`."""
+    _BOX_FRAMES[_frame_key(doc)] = dict(check_frame(frame))
+
+
+def fallback_frame(width: int, height: int) -> dict[str, Any] | None:
+    """A box frame from the run's model family alone (`model_family` of its ``--model``) where its convention
+    needs only the original size (``grid1000``, ``unit_padded_square``, LLaVA's ``unit_region`` with the
+    processor defaults); None for Qwen2.5-VL's resized pixels and for unknown models (text detection)."""
+    from lmms_prune.families import family_class
+
+    family, options = model_family(_RUN["model"])
+    if family is None or family_class(family).box_convention == "resized_pixels":
+        return None
+    return family_class(family).box_frame((width, height), None, 0, options)
+
+
+def score_answer(answer: Any, target: Box, width: int, height: int,
+                 frame: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``{"iou": float, "parsed": bool}`` for one answer, read with ``frame`` when there is one (text
+    detection otherwise); an unparseable answer (or not a string) has IoU 0."""
+    predicted = parse_box(answer, width, height) if frame is None else parse_box_in_frame(answer, frame)
     if predicted is None:
         return {"iou": 0.0, "parsed": False}
     return {"iou": box_iou(predicted, target), "parsed": True}
@@ -127,7 +273,9 @@ def process_results(doc: dict, results: list[Any]) -> dict[str, dict[str, Any]]:
     """lmms-eval ``process_results``: the same per-sample record for each of the four metrics.
 
     A sample whose image failed (recorded by `doc_to_visual`, or whose size could not be read when the data
-    loaded) is an image error; any other answer is parsed, a missing or non-string one counting unparseable.
+    loaded) is an image error; any other answer is parsed (with the sample's recorded box frame, else the run's
+    family's `fallback_frame`, else by text detection; module docstring), a missing or non-string one counting
+    unparseable. A recorded frame goes into the record as ``box_frame`` (``--log_samples``).
     """
     sample_id = str(doc.get("sample_id", ""))
     error = _IMAGE_ERRORS.get(sample_id)
@@ -138,7 +286,12 @@ def process_results(doc: dict, results: list[Any]) -> dict[str, dict[str, Any]]:
     else:
         answer = results[0] if results else ""
         x1, y1, x2, y2 = doc["box"]
-        record = score_answer(answer, (x1, y1, x2, y2), doc["width"], doc["height"])
+        width, height = int(doc["width"]), int(doc["height"])
+        recorded = _BOX_FRAMES.get(_frame_key(doc))
+        frame = recorded if recorded is not None else fallback_frame(width, height)
+        record = score_answer(answer, (x1, y1, x2, y2), width, height, frame)
+        if recorded is not None:
+            record["box_frame"] = recorded
     return {"acc@0.5": record, "mean_iou": record, "unparseable": record, "image_errors": record}
 
 
