@@ -38,6 +38,8 @@ class ImageSpan:
     # The visual-token count the papers quote for this image when it differs from the tokens present
     # (LLaVA-NeXT: 576 x (1 + tiles), their code without unpadding); None when it is the same.
     papers_length: int | None = None
+    # True when the span is one video: ``grids`` then holds one (rows, cols) grid per (merged) frame, in time order.
+    video: bool = False
 
     @property
     def positions(self) -> torch.Tensor:
@@ -231,6 +233,9 @@ class Family:
         self.layers: nn.ModuleList = self.language_model.layers
         self.text_config = self.language_model.config
         self.image_token_id: int = int(self.config.image_token_id)
+        video = getattr(self.config, "video_token_id", None)
+        video = getattr(self.config, "video_token_index", None) if video is None else video
+        self.video_token_id: int | None = None if video is None else int(video)
 
     @property
     def family(self) -> str:
@@ -345,13 +350,31 @@ class Family:
             raise ValueError(f"{self.name}: a run of {run_length} image tokens is not a multiple of {per_image}")
         return [[(side, side)] for _ in range(run_length // per_image)]
 
+    def video_grids(self, run_length: int, video_index: int, forward_kwargs: dict[str, Any],
+                    sample: int = 0, start: int = 0) -> list[tuple[list[tuple[int, int]], tuple[int, ...]]]:
+        """Split one run of video tokens into videos, each ``(grids, structural)``: one grid per (merged) frame
+        in time order and the positions within the run of its structural tokens (methods.md section 1)."""
+        raise ValueError(f"{self.name}: this family has no video layout; give the frames as images")
+
     def spans(self, input_ids: torch.Tensor, forward_kwargs: dict[str, Any]) -> list[list[ImageSpan]]:
-        """Image spans per sample, in sequence order. ``input_ids``: LongTensor[B, T]."""
+        """Image and video spans per sample, in sequence order. ``input_ids``: LongTensor[B, T]."""
         out: list[list[ImageSpan]] = []
-        image_index = 0
+        image_index = video_index = 0
         for b, row in enumerate(input_ids):
             spans: list[ImageSpan] = []
-            for start, length in runs(row == self.image_token_id):
+            found = [(start, length, False) for start, length in runs(row == self.image_token_id)]
+            if self.video_token_id is not None and self.video_token_id != self.image_token_id:
+                found += [(start, length, True) for start, length in runs(row == self.video_token_id)]
+            for start, length, is_video in sorted(found):
+                if is_video:
+                    videos = self.video_grids(length, video_index, forward_kwargs, b, start)
+                    video_index += len(videos)
+                    offset = start
+                    for grids, structural in videos:
+                        n = sum(r * c for r, c in grids) + len(structural)
+                        spans.append(ImageSpan(offset, n, grids, structural, video=True))
+                        offset += n
+                    continue
                 images = self.image_grids(length, image_index, forward_kwargs, b, start)
                 image_index += len(images)
                 offset = start
