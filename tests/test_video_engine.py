@@ -216,3 +216,47 @@ def test_qwen3_vl_deepstack_on_video_lands_on_kept_tokens_only(toys):
         dropped = model(**inputs).logits
         handle.remove()
     assert not torch.allclose(dropped[0], mask_logits[0, index], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+def test_runner_takes_video_parts_and_prunes_image_and_video_by_their_own_budgets(family):
+    """The harness-neutral runner: a conversation with an image and a ``{"type": "video", "video": frames}``
+    part goes to the processor as ``videos=`` (Qwen: through qwen_vl_utils' frame pipeline, the part's fps
+    setting the M-RoPE time step), and the engine prunes each by its own budget."""
+    from lmms_prune.families import family_class as lookup
+    from lmms_prune.runner import Runner, parse_options
+    from lmms_prune.toy.models import tiny_model_dir
+
+    family_class = lookup(family)
+    pixels = {"min_pixels": 3136, "max_pixels": 12544} if family.startswith("qwen") else {}
+    options, config = parse_options(family_class, f"{family}_fastv", "fastv", pretrained=str(tiny_model_dir(family)),
+                                    device="cpu", dtype="float32", keep_ratio=0.25, **pixels)
+    sampling = family_class.video_sampling(options.family)
+    assert sampling == {"num_frames": 32, "fps": None}  # lmms-eval's defaults (max_num_frames / max_frames_num)
+    runner = Runner(family_class, options, config, f"{family}_fastv")
+    runner.setup_device()
+    runner.load()
+    runner.install()
+    seen = {}
+    hook = runner.model.register_forward_pre_hook(lambda m, a, kw: seen.setdefault("kw", kw) and None,
+                                                with_kwargs=True)
+    conversation = [{"role": "user", "content": [
+        {"type": "image", "image": _image((160, 120))},
+        {"type": "video", "video": moving_square(FRAMES), "fps": 2.0},
+        {"type": "text", "text": "Where does the square move?"}]}]
+    try:
+        [answer] = runner.generate([conversation], {"max_new_tokens": 3}, None)
+    finally:
+        hook.remove()
+        runner.close()
+    spans = runner.handle.records[0].spans
+    assert [s.video for s in spans] == [False, True]
+    assert answer.record["visual_after_per_image"] == [max(1, round(0.25 * s.num_visual)) for s in spans]
+    video = spans[1]
+    if family.startswith("qwen"):
+        assert len(video.grids) == FRAMES // 2  # two frames merged in time
+        assert seen["kw"]["second_per_grid_ts"].tolist() == [pytest.approx(2 / 2.0)]
+    else:
+        assert len(video.grids) == FRAMES
+    with pytest.raises(ValueError, match="not a PIL image"):
+        family_class.prepare_videos([{"type": "video", "video": [np.zeros((4, 4, 3))]}], options.family)

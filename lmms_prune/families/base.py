@@ -118,6 +118,21 @@ def optional_float_arg(name: str, value: Any) -> float | None:
     return number
 
 
+def check_frames(part: dict[str, Any]) -> list[Any]:
+    """The frames of one neutral video part ``{"type": "video", "video": [PIL images]}``, or a clear error."""
+    from PIL import Image
+
+    frames = part.get("video")
+    if not isinstance(frames, (list, tuple)) or not frames:
+        raise ValueError(f"a video part needs 'video': a non-empty list of PIL frames (already sampled), got "
+                         f"{type(frames).__name__}")
+    bad = [i for i, f in enumerate(frames) if not isinstance(f, Image.Image)]
+    if bad:
+        raise ValueError(f"video frame {bad[0]} is a {type(frames[bad[0]]).__name__}, not a PIL image: decode "
+                         "the video into PIL RGB frames first")
+    return [f.convert("RGB") for f in frames]
+
+
 VOCAB = 2048  # benchmark geometries: a small vocabulary (embedding/LM-head size does not affect prefill)
 IMAGE_TOKEN = 2000
 
@@ -171,6 +186,24 @@ class Family:
     def prepare_images(cls, images: list[Any], options: dict[str, Any]) -> list[Any]:
         """The images as the family's own pipeline hands them to its processor (default: unchanged)."""
         return images
+
+    @classmethod
+    def video_sampling(cls, options: dict[str, Any]) -> dict[str, Any] | None:
+        """How lmms-eval's wrapper of the family samples a video's frames, from the parsed family ``options``:
+        ``{"num_frames": N, "fps": F}`` (``fps`` None: ``N`` frames uniformly over the whole video; else frames
+        ``F`` per second, at most ``N``), or None when the family takes no videos."""
+        return None
+
+    @classmethod
+    def prepare_videos(cls, videos: list[dict[str, Any]], options: dict[str, Any]) -> dict[str, Any]:
+        """Processor-call keyword arguments of a batch's videos: ``videos`` are the neutral chat parts
+        ``{"type": "video", "video": [PIL frames, already sampled], "fps": sampled frames per second (optional)}``
+        in prompt order. Default (families whose processor takes frame lists as they are): ``videos=`` the
+        frame lists, not sampled again."""
+        if cls.video_sampling(options) is None:
+            raise ValueError(f"{cls.name}: this family takes no videos (a request has one); use a video family "
+                             "(qwen2_5_vl, qwen3_vl, llava_onevision) or give the frames as images")
+        return {"videos": [check_frames(v) for v in videos], "videos_kwargs": {"do_sample_frames": False}}
 
     @classmethod
     def image_kwargs(cls, max_num: int | None) -> dict[str, Any]:

@@ -54,6 +54,10 @@ class LlavaOnevision(LlavaNext):
     }
 
     @classmethod
+    def video_sampling(cls, options):
+        return {"num_frames": options["max_frames_num"], "fps": None}
+
+    @classmethod
     def build_geometry(cls, spec, layers=None):
         import transformers as tf
 

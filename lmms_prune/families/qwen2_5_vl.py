@@ -111,6 +111,36 @@ class Qwen25VL(Family):
         return [fetch_image({"image": image}, image_patch_size=patch) for image in images]
 
     @classmethod
+    def video_sampling(cls, options):
+        return {"num_frames": options["max_num_frames"], "fps": options["fps"]}
+
+    @classmethod
+    def prepare_videos(cls, videos, options):
+        """Qwen's own video pipeline on already-sampled frames (qwen_vl_utils ``fetch_video`` on a frame list, as
+        lmms-eval's ``qwen2_5_vl`` runs it through ``process_vision_info``): an even number of frames (the last
+        repeated), each resized to multiples of 28 px within ``min_pixels``..``max_pixels`` and qwen_vl_utils'
+        per-video pixel cap; the processor then neither resamples nor resizes them. The part's ``fps`` (the
+        sampled frames' rate, default qwen_vl_utils' 2.0) sets the M-RoPE time step (``second_per_grid_ts``)."""
+        from qwen_vl_utils import fetch_video
+
+        from lmms_prune.families.base import check_frames
+
+        patch = cls.token_pixels // 2
+        tensors, metadata = [], []
+        for part in videos:
+            fps = part.get("fps")
+            ele = {"video": check_frames(part), "min_pixels": options["min_pixels"],
+                   "max_pixels": options["max_pixels"]}
+            if fps is not None:
+                ele["sample_fps"] = optional_float_arg("video fps", fps)
+            (video, meta), _ = fetch_video(ele, image_patch_size=patch, return_video_metadata=True,
+                                           return_video_sample_fps=True)
+            tensors.append(video)
+            metadata.append(meta)
+        return {"videos": tensors, "video_metadata": metadata,
+                "videos_kwargs": {"do_sample_frames": False, "do_resize": False}}
+
+    @classmethod
     def build_geometry(cls, spec, layers=None):
         import transformers as tf
 
