@@ -260,3 +260,39 @@ def test_runner_takes_video_parts_and_prunes_image_and_video_by_their_own_budget
         assert len(video.grids) == FRAMES
     with pytest.raises(ValueError, match="not a PIL image"):
         family_class.prepare_videos([{"type": "video", "video": [np.zeros((4, 4, 3))]}], options.family)
+
+
+@pytest.mark.parametrize(("family", "method", "with_image"), [
+    ("qwen2_5_vl", "divprune", False), ("qwen2_5_vl", "vispruner", True), ("llava_onevision", "divprune", True),
+    ("qwen3_vl", "divprune", False), ("qwen3_vl", "vispruner", True)])
+def test_pre_llm_on_video_with_original_positions_equals_k0_of_the_same_set(toys, family, method, with_image):
+    """Pre-LLM selection on a video (and an image beside it): dropping the tokens before the LLM at their
+    original positions is exactly intra-LLM pruning of the same set at K=0, each span by its own budget."""
+    model, proc = toys(family)
+    inputs = _video_inputs(proc, with_image=with_image)
+    spans, _ = _video_span(model, inputs)
+    with torch.no_grad():
+        with lmms_prune.apply(model, method, keep_ratio=0.1, positions="original") as handle:
+            pre = model(**inputs).logits
+            pre_tokens, pre_steps = _generate(model, inputs)
+            rec = handle.records[0]
+        assert [k.numel() for k in rec.kept] == [max(1, round(0.1 * s.num_visual)) for s in spans]
+        offsets = np.cumsum([0] + [s.num_visual for s in spans])
+        kept = [int(o) + i for o, k in zip(offsets, rec.kept) for i in k.tolist()]
+        with lmms_prune.apply(model, "fixed", keep_indices=kept, prune_layer=0):
+            k0 = model(**inputs).logits
+            k0_tokens, k0_steps = _generate(model, inputs)
+    torch.testing.assert_close(pre, k0, atol=ATOL, rtol=0)
+    assert _same_tokens(pre_tokens, k0_tokens, pre_steps, k0_steps)
+    assert _steps_close(pre_steps, k0_steps, pre_tokens, k0_tokens)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pre_llm_keep_all_on_video_equals_unpruned(toys, family):
+    model, proc = toys(family)
+    inputs = _video_inputs(proc)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with lmms_prune.apply(model, "divprune", keep_ratio=1.0, positions="original"):
+            torch.testing.assert_close(model(**inputs).logits, ref, atol=ATOL, rtol=0)
+

@@ -215,6 +215,14 @@ class Qwen25VL(Family):
     def encode_images(self, kwargs):
         return self.model.model.get_image_features(kwargs["pixel_values"], kwargs["image_grid_thw"], return_dict=True)
 
+    def encode_videos(self, kwargs):
+        return self.model.model.get_video_features(kwargs["pixel_values_videos"], kwargs["video_grid_thw"],
+                                                   return_dict=True)
+
+    def video_signal_kwargs(self, kwargs):
+        """The tower runs videos as images of ``t`` merged frames: the same window order and merge units."""
+        return {"image_grid_thw": kwargs["video_grid_thw"]}
+
     def wrap_image_features(self, encoded, kept):
         encoded.pooler_output = (kept,)
         return encoded
