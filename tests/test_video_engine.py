@@ -296,3 +296,31 @@ def test_pre_llm_keep_all_on_video_equals_unpruned(toys, family):
         with lmms_prune.apply(model, "divprune", keep_ratio=1.0, positions="original"):
             torch.testing.assert_close(model(**inputs).logits, ref, atol=ATOL, rtol=0)
 
+
+
+def test_bench_video_geometry_is_a_32_frame_448px_video_and_any_preset_runs_on_it():
+    """``qwen2_5_vl_7b_video``: 32 frames of 448x448 = 16 merged frames of 16x16 tokens (4096). The 7B widths
+    are too heavy for a unit test, so the bench itself runs on the tiny model with the same video spec."""
+    from types import SimpleNamespace
+
+    from lmms_prune.bench import Bench, geometries, synthetic_inputs
+    from lmms_prune.families.qwen2_5_vl import Qwen25VL
+
+    fam, spec = geometries()["qwen2_5_vl_7b_video"]
+    _, config = fam.build_geometry(spec, layers=1)
+    gen = torch.Generator().manual_seed(0)
+    pixels, extra = Qwen25VL.synthetic_video(SimpleNamespace(config=config), 4096, spec["video"], gen)
+    assert extra["video_grid_thw"].tolist() == [[16, 32, 32]]  # 16 merged frames of 32x32 patches
+    assert pixels.shape == (4096 * 4, 3 * 2 * 14 * 14)
+    assert extra["second_per_grid_ts"].tolist() == [pytest.approx(1.0)]  # two frames at 2 fps
+    with pytest.raises(ValueError, match="multiple of 256"):
+        Qwen25VL.synthetic_video(SimpleNamespace(config=config), 1000, spec["video"], gen)
+
+    model = build_tiny_model("qwen2_5_vl", seed=0)
+    model.config.lmms_prune_bench_video = {"size": 112, "fps": 2.0}  # 4x4 tokens per merged frame
+    inputs = synthetic_inputs(model, 64)
+    [[span]] = get_adapter(model).spans(inputs["input_ids"], inputs)
+    assert span.video and span.grids == [(4, 4)] * 4
+    cells = Bench(model, repeats=1, warmup=0, decode_tokens=1).run(["fastv", "divprune"], [0.1], [64])
+    assert [(c.method, c.visual_tokens, c.kept_tokens) for c in cells] == [
+        ("none", 64, 64), ("fastv", 64, 6), ("divprune", 64, 6)]
