@@ -349,3 +349,31 @@ def test_internvl_video_frames_are_tiles_and_prune_like_mask_mode(toys):
     torch.testing.assert_close(logits[0], mask_logits[0, index], atol=ATOL, rtol=0)
     assert _steps_close(steps, mask_steps, tokens, mask_tokens)
     assert _same_tokens(tokens, mask_tokens, steps, mask_steps)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+def test_left_padded_batch_with_videos_equals_single_samples(toys, family):
+    model, proc = toys(family)
+    convs = [([{"type": "video"}], "Where does it go?", None),
+             ([{"type": "image"}, {"type": "video"}], "Compare the picture with the clip, in detail please.",
+              _image((160, 120)))]
+    prompts = [proc.apply_chat_template([{"role": "user", "content": c + [{"type": "text", "text": t}]}],
+                                        add_generation_prompt=True) for c, t, _ in convs]
+    images = [im for _, _, im in convs if im is not None]
+
+    def encode(texts, imgs, videos):
+        out = proc(text=texts, images=imgs or None, videos=videos, return_tensors="pt", padding=True,
+                   do_sample_frames=False).to(DEVICE)
+        return {k: v.to(DTYPE) if v.is_floating_point() else v for k, v in out.items()}
+
+    batch = encode(prompts, images, [moving_square(), moving_square(FRAMES)[::-1]])
+    singles = [encode([prompts[0]], [], [moving_square()]),
+               encode([prompts[1]], images, [moving_square(FRAMES)[::-1]])]
+    with torch.no_grad(), lmms_prune.apply(model, "fastv", keep_ratio=0.25, prune_layer=2) as handle:
+        tokens, steps = _generate(model, batch)
+        batch_records = list(handle.records)
+        for row, single in enumerate(singles):
+            t1, s1 = _generate(model, single)
+            assert [k.tolist() for k in handle.records[0].kept] == [k.tolist() for k in batch_records[row].kept]
+            assert _same_tokens(tokens[row], t1[0], steps[row], s1[0])
+            assert _steps_close(steps[row:row + 1], s1, tokens[row:row + 1], t1)
