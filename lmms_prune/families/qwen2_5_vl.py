@@ -7,6 +7,12 @@ defaults: 256*28*28..1605632). The grid comes from ``image_grid_thw`` when the f
 ``position_ids``, whose height and width rows span exactly the grid of each image. Grounding answers:
 ``{"bbox_2d": [x1, y1, x2, y2]}`` in pixels of the resized image.
 
+Videos (``pixel_values_videos``, ``video_grid_thw``): frames go through qwen_vl_utils ``fetch_video`` (even frame
+count, 28 px multiples within ``min_pixels``..``max_pixels``, as lmms-eval's ``qwen2_5_vl``) and the processor
+merges two frames in time (``temporal_patch_size``): one video is one span of ``t`` grids of ``(h/28, w/28)``;
+M-RoPE numbers the merged frames ``second_per_grid_ts * tokens_per_second`` apart. ``max_num_frames`` / ``fps``
+are lmms-eval's frame sampling (:meth:`Qwen25VL.video_sampling`).
+
 VisPruner (no [CLS] token): the mean attention each patch receives at the last full-attention vision block
 (``fullatt_block_indexes[-1]``; the windowed blocks do not qualify), summed over each 2x2 merge group and
 mapped from the tower's window order back to the prompt's token order (methods.md section 4).
@@ -46,14 +52,17 @@ class Qwen25VL(Family):
         "reasoning_prompt": "text appended to the last user turn (default none; \\n is a newline)",
         "interleave_visuals": "accepted for lmms-eval (default false); chat requests keep the task's own order of "
                               "images and text, as lmms-eval's chat wrapper does",
-        "max_num_frames": "frames sampled per video (default 32; videos are not supported yet)",
-        "fps": "video frames per second to sample (default unset; videos are not supported yet)",
+        "max_num_frames": "frames sampled per video, uniformly (default 32, lmms-eval's); with fps, the most frames",
+        "fps": "video frames per second to sample (default unset: max_num_frames uniform frames, lmms-eval's)",
     }
     box_convention = "resized_pixels"
     has_cls = False
     image_input_keys = ("pixel_values", "image_grid_thw")
+    video_input_keys: ClassVar[tuple[str, ...]] = ("pixel_values_videos", "video_grid_thw")
     bench_geometries: ClassVar[dict[str, dict[str, Any]]] = {
         "qwen2_5_vl-7b": {"text": (28, 3584, 28, 4, 18944, "qwen2")},
+        # one video: 32 frames of 448x448 -> 16 merged frames of 16x16 tokens (--tokens 4096), sampled at 2 fps
+        "qwen2_5_vl_7b_video": {"text": (28, 3584, 28, 4, 18944, "qwen2"), "video": {"size": 448, "fps": 2.0}},
     }
     config_class: ClassVar[str] = "Qwen2_5_VLConfig"
     # Side of one merged token in pixels (patch 14 x merge 2): min_pixels/max_pixels below its square are refused.
@@ -132,6 +141,36 @@ class Qwen25VL(Family):
         return {**frame, "resized_width": cols * patch, "resized_height": rows * patch}
 
     @classmethod
+    def video_sampling(cls, options):
+        return {"num_frames": options["max_num_frames"], "fps": options["fps"]}
+
+    @classmethod
+    def prepare_videos(cls, videos, options):
+        """Qwen's own video pipeline on already-sampled frames (qwen_vl_utils ``fetch_video`` on a frame list, as
+        lmms-eval's ``qwen2_5_vl`` runs it through ``process_vision_info``): an even number of frames (the last
+        repeated), each resized to multiples of 28 px within ``min_pixels``..``max_pixels`` and qwen_vl_utils'
+        per-video pixel cap; the processor then neither resamples nor resizes them. The part's ``fps`` (the
+        sampled frames' rate, default qwen_vl_utils' 2.0) sets the M-RoPE time step (``second_per_grid_ts``)."""
+        from qwen_vl_utils import fetch_video
+
+        from lmms_prune.families.base import check_frames
+
+        patch = cls.token_pixels // 2
+        tensors, metadata = [], []
+        for part in videos:
+            fps = part.get("fps")
+            ele = {"video": check_frames(part), "min_pixels": options["min_pixels"],
+                   "max_pixels": options["max_pixels"]}
+            if fps is not None:
+                ele["sample_fps"] = optional_float_arg("video fps", fps)
+            (video, meta), _ = fetch_video(ele, image_patch_size=patch, return_video_metadata=True,
+                                           return_video_sample_fps=True)
+            tensors.append(video)
+            metadata.append(meta)
+        return {"videos": tensors, "video_metadata": metadata,
+                "videos_kwargs": {"do_sample_frames": False, "do_resize": False}}
+
+    @classmethod
     def build_geometry(cls, spec, layers=None):
         import transformers as tf
 
@@ -142,10 +181,15 @@ class Qwen25VL(Family):
         config = getattr(tf, cls.config_class)(
             vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, video_token_id=IMAGE_TOKEN + 1,
             vision_start_token_id=IMAGE_TOKEN + 2, vision_end_token_id=IMAGE_TOKEN + 3)
+        if "video" in spec:  # synthetic_inputs makes one video of this frame size instead of an image
+            config.lmms_prune_bench_video = dict(spec["video"])
         return getattr(tf, cls.model_class), config
 
     @classmethod
     def synthetic_inputs(cls, model, visual_tokens, text, gen):
+        video = getattr(model.config, "lmms_prune_bench_video", None)
+        if video:
+            return cls.synthetic_video(model, visual_tokens, video, gen)
         rows = max(r for r in range(1, int(visual_tokens**0.5) + 1) if visual_tokens % r == 0)
         cols = visual_tokens // rows
         vc = model.config.vision_config
@@ -153,6 +197,24 @@ class Qwen25VL(Family):
         patch_dim = 3 * vc.temporal_patch_size * vc.patch_size**2
         pixels = torch.randn(visual_tokens * merge * merge, patch_dim, generator=gen)
         return pixels, {"image_grid_thw": torch.tensor([[1, merge * rows, merge * cols]])}
+
+    @classmethod
+    def synthetic_video(cls, model, visual_tokens, video, gen):
+        """One video of ``visual_tokens`` tokens: merged frames (two frames each) of ``video["size"]`` px square,
+        i.e. ``(size / 28)^2`` tokens each; random patches, ``second_per_grid_ts`` from ``video["fps"]``."""
+        vc = model.config.vision_config
+        merge, patch = int(vc.spatial_merge_size), int(vc.patch_size)
+        side = int(video["size"]) // (patch * merge)
+        per_frame = side * side
+        if visual_tokens % per_frame:
+            raise ValueError(f"--tokens {visual_tokens}: a video of {video['size']}x{video['size']} frames has "
+                             f"{per_frame} tokens per merged frame (two frames); give a multiple of {per_frame}, "
+                             f"e.g. {16 * per_frame} for 32 frames")
+        t = visual_tokens // per_frame
+        patch_dim = 3 * vc.temporal_patch_size * patch**2
+        pixels = torch.randn(visual_tokens * merge * merge, patch_dim, generator=gen)
+        return pixels, {"video_grid_thw": torch.tensor([[t, merge * side, merge * side]]),
+                        "second_per_grid_ts": torch.tensor([vc.temporal_patch_size / float(video["fps"])])}
 
     # ---- adapter
     @property
@@ -206,6 +268,14 @@ class Qwen25VL(Family):
     def encode_images(self, kwargs):
         return self.model.model.get_image_features(kwargs["pixel_values"], kwargs["image_grid_thw"], return_dict=True)
 
+    def encode_videos(self, kwargs):
+        return self.model.model.get_video_features(kwargs["pixel_values_videos"], kwargs["video_grid_thw"],
+                                                   return_dict=True)
+
+    def video_signal_kwargs(self, kwargs):
+        """The tower runs videos as images of ``t`` merged frames: the same window order and merge units."""
+        return {"image_grid_thw": kwargs["video_grid_thw"]}
+
     def wrap_image_features(self, encoded, kept):
         encoded.pooler_output = (kept,)
         return encoded
@@ -214,7 +284,8 @@ class Qwen25VL(Family):
         """[4, B, T]: the text row transformers uses for masks, then the 3-D M-RoPE (t, h, w) rows."""
         text = super().original_positions(input_ids, mask2d, kwargs)
         mrope, _ = self.model.model.get_rope_index(
-            input_ids, image_grid_thw=kwargs.get("image_grid_thw"), attention_mask=mask2d,
+            input_ids, image_grid_thw=kwargs.get("image_grid_thw"), video_grid_thw=kwargs.get("video_grid_thw"),
+            second_per_grid_ts=kwargs.get("second_per_grid_ts"), attention_mask=mask2d,
             mm_token_type_ids=kwargs.get("mm_token_type_ids"))
         return torch.cat([text[None], mrope], 0)
 
@@ -226,6 +297,64 @@ class Qwen25VL(Family):
         if isinstance(pos, torch.Tensor) and pos.dim() == 3 and pos.shape[0] in (3, 4):
             return self._grids_from_positions(pos[-3:, sample, start: start + run_length])
         raise ValueError(f"{self.name}: image_grid_thw or 3-D position_ids are needed to lay out the visual tokens")
+
+    def install_hooks(self):
+        """Wrap ``get_video_features`` (an instance attribute, signature kept) so that its output remembers the
+        ``video_grid_thw`` it was made for: ``generate`` encodes videos before the first forward and hands that
+        forward only the encoder output and the M-RoPE positions."""
+        import functools
+        import inspect
+
+        from lmms_prune.families.llava_next import ENCODER_INPUTS, _RestoreMethod
+
+        inner = self.model.model
+        original = inner.get_video_features
+
+        @functools.wraps(original)
+        def get_video_features(*args: Any, **kwargs: Any):
+            out = original(*args, **kwargs)
+            bound = inspect.signature(original).bind_partial(*args, **kwargs).arguments
+            if not isinstance(out, tuple):
+                setattr(out, ENCODER_INPUTS, {"video_grid_thw": bound.get("video_grid_thw")})
+            return out
+
+        inner.get_video_features = get_video_features
+        return [_RestoreMethod(inner, "get_video_features")]
+
+    def video_thw(self, forward_kwargs: dict[str, Any]) -> torch.Tensor | None:
+        """``[videos, 3]`` (frames / temporal patch, rows, cols in patches) of the call's videos: the forward's
+        own ``video_grid_thw``, or the one the encoder output was made for (see :meth:`install_hooks`)."""
+        from lmms_prune.families.llava_next import ENCODER_INPUTS
+
+        thw = forward_kwargs.get("video_grid_thw")
+        if thw is None:
+            encoded = (forward_kwargs.get("mm_encoder_outputs") or {}).get("video")
+            thw = (getattr(encoded, ENCODER_INPUTS, None) or {}).get("video_grid_thw")
+        return thw
+
+    def video_grids(self, run_length, video_index, forward_kwargs, sample=0, start=0):
+        """One run of video tokens is one video (between its vision start/end tokens): ``t`` merged frames
+        (two frames each, ``temporal_patch_size``) of one ``(h/merge, w/merge)`` grid each, from the videos'
+        grid sizes, else from the 3-D M-RoPE positions (each merged frame restarts the height/width raster)."""
+        thw = self.video_thw(forward_kwargs)
+        if thw is not None:
+            if video_index >= len(thw):
+                raise ValueError(f"{self.name}: video tokens at {start} but video_grid_thw describes "
+                                 f"{len(thw)} video(s)")
+            merge = int(self.config.vision_config.spatial_merge_size)
+            t, h, w = (int(v) for v in thw[video_index])
+            grids = [(h // merge, w // merge)] * t
+        else:
+            pos = forward_kwargs.get("position_ids")
+            if not (isinstance(pos, torch.Tensor) and pos.dim() == 3 and pos.shape[0] in (3, 4)):
+                raise ValueError(f"{self.name}: video_grid_thw or 3-D position_ids are needed to lay out the "
+                                 "video tokens")
+            grids = [g for frame in self._grids_from_positions(pos[-3:, sample, start: start + run_length])
+                     for g in frame]
+        if sum(r * c for r, c in grids) != run_length:
+            raise ValueError(f"{self.name}: a run of {run_length} video tokens does not match the video's "
+                             f"{len(grids)} frame grids {grids[:1]}")
+        return [(grids, ())]
 
     def _grids_from_thw(self, thw, run_length, image_index):
         merge = int(self.config.vision_config.spatial_merge_size)
