@@ -173,10 +173,61 @@ def test_two_images_in_onevision_are_base_grids_with_one_newline_each(toys):
     assert [(s.grids, s.structural) for s in spans] == [([(base, base)], (base * base,))] * 2
 
 
-def test_vispruner_on_onevision_names_method_family_and_reason(toys):
-    model, _ = toys("llava_onevision")
-    with pytest.raises(ValueError, match=r"method=vispruner on family llava_onevision: .*SigLIP.*no \[CLS\]"):
-        lmms_prune.apply(model, "vispruner")
+def _siglip_received_attention(model, run):
+    """Reference without the engine: each tile's (frame's) mean received attention ``[tiles, P]`` at the SigLIP
+    feature layer, from that layer's own q/k projections of its hooked input (eager softmax, heads averaged)."""
+    layers = model.model.vision_tower.encoder.layers
+    attention = layers[len(layers) + 1 + model.config.vision_feature_layer - 1].self_attn
+    grabbed = []
+    hook = attention.register_forward_pre_hook(lambda m, args, kwargs: grabbed.append(
+        kwargs.get("hidden_states", args[0] if args else None)), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        hook.remove()
+    (hidden,) = grabbed
+    tiles, length, _ = hidden.shape
+    heads = attention.num_heads
+    q = attention.q_proj(hidden).reshape(tiles, length, heads, -1).transpose(1, 2).double()
+    k = attention.k_proj(hidden).reshape(tiles, length, heads, -1).transpose(1, 2).double()
+    probs = torch.softmax(q @ k.transpose(-1, -2) * attention.scale, dim=-1)  # [tiles, H, P, P]
+    return probs.mean(dim=(1, 2)).float()  # received: mean over heads and query rows
+
+
+def test_onevision_vispruner_importance_is_siglips_mean_received_attention_repacked(toys):
+    """SigLIP has no [CLS]: VisPruner ranks by each patch's mean received attention (methods.md section 4),
+    laid out like the projected tokens (anyres packing with its anyres_max_9 resize; newline rows zero)."""
+    from lmms_prune.engine.pre_llm import VisionCapture
+
+    model, proc = toys("llava_onevision")
+    adapter = get_adapter(model)
+    inputs = _inputs(proc, [_image((900, 300))])
+    with torch.no_grad(), lmms_prune.apply(model, "vispruner", keep_ratio=0.25) as handle:
+        capture = VisionCapture(handle, need_cls=True)
+        try:
+            received = _siglip_received_attention(model, lambda: adapter.encode_images(inputs))
+        finally:
+            capture.close()
+        importance = adapter.vision_importance(capture.cls_rows, inputs)
+    assert received.shape[0] == inputs["pixel_values"].shape[1] > 1  # base tile + mosaic tiles
+    torch.testing.assert_close(torch.stack(capture.cls_rows), received, atol=1e-6, rtol=1e-5)
+    (packed,), _ = model.model.pack_image_features([received[..., None]], inputs["image_sizes"],
+                                                   image_newline=torch.zeros(1),
+                                                   vision_aspect_ratio=model.config.vision_aspect_ratio)
+    torch.testing.assert_close(importance, packed[:, 0], atol=1e-6, rtol=1e-5)
+    (span,) = adapter.spans(inputs["input_ids"], inputs)[0]
+    assert importance.shape == (span.length,) and bool((importance[list(span.structural)] == 0).all())
+
+
+def test_onevision_vispruner_keeps_each_images_budget(toys):
+    model, proc = toys("llava_onevision")
+    inputs = _inputs(proc, [_image((500, 300))])
+    with torch.no_grad(), lmms_prune.apply(model, "vispruner", keep_ratio=0.2) as handle:
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        (rec,) = handle.records
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 2
+    assert [len(k) for k in rec.kept] == [max(1, round(0.2 * s.num_visual)) for s in rec.spans]
 
 
 def test_vispruner_signals_are_repacked_into_the_span_order(toys):

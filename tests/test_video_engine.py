@@ -275,7 +275,7 @@ def test_runner_takes_video_parts_and_prunes_image_and_video_by_their_own_budget
 
 @pytest.mark.parametrize(("family", "method", "with_image"), [
     ("qwen2_5_vl", "divprune", False), ("qwen2_5_vl", "vispruner", True), ("llava_onevision", "divprune", True),
-    ("qwen3_vl", "divprune", False), ("qwen3_vl", "vispruner", True)])
+    ("llava_onevision", "vispruner", True), ("qwen3_vl", "divprune", False), ("qwen3_vl", "vispruner", True)])
 def test_pre_llm_on_video_with_original_positions_equals_k0_of_the_same_set(toys, family, method, with_image):
     """Pre-LLM selection on a video (and an image beside it): dropping the tokens before the LLM at their
     original positions is exactly intra-LLM pruning of the same set at K=0, each span by its own budget."""
@@ -296,6 +296,42 @@ def test_pre_llm_on_video_with_original_positions_equals_k0_of_the_same_set(toys
     torch.testing.assert_close(pre, k0, atol=ATOL, rtol=0)
     assert _same_tokens(pre_tokens, k0_tokens, pre_steps, k0_steps)
     assert _steps_close(pre_steps, k0_steps, pre_tokens, k0_tokens)
+
+
+def test_onevision_video_importance_is_each_frames_received_attention_pooled_like_its_tokens(toys):
+    """VisPruner on a OneVision video: each frame's mean received attention at the SigLIP feature layer,
+    through the model's own 2x2 bilinear pooling, then a zero for the newline after the video."""
+    from lmms_prune.engine.pre_llm import VisionCapture
+    from lmms_prune.scores import cls_attention
+
+    model, proc = toys("llava_onevision")
+    adapter = get_adapter(model)
+    inputs = _video_inputs(proc)
+    attention = adapter.vision_feature_attention()
+    grabbed = []
+    hook = attention.register_forward_pre_hook(lambda m, args, kwargs: grabbed.append(kwargs["hidden_states"]),
+                                               with_kwargs=True)
+    with torch.no_grad(), lmms_prune.apply(model, "vispruner", keep_ratio=0.25) as handle:
+        capture = VisionCapture(handle, need_cls=True)
+        try:
+            adapter.encode_videos(inputs)
+        finally:
+            capture.close()
+            hook.remove()
+        importance = adapter.vision_importance(capture.cls_rows, adapter.video_signal_kwargs(inputs))
+    (hidden,) = grabbed
+    frames, length, _ = hidden.shape
+    q = attention.q_proj(hidden).reshape(frames, length, attention.num_heads, -1).transpose(1, 2).double()
+    k = attention.k_proj(hidden).reshape(frames, length, attention.num_heads, -1).transpose(1, 2).double()
+    probs = torch.softmax(q @ k.transpose(-1, -2) * attention.scale, dim=-1)
+    received = torch.stack([cls_attention(p, has_cls=False) for p in probs]).float()  # [frames, P]
+    side = int(length ** 0.5)
+    pooled = torch.nn.functional.interpolate(received.reshape(frames, 1, side, side), mode="bilinear",
+                                             size=(-(-side // 2), -(-side // 2))).reshape(-1)
+    assert frames == FRAMES
+    torch.testing.assert_close(importance, torch.cat([pooled, pooled.new_zeros(1)]), atol=1e-6, rtol=1e-5)
+    _, span = _video_span(model, inputs)
+    assert importance.shape == (span.length,)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

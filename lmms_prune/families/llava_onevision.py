@@ -16,8 +16,9 @@ video: lmms-eval's ``llava_hf`` ``max_frames_num`` (default 32).
 
 The papers using OneVision (EffiVLM-Bench, UniPruneBench) quote ratios, not counts: records carry no separate
 papers' count (``visual_before_papers == visual_before``). Pre-projector features for ``vision_features`` are
-repacked through the same rule (resized like the projected tokens). VisPruner needs a [CLS] row, which SigLIP
-has not: it is refused with the method, the family and the reason. Grounding answers: LLaVA's
+repacked through the same rule (resized like the projected tokens). SigLIP has no [CLS] row: VisPruner's
+importance is each patch's mean received attention at the feature layer (methods.md section 4), repacked the
+same way (video frames: the model's 2x2 bilinear pooling). Grounding answers: LLaVA's
 ``unit_padded_square`` convention (OneVision keeps LLaVA-1.5's RefCOCO data format).
 """
 
@@ -33,6 +34,9 @@ from lmms_prune.families.llava_next import LlavaNext
 
 # LLaVA-OneVision's pinpoints: every (a x 384, b x 384) for a, b in 1..6.
 PINPOINTS_OV = [[384 * a, 384 * b] for a in range(1, 7) for b in range(1, 7)]
+
+
+VIDEO_SIGNALS = "lmms_prune_video"  # key of video_signal_kwargs: the signals are per video frame
 
 
 class LlavaOnevision(LlavaNext):
@@ -77,14 +81,6 @@ class LlavaOnevision(LlavaNext):
         return tf.LlavaOnevisionForConditionalGeneration, config
 
     # ---- adapter
-    def vision_layers(self):
-        return self.vision_tower.vision_model.encoder.layers
-
-    def vision_feature_attention(self):
-        raise ValueError(f"method=vispruner on family {self.name}: {self.model_class}'s SigLIP vision tower has no "
-                         "[CLS] token, whose attention VisPruner ranks by (use method=divprune, or an intra-LLM "
-                         "method such as fastv)")
-
     def _num_patches(self, image_sizes, batch_num_images=None):
         from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
@@ -137,8 +133,31 @@ class LlavaOnevision(LlavaNext):
         encoded.pooler_output = kept[None]
         return encoded
 
-    def cls_importance(self, rows: torch.Tensor) -> torch.Tensor:
-        raise ValueError(f"{self.name}: the SigLIP tower has no [CLS] row")
+    # ---- vision-side signals without [CLS] (VisPruner's importance, methods.md section 4; DivPrune-style
+    # features): per tile / frame rows of the SigLIP feature layer, repacked as the projected tokens are
+    def vision_importance(self, rows, kwargs):
+        """Mean received attention per patch of each tile (images) or frame (videos), ``[729]`` each (the
+        feature layer's attention, :meth:`vision_feature_attention`), laid out like the projected tokens: images
+        through the anyres packing (:meth:`_repack`, the ``anyres_max_9`` bilinear resize included), videos
+        through the 2x2 bilinear pooling plus a zero for the trailing newline (:meth:`_pool_video`)."""
+        per_unit = torch.stack(list(rows))[..., None]  # [tiles or frames, P, 1]
+        if kwargs.get(VIDEO_SIGNALS):
+            return self._pool_video(per_unit)[:, 0]
+        return self._repack(per_unit)[:, 0]
+
+    def flatten_pre_projector(self, pre, kwargs=None):
+        if kwargs is not None and kwargs.get(VIDEO_SIGNALS):
+            return self._pool_video(pre)
+        return self._repack(pre)
+
+    def video_signal_kwargs(self, kwargs):
+        return {VIDEO_SIGNALS: True}
+
+    def _pool_video(self, per_frame: torch.Tensor) -> torch.Tensor:
+        """``[frames, P, C]`` per-frame rows -> ``[frames * pooled + 1, C]`` in the video span's order: the model's
+        own ``apply_pooling`` (bilinear to ``ceil(side / 2)`` squared), then a zero row for the newline."""
+        pooled = self.model.model.apply_pooling(per_frame.float()).reshape(-1, per_frame.shape[-1])
+        return torch.cat([pooled, pooled.new_zeros(1, pooled.shape[-1])]).to(per_frame.dtype)
 
 
 FAMILY = LlavaOnevision
