@@ -264,6 +264,7 @@ def test_sparsevlm_configuration():
     cfg = resolve_config("sparsevlm")
     assert cfg.stage_layers(32) == (3, 7, 16) and cfg.stage_layers(14) == (1, 3, 7)
     assert cfg.query == "raters" and abs(cfg.keep_ratio - 1 / 3) < 1e-12
+    assert resolve_config("sparsevlm", prune_layers="2/4/6").prune_layers == (2, 4, 6)  # lmms-eval's form
     assert resolve_config("sparsevlm", keep_ratio=0.2).stage_ratio is None
     assert resolve_config("sparsevlm", stage_ratio=0.5).keep_ratio is None
     with pytest.raises(ValueError, match=r"recycle_ratio=1.5: must be in \[0, 1\]"):

@@ -143,12 +143,14 @@ class Param:
 
 
 def parse_layers(name: str, value: Any) -> tuple[int, ...] | str:
-    """``"8,16,24"`` (or a sequence of ints) into a strictly increasing tuple of layers >= 1; ``"auto"`` kept."""
+    """``"8,16,24"`` (or ``"8/16/24"``, the form for lmms-eval's ``--model_args`` where commas separate
+    arguments; or a sequence of ints) into a strictly increasing tuple of layers >= 1; ``"auto"`` kept."""
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
-    fix = f"{name}: give strictly increasing decoder layers >= 1, e.g. {name}=8,16,24 (or 'auto')"
+    fix = (f"{name}: give strictly increasing decoder layers >= 1, e.g. {name}=8,16,24 (8/16/24 inside "
+           "lmms-eval --model_args), or 'auto'")
     try:
-        items = value.replace(" ", "").split(",") if isinstance(value, str) else list(value)
+        items = value.replace(" ", "").replace("/", ",").split(",") if isinstance(value, str) else list(value)
         layers = tuple(int(x) for x in items if x != "")
         if any(isinstance(x, bool) or float(x) != int(x) for x in items if x != ""):
             raise ValueError
