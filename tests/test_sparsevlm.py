@@ -389,3 +389,15 @@ def test_recycle_bad_inputs():
         sel.recycle(imp, feats, torch.tensor([1, 2]), recycle_ratio=2)
     with pytest.raises(ValueError, match=r"relation has shape \(3, 9\): must be \[R >= 1, 10\]"):
         sel.sparsevlm(imp, torch.rand(3, 9), feats, 4)
+
+
+def test_lmms_prune_methods_documents_the_new_parameters(capsys):
+    from lmms_prune.cli.main import main
+
+    assert main(["methods"]) == 0
+    text = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in text.splitlines() if line.startswith("  ") and line.split()}
+    assert "sparsevlm" in lines and "3,7,16 of 32" in lines["sparsevlm"]
+    for name, words in {"recycle_ratio": "floor(d*tau)+1", "cluster_ratio": "DPC-kNN",
+                        "query": "'raters'", "trend_selector": "sparsevlm", "prune_layers": "8/16/24"}.items():
+        assert words in lines[name], name

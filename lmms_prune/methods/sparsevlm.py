@@ -15,9 +15,9 @@ At each of ``prune_layers`` (stage ``s``, layer ``K_s``, scored at ``K_s - 1``):
    groups; each group's mean hidden state replaces the hidden state of its centre, which stays
    (:meth:`lmms_prune.engine.core.PruneHandle._place_merge`).
 
-Choices and differences (paper; authors' code read at github.com/Gumpest/SparseVLMs, commit b72c5d62fa70 (v1,
-``llava/model/language_model/score.py`` and ``modelling_sparse_llama.py``) and HEAD 26a5f48813c4; nothing
-copied):
+Choices and differences (paper; authors' code read at github.com/Gumpest/SparseVLMs: v1 at commit
+b72c5d62fa70 (``llava/model/language_model/score.py``, ``modelling_sparse_llama.py``, ``utils.py``), branch
+``v1.5`` at 734d90038796 and ``main`` at 26a5f48813c4; nothing copied; docs/fidelity.md has the details):
 
 * Layers: the authors prune the OUTPUT of decoder layers 2, 6, 15 (HEAD; v1 also 19) of LLaVA-1.5-7B's 32,
   ranking with those layers' own attention: in this project's convention (methods.md 2) ``prune_layers=3,7,16``,
