@@ -401,3 +401,19 @@ def test_lmms_prune_methods_documents_the_new_parameters(capsys):
     for name, words in {"recycle_ratio": "floor(d*tau)+1", "cluster_ratio": "DPC-kNN",
                         "query": "'raters'", "trend_selector": "sparsevlm", "prune_layers": "8/16/24"}.items():
         assert words in lines[name], name
+
+
+def test_demo_rows_include_the_new_presets_and_reach_their_budget():
+    """The demo's default methods (CLI and module agree) include every new preset; each resolves at the demo's
+    keep ratio on the tiny grounder's 14 layers (pyramiddrop's average of 10% needs its stages at 1, 3, 6)."""
+    from lmms_prune.cli.demo import METHODS
+    from lmms_prune.demo import DEMO_METHOD_ARGS, DEMO_METHODS
+    from lmms_prune.selection import stage_ratio_for_average
+
+    assert METHODS.split(",") == list(DEMO_METHODS)
+    assert {"pyramiddrop", "visionzip", "fastervlm", "cdpruner", "sparsevlm"} <= set(DEMO_METHODS)
+    for method in ("pyramiddrop", "sparsevlm"):
+        cfg = resolve_config(method, keep_ratio=0.1, **DEMO_METHOD_ARGS.get(method, {}))
+        stage_ratio_for_average(0.1, cfg.stage_layers(14), 14)  # raises when unreachable
+    with pytest.raises(ValueError, match="keep_ratio=0.1: with prune_layers"):
+        stage_ratio_for_average(0.1, resolve_config("pyramiddrop", keep_ratio=0.1).stage_layers(14), 14)

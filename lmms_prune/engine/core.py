@@ -23,6 +23,12 @@ Multi-stage pruning (``prune_layers=(K_1, K_2, ...)``, PyramidDrop) repeats the 
 ``s-1``'s sequence; layers ``K_s..K_{s+1}-1`` get stage ``s``'s gathered kwargs and masks, and their KV cache
 holds stage ``s``'s tokens (mask mode: stage ``s``'s removed set is masked as keys from layer ``K_s`` on).
 Per-stage budgets: ``lmms_prune.selection.budget.stage_budgets`` (see :meth:`PruneHandle._stage_counts`).
+
+Merged tokens inside the LLM (SparseVLM's recycling): a selector may return a
+:class:`lmms_prune.selection.Merge` whose ``slots`` name removed tokens; each slot is kept and its hidden state
+at the stage's layer is replaced by its group's mean (:meth:`PruneHandle._place_merge`,
+:meth:`PruneHandle._write_recycled`), in prune and mask mode alike, so the proof (prune = mask) still holds; the
+slot keeps its token's original position and cache slot, and layers before the stage its original state.
 """
 
 from __future__ import annotations
