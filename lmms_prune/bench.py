@@ -373,7 +373,7 @@ class Bench:
                     cell.measured_over_theoretical = cell.speedup / cell.theoretical_speedup
                     cell.select_over_unpruned_prefill = cell.select_s / base.llm_prefill_s["min"]
                     cells.append(cell)
-                    self.progress(f"tokens={n} {method}@{ratio}: x{cell.speedup:.2f} measured, "
+                    self.progress(f"tokens={n} {method}@{cell.keep_ratio:g}: x{cell.speedup:.2f} measured, "
                                   f"x{cell.theoretical_speedup:.2f} theoretical")
             base.speedup = base.theoretical_speedup = base.measured_over_theoretical = 1.0
         return cells
