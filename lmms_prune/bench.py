@@ -14,7 +14,14 @@ a named real geometry built locally), it measures in the same process and run:
 
 With ``--layers N`` a truncated stack of ``N`` decoder layers runs and full-depth figures are extrapolated
 from the per-layer times (layers before the pruning layer at full length, the rest at pruned length); the
-output says so.
+output says so. The stack's layers stand for the model's first ``N``: each full-depth layer ``i < N`` counts
+(and takes the time of) the stack's layer ``i``, every later layer the stack's last layer's token count and the
+mean time of the stack's layers at that count. Multi-stage methods (``prune_layers``) therefore need their
+stages inside the stack (explicit ``prune_layers`` < ``N``; ``auto`` would scale to the stack and is refused).
+
+Budgets: ``keep`` is each method's ``keep_ratio`` as run (per-method ``--method-args`` override ``--keep``);
+for multi-stage methods it is the average visual tokens per layer. The ``avg/layer`` column (mean visual tokens
+per full-depth layer) and the theoretical speed-up show which cells have equal FLOPs.
 """
 
 from __future__ import annotations
@@ -207,7 +214,7 @@ class Cell:
     keep_ratio: float
     visual_tokens: int
     kept_tokens: int
-    prune_layer: int | None
+    prune_layer: int | None  # single-stage K (None: pre-LLM or multi-stage)
     llm_prefill_s: dict[str, float]  # min / median (extrapolated to full depth with --layers)
     vision_s: float
     ttft_s: dict[str, float]
@@ -222,6 +229,8 @@ class Cell:
     measured_over_theoretical: float = 0.0
     select_over_unpruned_prefill: float = 0.0
     eager_reference: dict[str, float] = field(default_factory=dict)
+    prune_layers: list[int] | None = None  # multi-stage: the stage layers K_1 < K_2 < ...
+    visual_per_layer: float = 0.0  # mean visual tokens per full-depth decoder layer (the FLOPs-matched budget)
 
 
 def _stats(xs: Sequence[float]) -> dict[str, float]:
@@ -249,17 +258,17 @@ class Bench:
     def _params(self, method: str, keep_ratio: float, extra: dict[str, Any]) -> dict[str, Any]:
         return {"keep_ratio": 1.0} if method == "none" else {"keep_ratio": keep_ratio, **extra}
 
-    def _extrapolate(self, layer_times: list[float], total: float, prune_layer: int | None) -> float:
-        """Full-depth LLM prefill time from the truncated stack's per-layer times."""
+    def _extrapolate(self, layer_times: list[float], total: float, counts: list[int]) -> float:
+        """Full-depth LLM prefill time from the truncated stack's per-layer times and token ``counts`` (one per
+        layer run): each full-depth layer (:meth:`_full_depth_counts`) takes the mean time of the stack's layers
+        that process the same number of tokens."""
         if self.full_depth == self.depth:
             return total
-        k = prune_layer if prune_layer is not None else 0
-        k = min(k, self.depth)
-        head = layer_times[:k]
-        tail = layer_times[k:] or layer_times[-1:]
+        by_count: dict[int, list[float]] = {}
+        for t, c in zip(layer_times, counts):
+            by_count.setdefault(int(c), []).append(t)
         outside = total - sum(layer_times)
-        head_mean = statistics.mean(head) if head else 0.0
-        return outside + head_mean * k + statistics.mean(tail) * (self.full_depth - k)
+        return outside + sum(statistics.mean(by_count[c]) for c in self._full_depth_counts(counts))
 
     def _encoded(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """Inputs with the images pre-encoded, so the forward's time is the LLM's (plus embedding)."""
@@ -276,6 +285,11 @@ class Bench:
         params = self._params(method, keep_ratio, extra)
         vision = timed(lambda: self._encoded(inputs), 1, 0)[0]
         with torch.no_grad(), apply(model, method, **params) as handle:
+            if handle.config.multi_stage and self.full_depth != self.depth and params.get(
+                    "prune_layers", "auto") == "auto":
+                raise ValueError(f"method {method!r}: prune_layers='auto' would scale to the {self.depth} layers "
+                                 f"run, not the model's {self.full_depth}; give prune_layers inside the stack in "
+                                 "--method-args (the stack's layers stand for the model's first ones)")
             pre_llm = handle.config.stage == "pre_llm"
             llm_inputs = inputs if pre_llm else self._encoded(inputs)
             timer = LayerTimer(self.adapter.layers, dev)
@@ -285,7 +299,7 @@ class Bench:
                     model(**llm_inputs, use_cache=True)
                 rec = handle.records[0]
                 if i >= self.warmup:
-                    prefill.append(self._extrapolate(timer.times, rec.llm_prefill_seconds, handle.config.prune_layer))
+                    prefill.append(self._extrapolate(timer.times, rec.llm_prefill_seconds, rec.kv_lengths))
                     selects.append(rec.select_seconds)
                     layer_times.append(list(timer.times))
             timer.remove()
@@ -302,11 +316,16 @@ class Bench:
                         firsts.append(clock.times[0] - t0)
                         steps.append((clock.times[-1] - clock.times[0]) / max(1, len(clock.times) - 1))
                 ttft, decode = _stats(firsts), min(steps)
-        k = handle.config.prune_layer if handle.config.stage == "llm" else 0
-        full_counts = self._full_depth_counts(kv_lengths, k)
+        full_counts = self._full_depth_counts(kv_lengths)
+        config = handle.config
+        per_layer = statistics.mean(full_counts) - (rec.seq_len_before - rec.visual_before)
+        # keep as run; measured where the budget was not a keep_ratio (stage_ratio, keep_tokens)
+        budget = config.keep_ratio if config.keep_ratio is not None else (
+            (per_layer if config.multi_stage else rec.visual_after) / rec.visual_before)
         cell = Cell(
-            method=method, keep_ratio=1.0 if method == "none" else keep_ratio, visual_tokens=rec.visual_before,
-            kept_tokens=rec.visual_after, prune_layer=handle.config.prune_layer,
+            method=method, keep_ratio=1.0 if method == "none" else float(budget), visual_tokens=rec.visual_before,
+            kept_tokens=rec.visual_after, prune_layer=config.prune_layer,
+            prune_layers=list(handle.stage_layers) if config.multi_stage else None, visual_per_layer=per_layer,
             llm_prefill_s=_stats(prefill), vision_s=vision, ttft_s=ttft, decode_per_token_s=decode,
             select_s=min(selects), flops=float(prefill_flops(self.full_dims, full_counts)),
             flops_unpruned=float(prefill_flops(self.full_dims, [rec.seq_len_before] * self.full_depth)),
@@ -316,10 +335,11 @@ class Bench:
             cell.eager_reference = self._eager(method, params, inputs)
         return cell
 
-    def _full_depth_counts(self, kv_lengths: list[int], k: int) -> list[int]:
-        if self.full_depth == self.depth:
-            return kv_lengths
-        return [kv_lengths[0]] * min(k, self.full_depth) + [kv_lengths[-1]] * (self.full_depth - min(k, self.full_depth))
+    def _full_depth_counts(self, kv_lengths: list[int]) -> list[int]:
+        """Tokens per full-depth layer: the stack's own counts, then its last layer's count (any number of
+        stages, as long as they lie inside the stack)."""
+        counts = [int(c) for c in kv_lengths]
+        return counts + counts[-1:] * (self.full_depth - len(counts))
 
     def _eager(self, method: str, params: dict[str, Any], inputs: dict[str, Any]) -> dict[str, float]:
         """The reference implementations' scoring path: eager attention in every layer, all maps returned."""
@@ -357,22 +377,29 @@ class Bench:
                     cell.measured_over_theoretical = cell.speedup / cell.theoretical_speedup
                     cell.select_over_unpruned_prefill = cell.select_s / base.llm_prefill_s["min"]
                     cells.append(cell)
-                    self.progress(f"tokens={n} {method}@{ratio}: x{cell.speedup:.2f} measured, "
+                    self.progress(f"tokens={n} {method}@{cell.keep_ratio:g}: x{cell.speedup:.2f} measured, "
                                   f"x{cell.theoretical_speedup:.2f} theoretical")
             base.speedup = base.theoretical_speedup = base.measured_over_theoretical = 1.0
         return cells
 
 
+def _layers_text(cell: Cell) -> str:
+    """The K column: the single pruning layer, the stage layers of a multi-stage method, blank pre-LLM."""
+    if cell.prune_layers:
+        return ",".join(map(str, cell.prune_layers))
+    return "" if cell.prune_layer is None else str(cell.prune_layer)
+
+
 def markdown_table(cells: Sequence[Cell], extrapolated: bool) -> str:
-    head = ("| method | keep | visual tokens | kept | K | LLM prefill s (min/med) | speed-up | theory | "
+    head = ("| method | keep | visual tokens | kept | avg/layer | K | LLM prefill s (min/med) | speed-up | theory | "
             "measured/theory | select ms | select/prefill | TTFT s | decode ms/tok | KV MiB | peak +MiB | "
             "eager-scoring prefill s | eager peak MiB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for c in cells:
         eager = c.eager_reference
         lines.append(
-            f"| {c.method} | {c.keep_ratio:g} | {c.visual_tokens} | {c.kept_tokens} | "
-            f"{'' if c.prune_layer is None else c.prune_layer} | "
+            f"| {c.method} | {c.keep_ratio:g} | {c.visual_tokens} | {c.kept_tokens} | {c.visual_per_layer:.0f} | "
+            f"{_layers_text(c)} | "
             f"{c.llm_prefill_s['min']:.3f} / {c.llm_prefill_s['median']:.3f} | {c.speedup:.2f} | "
             f"{c.theoretical_speedup:.2f} | {c.measured_over_theoretical:.2f} | {1000 * c.select_s:.2f} | "
             f"{100 * c.select_over_unpruned_prefill:.2f}% | {c.ttft_s['min']:.3f} | "

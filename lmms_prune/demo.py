@@ -4,7 +4,9 @@
    grounding model was trained on;
 2. calibrates D2Pruner's bias prior on other synthetic images;
 3. runs lmms-eval (``accelerate launch -m lmms_eval``) with the package's RefCOCO task for ``none``, ``fastv``,
-   ``d2pruner``, ``deepprune``, ``vispruner`` and ``random`` at 10% visual tokens (a resumable sweep);
+   ``d2pruner``, ``deepprune``, ``vispruner``, ``random``, ``pyramiddrop``, ``visionzip``, ``fastervlm``,
+   ``cdpruner`` and ``sparsevlm`` at 10% visual tokens (a resumable sweep; for the multi-stage pyramiddrop and
+   sparsevlm, 10% is the average visual tokens per decoder layer, see :data:`DEMO_METHOD_ARGS`);
 4. prints a leaderboard (acc@0.5, % of unpruned, visual tokens kept, LLM prefill speed-up) and writes the
    full report and PNG overlays of the tokens each method kept on a few images;
 5. writes one leaderboard bundle per run (``bundles/``), verifies each against the per-sample logs and builds
@@ -21,7 +23,14 @@ from typing import Any
 
 import torch
 
-DEMO_METHODS = ("none", "fastv", "d2pruner", "deepprune", "vispruner", "random")
+DEMO_METHODS = ("none", "fastv", "d2pruner", "deepprune", "vispruner", "random", "pyramiddrop", "visionzip",
+                "fastervlm", "cdpruner", "sparsevlm")
+DEMO_METHOD_ARGS: dict[str, dict[str, str]] = {
+    # the tiny grounder has 14 decoder layers: pyramiddrop's auto stages (4, 7, 11) run 4 layers at full length,
+    # so an average of 10% per layer is unreachable; stages at 1, 3, 6 (halving) reach it. sparsevlm's auto
+    # stages on 14 layers are 1, 3, 7. '/' separates layers inside lmms-eval's --model_args.
+    "pyramiddrop": {"prune_layers": "1/3/6"},
+}
 HELD_OUT_SEED = 20261122
 CALIBRATION_SEED = 7
 TASK = "refcoco_ground_val"
@@ -97,7 +106,7 @@ def write_overlays(model_dir: Path, out: Path, methods: tuple[str, ...], keep: f
     model, processor = load_model(str(model_dir), device="cpu", dtype="float32")
     configs = {}
     for m in methods:
-        params: dict[str, Any] = {} if m == "none" else {"keep_ratio": keep}
+        params: dict[str, Any] = {} if m == "none" else {"keep_ratio": keep, **DEMO_METHOD_ARGS.get(m, {})}
         if m == "d2pruner":
             params["bias_prior"] = str(prior)
         configs[m] = resolve_config(m, **params)
@@ -150,7 +159,7 @@ def run_demo(out: str | Path = "runs/demo", n_images: int = 16, keep: float = 0.
         save_prior(prior, p.means, p.counts, p.meta)
         del model
     cells = build_cells([("internvl", str(model_dir))], [m for m in methods if m != "none"], [keep],
-                        {"d2pruner": {"bias_prior": str(prior)}})
+                        {**DEMO_METHOD_ARGS, "d2pruner": {"bias_prior": str(prior)}})
     env = dict(os.environ, LMMS_PRUNE_REFCOCO_DIR=str(data), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     sweep = Sweep(out / "runs", [TASK], launcher=launcher or default_launcher(), env=env, extra_args=SWEEP_ARGS)
     statuses = sweep.run(cells, progress=lambda s: print(f"[demo] {s}"))

@@ -42,8 +42,10 @@ COMMON_PARAMS: tuple[Param, ...] = (
     Param("score_layer", None, "layer whose attention scores tokens (default K-1)", kind="int", low=0,
           optional=True),
     Param("prune_layers", None, "multi-stage pruning (PyramidDrop): decoder layers K1<K2<... where a stage keeps "
-          "a subset of the visual tokens still present, each scored at its own layer K_s-1; '8,16,24', or 'auto' "
-          "(LLaVA-1.5-7B's 8,16,24 of 32 layers scaled to the depth: floor(L*s/4+0.5), s=1..3). With it, "
+          "a subset of the visual tokens still present, each scored at its own layer K_s-1; '8,16,24' ('8/16/24' "
+          "inside lmms-eval --model_args), or 'auto' "
+          "(the method's LLaVA-1.5-7B layers scaled to the depth, rounded half up: pyramiddrop 8,16,24 of 32, "
+          "sparsevlm 3,7,16 of 32). With it, "
           "keep_ratio/keep_tokens is the AVERAGE number of visual tokens per decoder layer (all L layers; the "
           "per-stage ratio is solved from it), or give stage_ratio instead. Replaces prune_layer",
           kind="layers", optional=True),
@@ -77,7 +79,8 @@ def _stage_layers(self, depth: int) -> tuple[int, ...]:
     if self.prune_layers == "auto":
         from lmms_prune.selection.budget import depth_scaled_layers
 
-        return depth_scaled_layers(depth)
+        selector = SELECTORS.get(self.selector)
+        return depth_scaled_layers(depth, selector.layer_fractions if selector else (0.25, 0.5, 0.75))
     return tuple(self.prune_layers)
 
 
@@ -103,7 +106,7 @@ def _score_layers(self) -> tuple[int, ...]:
     if self.multi_stage:  # per stage, known once the depth is (see stage_configs)
         return ()
     needs = self.needs()
-    return tuple(sorted(set(needs.attention) | set(needs.key_norms)))
+    return tuple(sorted(set(needs.attention) | set(needs.text_attention) | set(needs.key_norms)))
 
 
 def _resolved_alpha(self, task_kind: str | None = None) -> float:

@@ -4,8 +4,18 @@
 folder) and the efficiency JSON written next to it by this package's models. Rows are (model, method, keep
 ratio); for each task family (an lmms-eval group such as ``refcoco_ground``, or a lone task) the columns are its
 splits and its average, each shown as the absolute score and the % of the unpruned run of the same model
-(method ``none``, same checkpoint). Efficiency columns: mean visual tokens kept, LLM prefill speed-up and
-KV-cache reduction against that same unpruned run, and the samples these rest on.
+(method ``none``, same checkpoint). Efficiency columns: mean visual tokens kept, the final count and the
+prefill FLOPs as % of the unpruned run's, LLM prefill speed-up and KV-cache reduction against that same
+unpruned run, and the samples these rest on.
+
+Matched budgets (``match``): multi-stage methods (pyramiddrop, sparsevlm) keep a different number of tokens at
+each layer, and their ``keep_ratio`` is the AVERAGE per layer (the FLOPs equivalent), not the final count.
+``match="keep"`` (default) labels rows by the budget parameter as run (``keep_ratio``; for runs given
+``stage_ratio`` or ``keep_tokens``, the measured equivalent: the mean visual tokens per layer for multi-stage
+runs, the final count otherwise, as a fraction of the visual tokens); ``match="count"`` labels every row by its
+measured final count fraction and ``match="flops"`` by its measured prefill FLOPs fraction, both rounded to
+two decimals, so that methods at equal final count or at equal FLOPs share a keep value (and the cross-task
+view compares them there).
 
 One result per cell: runs are keyed by their fingerprint (the sweep's ``cell.json`` in a folder above the
 results file, else the fingerprint of the results file's own model, model arguments without
@@ -57,6 +67,7 @@ class Run:
     fingerprint: str = ""
     date: str = ""
     skipped: int = 0
+    multi_stage: bool = False  # several pruning layers: keep_ratio is the average kept per layer
 
     @property
     def key(self) -> tuple[str, str]:
@@ -121,6 +132,11 @@ def efficiency_figures(document: dict[str, Any]) -> dict[str, Any]:
                 "prefill_flops_unpruned"):
         values = [float(r[key]) for r in records if r.get(key) is not None]
         out[f"mean_{key}"] = sum(values) / len(values) if values else None
+    per_layer = [sum(t - (r["seq_len_before"] - r["visual_before"]) for t in r["tokens_per_layer"])
+                 / len(r["tokens_per_layer"]) for r in records
+                 if r.get("tokens_per_layer") and r.get("seq_len_before") is not None
+                 and r.get("visual_before") is not None]
+    out["mean_visual_per_layer"] = sum(per_layer) / len(per_layer) if per_layer else None
     from lmms_prune.efficiency import warm_samples
 
     timed = warm_samples(records, document.get("world_size", 1))
@@ -160,18 +176,40 @@ def load_run(path: Path, root: Path | None = None) -> Run:
     model = str(config.get("model", "unknown"))
     args = parse_model_args(config.get("model_args"))
     family, method = _family_and_method(model, args)
-    default_keep = PRESETS[method].settings.get("keep_ratio", 0.1) if method in PRESETS else 1.0
-    keep = 1.0 if method == "none" else float(args.get("keep_ratio", default_keep))
+    settings = PRESETS[method].settings if method in PRESETS else {}
+    multi = _given(args.get("prune_layers", settings.get("prune_layers")))
+    document = _efficiency_document(path, args)
+    figures = efficiency_figures(document)
+    keep = _budget(method, args, settings, multi, figures)
     scores, metric = {}, {}
     for task, metrics in data.get("results", {}).items():
         head = _headline(metrics)
         if head:
             metric[task], scores[task] = head
     groups = {g: list(subs) for g, subs in data.get("group_subtasks", {}).items() if subs}
-    document = _efficiency_document(path, args)
     return Run(path, model, family, method, keep, args.get("pretrained", ""), scores, metric, groups,
-               efficiency_figures(document), run_fingerprint(path, data, root), str(data.get("date", "")),
-               int(document.get("summary", {}).get("skipped", 0) or 0))
+               figures, run_fingerprint(path, data, root), str(data.get("date", "")),
+               int(document.get("summary", {}).get("skipped", 0) or 0), multi)
+
+
+def _given(value: Any) -> bool:
+    return value is not None and str(value).strip().lower() not in ("", "none", "null")
+
+
+def _budget(method: str, args: dict[str, str], settings: dict[str, Any], multi: bool,
+            figures: dict[str, Any]) -> float:
+    """A run's keep label (see ``match`` in the module docstring): ``keep_ratio`` as run, else the measured
+    equivalent (NaN when the run has no efficiency records to measure it from)."""
+    if method == "none":
+        return 1.0
+    if _given(args.get("keep_ratio")):
+        return float(args["keep_ratio"])
+    own = not (_given(args.get("stage_ratio")) or _given(args.get("keep_tokens")))
+    if own and settings.get("keep_ratio", 0.1) is not None:
+        return float(settings.get("keep_ratio", 0.1))
+    before = figures.get("mean_visual_before")
+    after = figures.get("mean_visual_per_layer" if multi else "mean_visual_after")
+    return after / before if before and after is not None else math.nan
 
 
 @dataclass
@@ -237,19 +275,41 @@ class Table:
     rows: list[dict[str, Any]]
 
 
-def build_tables(runs: Sequence[Run]) -> list[Table]:
+MATCHES = ("keep", "count", "flops")
+MATCH_TEXT = {"count": "final visual-token count (keep = final kept fraction, measured)",
+              "flops": "prefill FLOPs (keep = FLOPs fraction of the unpruned prefill, measured)"}
+
+
+def _fraction(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def build_tables(runs: Sequence[Run], match: str = "keep") -> list[Table]:
+    """One table per task family; ``match`` chooses the rows' keep label (module docstring)."""
+    if match not in MATCHES:
+        raise ValueError(f"match={match!r}: must be one of {', '.join(MATCHES)}")
     tables = []
     order = {"none": 0}
     for family, subs in _families(runs).items():
         columns = [*subs, family] if subs else [family]
         rows = []
-        ranked = sorted(runs, key=lambda r: (r.family, r.pretrained, order.get(r.method, 1), r.method, -r.keep))
+        ranked = sorted(runs, key=lambda r: (r.family, r.pretrained, order.get(r.method, 1), r.method,
+                                             -r.keep if not math.isnan(r.keep) else 0.0))
         for run in ranked:
             if not any(c in run.scores for c in columns):
                 continue
             base = _baseline(runs, run)
+            eff = run.efficiency
+            count = _fraction(eff.get("mean_visual_after"), eff.get("mean_visual_before"))
+            flops = _fraction(eff.get("mean_prefill_flops"), eff.get("mean_prefill_flops_unpruned"))
+            keep = run.keep
+            if match != "keep" and run.method != "none":
+                measured = count if match == "count" else flops
+                keep = round(measured, 2) if measured is not None else math.nan
             row: dict[str, Any] = {"model": run.family, "pretrained": run.pretrained, "method": run.method,
-                                   "keep": run.keep, "has_baseline": base is not None}
+                                   "keep": keep, "has_baseline": base is not None,
+                                   "final kept %": None if count is None else 100 * count,
+                                   "FLOPs %": None if flops is None else 100 * flops}
             for c in columns:
                 value = run.scores.get(c)
                 if c == family and value is None and subs:
@@ -263,7 +323,7 @@ def build_tables(runs: Sequence[Run]) -> list[Table]:
                         bparts = [base.scores[s] for s in subs if s in base.scores]
                         base_value = sum(bparts) / len(bparts) if bparts else None
                 row[f"{c} %"] = _pct(value, base_value)
-            eff, beff = run.efficiency, (base.efficiency if base else {})
+            beff = base.efficiency if base else {}
             row["samples"] = eff.get("samples")
             row["timed"] = eff.get("timed_samples")
             row["visual kept"] = eff.get("mean_visual_after")
@@ -294,14 +354,15 @@ def _cell(row: dict[str, Any], col: str) -> str:
 def to_markdown(tables: Sequence[Table]) -> str:
     out = []
     for t in tables:
-        head = ["model", "method", "keep", *t.columns, "visual kept", "prefill speed-up", "KV reduction %",
-                "samples (timed)"]
+        head = ["model", "method", "keep", *t.columns, "visual kept", "final kept %", "FLOPs %",
+                "prefill speed-up", "KV reduction %", "samples (timed)"]
         out += [f"### {t.family}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in t.rows:
             timed = "all, warm-up included" if r.get("timed") is None else str(r["timed"])
             counted = "n/a" if r.get("samples") is None else f"{r['samples']} ({timed})"
             cells = [r["model"], r["method"], _fmt(r["keep"], 2), *[_cell(r, c) for c in t.columns],
-                     _fmt(r["visual kept"], 1), _fmt(r["prefill speed-up"]), _fmt(r["KV reduction %"], 1), counted]
+                     _fmt(r["visual kept"], 1), _fmt(r.get("final kept %"), 1), _fmt(r.get("FLOPs %"), 1),
+                     _fmt(r["prefill speed-up"]), _fmt(r["KV reduction %"], 1), counted]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
@@ -311,12 +372,14 @@ def to_csv(tables: Sequence[Table], path: Path) -> Path:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["task_family", "model", "pretrained", "method", "keep", "column", "score", "pct_of_unpruned",
-                    "visual_kept", "prefill_speedup", "kv_reduction_pct", "efficiency_samples", "timed_samples"])
+                    "visual_kept", "final_kept_pct", "flops_pct", "prefill_speedup", "kv_reduction_pct",
+                    "efficiency_samples", "timed_samples"])
         for t in tables:
             for r in t.rows:
                 for c in t.columns:
                     w.writerow([t.family, r["model"], r["pretrained"], r["method"], r["keep"], c, r.get(c),
-                                r.get(f"{c} %"), r["visual kept"], r["prefill speed-up"], r["KV reduction %"],
+                                r.get(f"{c} %"), r["visual kept"], r.get("final kept %"), r.get("FLOPs %"),
+                                r["prefill speed-up"], r["KV reduction %"],
                                 r.get("samples"), r.get("timed")])
     return path
 
@@ -350,7 +413,7 @@ def cross_task(tables: Sequence[Table], keep: float) -> str:
     methods: dict[tuple[str, str], dict[str, Any]] = {}
     for t in tables:
         for r in t.rows:
-            if math.isclose(r["keep"], keep) and r["method"] != "none":
+            if math.isclose(r["keep"], keep, abs_tol=1e-9) and r["method"] != "none":
                 methods.setdefault((r["model"], r["method"]), {})[t.family] = r.get(f"{t.family} %")
     families = [t.family for t in tables]
     lines = [f"### % of unpruned at keep={keep:g}", "", "| model | method | " + " | ".join(families) + " |",
@@ -412,14 +475,16 @@ def _relative(path: Path, folder: Path) -> str:
         return str(path)
 
 
-def write_report(folder: str | Path, out: str | Path | None = None, cross_keep: float | None = None) -> dict[str, Any]:
+def write_report(folder: str | Path, out: str | Path | None = None, cross_keep: float | None = None,
+                 match: str = "keep") -> dict[str, Any]:
     runs, dropped = collect_runs(folder)
     out_dir = Path(out) if out else Path(folder) / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
-    tables = build_tables(runs)
-    keeps = sorted({r.keep for r in runs if r.method != "none"})
+    tables = build_tables(runs, match)
+    keeps = sorted({r["keep"] for t in tables for r in t.rows if r["method"] != "none" and not math.isnan(r["keep"])})
     cross_keep = cross_keep if cross_keep is not None else (min(keeps) if keeps else 1.0)
-    markdown = to_markdown(tables) + "\n" + cross_task(tables, cross_keep)
+    markdown = (f"Rows matched by {MATCH_TEXT[match]}.\n\n" if match != "keep" else "") + to_markdown(tables) + \
+        "\n" + cross_task(tables, cross_keep)
     extra = notes(runs, dropped, Path(folder))
     if extra:
         markdown += "\n" + extra

@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from lmms_prune.bench import Bench, build_geometry, synthetic_inputs, write_results
+from lmms_prune import selection as sel
+from lmms_prune.bench import Bench, build_geometry, markdown_table, synthetic_inputs, write_results
 from lmms_prune.efficiency import DecoderDims, kv_cache_bytes, prefill_flops
 from lmms_prune.toy.models import build_tiny_model
 
@@ -50,8 +51,40 @@ def test_truncated_geometry_extrapolates_to_full_depth():
     bench.dims = DecoderDims.from_config(model.config.text_config, ffn_matrices=3)
     layer_times = [1.0, 3.0]
     # K=1: one full-length layer, 31 pruned layers at the truncated stack's pruned-layer time
-    assert bench._extrapolate(layer_times, total=4.5, prune_layer=1) == pytest.approx(0.5 + 1.0 + 31 * 3.0)
-    assert bench._full_depth_counts([100, 20], 1) == [100] + [20] * 31
+    assert bench._extrapolate(layer_times, total=4.5, counts=[100, 20]) == pytest.approx(0.5 + 1.0 + 31 * 3.0)
+    assert bench._full_depth_counts([100, 20]) == [100] + [20] * 31
+
+
+def test_truncated_multistage_extrapolates_every_stage():
+    """Stages at 1 and 3 of a stack (the tiny model standing for the first layers of a 32-layer one): layers
+    0..4 keep their own counts and times, layers 5..31 the last stage's count and the mean time of the stack's
+    layers at that count."""
+    bench = Bench(build_tiny_model("internvl_qwen2"), full_depth=32, repeats=1, warmup=0, e2e=False,
+                  progress=lambda _: None)
+    counts, times = [100, 60, 60, 30, 30], [5.0, 3.0, 3.2, 1.0, 1.4]
+    assert bench._full_depth_counts(counts) == [100, 60, 60, 30, 30] + [30] * 27
+    assert bench._extrapolate(times, total=sum(times) + 0.5, counts=counts) == pytest.approx(
+        0.5 + 5.0 + 2 * 3.1 + 29 * 1.2)
+    with pytest.raises(ValueError, match="prune_layers='auto' would scale to the 14 layers run"):
+        bench.run_cell("pyramiddrop", 0.5, synthetic_inputs(bench.model, 512), {})
+
+
+def test_bench_multistage_and_merging_cells_on_a_tiny_model(tmp_path):
+    model = build_tiny_model("internvl_qwen2")
+    bench = Bench(model, repeats=1, warmup=0, e2e=False, progress=lambda _: None)
+    cells = bench.run(["pyramiddrop", "visionzip"], [0.5], [512], {"pyramiddrop": {"prune_layers": "2,5,9"}})
+    dims = DecoderDims.from_config(model.config.text_config, ffn_matrices=3)
+    full = synthetic_inputs(model, 512)["input_ids"].shape[1]
+    text = full - 512
+    pdrop, vzip = cells[1], cells[2]
+    counts = sel.stage_budgets(512, sel.stage_ratio_for_average(0.5, (2, 5, 9), 14), 3)
+    visual = [512] * 2 + [counts[0]] * 3 + [counts[1]] * 4 + [counts[2]] * 5
+    assert pdrop.prune_layers == [2, 5, 9] and pdrop.kept_tokens == counts[-1] and pdrop.keep_ratio == 0.5
+    assert pdrop.flops == prefill_flops(dims, [text + v for v in visual])
+    assert pdrop.visual_per_layer == pytest.approx(sum(visual) / 14) and abs(pdrop.visual_per_layer - 256) < 3
+    assert vzip.prune_layers is None and vzip.kept_tokens == 256 and vzip.visual_per_layer == 256
+    table = markdown_table(cells, extrapolated=False)
+    assert "| pyramiddrop | 0.5 | 512 | " in table and " | 2,5,9 | " in table
 
 
 def test_unknown_geometry_and_bad_token_count_are_clear_errors():

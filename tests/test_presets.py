@@ -71,11 +71,20 @@ def test_every_preset_generates(toys, priors, family, method):
             with lmms_prune.apply(model, method, **params):
                 model.generate(**inputs, max_new_tokens=3, do_sample=False)
         return
+    if method == "sparsevlm" and family == "qwen3_vl":  # merged tokens before the last DeepStack layer
+        with pytest.raises(ValueError, match="'sparsevlm' merges tokens inside the LLM.*qwen3_vl.*DeepStack"):
+            lmms_prune.apply(model, method, **params)
+        return
     with torch.no_grad(), lmms_prune.apply(model, method, **params) as handle:
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
         record = handle.records[0]
+        counts = handle._stage_counts(n_visual) if method == "sparsevlm" else None
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
     assert record.visual_before == n_visual
+    if method == "sparsevlm":  # rank-adaptive: at least the schedule's count, plus its recycled tokens
+        assert counts[-1] <= record.visual_after < n_visual and record.merged[0] <= record.visual_after
+        assert record.seq_len_after == record.seq_len_before - n_visual + record.visual_after
+        return
     # pyramiddrop: stage_ratio 0.5 at 3 stages keeps 0.125 of the tokens after its last stage
     expected = {"none": n_visual, "fixed": 3, "pyramiddrop": max(1, round(0.125 * n_visual))}.get(
         method, max(1, round(0.1 * n_visual)))

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+# lmms_prune.demo.DEMO_METHODS (not imported here: it imports torch; tests/test_sparsevlm.py checks they agree)
+METHODS = "none,fastv,d2pruner,deepprune,vispruner,random,pyramiddrop,visionzip,fastervlm,cdpruner,sparsevlm"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output folder (re-running resumes)")
     parser.add_argument("--images", type=int, default=16, help="held-out synthetic images (default 16)")
     parser.add_argument("--keep", type=float, default=0.1, help="keep ratio (default 0.1)")
-    parser.add_argument("--methods", default="none,fastv,d2pruner,deepprune,vispruner,random")
+    parser.add_argument("--methods", default=METHODS, help=f"comma-separated presets (default {METHODS})")
     parser.add_argument("--overlays", type=int, default=3, help="images with kept-token overlays (default 3)")
     parser.add_argument("--launcher", default=None,
                         help="command prefix per run (default: accelerate launch, one process)")

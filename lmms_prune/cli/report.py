@@ -10,12 +10,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="output folder (default FOLDER/report)")
     parser.add_argument("--cross-keep", type=float, default=None,
                         help="keep ratio of the cross-task view (default: the smallest in the runs)")
+    parser.add_argument("--match", choices=("keep", "count", "flops"), default="keep",
+                        help="label rows by the budget as run (keep), by the measured final token count fraction "
+                             "(count), or by the measured prefill FLOPs fraction (flops): multi-stage methods "
+                             "(pyramiddrop, sparsevlm) are comparable with single-stage ones at equal count or "
+                             "equal FLOPs")
 
 
 def run(args: argparse.Namespace) -> int:
     from lmms_prune.report import write_report
 
-    result = write_report(args.folder, args.out, args.cross_keep)
+    result = write_report(args.folder, args.out, args.cross_keep, args.match)
     print(result["markdown"])
     for kind, path in result["paths"].items():
         print(f"{kind}: {path}")

@@ -23,6 +23,12 @@ Multi-stage pruning (``prune_layers=(K_1, K_2, ...)``, PyramidDrop) repeats the 
 ``s-1``'s sequence; layers ``K_s..K_{s+1}-1`` get stage ``s``'s gathered kwargs and masks, and their KV cache
 holds stage ``s``'s tokens (mask mode: stage ``s``'s removed set is masked as keys from layer ``K_s`` on).
 Per-stage budgets: ``lmms_prune.selection.budget.stage_budgets`` (see :meth:`PruneHandle._stage_counts`).
+
+Merged tokens inside the LLM (SparseVLM's recycling): a selector may return a
+:class:`lmms_prune.selection.Merge` whose ``slots`` name removed tokens; each slot is kept and its hidden state
+at the stage's layer is replaced by its group's mean (:meth:`PruneHandle._place_merge`,
+:meth:`PruneHandle._write_recycled`), in prune and mask mode alike, so the proof (prune = mask) still holds; the
+slot keeps its token's original position and cache slot, and layers before the stage its original state.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmms_prune import scores as S
 from lmms_prune import selection as sel
 from lmms_prune.engine import attention as attn
 from lmms_prune.engine.pre_llm import shrink_inputs
@@ -160,6 +167,12 @@ class PruneHandle:
         self._hooks.extend(self.adapter.install_hooks())  # the family's own observers (removed with ours)
 
     def _install_llm(self) -> None:
+        last = min(self.adapter.injected_layers(), self.adapter.num_layers)
+        if any(getattr(s, "merges", False) for s in self.selectors) and self.stage_layers[0] < last:
+            raise ValueError(f"method {self.config.method!r} merges tokens inside the LLM from layer "
+                             f"{self.stage_layers[0]}, but {self.adapter.name} adds per-token vision features to "
+                             f"its first {last} layers (DeepStack) that a merged token has none of; start its "
+                             f"prune_layers at >= {last}")
         self._install_observe_only()
         layers = self.adapter.layers
         need = sorted({layer for c in self.stage_configs for layer in c.score_layers()})
@@ -388,7 +401,9 @@ class PruneHandle:
 
     def _make_observer(self, layer: int):
         want_norms = layer in self.needs.key_norms
-        want_rows = layer in self.needs.attention
+        want_text = layer in self.needs.text_attention
+        # query='raters': the row is made per image from the text rows (see _signals)
+        want_rows = layer in self.needs.attention and self.config.query != "raters"
 
         def observe(module, query, key, attention_mask, scaling):
             st = self._state
@@ -397,10 +412,14 @@ class PruneHandle:
             t0 = time.perf_counter()
             if want_norms:
                 st.key_norms[layer] = attn.key_l1_norms(key)
-            if want_rows:
-                rows = self._text_rows() if self.config.query == "text_mean" else 1
+            if want_rows or want_text:
+                rows = self._text_rows() if want_text or self.config.query == "text_mean" else 1
                 probs = attn.attention_rows(query, key, attention_mask, scaling, rows)
-                st.attention[layer] = self._combine_rows(probs)
+                if want_text:
+                    st.text_attention[layer] = probs
+                if want_rows:
+                    st.attention[layer] = self._combine_rows(probs if self.config.query == "text_mean"
+                                                             else probs[:, -1:])
             sync(query)
             st.score_seconds += time.perf_counter() - t0
 
@@ -416,13 +435,14 @@ class PruneHandle:
         """[B, R, S] -> [B, S]: the last row, or the mean of each sample's own text rows."""
         if probs.shape[1] == 1:
             return probs[:, 0]
+        return torch.stack([self._sample_rows(probs, b).mean(0) for b in range(probs.shape[0])])
+
+    def _sample_rows(self, probs: torch.Tensor, b: int) -> torch.Tensor:
+        """[R', S]: sample ``b``'s own rows of the trailing text rows ``probs`` [B, R, S] (its text after its last
+        image; rows of shorter texts that belong to the image or the prompt before it are left out)."""
         t = self._state.seq_len
-        out = []
-        for b, spans in enumerate(self._state.spans):
-            end = max((s.start + s.length for s in spans), default=t - 1)
-            first = probs.shape[1] - (t - end)
-            out.append(probs[b, first:].mean(0))
-        return torch.stack(out)
+        end = max((s.start + s.length for s in self._state.spans[b]), default=t - 1)
+        return probs[b, probs.shape[1] - (t - end):]
 
     # ------------------------------------------------------------------ selection
     def _signals(self, b: int, span: ImageSpan, offset: int, num_visual: int, hidden: torch.Tensor,
@@ -435,7 +455,12 @@ class PruneHandle:
         pos = vis if present is None else self._columns(b, vis, stage)
         image = ImageSignals(sample=b, span=span, offset=offset, sample_visual=num_visual,
                              task_kind=self._task_kind, device=hidden.device, present=present)
-        image.attention = {layer: st.attention[layer][b, pos] for layer in needs.attention}
+        image.text_attention = {layer: self._sample_rows(st.text_attention[layer], b)[:, pos.to(
+            st.text_attention[layer].device)] for layer in needs.text_attention}
+        if self.config.query == "raters":  # SparseVLM: the raters' mean row over this image's tokens present
+            image.attention = {layer: S.rater_importance(image.text_attention[layer]) for layer in needs.attention}
+        else:
+            image.attention = {layer: st.attention[layer][b, pos] for layer in needs.attention}
         image.key_norms = {layer: st.key_norms[layer][b, pos] for layer in needs.key_norms}
         if needs.hidden:
             image.hidden = hidden[b, pos.to(hidden.device)]
@@ -509,7 +534,7 @@ class PruneHandle:
         bsz = hidden.shape[0]
         normed = self.adapter.final_norm()(hidden) if self.stage_needs[stage].final_norm else None
         score, selector = self.scores[stage], self.selectors[stage]
-        keep_rows, records, stage_kept = [], [], []
+        keep_rows, records, stage_kept, stage_scores = [], [], [], []
         for b in range(bsz):
             spans = st.spans[b]
             keep = (torch.ones(st.seq_len, dtype=torch.bool, device=hidden.device) if stage == 0
@@ -524,7 +549,10 @@ class PruneHandle:
                 image = self._signals(b, span, offset, num_visual, hidden, normed, stage, present)
                 scores = score(image)
                 n = min(self._stage_counts(span.num_visual)[stage], image.num_tokens)
-                local = selector(image, scores, n).to(hidden.device)
+                local = selector(image, scores, n)
+                if isinstance(local, sel.Merge):
+                    local = self._place_merge(b, i, span, present, local, hidden, stage)
+                local = local.to(hidden.device)
                 if present is not None:
                     local = present.to(hidden.device)[local]
                 keep[span.visual_positions.to(hidden.device)[local]] = True
@@ -537,7 +565,14 @@ class PruneHandle:
             full = st.lengths[b]
             records.append(PruneRecord(num_visual, kept, kept_per_image, full, full - num_visual + kept, [],
                                        scores_per_image, spans=list(spans)))
+            if st.recycled:  # merged tokens still present after this stage, per image
+                for i, k in enumerate(kept_per_image):
+                    slots = st.recycled.setdefault((b, i), set()) & set(k.tolist())
+                    st.recycled[(b, i)] = slots
+                    records[-1].merged.append(len(slots))
+            stage_scores.append(scores_per_image)
         st.stage_kept.append(stage_kept)
+        st.stage_scores.append(stage_scores)
         keep_mask = torch.stack(keep_rows)
         st.keep_mask = keep_mask
         st.stage_mask.append(keep_mask)
@@ -558,6 +593,45 @@ class PruneHandle:
         for b, rec in enumerate(records):
             rec.select_seconds = seconds + (self.records[b].select_seconds if stage else 0.0)
         self.records = records
+
+    def _place_merge(self, b: int, i: int, span: ImageSpan, present: torch.Tensor | None, merge: sel.Merge,
+                     hidden: torch.Tensor, stage: int) -> torch.Tensor:
+        """Merged tokens inside the LLM (SparseVLM's recycling): image ``i`` of sample ``b`` keeps
+        ``merge.index`` and ``merge.slots`` (indices among the tokens present); each slot's hidden state at this
+        stage's layer becomes its group's mean ``weights @ x`` (``x``: the hidden states of the tokens present at
+        the layer's input, float32 sums), written by :meth:`_write_recycled` in both modes. A slot keeps its
+        token's original position and cache slot; layers before the stage keep the token's own state.
+        Returns the kept local indices (ascending)."""
+        slots = merge.slots
+        if slots is None or slots.numel() != merge.weights.shape[0]:
+            raise ValueError(f"selector {self.config.selector!r} merged {merge.weights.shape[0]} groups inside the "
+                             "LLM without one slot per merged token (Merge.slots): a merged token needs a place")
+        index, slots = merge.index.cpu().long(), slots.cpu().long()
+        if set(index.tolist()) & set(slots.tolist()) or len(set(slots.tolist())) != slots.numel():
+            raise ValueError(f"selector {self.config.selector!r}: Merge.slots must be distinct tokens not in index")
+        local = torch.sort(torch.cat([index, slots])).values
+        if slots.numel() == 0:
+            return local
+        vis = span.visual_positions if present is None else span.visual_positions[present.cpu()]
+        x = hidden[b, self._columns(b, vis, stage).to(hidden.device)]
+        values = (merge.weights.to(device=x.device, dtype=torch.float32) @ x.float()).to(x.dtype)
+        st = self._state
+        st.stage_recycled.setdefault(stage, []).append((b, vis[slots], values))
+        image_slots = slots if present is None else present.cpu()[slots]
+        st.recycled.setdefault((b, i), set()).update(image_slots.tolist())
+        return local
+
+    def _write_recycled(self, hidden: torch.Tensor, stage: int) -> torch.Tensor:
+        """``hidden`` (this stage's first layer's input: full length in mask mode, the stage's gathered sequence
+        in prune mode) with the merged tokens of :meth:`_place_merge` written at their slots."""
+        items = self._state.stage_recycled.get(stage)
+        if not items:
+            return hidden
+        hidden = hidden.clone()
+        for b, positions, values in items:
+            cols = positions if self.mode == "mask" else self._inverse(stage)[b, positions.to(hidden.device)]
+            hidden[b, cols.to(hidden.device)] = values.to(hidden.dtype)
+        return hidden
 
     # ------------------------------------------------------------------ masks
     # Layers >= K get masks built here from the 2-D padding mask and the tokens' original positions, so the
@@ -633,6 +707,8 @@ class PruneHandle:
                             self._inverse(stage - 1), 1, st.stage_index[stage])
                         hidden = _gather_seq(hidden, index, 1)
                     kwargs.update(st.stage_pruned[stage])
+                if first:
+                    hidden = self._write_recycled(hidden, stage)
                 kv_full = st.seq_len
             elif phase == "decode" and st.keep_index is not None:
                 kv_full = st.kv_full

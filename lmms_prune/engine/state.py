@@ -25,7 +25,9 @@ class PruneRecord:
     llm_prefill_seconds: float = 0.0
     vision_seconds: float = 0.0  # pre-LLM methods: the image encoding the engine ran itself
     spans: list[ImageSpan] = field(default_factory=list)  # the sample's images, in sequence order
-    merged: list[int] = field(default_factory=list)  # pre-LLM merging: per image, merged tokens added after kept
+    # merging: per image, merged tokens (pre-LLM: added after the kept ones; inside the LLM: recycled tokens
+    # present after the last stage, counted in visual_after and listed in kept at their slots)
+    merged: list[int] = field(default_factory=list)
 
     @property
     def visual_before_papers(self) -> int:
@@ -56,6 +58,7 @@ class CallState:
     lengths: list[int] = field(default_factory=list)
     padding: torch.Tensor | None = None
     attention: dict[int, torch.Tensor] = field(default_factory=dict)
+    text_attention: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, R, S] text rows
     key_norms: dict[int, torch.Tensor] = field(default_factory=dict)
     score_seconds: float = 0.0
     lm_t0: float | None = None
@@ -75,6 +78,12 @@ class CallState:
     stage_inverse: dict[int, torch.Tensor] = field(default_factory=dict)  # stage -> [B, T] position -> slot
     # per sample: span start -> bool [N visual tokens] padding mask of that image (PruneHandle.image_padding)
     image_padding: list[dict[int, torch.Tensor]] | None = None
+    stage_scores: list[list[list[torch.Tensor | None]]] = field(default_factory=list)  # [s][b][i] scores used
+    # merges inside the LLM (SparseVLM's recycling): stage -> [(sample, original positions [m], values [m, D])]
+    # written over the hidden states at those positions at the stage's layer; (sample, image) -> the image's
+    # token indices holding a merged token
+    stage_recycled: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    recycled: dict[tuple[int, int], set[int]] = field(default_factory=dict)
 
     @property
     def has_images(self) -> bool:

@@ -143,12 +143,14 @@ class Param:
 
 
 def parse_layers(name: str, value: Any) -> tuple[int, ...] | str:
-    """``"8,16,24"`` (or a sequence of ints) into a strictly increasing tuple of layers >= 1; ``"auto"`` kept."""
+    """``"8,16,24"`` (or ``"8/16/24"``, the form for lmms-eval's ``--model_args`` where commas separate
+    arguments; or a sequence of ints) into a strictly increasing tuple of layers >= 1; ``"auto"`` kept."""
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
-    fix = f"{name}: give strictly increasing decoder layers >= 1, e.g. {name}=8,16,24 (or 'auto')"
+    fix = (f"{name}: give strictly increasing decoder layers >= 1, e.g. {name}=8,16,24 (8/16/24 inside "
+           "lmms-eval --model_args), or 'auto'")
     try:
-        items = value.replace(" ", "").split(",") if isinstance(value, str) else list(value)
+        items = value.replace(" ", "").replace("/", ",").split(",") if isinstance(value, str) else list(value)
         layers = tuple(int(x) for x in items if x != "")
         if any(isinstance(x, bool) or float(x) != int(x) for x in items if x != ""):
             raise ValueError
@@ -174,7 +176,8 @@ class Needs:
     """The signals a score or selector reads; the engine collects the union of both.
 
     Inside the LLM: ``attention`` (decoder layers whose last-prompt-token attention row is recorded),
-    ``key_norms`` (layers whose key L1 norms are recorded), ``hidden`` (visual hidden states at layer K's
+    ``text_attention`` (layers whose attention rows of every text token after the sample's last image are
+    recorded: SparseVLM's raters), ``key_norms`` (layers whose key L1 norms are recorded), ``hidden`` (visual hidden states at layer K's
     input), ``final_norm`` (the same through the LM's final norm), ``text`` (the same signals for the text
     tokens after the image), ``prior`` (a calibrated prior file). Before the LLM: ``vision_attention`` (the
     vision encoder's [CLS] row at the feature layer, or its mean received attention without [CLS]),
@@ -185,6 +188,7 @@ class Needs:
     """
 
     attention: tuple[int, ...] = ()
+    text_attention: tuple[int, ...] = ()
     key_norms: tuple[int, ...] = ()
     hidden: bool = False
     final_norm: bool = False
@@ -210,7 +214,8 @@ class ImageSignals:
 
     Tensors over the image's ``N`` visual tokens: ``attention[layer]`` ``[N]``, ``key_norms[layer]`` ``[N]``,
     ``hidden`` / ``final_norm`` ``[N, D]``, ``vision_attention`` ``[N]``, ``vision_features`` ``[N, D_v]``,
-    ``embeddings`` ``[N, D]``; the text tokens after the image: ``text_key_norms[layer]`` ``[M]``,
+    ``embeddings`` ``[N, D]``, ``text_attention[layer]`` ``[M', N]`` (the attention rows of the ``M'`` text
+    tokens after the sample's last image, over the image's visual columns); the text tokens after the image: ``text_key_norms[layer]`` ``[M]``,
     ``text_hidden`` / ``text_final_norm`` ``[M, D]``. ``offset``: index of the image's first token among the
     sample's visual tokens (``sample_visual`` in all).
 
@@ -228,6 +233,7 @@ class ImageSignals:
     sample_visual: int
     task_kind: str | None = None
     attention: dict[int, torch.Tensor] = field(default_factory=dict)
+    text_attention: dict[int, torch.Tensor] = field(default_factory=dict)
     key_norms: dict[int, torch.Tensor] = field(default_factory=dict)
     hidden: torch.Tensor | None = None
     final_norm: torch.Tensor | None = None
@@ -288,9 +294,13 @@ class Score(Plugin):
 
 class Selector(Plugin):
     """A selection: ``selector(image, scores, n) -> [n]`` kept indices within the image, ascending (or, where
-    ``merges`` is set, a :class:`lmms_prune.selection.Merge` of new embeddings)."""
+    ``merges`` is set, a :class:`lmms_prune.selection.Merge` of new embeddings; inside the LLM a merge names
+    the ``slots`` its merged tokens take, and may keep a count other than ``n``: SparseVLM's adaptive count)."""
 
     merges: ClassVar[bool] = False
+    # prune_layers='auto': the method's pruning layers as fractions of the decoder's depth (PyramidDrop's
+    # quarters unless a method says otherwise)
+    layer_fractions: ClassVar[tuple[float, ...]] = (0.25, 0.5, 0.75)
 
     def __call__(self, image: ImageSignals, scores: torch.Tensor | None, n: int) -> torch.Tensor:
         raise TypeError(f"selector {self.name!r} does not select")

@@ -5,8 +5,9 @@ from __future__ import annotations
 from lmms_prune.methods.base import Needs, Param, Preset, Score, Selector, sel
 
 PARAMS = (
-    Param("query", "last", "attention query: 'last' prompt token, or 'text_mean' over text rows after the image",
-          kind="str", choices=("last", "text_mean")),
+    Param("query", "last", "attention query: 'last' prompt token, 'text_mean' over the text rows after the "
+          "image, or 'raters' (SparseVLM: the mean row of the text tokens whose attention mass on the image is "
+          ">= the mean mass, chosen per image and stage)", kind="str", choices=("last", "text_mean", "raters")),
 )
 
 
@@ -19,10 +20,16 @@ class Attention(Score):
 
     @classmethod
     def needs(cls, config):
-        return Needs(attention=(config.effective_score_layer,))
+        return attention_needs(config)
 
     def __call__(self, image):
         return image.attention[self.config.effective_score_layer]
+
+
+def attention_needs(config) -> Needs:
+    """The score layer's attention row; with ``query='raters'`` also the text rows it is made of."""
+    layer = (config.effective_score_layer,)
+    return Needs(attention=layer, text_attention=layer if config.query == "raters" else ())
 
 
 class TopK(Selector):

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from lmms_prune.methods.base import Needs, Param, Preset, S, Score
 from lmms_prune.methods.d2pruner import check_prior
+from lmms_prune.methods.fastv import attention_needs
 
 PARAMS = (
-    Param("trend_selector", "topk", "trend: selector applied to the trend-debiased scores (topk or pivot_mis)",
-          kind="str", choices=("topk", "pivot_mis")),
+    Param("trend_selector", "topk", "trend: selector applied to the trend-debiased scores (topk, pivot_mis, or "
+          "sparsevlm; on the sparsevlm preset its own selector is kept unless trend_selector is given)",
+          kind="str", choices=("topk", "pivot_mis", "sparsevlm")),
     Param("trend_weights", None, "trend: path of a released weight vector (.npy, 1-D, finite, >= 0; e.g. the "
           "attention-debiasing authors' playground/data/weight/<method>/<benchmark>.npy) used instead of the "
           "exponential fitted to bias_prior: score A*w, w resized linearly to the token count (the priors' rule); "
@@ -45,7 +47,7 @@ class Trend(Score):
 
     @classmethod
     def needs(cls, config):
-        return Needs(attention=(config.effective_score_layer,), prior=not config.trend_weights, padding=True)
+        return attention_needs(config) | Needs(prior=not config.trend_weights, padding=True)
 
     @classmethod
     def check(cls, config):
@@ -59,8 +61,10 @@ class Trend(Score):
 
     @classmethod
     def adjust(cls, values: dict) -> dict:
-        """``trend_selector`` chooses the selector of the trend-debiased scores."""
-        return {**values, "selector": values.get("trend_selector", "topk")}
+        """``trend_selector`` chooses the selector of the trend-debiased scores (default: top-k; SparseVLM's
+        selector stays on the sparsevlm preset, so ``score=trend`` debiases its raters' importance)."""
+        keep = "sparsevlm" if values.get("selector") == "sparsevlm" else "topk"
+        return {**values, "selector": values.get("trend_selector", keep)}
 
     def __init__(self, config, prior=None):
         super().__init__(config, prior)

@@ -5,6 +5,7 @@ Nothing here knows about models, hooks or lmms-eval.
 
 from lmms_prune.scores.padding import pad_to_square_token_mask
 from lmms_prune.scores.prior import prior_debias, resize_prior
+from lmms_prune.scores.raters import rater_importance, select_raters
 from lmms_prune.scores.ratio import minmax, ratio, ratio_combo
 from lmms_prune.scores.trend import fit_trend, load_trend_weights, trend, trend_debias, weight_debias
 from lmms_prune.scores.vision import cls_attention, merge_consecutive, merge_pixel_shuffle
@@ -18,9 +19,11 @@ __all__ = [
     "minmax",
     "pad_to_square_token_mask",
     "prior_debias",
+    "rater_importance",
     "ratio",
     "ratio_combo",
     "resize_prior",
+    "select_raters",
     "trend",
     "trend_debias",
     "weight_debias",

@@ -23,11 +23,13 @@ from lmms_prune.selection.pivot_mis import (
     normalized_similarity,
     pivot_mis,
 )
+from lmms_prune.selection.sparsevlm import adaptive_keep_count, dpc_knn, recycle, sparsevlm
 from lmms_prune.selection.topk import topk
 from lmms_prune.selection.vispruner import remove_duplicates, vispruner
 
 __all__ = [
     "Merge",
+    "adaptive_keep_count",
     "average_kept_fraction",
     "block_quotas",
     "budget",
@@ -35,6 +37,7 @@ __all__ = [
     "dart",
     "depth_scaled_layers",
     "divprune",
+    "dpc_knn",
     "dpp_greedy",
     "fused_graph",
     "grid_adjacency",
@@ -45,7 +48,9 @@ __all__ = [
     "normalized_similarity",
     "pivot_mis",
     "random_select",
+    "recycle",
     "remove_duplicates",
+    "sparsevlm",
     "stage_budgets",
     "stage_ratio_for_average",
     "topk",

@@ -29,10 +29,17 @@ DOMINANT_RATIO = 54 / 64  # VisionZip on LLaVA-1.5 at 64 tokens: 54 dominant + 1
 class Merge:
     """A selection with merged tokens: ``index`` ``[k]`` (kept original tokens, ascending, int64) and
     ``weights`` ``[m, N]`` (row ``j``: the averaging weights of merged token ``j``, non-negative, summing to 1).
-    The image's tokens become ``[x[index]; weights @ x]``: ``k + m`` tokens, kept ones first, in that order."""
+    The image's tokens become ``[x[index]; weights @ x]``: ``k + m`` tokens, kept ones first, in that order.
+
+    Inside the LLM (SparseVLM's recycling, :func:`lmms_prune.selection.sparsevlm.sparsevlm`) a merged token
+    needs a place in the sequence and the KV cache: ``slots`` ``[m]`` names, for each merged token, one of the
+    image's removed tokens (not in ``index``) whose position it takes (its original RoPE position, its cache
+    slot); the image's tokens become the ascending union of ``index`` and ``slots``, the slots holding the
+    means. Pre-LLM merges leave ``slots`` None (merged tokens follow the kept ones, renumbered)."""
 
     index: Tensor
     weights: Tensor
+    slots: Tensor | None = None
 
     @property
     def count(self) -> int:
