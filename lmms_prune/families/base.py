@@ -38,6 +38,8 @@ class ImageSpan:
     # The visual-token count the papers quote for this image when it differs from the tokens present
     # (LLaVA-NeXT: 576 x (1 + tiles), their code without unpadding); None when it is the same.
     papers_length: int | None = None
+    # True when the span is one video: ``grids`` then holds one (rows, cols) grid per (merged) frame, in time order.
+    video: bool = False
 
     @property
     def positions(self) -> torch.Tensor:

@@ -61,6 +61,7 @@ from lmms_prune.runner import (
     parse_options,
     summarize,
 )
+from lmms_prune.video import FAMILY_SAMPLING, family_sampling, load_video
 
 __all__ = ["PrunedChatModel", "PrunedTokenCounts", "apply_until", "format_summary", "lmms_eval_cli_options",
            "preset_classes", "summarize"]
@@ -276,7 +277,8 @@ class PrunedChatModel(lmms):
 
     # ------------------------------------------------------------------ requests
     def _messages(self, item: _Item) -> list[dict[str, Any]]:
-        """The request's neutral chat messages (images as PIL images, in order)."""
+        """The request's neutral chat messages (images as PIL images, videos as lists of sampled PIL frames,
+        in order)."""
         doc = self.task_dict[item.task][item.split][item.doc_id]
         chat = ChatMessages(messages=item.doc_to_messages(doc))
         messages = []
@@ -288,11 +290,28 @@ class PrunedChatModel(lmms):
                 elif part.type == "image":
                     image = load_image(part.url, f"{item.task}/{item.doc_id}")
                     content.append({"type": "image", "image": image})
+                elif part.type == "video":
+                    content.append({"type": "video", "video": self._video_frames(part, item)})
                 else:
-                    raise ValueError(f"{part.type} inputs are not supported by {self.model_id()} (images and "
-                                     "text only)")
+                    raise ValueError(f"{part.type} inputs are not supported by {self.model_id()} (images, "
+                                     "videos and text only)")
             messages.append({"role": message.role, "content": content})
         return messages
+
+    def _video_frames(self, part: Any, item: _Item) -> list:
+        """The frames of a video content part (lmms-eval gives a file path, or a mapping with ``video_start`` /
+        ``video_end`` in seconds), sampled as lmms-eval's wrapper of this family samples them with this run's
+        video ``--model_args`` (``lmms_prune.video``); ``VideoLoadError`` naming the sample if unusable."""
+        if self.family not in FAMILY_SAMPLING:
+            raise ValueError(f"video inputs are not supported by {self.model_id()} (video families: "
+                             f"{', '.join(FAMILY_SAMPLING)})")
+        if isinstance(part.url, dict) and {"video_start", "video_end"} & set(part.url):
+            raise ValueError(f"{self.model_id()}: video clips with video_start/video_end are not supported; "
+                             "give the whole video")
+        if part.start_time is not None or part.end_time is not None:
+            raise ValueError(f"{self.model_id()}: video start_time/end_time are not supported; give the whole video")
+        sampling = family_sampling(self.family, self.options.family)
+        return load_video(part.url, f"{item.task}/{item.doc_id}", sampling)
 
     generation_kwargs = staticmethod(generation_kwargs)
 
