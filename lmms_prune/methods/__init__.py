@@ -25,6 +25,7 @@ MODULES: tuple[str, ...] = (
     "lmms_prune.methods.visionzip",
     "lmms_prune.methods.fastervlm",
     "lmms_prune.methods.cdpruner",
+    "lmms_prune.methods.temporal",
 )
 
 

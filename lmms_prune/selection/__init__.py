@@ -23,6 +23,13 @@ from lmms_prune.selection.pivot_mis import (
     normalized_similarity,
     pivot_mis,
 )
+from lmms_prune.selection.temporal import (
+    frame_layout,
+    previous_frame_similarity,
+    temporal_neighbour_pairs,
+    temporal_redundant,
+    temporal_select,
+)
 from lmms_prune.selection.topk import topk
 from lmms_prune.selection.vispruner import remove_duplicates, vispruner
 
@@ -36,6 +43,7 @@ __all__ = [
     "depth_scaled_layers",
     "divprune",
     "dpp_greedy",
+    "frame_layout",
     "fused_graph",
     "grid_adjacency",
     "grid_neighbour_pairs",
@@ -44,10 +52,14 @@ __all__ = [
     "merged_embeddings",
     "normalized_similarity",
     "pivot_mis",
+    "previous_frame_similarity",
     "random_select",
     "remove_duplicates",
     "stage_budgets",
     "stage_ratio_for_average",
+    "temporal_neighbour_pairs",
+    "temporal_redundant",
+    "temporal_select",
     "topk",
     "uniform_select",
     "vispruner",
