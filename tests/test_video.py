@@ -186,3 +186,54 @@ def test_task_scores_letters_and_counts_malformed_answers_and_video_errors(tmp_p
     records = [utils.process_results(doc, [a])["malformed"] for a in ("B", "zzz")] + [record]
     assert (utils.perception_score(records), utils.malformed_count(records), utils.video_error_count(records)) == (
         pytest.approx(100 / 3), 1, 1)
+
+
+# ------------------------------------------------------------------------------------------------ lmms-eval layer
+def _chat_model(family: str, family_options: dict, docs: list[dict]):
+    """A wrapper of ``family`` with only what ``_messages`` reads (no model is loaded)."""
+    from types import SimpleNamespace
+
+    from lmms_prune.models.wrappers import LlavaOnevisionPrune, LlavaPrune, Qwen25VLPrune
+    from lmms_prune.runner import RunOptions
+
+    cls = {"qwen2_5_vl": Qwen25VLPrune, "llava_onevision": LlavaOnevisionPrune, "llava": LlavaPrune}[family]
+    model = object.__new__(cls)
+    model.runner = SimpleNamespace(options=RunOptions(pretrained="unused", family=family_options))
+    model.task_dict = {"tinyvideo": {"test": docs}}
+    return model
+
+
+def _item(doc_id: int):
+    from lmms_prune.models.base import _Item
+
+    def doc_to_messages(doc):  # what lmms-eval's chat task builds from a video path (ConfigurableMessagesTask)
+        return [{"role": "user", "content": [{"type": "video", "url": doc["path"]}, {"type": "text", "text": "Q"}]}]
+
+    return _Item(0, "tinyvideo", "test", doc_id, doc_to_messages, {})
+
+
+@pytest.mark.parametrize("family,options,sampling", [
+    ("qwen2_5_vl", {"max_num_frames": 4}, FrameSampling("qwen_vl", 4)),
+    ("qwen2_5_vl", {}, FrameSampling("qwen_vl", 32)),  # lmms-eval's default: min(32, 8 frames) = 8
+    ("llava_onevision", {"max_frames_num": 3}, FrameSampling("linspace", 3)),
+])
+def test_video_requests_become_neutral_video_messages_with_the_familys_sampling(tmp_path, family, options, sampling):
+    frames = motion_clip("down")
+    write_video(tmp_path / "c.mp4", frames, fps=4.0)
+    model = _chat_model(family, options, [{"path": str(tmp_path / "c.mp4")}])
+    (message,) = model._messages(_item(0))
+    video, text = message["content"]
+    assert message["role"] == "user" and text == {"type": "text", "text": "Q"} and video["type"] == "video"
+    indices = frame_indices(8, 4.0, sampling)
+    assert len(video["video"]) == len(indices) and all(im.mode == "RGB" for im in video["video"])
+    for image, i in zip(video["video"], indices):
+        assert np.allclose(_centre(np.asarray(image)), _centre(frames[i]), atol=1.0)
+
+
+def test_unusable_video_requests_fail_naming_the_sample_and_other_families_refuse_videos(tmp_path):
+    (tmp_path / "bad.mp4").write_bytes(b"broken")
+    model = _chat_model("qwen2_5_vl", {}, [{"path": str(tmp_path / "bad.mp4")}])
+    with pytest.raises(VideoLoadError, match="sample 'tinyvideo/0': video .*bad.mp4' cannot be used"):
+        model._messages(_item(0))
+    with pytest.raises(ValueError, match="video inputs are not supported by llava_prune"):
+        _chat_model("llava", {}, [{"path": str(tmp_path / "bad.mp4")}])._messages(_item(0))
