@@ -5,6 +5,10 @@ request format into neutral chat messages::
 
     [{"role": "user", "content": [{"type": "image", "image": PIL.Image}, {"type": "text", "text": "..."}]}]
 
+A video part is ``{"type": "video", "video": [PIL.Image, ...]}``: its frames, already sampled as the family's
+``video_sampling`` says (optionally ``"fps"``: the sampled frames' rate, for Qwen's M-RoPE time step); the
+family's ``prepare_videos`` hands them to the processor as ``videos=`` (one span per video in the engine).
+
 and hands batches of them to :meth:`Runner.generate`, which returns one :class:`Answer` per conversation: the
 text, the token counts and the sample's efficiency record (the engine's ``PruneRecord``, the runner's timing
 and the theoretical cost of :mod:`lmms_prune.efficiency`).
@@ -429,18 +433,29 @@ class Runner:
 
     @staticmethod
     def split_images(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Image.Image]]:
-        """The processor's messages (image parts as placeholders) and the images in order."""
-        out, images = [], []
+        """The processor's messages (image and video parts as placeholders) and the images in order."""
+        out, images, _ = Runner.split_visuals(messages)
+        return out, images
+
+    @staticmethod
+    def split_visuals(messages: list[dict[str, Any]]
+                      ) -> tuple[list[dict[str, Any]], list[Image.Image], list[dict[str, Any]]]:
+        """The processor's messages (image and video parts as placeholders), the images and the video parts
+        (``{"type": "video", "video": [PIL frames], "fps": ...}``), each in order."""
+        out, images, videos = [], [], []
         for message in messages:
             content = []
             for part in message["content"]:
                 if part["type"] == "image":
                     images.append(part["image"])
                     content.append({"type": "image"})
+                elif part["type"] == "video":
+                    videos.append(part)
+                    content.append({"type": "video"})
                 else:
                     content.append(part)
             out.append({"role": message["role"], "content": content})
-        return out, images
+        return out, images, videos
 
     def stop_ids(self) -> tuple[int | None, int | None]:
         """``(eos_token_id, pad_token_id)`` of ``generate``: the tokenizer's, as lmms-eval's wrappers pass them
@@ -470,14 +485,17 @@ class Runner:
         family_options = self.options.family
         if self.options.task_protocol:
             family_options = protocol_options(self.family, family_options, gen_kwargs, task)
-        texts, images = [], []
+        texts, images, videos = [], [], []
         for messages in conversations:
-            plain, item_images = self.split_images(messages)
+            plain, item_images, item_videos = self.split_visuals(messages)
             texts.append(self.build_prompt(plain, family_options))
             images.extend(item_images)
+            videos.extend(item_videos)
         images = self.family.prepare_images(images, family_options)
+        # videos: frames already sampled (the family's video_sampling); the family's pipeline prepares them
+        video_kwargs = self.family.prepare_videos(videos, family_options) if videos else {}
         inputs = self.processor(text=texts, images=images or None, padding=True, padding_side="left",
-                                return_tensors="pt", **self.family.processor_kwargs(family_options))
+                                return_tensors="pt", **self.family.processor_kwargs(family_options), **video_kwargs)
         inputs = inputs.to(self.device)
         for key, value in inputs.items():
             if isinstance(value, torch.Tensor) and value.is_floating_point():

@@ -118,6 +118,21 @@ def optional_float_arg(name: str, value: Any) -> float | None:
     return number
 
 
+def check_frames(part: dict[str, Any]) -> list[Any]:
+    """The frames of one neutral video part ``{"type": "video", "video": [PIL images]}``, or a clear error."""
+    from PIL import Image
+
+    frames = part.get("video")
+    if not isinstance(frames, (list, tuple)) or not frames:
+        raise ValueError(f"a video part needs 'video': a non-empty list of PIL frames (already sampled), got "
+                         f"{type(frames).__name__}")
+    bad = [i for i, f in enumerate(frames) if not isinstance(f, Image.Image)]
+    if bad:
+        raise ValueError(f"video frame {bad[0]} is a {type(frames[bad[0]]).__name__}, not a PIL image: decode "
+                         "the video into PIL RGB frames first")
+    return [f.convert("RGB") for f in frames]
+
+
 VOCAB = 2048  # benchmark geometries: a small vocabulary (embedding/LM-head size does not affect prefill)
 IMAGE_TOKEN = 2000
 
@@ -171,6 +186,24 @@ class Family:
     def prepare_images(cls, images: list[Any], options: dict[str, Any]) -> list[Any]:
         """The images as the family's own pipeline hands them to its processor (default: unchanged)."""
         return images
+
+    @classmethod
+    def video_sampling(cls, options: dict[str, Any]) -> dict[str, Any] | None:
+        """How lmms-eval's wrapper of the family samples a video's frames, from the parsed family ``options``:
+        ``{"num_frames": N, "fps": F}`` (``fps`` None: ``N`` frames uniformly over the whole video; else frames
+        ``F`` per second, at most ``N``), or None when the family takes no videos."""
+        return None
+
+    @classmethod
+    def prepare_videos(cls, videos: list[dict[str, Any]], options: dict[str, Any]) -> dict[str, Any]:
+        """Processor-call keyword arguments of a batch's videos: ``videos`` are the neutral chat parts
+        ``{"type": "video", "video": [PIL frames, already sampled], "fps": sampled frames per second (optional)}``
+        in prompt order. Default (families whose processor takes frame lists as they are): ``videos=`` the
+        frame lists, not sampled again."""
+        if cls.video_sampling(options) is None:
+            raise ValueError(f"{cls.name}: this family takes no videos (a request has one); use a video family "
+                             "(qwen2_5_vl, qwen3_vl, llava_onevision) or give the frames as images")
+        return {"videos": [check_frames(v) for v in videos], "videos_kwargs": {"do_sample_frames": False}}
 
     @classmethod
     def image_kwargs(cls, max_num: int | None) -> dict[str, Any]:
@@ -233,6 +266,9 @@ class Family:
         self.layers: nn.ModuleList = self.language_model.layers
         self.text_config = self.language_model.config
         self.image_token_id: int = int(self.config.image_token_id)
+        video = getattr(self.config, "video_token_id", None)
+        video = getattr(self.config, "video_token_index", None) if video is None else video
+        self.video_token_id: int | None = None if video is None else int(video)
 
     @property
     def family(self) -> str:
@@ -347,13 +383,31 @@ class Family:
             raise ValueError(f"{self.name}: a run of {run_length} image tokens is not a multiple of {per_image}")
         return [[(side, side)] for _ in range(run_length // per_image)]
 
+    def video_grids(self, run_length: int, video_index: int, forward_kwargs: dict[str, Any],
+                    sample: int = 0, start: int = 0) -> list[tuple[list[tuple[int, int]], tuple[int, ...]]]:
+        """Split one run of video tokens into videos, each ``(grids, structural)``: one grid per (merged) frame
+        in time order and the positions within the run of its structural tokens (methods.md section 1)."""
+        raise ValueError(f"{self.name}: this family has no video layout; give the frames as images")
+
     def spans(self, input_ids: torch.Tensor, forward_kwargs: dict[str, Any]) -> list[list[ImageSpan]]:
-        """Image spans per sample, in sequence order. ``input_ids``: LongTensor[B, T]."""
+        """Image and video spans per sample, in sequence order. ``input_ids``: LongTensor[B, T]."""
         out: list[list[ImageSpan]] = []
-        image_index = 0
+        image_index = video_index = 0
         for b, row in enumerate(input_ids):
             spans: list[ImageSpan] = []
-            for start, length in runs(row == self.image_token_id):
+            found = [(start, length, False) for start, length in runs(row == self.image_token_id)]
+            if self.video_token_id is not None and self.video_token_id != self.image_token_id:
+                found += [(start, length, True) for start, length in runs(row == self.video_token_id)]
+            for start, length, is_video in sorted(found):
+                if is_video:
+                    videos = self.video_grids(length, video_index, forward_kwargs, b, start)
+                    video_index += len(videos)
+                    offset = start
+                    for grids, structural in videos:
+                        n = sum(r * c for r, c in grids) + len(structural)
+                        spans.append(ImageSpan(offset, n, grids, structural, video=True))
+                        offset += n
+                    continue
                 images = self.image_grids(length, image_index, forward_kwargs, b, start)
                 image_index += len(images)
                 offset = start

@@ -288,6 +288,11 @@ class LlavaNext(Llava):
                 if offset != start + length:
                     raise ValueError(f"{self.name}: a run of {length} image tokens does not match the images' "
                                      f"layouts (it ends inside image {i - 1})")
+            if self.video_token_id is not None and self.video_token_id != self.image_token_id:
+                for start, length in runs(row == self.video_token_id):
+                    for grids, structural in self.video_grids(length, 0, forward_kwargs):
+                        spans.append(ImageSpan(start, length, grids, structural, video=True))
+                spans.sort(key=lambda s: s.start)
             out.append(spans)
         return out
 

@@ -18,6 +18,7 @@ has not: it is refused with the method, the family and the reason. Grounding ans
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -41,10 +42,20 @@ class LlavaOnevision(LlavaNext):
     has_cls = False
     papers_count = False
     image_input_keys = ("pixel_values", "image_sizes", "batch_num_images")
+    # lmms-eval's llava_hf wrapper (which runs the llava-hf OneVision checkpoints): its chat_template and
+    # max_frames_num (parsed by Llava.parse_model_args); here videos are supported
+    model_args: ClassVar[dict[str, str]] = {
+        "chat_template": "a Jinja chat template replacing the checkpoint's (default: the checkpoint's)",
+        "max_frames_num": "frames sampled uniformly per video (default 32, lmms-eval's llava_hf)",
+    }
     bench_geometries: ClassVar[dict[str, dict[str, Any]]] = {
         # Qwen2-7B + SigLIP-so400m/14-384; --tokens 3645 = a 768x768 image (2x2 tiles of 729 + the base).
         "llava-onevision-7b": {"text": (28, 3584, 28, 4, 18944, "qwen2"), "pinpoints": PINPOINTS_OV},
     }
+
+    @classmethod
+    def video_sampling(cls, options):
+        return {"num_frames": options["max_frames_num"], "fps": None}
 
     @classmethod
     def build_geometry(cls, spec, layers=None):
@@ -91,6 +102,23 @@ class LlavaOnevision(LlavaNext):
         return self.model.model.get_image_features(pixel_values=kwargs["pixel_values"],
                                                    image_sizes=kwargs["image_sizes"],
                                                    batch_num_images=kwargs.get("batch_num_images"), return_dict=True)
+
+    def video_frame_grid(self) -> tuple[int, int]:
+        """The pooled grid of one video frame: the tower's ``side x side`` patches 2x2-pooled (bilinear, to
+        ``ceil(side / 2)``, ``LlavaOnevisionModel.apply_pooling``)."""
+        vc = self.config.vision_config
+        side = math.ceil(vc.image_size // vc.patch_size / 2)
+        return side, side
+
+    def video_grids(self, run_length, video_index, forward_kwargs, sample=0, start=0):
+        """One run of video tokens is one video: its frames' pooled grids, then one ``image_newline`` token
+        (structural) after the last frame (``get_video_features``)."""
+        rows, cols = self.video_frame_grid()
+        frames, rest = divmod(run_length - 1, rows * cols)
+        if rest or frames < 1:
+            raise ValueError(f"{self.name}: a run of {run_length} video tokens is not frames of {rows}x{cols} "
+                             "pooled tokens plus one newline")
+        return [([(rows, cols)] * frames, (run_length - 1,))]
 
     def cls_importance(self, rows: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{self.name}: the SigLIP tower has no [CLS] row")

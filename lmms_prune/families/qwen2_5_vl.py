@@ -46,12 +46,13 @@ class Qwen25VL(Family):
         "reasoning_prompt": "text appended to the last user turn (default none; \\n is a newline)",
         "interleave_visuals": "accepted for lmms-eval (default false); chat requests keep the task's own order of "
                               "images and text, as lmms-eval's chat wrapper does",
-        "max_num_frames": "frames sampled per video (default 32; videos are not supported yet)",
-        "fps": "video frames per second to sample (default unset; videos are not supported yet)",
+        "max_num_frames": "frames sampled per video, uniformly (default 32, lmms-eval's); with fps, the most frames",
+        "fps": "video frames per second to sample (default unset: max_num_frames uniform frames, lmms-eval's)",
     }
     box_convention = "resized_pixels"
     has_cls = False
     image_input_keys = ("pixel_values", "image_grid_thw")
+    video_input_keys: ClassVar[tuple[str, ...]] = ("pixel_values_videos", "video_grid_thw")
     bench_geometries: ClassVar[dict[str, dict[str, Any]]] = {
         "qwen2_5_vl-7b": {"text": (28, 3584, 28, 4, 18944, "qwen2")},
     }
@@ -108,6 +109,36 @@ class Qwen25VL(Family):
 
         patch = cls.token_pixels // 2  # the patch of one merged token's 2x2 (Qwen3-VL: 16, lmms-eval's qwen3_vl)
         return [fetch_image({"image": image}, image_patch_size=patch) for image in images]
+
+    @classmethod
+    def video_sampling(cls, options):
+        return {"num_frames": options["max_num_frames"], "fps": options["fps"]}
+
+    @classmethod
+    def prepare_videos(cls, videos, options):
+        """Qwen's own video pipeline on already-sampled frames (qwen_vl_utils ``fetch_video`` on a frame list, as
+        lmms-eval's ``qwen2_5_vl`` runs it through ``process_vision_info``): an even number of frames (the last
+        repeated), each resized to multiples of 28 px within ``min_pixels``..``max_pixels`` and qwen_vl_utils'
+        per-video pixel cap; the processor then neither resamples nor resizes them. The part's ``fps`` (the
+        sampled frames' rate, default qwen_vl_utils' 2.0) sets the M-RoPE time step (``second_per_grid_ts``)."""
+        from qwen_vl_utils import fetch_video
+
+        from lmms_prune.families.base import check_frames
+
+        patch = cls.token_pixels // 2
+        tensors, metadata = [], []
+        for part in videos:
+            fps = part.get("fps")
+            ele = {"video": check_frames(part), "min_pixels": options["min_pixels"],
+                   "max_pixels": options["max_pixels"]}
+            if fps is not None:
+                ele["sample_fps"] = optional_float_arg("video fps", fps)
+            (video, meta), _ = fetch_video(ele, image_patch_size=patch, return_video_metadata=True,
+                                           return_video_sample_fps=True)
+            tensors.append(video)
+            metadata.append(meta)
+        return {"videos": tensors, "video_metadata": metadata,
+                "videos_kwargs": {"do_sample_frames": False, "do_resize": False}}
 
     @classmethod
     def build_geometry(cls, spec, layers=None):
@@ -192,7 +223,8 @@ class Qwen25VL(Family):
         """[4, B, T]: the text row transformers uses for masks, then the 3-D M-RoPE (t, h, w) rows."""
         text = super().original_positions(input_ids, mask2d, kwargs)
         mrope, _ = self.model.model.get_rope_index(
-            input_ids, image_grid_thw=kwargs.get("image_grid_thw"), attention_mask=mask2d,
+            input_ids, image_grid_thw=kwargs.get("image_grid_thw"), video_grid_thw=kwargs.get("video_grid_thw"),
+            second_per_grid_ts=kwargs.get("second_per_grid_ts"), attention_mask=mask2d,
             mm_token_type_ids=kwargs.get("mm_token_type_ids"))
         return torch.cat([text[None], mrope], 0)
 
@@ -204,6 +236,64 @@ class Qwen25VL(Family):
         if isinstance(pos, torch.Tensor) and pos.dim() == 3 and pos.shape[0] in (3, 4):
             return self._grids_from_positions(pos[-3:, sample, start: start + run_length])
         raise ValueError(f"{self.name}: image_grid_thw or 3-D position_ids are needed to lay out the visual tokens")
+
+    def install_hooks(self):
+        """Wrap ``get_video_features`` (an instance attribute, signature kept) so that its output remembers the
+        ``video_grid_thw`` it was made for: ``generate`` encodes videos before the first forward and hands that
+        forward only the encoder output and the M-RoPE positions."""
+        import functools
+        import inspect
+
+        from lmms_prune.families.llava_next import ENCODER_INPUTS, _RestoreMethod
+
+        inner = self.model.model
+        original = inner.get_video_features
+
+        @functools.wraps(original)
+        def get_video_features(*args: Any, **kwargs: Any):
+            out = original(*args, **kwargs)
+            bound = inspect.signature(original).bind_partial(*args, **kwargs).arguments
+            if not isinstance(out, tuple):
+                setattr(out, ENCODER_INPUTS, {"video_grid_thw": bound.get("video_grid_thw")})
+            return out
+
+        inner.get_video_features = get_video_features
+        return [_RestoreMethod(inner, "get_video_features")]
+
+    def video_thw(self, forward_kwargs: dict[str, Any]) -> torch.Tensor | None:
+        """``[videos, 3]`` (frames / temporal patch, rows, cols in patches) of the call's videos: the forward's
+        own ``video_grid_thw``, or the one the encoder output was made for (see :meth:`install_hooks`)."""
+        from lmms_prune.families.llava_next import ENCODER_INPUTS
+
+        thw = forward_kwargs.get("video_grid_thw")
+        if thw is None:
+            encoded = (forward_kwargs.get("mm_encoder_outputs") or {}).get("video")
+            thw = (getattr(encoded, ENCODER_INPUTS, None) or {}).get("video_grid_thw")
+        return thw
+
+    def video_grids(self, run_length, video_index, forward_kwargs, sample=0, start=0):
+        """One run of video tokens is one video (between its vision start/end tokens): ``t`` merged frames
+        (two frames each, ``temporal_patch_size``) of one ``(h/merge, w/merge)`` grid each, from the videos'
+        grid sizes, else from the 3-D M-RoPE positions (each merged frame restarts the height/width raster)."""
+        thw = self.video_thw(forward_kwargs)
+        if thw is not None:
+            if video_index >= len(thw):
+                raise ValueError(f"{self.name}: video tokens at {start} but video_grid_thw describes "
+                                 f"{len(thw)} video(s)")
+            merge = int(self.config.vision_config.spatial_merge_size)
+            t, h, w = (int(v) for v in thw[video_index])
+            grids = [(h // merge, w // merge)] * t
+        else:
+            pos = forward_kwargs.get("position_ids")
+            if not (isinstance(pos, torch.Tensor) and pos.dim() == 3 and pos.shape[0] in (3, 4)):
+                raise ValueError(f"{self.name}: video_grid_thw or 3-D position_ids are needed to lay out the "
+                                 "video tokens")
+            grids = [g for frame in self._grids_from_positions(pos[-3:, sample, start: start + run_length])
+                     for g in frame]
+        if sum(r * c for r, c in grids) != run_length:
+            raise ValueError(f"{self.name}: a run of {run_length} video tokens does not match the video's "
+                             f"{len(grids)} frame grids {grids[:1]}")
+        return [(grids, ())]
 
     def _grids_from_thw(self, thw, run_length, image_index):
         merge = int(self.config.vision_config.spatial_merge_size)

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from lmms_prune.families.base import IMAGE_TOKEN, bench_text_config
+from lmms_prune.families.base import IMAGE_TOKEN, ImageSpan, bench_text_config
 from lmms_prune.families.qwen2_5_vl import Qwen25VL
 
 
@@ -68,6 +68,59 @@ class Qwen3VL(Qwen25VL):
         return tf.Qwen3VLForConditionalGeneration, config
 
     # ---- adapter
+    def video_thw(self, forward_kwargs):
+        """One row per merged frame (``t = 1``), as ``Qwen3VLModel.get_rope_index`` splits the videos: the
+        processor writes each merged frame as its own run of video tokens after its timestamp text
+        (``<0.5 seconds><|vision_start|>...<|vision_end|>``)."""
+        thw = super().video_thw(forward_kwargs)
+        if thw is None:
+            return None
+        frames = torch.repeat_interleave(thw, thw[:, 0].long(), dim=0).clone()
+        frames[:, 0] = 1
+        return frames
+
+    def spans(self, input_ids, forward_kwargs):
+        """As Qwen2.5-VL, then each video's per-frame runs joined into ONE span: the timestamp text between
+        them is structural (kept, never scored, not in the budget), the grids one per merged frame."""
+        per_run = super().spans(input_ids, forward_kwargs)
+        if not any(s.video for spans in per_run for s in spans):
+            return per_run
+        thw = super().video_thw(forward_kwargs)
+        if thw is None:
+            raise ValueError(f"{self.name}: video_grid_thw is needed to group the per-frame runs of video tokens "
+                             "into videos")
+        totals = iter(int(t) for t in thw[:, 0])
+        out: list[list[ImageSpan]] = []
+        for spans in per_run:
+            joined: list[ImageSpan] = []
+            pending: list[ImageSpan] = []
+            for span in spans:
+                if not span.video:
+                    joined.append(span)
+                    continue
+                pending.append(span)
+                if len(pending) == 1:
+                    total = next(totals, None)
+                    if total is None:
+                        raise ValueError(f"{self.name}: more runs of video tokens than video_grid_thw's frames")
+                if len(pending) == total:
+                    joined.append(self._join(pending))
+                    pending = []
+            if pending:
+                raise ValueError(f"{self.name}: a video's {len(pending)} frame runs do not match video_grid_thw")
+            out.append(joined)
+        return out
+
+    @staticmethod
+    def _join(pieces: list[ImageSpan]) -> ImageSpan:
+        """One video span over its per-frame runs; the tokens between runs become structural."""
+        start, end = pieces[0].start, pieces[-1].start + pieces[-1].length
+        inside = set()
+        for p in pieces:
+            inside.update(range(p.start - start, p.start - start + p.length))
+        structural = tuple(i for i in range(end - start) if i not in inside)
+        return ImageSpan(start, end - start, [g for p in pieces for g in p.grids], structural, video=True)
+
     def injected_layers(self) -> int:
         return len(self.vision_config.deepstack_visual_indexes)
 

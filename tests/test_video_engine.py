@@ -1,0 +1,262 @@
+"""Videos in the engine (methods.md section 1, "Video"): one span per video, one grid per (merged) frame.
+
+On tiny models with the real video geometry scaled down (Qwen2.5-VL: two frames merged in time, 28 px per
+merged token; Qwen3-VL: the same with 32 px and one run of tokens per merged frame after its timestamp;
+LLaVA-OneVision: 2x2-pooled frame grids and one newline after the video):
+
+* the family reads a video's layout from the processor's own output (grids, structural tokens);
+* pruning a 4-frame video at K=0 and K=2 equals mask mode at prefill and at every cached decode step, and
+  cached decoding equals recomputation;
+* a prompt with an image and a video prunes each by its own budget (and still equals mask mode);
+* Qwen3-VL's DeepStack additions land on the kept video tokens only (K below the last injection).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from test_engine import ATOL, DEVICE, DTYPE, _generate, _image, _same_tokens, _steps_close
+
+import lmms_prune
+from lmms_prune.families import get_adapter
+from lmms_prune.toy.models import build_processor, build_tiny_model
+
+torch.set_num_threads(1)
+FAMILIES = ("qwen2_5_vl", "llava_onevision", "qwen3_vl")
+FRAMES = 4
+
+
+def moving_square(frames: int = FRAMES, size: tuple[int, int] = (140, 112)) -> list[Image.Image]:
+    """``frames`` RGB frames of a red square moving right over a noisy background."""
+    rng = np.random.RandomState(0)
+    out = []
+    for t in range(frames):
+        frame = Image.fromarray((rng.rand(size[1], size[0], 3) * 80).astype("uint8"))
+        x = 10 + t * 25
+        ImageDraw.Draw(frame).rectangle([x, 30, x + 30, 60], fill=(230, 20, 20))
+        out.append(frame)
+    return out
+
+
+@pytest.fixture(scope="module")
+def toys():
+    cache: dict[str, tuple] = {}
+
+    def get(family: str):
+        if family not in cache:
+            model = build_tiny_model(family, seed=0, dtype=DTYPE).to(DEVICE)
+            proc = build_processor(family)
+            proc.tokenizer.padding_side = "left"
+            cache[family] = (model, proc)
+        return cache[family]
+
+    return get
+
+
+def _video_inputs(proc, with_image: bool = False, text: str = "Where does the square move?"):
+    content = ([{"type": "image"}] if with_image else []) + [{"type": "video"}, {"type": "text", "text": text}]
+    prompt = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    images = [_image((160, 120))] if with_image else None
+    inputs = proc(text=[prompt], images=images, videos=[moving_square()], return_tensors="pt",
+                  do_sample_frames=False).to(DEVICE)
+    for key, value in inputs.items():
+        if value.is_floating_point():
+            inputs[key] = value.to(DTYPE)
+    return inputs
+
+
+def _video_span(model, inputs):
+    spans = get_adapter(model).spans(inputs["input_ids"], inputs)[0]
+    videos = [s for s in spans if s.video]
+    assert len(videos) == 1
+    return spans, videos[0]
+
+
+def _random_keep(n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n, generator=g)[:k].tolist())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_video_is_one_span_with_one_grid_per_merged_frame(toys, family):
+    model, proc = toys(family)
+    inputs = _video_inputs(proc)
+    _, span = _video_span(model, inputs)
+    ids = inputs["input_ids"][0]
+    video_tokens = int((ids == model.config.video_token_id).sum())
+    if family.startswith("qwen"):
+        vp = proc.video_processor
+        t, h, w = inputs["video_grid_thw"][0].tolist()
+        assert t == FRAMES // vp.temporal_patch_size  # two frames merged in time
+        assert span.grids == [(h // vp.merge_size, w // vp.merge_size)] * t
+    else:
+        vc = model.config.vision_config
+        side = math.ceil(vc.image_size // vc.patch_size / 2)  # 2x2 pooled frame grids
+        assert span.grids == [(side, side)] * FRAMES
+        assert span.structural == (span.length - 1,)  # the newline after the video (a video placeholder too)
+        video_tokens -= 1
+    assert span.num_visual == video_tokens == sum(r * c for r, c in span.grids)
+    # every video token is inside the span; Qwen's structural tokens are the non-video ones inside (Qwen3-VL's
+    # timestamps between frames)
+    inside = ids[span.start: span.start + span.length] == model.config.video_token_id
+    if family.startswith("qwen"):
+        assert torch.equal(span.visual_index, torch.nonzero(inside).flatten())
+    else:
+        assert bool(inside.all())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("k_layer", [0, 2])
+def test_video_prune_equals_mask_mode_prefill_and_decode(toys, family, k_layer):
+    model, proc = toys(family)
+    inputs = _video_inputs(proc)
+    _, span = _video_span(model, inputs)
+    n = span.num_visual
+    keep = _random_keep(n, max(1, n // 5), seed=k_layer + 1)
+    with torch.no_grad():
+        with lmms_prune.apply(model, "fixed", keep_indices=keep, prune_layer=k_layer, mode="mask"):
+            mask_logits = model(**inputs).logits
+            mask_tokens, mask_steps = _generate(model, inputs)
+        with lmms_prune.apply(model, "fixed", keep_indices=keep, prune_layer=k_layer) as handle:
+            logits = model(**inputs).logits
+            index = handle.state.keep_index[0]
+            tokens, steps = _generate(model, inputs)
+            rec = handle.records[0]
+    assert logits.shape[1] == inputs["input_ids"].shape[1] - n + len(keep)
+    torch.testing.assert_close(logits[0], mask_logits[0, index], atol=ATOL, rtol=0)
+    assert _steps_close(steps, mask_steps, tokens, mask_tokens)
+    assert _same_tokens(tokens, mask_tokens, steps, mask_steps)
+    assert rec.kept[0].tolist() == keep and rec.visual_before == n and rec.visual_after == len(keep)
+    # structural tokens (timestamps, the newline) stay in the pruned sequence
+    kept_positions = set(index.tolist())
+    assert set(span.structural_positions.tolist()) <= kept_positions
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_video_cached_decoding_equals_recomputation(toys, family):
+    model, proc = toys(family)
+    inputs = _video_inputs(proc)
+    _, span = _video_span(model, inputs)
+    keep = _random_keep(span.num_visual, 12, seed=5)
+    with torch.no_grad(), lmms_prune.apply(model, "fixed", keep_indices=keep, prune_layer=2):
+        cached_tokens, cached_steps = _generate(model, inputs)
+        full_tokens, full_steps = _generate(model, inputs, use_cache=False)
+    assert _same_tokens(cached_tokens, full_tokens, cached_steps, full_steps)
+    assert _steps_close(cached_steps, full_steps, cached_tokens, full_tokens)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_video_keep_all_equals_unpruned(toys, family):
+    model, proc = toys(family)
+    inputs = _video_inputs(proc)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        ref_tokens, ref_steps = _generate(model, inputs)
+        with lmms_prune.apply(model, "fastv", keep_ratio=1.0, prune_layer=2) as handle:
+            torch.testing.assert_close(model(**inputs).logits, ref, atol=ATOL, rtol=0)
+            tokens, steps = _generate(model, inputs)
+            assert handle.records[0].visual_after == handle.records[0].visual_before
+    assert _same_tokens(tokens, ref_tokens, steps, ref_steps)
+    assert _steps_close(steps, ref_steps, tokens, ref_tokens)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_image_and_video_prune_each_by_its_own_budget(toys, family):
+    model, proc = toys(family)
+    inputs = _video_inputs(proc, with_image=True)
+    spans, video = _video_span(model, inputs)
+    assert [s.video for s in spans] == [False, True]  # the image first, then the video, in prompt order
+    ratio = 0.25
+    with torch.no_grad():
+        with lmms_prune.apply(model, "fastv", keep_ratio=ratio, prune_layer=2, mode="mask") as handle:
+            mask_logits = model(**inputs).logits
+            mask_tokens, mask_steps = _generate(model, inputs)
+            mask_kept = [k.tolist() for k in handle.records[0].kept]
+        with lmms_prune.apply(model, "fastv", keep_ratio=ratio, prune_layer=2) as handle:
+            logits = model(**inputs).logits
+            index = handle.state.keep_index[0]
+            tokens, steps = _generate(model, inputs)
+            rec = handle.records[0]
+    assert len(rec.kept) == 2
+    for span, kept in zip(spans, rec.kept):
+        assert kept.numel() == max(1, round(ratio * span.num_visual))
+        assert int(kept.max()) < span.num_visual
+    assert rec.visual_before == sum(s.num_visual for s in spans)
+    assert rec.visual_after == sum(k.numel() for k in rec.kept)
+    assert [k.tolist() for k in rec.kept] == mask_kept
+    torch.testing.assert_close(logits[0], mask_logits[0, index], atol=ATOL, rtol=0)
+    assert _steps_close(steps, mask_steps, tokens, mask_tokens)
+    assert _same_tokens(tokens, mask_tokens, steps, mask_steps)
+
+
+def test_qwen3_vl_deepstack_on_video_lands_on_kept_tokens_only(toys):
+    """K=1 is below Qwen3-VL's last DeepStack injection (3 layers): the engine adds the video's DeepStack
+    features of layers >= 1 to the kept video tokens itself; dropping them changes the logits."""
+    model, proc = toys("qwen3_vl")
+    inputs = _video_inputs(proc)
+    _, span = _video_span(model, inputs)
+    keep = _random_keep(span.num_visual, 20, seed=7)
+    with torch.no_grad():
+        with lmms_prune.apply(model, "fixed", keep_indices=keep, prune_layer=1, mode="mask"):
+            mask_logits = model(**inputs).logits
+        with lmms_prune.apply(model, "fixed", keep_indices=keep, prune_layer=1) as handle:
+            logits = model(**inputs).logits
+            index = handle.state.keep_index[0]
+            injections = handle.state.injections
+        assert sorted(injections) == [1, 2]
+        torch.testing.assert_close(logits[0], mask_logits[0, index], atol=ATOL, rtol=0)
+        handle = lmms_prune.apply(model, "fixed", keep_indices=keep, prune_layer=1)
+        hooks = handle._hooks[-2:]  # the two injection hooks of layers 1 and 2
+        for h in hooks:
+            h.remove()
+        dropped = model(**inputs).logits
+        handle.remove()
+    assert not torch.allclose(dropped[0], mask_logits[0, index], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+def test_runner_takes_video_parts_and_prunes_image_and_video_by_their_own_budgets(family):
+    """The harness-neutral runner: a conversation with an image and a ``{"type": "video", "video": frames}``
+    part goes to the processor as ``videos=`` (Qwen: through qwen_vl_utils' frame pipeline, the part's fps
+    setting the M-RoPE time step), and the engine prunes each by its own budget."""
+    from lmms_prune.families import family_class as lookup
+    from lmms_prune.runner import Runner, parse_options
+    from lmms_prune.toy.models import tiny_model_dir
+
+    family_class = lookup(family)
+    pixels = {"min_pixels": 3136, "max_pixels": 12544} if family.startswith("qwen") else {}
+    options, config = parse_options(family_class, f"{family}_fastv", "fastv", pretrained=str(tiny_model_dir(family)),
+                                    device="cpu", dtype="float32", keep_ratio=0.25, **pixels)
+    sampling = family_class.video_sampling(options.family)
+    assert sampling == {"num_frames": 32, "fps": None}  # lmms-eval's defaults (max_num_frames / max_frames_num)
+    runner = Runner(family_class, options, config, f"{family}_fastv")
+    runner.setup_device()
+    runner.load()
+    runner.install()
+    seen = {}
+    hook = runner.model.register_forward_pre_hook(lambda m, a, kw: seen.setdefault("kw", kw) and None,
+                                                with_kwargs=True)
+    conversation = [{"role": "user", "content": [
+        {"type": "image", "image": _image((160, 120))},
+        {"type": "video", "video": moving_square(FRAMES), "fps": 2.0},
+        {"type": "text", "text": "Where does the square move?"}]}]
+    try:
+        [answer] = runner.generate([conversation], {"max_new_tokens": 3}, None)
+    finally:
+        hook.remove()
+        runner.close()
+    spans = runner.handle.records[0].spans
+    assert [s.video for s in spans] == [False, True]
+    assert answer.record["visual_after_per_image"] == [max(1, round(0.25 * s.num_visual)) for s in spans]
+    video = spans[1]
+    if family.startswith("qwen"):
+        assert len(video.grids) == FRAMES // 2  # two frames merged in time
+        assert seen["kw"]["second_per_grid_ts"].tolist() == [pytest.approx(2 / 2.0)]
+    else:
+        assert len(video.grids) == FRAMES
+    with pytest.raises(ValueError, match="not a PIL image"):
+        family_class.prepare_videos([{"type": "video", "video": [np.zeros((4, 4, 3))]}], options.family)
