@@ -67,12 +67,15 @@ def synthetic_inputs(model: nn.Module, visual_tokens: int, text_tokens: int = 48
     vocab = min(int(model.config.get_text_config().vocab_size), image_id)
     text = torch.randint(3, max(4, vocab - 1), (text_tokens,), generator=gen)
     pixels, extra = type(adapter).synthetic_inputs(model, visual_tokens, text, gen)
+    video = "video_grid_thw" in extra  # a video geometry: one synthetic video instead of an image
+    token_id = adapter.video_token_id if video else image_id
     head, tail = text[: text_tokens // 4], text[text_tokens // 4:]
     placeholders = type(adapter).placeholder_count(model, visual_tokens)
-    ids = torch.cat([head, torch.full((placeholders,), image_id), tail])[None]
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels, **extra}
-    if "image_grid_thw" in extra:  # M-RoPE families number the image tokens by their token type
-        inputs["mm_token_type_ids"] = (ids == image_id).long()
+    ids = torch.cat([head, torch.full((placeholders,), token_id), tail])[None]
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+              "pixel_values_videos" if video else "pixel_values": pixels, **extra}
+    if "image_grid_thw" in extra or video:  # M-RoPE families number the visual tokens by their token type
+        inputs["mm_token_type_ids"] = (ids == token_id).long() * (2 if video else 1)
     return inputs
 
 
@@ -260,10 +263,11 @@ class Bench:
 
     def _encoded(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """Inputs with the images pre-encoded, so the forward's time is the LLM's (plus embedding)."""
+        video = inputs.get("pixel_values_videos") is not None
         with torch.no_grad():
-            enc = self.adapter.encode_images(inputs)
-        out = {k: v for k, v in inputs.items() if k != "pixel_values"}
-        out["mm_encoder_outputs"] = {"image": enc}
+            enc = self.adapter.encode_videos(inputs) if video else self.adapter.encode_images(inputs)
+        out = {k: v for k, v in inputs.items() if k not in ("pixel_values", "pixel_values_videos")}
+        out["mm_encoder_outputs"] = {"video" if video else "image": enc}
         return out
 
     def run_cell(self, method: str, keep_ratio: float, inputs: dict[str, Any], extra: dict[str, Any]) -> Cell:

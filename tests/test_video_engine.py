@@ -260,3 +260,67 @@ def test_runner_takes_video_parts_and_prunes_image_and_video_by_their_own_budget
         assert len(video.grids) == FRAMES
     with pytest.raises(ValueError, match="not a PIL image"):
         family_class.prepare_videos([{"type": "video", "video": [np.zeros((4, 4, 3))]}], options.family)
+
+
+@pytest.mark.parametrize(("family", "method", "with_image"), [
+    ("qwen2_5_vl", "divprune", False), ("qwen2_5_vl", "vispruner", True), ("llava_onevision", "divprune", True),
+    ("qwen3_vl", "divprune", False), ("qwen3_vl", "vispruner", True)])
+def test_pre_llm_on_video_with_original_positions_equals_k0_of_the_same_set(toys, family, method, with_image):
+    """Pre-LLM selection on a video (and an image beside it): dropping the tokens before the LLM at their
+    original positions is exactly intra-LLM pruning of the same set at K=0, each span by its own budget."""
+    model, proc = toys(family)
+    inputs = _video_inputs(proc, with_image=with_image)
+    spans, _ = _video_span(model, inputs)
+    with torch.no_grad():
+        with lmms_prune.apply(model, method, keep_ratio=0.1, positions="original") as handle:
+            pre = model(**inputs).logits
+            pre_tokens, pre_steps = _generate(model, inputs)
+            rec = handle.records[0]
+        assert [k.numel() for k in rec.kept] == [max(1, round(0.1 * s.num_visual)) for s in spans]
+        offsets = np.cumsum([0] + [s.num_visual for s in spans])
+        kept = [int(o) + i for o, k in zip(offsets, rec.kept) for i in k.tolist()]
+        with lmms_prune.apply(model, "fixed", keep_indices=kept, prune_layer=0):
+            k0 = model(**inputs).logits
+            k0_tokens, k0_steps = _generate(model, inputs)
+    torch.testing.assert_close(pre, k0, atol=ATOL, rtol=0)
+    assert _same_tokens(pre_tokens, k0_tokens, pre_steps, k0_steps)
+    assert _steps_close(pre_steps, k0_steps, pre_tokens, k0_tokens)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pre_llm_keep_all_on_video_equals_unpruned(toys, family):
+    model, proc = toys(family)
+    inputs = _video_inputs(proc)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with lmms_prune.apply(model, "divprune", keep_ratio=1.0, positions="original"):
+            torch.testing.assert_close(model(**inputs).logits, ref, atol=ATOL, rtol=0)
+
+
+
+def test_bench_video_geometry_is_a_32_frame_448px_video_and_any_preset_runs_on_it():
+    """``qwen2_5_vl_7b_video``: 32 frames of 448x448 = 16 merged frames of 16x16 tokens (4096). The 7B widths
+    are too heavy for a unit test, so the bench itself runs on the tiny model with the same video spec."""
+    from types import SimpleNamespace
+
+    from lmms_prune.bench import Bench, geometries, synthetic_inputs
+    from lmms_prune.families.qwen2_5_vl import Qwen25VL
+
+    fam, spec = geometries()["qwen2_5_vl_7b_video"]
+    _, config = fam.build_geometry(spec, layers=1)
+    gen = torch.Generator().manual_seed(0)
+    pixels, extra = Qwen25VL.synthetic_video(SimpleNamespace(config=config), 4096, spec["video"], gen)
+    assert extra["video_grid_thw"].tolist() == [[16, 32, 32]]  # 16 merged frames of 32x32 patches
+    assert pixels.shape == (4096 * 4, 3 * 2 * 14 * 14)
+    assert extra["second_per_grid_ts"].tolist() == [pytest.approx(1.0)]  # two frames at 2 fps
+    with pytest.raises(ValueError, match="multiple of 256"):
+        Qwen25VL.synthetic_video(SimpleNamespace(config=config), 1000, spec["video"], gen)
+
+    model = build_tiny_model("qwen2_5_vl", seed=0)
+    model.config.lmms_prune_bench_video = {"size": 112, "fps": 2.0}  # 4x4 tokens per merged frame
+    inputs = synthetic_inputs(model, 64)
+    [[span]] = get_adapter(model).spans(inputs["input_ids"], inputs)
+    assert span.video and span.grids == [(4, 4)] * 4
+    cells = Bench(model, repeats=1, warmup=0, decode_tokens=1).run(["fastv", "divprune"], [0.1], [64])
+    assert [(c.method, c.visual_tokens, c.kept_tokens) for c in cells] == [
+        ("none", 64, 64), ("fastv", 64, 6), ("divprune", 64, 6)]

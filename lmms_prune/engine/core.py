@@ -67,6 +67,11 @@ def _gather_seq(x: torch.Tensor, index: torch.Tensor, seq_dim: int) -> torch.Ten
     return torch.gather(x, seq_dim, idx.expand(*expand))
 
 
+def _has_pixels(kwargs: dict[str, Any]) -> bool:
+    """Whether a model call carries images or videos to encode (``pixel_values`` / ``pixel_values_videos``)."""
+    return kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
+
+
 def _cache_argument(kwargs: dict[str, Any]) -> Any:
     """The KV cache a model call was given: ``cache`` (transformers >= 5.24) or ``past_key_values`` (before)."""
     cache = kwargs.get("cache")
@@ -217,7 +222,7 @@ class PruneHandle:
             if args:
                 kwargs["input_ids"] = args[0]
                 args = args[1:]
-            if kwargs.get("pixel_values") is None:
+            if not _has_pixels(kwargs):
                 return original(*args, **kwargs)
             prompt = kwargs["input_ids"]
             kwargs, self.records = shrink_inputs(self, kwargs)
@@ -296,7 +301,7 @@ class PruneHandle:
         if not self._is_prefill(kwargs):
             self._state.phase = "decode"
             return None
-        if kwargs.get("pixel_values") is None:
+        if not _has_pixels(kwargs):
             if self._state.phase == "pre_llm":
                 self._state.phase = "prefill"
             else:  # a prompt without images: nothing to prune, nothing to record

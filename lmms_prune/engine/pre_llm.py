@@ -103,9 +103,40 @@ def _left_pad(rows: list[torch.Tensor], value: int | bool) -> torch.Tensor:
     return out
 
 
+MODALITIES = (("image", "pixel_values"), ("video", "pixel_values_videos"))  # mm_encoder_outputs key, pixel input
+
+
+def _encode(handle: PruneHandle, kwargs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Encode each modality the call has (images, videos) under its own vision capture: per modality the
+    encoder output, the projected embeddings ``[rows, D]`` and the declared vision-side signals."""
+    adapter, needs = handle.adapter, handle.needs
+    out: dict[str, dict[str, Any]] = {}
+    for modality, pixels in MODALITIES:
+        if kwargs.get(pixels) is None:
+            continue
+        signal_kwargs = kwargs if modality == "image" else None
+        if modality == "video" and (needs.vision_attention or needs.vision_features):
+            signal_kwargs = adapter.video_signal_kwargs(kwargs)  # fails early where the family has none
+        capture = VisionCapture(handle, need_cls=needs.vision_attention)
+        try:
+            with torch.no_grad():
+                encoded = adapter.encode_images(kwargs) if modality == "image" else adapter.encode_videos(kwargs)
+        finally:
+            capture.close()
+        out[modality] = {
+            "encoded": encoded,
+            "projected": adapter.flatten_image_features(encoded.pooler_output),
+            "importance": adapter.vision_importance(capture.cls_rows, signal_kwargs) if needs.vision_attention
+            else None,
+            "features": adapter.flatten_pre_projector(capture.pre_projector, signal_kwargs) if needs.vision_features
+            else None,
+        }
+    return out
+
+
 def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[PruneRecord]]:
-    """Encode the images, select per image, and return the forward/generate kwargs of the shorter prompt
-    with one ``PruneRecord`` per sample."""
+    """Encode the images and videos, select per image / video, and return the forward/generate kwargs of the
+    shorter prompt with one ``PruneRecord`` per sample."""
     cfg, adapter, needs = handle.config, handle.adapter, handle.needs
     input_ids: torch.Tensor = kwargs["input_ids"]
     mask2d = kwargs.get("attention_mask")
@@ -113,18 +144,12 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
         mask2d = torch.ones_like(input_ids)
     spans = adapter.spans(input_ids, kwargs)
     t0 = time.perf_counter()
-    capture = VisionCapture(handle, need_cls=needs.vision_attention)
-    try:
-        with torch.no_grad():
-            encoded = adapter.encode_images(kwargs)
-    finally:
-        capture.close()
-    projected = adapter.flatten_image_features(encoded.pooler_output)  # [num_visual_total, D]
+    modal = _encode(handle, kwargs)
     vision_t0 = time.perf_counter()
-    importance = adapter.vision_importance(capture.cls_rows, kwargs) if needs.vision_attention else None
-    features = adapter.flatten_pre_projector(capture.pre_projector, kwargs) if needs.vision_features else None
-    offset = 0
-    new_ids, new_mask, new_pos, kept_rows, kept_feats, records, keeps = [], [], [], [], [], [], []
+    offsets = dict.fromkeys(modal, 0)
+    kept_rows: dict[str, list] = {m: [] for m in modal}
+    kept_feats: dict[str, list] = {m: [] for m in modal}
+    new_ids, new_mask, new_pos, records, keeps = [], [], [], [], []
     original_positions = adapter.original_positions(input_ids, mask2d, kwargs) if cfg.positions == "original" else None
     for b, sample_spans in enumerate(spans):
         keep = mask2d[b].new_ones(input_ids.shape[1], dtype=torch.bool)
@@ -132,8 +157,17 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
         n_vis = sum(s.num_visual for s in sample_spans)
         sample_offset = 0
         for span in sample_spans:
-            # rows of the encoder outputs (one per span token, structural ones included) of the visual tokens
-            rows = (offset + span.visual_index).to(projected.device)
+            m = "video" if span.video else "image"
+            if m not in modal:
+                raise ValueError(f"{adapter.name}: {m} tokens at {span.start} but the call has no "
+                                 f"{dict(MODALITIES)[m]}")
+            enc = modal[m]
+            projected, importance, features = enc["projected"], enc["importance"], enc["features"]
+            # rows of the modality's encoder outputs (one per span token with a row: structural newlines have
+            # one, Qwen3-VL's timestamps between video frames none) of the visual tokens
+            span_rows = adapter.encoder_rows(span)
+            offset = offsets[m]
+            rows = (offset + span_rows[span.visual_index]).to(projected.device)
             image = ImageSignals(sample=b, span=span, offset=sample_offset, sample_visual=n_vis,
                                  task_kind=handle.task_kind, device=projected.device,
                                  vision_attention=None if importance is None else importance[rows],
@@ -149,25 +183,27 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
                     raise ValueError(f"method {cfg.method!r} merges tokens, which have no original position: "
                                      "use positions='contiguous'")
                 if span.structural:
-                    raise ValueError(f"method {cfg.method!r} merges tokens, but {adapter.name} images have "
-                                     "structural tokens (row newlines) that a merged sequence cannot place; use a "
-                                     "method that keeps a subset")
+                    raise ValueError(f"method {cfg.method!r} merges tokens, but {adapter.name} "
+                                     f"{'videos' if span.video else 'images'} have structural tokens (row "
+                                     "newlines, timestamps) that a merged sequence cannot place; use a method that "
+                                     "keeps a subset")
                 local = result.index.to(input_ids.device)
                 keep[span.start: span.start + result.count] = True  # identical placeholders, renumbered
-                kept_feats.append(sel.merged_embeddings(projected[rows], result))
-                kept_rows.append(None)  # new embeddings: no encoder row of their own
+                kept_feats[m].append(sel.merged_embeddings(projected[rows], result))
+                kept_rows[m].append(None)  # new embeddings: no encoder row of their own
                 merged.append(int(result.weights.shape[0]))
             else:
                 local = result.cpu()
-                # structural tokens (row newlines) always stay, with their own encoder rows
+                # structural tokens (row newlines, timestamps) always stay, with their own encoder rows if any
                 in_span = torch.cat([torch.tensor(span.structural, dtype=torch.long), span.visual_index[local]]).sort()[0]
                 keep[(span.start + in_span).to(keep.device)] = True
-                index = (offset + in_span).to(projected.device)
-                kept_feats.append(projected[index])
-                kept_rows.append(index)
+                in_rows = span_rows[in_span]
+                index = (offset + in_rows[in_rows >= 0]).to(projected.device)
+                kept_feats[m].append(projected[index])
+                kept_rows[m].append(index)
                 merged.append(0)
             kept_per_image.append(local.cpu())
-            offset += span.length
+            offsets[m] += int((span_rows >= 0).sum())
             sample_offset += span.num_visual
         real = mask2d[b].bool()
         keep &= real  # drop the old padding; the batch is left-padded again below
@@ -180,13 +216,15 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
         full = int(real.sum())
         records.append(PruneRecord(n_vis, n_kept, kept_per_image, full, full - n_vis + n_kept, [],
                                    spans=list(sample_spans), merged=merged))
-    sync(projected)
+    for enc in modal.values():
+        sync(enc["projected"])
     seconds = time.perf_counter() - t0
     select_seconds = time.perf_counter() - vision_t0
     for rec in records:
         rec.select_seconds = select_seconds
         rec.vision_seconds = seconds - select_seconds
-    out = {k: v for k, v in kwargs.items() if k not in adapter.image_input_keys}
+    dropped = set(adapter.image_input_keys) | set(adapter.video_input_keys)
+    out = {k: v for k, v in kwargs.items() if k not in dropped}
     out["input_ids"] = _left_pad(new_ids, adapter.pad_token_id())
     out["attention_mask"] = _left_pad(new_mask, 0)
     for key, value in kwargs.items():  # other per-token inputs (e.g. Qwen's mm_token_type_ids) follow the ids
@@ -195,16 +233,22 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
             out[key] = _left_pad([value[b][keeps[b]] for b in range(len(keeps))], 0)
     if new_pos:
         out["position_ids"] = torch.stack(_pad_positions(new_pos), dim=-2)
-    kept_all = torch.cat(kept_feats, 0) if kept_feats else projected[:0]
-    if any(r is None for r in kept_rows):
-        if adapter.injected_layers():
-            raise ValueError(f"method {cfg.method!r} merges tokens, but {adapter.name} also adds per-token "
-                             "vision features inside the LLM (DeepStack) that a merged token has none of; use a "
-                             "method that keeps a subset (vispruner, divprune, fastervlm, cdpruner)")
-    else:
-        rows = torch.cat(kept_rows) if kept_rows else torch.zeros(0, dtype=torch.long, device=projected.device)
-        encoded = adapter.keep_encoder_extras(encoded, rows)
-    out["mm_encoder_outputs"] = {"image": adapter.wrap_image_features(encoded, kept_all)}
+    mm_outputs = {}
+    for m, enc in modal.items():
+        projected, encoded = enc["projected"], enc["encoded"]
+        kept_all = torch.cat(kept_feats[m], 0) if kept_feats[m] else projected[:0]
+        if any(r is None for r in kept_rows[m]):
+            if adapter.injected_layers():
+                raise ValueError(f"method {cfg.method!r} merges tokens, but {adapter.name} also adds per-token "
+                                 "vision features inside the LLM (DeepStack) that a merged token has none of; use a "
+                                 "method that keeps a subset (vispruner, divprune, fastervlm, cdpruner)")
+        else:
+            rows = (torch.cat(kept_rows[m]) if kept_rows[m]
+                    else torch.zeros(0, dtype=torch.long, device=projected.device))
+            encoded = adapter.keep_encoder_extras(encoded, rows)
+        wrap = adapter.wrap_image_features if m == "image" else adapter.wrap_video_features
+        mm_outputs[m] = wrap(encoded, kept_all)
+    out["mm_encoder_outputs"] = mm_outputs
     return out, records
 
 

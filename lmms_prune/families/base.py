@@ -168,6 +168,7 @@ class Family:
     box_convention: ClassVar[str] = "grid1000"
     has_cls: ClassVar[bool] = True
     image_input_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "image_sizes")
+    video_input_keys: ClassVar[tuple[str, ...]] = ("pixel_values_videos",)
     # name -> benchmark geometry spec (real widths, random weights); see :meth:`build_geometry`.
     bench_geometries: ClassVar[dict[str, dict[str, Any]]] = {}
 
@@ -340,6 +341,27 @@ class Family:
         """Observers the family needs on its model while a pruning handle is installed (each with ``remove()``);
         e.g. LLaVA-NeXT keeps the ``image_sizes`` that ``generate`` hands the image encoder."""
         return []
+
+    def encode_videos(self, kwargs: dict[str, Any]):
+        """The videos' encoder output (``pooler_output``: projected embeddings, one row per span token)."""
+        raise ValueError(f"{self.name}: pre-LLM methods do not run on videos of this family; use an intra-LLM "
+                         "method (fastv, ...)")
+
+    def video_signal_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The forward kwargs the vision-signal methods (:meth:`vision_importance`, :meth:`flatten_pre_projector`)
+        read, for the videos' encoder call (Qwen: ``video_grid_thw`` as ``image_grid_thw``)."""
+        raise ValueError(f"{self.name}: vision-side signals (vision attention, pre-projector features) are not "
+                         "available for videos; use a method on the projected embeddings (divprune) or an "
+                         "intra-LLM method")
+
+    def encoder_rows(self, span: ImageSpan) -> torch.Tensor:
+        """LongTensor[span.length]: each span token's row in its modality's encoder output, counted from the
+        span's first row (-1 for tokens with none, e.g. Qwen3-VL's timestamp text inside a video span)."""
+        return torch.arange(span.length)
+
+    def wrap_video_features(self, encoded, kept: torch.Tensor):
+        """``encoded`` (from :meth:`encode_videos`) carrying the kept video embeddings ``kept`` [n, D]."""
+        return self.wrap_image_features(encoded, kept)
 
     def wrap_image_features(self, encoded, kept: torch.Tensor):
         encoded.pooler_output = [kept]

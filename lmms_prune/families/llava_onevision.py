@@ -120,6 +120,18 @@ class LlavaOnevision(LlavaNext):
                              "pooled tokens plus one newline")
         return [([(rows, cols)] * frames, (run_length - 1,))]
 
+    def encode_videos(self, kwargs):
+        cfg = self.config
+        return self.model.model.get_video_features(kwargs["pixel_values_videos"],
+                                                   vision_feature_layer=cfg.vision_feature_layer,
+                                                   vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                                                   return_dict=True)
+
+    def wrap_video_features(self, encoded, kept):
+        """``pooler_output`` as the model reads it: ``[1, n, D]`` (flattened over its first two dims)."""
+        encoded.pooler_output = kept[None]
+        return encoded
+
     def cls_importance(self, rows: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{self.name}: the SigLIP tower has no [CLS] row")
 

@@ -55,6 +55,8 @@ class Qwen25VL(Family):
     video_input_keys: ClassVar[tuple[str, ...]] = ("pixel_values_videos", "video_grid_thw")
     bench_geometries: ClassVar[dict[str, dict[str, Any]]] = {
         "qwen2_5_vl-7b": {"text": (28, 3584, 28, 4, 18944, "qwen2")},
+        # one video: 32 frames of 448x448 -> 16 merged frames of 16x16 tokens (--tokens 4096), sampled at 2 fps
+        "qwen2_5_vl_7b_video": {"text": (28, 3584, 28, 4, 18944, "qwen2"), "video": {"size": 448, "fps": 2.0}},
     }
     config_class: ClassVar[str] = "Qwen2_5_VLConfig"
     # Side of one merged token in pixels (patch 14 x merge 2): min_pixels/max_pixels below its square are refused.
@@ -151,10 +153,15 @@ class Qwen25VL(Family):
         config = getattr(tf, cls.config_class)(
             vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, video_token_id=IMAGE_TOKEN + 1,
             vision_start_token_id=IMAGE_TOKEN + 2, vision_end_token_id=IMAGE_TOKEN + 3)
+        if "video" in spec:  # synthetic_inputs makes one video of this frame size instead of an image
+            config.lmms_prune_bench_video = dict(spec["video"])
         return getattr(tf, cls.model_class), config
 
     @classmethod
     def synthetic_inputs(cls, model, visual_tokens, text, gen):
+        video = getattr(model.config, "lmms_prune_bench_video", None)
+        if video:
+            return cls.synthetic_video(model, visual_tokens, video, gen)
         rows = max(r for r in range(1, int(visual_tokens**0.5) + 1) if visual_tokens % r == 0)
         cols = visual_tokens // rows
         vc = model.config.vision_config
@@ -162,6 +169,24 @@ class Qwen25VL(Family):
         patch_dim = 3 * vc.temporal_patch_size * vc.patch_size**2
         pixels = torch.randn(visual_tokens * merge * merge, patch_dim, generator=gen)
         return pixels, {"image_grid_thw": torch.tensor([[1, merge * rows, merge * cols]])}
+
+    @classmethod
+    def synthetic_video(cls, model, visual_tokens, video, gen):
+        """One video of ``visual_tokens`` tokens: merged frames (two frames each) of ``video["size"]`` px square,
+        i.e. ``(size / 28)^2`` tokens each; random patches, ``second_per_grid_ts`` from ``video["fps"]``."""
+        vc = model.config.vision_config
+        merge, patch = int(vc.spatial_merge_size), int(vc.patch_size)
+        side = int(video["size"]) // (patch * merge)
+        per_frame = side * side
+        if visual_tokens % per_frame:
+            raise ValueError(f"--tokens {visual_tokens}: a video of {video['size']}x{video['size']} frames has "
+                             f"{per_frame} tokens per merged frame (two frames); give a multiple of {per_frame}, "
+                             f"e.g. {16 * per_frame} for 32 frames")
+        t = visual_tokens // per_frame
+        patch_dim = 3 * vc.temporal_patch_size * patch**2
+        pixels = torch.randn(visual_tokens * merge * merge, patch_dim, generator=gen)
+        return pixels, {"video_grid_thw": torch.tensor([[t, merge * side, merge * side]]),
+                        "second_per_grid_ts": torch.tensor([vc.temporal_patch_size / float(video["fps"])])}
 
     # ---- adapter
     @property
@@ -214,6 +239,14 @@ class Qwen25VL(Family):
 
     def encode_images(self, kwargs):
         return self.model.model.get_image_features(kwargs["pixel_values"], kwargs["image_grid_thw"], return_dict=True)
+
+    def encode_videos(self, kwargs):
+        return self.model.model.get_video_features(kwargs["pixel_values_videos"], kwargs["video_grid_thw"],
+                                                   return_dict=True)
+
+    def video_signal_kwargs(self, kwargs):
+        """The tower runs videos as images of ``t`` merged frames: the same window order and merge units."""
+        return {"image_grid_thw": kwargs["video_grid_thw"]}
 
     def wrap_image_features(self, encoded, kept):
         encoded.pooler_output = (kept,)

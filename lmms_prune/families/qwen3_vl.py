@@ -111,6 +111,12 @@ class Qwen3VL(Qwen25VL):
             out.append(joined)
         return out
 
+    def encoder_rows(self, span):
+        """Video spans: the timestamp text between frames has no encoder row."""
+        rows = torch.full((span.length,), -1, dtype=torch.long)
+        rows[span.visual_index] = torch.arange(span.num_visual)
+        return rows if span.video else torch.arange(span.length)
+
     @staticmethod
     def _join(pieces: list[ImageSpan]) -> ImageSpan:
         """One video span over its per-frame runs; the tokens between runs become structural."""
