@@ -193,6 +193,31 @@ def _decode(reader: Any, indices: list[int], sample_id: Any, where: str) -> np.n
     return frames
 
 
+@dataclass
+class SampledVideo:
+    """One video's sampled frames (RGB PIL images, time order), their indices in the file, and the sampled
+    frames' rate ``sample_fps = len(frames) / total_frames * video_fps`` (qwen_vl_utils' formula; Qwen's
+    M-RoPE time step), None when the file gives no frame rate."""
+
+    frames: list[Image.Image]
+    indices: list[int]
+    sample_fps: float | None
+
+
+def decode_video(source: Any, sample_id: Any, sampling: FrameSampling) -> SampledVideo:
+    """Decode the frames ``sampling`` takes from one sample's video file (:func:`load_video`), with their
+    indices and rate."""
+    reader, where = _open(source, sample_id)
+    total, video_fps = len(reader), float(reader.get_avg_fps())
+    try:
+        indices = frame_indices(total, video_fps, sampling)
+    except ValueError as err:
+        raise VideoLoadError(sample_id, where, str(err)) from err
+    frames = _decode(reader, indices, sample_id, where)
+    rate = len(indices) / total * video_fps if video_fps > 0 else None
+    return SampledVideo([Image.fromarray(np.ascontiguousarray(f), mode="RGB") for f in frames], indices, rate)
+
+
 def load_video(source: Any, sample_id: Any, sampling: FrameSampling) -> list[Image.Image]:
     """Decode the frames ``sampling`` takes from one sample's video file, as 8-bit RGB PIL images in time order.
 
@@ -200,13 +225,7 @@ def load_video(source: Any, sample_id: Any, sampling: FrameSampling) -> list[Ima
     Raises :class:`VideoLoadError` naming ``sample_id`` and the file for a missing, empty or undecodable file,
     a decoder failure on a frame, or a video the rule cannot sample.
     """
-    reader, where = _open(source, sample_id)
-    try:
-        indices = frame_indices(len(reader), float(reader.get_avg_fps()), sampling)
-    except ValueError as err:
-        raise VideoLoadError(sample_id, where, str(err)) from err
-    frames = _decode(reader, indices, sample_id, where)
-    return [Image.fromarray(np.ascontiguousarray(frame), mode="RGB") for frame in frames]
+    return decode_video(source, sample_id, sampling).frames
 
 
 def check_video(source: Any, sample_id: Any) -> int:

@@ -193,12 +193,14 @@ def _chat_model(family: str, family_options: dict, docs: list[dict]):
     """A wrapper of ``family`` with only what ``_messages`` reads (no model is loaded)."""
     from types import SimpleNamespace
 
-    from lmms_prune.models.wrappers import LlavaOnevisionPrune, LlavaPrune, Qwen25VLPrune
+    from lmms_prune.models.wrappers import InternVLPrune, LlavaOnevisionPrune, LlavaPrune, Qwen25VLPrune
     from lmms_prune.runner import RunOptions
 
-    cls = {"qwen2_5_vl": Qwen25VLPrune, "llava_onevision": LlavaOnevisionPrune, "llava": LlavaPrune}[family]
+    cls = {"qwen2_5_vl": Qwen25VLPrune, "llava_onevision": LlavaOnevisionPrune, "llava": LlavaPrune,
+           "internvl": InternVLPrune}[family]
     model = object.__new__(cls)
-    model.runner = SimpleNamespace(options=RunOptions(pretrained="unused", family=family_options))
+    options = cls.family_class().parse_model_args(dict(family_options))  # every key, lmms-eval's defaults
+    model.runner = SimpleNamespace(options=RunOptions(pretrained="unused", family=options))
     model.task_dict = {"tinyvideo": {"test": docs}}
     return model
 
@@ -225,6 +227,7 @@ def test_video_requests_become_neutral_video_messages_with_the_familys_sampling(
     video, text = message["content"]
     assert message["role"] == "user" and text == {"type": "text", "text": "Q"} and video["type"] == "video"
     indices = frame_indices(8, 4.0, sampling)
+    assert video["fps"] == pytest.approx(len(indices) / 8 * 4.0)  # qwen_vl_utils' sample_fps of the frames
     assert len(video["video"]) == len(indices) and all(im.mode == "RGB" for im in video["video"])
     for image, i in zip(video["video"], indices):
         assert np.allclose(_centre(np.asarray(image)), _centre(frames[i]), atol=1.0)
@@ -235,5 +238,6 @@ def test_unusable_video_requests_fail_naming_the_sample_and_other_families_refus
     model = _chat_model("qwen2_5_vl", {}, [{"path": str(tmp_path / "bad.mp4")}])
     with pytest.raises(VideoLoadError, match="sample 'tinyvideo/0': video .*bad.mp4' cannot be used"):
         model._messages(_item(0))
-    with pytest.raises(ValueError, match="video inputs are not supported by llava_prune"):
-        _chat_model("llava", {}, [{"path": str(tmp_path / "bad.mp4")}])._messages(_item(0))
+    for family in ("llava", "internvl"):  # the engine has no video layout for them
+        with pytest.raises(ValueError, match=f"video inputs are not supported by {family}_prune"):
+            _chat_model(family, {}, [{"path": str(tmp_path / "bad.mp4")}])._messages(_item(0))

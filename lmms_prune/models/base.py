@@ -61,7 +61,7 @@ from lmms_prune.runner import (
     parse_options,
     summarize,
 )
-from lmms_prune.video import FAMILY_SAMPLING, family_sampling, load_video
+from lmms_prune.video import FAMILY_SAMPLING, decode_video, family_sampling
 
 __all__ = ["PrunedChatModel", "PrunedTokenCounts", "apply_until", "format_summary", "lmms_eval_cli_options",
            "preset_classes", "summarize"]
@@ -291,27 +291,27 @@ class PrunedChatModel(lmms):
                     image = load_image(part.url, f"{item.task}/{item.doc_id}")
                     content.append({"type": "image", "image": image})
                 elif part.type == "video":
-                    content.append({"type": "video", "video": self._video_frames(part, item)})
+                    content.append(self._video_part(part, item))
                 else:
                     raise ValueError(f"{part.type} inputs are not supported by {self.model_id()} (images, "
                                      "videos and text only)")
             messages.append({"role": message.role, "content": content})
         return messages
 
-    def _video_frames(self, part: Any, item: _Item) -> list:
-        """The frames of a video content part (lmms-eval gives a file path, or a mapping with ``video_start`` /
-        ``video_end`` in seconds), sampled as lmms-eval's wrapper of this family samples them with this run's
-        video ``--model_args`` (``lmms_prune.video``); ``VideoLoadError`` naming the sample if unusable."""
-        if self.family not in FAMILY_SAMPLING:
+    def _video_part(self, part: Any, item: _Item) -> dict[str, Any]:
+        """The neutral video part ``{"type": "video", "video": frames, "fps": sampled rate}`` of a video content
+        part (lmms-eval gives the file path): frames sampled as lmms-eval's wrapper of this family samples them
+        with this run's video ``--model_args`` (``lmms_prune.video``); ``VideoLoadError`` naming the sample if
+        the file is unusable."""
+        if self.family_class().video_sampling(self.options.family) is None or self.family not in FAMILY_SAMPLING:
             raise ValueError(f"video inputs are not supported by {self.model_id()} (video families: "
                              f"{', '.join(FAMILY_SAMPLING)})")
-        if isinstance(part.url, dict) and {"video_start", "video_end"} & set(part.url):
-            raise ValueError(f"{self.model_id()}: video clips with video_start/video_end are not supported; "
-                             "give the whole video")
-        if part.start_time is not None or part.end_time is not None:
-            raise ValueError(f"{self.model_id()}: video start_time/end_time are not supported; give the whole video")
+        if (isinstance(part.url, dict) and {"video_start", "video_end"} & set(part.url)) or (
+                part.start_time is not None or part.end_time is not None):
+            raise ValueError(f"{self.model_id()}: video start/end times are not supported; give the whole video")
         sampling = family_sampling(self.family, self.options.family)
-        return load_video(part.url, f"{item.task}/{item.doc_id}", sampling)
+        video = decode_video(part.url, f"{item.task}/{item.doc_id}", sampling)
+        return {"type": "video", "video": video.frames, "fps": video.sample_fps}
 
     generation_kwargs = staticmethod(generation_kwargs)
 
