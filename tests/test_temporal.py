@@ -230,3 +230,33 @@ def test_temporal_parameters_are_validated():
     assert resolve_config("d2pruner", temporal_adjacency="false", bias_prior="p.pt").temporal_adjacency is False
     with pytest.raises(ValueError, match="does not use temporal_adjacency"):
         resolve_config("fastv", temporal_adjacency="true")
+
+
+# --- on the tiny models' real video layouts ----------------------------------------------------------------
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision", "qwen3_vl"])
+def test_temporal_on_a_static_video_keeps_the_first_frame(family):
+    """A video whose frames are all the same picture: every token after the first (merged) frame repeats its
+    cell, so at a quarter of the tokens the kept set is the first frame (plus the least similar repeats
+    when the budget exceeds one frame), through the engine's real spans, grids and hidden states."""
+    import numpy as np
+    from PIL import Image
+
+    import lmms_prune
+    from lmms_prune.toy.models import build_processor, build_tiny_model
+
+    model, proc = build_tiny_model(family, seed=0, dtype=torch.float32), build_processor(family)
+    frame = Image.fromarray((np.random.RandomState(0).rand(112, 140, 3) * 255).astype("uint8"))
+    prompt = proc.apply_chat_template([{"role": "user", "content": [{"type": "video"}, {"type": "text",
+                                       "text": "What moves?"}]}], add_generation_prompt=True)
+    inputs = proc(text=[prompt], videos=[[frame] * 8], return_tensors="pt", do_sample_frames=False)
+    with torch.no_grad(), lmms_prune.apply(model, "temporal", keep_ratio=0.25, temporal_threshold=0.9) as handle:
+        model(**inputs)
+    record = handle.records[0]
+    (index,) = [i for i, s in enumerate(record.spans) if s.video]
+    span, kept = record.spans[index], record.kept[index]
+    frames, cells = frame_layout(span.grids)
+    n = round(0.25 * span.num_visual)
+    assert frames >= 4 and kept.numel() == n >= cells  # a quarter of >= 4 frames: at least one frame's worth
+    assert set(range(cells)) <= set(kept.tolist())  # the whole first frame
+    if n == cells:
+        assert kept.tolist() == list(range(cells))  # and nothing else
