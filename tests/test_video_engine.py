@@ -57,11 +57,11 @@ def toys():
     return get
 
 
-def _video_inputs(proc, with_image: bool = False, text: str = "Where does the square move?"):
+def _video_inputs(proc, with_image: bool = False, text: str = "Where does the square move?", frames: int = FRAMES):
     content = ([{"type": "image"}] if with_image else []) + [{"type": "video"}, {"type": "text", "text": text}]
     prompt = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     images = [_image((160, 120))] if with_image else None
-    inputs = proc(text=[prompt], images=images, videos=[moving_square()], return_tensors="pt",
+    inputs = proc(text=[prompt], images=images, videos=[moving_square(frames)], return_tensors="pt",
                   do_sample_frames=False).to(DEVICE)
     for key, value in inputs.items():
         if value.is_floating_point():
@@ -324,3 +324,56 @@ def test_bench_video_geometry_is_a_32_frame_448px_video_and_any_preset_runs_on_i
     cells = Bench(model, repeats=1, warmup=0, decode_tokens=1).run(["fastv", "divprune"], [0.1], [64])
     assert [(c.method, c.visual_tokens, c.kept_tokens) for c in cells] == [
         ("none", 64, 64), ("fastv", 64, 6), ("divprune", 64, 6)]
+
+
+def test_internvl_video_frames_are_tiles_and_prune_like_mask_mode(toys):
+    """InternVL takes a video as one 448 px tile per frame ("Frame1: <img>...</img>"); the engine sees one
+    one-tile span per frame. Keeping all equals the unpruned model; K=2 equals mask mode."""
+    model, proc = toys("internvl_qwen2")
+    inputs = _video_inputs(proc, frames=2)  # 448 px tiles: two frames keep the test fast
+    spans = get_adapter(model).spans(inputs["input_ids"], inputs)[0]
+    assert [s.grids for s in spans] == [[(16, 16)]] * 2
+    n = sum(s.num_visual for s in spans)
+    keep = _random_keep(n, n // 8, seed=2)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with lmms_prune.apply(model, "fastv", keep_ratio=1.0, prune_layer=2):
+            torch.testing.assert_close(model(**inputs).logits, ref, atol=ATOL, rtol=0)
+        with lmms_prune.apply(model, "fixed", keep_indices=keep, prune_layer=2, mode="mask"):
+            mask_logits = model(**inputs).logits
+            mask_tokens, mask_steps = _generate(model, inputs)
+        with lmms_prune.apply(model, "fixed", keep_indices=keep, prune_layer=2) as handle:
+            logits = model(**inputs).logits
+            index = handle.state.keep_index[0]
+            tokens, steps = _generate(model, inputs)
+    torch.testing.assert_close(logits[0], mask_logits[0, index], atol=ATOL, rtol=0)
+    assert _steps_close(steps, mask_steps, tokens, mask_tokens)
+    assert _same_tokens(tokens, mask_tokens, steps, mask_steps)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+def test_left_padded_batch_with_videos_equals_single_samples(toys, family):
+    model, proc = toys(family)
+    convs = [([{"type": "video"}], "Where does it go?", None),
+             ([{"type": "image"}, {"type": "video"}], "Compare the picture with the clip, in detail please.",
+              _image((160, 120)))]
+    prompts = [proc.apply_chat_template([{"role": "user", "content": c + [{"type": "text", "text": t}]}],
+                                        add_generation_prompt=True) for c, t, _ in convs]
+    images = [im for _, _, im in convs if im is not None]
+
+    def encode(texts, imgs, videos):
+        out = proc(text=texts, images=imgs or None, videos=videos, return_tensors="pt", padding=True,
+                   do_sample_frames=False).to(DEVICE)
+        return {k: v.to(DTYPE) if v.is_floating_point() else v for k, v in out.items()}
+
+    batch = encode(prompts, images, [moving_square(), moving_square(FRAMES)[::-1]])
+    singles = [encode([prompts[0]], [], [moving_square()]),
+               encode([prompts[1]], images, [moving_square(FRAMES)[::-1]])]
+    with torch.no_grad(), lmms_prune.apply(model, "fastv", keep_ratio=0.25, prune_layer=2) as handle:
+        tokens, steps = _generate(model, batch)
+        batch_records = list(handle.records)
+        for row, single in enumerate(singles):
+            t1, s1 = _generate(model, single)
+            assert [k.tolist() for k in handle.records[0].kept] == [k.tolist() for k in batch_records[row].kept]
+            assert _same_tokens(tokens[row], t1[0], steps[row], s1[0])
+            assert _steps_close(steps[row:row + 1], s1, tokens[row:row + 1], t1)

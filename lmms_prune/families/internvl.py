@@ -101,8 +101,8 @@ class InternVL(Family):
         "max_num": "older name of max_patches; max_patches wins when both are given",
         "crop_to_patches": "true (default): InternVL's dynamic tiling; false: one tile per image; auto: the "
                            "checkpoint's saved setting (what lmms-eval's internvl_hf uses)",
-        "num_frames": "frames sampled per video (default 32; videos are not supported yet)",
-        "fps": "video frames per second to sample (default unset; videos are not supported yet)",
+        "num_frames": "frames sampled uniformly per video (default 32, lmms-eval's internvl_hf); with fps, the most",
+        "fps": "video frames per second to sample (default unset: num_frames uniform frames)",
     }
     bench_geometries: ClassVar[dict[str, dict[str, Any]]] = {
         "internvl2_5-1b": {"text": (24, 896, 14, 2, 4864, "qwen2")},
@@ -132,6 +132,13 @@ class InternVL(Family):
         out["fps"] = optional_float_arg("fps", args.pop("fps", None))
         out["default_max_new_tokens"] = 1024  # lmms-eval's internvl_hf, when a task sets none
         return out
+
+    @classmethod
+    def video_sampling(cls, options):
+        """Videos go to the processor as frames, one 448 px tile each ("Frame1: <img>...</img>", lmms-eval's
+        internvl_hf). The engine sees each frame as its own one-tile image (one span per frame, each pruned by
+        its own budget): InternVL's processor output does not say which tile runs form a video."""
+        return {"num_frames": options["num_frames"], "fps": options["fps"]}
 
     @classmethod
     def processor_kwargs(cls, options):

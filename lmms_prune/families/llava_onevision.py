@@ -9,6 +9,11 @@ from ``LlavaOnevisionModel.pack_image_features``:
   resized mosaic (each token still covers the whole image's raster);
 * in a prompt with several images (``batch_num_images > 1``) every image is the base grid alone plus one newline.
 
+Videos (``pixel_values_videos`` ``[videos, frames, 3, H, W]``): each frame is one base image whose
+``side x side`` tokens are bilinearly pooled to ``ceil(side / 2)`` a side (``apply_pooling``), frames in time
+order, then ONE ``image_newline`` token after the whole video (structural): one span per video. Frames per
+video: lmms-eval's ``llava_hf`` ``max_frames_num`` (default 32).
+
 The papers using OneVision (EffiVLM-Bench, UniPruneBench) quote ratios, not counts: records carry no separate
 papers' count (``visual_before_papers == visual_before``). Pre-projector features for ``vision_features`` are
 repacked through the same rule (resized like the projected tokens). VisPruner needs a [CLS] row, which SigLIP

@@ -7,6 +7,12 @@ defaults: 256*28*28..1605632). The grid comes from ``image_grid_thw`` when the f
 ``position_ids``, whose height and width rows span exactly the grid of each image. Grounding answers:
 ``{"bbox_2d": [x1, y1, x2, y2]}`` in pixels of the resized image.
 
+Videos (``pixel_values_videos``, ``video_grid_thw``): frames go through qwen_vl_utils ``fetch_video`` (even frame
+count, 28 px multiples within ``min_pixels``..``max_pixels``, as lmms-eval's ``qwen2_5_vl``) and the processor
+merges two frames in time (``temporal_patch_size``): one video is one span of ``t`` grids of ``(h/28, w/28)``;
+M-RoPE numbers the merged frames ``second_per_grid_ts * tokens_per_second`` apart. ``max_num_frames`` / ``fps``
+are lmms-eval's frame sampling (:meth:`Qwen25VL.video_sampling`).
+
 VisPruner (no [CLS] token): the mean attention each patch receives at the last full-attention vision block
 (``fullatt_block_indexes[-1]``; the windowed blocks do not qualify), summed over each 2x2 merge group and
 mapped from the tower's window order back to the prompt's token order (methods.md section 4).
