@@ -42,17 +42,15 @@ class Temporal(Selector):
 
     name = "temporal"
     params = ("temporal_threshold",)
-    stages = ("llm", "pre_llm")
 
     @classmethod
     def needs(cls, config):
-        return Needs(embeddings=True) if config.stage == "pre_llm" else Needs(hidden=True)
+        return Needs(hidden=True)
 
     def __call__(self, image, scores, n):
         if not image.span.video:
             return sel.topk(scores, n)
-        features = image.embeddings if self.config.stage == "pre_llm" else image.hidden
-        return sel.temporal_select(scores, features.to(scores.device), image.span.grids, n,
+        return sel.temporal_select(scores, image.hidden.to(scores.device), image.span.grids, n,
                                    threshold=self.config.temporal_threshold)
 
 
