@@ -16,8 +16,11 @@ Which frames (lmms-eval 0.7.3; each family's video ``--model_args`` with lmms-ev
 - ``linspace`` (LLaVA-OneVision, ``lmms_eval.models.simple.llava_onevision.load_video``):
   ``int(linspace(0, total - 1, max_frames_num))`` (frames repeat when the video is shorter, as there).
 - ``shifted`` (InternVL, ``lmms_eval.models.chat.internvl_hf`` through transformers'
-  ``InternVLVideoProcessor.sample_frames``): ``num_frames`` frames (or ``int(total / video_fps * fps)``
-  with ``fps`` alone), indices ``int(arange(step / 2, total, step))`` with ``step = total / num_frames``.
+  ``InternVLVideoProcessor.sample_frames``): ``num_frames`` frames, indices ``int(arange(step / 2, total,
+  step))`` with ``step = total / num_frames``. With ``fps``, ``int(total / video_fps * fps)`` frames
+  (transformers' rule when ``num_frames`` is unset; lmms-eval passes its default ``num_frames=32`` as well,
+  and transformers then ignores ``fps``: here a given ``fps`` is honoured). InternVL's engine layout has no
+  video yet (``Family.video_sampling`` is None), so its requests are refused before decoding.
 
 Every failure (missing, empty, truncated or undecodable file; too few frames for the rule) is one
 :class:`VideoLoadError` naming the sample id and the file, so a harness can count the sample as an error
