@@ -28,6 +28,7 @@ from lmms_prune.toy.models import build_processor, build_tiny_model
 torch.set_num_threads(1)
 FAMILIES = ("qwen2_5_vl", "llava_onevision", "qwen3_vl")
 FRAMES = 4
+VIDEO_FPS = 1.0  # second_per_grid_ts = 2: unlike the default of 1 when none is passed
 
 
 def moving_square(frames: int = FRAMES, size: tuple[int, int] = (140, 112)) -> list[Image.Image]:
@@ -61,8 +62,11 @@ def _video_inputs(proc, with_image: bool = False, text: str = "Where does the sq
     content = ([{"type": "image"}] if with_image else []) + [{"type": "video"}, {"type": "text", "text": text}]
     prompt = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     images = [_image((160, 120))] if with_image else None
+    extra = {}
+    if type(proc).__name__.startswith("Qwen"):  # frames at 1 fps: merged frames two seconds apart in M-RoPE time
+        extra["video_metadata"] = [{"fps": VIDEO_FPS, "total_num_frames": frames, "frames_indices": list(range(frames))}]
     inputs = proc(text=[prompt], images=images, videos=[moving_square(frames)], return_tensors="pt",
-                  do_sample_frames=False).to(DEVICE)
+                  do_sample_frames=False, **extra).to(DEVICE)
     for key, value in inputs.items():
         if value.is_floating_point():
             inputs[key] = value.to(DTYPE)
@@ -93,6 +97,13 @@ def test_video_is_one_span_with_one_grid_per_merged_frame(toys, family):
         t, h, w = inputs["video_grid_thw"][0].tolist()
         assert t == FRAMES // vp.temporal_patch_size  # two frames merged in time
         assert span.grids == [(h // vp.merge_size, w // vp.merge_size)] * t
+        # M-RoPE time of the video tokens: merged frames second_per_grid_ts * tokens_per_second apart
+        pos = get_adapter(model).original_positions(inputs["input_ids"], inputs["attention_mask"], inputs)
+        times = pos[1, 0, span.visual_positions].view(t, -1)
+        assert bool((times == times[:, :1]).all())  # one time per merged frame
+        if family == "qwen2_5_vl":  # (Qwen3-VL numbers frames by their timestamp text instead)
+            step = model.config.vision_config.tokens_per_second * vp.temporal_patch_size / VIDEO_FPS
+            assert (times[1:, 0] - times[:-1, 0]).tolist() == [step] * (t - 1)
     else:
         vc = model.config.vision_config
         side = math.ceil(vc.image_size // vc.patch_size / 2)  # 2x2 pooled frame grids

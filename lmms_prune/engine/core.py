@@ -285,7 +285,7 @@ class PruneHandle:
             return None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
-            if kwargs.get("pixel_values") is not None:
+            if _has_pixels(kwargs):
                 raise ValueError("lmms_prune needs input_ids (not inputs_embeds) to locate the image tokens")
             self._state = CallState(phase="prefill")
             return None
