@@ -193,11 +193,17 @@ def _chat_model(family: str, family_options: dict, docs: list[dict]):
     """A wrapper of ``family`` with only what ``_messages`` reads (no model is loaded)."""
     from types import SimpleNamespace
 
-    from lmms_prune.models.wrappers import InternVLPrune, LlavaOnevisionPrune, LlavaPrune, Qwen25VLPrune
+    from lmms_prune.models.wrappers import (
+        InternVLPrune,
+        LlavaNextPrune,
+        LlavaOnevisionPrune,
+        LlavaPrune,
+        Qwen25VLPrune,
+    )
     from lmms_prune.runner import RunOptions
 
-    cls = {"qwen2_5_vl": Qwen25VLPrune, "llava_onevision": LlavaOnevisionPrune, "llava": LlavaPrune,
-           "internvl": InternVLPrune}[family]
+    cls = {"qwen2_5_vl": Qwen25VLPrune, "internvl": InternVLPrune, "llava_onevision": LlavaOnevisionPrune,
+           "llava": LlavaPrune, "llava_next": LlavaNextPrune}[family]
     model = object.__new__(cls)
     options = cls.family_class().parse_model_args(dict(family_options))  # every key, lmms-eval's defaults
     model.runner = SimpleNamespace(options=RunOptions(pretrained="unused", family=options))
@@ -216,6 +222,7 @@ def _item(doc_id: int):
 
 @pytest.mark.parametrize("family,options,sampling", [
     ("qwen2_5_vl", {"max_num_frames": 4}, FrameSampling("qwen_vl", 4)),
+    ("internvl", {"num_frames": 5}, FrameSampling("shifted", 5)),
     ("qwen2_5_vl", {}, FrameSampling("qwen_vl", 32)),  # lmms-eval's default: min(32, 8 frames) = 8
     ("llava_onevision", {"max_frames_num": 3}, FrameSampling("linspace", 3)),
 ])
@@ -238,6 +245,6 @@ def test_unusable_video_requests_fail_naming_the_sample_and_other_families_refus
     model = _chat_model("qwen2_5_vl", {}, [{"path": str(tmp_path / "bad.mp4")}])
     with pytest.raises(VideoLoadError, match="sample 'tinyvideo/0': video .*bad.mp4' cannot be used"):
         model._messages(_item(0))
-    for family in ("llava", "internvl"):  # the engine has no video layout for them
+    for family in ("llava", "llava_next"):  # the engine has no video layout for them
         with pytest.raises(ValueError, match=f"video inputs are not supported by {family}_prune"):
             _chat_model(family, {}, [{"path": str(tmp_path / "bad.mp4")}])._messages(_item(0))
