@@ -52,7 +52,8 @@ class Qwen25VL(Family):
         "reasoning_prompt": "text appended to the last user turn (default none; \\n is a newline)",
         "interleave_visuals": "accepted for lmms-eval (default false); chat requests keep the task's own order of "
                               "images and text, as lmms-eval's chat wrapper does",
-        "max_num_frames": "frames sampled per video, uniformly (default 32, lmms-eval's); with fps, the most frames",
+        "max_num_frames": "frames sampled per video, uniformly (default 32, lmms-eval's); with fps, unused "
+                          "(lmms-eval's qwen2_5_vl does not cap fps sampling; Qwen3-VL does)",
         "fps": "video frames per second to sample (default unset: max_num_frames uniform frames, lmms-eval's)",
     }
     box_convention = "resized_pixels"

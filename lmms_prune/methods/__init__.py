@@ -26,6 +26,7 @@ MODULES: tuple[str, ...] = (
     "lmms_prune.methods.fastervlm",
     "lmms_prune.methods.cdpruner",
     "lmms_prune.methods.sparsevlm",
+    "lmms_prune.methods.temporal",
 )
 
 

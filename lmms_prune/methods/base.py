@@ -48,7 +48,8 @@ STAGES = ("none", "llm", "pre_llm")
 class Param:
     """One pruning parameter: its default, type, allowed values and help text.
 
-    ``kind``: ``int``, ``float``, ``str`` (with ``choices``), ``path`` (a file path or None), ``alpha`` (a
+    ``kind``: ``int``, ``float``, ``bool`` (``true``/``false``), ``str`` (with ``choices``), ``path`` (a file
+    path or None), ``alpha`` (a
     float or ``"auto"``), ``indices`` (``"3,5;1,2"``) or ``layers`` (``"8,16,24"`` or ``"auto"``: a strictly
     increasing tuple of decoder layers >= 1). ``low``/``high`` bound numbers (inclusive unless
     ``open_low``); ``optional`` allows None.
@@ -92,6 +93,8 @@ class Param:
             if not 0.0 <= number <= 1.0:
                 raise ValueError(f"{self.name}={shown!r}: must be in [0, 1] or 'auto'")
             return number
+        if self.kind == "bool":
+            return self._as_bool(value, text)
         if self.kind == "indices":
             return parse_indices(text) if text is not None else value
         if self.kind == "layers":
@@ -105,6 +108,15 @@ class Param:
 
     def _expect(self) -> str:
         return {"int": "an integer", "float": "a number", "alpha": "a number or 'auto'"}.get(self.kind, "a value")
+
+    def _as_bool(self, value: Any, text: str | None) -> bool:
+        if isinstance(value, bool):
+            return value
+        if text is not None and text.lower() in ("true", "1", "yes", "on"):
+            return True
+        if text is not None and text.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"{self.name}={value!r}: must be true or false")
 
     def _as_int(self, value: Any, text: str | None) -> int:
         try:

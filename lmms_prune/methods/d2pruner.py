@@ -17,6 +17,8 @@ PARAMS = (
     Param("theta_sim", 0.8, "pivot_mis: edge threshold on the fused similarity (in [0, 1])", low=0.0, high=1.0),
     Param("alpha", 0.5, "pivot_mis: weight of semantic vs spatial similarity; 'auto' = 0.5 for grounding tasks, "
           "1.0 otherwise (D2Pruner's settings)", kind="alpha", low=0.0, high=1.0),
+    Param("temporal_adjacency", False, "pivot_mis on a video: the spatial graph also links the same cell of "
+          "neighbouring frames (methods.md section 1's option); images are unaffected", kind="bool"),
 )
 
 
@@ -50,7 +52,7 @@ class PivotMIS(Selector):
     """Pivots by importance, then a maximal independent set on the semantic/spatial graph (D2Pruner)."""
 
     name = "pivot_mis"
-    params = ("r_pivot", "theta_sim", "alpha")
+    params = ("r_pivot", "theta_sim", "alpha", "temporal_adjacency")
 
     @classmethod
     def needs(cls, config):
@@ -59,7 +61,8 @@ class PivotMIS(Selector):
     def __call__(self, image, scores, n):
         cfg = self.config
         return sel.pivot_mis(scores, image.hidden, image.span.grids, n, r_pivot=cfg.r_pivot,
-                             theta_sim=cfg.theta_sim, alpha=cfg.resolved_alpha(image.task_kind))
+                             theta_sim=cfg.theta_sim, alpha=cfg.resolved_alpha(image.task_kind),
+                             temporal_adjacency=cfg.temporal_adjacency and image.span.video)
 
 
 SCORES = (PriorDebiased,)

@@ -61,6 +61,7 @@ from lmms_prune.runner import (
     parse_options,
     summarize,
 )
+from lmms_prune.video import FAMILY_SAMPLING, decode_video, family_sampling
 
 __all__ = ["PrunedChatModel", "PrunedTokenCounts", "apply_until", "format_summary", "lmms_eval_cli_options",
            "preset_classes", "summarize"]
@@ -279,7 +280,8 @@ class PrunedChatModel(lmms):
 
     # ------------------------------------------------------------------ requests
     def _messages(self, item: _Item) -> list[dict[str, Any]]:
-        """The request's neutral chat messages (images as PIL images, in order)."""
+        """The request's neutral chat messages (images as PIL images, videos as lists of sampled PIL frames,
+        in order)."""
         doc = self.task_dict[item.task][item.split][item.doc_id]
         chat = ChatMessages(messages=item.doc_to_messages(doc))
         messages = []
@@ -291,11 +293,28 @@ class PrunedChatModel(lmms):
                 elif part.type == "image":
                     image = load_image(part.url, f"{item.task}/{item.doc_id}")
                     content.append({"type": "image", "image": image})
+                elif part.type == "video":
+                    content.append(self._video_part(part, item))
                 else:
-                    raise ValueError(f"{part.type} inputs are not supported by {self.model_id()} (images and "
-                                     "text only)")
+                    raise ValueError(f"{part.type} inputs are not supported by {self.model_id()} (images, "
+                                     "videos and text only)")
             messages.append({"role": message.role, "content": content})
         return messages
+
+    def _video_part(self, part: Any, item: _Item) -> dict[str, Any]:
+        """The neutral video part ``{"type": "video", "video": frames, "fps": sampled rate}`` of a video content
+        part (lmms-eval gives the file path): frames sampled as lmms-eval's wrapper of this family samples them
+        with this run's video ``--model_args`` (``lmms_prune.video``); ``VideoLoadError`` naming the sample if
+        the file is unusable."""
+        if self.family_class().video_sampling(self.options.family) is None or self.family not in FAMILY_SAMPLING:
+            raise ValueError(f"video inputs are not supported by {self.model_id()} (video families: "
+                             f"{', '.join(FAMILY_SAMPLING)})")
+        if (isinstance(part.url, dict) and {"video_start", "video_end"} & set(part.url)) or (
+                part.start_time is not None or part.end_time is not None):
+            raise ValueError(f"{self.model_id()}: video start/end times are not supported; give the whole video")
+        sampling = family_sampling(self.family, self.options.family)
+        video = decode_video(part.url, f"{item.task}/{item.doc_id}", sampling)
+        return {"type": "video", "video": video.frames, "fps": video.sample_fps}
 
     generation_kwargs = staticmethod(generation_kwargs)
 

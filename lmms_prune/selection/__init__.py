@@ -24,6 +24,13 @@ from lmms_prune.selection.pivot_mis import (
     pivot_mis,
 )
 from lmms_prune.selection.sparsevlm import adaptive_keep_count, dpc_knn, recycle, sparsevlm
+from lmms_prune.selection.temporal import (
+    frame_layout,
+    previous_frame_similarity,
+    temporal_neighbour_pairs,
+    temporal_redundant,
+    temporal_select,
+)
 from lmms_prune.selection.topk import topk
 from lmms_prune.selection.vispruner import remove_duplicates, vispruner
 
@@ -39,6 +46,7 @@ __all__ = [
     "divprune",
     "dpc_knn",
     "dpp_greedy",
+    "frame_layout",
     "fused_graph",
     "grid_adjacency",
     "grid_neighbour_pairs",
@@ -47,12 +55,16 @@ __all__ = [
     "merged_embeddings",
     "normalized_similarity",
     "pivot_mis",
+    "previous_frame_similarity",
     "random_select",
     "recycle",
     "remove_duplicates",
     "sparsevlm",
     "stage_budgets",
     "stage_ratio_for_average",
+    "temporal_neighbour_pairs",
+    "temporal_redundant",
+    "temporal_select",
     "topk",
     "uniform_select",
     "vispruner",

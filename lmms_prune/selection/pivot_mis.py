@@ -27,15 +27,20 @@ from lmms_prune.selection._validate import (
     floor_fraction,
     sorted_indices,
 )
+from lmms_prune.selection.temporal import temporal_neighbour_pairs
 
 _OFFSETS = [(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1) if (dr, dc) != (0, 0)]
 
 
-def grid_neighbour_pairs(grids: Sequence[Grid], device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+def grid_neighbour_pairs(grids: Sequence[Grid], device: torch.device | str | None = None,
+                         temporal_adjacency: bool = False) -> tuple[Tensor, Tensor]:
     """All ordered pairs ``(i, j)`` of 8-neighbours that lie inside one grid block.
 
     Blocks are consecutive runs of ``rows * cols`` tokens in row-major order (one InternVL tile, one
-    Qwen2.5-VL image, ...); a pair never crosses blocks. Both ``(i, j)`` and ``(j, i)`` are listed.
+    Qwen2.5-VL image, one video frame, ...); a pair never crosses blocks. Both ``(i, j)`` and ``(j, i)`` are
+    listed. ``temporal_adjacency``: the blocks are a video's frames (all one shape), and the same cell of
+    neighbouring frames is linked too (``selection.temporal.temporal_neighbour_pairs``; methods.md section 1's
+    documented option).
 
     Returns:
         ``(src, dst)``, two int64 tensors ``[E]`` on ``device``.
@@ -53,16 +58,22 @@ def grid_neighbour_pairs(grids: Sequence[Grid], device: torch.device | str | Non
         inside = (nr >= 0) & (nr < rows) & (nc >= 0) & (nc < cols)
         src.append(index[inside])
         dst.append((start + nr * cols + nc)[inside])
+    if temporal_adjacency:
+        later_src, later_dst = temporal_neighbour_pairs(blocks, device)
+        src.append(later_src)
+        dst.append(later_dst)
     return torch.cat(src), torch.cat(dst)
 
 
-def grid_adjacency(grids: Sequence[Grid], device: torch.device | str | None = None) -> Tensor:
+def grid_adjacency(grids: Sequence[Grid], device: torch.device | str | None = None,
+                   temporal_adjacency: bool = False) -> Tensor:
     """``S_spat`` of D2Pruner eq. 6 as a bool ``[N, N]`` matrix: True for 8-neighbours inside one block.
 
     ``N = sum(rows * cols)``; no self loops; adjacency never crosses blocks (methods.md section 1: tiles
-    are separate grids, the thumbnail is its own block).
+    are separate grids, the thumbnail is its own block), except the same cell of neighbouring video frames
+    with ``temporal_adjacency`` (see ``grid_neighbour_pairs``).
     """
-    src, dst = grid_neighbour_pairs(grids, device)
+    src, dst = grid_neighbour_pairs(grids, device, temporal_adjacency)
     num_tokens = sum(r * c for r, c in check_grids(grids))
     adjacency = torch.zeros(num_tokens, num_tokens, dtype=torch.bool, device=device)
     adjacency[src, dst] = True
@@ -104,7 +115,8 @@ def _upper_slabs(unit: Tensor, block: int = 512) -> list[tuple[int, Tensor]]:
     return [(start, unit[start : start + block] @ unit[start:].T) for start in range(0, unit.shape[0], block)]
 
 
-def fused_graph(features: Tensor, grids: Sequence[Grid], alpha: float = 0.5, theta_sim: float = 0.8) -> Tensor:
+def fused_graph(features: Tensor, grids: Sequence[Grid], alpha: float = 0.5, theta_sim: float = 0.8,
+                temporal_adjacency: bool = False) -> Tensor:
     """D2Pruner's binary adjacency graph (eqs. 7-8) as a symmetric bool ``[N, N]`` matrix.
 
     ``S_fused = alpha * S_sem_hat + (1 - alpha) * S_spat`` with ``S_sem_hat`` as in
@@ -119,13 +131,15 @@ def fused_graph(features: Tensor, grids: Sequence[Grid], alpha: float = 0.5, the
         grids: ``(rows, cols)`` blocks whose sizes sum to N (see ``grid_adjacency``).
         alpha: weight of semantic similarity in [0, 1] (paper: 0.5 grounding, 1.0 understanding).
         theta_sim: edge threshold, >= 0 (paper: 0.8); ``theta_sim >= 1`` gives no edges.
+        temporal_adjacency: ``S_spat`` also links the same cell of neighbouring video frames (``grids``: one
+            equal grid per frame).
     """
     num_tokens = check_features(features)
     check_grids(grids, num_tokens)
     check_unit_interval(alpha, "alpha")
     _check_theta(theta_sim)
     device = features.device
-    src, dst = grid_neighbour_pairs(grids, device)
+    src, dst = grid_neighbour_pairs(grids, device, temporal_adjacency)
     upper = src < dst
     src, dst = src[upper], dst[upper]
     slabs = _upper_slabs(_unit_rows(features))
@@ -159,6 +173,7 @@ def pivot_mis(
     r_pivot: float = 0.7,
     theta_sim: float = 0.8,
     alpha: float = 0.5,
+    temporal_adjacency: bool = False,
 ) -> Tensor:
     """D2Pruner pivot-based diverse token selection (methods.md section 5, steps 1-5).
 
@@ -181,6 +196,7 @@ def pivot_mis(
         r_pivot: pivot share of the budget in [0, 1].
         theta_sim: edge threshold (>= 0).
         alpha: semantic weight in [0, 1].
+        temporal_adjacency: the graph also links the same cell of neighbouring video frames.
 
     Returns:
         ``[n]`` int64 kept indices, ascending, on ``scores.device``.
@@ -190,7 +206,7 @@ def pivot_mis(
     check_budget(n, num_tokens)
     check_unit_interval(r_pivot, "r_pivot")
     check_same_device(scores, features)
-    edges = fused_graph(features, grids, alpha=alpha, theta_sim=theta_sim)
+    edges = fused_graph(features, grids, alpha=alpha, theta_sim=theta_sim, temporal_adjacency=temporal_adjacency)
     device = scores.device
     order = descending_order(scores)
     rank = torch.empty_like(order)

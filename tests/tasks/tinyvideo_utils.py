@@ -1,0 +1,75 @@
+"""Functions of the tiny video task (``tinyvideo.yaml``): lmms-eval's ``videomme`` task on local motion clips.
+
+The schema, prompt, answer extraction and score are VideoMME's (lmms-eval 0.7.3 ``tasks/videomme/utils.py``,
+whose module cannot be imported here: it needs OpenCV at import). Its ``doc_to_visual`` gives the clip's file
+path (``<data>/<videoID>.mp4``), which lmms-eval's chat task turns into ``{"type": "video", "url": path}``;
+the model decodes and samples the frames. Per sample ``process_results`` returns one record for three
+metrics: ``tinyvideo_perception_score`` (percent correct over all samples, VideoMME's overall score),
+``malformed`` (answers with no option letter: counted, and scored wrong) and ``video_errors`` (samples whose
+clip cannot be decoded: the wrapper skipped them under ``on_error=skip`` and answered nothing; scored wrong,
+counted here instead of as malformed).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from lmms_eval.tasks._task_utils.mcq_extract import extract_mcq_answer
+
+from lmms_prune.video import VideoLoadError, check_video
+
+DATA_DIR = Path(os.environ.get("LMMS_PRUNE_TINYVIDEO_DIR") or Path(__file__).resolve().parents[1] / "data" / "tinyvideo")
+OPTION_PROMPT = ("Select the best answer to the following multiple-choice question based on the video and the "
+                 "subtitles. Respond with only the letter (A, B, C, or D) of the correct option.")
+CHOICES = ["A", "B", "C", "D"]
+
+
+def doc_to_visual(doc: dict) -> list[str]:
+    """The clip's path (VideoMME: ``<cache>/data/<videoID>.mp4``)."""
+    return [str(DATA_DIR / f"{doc['videoID']}.mp4")]
+
+
+def doc_to_text(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> str:
+    """VideoMME's prompt: instruction, question, options one per line, then the post prompt."""
+    kwargs = lmms_eval_specific_kwargs or {}
+    question = doc["question"] + "\n" + "\n".join(doc["options"])
+    return OPTION_PROMPT + "\n" + question + "\n" + kwargs.get("post_prompt", "The best answer is:")
+
+
+def score_answer(answer: Any, target: str) -> dict[str, Any]:
+    """``{"pred_answer", "score", "malformed"}`` of one answer: VideoMME's letter extraction; an answer with
+    no letter (or not a string) is malformed and scores 0."""
+    letter = extract_mcq_answer(answer, choices=CHOICES) if isinstance(answer, str) else ""
+    return {"pred_answer": letter, "score": float(letter != "" and letter.lower() == target.lower()),
+            "malformed": letter == ""}
+
+
+def process_results(doc: dict, results: list[Any]) -> dict[str, dict[str, Any]]:
+    """The same per-sample record for the three metrics (module docstring). An empty answer whose clip does
+    not decode is a video error, not a malformed answer."""
+    answer = results[0] if results else ""
+    record = {"question_id": doc["question_id"], "videoID": doc["videoID"], "answer": doc["answer"],
+              **score_answer(answer, doc["answer"]), "video_error": None}
+    if not (isinstance(answer, str) and answer.strip()):
+        try:
+            check_video(doc_to_visual(doc)[0], doc["question_id"])
+        except VideoLoadError as err:
+            record.update(video_error=str(err), malformed=False)
+    return {"tinyvideo_perception_score": record, "malformed": record, "video_errors": record}
+
+
+def perception_score(records: list[dict[str, Any]]) -> float:
+    """Percent of samples answered correctly, every sample in the denominator (0.0 for none)."""
+    return 100.0 * sum(r["score"] for r in records) / len(records) if records else 0.0
+
+
+def malformed_count(records: list[dict[str, Any]]) -> int:
+    """Number of answers with no option letter."""
+    return sum(bool(r["malformed"]) for r in records)
+
+
+def video_error_count(records: list[dict[str, Any]]) -> int:
+    """Number of samples whose clip could not be decoded."""
+    return sum(r["video_error"] is not None for r in records)

@@ -1,0 +1,88 @@
+"""The tiny video task (``tests/tasks/tinyvideo.yaml``, VideoMME's schema) through the lmms-eval command line, with
+video pruning and efficiency records (issue 21)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmms_prune.toy.models import tiny_model_dir
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "tests" / "data" / "tinyvideo"
+CLIP_FRAMES, CLIPS = 8, 4  # tests/data/tinyvideo: four 8-frame 64x64 clips
+
+
+def _qwen_tokens() -> int:
+    # min_pixels = max_pixels = 112 * 112: each frame becomes 112x112, (112/28)^2 merged tokens per two frames
+    return CLIP_FRAMES // 2 * (112 // 28) ** 2
+
+
+def _onevision_tokens() -> int:
+    # one SigLIP grid per frame, 2x2-pooled (ceil), the newline after the video is structural (not counted)
+    vision = json.loads((tiny_model_dir("llava_onevision") / "config.json").read_text())["vision_config"]
+    side = vision["image_size"] // vision["patch_size"]
+    return CLIP_FRAMES * math.ceil(side / 2) ** 2
+
+
+QWEN_PIXELS = "min_pixels=12544,max_pixels=12544"
+RUNS = {  # model: (family, extra --model_args, visual tokens of one clip, whether the first clip is broken)
+    "qwen2_5_vl_fastv": ("qwen2_5_vl", QWEN_PIXELS, _qwen_tokens, False),
+    "qwen2_5_vl_temporal": ("qwen2_5_vl", QWEN_PIXELS + ",on_error=skip", _qwen_tokens, True),
+    "llava_onevision_vispruner": ("llava_onevision", f"max_frames_num={CLIP_FRAMES}", _onevision_tokens, False),
+}
+
+
+def _data_with_a_broken_first_clip(folder: Path) -> tuple[Path, str]:
+    folder.mkdir()
+    for clip in DATA.glob("*.mp4"):
+        (folder / clip.name).write_bytes(clip.read_bytes())
+    first = json.loads((DATA / "tinyvideo.jsonl").read_text().splitlines()[0])["videoID"]
+    (folder / f"{first}.mp4").write_bytes(b"not an mp4")
+    return folder, first
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("model", list(RUNS))
+def test_video_task_runs_through_the_cli_with_pruned_video_and_efficiency_records(tmp_path, model):
+    family, extra, tokens, broken = RUNS[model]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false", HF_DATASETS_CACHE=str(tmp_path / "hf"))
+    if broken:  # on_error=skip: the sample is skipped by the wrapper and counted by the task, the run goes on
+        env["LMMS_PRUNE_TINYVIDEO_DIR"] = str(_data_with_a_broken_first_clip(tmp_path / "clips")[0])
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", model, "--model_args",
+           f"pretrained={tiny_model_dir(family)},keep_ratio=0.1,{extra}", "--tasks", "tinyvideo",
+           "--include_path", str(REPO / "tests" / "tasks"), "--limit", str(CLIPS), "--gen_kwargs",
+           "max_new_tokens=4", "--output_path", str(out), "--log_samples"]
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = glob.glob(str(out / "*" / "*_results.json"))
+    efficiency = glob.glob(str(out / "*" / "*_efficiency.json"))
+    assert len(results) == 1 and len(efficiency) == 1, done.stderr[-3000:]
+    metrics = json.loads(Path(results[0]).read_text())["results"]["tinyvideo"]
+    score, malformed, errors = (metrics[f"{m},none"] for m in ("tinyvideo_perception_score", "malformed",
+                                                               "video_errors"))
+    assert 0 <= score <= 100 * (CLIPS - broken) / CLIPS and errors == int(broken)
+    assert 0 <= malformed <= CLIPS - broken
+    report = json.loads(Path(efficiency[0]).read_text())
+    assert report["model"] == model
+    assert (report["summary"]["samples"], report["summary"]["skipped"]) == (CLIPS - broken, int(broken))
+    if broken:
+        assert report["skipped"][0]["doc_id"] == 0 and "VideoLoadError" in report["skipped"][0]["error"]
+    for sample in report["samples"]:
+        assert sample["visual_before"] == tokens()  # the whole video is one span of its frames' tokens
+        assert sample["visual_after"] == max(1, round(0.1 * sample["visual_before"]))
+        assert sample["visual_after_per_image"] == [sample["visual_after"]]
+        assert sample["prefill_flops"] < sample["prefill_flops_unpruned"]
+        assert sample["kv_cache_bytes"] < sample["kv_cache_bytes_unpruned"]
+    logged = [json.loads(line) for f in glob.glob(str(out / "*" / "*_samples_tinyvideo.jsonl"))
+              for line in Path(f).read_text().splitlines()]
+    assert len(logged) == CLIPS
