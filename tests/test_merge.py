@@ -15,21 +15,8 @@ from test_engine import ATOL, _generate, _num_visual, _one
 import lmms_prune
 from lmms_prune import selection as sel
 from lmms_prune.families import get_adapter
-from lmms_prune.toy.models import build_processor, build_tiny_model
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def toys():
-    cache: dict[str, tuple] = {}
-
-    def get(family: str):
-        if family not in cache:
-            cache[family] = (build_tiny_model(family, seed=0), build_processor(family))
-        return cache[family]
-
-    return get
 
 
 def _run(model, inputs, method, selector=None, **params):

@@ -16,22 +16,10 @@ from lmms_prune import scores as S
 from lmms_prune import selection as sel
 from lmms_prune.families import get_adapter
 from lmms_prune.presets import resolve_config
-from lmms_prune.toy.models import RECIPES, build_processor, build_tiny_model
+from lmms_prune.toy.models import RECIPES
 
 torch.set_num_threads(1)
 FAMILIES_MS = ("internvl_llama", "qwen2_5_vl")
-
-
-@pytest.fixture(scope="module")
-def toys():
-    cache: dict[str, tuple] = {}
-
-    def get(family: str):
-        if family not in cache:
-            cache[family] = (build_tiny_model(family, seed=0), build_processor(family))
-        return cache[family]
-
-    return get
 
 
 def _run(model, inputs, method, selectors=None, mode="prune", **params):

@@ -17,15 +17,17 @@ import math
 
 import numpy as np
 import pytest
+import test_engine
 import torch
 from PIL import Image, ImageDraw
 from test_engine import ATOL, DEVICE, DTYPE, _generate, _image, _same_tokens, _steps_close
 
 import lmms_prune
 from lmms_prune.families import get_adapter
-from lmms_prune.toy.models import build_processor, build_tiny_model
+from lmms_prune.toy.models import build_tiny_model
 
 torch.set_num_threads(1)
+toys = test_engine.toys  # the engine tests' models: LMMS_PRUNE_TEST_DEVICE / DTYPE, left padding
 FAMILIES = ("qwen2_5_vl", "llava_onevision", "qwen3_vl")
 FRAMES = 4
 VIDEO_FPS = 1.0  # second_per_grid_ts = 2: unlike the default of 1 when none is passed
@@ -41,21 +43,6 @@ def moving_square(frames: int = FRAMES, size: tuple[int, int] = (140, 112)) -> l
         ImageDraw.Draw(frame).rectangle([x, 30, x + 30, 60], fill=(230, 20, 20))
         out.append(frame)
     return out
-
-
-@pytest.fixture(scope="module")
-def toys():
-    cache: dict[str, tuple] = {}
-
-    def get(family: str):
-        if family not in cache:
-            model = build_tiny_model(family, seed=0, dtype=DTYPE).to(DEVICE)
-            proc = build_processor(family)
-            proc.tokenizer.padding_side = "left"
-            cache[family] = (model, proc)
-        return cache[family]
-
-    return get
 
 
 def _video_inputs(proc, with_image: bool = False, text: str = "Where does the square move?", frames: int = FRAMES):
