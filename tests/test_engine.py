@@ -126,6 +126,21 @@ def _generate(model, inputs, **kw):
     return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1)
 
 
+def _mask_and_prune(model, inputs, keep, k_layer):
+    """The same kept set ``keep`` at layer ``k_layer`` in mask mode and pruned: ``(mask_logits, mask_tokens,
+    mask_steps, logits, index, tokens, steps, record)``, ``index`` the pruned sequence's positions in the full one
+    and ``record`` the pruned run's PruneRecord (call under ``torch.no_grad``)."""
+    with lmms_prune.apply(model, "fixed", keep_indices=keep, prune_layer=k_layer, mode="mask"):
+        mask_logits = model(**inputs).logits
+        mask_tokens, mask_steps = _generate(model, inputs)
+    with lmms_prune.apply(model, "fixed", keep_indices=keep, prune_layer=k_layer) as handle:
+        logits = model(**inputs).logits
+        index = handle.state.keep_index[0]
+        tokens, steps = _generate(model, inputs)
+        record = handle.records[0]
+    return mask_logits, mask_tokens, mask_steps, logits, index, tokens, steps, record
+
+
 def _random_keep(n_visual, k, seed):
     g = torch.Generator().manual_seed(seed)
     return sorted(torch.randperm(n_visual, generator=g)[:k].tolist())
@@ -167,14 +182,8 @@ def test_prune_equals_mask_mode_prefill_and_decode(toys, family):
     with torch.no_grad():
         for k_layer in _layers_to_test(model):
             keep = _random_keep(n, max(1, n // 7), seed=k_layer)
-            with lmms_prune.apply(model, "fixed", keep_indices=keep, prune_layer=k_layer, mode="mask"):
-                mask_logits = model(**inputs).logits
-                mask_tokens, mask_steps = _generate(model, inputs)
-            with lmms_prune.apply(model, "fixed", keep_indices=keep, prune_layer=k_layer) as handle:
-                logits = model(**inputs).logits
-                index = handle.state.keep_index[0]
-                tokens, steps = _generate(model, inputs)
-                rec = handle.records[0]
+            mask_logits, mask_tokens, mask_steps, logits, index, tokens, steps, rec = _mask_and_prune(
+                model, inputs, keep, k_layer)
             assert logits.shape[1] == inputs["input_ids"].shape[1] - n + len(keep)
             torch.testing.assert_close(logits[0], mask_logits[0, index], atol=ATOL, rtol=0)
             assert _steps_close(steps, mask_steps, tokens, mask_tokens)

@@ -20,7 +20,7 @@ import pytest
 import test_engine
 import torch
 from PIL import Image, ImageDraw
-from test_engine import ATOL, DEVICE, DTYPE, _generate, _image, _same_tokens, _steps_close
+from test_engine import ATOL, DEVICE, DTYPE, _generate, _image, _mask_and_prune, _same_tokens, _steps_close
 
 import lmms_prune
 from lmms_prune.families import get_adapter
@@ -116,14 +116,8 @@ def test_video_prune_equals_mask_mode_prefill_and_decode(toys, family, k_layer):
     n = span.num_visual
     keep = _random_keep(n, max(1, n // 5), seed=k_layer + 1)
     with torch.no_grad():
-        with lmms_prune.apply(model, "fixed", keep_indices=keep, prune_layer=k_layer, mode="mask"):
-            mask_logits = model(**inputs).logits
-            mask_tokens, mask_steps = _generate(model, inputs)
-        with lmms_prune.apply(model, "fixed", keep_indices=keep, prune_layer=k_layer) as handle:
-            logits = model(**inputs).logits
-            index = handle.state.keep_index[0]
-            tokens, steps = _generate(model, inputs)
-            rec = handle.records[0]
+        mask_logits, mask_tokens, mask_steps, logits, index, tokens, steps, rec = _mask_and_prune(
+            model, inputs, keep, k_layer)
     assert logits.shape[1] == inputs["input_ids"].shape[1] - n + len(keep)
     torch.testing.assert_close(logits[0], mask_logits[0, index], atol=ATOL, rtol=0)
     assert _steps_close(steps, mask_steps, tokens, mask_tokens)
@@ -373,13 +367,7 @@ def test_internvl_video_frames_are_tiles_and_prune_like_mask_mode(toys):
         ref = model(**inputs).logits
         with lmms_prune.apply(model, "fastv", keep_ratio=1.0, prune_layer=2):
             torch.testing.assert_close(model(**inputs).logits, ref, atol=ATOL, rtol=0)
-        with lmms_prune.apply(model, "fixed", keep_indices=keep, prune_layer=2, mode="mask"):
-            mask_logits = model(**inputs).logits
-            mask_tokens, mask_steps = _generate(model, inputs)
-        with lmms_prune.apply(model, "fixed", keep_indices=keep, prune_layer=2) as handle:
-            logits = model(**inputs).logits
-            index = handle.state.keep_index[0]
-            tokens, steps = _generate(model, inputs)
+        mask_logits, mask_tokens, mask_steps, logits, index, tokens, steps, _ = _mask_and_prune(model, inputs, keep, 2)
     torch.testing.assert_close(logits[0], mask_logits[0, index], atol=ATOL, rtol=0)
     assert _steps_close(steps, mask_steps, tokens, mask_tokens)
     assert _same_tokens(tokens, mask_tokens, steps, mask_steps)

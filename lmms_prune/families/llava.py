@@ -135,6 +135,15 @@ def llava_box_frame(image_size: tuple[int, int], options: dict[str, Any], proces
     raise ValueError(f"image_aspect_ratio={mode!r}: must be pad or crop")
 
 
+def clip_l336_vision():
+    """The vision tower of LLaVA-1.5 and LLaVA-1.6 (CLIP ViT-L/14 at 336 px) as a transformers config, for the
+    benchmark geometries (random weights, real widths)."""
+    import transformers as tf
+
+    return tf.CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                               image_size=336, patch_size=14, projection_dim=768)
+
+
 class Llava(Family):
     """LLaVA-1.5: 576 tokens (24x24) per image."""
 
@@ -232,8 +241,7 @@ class Llava(Family):
 
         depth, hidden, heads, kv, ffn, kind = spec["text"]
         text = bench_text_config(layers or depth, hidden, heads, kv, ffn, kind)
-        vision = tf.CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                     num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
+        vision = clip_l336_vision()
         config = tf.LlavaConfig(vision_config=vision, text_config=tf.LlamaConfig(**text),
                                 image_token_index=IMAGE_TOKEN, image_seq_length=576, vision_feature_layer=-2,
                                 vision_feature_select_strategy="default")

@@ -45,7 +45,7 @@ import torch
 
 from lmms_prune import geometry as geo
 from lmms_prune.families.base import IMAGE_TOKEN, Family, ImageSpan, bench_text_config, runs
-from lmms_prune.families.llava import LLAVA_HF_ARGS, Llava
+from lmms_prune.families.llava import LLAVA_HF_ARGS, Llava, clip_l336_vision
 
 # LLaVA-1.6's grid pinpoints (height, width): at most 4 tiles of 336 px, so the papers' count is 576 x 5 = 2880.
 PINPOINTS_1_6 = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
@@ -180,8 +180,7 @@ class LlavaNext(Llava):
 
         depth, hidden, heads, kv, ffn, kind = spec["text"]
         text = bench_text_config(layers or depth, hidden, heads, kv, ffn, kind)
-        vision = tf.CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                     num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
+        vision = clip_l336_vision()
         config = tf.LlavaNextConfig(vision_config=vision, text_config=tf.LlamaConfig(**text),
                                     image_token_index=IMAGE_TOKEN, image_grid_pinpoints=spec["pinpoints"],
                                     vision_feature_layer=-2, vision_feature_select_strategy="default")

@@ -129,24 +129,31 @@ def _llama_text_config(num_layers: int) -> LlamaConfig:
     )
 
 
-def _qwen2_text_config(num_layers: int) -> Qwen2Config:
+def _qwen_text_kwargs(num_layers: int, rope_theta: float, **extra) -> dict:
+    """The toys' Qwen-vocabulary text model (Qwen2 / Qwen2.5 / Qwen3 widths scaled down), ``extra`` added or
+    overriding (``rope_parameters`` entries go through ``rope``)."""
     ids = toy_tok.QWEN_SPECIAL_IDS
-    return Qwen2Config(
-        vocab_size=toy_tok.QWEN_VOCAB_SIZE,
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=TEXT_INTERMEDIATE,
-        num_hidden_layers=num_layers,
-        num_attention_heads=TEXT_HEADS,
-        num_key_value_heads=TEXT_KV_HEADS,
-        max_position_embeddings=MAX_POSITIONS,
-        rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-        use_sliding_window=False,
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-        tie_word_embeddings=True,
-    )
+    rope = {"rope_type": "default", "rope_theta": rope_theta, **extra.pop("rope", {})}
+    return {
+        "vocab_size": toy_tok.QWEN_VOCAB_SIZE,
+        "hidden_size": TEXT_HIDDEN,
+        "intermediate_size": TEXT_INTERMEDIATE,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": TEXT_HEADS,
+        "num_key_value_heads": TEXT_KV_HEADS,
+        "max_position_embeddings": MAX_POSITIONS,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": rope,
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+        "tie_word_embeddings": True,
+        **extra,
+    }
+
+
+def _qwen2_text_config(num_layers: int) -> Qwen2Config:
+    return Qwen2Config(**_qwen_text_kwargs(num_layers, 1_000_000.0, use_sliding_window=False))
 
 
 def internvl_config(
@@ -196,25 +203,7 @@ def _qwen2_5_vl_config(num_layers: int) -> Qwen2_5_VLConfig:
         # The real tower alternates windowed attention with a few full-attention blocks; keep one of each.
         "fullatt_block_indexes": [VISION_LAYERS - 1],
     }
-    text = {
-        "vocab_size": toy_tok.QWEN_VOCAB_SIZE,
-        "hidden_size": TEXT_HIDDEN,
-        "intermediate_size": TEXT_INTERMEDIATE,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": TEXT_HEADS,
-        "num_key_value_heads": TEXT_KV_HEADS,
-        "max_position_embeddings": MAX_POSITIONS,
-        "rms_norm_eps": 1e-6,
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": 1_000_000.0,
-            "mrope_section": list(QWEN_MROPE_SECTION),
-        },
-        "bos_token_id": ids["<|endoftext|>"],
-        "eos_token_id": ids["<|im_end|>"],
-        "pad_token_id": ids["<|endoftext|>"],
-        "tie_word_embeddings": True,
-    }
+    text = _qwen_text_kwargs(num_layers, 1_000_000.0, rope={"mrope_section": list(QWEN_MROPE_SECTION)})
     return Qwen2_5_VLConfig(
         vision_config=vision,
         text_config=text,
@@ -263,23 +252,8 @@ def _qwen3_vl_config(num_layers: int) -> Qwen3VLConfig:
         "num_position_embeddings": 64,
         "deepstack_visual_indexes": list(QWEN3_DEEPSTACK_INDEXES),
     }
-    text = {
-        "vocab_size": toy_tok.QWEN_VOCAB_SIZE,
-        "hidden_size": TEXT_HIDDEN,
-        "intermediate_size": TEXT_INTERMEDIATE,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": TEXT_HEADS,
-        "num_key_value_heads": TEXT_KV_HEADS,
-        "head_dim": TEXT_HIDDEN // TEXT_HEADS,
-        "max_position_embeddings": MAX_POSITIONS,
-        "rms_norm_eps": 1e-6,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 5_000_000.0,
-                            "mrope_section": list(QWEN3_MROPE_SECTION), "mrope_interleaved": True},
-        "bos_token_id": ids["<|endoftext|>"],
-        "eos_token_id": ids["<|im_end|>"],
-        "pad_token_id": ids["<|endoftext|>"],
-        "tie_word_embeddings": True,
-    }
+    text = _qwen_text_kwargs(num_layers, 5_000_000.0, head_dim=TEXT_HIDDEN // TEXT_HEADS,
+                             rope={"mrope_section": list(QWEN3_MROPE_SECTION), "mrope_interleaved": True})
     return Qwen3VLConfig(
         vision_config=vision,
         text_config=text,
@@ -300,71 +274,45 @@ def _internvl3_text_config(num_layers: int) -> Qwen2Config:
 
 def _internvl3_5_text_config(num_layers: int) -> Qwen3Config:
     """InternVL3.5-8B-HF's text model: Qwen3-8B (q/k RMSNorm per head, explicit head_dim, no qkv bias)."""
-    ids = toy_tok.QWEN_SPECIAL_IDS
-    return Qwen3Config(
-        vocab_size=toy_tok.QWEN_VOCAB_SIZE,
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=TEXT_INTERMEDIATE,
-        num_hidden_layers=num_layers,
-        num_attention_heads=TEXT_HEADS,
-        num_key_value_heads=TEXT_KV_HEADS,
-        head_dim=TEXT_HIDDEN // TEXT_HEADS,
-        max_position_embeddings=MAX_POSITIONS,
-        rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-        attention_bias=False,
-        use_sliding_window=False,
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-        tie_word_embeddings=False,
+    return Qwen3Config(**_qwen_text_kwargs(num_layers, 1_000_000.0, head_dim=TEXT_HIDDEN // TEXT_HEADS,
+                                           attention_bias=False, use_sliding_window=False,
+                                           tie_word_embeddings=False))
+
+
+def _toy_clip_vision(image_size: int) -> CLIPVisionConfig:
+    """The toys' CLIP tower (widths scaled down, LLaVA's patch 14) at ``image_size``."""
+    return CLIPVisionConfig(
+        hidden_size=VISION_HIDDEN,
+        intermediate_size=VISION_INTERMEDIATE,
+        num_hidden_layers=VISION_LAYERS,
+        num_attention_heads=VISION_HEADS,
+        image_size=image_size,
+        patch_size=LLAVA_PATCH_SIZE,
+        projection_dim=TEXT_HIDDEN,
+        hidden_act="quick_gelu",
     )
+
+
+def _llava_kwargs(num_layers: int) -> dict:
+    """What LLaVA-1.5 and LLaVA-NeXT toys share: the Llama text model, the projector, the feature layer."""
+    return {
+        "text_config": _llama_text_config(num_layers),
+        "image_token_index": toy_tok.LLAMA_SPECIAL_IDS["<image>"],
+        "projector_hidden_act": "gelu",
+        "vision_feature_select_strategy": "default",
+        "vision_feature_layer": -2,
+        "tie_word_embeddings": False,
+    }
 
 
 def _llava_config(num_layers: int) -> LlavaConfig:
-    vision = CLIPVisionConfig(
-        hidden_size=VISION_HIDDEN,
-        intermediate_size=VISION_INTERMEDIATE,
-        num_hidden_layers=VISION_LAYERS,
-        num_attention_heads=VISION_HEADS,
-        image_size=LLAVA_IMAGE_SIZE,
-        patch_size=LLAVA_PATCH_SIZE,
-        projection_dim=TEXT_HIDDEN,
-        hidden_act="quick_gelu",
-    )
-    return LlavaConfig(
-        vision_config=vision,
-        text_config=_llama_text_config(num_layers),
-        image_token_index=toy_tok.LLAMA_SPECIAL_IDS["<image>"],
-        image_seq_length=LLAVA_IMAGE_TOKENS,
-        projector_hidden_act="gelu",
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-        tie_word_embeddings=False,
-    )
+    return LlavaConfig(vision_config=_toy_clip_vision(LLAVA_IMAGE_SIZE), image_seq_length=LLAVA_IMAGE_TOKENS,
+                       **_llava_kwargs(num_layers))
 
 
 def _llava_next_config(num_layers: int) -> LlavaNextConfig:
-    vision = CLIPVisionConfig(
-        hidden_size=VISION_HIDDEN,
-        intermediate_size=VISION_INTERMEDIATE,
-        num_hidden_layers=VISION_LAYERS,
-        num_attention_heads=VISION_HEADS,
-        image_size=LLAVA_NEXT_IMAGE_SIZE,
-        patch_size=LLAVA_PATCH_SIZE,
-        projection_dim=TEXT_HIDDEN,
-        hidden_act="quick_gelu",
-    )
-    return LlavaNextConfig(
-        vision_config=vision,
-        text_config=_llama_text_config(num_layers),
-        image_token_index=toy_tok.LLAMA_SPECIAL_IDS["<image>"],
-        image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
-        projector_hidden_act="gelu",
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-        tie_word_embeddings=False,
-    )
+    return LlavaNextConfig(vision_config=_toy_clip_vision(LLAVA_NEXT_IMAGE_SIZE),
+                           image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, **_llava_kwargs(num_layers))
 
 
 def _llava_onevision_config(num_layers: int) -> LlavaOnevisionConfig:
