@@ -18,7 +18,7 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     # torch/torchvision first and pinned, so that nothing later pulls another build.
     python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
     # The vlmeval extra (VLMEvalKit, for tests/test_vlmeval.py) adds about two minutes to a fresh install.
-    python -m pip install -q -e "$ROOT[dev,vlmeval]" "torch==2.14.1" "torchvision==0.29.1"
+    python -m pip install -q -e "$ROOT[dev,vlmeval,docs]" "torch==2.14.1" "torchvision==0.29.1"
     echo "$WANT" > "$STAMP"
 fi
 # The leaderboard page test (tests/test_leaderboard.py) drives Debian's Chromium with Playwright; install it once
