@@ -58,10 +58,12 @@ def geometries() -> dict[str, tuple[Any, dict[str, Any]]]:
     return {name: (fam, spec) for fam in all_families() for name, spec in fam.bench_geometries.items()}
 
 
-def build_geometry(name: str, layers: int | None = None, vision_layers: int | None = None) -> nn.Module:
+def build_geometry(name: str, layers: int | None = None, vision_layers: int | None = None,
+                   dtype: torch.dtype | None = None) -> nn.Module:
     """A random-weight transformers-native VLM with the real geometry ``name``, optionally ``layers`` decoder
-    layers and ``vision_layers`` vision blocks deep. ``model.bench_full_config`` keeps the full geometry's
-    config (the theoretical vision FLOPs count the whole tower)."""
+    layers and ``vision_layers`` vision blocks deep, built in ``dtype`` (default float32; a 7B LLM in bfloat16
+    never passes through its 28 GB float32 copy). ``model.bench_full_config`` keeps the full geometry's config
+    (the theoretical vision FLOPs count the whole tower)."""
     import copy
 
     table = geometries()
@@ -82,7 +84,7 @@ def build_geometry(name: str, layers: int | None = None, vision_layers: int | No
     config.text_config._attn_implementation = "sdpa"
     config.vision_config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    model = cls(config).eval()
+    model = cls._from_config(config, dtype=dtype or torch.float32).eval()
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = None  # never stop early: every run decodes the same number of tokens
     model.bench_full_config = full_config

@@ -62,10 +62,11 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads or 1)
     if args.geometry:
         try:
-            model = build_geometry(args.geometry, args.layers, args.vision_layers)
+            model = build_geometry(args.geometry, args.layers, args.vision_layers,
+                                   dtype=resolve_dtype(args.dtype, device))
         except ValueError as err:
             raise SystemExit(str(err)) from None
-        model = model.to(device=device, dtype=resolve_dtype(args.dtype, device))
+        model = model.to(device=device)
         full_depth = geometries()[args.geometry][1]["text"][0]
         source = f"random weights, geometry {args.geometry}"
     else:
