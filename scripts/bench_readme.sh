@@ -90,7 +90,10 @@ run_table() {  # NAME GEOMETRY QUICK_LAYERS ARGS...: one bench run, printed with
     echo "## $name: $reason"
     echo
     printf '    OMP_NUM_THREADS=%s' "$THREADS"
-    printf ' %q' "${cmd[@]}"
+    local arg
+    for arg in "${cmd[@]}"; do  # a copyable command: JSON in single quotes
+        if [[ "$arg" =~ ^[A-Za-z0-9_./,:=+-]+$ ]]; then printf ' %s' "$arg"; else printf " '%s'" "$arg"; fi
+    done
     echo
     echo
     local t0=$SECONDS
@@ -103,7 +106,7 @@ run_table() {  # NAME GEOMETRY QUICK_LAYERS ARGS...: one bench run, printed with
 
 quick_tokens() { [ "$QUICK" = 1 ] && echo "$1" || echo "$2"; }
 
-echo "# README bench tables, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $THREADS threads, load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "# README bench tables, $(date -u +%Y-%m-%dT%H:%MZ), $(getconf _NPROCESSORS_ONLN) cores, $THREADS threads, load $(cut -d' ' -f1-3 /proc/loadavg)"
 MATCHED='{"pyramiddrop": {"keep_ratio": 0.3125}, "visionzip": {"keep_ratio": 0.3125}, "sparsevlm": {"keep_ratio": 0.3125}}'
 # a truncated stack needs the multi-stage methods' stages inside it (bench.py)
 [ "$QUICK" = 1 ] && MATCHED='{"pyramiddrop": {"keep_ratio": 0.3125, "prune_layers": "1,2,3"}, "visionzip": {"keep_ratio": 0.3125}, "sparsevlm": {"keep_ratio": 0.3125, "prune_layers": "1,2,3"}}'

@@ -24,7 +24,6 @@ from lmms_eval.api.instance import Instance
 from PIL import Image
 
 from lmms_prune.efficiency import DecoderDims, kv_cache_bytes, pruned_prefill_flops
-from lmms_prune.runner import summarize
 from lmms_prune.models import registry
 from lmms_prune.models.base import PrunedChatModel, apply_until, lmms_eval_cli_options, summarize
 from lmms_prune.models.wrappers import (
