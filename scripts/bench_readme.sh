@@ -11,11 +11,13 @@
 # Tables (NAME): internvl-1b (InternVL2.5-1B, 1280 tokens, fastv/deepprune at 10%, eager reference),
 # matched-flops (InternVL2.5-1B, 768 tokens, four methods at the same FLOPs), llava-next-7b (2880 tokens,
 # fastv/vispruner at 11.1%), qwen-video-7b (Qwen2.5-VL-7B, one video of 4096 tokens, fastv/temporal at 10%).
-# Run it on a quiet machine: the figures are wall-clock times. Estimated time on 2 free cores (bf16 with
-# AVX512-BF16): internvl-1b ~8 min, matched-flops ~8 min, llava-next-7b ~70 min, qwen-video-7b ~110 min (the full
-# 32-block tower over 16384 patches takes minutes per encode); about 3.3 hours in all.
-# --quick: a smoke test of the same commands at 1 decoder layer and 1 vision block, one timed run, no warm-up
-# (minutes; the figures mean nothing).
+# Run it on a quiet machine: the figures are wall-clock times. Estimated time on 2 free cores, from each table's
+# FLOPs (3 prefills and 3 generates per cell) at ~40 GMAC/s in bf16 (AVX512-BF16; 18 GMAC/s per thread was
+# measured on the loaded machine that wrote this): internvl-1b ~10 min, matched-flops ~9 min, llava-next-7b
+# ~75 min, qwen-video-7b ~140 min (the full 32-block tower over 16384 patches is a third of the LLM's prefill);
+# about 4 hours in all. `--only` runs a subset.
+# --quick: a smoke test of the same commands with a few decoder layers (the methods' pruning layers inside the
+# stack), 1 vision block, small inputs, one timed run and no warm-up (the figures mean nothing).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT=runs/bench_readme
@@ -30,7 +32,7 @@ while [ $# -gt 0 ]; do
         --repeats) REPEATS="$2"; shift 2 ;;
         --only) ONLY="$2"; shift 2 ;;
         --quick) QUICK=1; shift ;;
-        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "bench_readme.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
