@@ -4,13 +4,19 @@ For every cell (method x keep ratio x visual-token count) on one model (a real c
 a named real geometry built locally), it measures in the same process and run:
 
 * LLM prefill time (vision encoding excluded: pruning inside the LLM cannot save it), per decoder layer;
-* end-to-end time to first token (``generate`` from pixels) and decode time per token, both read off one
-  ``generate`` call by a per-step clock;
+* end-to-end time to first token (TTFT, ``generate`` from pixels) and decode time per token, both read off one
+  ``generate`` call by a per-step clock, and where the TTFT goes (:mod:`lmms_prune.timing`: setup, vision tower
+  + projector, hand-over, selection, LLM prefill, head; they add up to the TTFT);
 * the engine's scoring + selection time, the theoretical prefill FLOPs (methods.md section 8, from the
-  per-layer token counts the engine reports) and KV-cache bytes, and peak memory;
-* speed-up against the unpruned model and the ratio of measured to theoretical speed-up;
+  per-layer token counts the engine reports) and KV-cache bytes, the vision tower's FLOPs, and peak memory;
+* speed-ups against the unpruned model: of the LLM prefill (measured, theoretical, their ratio) and of the
+  whole request (measured TTFT; theoretical ``(V + P) / (V + P')`` with the vision FLOPs ``V``);
 * optionally the "reference" scoring path (eager attention everywhere with ``output_attentions=True``, as the
   methods' original implementations do) for the same cell, time and peak memory.
+
+With ``--vision-layers N`` the vision tower keeps its first ``N`` blocks (random weights: the LLM's cost does not
+depend on the tower's depth); the vision time is extrapolated to the full tower (each missing block takes the
+mean time of the blocks run) and the vision FLOPs are those of the full tower.
 
 With ``--layers N`` a truncated stack of ``N`` decoder layers runs and full-depth figures are extrapolated
 from the per-layer times (layers before the pruning layer at full length, the rest at pruned length); the
@@ -22,6 +28,9 @@ stages inside the stack (explicit ``prune_layers`` < ``N``; ``auto`` would scale
 Budgets: ``keep`` is each method's ``keep_ratio`` as run (per-method ``--method-args`` override ``--keep``);
 for multi-stage methods it is the average visual tokens per layer. The ``avg/layer`` column (mean visual tokens
 per full-depth layer) and the theoretical speed-up show which cells have equal FLOPs.
+
+A truncated run's TTFT is extrapolated the same way: the measured TTFT plus the time of the missing decoder
+layers (the prefill's extrapolation) and of the missing vision blocks.
 """
 
 from __future__ import annotations
@@ -38,9 +47,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmms_prune.efficiency import DecoderDims, kv_cache_bytes, prefill_flops
+from lmms_prune.efficiency import DecoderDims, end_to_end_ratio, kv_cache_bytes, prefill_flops
 from lmms_prune.engine import apply
 from lmms_prune.families import all_families, get_adapter
+from lmms_prune.timing import PhaseClock, ttft_parts
 
 
 def geometries() -> dict[str, tuple[Any, dict[str, Any]]]:
@@ -48,20 +58,36 @@ def geometries() -> dict[str, tuple[Any, dict[str, Any]]]:
     return {name: (fam, spec) for fam in all_families() for name, spec in fam.bench_geometries.items()}
 
 
-def build_geometry(name: str, layers: int | None = None) -> nn.Module:
-    """A random-weight transformers-native VLM with the real geometry ``name`` (optionally ``layers`` deep)."""
+def build_geometry(name: str, layers: int | None = None, vision_layers: int | None = None,
+                   dtype: torch.dtype | None = None) -> nn.Module:
+    """A random-weight transformers-native VLM with the real geometry ``name``, optionally ``layers`` decoder
+    layers and ``vision_layers`` vision blocks deep, built in ``dtype`` (default float32; a 7B LLM in bfloat16
+    never passes through its 28 GB float32 copy). ``model.bench_full_config`` keeps the full geometry's config
+    (the theoretical vision FLOPs count the whole tower)."""
+    import copy
+
     table = geometries()
     if name not in table:
         raise ValueError(f"--geometry {name!r}: unknown; choose one of {', '.join(table)}")
     fam, spec = table[name]
+    if layers is not None and not 1 <= layers <= spec["text"][0]:
+        raise ValueError(f"--layers {layers}: {name} has {spec['text'][0]} decoder layers; give 1..{spec['text'][0]}")
     cls, config = fam.build_geometry(spec, layers)
+    full_config = copy.deepcopy(config)
+    if vision_layers is not None:
+        depth = fam.vision_depth(config)
+        if not 1 <= vision_layers <= depth:
+            raise ValueError(f"--vision-layers {vision_layers}: {name}'s vision tower has {depth} blocks; "
+                             f"give 1..{depth}")
+        fam.cut_vision(config, vision_layers)
     config._attn_implementation = "sdpa"
     config.text_config._attn_implementation = "sdpa"
     config.vision_config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    model = cls(config).eval()
+    model = cls._from_config(config, dtype=dtype or torch.float32).eval()
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = None  # never stop early: every run decodes the same number of tokens
+    model.bench_full_config = full_config
     return model
 
 
@@ -197,17 +223,6 @@ class LayerTimer:
             h.remove()
 
 
-def timed(fn: Callable[[], Any], repeats: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
 @dataclass
 class Cell:
     method: str
@@ -216,17 +231,21 @@ class Cell:
     kept_tokens: int
     prune_layer: int | None  # single-stage K (None: pre-LLM or multi-stage)
     llm_prefill_s: dict[str, float]  # min / median (extrapolated to full depth with --layers)
-    vision_s: float
-    ttft_s: dict[str, float]
+    vision_s: float  # vision tower + projector in the fastest TTFT run (full tower; nan without e2e)
+    ttft_s: dict[str, float]  # min / median (full depth: the missing layers' and blocks' time added)
     decode_per_token_s: float
     select_s: float
     flops: float
     flops_unpruned: float
     kv_bytes: int
     peak_mem_bytes: int
-    speedup: float = 0.0
-    theoretical_speedup: float = 0.0
+    vision_flops: float = 0.0  # the full vision tower + projector (lmms_prune.efficiency encoder formula)
+    ttft_parts: dict[str, float] = field(default_factory=dict)  # timing.PHASES of the fastest TTFT run; sum = TTFT
+    speedup: float = 0.0  # LLM prefill, measured
+    theoretical_speedup: float = 0.0  # LLM prefill FLOPs ratio
     measured_over_theoretical: float = 0.0
+    ttft_speedup: float = 0.0  # time to first token, measured (nan without e2e)
+    e2e_theoretical_speedup: float = 0.0  # (vision + prefill FLOPs) ratio: what pruning in the LLM buys at most
     select_over_unpruned_prefill: float = 0.0
     eager_reference: dict[str, float] = field(default_factory=dict)
     prune_layers: list[int] | None = None  # multi-stage: the stage layers K_1 < K_2 < ...
@@ -238,7 +257,8 @@ def _stats(xs: Sequence[float]) -> dict[str, float]:
 
 
 class Bench:
-    """Runs the grid on one model. ``full_depth`` is the real depth when a truncated stack runs."""
+    """Runs the grid on one model. ``full_depth`` is the real depth when a truncated stack runs; a model from
+    :func:`build_geometry` with ``vision_layers`` states its full tower in ``bench_full_config``."""
 
     def __init__(self, model: nn.Module, full_depth: int | None = None, repeats: int = 3, warmup: int = 1,
                  decode_tokens: int = 8, e2e: bool = True, eager_reference: bool = False,
@@ -249,6 +269,10 @@ class Bench:
         self.full_depth = full_depth or self.depth
         self.dims = DecoderDims.from_config(self.adapter.text_config, ffn_matrices=3)
         self.full_dims = DecoderDims(**{**asdict(self.dims), "num_layers": self.full_depth})
+        family = type(self.adapter)
+        self.full_config = getattr(model, "bench_full_config", model.config)
+        self.vision_depth = family.vision_depth(model.config)
+        self.full_vision_depth = family.vision_depth(self.full_config)
         self.repeats, self.warmup, self.decode_tokens = repeats, warmup, decode_tokens
         self.e2e, self.eager_reference = e2e, eager_reference
         self.device = next(model.parameters()).device
@@ -270,6 +294,10 @@ class Bench:
         outside = total - sum(layer_times)
         return outside + sum(statistics.mean(by_count[c]) for c in self._full_depth_counts(counts))
 
+    def _missing_vision(self, block_times: list[float]) -> float:
+        """Time of the vision blocks a cut tower lacks: each takes the mean time of the blocks run."""
+        return statistics.mean(block_times) * (self.full_vision_depth - self.vision_depth)
+
     def _encoded(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """Inputs with the images pre-encoded, so the forward's time is the LLM's (plus embedding)."""
         video = inputs.get("pixel_values_videos") is not None
@@ -279,11 +307,39 @@ class Bench:
         out["mm_encoder_outputs"] = {"video" if video else "image": enc}
         return out
 
+    def _generate_timings(self, handle: Any, inputs: dict[str, Any], pre_llm: bool,
+                          llm_missing: float) -> tuple[list[dict[str, float]], list[float]]:
+        """Per timed ``generate`` from pixels: the TTFT's phases (:func:`lmms_prune.timing.ttft_parts`, the
+        missing decoder layers' ``llm_missing`` seconds and the missing vision blocks' time added), and the
+        decode time per token."""
+        clock = PhaseClock(self.model, self.adapter, self.device)
+        blocks = LayerTimer(self.adapter.vision_layers(), self.device) \
+            if self.full_vision_depth != self.vision_depth else None
+        runs, decode = [], []
+        try:
+            for i in range(self.warmup + self.repeats):
+                steps = StepClock()
+                clock.start()
+                self.model.generate(**inputs, max_new_tokens=1 + self.decode_tokens,
+                                    min_new_tokens=1 + self.decode_tokens, do_sample=False, stopping_criteria=[steps])
+                if i < self.warmup:
+                    continue
+                parts = ttft_parts(clock.marks, steps.times[0], handle.records[0].select_seconds, pre_llm)
+                parts["llm"] += llm_missing
+                if blocks is not None:
+                    parts["vision"] += self._missing_vision(blocks.times)
+                runs.append(parts)
+                decode.append((steps.times[-1] - steps.times[0]) / max(1, len(steps.times) - 1))
+        finally:
+            clock.remove()
+            if blocks is not None:
+                blocks.remove()
+        return runs, decode
+
     def run_cell(self, method: str, keep_ratio: float, inputs: dict[str, Any], extra: dict[str, Any]) -> Cell:
         model, dev = self.model, self.device
         inputs = {k: v.to(dev) for k, v in inputs.items()}
         params = self._params(method, keep_ratio, extra)
-        vision = timed(lambda: self._encoded(inputs), 1, 0)[0]
         with torch.no_grad(), apply(model, method, **params) as handle:
             if handle.config.multi_stage and self.full_depth != self.depth and params.get(
                     "prune_layers", "auto") == "auto":
@@ -293,29 +349,25 @@ class Bench:
             pre_llm = handle.config.stage == "pre_llm"
             llm_inputs = inputs if pre_llm else self._encoded(inputs)
             timer = LayerTimer(self.adapter.layers, dev)
-            prefill, selects, layer_times = [], [], []
+            prefill, selects, missing = [], [], []
             for i in range(self.warmup + self.repeats):
                 with PeakRSS(dev) as mem:
                     model(**llm_inputs, use_cache=True)
                 rec = handle.records[0]
                 if i >= self.warmup:
-                    prefill.append(self._extrapolate(timer.times, rec.llm_prefill_seconds, rec.kv_lengths))
+                    full = self._extrapolate(timer.times, rec.llm_prefill_seconds, rec.kv_lengths)
+                    prefill.append(full)
+                    missing.append(full - rec.llm_prefill_seconds)
                     selects.append(rec.select_seconds)
-                    layer_times.append(list(timer.times))
             timer.remove()
             kv_lengths = rec.kv_lengths
-            ttft, decode = {"min": float("nan"), "median": float("nan")}, float("nan")
+            nan = float("nan")
+            ttft, decode, vision, parts = {"min": nan, "median": nan}, nan, nan, {}
             if self.e2e:
-                firsts, steps = [], []
-                for i in range(self.warmup + self.repeats):
-                    clock = StepClock()
-                    t0 = time.perf_counter()
-                    model.generate(**inputs, max_new_tokens=1 + self.decode_tokens,
-                                   min_new_tokens=1 + self.decode_tokens, do_sample=False, stopping_criteria=[clock])
-                    if i >= self.warmup:
-                        firsts.append(clock.times[0] - t0)
-                        steps.append((clock.times[-1] - clock.times[0]) / max(1, len(clock.times) - 1))
-                ttft, decode = _stats(firsts), min(steps)
+                runs, steps = self._generate_timings(handle, inputs, pre_llm, statistics.median(missing))
+                totals = [sum(r.values()) for r in runs]
+                parts = runs[totals.index(min(totals))]
+                ttft, decode, vision = _stats(totals), min(steps), parts["vision"]
         full_counts = self._full_depth_counts(kv_lengths)
         config = handle.config
         per_layer = statistics.mean(full_counts) - (rec.seq_len_before - rec.visual_before)
@@ -326,9 +378,11 @@ class Bench:
             method=method, keep_ratio=1.0 if method == "none" else float(budget), visual_tokens=rec.visual_before,
             kept_tokens=rec.visual_after, prune_layer=config.prune_layer,
             prune_layers=list(handle.stage_layers) if config.multi_stage else None, visual_per_layer=per_layer,
-            llm_prefill_s=_stats(prefill), vision_s=vision, ttft_s=ttft, decode_per_token_s=decode,
-            select_s=min(selects), flops=float(prefill_flops(self.full_dims, full_counts)),
+            llm_prefill_s=_stats(prefill), vision_s=vision, ttft_s=ttft, ttft_parts=parts,
+            decode_per_token_s=decode, select_s=min(selects),
+            flops=float(prefill_flops(self.full_dims, full_counts)),
             flops_unpruned=float(prefill_flops(self.full_dims, [rec.seq_len_before] * self.full_depth)),
+            vision_flops=float(type(self.adapter).vision_flops(self.full_config, inputs)),
             kv_bytes=kv_cache_bytes(self.full_dims, full_counts, self.bytes), peak_mem_bytes=mem.peak,
         )
         if self.eager_reference and handle.config.score not in ("none", "vision") and not pre_llm:
@@ -365,22 +419,32 @@ class Bench:
         for n in token_counts:
             inputs = synthetic_inputs(self.model, n)
             base = self.run_cell("none", 1.0, inputs, {})
-            self.progress(f"tokens={n} none: LLM prefill {base.llm_prefill_s['min']:.3f}s")
+            self.progress(f"tokens={n} none: LLM prefill {base.llm_prefill_s['min']:.3f}s, "
+                          f"TTFT {base.ttft_s['min']:.3f}s")
             cells.append(base)
             for method in methods:
                 if method == "none":
                     continue
                 for ratio in keep_ratios:
                     cell = self.run_cell(method, ratio, inputs, extra.get(method, {}))
-                    cell.speedup = base.llm_prefill_s["min"] / cell.llm_prefill_s["min"]
-                    cell.theoretical_speedup = cell.flops_unpruned / cell.flops
-                    cell.measured_over_theoretical = cell.speedup / cell.theoretical_speedup
-                    cell.select_over_unpruned_prefill = cell.select_s / base.llm_prefill_s["min"]
+                    speedups(cell, base)
                     cells.append(cell)
-                    self.progress(f"tokens={n} {method}@{cell.keep_ratio:g}: x{cell.speedup:.2f} measured, "
-                                  f"x{cell.theoretical_speedup:.2f} theoretical")
-            base.speedup = base.theoretical_speedup = base.measured_over_theoretical = 1.0
+                    self.progress(f"tokens={n} {method}@{cell.keep_ratio:g}: prefill x{cell.speedup:.2f} measured, "
+                                  f"x{cell.theoretical_speedup:.2f} theoretical; TTFT x{cell.ttft_speedup:.2f} "
+                                  f"measured, x{cell.e2e_theoretical_speedup:.2f} theoretical end to end")
+            speedups(base, base)
         return cells
+
+
+def speedups(cell: Cell, base: Cell) -> None:
+    """Fill ``cell``'s ratios against the unpruned ``base`` of the same input: LLM prefill (measured, FLOPs),
+    TTFT (measured) and the whole request's FLOPs (vision + prefill)."""
+    cell.speedup = base.llm_prefill_s["min"] / cell.llm_prefill_s["min"]
+    cell.theoretical_speedup = cell.flops_unpruned / cell.flops
+    cell.measured_over_theoretical = cell.speedup / cell.theoretical_speedup
+    cell.ttft_speedup = base.ttft_s["min"] / cell.ttft_s["min"]
+    cell.e2e_theoretical_speedup = end_to_end_ratio(cell.vision_flops, cell.flops_unpruned, cell.flops)
+    cell.select_over_unpruned_prefill = cell.select_s / base.llm_prefill_s["min"]
 
 
 def _layers_text(cell: Cell) -> str:
@@ -391,8 +455,9 @@ def _layers_text(cell: Cell) -> str:
 
 
 def markdown_table(cells: Sequence[Cell], extrapolated: bool) -> str:
-    head = ("| method | keep | visual tokens | kept | avg/layer | K | LLM prefill s (min/med) | speed-up | theory | "
-            "measured/theory | select ms | select/prefill | TTFT s | decode ms/tok | KV MiB | peak +MiB | "
+    head = ("| method | keep | visual tokens | kept | avg/layer | K | LLM prefill s (min/med) | prefill speed-up | "
+            "prefill theory | measured/theory | TTFT s (min/med) | TTFT speed-up | e2e theory | vision s | "
+            "hand-over ms | select ms | select/prefill | decode ms/tok | KV MiB | peak +MiB | "
             "eager-scoring prefill s | eager peak MiB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for c in cells:
@@ -401,16 +466,24 @@ def markdown_table(cells: Sequence[Cell], extrapolated: bool) -> str:
             f"| {c.method} | {c.keep_ratio:g} | {c.visual_tokens} | {c.kept_tokens} | {c.visual_per_layer:.0f} | "
             f"{_layers_text(c)} | "
             f"{c.llm_prefill_s['min']:.3f} / {c.llm_prefill_s['median']:.3f} | {c.speedup:.2f} | "
-            f"{c.theoretical_speedup:.2f} | {c.measured_over_theoretical:.2f} | {1000 * c.select_s:.2f} | "
-            f"{100 * c.select_over_unpruned_prefill:.2f}% | {c.ttft_s['min']:.3f} | "
+            f"{c.theoretical_speedup:.2f} | {c.measured_over_theoretical:.2f} | "
+            f"{c.ttft_s['min']:.3f} / {c.ttft_s['median']:.3f} | {c.ttft_speedup:.2f} | "
+            f"{c.e2e_theoretical_speedup:.2f} | {c.vision_s:.3f} | "
+            f"{1000 * c.ttft_parts.get('handover', float('nan')):.1f} | {1000 * c.select_s:.2f} | "
+            f"{100 * c.select_over_unpruned_prefill:.2f}% | "
             f"{1000 * c.decode_per_token_s:.1f} | {c.kv_bytes / 2**20:.1f} | {c.peak_mem_bytes / 2**20:.0f} | "
             f"{eager.get('llm_prefill_s', float('nan')):.3f} | "
             f"{eager.get('peak_mem_bytes', float('nan')) / 2**20:.0f} |"
         )
+    lines.append("")
+    lines.append("prefill speed-up: the LLM prefill alone (vision excluded); TTFT speed-up: the whole request "
+                 "(vision tower, hand-over, selection, prefill, first token), as a user waits for it. Theories are "
+                 "FLOPs ratios: prefill theory of the decoder, e2e theory of vision tower + decoder.")
     if extrapolated:
         lines.append("")
         lines.append("LLM prefill times, FLOPs and KV bytes are extrapolated to the full depth from a truncated "
-                     "stack (per-layer times); vision, TTFT and decode times are those of the truncated model.")
+                     "stack (per-layer times), and so are the TTFT and vision times (the missing layers' and "
+                     "vision blocks' times added); decode times are those of the truncated model.")
     return "\n".join(lines)
 
 
@@ -425,13 +498,16 @@ def plot(cells: Sequence[Cell], path: Path) -> Path:
     for m in methods:
         pts = sorted((c.kept_tokens, c.speedup, c.theoretical_speedup, c.kv_bytes) for c in cells if c.method == m)
         xs = [p[0] for p in pts]
-        line, = ax1.plot(xs, [p[1] for p in pts], marker="o", label=f"{m} measured")
+        line, = ax1.plot(xs, [p[1] for p in pts], marker="o", label=f"{m} prefill measured")
         ax1.plot(xs, [p[2] for p in pts], linestyle="--", marker="x", color=line.get_color(), label=f"{m} theory")
+        e2e = sorted((c.kept_tokens, c.ttft_speedup, c.e2e_theoretical_speedup) for c in cells if c.method == m)
+        ax1.plot(xs, [p[1] for p in e2e], marker="s", linestyle="-.", color=line.get_color(), label=f"{m} TTFT")
+        ax1.plot(xs, [p[2] for p in e2e], linestyle=":", marker="+", color=line.get_color(), label=f"{m} e2e theory")
         ax2.plot(xs, [p[3] / 2**20 for p in pts], marker="o", label=m)
     base = [c for c in cells if c.method == "none"]
     if base:
         ax2.axhline(base[0].kv_bytes / 2**20, color="gray", linestyle=":", label="unpruned")
-    ax1.set(xlabel="kept visual tokens", ylabel="LLM prefill speed-up (x)", title="Speed-up vs kept tokens")
+    ax1.set(xlabel="kept visual tokens", ylabel="speed-up (x)", title="Prefill and TTFT speed-up vs kept tokens")
     ax2.set(xlabel="kept visual tokens", ylabel="KV cache (MiB)", title="KV-cache size vs kept tokens")
     ax1.legend(fontsize=7)
     ax2.legend(fontsize=7)

@@ -1,4 +1,5 @@
-"""Theoretical prefill cost of a (pruned) decoder: FLOPs and KV-cache bytes (methods.md section 8).
+"""Theoretical cost of a request: the (pruned) decoder's prefill FLOPs and KV-cache bytes (methods.md section 8)
+and the vision encoder's FLOPs, so that a theoretical ratio can cover what the user waits for.
 
 Pure arithmetic on a few model dimensions; nothing here imports torch or transformers.
 
@@ -15,6 +16,16 @@ in general it costs ``sum_l f(n_l)`` over the per-layer token counts ``n_l``.
 
 The KV cache of a layer holding ``n_l`` tokens takes ``2 * KV * hd * bytes_per_element * n_l`` bytes (keys and
 values), summed over layers.
+
+The vision encoder (a ViT: patch embedding, ``L_v`` pre-norm blocks, a projector MLP) costs, per block over
+``n`` patch tokens split into independent attention sequences of lengths ``s_j`` (tiles, frames, windows),
+
+    g(n) = 4 * n * e^2 + 2 * e * sum_j s_j^2 + ffn_matrices * n * e * m_v
+
+with width ``e`` and FFN width ``m_v`` (the decoder's formula without GQA, attention restricted to each
+sequence), plus ``n * patch_dim * e`` for the patch embedding and ``sum_i n_i * a_i * b_i`` for the projector's
+linear layers. The end-to-end ratio ``(V + P) / (V + P')`` (vision ``V``, unpruned and pruned prefill ``P``,
+``P'``) is what pruning inside the LLM can buy at most; it is never above ``P / P'`` while ``V`` is unpruned.
 
 Measured times are another matter: a process's first batch pays its cold start (kernel compilation,
 allocator growth, lazy imports), so timing means leave it out (`warm_samples`).
@@ -105,6 +116,57 @@ def kv_cache_bytes(dims: DecoderDims, tokens_per_layer: Sequence[int], bytes_per
         raise ValueError(f"bytes_per_element={bytes_per_element}: must be >= 1 (2 for bfloat16, 4 for float32)")
     per_token = 2 * dims.num_kv_heads * dims.head_dim * bytes_per_element
     return per_token * sum(int(n) for n in tokens_per_layer)
+
+
+@dataclass(frozen=True)
+class EncoderDims:
+    """The dimensions of a ViT vision encoder that its cost depends on (every block full width)."""
+
+    hidden_size: int  # e
+    intermediate_size: int  # m_v
+    num_layers: int  # L_v, blocks that run
+    patch_dim: int  # input values per patch: channels * patch^2 (* temporal patch)
+    ffn_matrices: int = 2  # 2 for a GELU MLP, 3 for SwiGLU (Qwen2.5-VL)
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "intermediate_size", "num_layers", "patch_dim", "ffn_matrices"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: must be a positive integer")
+
+
+def encoder_layer_flops(dims: EncoderDims, sequences: Sequence[int]) -> int:
+    """``g``: one encoder block over independent attention sequences of ``sequences`` tokens each."""
+    if any(int(s) < 0 for s in sequences):
+        raise ValueError(f"sequences={list(sequences)}: token counts must be >= 0")
+    n, e = sum(int(s) for s in sequences), dims.hidden_size
+    return 4 * n * e * e + 2 * e * sum(int(s) ** 2 for s in sequences) + dims.ffn_matrices * n * e * dims.intermediate_size
+
+
+def mlp_flops(tokens: int, widths: Sequence[int]) -> int:
+    """Linear layers ``widths[0] -> widths[1] -> ...`` applied to ``tokens`` rows (a projector or merger)."""
+    return int(tokens) * sum(int(a) * int(b) for a, b in zip(widths, widths[1:]))
+
+
+def encoder_flops(dims: EncoderDims, patches: int, sequences: Sequence[int],
+                  window_sequences: Sequence[int] | None = None, full_layers: Sequence[int] = ()) -> int:
+    """Patch embedding of ``patches`` patches and ``num_layers`` blocks. Blocks attend within ``sequences``;
+    with ``window_sequences`` (Qwen2.5-VL's windowed blocks), only the blocks in ``full_layers`` do, the others
+    within the windows. Extra tokens (a [CLS] per sequence) are in ``sequences``, not in ``patches``."""
+    if window_sequences is None:
+        blocks = dims.num_layers * encoder_layer_flops(dims, sequences)
+    else:
+        full = sum(1 for i in set(full_layers) if 0 <= i < dims.num_layers)
+        blocks = (full * encoder_layer_flops(dims, sequences)
+                  + (dims.num_layers - full) * encoder_layer_flops(dims, window_sequences))
+    return int(patches) * dims.patch_dim * dims.hidden_size + blocks
+
+
+def end_to_end_ratio(vision: float, prefill_unpruned: float, prefill: float) -> float:
+    """``(V + P) / (V + P')``: the theoretical speed-up of the whole prefill request (vision + LLM prefill)."""
+    if prefill <= 0 or vision < 0:
+        raise ValueError(f"vision={vision}, prefill={prefill}: need vision >= 0 and prefill > 0")
+    return (vision + prefill_unpruned) / (vision + prefill)
 
 
 def warm_samples(records: Sequence[dict[str, Any]], world_size: int = 1) -> list[dict[str, Any]]:

@@ -5,8 +5,8 @@ folder) and the efficiency JSON written next to it by this package's models. Row
 ratio); for each task family (an lmms-eval group such as ``refcoco_ground``, or a lone task) the columns are its
 splits and its average, each shown as the absolute score and the % of the unpruned run of the same model
 (method ``none``, same checkpoint). Efficiency columns: mean visual tokens kept, the final count and the
-prefill FLOPs as % of the unpruned run's, LLM prefill speed-up and KV-cache reduction against that same
-unpruned run, and the samples these rest on.
+prefill FLOPs as % of the unpruned run's, LLM prefill and time-to-first-token (TTFT) speed-ups and KV-cache
+reduction against that same unpruned run, and the samples these rest on.
 
 Matched budgets (``match``): multi-stage methods (pyramiddrop, sparsevlm) keep a different number of tokens at
 each layer, and their ``keep_ratio`` is the AVERAGE per layer (the FLOPs equivalent), not the final count.
@@ -141,7 +141,7 @@ def efficiency_figures(document: dict[str, Any]) -> dict[str, Any]:
 
     timed = warm_samples(records, document.get("world_size", 1))
     out["timed_samples"] = len(timed)
-    for key in ("llm_prefill_seconds", "select_seconds", "decode_seconds", "end_to_end_seconds"):
+    for key in ("llm_prefill_seconds", "select_seconds", "decode_seconds", "end_to_end_seconds", "ttft_seconds"):
         values = [float(r[key]) for r in timed if r.get(key) is not None]
         out[f"mean_{key}"] = sum(values) / len(values) if values else None
     return out
@@ -329,6 +329,9 @@ def build_tables(runs: Sequence[Run], match: str = "keep") -> list[Table]:
             row["visual kept"] = eff.get("mean_visual_after")
             bp, rp = beff.get("mean_llm_prefill_seconds"), eff.get("mean_llm_prefill_seconds")
             row["prefill speed-up"] = bp / rp if bp and rp else None
+            # time to first token (preprocessing, vision, hand-over, prefill): what a user waits for
+            bt, rt = beff.get("mean_ttft_seconds"), eff.get("mean_ttft_seconds")
+            row["TTFT speed-up"] = bt / rt if bt and rt else None
             bk, rk = beff.get("mean_kv_cache_bytes"), eff.get("mean_kv_cache_bytes")
             row["KV reduction %"] = 100.0 * (1 - rk / bk) if bk and rk else None
             rows.append(row)
@@ -355,14 +358,15 @@ def to_markdown(tables: Sequence[Table]) -> str:
     out = []
     for t in tables:
         head = ["model", "method", "keep", *t.columns, "visual kept", "final kept %", "FLOPs %",
-                "prefill speed-up", "KV reduction %", "samples (timed)"]
+                "prefill speed-up", "TTFT speed-up", "KV reduction %", "samples (timed)"]
         out += [f"### {t.family}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in t.rows:
             timed = "all, warm-up included" if r.get("timed") is None else str(r["timed"])
             counted = "n/a" if r.get("samples") is None else f"{r['samples']} ({timed})"
             cells = [r["model"], r["method"], _fmt(r["keep"], 2), *[_cell(r, c) for c in t.columns],
                      _fmt(r["visual kept"], 1), _fmt(r.get("final kept %"), 1), _fmt(r.get("FLOPs %"), 1),
-                     _fmt(r["prefill speed-up"]), _fmt(r["KV reduction %"], 1), counted]
+                     _fmt(r["prefill speed-up"]), _fmt(r.get("TTFT speed-up")), _fmt(r["KV reduction %"], 1),
+                     counted]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
@@ -373,14 +377,14 @@ def to_csv(tables: Sequence[Table], path: Path) -> Path:
         w = csv.writer(f)
         w.writerow(["task_family", "model", "pretrained", "method", "keep", "column", "score", "pct_of_unpruned",
                     "visual_kept", "final_kept_pct", "flops_pct", "prefill_speedup", "kv_reduction_pct",
-                    "efficiency_samples", "timed_samples"])
+                    "efficiency_samples", "timed_samples", "ttft_speedup"])
         for t in tables:
             for r in t.rows:
                 for c in t.columns:
                     w.writerow([t.family, r["model"], r["pretrained"], r["method"], r["keep"], c, r.get(c),
                                 r.get(f"{c} %"), r["visual kept"], r.get("final kept %"), r.get("FLOPs %"),
                                 r["prefill speed-up"], r["KV reduction %"],
-                                r.get("samples"), r.get("timed")])
+                                r.get("samples"), r.get("timed"), r.get("TTFT speed-up")])
     return path
 
 
@@ -393,7 +397,7 @@ def _tex(text: str) -> str:
 def to_latex(tables: Sequence[Table]) -> str:
     out = []
     for t in tables:
-        cols = ["Method", "Keep", *t.columns, "Tokens", "Speed-up"]
+        cols = ["Method", "Keep", *t.columns, "Tokens", "Speed-up", "TTFT speed-up"]
         out += [r"\begin{table}[t]", r"\centering", r"\caption{" + _tex(t.family) + "}",
                 r"\begin{tabular}{ll" + "c" * (len(cols) - 2) + "}", r"\toprule",
                 " & ".join(_tex(c) for c in cols) + r" \\", r"\midrule"]
@@ -403,7 +407,7 @@ def to_latex(tables: Sequence[Table]) -> str:
                 v, p = r.get(c), r.get(f"{c} %")
                 vals.append("n/a" if v is None else (f"{v:.2f}" + (f" ({p:.1f}\\%)" if p is not None else "")))
             out.append(" & ".join([_tex(r["method"]), _fmt(r["keep"], 2), *vals, _fmt(r["visual kept"], 0),
-                                   _fmt(r["prefill speed-up"])]) + r" \\")
+                                   _fmt(r["prefill speed-up"]), _fmt(r.get("TTFT speed-up"))]) + r" \\")
         out += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
     return "\n".join(out)
 

@@ -44,6 +44,7 @@ from PIL import Image
 from lmms_prune.efficiency import DecoderDims, kv_cache_bytes, prefill_flops, warm_samples
 from lmms_prune.families.base import Family, bool_arg, int_arg
 from lmms_prune.presets import PRESETS, PruneConfig, resolve_config
+from lmms_prune.timing import PhaseClock, ttft_parts
 
 # dtype names: torch's own (lmms_eval.utils.get_dtype resolves them) and their short aliases.
 DTYPE_ALIASES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
@@ -267,8 +268,10 @@ def summarize(records: Sequence[dict[str, Any]], skipped: int = 0) -> dict[str, 
                 "output_tokens"):
         if all(key in r for r in records):  # visual_before_papers: records written before it existed lack it
             out[f"mean_{key}"] = sum(float(r[key]) for r in records) / len(records)
-    for key in ("llm_prefill_seconds", "select_seconds", "decode_seconds", "end_to_end_seconds"):
-        out[f"mean_{key}"] = sum(float(r[key]) for r in timed) / len(timed)
+    for key in ("llm_prefill_seconds", "select_seconds", "decode_seconds", "end_to_end_seconds",
+                "preprocess_seconds", "vision_seconds", "handover_seconds", "ttft_seconds"):
+        if all(key in r for r in timed):  # the TTFT parts: records written before they existed lack them
+            out[f"mean_{key}"] = sum(float(r[key]) for r in timed) / len(timed)
 
     def ratio(num: str, den: str) -> float | None:
         total = sum(float(r[den]) for r in records)
@@ -277,6 +280,12 @@ def summarize(records: Sequence[dict[str, Any]], skipped: int = 0) -> dict[str, 
     out["visual_kept_ratio"] = ratio("visual_after", "visual_before")
     out["prefill_flops_ratio"] = ratio("prefill_flops", "prefill_flops_unpruned")
     out["kv_cache_ratio"] = ratio("kv_cache_bytes", "kv_cache_bytes_unpruned")
+    if all("batch_vision_flops" in r for r in records):
+        # the whole request's FLOPs: each sample's share of its batch's vision encoding + its prefill
+        vision = [float(r["batch_vision_flops"]) / int(r.get("batch_size", 1) or 1) for r in records]
+        pruned = sum(v + float(r["prefill_flops"]) for v, r in zip(vision, records))
+        unpruned = sum(v + float(r["prefill_flops_unpruned"]) for v, r in zip(vision, records))
+        out["end_to_end_flops_ratio"] = pruned / unpruned if unpruned else None
     return out
 
 
@@ -291,7 +300,9 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{num('mean_visual_before', '.1f')} -> {num('mean_visual_after', '.1f')} "
             f"(x{num('visual_kept_ratio', '.3f')}), prefill FLOPs x{num('prefill_flops_ratio', '.3f')}, "
             f"KV cache x{num('kv_cache_ratio', '.3f')}, mean LLM prefill {num('mean_llm_prefill_seconds', '.4f')}s, "
-            f"selection {num('mean_select_seconds', '.4f')}s, end-to-end {num('mean_end_to_end_seconds', '.4f')}s "
+            f"selection {num('mean_select_seconds', '.4f')}s, vision {num('mean_vision_seconds', '.4f')}s, "
+            f"TTFT {num('mean_ttft_seconds', '.4f')}s, end-to-end FLOPs x{num('end_to_end_flops_ratio', '.3f')}, "
+            f"end-to-end {num('mean_end_to_end_seconds', '.4f')}s "
             f"(times over {summary.get('timed_samples', summary['samples'])} samples after warm-up)")
 
 
@@ -320,7 +331,6 @@ class Runner:
         self.options = options
         self.config = config
         self.model_id = model_id
-        self._prefill_end: float | None = None
 
     # ------------------------------------------------------------------ set-up
     def setup_device(self, device: torch.device | None = None) -> None:
@@ -385,18 +395,15 @@ class Runner:
         self.processor.tokenizer.padding_side = "left"
 
     def install(self) -> None:
-        """Patch the model with the pruning engine; stamp the end of each prefill for decode timing."""
+        """Patch the model with the pruning engine; clock each ``generate``'s phases (lmms_prune.timing) for
+        the time to first token, its parts and the decode time."""
         import lmms_prune
 
         self.handle = lmms_prune.apply(self.model, method=self.config.method, config=self.config)
         self.dims = DecoderDims.from_config(self.handle.adapter.text_config)
         self.bytes_per_element = torch.empty((), dtype=self.dtype).element_size()
-        self._hooks = [self.handle.adapter.language_model.register_forward_hook(self._stamp_prefill_end)]
-
-    def _stamp_prefill_end(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
-        if self._prefill_end is None:
-            self.sync()
-            self._prefill_end = time.perf_counter()
+        self._clock = PhaseClock(self.model, self.handle.adapter, self.device)
+        self._hooks = [self._clock]
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -522,9 +529,7 @@ class Runner:
             gen.update(stop_strings=stops, tokenizer=tokenizer)
         self.handle.task_kind = task_kind
         self.handle.records = []  # never read a previous batch's records
-        self._prefill_end = None
-        self.sync()
-        t_gen = time.perf_counter()
+        t_gen = self._clock.start()
         with torch.inference_mode():
             output = self.model.generate(**inputs, **gen, eos_token_id=eos_id, pad_token_id=pad_id,
                                          use_cache=self.options.use_cache)
@@ -544,6 +549,7 @@ class Runner:
             rec = records[i * beams]
             n_out = int((new_tokens[i] != pad_id).sum()) if pad_id is not None else int(new_tokens.shape[1])
             record = self.efficiency_record(rec, len(conversations), n_out, t_start, t_gen, t_gen_end, t_end)
+            record["batch_vision_flops"] = self.family.vision_flops(self.model.config, inputs)
             # input tokens: what the LLM really processed, i.e. after pruning
             out.append(Answer(apply_until(answers[i], until), rec.seq_len_after, n_out, record,
                               frames[starts[i]:starts[i] + counts[i]]))
@@ -552,10 +558,16 @@ class Runner:
     def efficiency_record(self, rec: Any, batch: int, n_out: int, t_start: float, t_gen: float,
                           t_gen_end: float, t_end: float) -> dict[str, Any]:
         """One sample's efficiency: engine record + runner timing + theoretical cost (methods.md 8).
-        Times measured per batch (prefill, selection, decode, end-to-end) are the batch's."""
+        Times measured per batch (preprocessing, vision, hand-over, prefill, selection, TTFT, decode,
+        end-to-end) are the batch's; the TTFT runs from the request (``t_start``, before the processor) to the
+        first token's logits, so it is preprocessing plus :data:`lmms_prune.timing.PHASES` (docs/efficiency.md)."""
         layers = list(rec.kv_lengths) or [rec.seq_len_after] * self.dims.num_layers
         full = [rec.seq_len_before] * self.dims.num_layers
-        prefill_end = self._prefill_end if self._prefill_end is not None else t_gen
+        marks = self._clock.marks
+        prefill_end = marks.get("llm_end", t_gen)
+        first = marks.get("head_end", prefill_end)
+        phases = ttft_parts(marks, first, rec.select_seconds, self.config.stage == "pre_llm") \
+            if "llm_start" in marks else {}
         return {
             "batch_size": batch,
             "task_kind": self.handle.task_kind,
@@ -569,6 +581,10 @@ class Runner:
             "seq_len_after": rec.seq_len_after,
             "llm_prefill_seconds": rec.llm_prefill_seconds,
             "select_seconds": rec.select_seconds,
+            "preprocess_seconds": t_gen - t_start,
+            "vision_seconds": phases.get("vision", 0.0),
+            "handover_seconds": phases.get("handover", 0.0),
+            "ttft_seconds": first - t_start,
             "decode_seconds": t_gen_end - prefill_end,
             "generate_seconds": t_gen_end - t_gen,
             "end_to_end_seconds": t_end - t_start,

@@ -7,11 +7,15 @@ It uses the machine's own torch and installs nothing. It writes ``OUT/gpu_check.
    and every cached decode step; cache equals recomputation; a left-padded batch equals its samples) on the
    device in fp32 and bf16 (tolerances per dtype are stated in tests/test_engine.py), plus the argmax agreement
    of pruned and mask-mode logits at every position in bf16.
-2. Bench (random weights, bf16 on CUDA): InternVL2.5-8B geometry with 7 tiles (1792 visual tokens) and
-   LLaVA-NeXT-7B (2880 visual tokens, where that family exists); fastv, d2pruner, deepprune, vispruner and
-   pyramiddrop (where present) at 10% and 11.1% (= 320 of 2880); measured prefill speed-up against the
-   theoretical FLOPs speed-up, TTFT, decode ms/token, KV bytes, selection time as a share of the unpruned
-   prefill, and the eager reference path, side by side. Layer times come from CUDA events after warm-ups.
+2. Bench (random weights, bf16 on CUDA, every geometry at full depth: all decoder layers, the whole vision
+   tower): InternVL2.5-8B geometry with 7 tiles (1792 visual tokens) and LLaVA-NeXT-7B (2880 visual tokens,
+   where that family exists); fastv, d2pruner, deepprune, vispruner and pyramiddrop (where present) at 10% and
+   11.1% (= 320 of 2880); then the README's CPU rows at full depth: InternVL2.5-1B (1280 tokens; fastv,
+   deepprune at 10%) and the Qwen2.5-VL-7B video (4096 tokens; fastv, temporal at 10%). Per cell: measured
+   prefill speed-up against the theoretical FLOPs speed-up, the TTFT speed-up against the end-to-end FLOPs
+   ratio (vision tower included), where the TTFT goes (vision, hand-over), decode ms/token, KV bytes, selection
+   time as a share of the unpruned prefill, and the eager reference path, side by side. Layer times come from
+   CUDA events after warm-ups.
 3. SDPA kernels: for batch 1 no attention mask reaches the pruned layers, so SDPA may pick flash; the
    profiler names the SDPA kernels that ran in one pruned prefill.
 
@@ -128,10 +132,10 @@ def bench_cells(spec: dict[str, Any], device: str, dtype: torch.dtype, repeats: 
 
         model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir(spec["toy"])).eval()
     else:
-        model = build_geometry(spec["geometry"], spec.get("layers"))
+        model = build_geometry(spec["geometry"], spec.get("layers"), dtype=dtype)
     model = model.to(device=device, dtype=dtype)
     inputs = synthetic_inputs(model, spec["tokens"])
-    methods = [m for m in METHODS if m in PRESETS]
+    methods = [m for m in spec.get("methods", METHODS) if m in PRESETS]
     extra: dict[str, dict[str, Any]] = {}
     if "d2pruner" in methods:  # a prior from this model's own attention on the synthetic input
         import lmms_prune
@@ -152,7 +156,7 @@ def bench_cells(spec: dict[str, Any], device: str, dtype: torch.dtype, repeats: 
     if depth <= 12:  # deepprune's K=12 needs 13 layers
         methods = [m for m in methods if m != "deepprune"]
     bench = Bench(model, full_depth=spec.get("full_depth"), repeats=repeats, warmup=1, decode_tokens=8,
-                  e2e=True, eager_reference=True, progress=lambda msg: print(f"[{spec['name']}] {msg}", flush=True))
+                  e2e=True, eager_reference=spec.get("eager_reference", True), progress=lambda msg: print(f"[{spec['name']}] {msg}", flush=True))
     cells = bench.run(methods, spec["keeps"], [spec["tokens"]], extra)
     params = {"keep_ratio": spec["keeps"][0], **extra.get("fastv", {})}
     kernels = sdpa_kernels(model, {k: v.to(device) for k, v in inputs.items()}, "fastv", params)
@@ -176,6 +180,12 @@ def geometries(small: bool) -> list[dict[str, Any]]:
     if "llava-next-7b" in names:
         specs.append({"name": "llava-next-7b", "kind": "geometry", "geometry": "llava-next-7b", "tokens": 2880,
                       "keeps": [0.1, 0.111]})
+    # the README's CPU rows (truncated there), at full depth in bf16
+    specs.append({"name": "internvl2_5-1b", "kind": "geometry", "geometry": "internvl2_5-1b", "tokens": 1280,
+                  "keeps": [0.1], "methods": ("fastv", "deepprune")})
+    if "qwen2_5_vl_7b_video" in names:
+        specs.append({"name": "qwen2_5_vl_7b_video", "kind": "geometry", "geometry": "qwen2_5_vl_7b_video",
+                      "tokens": 4096, "keeps": [0.1], "methods": ("fastv", "temporal"), "eager_reference": False})
     return specs
 
 
@@ -192,12 +202,15 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {family} | {row['max_abs_diff']:.3g} | {100 * row['argmax_agreement']:.1f}% |")
     for geo in report["bench"]:
         lines += ["", f"## Bench: {geo['spec']['name']} ({geo['spec']['tokens']} visual tokens)", "",
-                  "| method | keep | kept | prefill speed-up | theory | measured/theory | TTFT s | decode ms/tok | "
-                  "KV MiB | select/prefill | eager prefill s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| method | keep | kept | prefill speed-up | theory | measured/theory | TTFT s | TTFT speed-up | "
+                  "e2e theory | vision s | hand-over ms | decode ms/tok | KV MiB | select/prefill | eager prefill s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for c in geo["cells"]:
             lines.append(
                 f"| {c['method']} | {c['keep_ratio']:g} | {c['kept_tokens']} | {c['speedup']:.2f} | "
                 f"{c['theoretical_speedup']:.2f} | {c['measured_over_theoretical']:.2f} | {c['ttft_s']['min']:.4f} | "
+                f"{c['ttft_speedup']:.2f} | {c['e2e_theoretical_speedup']:.2f} | {c['vision_s']:.4f} | "
+                f"{1000 * c['ttft_parts']['handover']:.2f} | "
                 f"{1000 * c['decode_per_token_s']:.2f} | {c['kv_bytes'] / 2**20:.1f} | "
                 f"{100 * c['select_over_unpruned_prefill']:.2f}% | "
                 f"{c['eager_reference'].get('llm_prefill_s', float('nan')):.4f} |")

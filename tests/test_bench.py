@@ -12,6 +12,8 @@ import torch
 from lmms_prune import selection as sel
 from lmms_prune.bench import Bench, build_geometry, markdown_table, synthetic_inputs, write_results
 from lmms_prune.efficiency import DecoderDims, kv_cache_bytes, prefill_flops
+from lmms_prune.families import get_adapter
+from lmms_prune.timing import PHASES
 from lmms_prune.toy.models import build_tiny_model
 
 torch.set_num_threads(1)
@@ -23,6 +25,19 @@ def test_bench_grid_on_a_tiny_model(tmp_path):
     cells = bench.run(["fastv", "divprune"], [0.1, 0.5], [512])
     assert [(c.method, c.keep_ratio) for c in cells] == [
         ("none", 1.0), ("fastv", 0.1), ("fastv", 0.5), ("divprune", 0.1), ("divprune", 0.5)]
+    vision = type(bench.adapter).vision_flops(model.config, synthetic_inputs(model, 512))
+    for c in cells:
+        # where the TTFT goes: disjoint phases in call order that add up to it
+        assert set(c.ttft_parts) == set(PHASES) and min(c.ttft_parts.values()) >= 0
+        assert math.isclose(sum(c.ttft_parts.values()), c.ttft_s["min"], rel_tol=1e-9)
+        assert c.vision_s == c.ttft_parts["vision"] > 0
+        # the whole request's theory: the same unpruned tower on both sides caps it below the prefill's
+        assert c.vision_flops == vision
+        assert c.e2e_theoretical_speedup == pytest.approx((vision + c.flops_unpruned) / (vision + c.flops))
+        assert 1 <= c.e2e_theoretical_speedup <= c.theoretical_speedup
+        assert c.ttft_speedup == cells[0].ttft_s["min"] / c.ttft_s["min"]
+    assert cells[0].e2e_theoretical_speedup == cells[0].ttft_speedup == 1.0
+    assert all(1 < c.e2e_theoretical_speedup < c.theoretical_speedup for c in cells[1:])
     dims = DecoderDims.from_config(model.config.text_config, ffn_matrices=3)
     base = cells[0]
     full = base.visual_tokens + (base.flops and 0) + (synthetic_inputs(model, 512)["input_ids"].shape[1] - 512)
@@ -42,12 +57,48 @@ def test_bench_grid_on_a_tiny_model(tmp_path):
     data = json.loads(paths["json"].read_text())
     assert len(data["cells"]) == 5 and paths["plot"].stat().st_size > 0
     assert paths["markdown"].read_text().count("\n| ") == 5
+    assert "| TTFT speed-up | e2e theory |" in paths["markdown"].read_text()
+
+
+@pytest.mark.parametrize("name,blocks,taps", [("internvl2_5-1b", "encoder.layer", None),
+                                              ("qwen2_5_vl-7b", "blocks", ("fullatt_block_indexes", [1])),
+                                              ("qwen3_vl-8b", "blocks", ("deepstack_visual_indexes", [1]))])
+def test_vision_layers_builds_that_many_blocks(name, blocks, taps):
+    """--vision-layers 2 builds a 2-block tower (taps past the cut move to its last block) and keeps the full
+    geometry for the FLOPs; --llm-layers 1 one decoder layer. Built on the meta device: no weights."""
+    with torch.device("meta"):
+        model = build_geometry(name, layers=1, vision_layers=2)
+    tower = get_adapter(model).vision_tower
+    assert len(tower.get_submodule(blocks)) == 2 and len(model.model.language_model.layers) == 1
+    if taps:
+        assert getattr(model.config.vision_config, taps[0]) == taps[1]
+    fam = type(get_adapter(model))
+    assert fam.vision_depth(model.config) == 2 < fam.vision_depth(model.bench_full_config)
+    with torch.device("meta"):
+        bench = Bench(model, full_depth=24, progress=lambda _: None)
+    full = fam.vision_depth(model.bench_full_config)
+    # each missing block takes the mean time of the blocks run
+    assert bench._missing_vision([1.0, 3.0]) == pytest.approx(2.0 * (full - 2))
+
+
+def test_bench_depth_errors_come_before_any_weights(capsys):
+    from lmms_prune.cli.main import main
+
+    with pytest.raises(ValueError, match="--vision-layers 25: internvl2_5-1b's vision tower has 24 blocks"):
+        build_geometry("internvl2_5-1b", vision_layers=25)
+    with pytest.raises(ValueError, match="--layers 0: internvl2_5-1b has 24 decoder layers"):
+        build_geometry("internvl2_5-1b", layers=0)
+    with pytest.raises(SystemExit, match="--vision-layers 0: must be >= 1"):
+        main(["bench", "--geometry", "internvl2_5-1b", "--vision-layers", "0"])
+    with pytest.raises(SystemExit, match="work with --geometry only"):
+        main(["bench", "--model", "some/checkpoint", "--llm-layers", "2"])
 
 
 def test_truncated_geometry_extrapolates_to_full_depth():
-    model = build_geometry("llava-1.5-7b", layers=2)
+    with torch.device("meta"):  # the arithmetic needs the geometry, not weights
+        model = build_geometry("llava-1.5-7b", layers=2)
+        bench = Bench(model, full_depth=32, repeats=1, warmup=0, e2e=False, progress=lambda _: None)
     assert len(model.model.language_model.layers) == 2
-    bench = Bench(model, full_depth=32, repeats=1, warmup=0, e2e=False, progress=lambda _: None)
     bench.dims = DecoderDims.from_config(model.config.text_config, ffn_matrices=3)
     layer_times = [1.0, 3.0]
     # K=1: one full-length layer, 31 pruned layers at the truncated stack's pruned-layer time

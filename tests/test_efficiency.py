@@ -1,4 +1,5 @@
-"""Prefill FLOPs and KV-cache bytes against values computed by hand (methods.md section 8)."""
+"""Prefill and vision FLOPs and KV-cache bytes against values computed by hand (methods.md section 8) and
+against torch's own FLOP counter."""
 
 from __future__ import annotations
 
@@ -8,8 +9,13 @@ import pytest
 
 from lmms_prune.efficiency import (
     DecoderDims,
+    EncoderDims,
+    encoder_flops,
+    encoder_layer_flops,
+    end_to_end_ratio,
     kv_cache_bytes,
     layer_prefill_flops,
+    mlp_flops,
     prefill_flops,
     pruned_prefill_flops,
 )
@@ -86,3 +92,54 @@ def test_summary_line_of_a_run_without_visual_tokens_reads_n_a():
     line = format_summary(summary)
     assert line.startswith("2 samples (0 skipped): visual tokens 0.0 -> 0.0 (xn/a)"), line
     assert "prefill FLOPs x1.000" in line
+
+
+# A ViT of width 8, FFN 16, 2 blocks, 12 input values per patch.
+VIT = EncoderDims(hidden_size=8, intermediate_size=16, num_layers=2, patch_dim=12)
+
+
+def test_encoder_flops_by_hand():
+    # one block over sequences of 5 and 3 tokens (n=8): projections 4*8*64 = 2048; attention 2*8*(25+9) = 544;
+    # FFN 2*8*8*16 = 2048.
+    assert encoder_layer_flops(VIT, [5, 3]) == 2048 + 544 + 2048
+    # 6 patches embedded (6*12*8 = 576; the [CLS] of each sequence is not a patch) + 2 blocks
+    assert encoder_flops(VIT, 6, [5, 3]) == 576 + 2 * 4640
+    # windowed blocks (Qwen2.5-VL): block 1 attends over the whole sequences, block 0 within windows of 2, 2, 1, 3
+    assert encoder_flops(VIT, 8, [5, 3], window_sequences=[2, 2, 1, 3], full_layers=[1]) == (
+        8 * 12 * 8 + 4640 + (2048 + 2 * 8 * (4 + 4 + 1 + 9) + 2048))
+    # a projector 8 -> 16 -> 2 over 4 rows: 4 * (128 + 32)
+    assert mlp_flops(4, (8, 16, 2)) == 640
+
+
+def test_end_to_end_ratio_is_capped_by_the_unpruned_tower():
+    prefill, pruned = 1000.0, 200.0
+    assert end_to_end_ratio(0.0, prefill, pruned) == prefill / pruned  # no vision cost: the LLM's ratio
+    ratios = [end_to_end_ratio(v, prefill, pruned) for v in (10.0, 100.0, 1000.0, 10000.0)]
+    assert all(1 < r < prefill / pruned for r in ratios) and ratios == sorted(ratios, reverse=True)
+    with pytest.raises(ValueError, match="prefill=0"):
+        end_to_end_ratio(1.0, 1.0, 0)
+    with pytest.raises(ValueError, match="patch_dim=0"):
+        EncoderDims(8, 16, 2, 0)
+
+
+@pytest.mark.parametrize("family,tokens", [("llava", 576), ("internvl_qwen2", 512), ("qwen2_5_vl", 60),
+                                           ("qwen2_vl", 64), ("qwen3_vl", 64), ("llava_next", 320),
+                                           ("llava_onevision", 98)])
+def test_vision_flops_equal_torch_flop_counter(family, tokens):
+    """Each family's vision-FLOPs formula equals torch's FlopCounterMode over the real encode (tower, patch
+    embedding, projector / merger; eager attention so that its matmuls are counted; the counter counts a
+    multiply-add as 2). Qwen2.5-VL at 6 x 10 merged tokens has full and edge windows."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lmms_prune.bench import synthetic_inputs
+    from lmms_prune.families import get_adapter
+    from lmms_prune.toy.models import build_tiny_model
+
+    model = build_tiny_model(family)
+    model.set_attn_implementation("eager")
+    adapter = get_adapter(model)
+    inputs = synthetic_inputs(model, tokens)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        adapter.encode_images(inputs)
+    assert type(adapter).vision_flops(model.config, inputs) == counter.get_total_flops() // 2 > 0

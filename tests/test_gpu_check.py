@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from pathlib import Path
 
@@ -34,6 +35,9 @@ def test_gpu_check_small_on_cpu_writes_its_summary(tmp_path):
                 assert c["kept_tokens"] == max(1, round(c["keep_ratio"] * geo["spec"]["tokens"]))
             assert c["theoretical_speedup"] > 1 and c["flops"] < c["flops_unpruned"]
             assert c["measured_over_theoretical"] == c["speedup"] / c["theoretical_speedup"]
+            # the end-to-end columns: the unpruned tower caps the whole request's FLOPs ratio below the prefill's
+            assert 1 < c["e2e_theoretical_speedup"] < c["theoretical_speedup"] and c["ttft_speedup"] > 0
+            assert math.isclose(sum(c["ttft_parts"].values()), c["ttft_s"]["min"], rel_tol=1e-9)
         # batch 1: the pruned layers get no mask, so SDPA is free to choose its fast kernel
         assert geo["sdpa"]["pruned_layers"] > 0 and geo["sdpa"]["pruned_layers_with_mask"] == 0
         assert any("scaled_dot_product" in name for name in geo["sdpa"]["sdpa_ops"])
@@ -41,3 +45,4 @@ def test_gpu_check_small_on_cpu_writes_its_summary(tmp_path):
     for eq in report["equivalence"]:
         assert f"| {eq['dtype']} | {eq['tests']} | {eq['tests']} | 0 |" in summary
     assert "Bench: toy-internvl" in summary and "SDPA in the pruned layers" in summary
+    assert "| TTFT speed-up | e2e theory |" in summary

@@ -291,6 +291,15 @@ def test_efficiency_records_are_consistent(wrapper):
         assert 0 < r["select_seconds"] < r["llm_prefill_seconds"]
         assert 0 < r["decode_seconds"] < r["end_to_end_seconds"]
         assert 1 <= r["output_tokens"] <= 5
+        # where the time to first token goes: phases in order, inside the request
+        assert r["preprocess_seconds"] > 0 and r["vision_seconds"] > 0 and r["handover_seconds"] >= 0
+        assert (r["preprocess_seconds"] + r["vision_seconds"] + r["handover_seconds"] < r["ttft_seconds"]
+                < r["end_to_end_seconds"])
+        assert r["batch_vision_flops"] > 0
+    summary = summarize(records)
+    assert summary["mean_ttft_seconds"] > summary["mean_vision_seconds"] > 0
+    # the vision tower is not pruned: the whole request's FLOPs shrink less than the prefill's
+    assert summary["prefill_flops_ratio"] < summary["end_to_end_flops_ratio"] < 1
 
 
 def test_rank_padding_duplicates_are_answered_but_not_counted(wrapper):

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lmms_prune import geometry as geo
+from lmms_prune.efficiency import EncoderDims, encoder_flops, mlp_flops
 
 
 @dataclass
@@ -273,6 +274,17 @@ class Family:
         raise TypeError(f"{cls.name}: this family has no benchmark geometry")
 
     @classmethod
+    def vision_depth(cls, config: Any) -> int:
+        """Blocks of the vision tower that ``config`` (a VLM config) builds."""
+        return int(config.vision_config.num_hidden_layers)
+
+    @classmethod
+    def cut_vision(cls, config: Any, layers: int) -> None:
+        """Make ``config`` build only the first ``layers`` blocks of its vision tower (``bench --vision-layers``:
+        with random weights the LLM's cost does not depend on the tower's depth)."""
+        config.vision_config.num_hidden_layers = layers
+
+    @classmethod
     def synthetic_inputs(cls, model: nn.Module, visual_tokens: int, text: torch.Tensor,
                          gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(pixel_values, extra inputs)`` of one image of ``visual_tokens`` tokens."""
@@ -319,6 +331,38 @@ class Family:
 
     def projector(self) -> nn.Module:
         return self.model.model.multi_modal_projector
+
+    # ---- theoretical vision cost (efficiency.py's encoder formula) of one request's inputs, from a config
+    @classmethod
+    def vision_tiles(cls, config: Any, pixels: torch.Tensor, inputs: dict[str, Any], video: bool) -> int:
+        """How many tiles / images / frames of ``pixels`` (``[..., C, H, W]``) the tower encodes."""
+        return math.prod(int(n) for n in pixels.shape[:-3])
+
+    @classmethod
+    def projector_flops(cls, config: Any, patches: int) -> int:
+        """The projector over ``patches`` encoded patch rows: LLaVA's 2-layer MLP, vision width -> LM width."""
+        width = int(config.get_text_config().hidden_size)
+        return mlp_flops(patches, (int(config.vision_config.hidden_size), width, width))
+
+    @classmethod
+    def vision_flops(cls, config: Any, inputs: dict[str, Any]) -> int:
+        """FLOPs (one multiply-add counted once) of encoding a request's images and videos with the tower that
+        ``config`` (a VLM config) describes: every block over each tile (its patches, plus a [CLS] when
+        :attr:`has_cls`), the patch embedding and the projector (efficiency.py, methods.md section 8)."""
+        vc = config.vision_config
+        patch = vc.patch_size if isinstance(vc.patch_size, int) else vc.patch_size[0]
+        total = 0
+        for key, video in (("pixel_values", False), ("pixel_values_videos", True)):
+            pixels = inputs.get(key)
+            if pixels is None:
+                continue
+            tiles = cls.vision_tiles(config, pixels, inputs, video)
+            per_tile = (int(pixels.shape[-2]) // patch) * (int(pixels.shape[-1]) // patch)
+            dims = EncoderDims(int(vc.hidden_size), int(vc.intermediate_size), int(vc.num_hidden_layers),
+                               patch_dim=int(pixels.shape[-3]) * patch * patch)
+            total += encoder_flops(dims, tiles * per_tile, [per_tile + int(cls.has_cls)] * tiles)
+            total += cls.projector_flops(config, tiles * per_tile)
+        return total
 
     def vision_layers(self) -> nn.ModuleList:
         raise TypeError(f"{self.name}: vision-encoder attention is not available")

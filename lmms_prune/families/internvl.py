@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 
 from lmms_prune import geometry as geo
+from lmms_prune.efficiency import mlp_flops
 from lmms_prune.families.base import IMAGE_TOKEN, Family, bench_text_config, int_arg, optional_float_arg
 
 TILE = 448
@@ -219,6 +220,14 @@ class InternVL(Family):
         return torch.randn(visual_tokens // 256, 3, TILE, TILE, generator=gen), {}
 
     # ---- adapter
+    @classmethod
+    def projector_flops(cls, config, patches):
+        """Pixel shuffle merges ``r x r`` patches (``r = 1 / downsample_ratio``) into one row of ``r^2`` times the
+        width, then LayerNorm and the MLP to the LM's width."""
+        r = round(1 / config.downsample_ratio)
+        width = int(config.get_text_config().hidden_size)
+        return mlp_flops(patches // (r * r), (int(config.vision_config.hidden_size) * r * r, width, width))
+
     def vision_layers(self):
         return self.vision_tower.encoder.layer
 

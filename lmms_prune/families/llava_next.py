@@ -238,6 +238,23 @@ class LlavaNext(Llava):
     def _patched(self, kwargs: dict[str, Any]) -> list[bool] | None:
         return None
 
+    @classmethod
+    def vision_tiles(cls, config, pixels, inputs, video):
+        """Images: the tiles ``get_image_features`` encodes (base + grid; the padded rows of ``pixel_values``
+        are not; LLaVA-OneVision: only the base of an image among several, ``batch_num_images``); videos: every
+        frame."""
+        if video:
+            return super().vision_tiles(config, pixels, inputs, video)
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        counts = [image_size_to_num_patches(s, config.image_grid_pinpoints, config.vision_config.image_size)
+                  for s in inputs["image_sizes"]]
+        per_sample = inputs.get("batch_num_images")
+        if per_sample is None:
+            return sum(counts)
+        alone = [int(n) == 1 for n in per_sample for _ in range(int(n))]
+        return sum(c if a else 1 for c, a in zip(counts, alone))
+
     def _layouts_from_sizes(self, kwargs: dict[str, Any]) -> list[ImageLayout]:
         sizes = kwargs["image_sizes"]
         counts = self._num_patches(sizes)

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from lmms_prune.efficiency import EncoderDims, encoder_flops, mlp_flops
 from lmms_prune.families.base import (
     IMAGE_TOKEN,
     Family,
@@ -187,6 +188,21 @@ class Qwen25VL(Family):
         return getattr(tf, cls.model_class), config
 
     @classmethod
+    def vision_depth(cls, config):
+        return int(config.vision_config.depth)
+
+    @classmethod
+    def cut_vision(cls, config, layers):
+        """The first ``layers`` blocks; full-attention blocks (Qwen2.5-VL) and DeepStack taps (Qwen3-VL) past
+        the cut move to its last block."""
+        vc = config.vision_config
+        vc.depth = layers
+        for key in ("fullatt_block_indexes", "deepstack_visual_indexes"):
+            taps = getattr(vc, key, None)
+            if taps:
+                setattr(vc, key, sorted({min(int(i), layers - 1) for i in taps}))
+
+    @classmethod
     def synthetic_inputs(cls, model, visual_tokens, text, gen):
         video = getattr(model.config, "lmms_prune_bench_video", None)
         if video:
@@ -221,6 +237,51 @@ class Qwen25VL(Family):
     @property
     def vision_tower(self):
         return self.model.model.visual
+
+    # ---- theoretical vision cost: attention within each frame (``cu_seqlens``), 2x2 merger to the LM's width
+    @classmethod
+    def vision_encoder(cls, vc: Any, patch_dim: int) -> tuple[EncoderDims, int]:
+        """(the tower's dimensions, the merger's output width) of vision config ``vc``. Qwen2.5-VL: SwiGLU."""
+        return (EncoderDims(int(vc.hidden_size), int(vc.intermediate_size), int(vc.depth), patch_dim, 3),
+                int(vc.out_hidden_size))
+
+    @classmethod
+    def mergers(cls, vc: Any) -> int:
+        """How many patch mergers project the tower's output (Qwen3-VL: one more per DeepStack tap)."""
+        return 1
+
+    @classmethod
+    def tower_flops(cls, vc: Any, dims: EncoderDims, frames: list[tuple[int, int]]) -> int:
+        """Qwen2.5-VL's blocks: full attention per frame in ``fullatt_block_indexes``, elsewhere within windows
+        of ``window_size`` pixels (``get_window_index``: ``w x w`` merged tokens, smaller at the edges)."""
+        merge = int(vc.spatial_merge_size)
+        side = int(vc.window_size) // merge // int(vc.patch_size)
+        windows = []
+        for h, w in frames:
+            rows = [min(side, h // merge - i) for i in range(0, h // merge, side)]
+            cols = [min(side, w // merge - j) for j in range(0, w // merge, side)]
+            windows += [r * c * merge * merge for r in rows for c in cols]
+        return encoder_flops(dims, sum(h * w for h, w in frames), [h * w for h, w in frames], windows,
+                             vc.fullatt_block_indexes)
+
+    @classmethod
+    def vision_flops(cls, config, inputs):
+        """FLOPs of the tower and mergers over every frame of ``image_grid_thw`` / ``video_grid_thw``
+        (rows of ``t x h x w`` patches; each temporal step attends on its own)."""
+        vc = config.vision_config
+        merge = int(vc.spatial_merge_size)
+        total = 0
+        for key, grid_key in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+            pixels, grid = inputs.get(key), inputs.get(grid_key)
+            if pixels is None or grid is None:
+                continue
+            dims, out = cls.vision_encoder(vc, int(pixels.shape[-1]))
+            frames = [(int(h), int(w)) for t, h, w in grid.tolist() for _ in range(int(t))]
+            patches = sum(h * w for h, w in frames)
+            width = dims.hidden_size * merge * merge
+            merged = mlp_flops(patches // (merge * merge), (width, width, out))
+            total += cls.tower_flops(vc, dims, frames) + cls.mergers(vc) * merged
+        return total
 
     def projector(self):
         return self.vision_tower.merger

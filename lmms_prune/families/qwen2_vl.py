@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from lmms_prune.efficiency import EncoderDims, encoder_flops
 from lmms_prune.families.qwen2_5_vl import Qwen25VL
 
 
@@ -38,6 +39,17 @@ class Qwen2VL(Qwen25VL):
         """Qwen2-VL-7B's vision tower (675M, 32 full-attention blocks) for an LM of width ``text_hidden``."""
         return {"depth": 32, "embed_dim": 1280, "hidden_size": text_hidden, "mlp_ratio": 4, "num_heads": 16,
                 "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
+
+    @classmethod
+    def vision_encoder(cls, vc, patch_dim):
+        """``embed_dim`` wide, a GELU MLP of ``mlp_ratio`` times that, merged to ``hidden_size`` (the LM's)."""
+        width = int(vc.embed_dim)
+        return EncoderDims(width, int(width * vc.mlp_ratio), int(vc.depth), patch_dim, 2), int(vc.hidden_size)
+
+    @classmethod
+    def tower_flops(cls, vc, dims, frames):
+        """Every block attends over the whole frame (no windows)."""
+        return encoder_flops(dims, sum(h * w for h, w in frames), [h * w for h, w in frames])
 
 
 FAMILY = Qwen2VL

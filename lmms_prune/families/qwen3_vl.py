@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from lmms_prune.efficiency import EncoderDims, encoder_flops
 from lmms_prune.families.base import IMAGE_TOKEN, ImageSpan, bench_text_config
 from lmms_prune.families.qwen2_5_vl import Qwen25VL
 
@@ -68,6 +69,21 @@ class Qwen3VL(Qwen25VL):
         return tf.Qwen3VLForConditionalGeneration, config
 
     # ---- adapter
+    @classmethod
+    def vision_encoder(cls, vc, patch_dim):
+        """GELU-MLP blocks (no SwiGLU), merged to ``out_hidden_size``."""
+        return (EncoderDims(int(vc.hidden_size), int(vc.intermediate_size), int(vc.depth), patch_dim, 2),
+                int(vc.out_hidden_size))
+
+    @classmethod
+    def mergers(cls, vc):
+        return 1 + len(vc.deepstack_visual_indexes)
+
+    @classmethod
+    def tower_flops(cls, vc, dims, frames):
+        """Every block attends over the whole frame (no windows)."""
+        return encoder_flops(dims, sum(h * w for h, w in frames), [h * w for h, w in frames])
+
     def video_thw(self, forward_kwargs):
         """One row per merged frame (``t = 1``), as ``Qwen3VLModel.get_rope_index`` splits the videos: the
         processor writes each merged frame as its own run of video tokens after its timestamp text
