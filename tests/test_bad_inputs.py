@@ -82,3 +82,163 @@ def test_a_pickled_prior_is_refused_without_unpickling_and_without_torchs_unsafe
         with pytest.raises(ValueError, match=rf"bias_prior='.*{name}': not a readable prior file") as caught:
             load_prior(tmp_path / name)
         assert "weights_only" not in str(caught.value) and "lmms-prune calibrate" in str(caught.value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RefCOCO data: Bad 4, 5, 6 and Poor 5, 6, 7
+
+
+@pytest.fixture
+def loguru_lines():
+    """Lines logged through loguru (lmms-eval's logger) while the test runs."""
+    from loguru import logger
+
+    lines: list[str] = []
+    sink = logger.add(lambda message: lines.append(str(message)), level="WARNING")
+    yield lines
+    logger.remove(sink)
+
+
+def _load_tasks(monkeypatch, tmp_path, names):
+    from lmms_eval.tasks import TaskManager
+
+    from lmms_prune.tasks import takeover
+    from lmms_prune.tasks.refcoco import data
+
+    monkeypatch.delenv(data.JSONL_DIR_ENV, raising=False)
+    monkeypatch.setenv("LMMS_EVAL_DATASETS_CACHE", str(tmp_path / "cache"))
+    manager = TaskManager("WARNING", include_path=[str(takeover.TASKS_DIR)], include_defaults=False)
+    return manager.load_task_or_group(names, task_type="chat")
+
+
+def _rewrite_rows(path, edit):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    rows = table.to_pylist()
+    edit(rows)
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), path)
+    return rows
+
+
+def test_an_image_error_in_one_task_does_not_mark_the_same_sample_id_in_another(monkeypatch, tmp_path):
+    """Bad 4: refcoco and refcoco+ share question ids; errors are keyed by (task, sample id)."""
+    from lmms_prune.images import ImageLoadError
+    from lmms_prune.tasks.refcoco import data, utils
+    from lmms_prune.toy.data import write_refcoco_hub_layout
+
+    monkeypatch.setattr(utils, "_IMAGE_ERRORS", {})
+    for family in ("refcoco", "refcoco+"):
+        write_refcoco_hub_layout(tmp_path / data.FAMILIES[family].local_name, 1, seed=7, splits=("val",),
+                                 width=320, height=240)
+    broken = tmp_path / "RefCOCO" / "data" / "val-00000-of-00001.parquet"
+    _rewrite_rows(broken, lambda rows: [r.update(image={"bytes": r["image"]["bytes"][:-2000], "path": "cut.jpg"})
+                                        for r in rows])
+    monkeypatch.setenv(data.LOCAL_DIR_ENV, str(tmp_path))
+    tasks = _load_tasks(monkeypatch, tmp_path, ["refcoco_ground_val", "refcoco+_ground_val"])
+    bad_task, good_task = tasks["refcoco_ground_val"], tasks["refcoco+_ground_val"]
+    bad_doc, good_doc = bad_task.test_docs()[0], good_task.test_docs()[0]
+    assert bad_doc["sample_id"] == good_doc["sample_id"]
+    with pytest.raises(ImageLoadError, match=f"refcoco_ground_val/{bad_doc['sample_id']}"):
+        bad_task.doc_to_messages(bad_doc)
+    good_task.doc_to_messages(good_doc)
+    x1, y1, x2, y2 = good_doc["box"]
+    exact = f"[[{x1 / 320 * 1000:.3f}, {y1 / 240 * 1000:.3f}, {x2 / 320 * 1000:.3f}, {y2 / 240 * 1000:.3f}]]"
+    good = good_task.process_results(good_doc, [exact])["image_errors"]
+    bad = bad_task.process_results(bad_doc, [exact])["image_errors"]
+    assert "image_error" not in good and good["iou"] == pytest.approx(1.0, abs=1e-3)
+    assert "truncated" in bad["image_error"] and bad["iou"] == 0.0
+
+
+@pytest.mark.parametrize(("box", "reason"), [
+    ([10.0, 10.0, 10.0, 50.0], "zero width or height"),
+    ([400.0, 10.0, 500.0, 50.0], "outside the 320x240 image"),
+    ([float("nan"), 10.0, 50.0, 50.0], "non-finite coordinate"),
+    ([10.0, 10.0, float("inf"), 50.0], "non-finite coordinate"),
+])
+def test_a_broken_ground_truth_box_is_counted_as_bad_gt_and_left_out_of_the_scores(box, reason, loguru_lines):
+    """Bad 5: counted under bad_gt with a log line naming the sample, not scored as a model miss; data check
+    flags the same row for the same reason."""
+    from lmms_prune.cli import data as data_cli
+    from lmms_prune.tasks.refcoco import utils
+
+    good = {"sample_id": "good/0", "box": [0.0, 0.0, 160.0, 120.0], "width": 320, "height": 240}
+    broken = {"sample_id": "broken/0", "box": box, "width": 320, "height": 240}
+    answer = "[[0, 0, 500, 500]]"  # exactly the good box
+    records = [utils.process_results(doc, [answer])["bad_gt"] for doc in (good, broken)]
+    assert records[1]["bad_gt"] == reason
+    assert utils.accuracy_at_05(records) == 100.0 and utils.mean_iou(records) == pytest.approx(1.0)
+    assert (utils.bad_gt_count(records), utils.unparseable_count(records)) == (1, 0)
+    assert any("broken/0" in line and reason in line for line in loguru_lines)
+    flagged = data_cli.row_problems([("broken/0", box, 320, 240, 1, None), ("good/0", good["box"], 320, 240, 1, None)])
+    assert flagged["degenerate box"] == [f"broken/0 ({reason})"]
+
+
+def test_a_three_number_box_names_its_row_at_loading_scoring_and_data_check(caplog, tmp_path, capsys):
+    """Poor 6: no unpack error; the row is named, its samples count under bad_gt."""
+    import json
+    import logging
+
+    from lmms_prune.cli.main import main
+    from lmms_prune.tasks.refcoco import data, utils
+
+    batch = {"question_id": ["q3"], "image": [{"bytes": b"", "path": "a.jpg"}], "answer": [["the dog"]],
+             "bbox": [[1.0, 2.0, 3.0]]}
+    with caplog.at_level(logging.WARNING, logger=data.__name__):
+        out = data.explode_rows(batch)
+        samples = data.jsonl_samples([{"image": "a.jpg", "sent": "x", "bbox": [1, 2, 3], "width": 9, "height": 9}],
+                                     tmp_path, "refcoco_val")
+    assert "RefCOCO row q3: bbox [1.0, 2.0, 3.0] is not four numbers" in caplog.text
+    assert "RefCOCO row refcoco_val/0: bbox [1, 2, 3] is not four numbers" in caplog.text
+    doc = {"sample_id": samples["sample_id"][0], "box": samples["box"][0], "width": 9, "height": 9}
+    assert utils.process_results(doc, ["[[0, 0, 10, 10]]"])["bad_gt"]["bad_gt"] == "non-finite coordinate"
+    assert len(out["box"][0]) == 4
+    (tmp_path / "refcoco_val.jsonl").write_text(json.dumps(
+        {"image": "a.jpg", "sent": "x", "bbox": [1, 2, 3], "width": 9, "height": 9}) + "\n")
+    assert main(["data", "check", "--jsonl-dir", str(tmp_path), "--splits", "refcoco/val"]) == 1
+    assert "refcoco_val/0 (3 numbers, not 4 (x1, y1, x2, y2))" in capsys.readouterr().out
+
+
+def _bomb_png() -> bytes:
+    """A 16000 x 12000 PNG (1-bit, 23 kB): over PIL's decompression-bomb limit, so opening it raises."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("1", (16000, 12000)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_an_oversized_image_is_an_image_error_naming_the_sample_never_a_crash(tmp_path, capsys):
+    """Bad 6 (data loading, decoding, data check), Poor 5 (a truncated JPEG with a good header is caught by
+    data check) and Poor 7 (a split with both a wrong count and problems counts under both)."""
+    from lmms_prune.cli import data as data_cli
+    from lmms_prune.cli.main import main
+    from lmms_prune.images import ImageLoadError, load_image
+    from lmms_prune.tasks.refcoco import data
+    from lmms_prune.toy.data import write_refcoco_hub_layout
+
+    bomb = _bomb_png()
+    batch = {"question_id": ["big"], "image": [{"bytes": bomb, "path": "big.png"}], "answer": [["a"]],
+             "bbox": [[1.0, 2.0, 3.0, 4.0]]}
+    out = data.explode_rows(batch)  # the task's data loading: the sample is kept, its size unknown
+    assert (out["sample_id"], out["width"], out["height"]) == (["big/0"], [0], [0])
+    with pytest.raises(ImageLoadError, match="sample 'big/0'.*DecompressionBombError"):
+        load_image(batch["image"][0], "big/0")
+
+    write_refcoco_hub_layout(tmp_path / "RefCOCO", 3, seed=5, splits=("val",), width=320, height=240)
+
+    def edit(rows):
+        rows[0]["image"] = {"bytes": bomb, "path": "big.png"}
+        rows[1]["image"] = {"bytes": rows[1]["image"]["bytes"][:-1500], "path": "cut.jpg"}
+
+    rows = _rewrite_rows(tmp_path / "RefCOCO" / "data" / "val-00000-of-00001.parquet", edit)
+    (row,) = data_cli.check(None, str(tmp_path), [("refcoco", "val")])
+    unusable = row.problems["unusable image"]
+    assert any(item.startswith(f"{rows[0]['question_id']} (DecompressionBombError") for item in unusable)
+    assert any(item.startswith(rows[1]["question_id"]) and "truncated" in item for item in unusable)
+    assert main(["data", "check", "--local-dir", str(tmp_path), "--splits", "refcoco/val"]) == 1
+    assert ("1/1 requested splits present, 1 with a count different from the official one, 1 with rows that "
+            "cannot be scored") in capsys.readouterr().out
