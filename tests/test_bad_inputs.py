@@ -242,3 +242,57 @@ def test_an_oversized_image_is_an_image_error_naming_the_sample_never_a_crash(tm
     assert main(["data", "check", "--local-dir", str(tmp_path), "--splits", "refcoco/val"]) == 1
     assert ("1/1 requested splits present, 1 with a count different from the official one, 1 with rows that "
             "cannot be scored") in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad 8, Poor 1 and 2: run arguments checked before the weights load
+
+
+def test_an_unwritable_efficiency_path_is_refused_before_the_weights_load(monkeypatch, tmp_path):
+    from lmms_prune.models.wrappers import InternVLPrune_fastv
+
+    _no_weights(monkeypatch)
+    model = str(tiny_model_dir("internvl_llama"))
+    with pytest.raises(ValueError, match=r"efficiency_path='/proc/nope/x.json': cannot write there"):
+        InternVLPrune_fastv(pretrained=model, device="cpu", efficiency_path="/proc/nope/x.json")
+    (tmp_path / "taken.json").mkdir()
+    with pytest.raises(ValueError, match=r"efficiency_path='.*taken.json': is a folder"):
+        InternVLPrune_fastv(pretrained=model, device="cpu", efficiency_path=str(tmp_path / "taken.json"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"efficiency_path='.*file/sub': cannot write there"):
+        InternVLPrune_fastv(pretrained=model, device="cpu", efficiency_path=str(tmp_path / "file" / "sub"))
+    # a writable one passes the check (and only then do the weights load)
+    with pytest.raises(AssertionError, match="weights must not load"):
+        InternVLPrune_fastv(pretrained=model, device="cpu", efficiency_path=str(tmp_path / "new" / "e.json"))
+    assert (tmp_path / "new").is_dir() and list((tmp_path / "new").iterdir()) == []
+
+
+@pytest.mark.parametrize(("value", "shown"), [
+    ("/nonexistent/model", r"pretrained='/nonexistent/model': no such directory"),
+    ("./no/such/model", r"pretrained='./no/such/model': no such directory"),
+    ("a/b/c", r"pretrained='a/b/c': no such directory"),
+])
+def test_a_missing_local_checkpoint_says_no_such_directory(value, shown):
+    from lmms_prune.models.wrappers import InternVLPrune_fastv
+
+    with pytest.raises(ValueError, match=shown):
+        InternVLPrune_fastv.parse_model_args(pretrained=value)
+
+
+def test_a_hub_id_and_a_file_are_told_apart_from_a_missing_folder(tmp_path):
+    from lmms_prune.runner import check_local_checkpoint, looks_like_path
+
+    assert not looks_like_path("OpenGVLab/InternVL2_5-8B") and not looks_like_path("gpt2")
+    check_local_checkpoint("OpenGVLab/InternVL2_5-8B")
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="a file, not a checkpoint directory"):
+        check_local_checkpoint(str(tmp_path / "weights.bin"))
+
+
+@pytest.mark.parametrize(("method", "key"), [("pyramiddrop", "prune_layers"), ("fastv", "prune_layer"),
+                                             ("d2pruner", "bias_prior"), ("fastv", "keep_ratio")])
+def test_an_empty_parameter_is_named(method, key):
+    from lmms_prune.presets import resolve_config
+
+    with pytest.raises(ValueError, match=rf"^{key}='': empty; give .*, or leave {key} out"):
+        resolve_config(method, **{key: ""})

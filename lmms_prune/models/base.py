@@ -56,6 +56,7 @@ from lmms_prune.runner import (
     Runner,
     RunOptions,
     apply_until,
+    check_output_path,
     format_summary,
     generation_kwargs,
     parse_options,
@@ -212,6 +213,9 @@ class PrunedChatModel(lmms):
     def __init__(self, **model_args: Any) -> None:
         super().__init__()
         options, self.prune_config = self.parse_model_args(**model_args)
+        if options.efficiency_path:  # checked now, before the weights load: not after the last sample
+            check_output_path("efficiency_path", options.efficiency_path,
+                              folder=Path(options.efficiency_path).suffix != ".json")
         self.runner = Runner(self.family_class(), options, self.prune_config, self.model_id())
         self._setup_device()
         self._load()
