@@ -296,3 +296,113 @@ def test_an_empty_parameter_is_named(method, key):
 
     with pytest.raises(ValueError, match=rf"^{key}='': empty; give .*, or leave {key} out"):
         resolve_config(method, **{key: ""})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Poor 13 to 16: sweep, bench and calibrate check their arguments before any work
+
+TASKS_DIR = __import__("pathlib").Path(__file__).parent / "tasks"
+FAKE = __import__("pathlib").Path(__file__).parent / "data" / "fake_lmms_eval.py"
+
+
+@pytest.fixture
+def fake_launches(tmp_path, monkeypatch):
+    """The number of lmms-eval runs the fake launcher was asked for (tests/data/fake_lmms_eval.py)."""
+    calls = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("FAKE_LMMS_EVAL_CALLS", str(calls))
+    monkeypatch.setenv("FAKE_LMMS_EVAL_MODE", "ok")
+    return lambda: len(calls.read_text().splitlines()) if calls.is_file() else 0
+
+
+def _sweep(tmp_path, *extra):
+    import sys
+
+    from lmms_prune.cli.main import main
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir(exist_ok=True)
+    return main(["sweep", "--models", f"internvl={ckpt}", "--methods", "fastv,d2pruner", "--keep", "0.1",
+                 "--include-path", str(TASKS_DIR), "--launcher", f"{sys.executable} {FAKE}", "--retries", "0",
+                 "--out", str(tmp_path / "s"), *extra])
+
+
+@pytest.mark.parametrize(("extra", "shown"), [
+    (["--tasks", "pope_tiny", "--method-args", "fastv:theta_sim=0.5"],
+     r"cell internvl-ckpt-\w+/fastv/keep0.1: theta_sim='0.5': method 'fastv' .* does not use theta_sim"),
+    (["--tasks", "pope_tiny", "--method-args", "*:max_num=zero"], r"max_num='zero'"),
+    (["--tasks", "pope_tiny", "--method-args", "fastv:keep_ratio=0.5"],
+     r"--method-args fastv:keep_ratio=0.5: the budget of every cell is --keep .* give --keep 0.5"),
+    (["--tasks", "pope_tiny", "--method-args", "*:keep_tokens=64"],
+     r"\*:keep_tokens=64: .* so keep_tokens there would contradict it"),
+    (["--tasks", "pope_tiny"], r"cell internvl-ckpt-\w+/d2pruner/keep0.1: method 'd2pruner' needs a calibrated"),
+])
+def test_sweep_refuses_bad_method_args_before_launching_any_cell(tmp_path, fake_launches, capsys, extra, shown):
+    """Poor 14 (method args) and 15 (a budget contradicting the keep<ratio> folder)."""
+    import re
+
+    assert _sweep(tmp_path, *extra) == 2
+    assert re.search(shown, capsys.readouterr().err)
+    assert fake_launches() == 0 and not (tmp_path / "s").exists()
+
+
+def test_sweep_refuses_a_corrupt_prior_and_an_unknown_task_before_launching(tmp_path, fake_launches, capsys,
+                                                                           monkeypatch):
+    """Poor 14 (tasks) and Bad 3 at the sweep: a prior is read before the first cell. lmms-eval's own task index
+    (tens of seconds to build) is replaced by the folders given, to keep the test cheap."""
+    import lmms_prune.sweep as sweep
+
+    torch.save({"format": 1, "means": {16: -torch.ones(16)}}, tmp_path / "p.pt")
+    prior = f"d2pruner:bias_prior={tmp_path / 'p.pt'}"
+    assert _sweep(tmp_path, "--tasks", "pope_tiny", "--method-args", prior) == 2
+    assert "d2pruner/keep0.1: bias_prior=" in capsys.readouterr().err
+    real = sweep.task_names
+    monkeypatch.setattr(sweep, "task_names", lambda paths, include_defaults: real(paths, False))
+    assert _sweep(tmp_path, "--tasks", "pope_tny", "--methods", "fastv") == 2
+    assert "--tasks: not lmms-eval tasks or groups: pope_tny (did you mean pope_tiny" in capsys.readouterr().err
+    assert fake_launches() == 0
+
+
+def test_a_failed_cells_status_has_no_terminal_codes(tmp_path):
+    from lmms_prune.sweep import _last_error
+
+    (tmp_path / "log.txt").write_text("\x1b[31m\x1b[1mERROR\x1b[0m | RuntimeError: \x1b[33mboom\x1b[0m\n")
+    assert _last_error(tmp_path) == "ERROR | RuntimeError: boom"
+
+
+@pytest.mark.parametrize(("extra", "shown"), [
+    (["--methods", "fastv,fastvv"], r"--methods fastvv: unknown"),
+    (["--keep", "0.1,1.5"], r"--methods fastv --keep 1.5: keep_ratio=1.5"),
+    (["--keep", "abc"], r"--keep 'abc': write comma-separated numbers"),
+    (["--tokens", "0"], r"--tokens 0: visual-token counts must be integers >= 1"),
+    (["--method-args", '{"fastv": {"theta_sim": 0.5}}'], r"does not use theta_sim"),
+    (["--method-args", '{"deepprune": {}}'], r"--method-args deepprune: not among --methods fastv"),
+])
+def test_bench_checks_its_plan_before_loading_the_model_or_timing_the_baseline(monkeypatch, tmp_path, capsys,
+                                                                               extra, shown):
+    """Poor 13."""
+    import lmms_prune.bench as bench
+    import lmms_prune.loading as loading
+    from lmms_prune.cli.main import main
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("nothing may load or run before the plan is checked")
+
+    monkeypatch.setattr(loading, "load_model", refuse)
+    monkeypatch.setattr(bench, "build_geometry", refuse)
+    assert main(["bench", "--model", "m", "--methods", "fastv", "--out", str(tmp_path), *extra]) == 1
+    assert __import__("re").search(shown, capsys.readouterr().err)
+
+
+def test_calibrate_refuses_zero_images(tmp_path, monkeypatch, capsys):
+    """Poor 16: --num-images 0 used every image."""
+    import lmms_prune.loading as loading
+    from lmms_prune.calibration import list_images
+    from lmms_prune.cli.main import main
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    for name in ("a.jpg", "b.jpg"):
+        (tmp_path / name).write_bytes(b"")
+    assert main(["calibrate", "--model", "m", "--images", str(tmp_path), "--num-images", "0", "--layer", "1",
+                 "--out", str(tmp_path / "p.pt")]) == 1
+    assert "--num-images 0: must be an integer >= 1" in capsys.readouterr().err
+    assert [p.name for p in list_images(tmp_path, 1)] == ["a.jpg"] and len(list_images(tmp_path)) == 2
