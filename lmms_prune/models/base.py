@@ -62,7 +62,7 @@ from lmms_prune.runner import (
     parse_options,
     summarize,
 )
-from lmms_prune.video import FAMILY_SAMPLING, decode_video, family_sampling
+from lmms_prune.video import FAMILY_SAMPLING, decode_video, family_sampling, register_run_sampling
 
 __all__ = ["PrunedChatModel", "PrunedTokenCounts", "apply_until", "format_summary", "lmms_eval_cli_options",
            "preset_classes", "summarize"]
@@ -217,6 +217,8 @@ class PrunedChatModel(lmms):
             check_output_path("efficiency_path", options.efficiency_path,
                               folder=Path(options.efficiency_path).suffix != ".json")
         self.runner = Runner(self.family_class(), options, self.prune_config, self.model_id())
+        if self.family in FAMILY_SAMPLING:  # video tasks tell clips this run cannot sample from bad answers
+            register_run_sampling(family_sampling(self.family, options.family))
         self._setup_device()
         self._load()
         self._install()
