@@ -206,7 +206,7 @@ def check_payload(payload: Any, path: str) -> Prior:
         raise ValueError(f"{name}: counts must map token counts to numbers of images; " + CALIBRATE_HINT)
     if not isinstance(meta, dict):
         raise ValueError(f"{name}: meta is a {type(meta).__name__}, not a dict; " + CALIBRATE_HINT)
-    return Prior({int(k): v.float() for k, v in means.items()}, dict(counts), dict(meta))
+    return Prior({int(k): v for k, v in means.items()}, dict(counts), dict(meta))
 
 
 def load_prior(path: str | Path) -> Prior:
