@@ -256,6 +256,37 @@ def _stats(xs: Sequence[float]) -> dict[str, float]:
     return {"min": min(xs), "median": statistics.median(xs)}
 
 
+
+def check_plan(methods: Sequence[str], keep_ratios: Sequence[float], token_counts: Sequence[int],
+               extra: dict[str, dict[str, Any]]) -> None:
+    """Check every cell a bench will time, before the model loads and the unpruned baseline is timed (minutes):
+    known methods, each (method, keep ratio, ``extra`` parameters) a valid config
+    (`lmms_prune.presets.resolve_config`), every ``bias_prior`` readable, token counts >= 1."""
+    from lmms_prune.engine.prior import load_prior
+    from lmms_prune.presets import PRESETS, resolve_config
+
+    unknown = [m for m in methods if m not in PRESETS]
+    if unknown:
+        raise ValueError(f"--methods {','.join(unknown)}: unknown; choose from {', '.join(PRESETS)}")
+    if not isinstance(extra, dict) or not all(isinstance(v, dict) for v in extra.values()):
+        raise ValueError(f"--method-args {extra!r}: give a JSON object of objects, e.g. "
+                         '\'{"d2pruner": {"bias_prior": "p.pt"}}\'')
+    if not keep_ratios or not token_counts:
+        raise ValueError("--keep and --tokens need at least one value each")
+    for n in token_counts:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"--tokens {n!r}: visual-token counts must be integers >= 1")
+    for method in methods:
+        if method == "none":
+            continue
+        for ratio in keep_ratios:
+            try:
+                config = resolve_config(method, keep_ratio=ratio, **extra.get(method, {}))
+            except ValueError as err:
+                raise ValueError(f"--methods {method} --keep {ratio:g}: {err}") from None
+        if config.stage != "none" and config.needs().prior and config.bias_prior:
+            load_prior(config.bias_prior)
+
 class Bench:
     """Runs the grid on one model. ``full_depth`` is the real depth when a truncated stack runs; a model from
     :func:`build_geometry` with ``vision_layers`` states its full tower in ``bench_full_config``."""
@@ -415,6 +446,7 @@ class Bench:
     def run(self, methods: Sequence[str], keep_ratios: Sequence[float], token_counts: Sequence[int],
             extra: dict[str, dict[str, Any]] | None = None) -> list[Cell]:
         extra = extra or {}
+        check_plan(methods, keep_ratios, token_counts, extra)
         cells: list[Cell] = []
         for n in token_counts:
             inputs = synthetic_inputs(self.model, n)

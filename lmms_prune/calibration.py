@@ -25,14 +25,17 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 def list_images(folder: str | Path, limit: int | None = None) -> list[Path]:
-    """Image files of ``folder`` in name order (the first ``limit``); a clear error if there are none."""
+    """Image files of ``folder`` in name order (the first ``limit``, an int >= 1; None: all); a clear error if
+    there are none."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"--num-images {limit!r}: must be an integer >= 1 (the paper uses 1000 COCO images)")
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"--images {str(folder)!r}: not a directory")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise FileNotFoundError(f"--images {str(folder)!r}: no {'/'.join(IMAGE_SUFFIXES)} files in it")
-    return files[:limit] if limit else files
+    return files if limit is None else files[:limit]
 
 
 def open_image(path: str | Path) -> Image.Image:

@@ -228,6 +228,14 @@ def validate(cfg: Any) -> Any:
     return cfg
 
 
+_EMPTY_FIX = {
+    "layers": "strictly increasing decoder layers, e.g. 8,16,24 (8/16/24 inside lmms-eval --model_args), or 'auto'",
+    "path": "a file path",
+    "bool": "true or false",
+}
+"""What an empty parameter should have been, by `Param` kind (the others say it through ``Param._expect``)."""
+
+
 def resolve_config(method: str = "fastv", **overrides: Any) -> Any:
     """Build and validate the config of a preset with user overrides (strings are parsed).
 
@@ -242,6 +250,10 @@ def resolve_config(method: str = "fastv", **overrides: Any) -> Any:
     overrides = {k: v for k, v in overrides.items() if k != "method"}
     values: dict[str, Any] = {"method": method, **PRESETS[method].settings}
     for name, value in overrides.items():
+        if isinstance(value, str) and not value.strip() and PARAMS[name].kind != "str":
+            # `prune_layers=` would otherwise mean "unset" and surface as a confusing error about another parameter
+            expect = _EMPTY_FIX.get(PARAMS[name].kind) or PARAMS[name]._expect()
+            raise ValueError(f"{name}={value!r}: empty; give {expect}, or leave {name} out")
         values[name] = PARAMS[name].parse(value)
     if values.get("keep_tokens") is not None and "keep_ratio" not in overrides:
         values["keep_ratio"] = None

@@ -33,9 +33,12 @@ harnesses' models ignore the key. ``task_protocol=false`` turns it off.
 from __future__ import annotations
 
 import importlib.util
+import os
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -126,6 +129,42 @@ class RunOptions:
     family: dict[str, Any] = field(default_factory=dict)
 
 
+def looks_like_path(name: str) -> bool:
+    """Whether a ``pretrained`` value can only mean a local folder: absolute, ``~``- or ``.``-relative, or with
+    more than the one ``/`` of a hub id (``org/name``)."""
+    return os.path.isabs(name) or name.startswith(("~", "./", "../")) or name.count("/") > 1 or "\\" in name
+
+
+def check_local_checkpoint(name: str) -> None:
+    """Refuse a path-looking ``pretrained`` (`looks_like_path`) that is not a folder, before transformers reads
+    it as a malformed hub id; hub ids (``org/name``) and existing folders pass."""
+    if not looks_like_path(name):
+        return
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise ValueError(f"pretrained={name!r}: no such directory; give a local checkpoint folder (written by "
+                         "save_pretrained) or a hub id such as OpenGVLab/InternVL2_5-8B")
+    if not path.is_dir():
+        raise ValueError(f"pretrained={name!r}: a file, not a checkpoint directory; give the folder that holds "
+                         "config.json")
+
+
+def check_output_path(key: str, value: str, folder: bool) -> None:
+    """Create the folder a run will write ``value`` into (``value`` itself when ``folder``, else its parent) and
+    check that a file can be written there, so a run is never lost at its end for a path checked only then."""
+    path = Path(value).expanduser()
+    target = path if folder else path.parent
+    if not folder and path.is_dir():
+        raise ValueError(f"{key}={value!r}: is a folder; name a .json file, or give the folder without .json")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target, prefix=".lmms_prune_write_check"):
+            pass
+    except OSError as err:
+        raise ValueError(f"{key}={value!r}: cannot write there ({err.strerror or err}: {err.filename or target}); "
+                         "name a file or folder this user can write") from None
+
+
 def parse_options(family: type[Family], model_id: str, fixed_method: str | None,
                   **args: Any) -> tuple[RunOptions, PruneConfig]:
     """Validate every option and pruning parameter of a run of ``family`` without loading anything.
@@ -162,6 +201,7 @@ def parse_options(family: type[Family], model_id: str, fixed_method: str | None,
     if pretrained is not None:
         from lmms_prune.loading import resolve_pretrained
 
+        check_local_checkpoint(pretrained)
         pretrained = resolve_pretrained(pretrained)
     if pretrained is None:
         raise ValueError(f"--model {model_id} needs pretrained=CHECKPOINT_OR_DIR in --model_args")

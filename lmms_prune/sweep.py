@@ -31,6 +31,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -58,6 +59,8 @@ CELL_FILE = "cell.json"
 DATA_ENV = ("LMMS_PRUNE_REFCOCO_DIR", "LMMS_PRUNE_REFCOCO_JSONL_DIR", "LMMS_PRUNE_COCO_ROOT")
 """Environment variables that choose the RefCOCO data (`lmms_prune.tasks.refcoco.data`): part of a cell's settings."""
 KILL_GRACE_SECONDS = 10.0
+BUDGET_KEYS = {"keep_ratio", "keep_tokens"}
+"""Pruning parameters set by ``--keep`` alone (`build_cells`)."""
 
 
 class SweepInterrupted(Exception):
@@ -168,6 +171,12 @@ def build_cells(models: Sequence[tuple[str, str]], methods: Sequence[str], keeps
     unknown_args = sorted(set(method_args) - set(PRESETS) - {"*"})
     if unknown_args:
         raise ValueError(f"--method-args {','.join(unknown_args)}: unknown method; choose from *, {', '.join(PRESETS)}")
+    for method, args in method_args.items():
+        for key in BUDGET_KEYS & set(args):
+            # the cell folder keep<ratio> names the budget: a second one would run inside a folder that lies
+            raise ValueError(f"--method-args {method}:{key}={args[key]}: the budget of every cell is --keep (each "
+                             f"cell's folder is keep<ratio>), so {key} there would contradict it; drop it and give "
+                             f"--keep {args[key] if key == 'keep_ratio' else 'RATIO'}")
     cells, seen = [], set()
     for family, pretrained in models:
         checkpoint, revision = resolve_checkpoint(pretrained)
@@ -181,6 +190,56 @@ def build_cells(models: Sequence[tuple[str, str]], methods: Sequence[str], keeps
             for keep in [1.0] if method == "none" else keeps:
                 cells.append(Cell(family, checkpoint, method, float(keep), tuple(sorted(extra.items())), revision))
     return cells
+
+
+def check_cells(cells: Sequence[Cell]) -> None:
+    """Validate every cell's ``--model_args`` as its lmms-eval wrapper will (`lmms_prune.runner.parse_options`)
+    and read every ``bias_prior`` it names (`lmms_prune.engine.prior.load_prior`), before any cell launches:
+    a bad ``--method-args`` value fails here once, naming the cell, instead of in each cell's lmms-eval run."""
+    from lmms_prune.engine.prior import load_prior
+    from lmms_prune.families import family_class
+    from lmms_prune.runner import parse_options
+
+    for cell in cells:
+        try:
+            _, config = parse_options(family_class(cell.family), cell.model, cell.method, **cell.model_arg_dict())
+            if config.stage != "none" and config.needs().prior and config.bias_prior:
+                load_prior(config.bias_prior)
+        except (ValueError, OSError) as err:
+            raise ValueError(f"cell {cell.name}: {err}") from None
+
+
+def task_names(include_path: Sequence[str], include_defaults: bool) -> set[str]:
+    """Task, group and tag names lmms-eval's ``TaskManager`` knows from ``include_path`` (and its own tasks)."""
+    from lmms_eval.tasks import TaskManager
+
+    return set(TaskManager("ERROR", include_path=list(include_path) or None,
+                           include_defaults=include_defaults).all_tasks)
+
+
+def check_tasks(tasks: Sequence[str], include_path: str | None = None) -> None:
+    """Refuse task names lmms-eval does not know, before any cell launches. The folders named (``include_path``
+    and this package's RefCOCO tasks) are indexed first; lmms-eval's whole task index (tens of seconds) only
+    when a name is not found there."""
+    import difflib
+
+    from lmms_prune.tasks import takeover
+
+    local = [p for p in (include_path, str(takeover.TASKS_DIR)) if p]
+    unknown = [t for t in tasks if t not in task_names(local, include_defaults=False)]
+    if not unknown:
+        return
+    known = task_names(local, include_defaults=True)
+    unknown = [t for t in unknown if t not in known]
+    if unknown:
+        hints = {t: difflib.get_close_matches(t, known, n=3) for t in unknown}
+        shown = "; ".join(f"{t} (did you mean {', '.join(h)}?)" if h else t for t, h in hints.items())
+        raise ValueError(f"--tasks: not lmms-eval tasks or groups: {shown}; list them with "
+                         "`python -m lmms_eval --tasks list`, or add their folder with --include-path")
+
+
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+"""Terminal colour and cursor codes (loguru colours lmms-eval's log lines)."""
 
 
 def check_run(cell_dir: Path) -> str | None:
@@ -216,7 +275,7 @@ def _last_error(cell_dir: Path) -> str:
     log = cell_dir / "log.txt"
     if not log.is_file():
         return "no log"
-    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines()
+    lines = [ANSI_ESCAPE.sub("", ln).strip() for ln in log.read_text(errors="replace").splitlines()
              if "Error" in ln or "Traceback" in ln or "error" in ln]
     return lines[-1][-300:] if lines else "no error line in log.txt"
 

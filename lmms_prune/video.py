@@ -42,6 +42,9 @@ RULES = ("qwen_vl", "linspace", "shifted")
 QWEN_FPS_MIN_FRAMES = 4  # qwen_vl_utils FPS_MIN_FRAMES
 QWEN_FPS_MAX_FRAMES = 768  # qwen_vl_utils FPS_MAX_FRAMES
 QWEN_FRAME_FACTOR = 2  # qwen_vl_utils FRAME_FACTOR: Qwen-VL merges two frames in time
+MAX_FPS = 240.0
+"""Upper bound of a sampling rate (frames per second of video): above any common recording rate, so a larger
+value can only ask for more frames than a video holds (checked with the other ``--model_args``)."""
 
 
 class VideoLoadError(ValueError):
@@ -71,8 +74,9 @@ class FrameSampling:
         if isinstance(self.num_frames, bool) or not isinstance(self.num_frames, int) or self.num_frames < 1:
             raise ValueError(f"num_frames={self.num_frames!r}: must be an integer >= 1")
         if self.fps is not None and not (isinstance(self.fps, (int, float)) and math.isfinite(self.fps)
-                                         and self.fps > 0):
-            raise ValueError(f"fps={self.fps!r}: must be a number > 0 (or None for num_frames uniformly)")
+                                         and 0 < self.fps <= MAX_FPS):
+            raise ValueError(f"fps={self.fps!r}: must be a number in (0, {MAX_FPS:g}] frames per second of video "
+                             "(or None for num_frames uniformly); typical: 1 or 2")
 
 
 # family -> (rule, the family's frame-count --model_args key, its fps key or None, lmms-eval's default count,
@@ -139,6 +143,10 @@ def frame_indices(total_frames: int, video_fps: float | None, sampling: FrameSam
                                                                                               video_fps * fps))
         if n < 1:
             raise ValueError(f"fps={fps}: a {total_frames / video_fps:.3g} s video gives no frame at this rate")
+        if sampling.rule == "shifted" and n > total_frames:
+            raise ValueError(f"fps={fps:g} asks for {n} frames of a {total_frames}-frame video recorded at "
+                             f"{video_fps:g} fps (InternVL's sampler refuses more frames than exist); give fps <= "
+                             f"{video_fps:g}")
     if sampling.rule == "linspace":
         return np.linspace(0, total_frames - 1, n, dtype=int).tolist()
     if n > total_frames:
@@ -231,15 +239,37 @@ def load_video(source: Any, sample_id: Any, sampling: FrameSampling) -> list[Ima
     return decode_video(source, sample_id, sampling).frames
 
 
-def check_video(source: Any, sample_id: Any) -> int:
-    """The frame count of one sample's video after decoding its first and last frames; :class:`VideoLoadError`
-    as :func:`load_video` if the file cannot be used."""
+def check_video(source: Any, sample_id: Any, sampling: FrameSampling | None = None) -> int:
+    """The frame count of one sample's video after decoding its first and last frames and, with ``sampling``
+    (e.g. the run's, :func:`run_sampling`), checking that the rule can sample it (a 1-frame clip under Qwen-VL's
+    rule cannot); :class:`VideoLoadError` as :func:`load_video` if the file cannot be used."""
     reader, where = _open(source, sample_id)
     total = len(reader)
     if total < 1:
         raise VideoLoadError(sample_id, where, "the video has no frames")
     _decode(reader, sorted({0, total - 1}), sample_id, where)
+    if sampling is not None:
+        try:
+            frame_indices(total, float(reader.get_avg_fps()), sampling)
+        except ValueError as err:
+            raise VideoLoadError(sample_id, where, str(err)) from err
     return total
+
+
+_RUN_SAMPLING: dict[str, FrameSampling] = {}
+
+
+def register_run_sampling(sampling: FrameSampling | None) -> None:
+    """Record the frame sampling of this process's run (our lmms-eval wrappers do, when they are made), so a
+    task can tell a clip its model could not sample (a video error) from a malformed answer."""
+    _RUN_SAMPLING.pop("run", None)
+    if sampling is not None:
+        _RUN_SAMPLING["run"] = sampling
+
+
+def run_sampling() -> FrameSampling | None:
+    """The frame sampling :func:`register_run_sampling` recorded in this process, or None."""
+    return _RUN_SAMPLING.get("run")
 
 
 def write_video(path: str | os.PathLike, frames: Sequence[np.ndarray | Image.Image], fps: float = 4.0) -> None:

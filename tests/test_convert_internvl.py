@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 from skimage import data as skdata
 
 import lmms_prune
+import lmms_prune.convert.internvl as safe_open_module
 from lmms_prune.convert import converted_dir, original_internvl_source
 from lmms_prune.convert.internvl import (
     CONVERSATION_TEMPLATES,
@@ -658,3 +659,81 @@ def test_cli_lmms_eval_runs_an_original_checkpoint(internlm2, tmp_path):
     assert {"pope_accuracy,none", "pope_f1_score,none"} <= set(metrics)
     converted = list((tmp_path / "cache" / "converted").iterdir())
     assert len(converted) == 1 and converted[0].name.startswith("InternVL2_5-tiny-")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 31: Bad 7 and Poor 12, convert-internvl into a user's folder and from crafted folders
+
+
+def test_convert_refuses_a_non_empty_folder_that_is_not_an_earlier_conversion(tmp_path, capsys):
+    """Bad 7: the user's model.safetensors and config.json are left alone; an earlier conversion output, or
+    --overwrite, may be converted into."""
+    from lmms_prune.cli.main import main
+
+    src = write_tiny_original_internvl(tmp_path / "src")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "model.safetensors").write_bytes(b"my weights")
+    (mine / "config.json").write_text('{"mine": true}')
+    assert main(["convert-internvl", str(src), str(mine)]) == 1
+    assert "not empty (config.json, model.safetensors) and not an earlier conversion output" in capsys.readouterr().err
+    assert (mine / "model.safetensors").read_bytes() == b"my weights"
+    assert (mine / "config.json").read_text() == '{"mine": true}'
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="exists and is not a folder"):
+        convert_internvl(src, tmp_path / "afile")
+    assert main(["convert-internvl", str(src), str(mine), "--overwrite"]) == 0
+    assert json.loads((mine / "config.json").read_text())["model_type"] == "internvl"
+    assert main(["convert-internvl", str(src), str(mine)]) == 0  # now an earlier conversion output
+
+
+class PickledObject:
+    """An object a pickle names by its class: a weights-only load refuses it."""
+
+
+def _copy_original(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory):
+    return write_tiny_original_internvl(tmp_path_factory.mktemp("original") / "src")
+
+
+@pytest.mark.parametrize("shard", ["../../etc/passwd", "/etc/passwd", "sub/../../outside.safetensors"])
+def test_an_index_naming_files_outside_the_folder_is_refused_and_never_followed(original, tmp_path, monkeypatch,
+                                                                                 shard):
+    src = _copy_original(original, tmp_path / "src")
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: shard for k in index["weight_map"]}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    opened = []
+    real_open = safe_open_module.safe_open
+
+    def spy(path, *args, **kwargs):
+        opened.append(str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(safe_open_module, "safe_open", spy)
+    with pytest.raises(ValueError, match=rf"shard '{re.escape(shard)}' points outside the checkpoint folder"):
+        convert_internvl(src, tmp_path / "out")
+    assert opened == []
+
+
+def test_a_truncated_shard_and_a_pickled_bin_give_one_clear_error_naming_the_file(original, tmp_path):
+    src = _copy_original(original, tmp_path / "src")
+    shard = src / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:5000])
+    with pytest.raises(ValueError, match=r"model-00002-of-00002.safetensors: weight file unreadable .*truncated"):
+        convert_internvl(src, tmp_path / "out1")
+
+    pickled = _copy_original(original, tmp_path / "pickled")
+    for path in [*pickled.glob("model*.safetensors"), pickled / "model.safetensors.index.json"]:
+        path.unlink()
+    torch.save({"weights": PickledObject()}, pickled / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"pytorch_model.bin: weight file refused: a pickle .* never unpickled") as err:
+        convert_internvl(pickled, tmp_path / "out2")
+    assert "weights_only" not in str(err.value)

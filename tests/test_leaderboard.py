@@ -28,7 +28,13 @@ from lmms_prune.leaderboard.bundle import build_bundles, bundle_filename, schema
 from lmms_prune.leaderboard.page import page_data, pareto_front, write_page
 from lmms_prune.leaderboard.verify import TaskConfigs, verify_bundle
 from lmms_prune.models.base import summarize
-from lmms_prune.tasks.refcoco.utils import accuracy_at_05, image_error_count, mean_iou, unparseable_count
+from lmms_prune.tasks.refcoco.utils import (
+    accuracy_at_05,
+    bad_gt_count,
+    image_error_count,
+    mean_iou,
+    unparseable_count,
+)
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 CHROMIUM = "/usr/bin/chromium"
@@ -239,7 +245,7 @@ def write_synthetic_cell(root: Path, family: str, pretrained: str, method: str, 
         record = {"iou": iou if parsed else 0.0, "parsed": parsed}
         refcoco.append({"doc_id": doc, "target": "[0, 0, 1, 1]", "filtered_resps": "[1, 2, 3, 4]",
                         "acc@0.5": record, "mean_iou": record, "unparseable": record, "image_errors": record,
-                        "input": "Please ..."})
+                        "bad_gt": record, "input": "Please ..."})
     vqa = [{"doc_id": doc, "target": "yes", "filtered_resps": "yes",
             "exact_match": float(rng.random() < 0.3 + 0.6 * quality), "input": "Is it?"} for doc in range(n)]
     for task, rows in (("refcoco_ground_val", refcoco), (GENERIC_TASK, vqa)):
@@ -254,12 +260,12 @@ def write_synthetic_cell(root: Path, family: str, pretrained: str, method: str, 
             "refcoco_ground_val": {"alias": "refcoco_ground_val", "acc@0.5,none": accuracy_at_05(ref),
                                    "acc@0.5_stderr,none": "N/A", "mean_iou,none": mean_iou(ref),
                                    "unparseable,none": unparseable_count(ref),
-                                   "image_errors,none": image_error_count(ref)},
+                                   "image_errors,none": image_error_count(ref), "bad_gt,none": bad_gt_count(ref)},
             GENERIC_TASK: {"alias": GENERIC_TASK, "exact_match,none": float(np.mean([r["exact_match"] for r in vqa]))},
         },
         "group_subtasks": {t: [] for t in tasks},
         "higher_is_better": {"refcoco_ground_val": {"acc@0.5": True, "mean_iou": True, "unparseable": False,
-                                                   "image_errors": False},
+                                                   "image_errors": False, "bad_gt": False},
                              GENERIC_TASK: {"exact_match": True}},
         "n-samples": {t: {"original": 40, "effective": n} for t in tasks},
         "config": {"model": f"{family}_{method}", "model_args": model_args, "limit": float(n),

@@ -92,8 +92,8 @@ def task_manager(include_path):
 def test_process_results_scores_one_answer_for_all_three_metrics():
     doc = {"box": [64.0, 96.0, 320.0, 384.0], "width": 640, "height": 480, "expression": "the dog"}
     exact = utils.process_results(doc, ["<ref>the dog</ref><box>[[100, 200, 500, 800]]</box>"])
-    assert set(exact) == {"acc@0.5", "mean_iou", "unparseable", "image_errors"}
-    assert exact["acc@0.5"] is exact["mean_iou"] is exact["unparseable"] is exact["image_errors"]
+    assert set(exact) == {"acc@0.5", "mean_iou", "unparseable", "image_errors", "bad_gt"}
+    assert exact["acc@0.5"] is exact["mean_iou"] is exact["unparseable"] is exact["image_errors"] is exact["bad_gt"]
     assert exact["acc@0.5"] == {"iou": pytest.approx(1.0), "parsed": True}
     # the right half of the true box: IoU 0.5 exactly
     half = utils.process_results(doc, ["[[300, 200, 500, 800]]"])["acc@0.5"]
@@ -132,7 +132,7 @@ def test_yaml_tasks_and_groups_are_consistent():
         assert groups[f"{family}_ground"]["task"] == [TASK_NAMES[(family, s)] for s in data.FAMILIES[family].splits]
     assert groups["refcoco_ground_all"]["task"] == list(TASK_NAMES.values())
     for config in groups.values():
-        counts = {"unparseable", "image_errors"}
+        counts = {"unparseable", "image_errors", "bad_gt"}
         assert counts <= {m["metric"] for m in config["aggregate_metric_list"]}
         means = {m["metric"]: m for m in config["aggregate_metric_list"] if m["metric"] not in counts}
         assert set(means) == {"acc@0.5", "mean_iou"}

@@ -207,7 +207,8 @@ def test_exit_status_0_without_results_is_a_failure_and_the_cli_exits_1(tmp_path
     (ckpt,) = _checkpoints(tmp_path, "ckpt")
     monkeypatch.setenv("FAKE_LMMS_EVAL_MODE", "crash")
     code = main(["sweep", "--models", f"internvl={ckpt}", "--methods", "fastv", "--keep", "0.5", "--tasks",
-                 "pope_tiny", "--launcher", f"{sys.executable} {FAKE}", "--retries", "0", "--out", str(tmp_path / "s")])
+                 "pope_tiny", "--include-path", str(TASKS_DIR), "--launcher", f"{sys.executable} {FAKE}",
+                 "--retries", "0", "--out", str(tmp_path / "s")])
     out = capsys.readouterr().out
     assert code == 1 and len(fake_calls()) == 2
     assert "FAILED: 0 results files (expected 1); Error during evaluation: generation failed on sample 0" in out
@@ -243,8 +244,8 @@ def test_sigterm_to_the_sweep_stops_its_child_process_group(tmp_path, fake_calls
     pids = tmp_path / "pids"
     env = {**os.environ, "FAKE_LMMS_EVAL_MODE": "hang", "FAKE_LMMS_EVAL_PIDS": str(pids)}
     cmd = [sys.executable, "-m", "lmms_prune.cli.main", "sweep", "--models", f"internvl={ckpt}", "--methods", "fastv",
-           "--keep", "0.5", "--tasks", "pope_tiny", "--launcher", f"{sys.executable} {FAKE}", "--out",
-           str(tmp_path / "s")]
+           "--keep", "0.5", "--tasks", "pope_tiny", "--include-path", str(TASKS_DIR), "--launcher",
+           f"{sys.executable} {FAKE}", "--out", str(tmp_path / "s")]
     sweep = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not pids.is_file() and time.monotonic() < deadline:

@@ -248,3 +248,41 @@ def test_unusable_video_requests_fail_naming_the_sample_and_other_families_refus
     for family in ("llava", "llava_next"):  # the engine has no video layout for them
         with pytest.raises(ValueError, match=f"video inputs are not supported by {family}_prune"):
             _chat_model(family, {}, [{"path": str(tmp_path / "bad.mp4")}])._messages(_item(0))
+
+
+# ------------------------------------------------------------------------------------------------ issue 31, Poor 8
+def test_a_clip_the_runs_sampling_cannot_take_is_a_video_error_not_a_malformed_answer(tmp_path, monkeypatch):
+    """A 1-frame clip decodes, but Qwen-VL's rule needs 2 frames: the wrapper skips it, and the task counts it
+    under video_errors (with the run's sampling, which our wrappers register) instead of malformed."""
+    from lmms_prune.video import register_run_sampling, write_video
+
+    utils = _task_utils()
+    doc = tinyvideo_rows()[1]
+    data = tmp_path / "data"
+    data.mkdir()
+    write_video(data / f"{doc['videoID']}.mp4", motion_clip("right")[:1])
+    monkeypatch.setattr(utils, "DATA_DIR", data)
+    register_run_sampling(FrameSampling("qwen_vl", 32))
+    try:
+        record = utils.process_results(doc, [""])["video_errors"]
+    finally:
+        register_run_sampling(None)
+    assert not record["malformed"] and "at least 2 frames" in record["video_error"]
+    assert utils.malformed_count([record]) == 0 and utils.video_error_count([record]) == 1
+
+
+def test_an_impossible_fps_is_refused_up_front_and_named_when_a_clip_cannot_give_it(monkeypatch):
+    import transformers
+
+    from lmms_prune.models.wrappers import InternVLPrune_fastv
+    from lmms_prune.toy.models import tiny_model_dir
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights must not load when an input is invalid")
+
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", refuse)
+    with pytest.raises(ValueError, match=r"fps=1000000000.0: must be a number in \(0, 240\]"):
+        InternVLPrune_fastv(pretrained=str(tiny_model_dir("internvl_llama")), device="cpu", fps="1e9")
+    with pytest.raises(ValueError, match=r"fps=100 asks for 400 frames of a 100-frame video recorded at 25 fps.*"
+                                         r"give fps <= 25"):
+        frame_indices(100, 25.0, FrameSampling("shifted", 8, fps=100.0))

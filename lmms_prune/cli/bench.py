@@ -8,12 +8,12 @@ import json
 from pathlib import Path
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x]
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
+def _numbers(flag: str, text: str, kind: type) -> list:
+    """``"0.1,0.25"`` -> numbers of ``kind``; a ``ValueError`` naming the flag and the value otherwise."""
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: write comma-separated {'integers' if kind is int else 'numbers'}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from lmms_prune.bench import Bench, build_geometry, geometries, write_results
+    from lmms_prune.bench import Bench, build_geometry, check_plan, geometries, write_results
     from lmms_prune.loading import default_device, load_model, resolve_dtype
 
     if not args.geometry and (args.layers or args.vision_layers):
@@ -57,6 +57,16 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"--{name.replace('_', '-')} {value}: must be >= 1")
     if args.warmup < 0:
         raise SystemExit(f"--warmup {args.warmup}: must be >= 0")
+    methods = [m for m in args.methods.split(",") if m]
+    keeps, tokens = _numbers("--keep", args.keep, float), _numbers("--tokens", args.tokens, int)
+    try:
+        method_args = json.loads(args.method_args)
+    except ValueError as err:
+        raise ValueError(f"--method-args {args.method_args!r}: not JSON ({err})") from None
+    stray = sorted(set(method_args) - set(methods)) if isinstance(method_args, dict) else []
+    if stray:
+        raise ValueError(f"--method-args {','.join(stray)}: not among --methods {','.join(methods)}")
+    check_plan(methods, keeps, tokens, method_args)  # before the model loads and the baseline is timed
     device = args.device or default_device()
     if args.threads or device == "cpu":
         torch.set_num_threads(args.threads or 1)
@@ -76,8 +86,7 @@ def run(args: argparse.Namespace) -> int:
     bench = Bench(model, full_depth=full_depth, repeats=args.repeats, warmup=args.warmup,
                   decode_tokens=args.decode_tokens, e2e=not args.no_e2e, eager_reference=args.eager_reference)
     extrapolated = bench.depth < bench.full_depth or bench.vision_depth < bench.full_vision_depth
-    cells = bench.run([m for m in args.methods.split(",") if m], _floats(args.keep), _ints(args.tokens),
-                      json.loads(args.method_args))
+    cells = bench.run(methods, keeps, tokens, method_args)
     meta = {"source": source, "device": device, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "threads": torch.get_num_threads(), "repeats": args.repeats, "warmup": args.warmup,
             "layers_run": bench.depth, "full_depth": bench.full_depth, "vision_layers_run": bench.vision_depth,

@@ -4,9 +4,11 @@ The data source is chosen as the tasks choose it (`lmms_prune.tasks.refcoco.data
 (``--jsonl-dir`` / ``LMMS_PRUNE_REFCOCO_JSONL_DIR``), else a local copy of the hub layout (``--local-dir`` /
 ``LMMS_PRUNE_REFCOCO_DIR``), else the hub datasets, read from the local cache only (nothing is downloaded).
 A split that cannot be read is reported as missing. Each present split is also checked row by row: ground-truth
-boxes that cannot be scored (zero width or height, outside the image; `data.degenerate_box`), images whose size
-cannot be read, and rows with an empty expression list (they yield no sample) are counted, and the first few ids
-of each are printed.
+boxes that cannot be scored (zero width or height, outside the image, NaN or inf, not four numbers;
+`data.degenerate_box`, the rule of the evaluation's ``bad_gt`` count), images that cannot be used (every image
+of a hub-layout split is fully decoded as the evaluation decodes it, so truncated files and decompression bombs
+are caught; jsonl images live under the COCO root and are not opened: their written sizes are checked), and rows
+with an empty expression list (they yield no sample) are counted, and the first few ids of each are printed.
 
 ``--splits`` names the splits to check (``refcoco`` for a family's splits, ``refcoco/testB`` for one; default
 all eight). Exit status: 1 if a requested split is missing, its count differs from the official one, or it
@@ -21,6 +23,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 SHOW_IDS = 5
 """Ids printed per kind of problem."""
@@ -47,17 +50,26 @@ class SplitCount:
         return "ok" if self.count == self.official else "mismatch"
 
 
-PROBLEM_KINDS = ("degenerate box", "unreadable image size", "no expression")
+PROBLEM_KINDS = ("degenerate box", "unusable image", "unreadable image size", "no expression")
+
+Row = tuple[str, Any, int, int, int, str | None]
+"""``(id, box, width, height, expressions, image problem)``: the box ``[x1, y1, x2, y2]`` (as found when it is
+not four numbers), the image size, the number of expressions, and why the image cannot be used (None: fine, or
+not opened)."""
 
 
-def row_problems(rows: Iterable[tuple[str, Sequence[float], int, int, int]]) -> dict[str, list[str]]:
-    """Row ids per problem kind, from ``(id, box [x1, y1, x2, y2], width, height, expressions)`` rows."""
+def row_problems(rows: Iterable[Row]) -> dict[str, list[str]]:
+    """Row ids per problem kind (`PROBLEM_KINDS`); a box is judged by ``data.degenerate_box``, the rule the
+    evaluation's ``bad_gt`` count applies."""
     from lmms_prune.tasks.refcoco import data
 
     out: dict[str, list[str]] = {kind: [] for kind in PROBLEM_KINDS}
-    for row_id, box, width, height, expressions in rows:
+    for row_id, box, width, height, expressions, image_problem in rows:
         if expressions == 0:
             out["no expression"].append(row_id)
+        if image_problem is not None:
+            out["unusable image"].append(f"{row_id} ({image_problem})")
+            continue
         if width <= 0 or height <= 0:
             out["unreadable image size"].append(row_id)
             continue
@@ -67,27 +79,49 @@ def row_problems(rows: Iterable[tuple[str, Sequence[float], int, int, int]]) -> 
     return out
 
 
-def _hub_rows(dataset) -> Iterable[tuple[str, list[float], int, int, int]]:
-    """`row_problems` rows of a hub-layout split (image sizes from the headers, boxes from ``[x, y, w, h]``)."""
+def decode_check(image: dict[str, Any]) -> tuple[int, int, str | None]:
+    """``(width, height, problem)`` of a hub image record, fully decoded by ``lmms_prune.images.load_image``
+    (as the evaluation decodes it: truncated files, decompression bombs and undecodable data are caught, not
+    only unreadable headers); ``(0, 0, reason)`` when it cannot be used."""
+    from lmms_prune.images import ImageLoadError, load_image
+
+    try:
+        decoded = load_image(image, "check")
+    except ImageLoadError as err:
+        return 0, 0, err.reason
+    return decoded.width, decoded.height, None
+
+
+def _hub_rows(dataset) -> Iterable[Row]:
+    """`row_problems` rows of a hub-layout split: each distinct image decoded once (`decode_check`), boxes
+    from ``[x, y, w, h]``."""
+    import hashlib
+
     from datasets import Image
 
     from lmms_prune.tasks.refcoco import data
 
     rows = dataset.select_columns(["question_id", "image", "answer", "bbox"]).cast_column("image", Image(decode=False))
+    seen: dict[str, tuple[int, int, str | None]] = {}  # rows of one image share it: decode it once
     for batch in rows.iter(batch_size=256):
         for qid, image, answers, bbox in zip(batch["question_id"], batch["image"], batch["answer"], batch["bbox"]):
-            width, height = data.image_size(image)
-            x, y, w, h = (float(v) for v in bbox)
+            data_bytes = image.get("bytes")
+            key = hashlib.sha256(data_bytes).hexdigest() if data_bytes else f"path:{image.get('path')}"
+            if key not in seen:
+                seen[key] = decode_check(image)
+            width, height, problem = seen[key]
+            box = data.as_xyxy(bbox, xywh=True)
             n = 1 if isinstance(answers, str) else len(answers or [])
-            yield str(qid), [x, y, x + w, y + h], width, height, n
+            yield str(qid), bbox if box is None else box, width, height, n, problem
 
 
-def _jsonl_rows(records: list[dict], name: str) -> Iterable[tuple[str, list[float], int, int, int]]:
-    """`row_problems` rows of InternVL jsonl records (pixel ``[x1, y1, x2, y2]`` boxes, sizes as written)."""
+def _jsonl_rows(records: list[dict], name: str) -> Iterable[Row]:
+    """`row_problems` rows of InternVL jsonl records (pixel ``[x1, y1, x2, y2]`` boxes, sizes as written; the
+    images live under the COCO root and are not opened here)."""
     for index, record in enumerate(records):
         sentence = record.get("sent")
-        yield (f"{name}/{index}", [float(v) for v in record["bbox"]], int(record.get("width") or 0),
-               int(record.get("height") or 0), int(isinstance(sentence, str) and bool(sentence.strip())))
+        yield (f"{name}/{index}", record.get("bbox"), int(record.get("width") or 0), int(record.get("height") or 0),
+               int(isinstance(sentence, str) and bool(sentence.strip())), None)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -203,8 +237,9 @@ def run(args: argparse.Namespace) -> int:
     rows = check(jsonl_dir, local_dir, splits)
     print(format_table(rows))
     present = [r for r in rows if r.count is not None]
-    mismatched = [r for r in present if r.status == "mismatch"]
-    flawed = [r for r in present if r.status == "problems"]
+    # counted apart: a split can hold both a wrong count and rows that cannot be scored
+    mismatched = [r for r in present if r.count != r.official]
+    flawed = [r for r in present if any(r.problems.values())]
     print(f"\n{len(present)}/{len(rows)} requested splits present, {len(mismatched)} with a count different from "
           f"the official one, {len(flawed)} with rows that cannot be scored")
     if len(present) < len(rows):

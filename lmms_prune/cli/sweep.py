@@ -32,21 +32,32 @@ def run(args: argparse.Namespace) -> int:
     arguments, 128 + the signal number when stopped by SIGTERM / SIGINT (its running cell's processes ended)."""
     import sys
 
-    from lmms_prune.sweep import Sweep, SweepInterrupted, build_cells, parse_method_args, parse_models
+    from lmms_prune.sweep import (
+        Sweep,
+        SweepInterrupted,
+        build_cells,
+        check_cells,
+        check_tasks,
+        parse_method_args,
+        parse_models,
+    )
 
     try:
         keeps = [float(k) for k in args.keep.split(",") if k]
     except ValueError:
         print(f"lmms-prune sweep: --keep {args.keep!r}: write comma-separated numbers in (0, 1]", file=sys.stderr)
         return 2
-    try:
+    tasks = [t for t in args.tasks.split(",") if t]
+    try:  # everything checked before the first cell launches
         cells = build_cells(parse_models(args.models), [m for m in args.methods.split(",") if m], keeps,
                             parse_method_args(args.method_args))
+        check_cells(cells)
+        check_tasks(tasks, args.include_path)
     except ValueError as err:
         print(f"lmms-prune sweep: {err}", file=sys.stderr)
         return 2
     launcher = args.launcher or sys.executable
-    sweep = Sweep(Path(args.out), [t for t in args.tasks.split(",") if t], launcher=launcher, limit=args.limit,
+    sweep = Sweep(Path(args.out), tasks, launcher=launcher, limit=args.limit,
                   include_path=args.include_path, retries=args.retries,
                   extra_args=("--log_samples",) if args.log_samples else ())
     try:

@@ -24,6 +24,7 @@ Names and layouts follow the published architecture (OpenGVLab's ``modeling_inte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -408,14 +409,30 @@ def convert_tensor(key: str, tensor: torch.Tensor, arch: str, text: transformers
                      f"{arch} LM; the converter does not know where it goes")
 
 
+def _index_entries(index: Path) -> dict[str, str]:
+    """The ``weight_map`` (tensor name -> shard file name) of a shard index, every file name checked to stay
+    inside the checkpoint folder: an absolute name or one with ``..`` is refused, never opened."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{index}: not a shard index with a weight_map ({type(err).__name__}: {err})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index}: weight_map must map tensor names to shard file names")
+    for name in dict.fromkeys(weight_map.values()):
+        parts = Path(name).parts
+        if not name or Path(name).is_absolute() or "\\" in name or ".." in parts:
+            raise ValueError(f"{index}: shard {name!r} points outside the checkpoint folder; an index names files "
+                             "inside it (model-00001-of-00002.safetensors); this one was not followed")
+    return weight_map
+
+
 def _weight_files(src_dir: Path) -> list[Path]:
     """The checkpoint's weight files in order: safetensors (sharded or not), else PyTorch ``.bin``."""
     for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index = src_dir / index_name
         if index.is_file():
-            names = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
-            return [src_dir / name for name in names]
+            return [src_dir / name for name in dict.fromkeys(_index_entries(index).values())]
         if (src_dir / single).is_file():
             return [src_dir / single]
     raise ValueError(f"{src_dir}: no model.safetensors(.index.json) or pytorch_model.bin(.index.json) found")
@@ -426,21 +443,50 @@ def weight_names(src_dir: Path) -> set[str]:
     single PyTorch ``.bin`` file."""
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (src_dir / index_name).is_file():
-            return set(json.loads((src_dir / index_name).read_text())["weight_map"])
+            return set(_index_entries(src_dir / index_name))
     if (src_dir / "model.safetensors").is_file():
-        with safe_open(str(src_dir / "model.safetensors"), framework="pt") as handle:
+        with _readable(src_dir / "model.safetensors"), safe_open(str(src_dir / "model.safetensors"),
+                                                                  framework="pt") as handle:
             return set(handle.keys())
     return set()
 
 
+@contextlib.contextmanager
+def _readable(path: Path) -> Iterator[None]:
+    """Turn a failure to read weight file ``path`` into a ``ValueError`` naming it: a truncated or corrupt
+    shard, or a ``.bin`` pickle holding objects other than tensors (refused by ``weights_only`` loading without
+    running anything). torch's advice to load with ``weights_only=False`` is not repeated: that would run the
+    code the pickle names."""
+    import pickle
+
+    try:
+        yield
+    except ValueError:
+        raise
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path}: weight file refused: a pickle holding Python objects other than tensors; such "
+                         "objects are never unpickled (unpickling can run code); save the weights as safetensors "
+                         "where they were made") from None
+    except Exception as error:  # safetensors, torch's zip reader and the OS raise their own types
+        first = (str(error).strip().splitlines() or [""])[0]
+        why = f"{type(error).__name__}: {first}" if "weights_only" not in first else type(error).__name__
+        raise ValueError(f"{path}: weight file unreadable ({why}); it is truncated or corrupt: download it "
+                         "again") from None
+
+
 def _read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                yield key, handle.get_tensor(key)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        yield from state.items()
+    if not path.is_file():
+        raise ValueError(f"{path}: weight file named by the checkpoint's index is missing")
+    with _readable(path):
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as handle:
+                for key in handle.keys():
+                    yield key, handle.get_tensor(key)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise ValueError(f"{path}: not a state dict of tensors")
+            yield from state.items()
 
 
 def _expected_shapes(config: transformers.InternVLConfig) -> dict[str, tuple[int, ...]]:
@@ -662,20 +708,43 @@ def read_original_config(src_dir: Path) -> dict[str, Any]:
     return original
 
 
-def convert_internvl(src: str | os.PathLike, dst: str | os.PathLike,
-                     log: Callable[[str], None] | None = None) -> Path:
-    """Convert the original InternVL2 / InternVL2.5 checkpoint ``src`` (a local directory or a hub id) into a
-    transformers-native directory ``dst`` (created if needed; files in it are overwritten). Returns ``dst``.
+CONVERSION_MARKER = "lmms_prune_conversion.json"
+"""Written first into every conversion output: a folder holding it may be converted into again."""
 
-    Raises ``ValueError`` naming what is not covered (LM type, template, pixel-shuffle version) or what does not
-    fit (unknown tensor names, shapes).
+
+def check_destination(dst: Path, overwrite: bool = False) -> None:
+    """Refuse to convert into ``dst`` when it is a file, or a non-empty folder that is not an earlier conversion
+    output (no `CONVERSION_MARKER`) and ``overwrite`` is False: the conversion replaces ``config.json`` and the
+    ``model*.safetensors`` files there, which may be a user's own model."""
+    if dst.exists() and not dst.is_dir():
+        raise ValueError(f"{dst}: exists and is not a folder; name a new or empty output folder")
+    if overwrite or not dst.is_dir() or (dst / CONVERSION_MARKER).is_file():
+        return
+    present = sorted(p.name for p in dst.iterdir())
+    if present:
+        shown = ", ".join(present[:5]) + (f" and {len(present) - 5} more" if len(present) > 5 else "")
+        raise ValueError(f"{dst}: not empty ({shown}) and not an earlier conversion output; its config.json and "
+                         "model*.safetensors would be replaced. Name a new or empty folder, or pass --overwrite")
+
+
+def convert_internvl(src: str | os.PathLike, dst: str | os.PathLike,
+                     log: Callable[[str], None] | None = None, overwrite: bool = False) -> Path:
+    """Convert the original InternVL2 / InternVL2.5 checkpoint ``src`` (a local directory or a hub id) into a
+    transformers-native directory ``dst``. Returns ``dst``.
+
+    ``dst`` must be new, empty or an earlier conversion output (`check_destination`) unless ``overwrite``.
+    Raises ``ValueError`` naming what is not covered (LM type, template, pixel-shuffle version), what does not
+    fit (unknown tensor names, shapes) or what cannot be read (a shard index naming files outside the folder, a
+    truncated shard, a pickle of objects other than tensors).
     """
     log = log or (lambda message: None)
+    dst = Path(dst)
+    check_destination(dst, overwrite)
     src_dir = fetch_checkpoint(src)
     original = fill_structural_defaults(read_original_config(src_dir), weight_names(src_dir))
     arch = lm_kind(original)
-    dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
+    (dst / CONVERSION_MARKER).write_text(json.dumps({"source": str(src)}) + "\n")
     log(f"tokenizer of {src_dir}")
     tokenizer = build_tokenizer(src_dir, arch)
     config = native_config(original, image_token_id=tokenizer.convert_tokens_to_ids(CONTEXT_IMAGE_TOKEN),

@@ -158,14 +158,65 @@ def save_prior(path: str | Path, means: dict[int, torch.Tensor], counts: dict[in
     return path
 
 
+def _unreadable(exc: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in words that never suggest ``weights_only=False``
+    (torch's own message does: that would run whatever code the file's pickle names)."""
+    import pickle
+
+    if isinstance(exc, pickle.UnpicklingError):
+        return ("it holds Python objects other than tensors, numbers, strings, lists and dicts, and such objects "
+                "are never unpickled (unpickling can run code)")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if "weights_only" in first or "unpickl" in first.lower():
+        first = "not a torch.save file of tensors"
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def check_payload(payload: Any, path: str) -> Prior:
+    """The `Prior` of a ``torch.load``-ed prior file, after checking every part of it.
+
+    ``means`` must map each visual-token count ``N >= 1`` to a floating ``[N]`` tensor whose values are finite
+    and > 0 (mean attention probabilities; `lmms_prune.scores._validate.check_positional_weights`, shared with
+    ``trend_weights``); ``counts`` maps token counts to image counts; ``meta`` is a dict. Every error names the
+    file, the entry and the value, and gives the command that remakes the prior.
+    """
+    from lmms_prune.scores._validate import check_positional_weights, is_int
+
+    name = f"bias_prior={path!r}"
+    if not isinstance(payload, dict) or payload.get("format") != 1 or "means" not in payload:
+        raise ValueError(f"{name}: not an lmms-prune prior file (a dict with format=1 and means); " + CALIBRATE_HINT)
+    means, counts, meta = payload["means"], payload.get("counts", {}), payload.get("meta", {})
+    if not isinstance(means, dict) or not means:
+        what = "empty" if isinstance(means, dict) else f"a {type(means).__name__}"
+        raise ValueError(f"{name}: means is {what}; it must map each visual-token count N to a tensor [N]; "
+                         + CALIBRATE_HINT)
+    for n, values in means.items():
+        where = f"{name}: means[{n!r}]"
+        if not is_int(n) or n < 1:
+            raise ValueError(f"{where}: the key must be a visual-token count (an int >= 1); " + CALIBRATE_HINT)
+        if not isinstance(values, torch.Tensor):
+            raise ValueError(f"{where}: a {type(values).__name__}, not a tensor [N]; " + CALIBRATE_HINT)
+        try:
+            check_positional_weights(values, where, noun="value", positive=True)
+        except ValueError as err:
+            raise ValueError(f"{err}; " + CALIBRATE_HINT) from None
+        if values.numel() != n:
+            raise ValueError(f"{where}: {values.numel()} values for {n} visual tokens; " + CALIBRATE_HINT)
+    if not isinstance(counts, dict) or not all(is_int(v) and v >= 0 for v in counts.values()):
+        raise ValueError(f"{name}: counts must map token counts to numbers of images; " + CALIBRATE_HINT)
+    if not isinstance(meta, dict):
+        raise ValueError(f"{name}: meta is a {type(meta).__name__}, not a dict; " + CALIBRATE_HINT)
+    return Prior({int(k): v for k, v in means.items()}, dict(counts), dict(meta))
+
+
 def load_prior(path: str | Path) -> Prior:
+    """Read and check a prior file (`check_payload`); only tensors and plain containers are ever read."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"bias_prior={str(path)!r}: no such file; " + CALIBRATE_HINT)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unreadable or not a prior
-        raise ValueError(f"bias_prior={str(path)!r}: not a readable prior file ({exc}); " + CALIBRATE_HINT) from exc
-    if not isinstance(payload, dict) or payload.get("format") != 1 or not payload.get("means"):
-        raise ValueError(f"bias_prior={str(path)!r}: not an lmms-prune prior file; " + CALIBRATE_HINT)
-    return Prior(payload["means"], payload.get("counts", {}), payload.get("meta", {}))
+    except Exception as exc:  # unreadable, truncated or not a prior: torch raises several types
+        raise ValueError(f"bias_prior={str(path)!r}: not a readable prior file ({_unreadable(exc)}); "
+                         + CALIBRATE_HINT) from None
+    return check_payload(payload, str(path))

@@ -56,12 +56,13 @@ from lmms_prune.runner import (
     Runner,
     RunOptions,
     apply_until,
+    check_output_path,
     format_summary,
     generation_kwargs,
     parse_options,
     summarize,
 )
-from lmms_prune.video import FAMILY_SAMPLING, decode_video, family_sampling
+from lmms_prune.video import FAMILY_SAMPLING, decode_video, family_sampling, register_run_sampling
 
 __all__ = ["PrunedChatModel", "PrunedTokenCounts", "apply_until", "format_summary", "lmms_eval_cli_options",
            "preset_classes", "summarize"]
@@ -212,7 +213,12 @@ class PrunedChatModel(lmms):
     def __init__(self, **model_args: Any) -> None:
         super().__init__()
         options, self.prune_config = self.parse_model_args(**model_args)
+        if options.efficiency_path:  # checked now, before the weights load: not after the last sample
+            check_output_path("efficiency_path", options.efficiency_path,
+                              folder=Path(options.efficiency_path).suffix != ".json")
         self.runner = Runner(self.family_class(), options, self.prune_config, self.model_id())
+        if self.family in FAMILY_SAMPLING:  # video tasks tell clips this run cannot sample from bad answers
+            register_run_sampling(family_sampling(self.family, options.family))
         self._setup_device()
         self._load()
         self._install()

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lmms_prune.scores._validate import check_vector, is_int
+from lmms_prune.scores._validate import check_positional_weights, check_vector, is_int
 from lmms_prune.scores.prior import resize_prior
 
 
@@ -103,18 +103,8 @@ def load_trend_weights(path: str | os.PathLike) -> Tensor:
         raise ValueError(f"{path}: not a NumPy .npy array ({error}); save the vector with numpy.save") from error
     if not isinstance(values, np.ndarray):
         raise ValueError(f"{path}: holds an archive of several arrays; save the one weight vector with numpy.save")
-    if not np.issubdtype(values.dtype, np.floating):
-        raise ValueError(f"{path}: dtype {values.dtype}: the weights must be floating point (e.g. float64)")
-    if values.ndim != 1 or values.size == 0:
-        raise ValueError(f"{path}: shape {values.shape}: must be a non-empty 1-D vector [M], one weight per token")
-    finite = np.isfinite(values)
-    if not finite.all():
-        raise ValueError(f"{path}: {int((~finite).sum())} of {values.size} weights are NaN or infinite")
-    if (values < 0).any():
-        raise ValueError(f"{path}: the smallest weight is {float(values.min())!r}: weights must be >= 0")
-    if not (values > 0).any():
-        raise ValueError(f"{path}: every weight is 0: the scores would all be 0")
-    return torch.from_numpy(values.astype(np.float64))
+    values = check_positional_weights(values, path)
+    return torch.from_numpy(values)
 
 
 def weight_debias(attn: Tensor, weights: Tensor, pad_mask: Tensor | None = None) -> Tensor:

@@ -6,8 +6,9 @@ path (``<data>/<videoID>.mp4``), which lmms-eval's chat task turns into ``{"type
 the model decodes and samples the frames. Per sample ``process_results`` returns one record for three
 metrics: ``tinyvideo_perception_score`` (percent correct over all samples, VideoMME's overall score),
 ``malformed`` (answers with no option letter: counted, and scored wrong) and ``video_errors`` (samples whose
-clip cannot be decoded: the wrapper skipped them under ``on_error=skip`` and answered nothing; scored wrong,
-counted here instead of as malformed).
+clip cannot be decoded, or cannot be sampled by the run's frame sampling (``lmms_prune.video.run_sampling``,
+recorded by our wrappers: a 1-frame clip under Qwen-VL): the wrapper skipped them under ``on_error=skip`` and
+answered nothing; scored wrong, counted here instead of as malformed).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 from lmms_eval.tasks._task_utils.mcq_extract import extract_mcq_answer
 
-from lmms_prune.video import VideoLoadError, check_video
+from lmms_prune.video import VideoLoadError, check_video, run_sampling
 
 DATA_DIR = Path(os.environ.get("LMMS_PRUNE_TINYVIDEO_DIR") or Path(__file__).resolve().parents[1] / "data" / "tinyvideo")
 OPTION_PROMPT = ("Select the best answer to the following multiple-choice question based on the video and the "
@@ -54,7 +55,7 @@ def process_results(doc: dict, results: list[Any]) -> dict[str, dict[str, Any]]:
               **score_answer(answer, doc["answer"]), "video_error": None}
     if not (isinstance(answer, str) and answer.strip()):
         try:
-            check_video(doc_to_visual(doc)[0], doc["question_id"])
+            check_video(doc_to_visual(doc)[0], doc["question_id"], run_sampling())
         except VideoLoadError as err:
             record.update(video_error=str(err), malformed=False)
     return {"tinyvideo_perception_score": record, "malformed": record, "video_errors": record}

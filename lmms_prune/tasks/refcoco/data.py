@@ -153,17 +153,50 @@ def image_size(image: dict[str, Any] | str) -> tuple[int, int]:
     try:
         with Image.open(source) as opened:
             return opened.size
-    except (OSError, SyntaxError, ValueError, TypeError, AttributeError):  # PIL's failures to identify a file
+    # PIL's failures to identify a file; DecompressionBombError (over 2 x Image.MAX_IMAGE_PIXELS) is raised by
+    # the header read already, and derives from Exception alone
+    except (OSError, SyntaxError, ValueError, TypeError, AttributeError, Image.DecompressionBombError):
         return (0, 0)
+
+
+def as_xyxy(values: Any, xywh: bool = False) -> list[float] | None:
+    """A ground-truth box as ``[x1, y1, x2, y2]`` floats (from ``[x, y, w, h]`` when ``xywh``); None when
+    ``values`` is not a sequence of four numbers."""
+    try:
+        numbers = [float(v) for v in values]
+    except (TypeError, ValueError):
+        return None
+    if len(numbers) != 4:
+        return None
+    if xywh:
+        x, y, w, h = numbers
+        return [x, y, x + w, y + h]
+    return numbers
+
+
+def sample_box(values: Any, row: str, xywh: bool = False) -> list[float]:
+    """The ``box`` column of a row's samples: `as_xyxy`, or four NaNs (with a warning naming the row) when the
+    row's box is not four numbers, so the sample is kept and counted under ``bad_gt`` when it is scored."""
+    box = as_xyxy(values, xywh)
+    if box is None:
+        logger.warning(f"RefCOCO row {row}: bbox {values!r} is not four numbers; its samples are counted under "
+                       "bad_gt when scored (`lmms-prune data check` lists such rows)")
+        return [math.nan] * 4
+    return box
 
 
 def degenerate_box(box: Sequence[float], width: int, height: int, tolerance: float = 1.0) -> str | None:
     """Why an ``(x1, y1, x2, y2)`` ground-truth box cannot be scored on a ``width x height`` image, or None.
 
-    Degenerate: zero (or negative) width or height, a non-finite coordinate, an unknown image size, or a
-    corner outside the image by more than ``tolerance`` pixels (COCO boxes may touch the border).
+    Degenerate: not four numbers, zero (or negative) width or height, a non-finite coordinate, an unknown image
+    size, or a corner outside the image by more than ``tolerance`` pixels (COCO boxes may touch the border).
+    The evaluation (``utils.process_results``, metric ``bad_gt``) and ``lmms-prune data check`` both use it.
     """
-    x1, y1, x2, y2 = (float(v) for v in box)
+    values = as_xyxy(box)
+    if values is None:
+        count = len(box) if hasattr(box, "__len__") else 0
+        return f"{count} numbers, not 4 (x1, y1, x2, y2)" if count != 4 else "not numbers"
+    x1, y1, x2, y2 = values
     if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
         return "non-finite coordinate"
     if x2 <= x1 or y2 <= y1:
@@ -187,7 +220,7 @@ def explode_rows(batch: dict[str, list]) -> dict[str, list]:
     empty = []
     for question_id, image, answers, bbox in zip(batch["question_id"], batch["image"], batch["answer"], batch["bbox"]):
         width, height = image_size(image)
-        x, y, w, h = (float(v) for v in bbox)
+        box = sample_box(bbox, str(question_id), xywh=True)
         expressions = [answers] if isinstance(answers, str) else list(answers or [])
         if not expressions:
             empty.append(str(question_id))
@@ -195,7 +228,7 @@ def explode_rows(batch: dict[str, list]) -> dict[str, list]:
             out["sample_id"].append(f"{question_id}/{k}")
             out["image"].append(image)
             out["expression"].append(expression)
-            out["box"].append([x, y, x + w, y + h])
+            out["box"].append(list(box))
             out["width"].append(width)
             out["height"].append(height)
     if empty:
@@ -241,7 +274,7 @@ def jsonl_samples(records: Iterable[dict[str, Any]], image_root: str | os.PathLi
         out["sample_id"].append(f"{name}/{index}")
         out["image"].append(str(Path(image_root) / record["image"]))
         out["expression"].append(record["sent"])
-        out["box"].append([float(v) for v in record["bbox"]])
+        out["box"].append(sample_box(record.get("bbox"), f"{name}/{index}"))
         out["width"].append(int(record["width"]))
         out["height"].append(int(record["height"]))
     return out

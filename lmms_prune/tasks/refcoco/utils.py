@@ -19,16 +19,19 @@ answer is parsed in the family's own box convention and scored by IoU with the g
   resize under lmms-eval's ``qwen2_5_vl`` default pixel limits, anything else the 0-1000 grid).
 
 Per split: ``acc@0.5`` (percent of samples with IoU >= 0.5, the headline), ``mean_iou``
-(in [0, 1]), ``unparseable`` (number of answers with no readable box; they score IoU 0) and
-``image_errors`` (number of samples whose image could not be decoded: missing, empty, truncated or not an
-image; they score IoU 0 and stay in the denominator of ``acc@0.5`` and ``mean_iou``, and their sample ids are
+(in [0, 1]), ``unparseable`` (number of answers with no readable box; they score IoU 0), ``bad_gt`` (number
+of samples whose ground-truth box cannot be scored: zero-size, outside the image, NaN or inf, not four numbers;
+``data.degenerate_box``, the rule `lmms-prune data check` applies; they are left out of ``acc@0.5`` and
+``mean_iou`` and each is logged with its sample id) and ``image_errors`` (number of samples whose image could
+not be decoded: missing, empty, truncated, too large or not an image; they score IoU 0 and stay in the denominator of ``acc@0.5`` and ``mean_iou``, and their sample ids are
 logged). Groups report the unweighted mean of ``acc@0.5`` and ``mean_iou`` over their splits (the papers'
-"Avg" column) and the sums of ``unparseable`` and ``image_errors``.
+"Avg" column) and the sums of ``unparseable``, ``image_errors`` and ``bad_gt``.
 
 Image errors: `doc_to_visual` decodes with `lmms_prune.images.load_image`, which raises ``ImageLoadError``
 naming the sample id. With ``on_error=raise`` (the wrappers' default) the run stops there. With
-``on_error=skip`` the wrapper skips the sample; `process_results` then finds the sample id among the failures
-`doc_to_visual` recorded in this process (lmms-eval scores each rank's own samples on that rank, after its
+``on_error=skip`` the wrapper skips the sample; `process_results` then finds the sample's (task, sample id)
+among the failures `doc_to_visual` recorded in this process (`RefcocoGroundingTask` hands both functions its
+task name: sample ids repeat across tasks) (lmms-eval scores each rank's own samples on that rank, after its
 generation) and counts an image error instead of an unparseable answer. Box frames live in this process the
 same way.
 """
@@ -91,6 +94,18 @@ class RefcocoGroundingTask(ConfigurableMessagesTask):
     def lmms_eval_specific_kwargs(self, value: dict | None) -> None:
         self.__dict__["_lmms_eval_specific_kwargs"] = value
 
+    def _tagged(self, doc: dict) -> dict:
+        """``doc`` with this task's name under `TASK_FIELD`: the key of its image error (`error_key`)."""
+        return {**doc, TASK_FIELD: self.config.task}
+
+    def doc_to_messages(self, doc: dict, **kwargs: Any):
+        """lmms-eval's, on the doc tagged with this task (`doc_to_visual` records image errors per task)."""
+        return super().doc_to_messages(self._tagged(doc), **kwargs)
+
+    def process_results(self, doc: dict, results: Any, full_docs: Any = None):
+        """lmms-eval's, on the doc tagged with this task (`process_results` looks image errors up per task)."""
+        return super().process_results(self._tagged(doc), results, full_docs)
+
     def download(self, dataset_kwargs: dict | None = None) -> None:
         family = data.family_of(self.config.dataset_path)
         split = self.config.test_split
@@ -117,17 +132,28 @@ def process_docs(dataset):
     return data.explode_dataset(dataset)
 
 
-_IMAGE_ERRORS: dict[str, str] = {}
-"""sample_id -> the ``ImageLoadError`` message, for the samples whose image failed in this process."""
+TASK_FIELD = "lmms_prune_task"
+"""The key under which `RefcocoGroundingTask` hands its task name to `doc_to_visual` and `process_results`."""
+
+_IMAGE_ERRORS: dict[tuple[str, str], str] = {}
+"""(task, sample_id) -> the ``ImageLoadError`` message, for the samples whose image failed in this process.
+Sample ids repeat across tasks (refcoco and refcoco+ share question ids), so the task is part of the key."""
+
+
+def error_key(doc: dict) -> tuple[str, str]:
+    """``(task, sample_id)`` of a doc (the task is empty for a doc that no `RefcocoGroundingTask` tagged)."""
+    return str(doc.get(TASK_FIELD) or ""), str(doc.get("sample_id", ""))
 
 
 def doc_to_visual(doc: dict) -> list:
     """The sample's image, fully decoded now as RGB (one PIL image); ``ImageLoadError`` naming the sample id
-    if it cannot be used (recorded for `process_results`)."""
+    (and its task) if it cannot be used (recorded for `process_results`)."""
+    task = doc.get(TASK_FIELD)
+    sample = f"{task}/{doc['sample_id']}" if task else doc["sample_id"]
     try:
-        return [load_image(doc["image"], doc["sample_id"])]
+        return [load_image(doc["image"], sample)]
     except ImageLoadError as err:
-        _IMAGE_ERRORS[str(doc["sample_id"])] = str(err)
+        _IMAGE_ERRORS[error_key(doc)] = str(err)
         raise
 
 
@@ -270,7 +296,7 @@ def image_error_record(sample_id: str, error: str) -> dict[str, Any]:
 
 
 def process_results(doc: dict, results: list[Any]) -> dict[str, dict[str, Any]]:
-    """lmms-eval ``process_results``: the same per-sample record for each of the four metrics.
+    """lmms-eval ``process_results``: the same per-sample record for each of the five metrics.
 
     A sample whose image failed (recorded by `doc_to_visual`, or whose size could not be read when the data
     loaded) is an image error; any other answer is parsed (with the sample's recorded box frame, else the run's
@@ -278,11 +304,17 @@ def process_results(doc: dict, results: list[Any]) -> dict[str, dict[str, Any]]:
     unparseable. A recorded frame goes into the record as ``box_frame`` (``--log_samples``).
     """
     sample_id = str(doc.get("sample_id", ""))
-    error = _IMAGE_ERRORS.get(sample_id)
+    error = _IMAGE_ERRORS.get(error_key(doc))
     if error is None and (int(doc["width"]) <= 0 or int(doc["height"]) <= 0):
         error = f"sample {sample_id!r}: image size unreadable when the data loaded"
+    bad_box = None if error is not None else data.degenerate_box(doc["box"], int(doc["width"]), int(doc["height"]))
     if error is not None:
         record = image_error_record(sample_id, error)
+    elif bad_box is not None:
+        eval_logger.warning(f"refcoco grounding: sample {sample_id!r} ({doc.get(TASK_FIELD) or 'no task'}): its "
+                            f"ground-truth box {list(doc['box'])} cannot be scored ({bad_box}); counted under "
+                            "bad_gt and left out of acc@0.5 and mean_iou")
+        record = {"iou": 0.0, "parsed": False, "bad_gt": bad_box, "sample_id": sample_id}
     else:
         answer = results[0] if results else ""
         x1, y1, x2, y2 = doc["box"]
@@ -292,26 +324,43 @@ def process_results(doc: dict, results: list[Any]) -> dict[str, dict[str, Any]]:
         record = score_answer(answer, (x1, y1, x2, y2), width, height, frame)
         if recorded is not None:
             record["box_frame"] = recorded
-    return {"acc@0.5": record, "mean_iou": record, "unparseable": record, "image_errors": record}
+    return {"acc@0.5": record, "mean_iou": record, "unparseable": record, "image_errors": record, "bad_gt": record}
+
+
+def _scorable(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records whose ground truth can be scored (those with ``bad_gt`` are counted by `bad_gt_count`)."""
+    return [r for r in records if not r.get("bad_gt")]
 
 
 def accuracy_at_05(records: list[dict[str, Any]]) -> float:
-    """Percent of samples whose IoU is at least 0.5 (0.0 for an empty split)."""
+    """Percent of scorable samples whose IoU is at least 0.5 (0.0 when there are none)."""
+    records = _scorable(records)
     if not records:
         return 0.0
     return 100.0 * sum(r["iou"] >= IOU_THRESHOLD for r in records) / len(records)
 
 
 def mean_iou(records: list[dict[str, Any]]) -> float:
-    """Mean IoU over samples, unparseable answers counting as 0 (0.0 for an empty split)."""
+    """Mean IoU over scorable samples, unparseable answers counting as 0 (0.0 when there are none)."""
+    records = _scorable(records)
     if not records:
         return 0.0
     return sum(r["iou"] for r in records) / len(records)
 
 
 def unparseable_count(records: list[dict[str, Any]]) -> int:
-    """Number of answers with no readable box (image errors are counted apart, by `image_error_count`)."""
-    return sum(not r["parsed"] and not r.get("image_error") for r in records)
+    """Number of answers with no readable box (image errors and bad ground truth are counted apart)."""
+    return sum(not r["parsed"] and not r.get("image_error") and not r.get("bad_gt") for r in records)
+
+
+def bad_gt_count(records: list[dict[str, Any]]) -> int:
+    """Number of samples whose ground-truth box cannot be scored; logs their sample ids and reasons."""
+    bad = [r for r in records if r.get("bad_gt")]
+    if bad:
+        eval_logger.warning(f"refcoco grounding: {len(bad)} of {len(records)} samples have a ground-truth box that "
+                            "cannot be scored (left out of acc@0.5 and mean_iou): "
+                            + "; ".join(f"{r['sample_id']} ({r['bad_gt']})" for r in bad))
+    return len(bad)
 
 
 def image_error_count(records: list[dict[str, Any]]) -> int:
