@@ -23,7 +23,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmms_prune.cli.main import main
-from lmms_prune.fingerprint import fingerprint, run_settings
+from lmms_prune.efficiency import host_id, identity_digest
+from lmms_prune.fingerprint import fingerprint, package_versions, run_settings
 from lmms_prune.leaderboard.bundle import build_bundles, bundle_filename, schema, write_bundles
 from lmms_prune.leaderboard.page import page_data, pareto_front, write_page
 from lmms_prune.leaderboard.verify import TaskConfigs, verify_bundle
@@ -121,6 +122,9 @@ def test_verify_passes_on_the_real_runs(real_run, real_bundles, capsys):
     assert out.count("OK ") == 3 and "FAIL" not in out
 
 
+DIGEST = "digest (over the bundle's content)"
+
+
 def _one_sample(bundle: dict, task: str, key: str) -> float:
     """The change one sample more or less correct makes to ``key`` of a leaf task."""
     n = bundle["tasks"][task]["samples"]
@@ -142,7 +146,7 @@ def test_verify_fails_on_a_metric_edited_by_one_sample(real_run, real_bundles, c
     result = verify_bundle(bundle, real_run, configs=configs)
     assert not result.ok
     assert [m for m in result.mismatches if m.startswith(f"{task} {key}:")], result.mismatches
-    assert len(result.mismatches) == 1, result.mismatches
+    assert [m.split(":")[0] for m in result.mismatches] == [DIGEST, f"{task} {key}"]  # the edit and the chain's end
     edited = tmp_path / name
     edited.write_text(json.dumps(bundle))
     assert main(["submit", "--verify", str(edited), str(real_run)]) == 1
@@ -207,12 +211,18 @@ metadata:
 QUALITY = {"none": 1.0, "fastv": 0.72, "deepprune": 0.9, "random": 0.45, "d2pruner": 0.8}
 
 
-def _records(n: int, quality: float, keep: float, rng: random.Random, dims: tuple[int, int]) -> list[dict]:
+SLOWER = {"deepprune": 1.5}
+"""Prefill time factor per method (its selection costs time): the speed-up and FLOPs axes then rank cells
+differently, so their Pareto fronts differ."""
+
+
+def _records(n: int, quality: float, keep: float, rng: random.Random, dims: tuple[int, int],
+             slower: float = 1.0) -> list[dict]:
     visual, text = dims
     out = []
     for doc in range(n):
         kept = max(1, round(visual * keep))
-        seconds = 0.002 * (kept + text) * rng.uniform(0.95, 1.05)
+        seconds = 0.002 * (kept + text) * rng.uniform(0.95, 1.05) * slower
         out.append({"task": "", "doc_id": doc, "visual_before": visual, "visual_after": kept,
                     "seq_len_before": visual + text, "seq_len_after": kept + text, "llm_prefill_seconds": seconds,
                     "select_seconds": 0.0001, "decode_seconds": 0.05, "end_to_end_seconds": seconds + 0.06,
@@ -223,9 +233,10 @@ def _records(n: int, quality: float, keep: float, rng: random.Random, dims: tupl
 
 
 def write_synthetic_cell(root: Path, family: str, pretrained: str, method: str, keep: float, include_path: Path,
-                         n: int = 12, dims: tuple[int, int] = (256, 30)) -> Path:
-    """One sweep cell as lmms-eval and this package write it: results, per-sample logs, efficiency records,
-    command.txt, cell.json, DONE. Scores are drawn from a quality per method (keep lowers it)."""
+                         n: int = 12, dims: tuple[int, int] = (256, 30), invocation: str = "sweep-1") -> Path:
+    """One sweep cell as lmms-eval and this package write it: results, per-sample logs, efficiency records (with
+    the run's identity record, as `PrunedChatModel.efficiency_report` writes it), command.txt, cell.json, DONE.
+    Scores are drawn from a quality per method (keep lowers it); ``invocation``: the sweep that measured it."""
     rng = random.Random(f"{family}{pretrained}{method}{keep}")
     cell = root / family / method / f"keep{keep:g}"
     model_dir = cell / "lmms_eval" / pretrained.strip("/").replace("/", "__")
@@ -272,11 +283,15 @@ def write_synthetic_cell(root: Path, family: str, pretrained: str, method: str, 
 
     records = []
     for task in tasks:
-        for r in _records(n, quality, 1.0 if method == "none" else keep, rng, dims):
+        for r in _records(n, quality, 1.0 if method == "none" else keep, rng, dims, SLOWER.get(method, 1.0)):
             records.append({**r, "task": task})
     config = resolve_config(method, **({} if method == "none" else {"keep_ratio": keep})).to_dict()
-    report = {"model": f"{family}_{method}", "pretrained": pretrained, "method": method, "config": config,
-              "dtype": "float32", "world_size": 1, "summary": summarize(records), "skipped": [], "samples": records}
+    identity = {"model": f"{family}_{method}", "pretrained": pretrained, "method": method, "config": config,
+                "dtype": "float32", "revision": "main", "model_type": family, "world_size": 1,
+                "hardware": {"device": "cpu", "device_name": "x86_64", "cpu": "x86_64", "gpu": None},
+                "versions": package_versions(), "measured_with": {"invocation": invocation, "host": host_id()}}
+    report = {**identity, "identity_digest": identity_digest(identity), "summary": summarize(records), "skipped": [],
+              "samples": records}
     (cell / "efficiency.json").write_text(json.dumps(report))
     run_args = {k: v for k, v in args.items() if k not in ("pretrained", "efficiency_path")}
     cell_settings = run_settings(f"{family}_{method}", pretrained, run_args, tasks, limit=n)
@@ -316,7 +331,7 @@ def test_synthetic_bundles_use_cell_json_and_verify_generic_mean_tasks(synthetic
         n = bundle["tasks"][GENERIC_TASK]["samples"]
         bundle["accuracies"][GENERIC_TASK]["exact_match,none"] += 1.0 / n  # one more sample right
         result = verify_bundle(bundle, synthetic_run, configs=configs)
-        assert [m.split(":")[0] for m in result.mismatches] == [f"{GENERIC_TASK} exact_match,none"]
+        assert [m.split(":")[0] for m in result.mismatches] == [DIGEST, f"{GENERIC_TASK} exact_match,none"]
 
 
 def test_build_bundles_refuses_an_edited_cell_json(synthetic_run, tmp_path):
@@ -386,12 +401,17 @@ def _column(page, key: str) -> list[str]:
     return page.eval_on_selector_all(f"#board tbody td[data-key='{key}']", "tds => tds.map(td => td.dataset.value)")
 
 
-def _python_front(cells: list[dict], task: str) -> set[str]:
-    """The Pareto front per model, computed here from the bundles' figures by the definition."""
+AXIS_KEYS = {"speedup": ("speedup", 1.0), "flops": ("flops_ratio", -1.0), "tokens": ("kept_tokens", -1.0)}
+"""x-axis -> (cell field, +1 when higher is better, -1 when lower is)."""
+
+
+def _python_front(cells: list[dict], task: str, axis: str = "speedup") -> set[str]:
+    """The Pareto front per model on one x-axis, computed here from the bundles' figures by the definition."""
+    key, sign = AXIS_KEYS[axis]
     front = set()
     for model in {c["model"] for c in cells}:
-        pts = [c for c in cells if c["model"] == model and c["speedup"] is not None]
-        xy = [(c["speedup"], c["scores"][task]["value"]) for c in pts]
+        pts = [c for c in cells if c["model"] == model and c[key] is not None]
+        xy = [(sign * c[key], c["scores"][task]["value"]) for c in pts]
         front |= {c["id"] for i, c in enumerate(pts) if not _dominated(xy, i)}
     return front
 
@@ -420,6 +440,21 @@ def test_page_in_chromium_sorts_plots_every_cell_and_marks_the_pareto_front(synt
                 xy = page.eval_on_selector_all(f"#scatter circle.pareto[data-model='{model}']",
                                                "cs => cs.map(c => c.getAttribute('cx') + ',' + c.getAttribute('cy'))")
                 assert all(p in d for p in xy)
+        # the x-axis: every cell was timed side by side, so the page opens on the measured speed-up; switching
+        # to the FLOPs ratio or the kept tokens redraws the points and the front on that axis
+        assert page.input_value("#axis") == "speedup"
+        fronts = {}
+        for axis in ("speedup", "flops", "tokens"):
+            page.select_option("#axis", axis)
+            for task in ("refcoco_ground_val", GENERIC_TASK):
+                page.select_option("#task", task)
+                marked = page.eval_on_selector_all("#scatter circle.point.pareto", "cs => cs.map(c => c.dataset.id)")
+                assert set(marked) == _python_front(cells, task, axis), (axis, task)
+                fronts[axis, task] = set(marked)
+            assert page.eval_on_selector_all("#scatter circle.point", "cs => cs.length") == len(cells)
+            assert axis != "flops" or "FLOPs" in page.text_content("#scatter-title")
+        assert fronts["speedup", GENERIC_TASK] != fronts["flops", GENERIC_TASK]  # the front follows the axis
+        page.select_option("#axis", "speedup")
         page.select_option("#task", "refcoco_ground_val")
         speed = "#board thead th[data-key='speedup']"
         page.click(speed)
