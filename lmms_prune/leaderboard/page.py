@@ -16,7 +16,9 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
+from functools import partial
 from importlib import resources
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -54,17 +56,16 @@ def default_axis(cells: Sequence[Mapping[str, Any]]) -> str:
     return "flops"
 
 
-def axis_front(cells: Sequence[Mapping[str, Any]], axis: str, value: Any) -> list[Any]:
-    """The cells of ``cells`` on the Pareto front of (``axis``, ``value(cell)``) (cells lacking either left out);
-    ``value`` returns (score, higher is better) or None."""
-    spec = AXES[axis]
-    sign_x = 1.0 if spec["better"] == "higher" else -1.0
-    pts = [(c, value(c)) for c in cells if c.get(spec["key"]) is not None]
-    pts = [(c, v) for c, v in pts if v is not None and v[0] is not None]
+def front_of(items: Sequence[Any], x: Any, y: Any, x_better: str) -> list[Any]:
+    """The items on the Pareto front of (x, y): ``x(item)`` a cost or a speed-up (``x_better`` ``"lower"`` or
+    ``"higher"``), ``y(item)`` a (score, higher is better) pair; items lacking either are left out."""
+    sign_x = 1.0 if x_better == "higher" else -1.0
+    pts = [(it, x(it), y(it)) for it in items]
+    pts = [(it, xv, yv) for it, xv, yv in pts if xv is not None and yv is not None and yv[0] is not None]
     if not pts:
         return []
-    mask = pareto_front([[sign_x * c[spec["key"]], (1.0 if hib else -1.0) * y] for c, (y, hib) in pts])
-    return [c for (c, _), on in zip(pts, mask) if on]
+    mask = pareto_front([[sign_x * xv, (1.0 if hib else -1.0) * v] for _, xv, (v, hib) in pts])
+    return [it for (it, _, _), on in zip(pts, mask) if on]
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
@@ -171,19 +172,21 @@ def page_data(bundles: Sequence[Mapping[str, Any]], names: Sequence[str] | None 
             "versions": b["versions"], "digest": b["logs"]["digest"],
         })
     pareto: dict[str, dict[str, dict[str, list[str]]]] = {axis: {} for axis in AXES}
-    for axis in AXES:
+    for axis, spec in AXES.items():
         for t in tasks:
-            def value(c: Mapping[str, Any], t: str = t) -> tuple[float | None, bool] | None:
-                s = c["scores"].get(t)
-                return None if s is None else (s["value"], s["higher_is_better"])
-
             for model in sorted({c["model"] for c in cells}):
-                front = axis_front([c for c in cells if c["model"] == model], axis, value)
+                front = front_of([c for c in cells if c["model"] == model], itemgetter(spec["key"]),
+                                 partial(_score_of, task=t), spec["better"])
                 if front:
                     pareto[axis].setdefault(t, {})[model] = [c["id"] for c in front]
     return {"generated": datetime.now(timezone.utc).isoformat(timespec="seconds"), "tasks": tasks,
             "top_level_tasks": top_level, "cells": cells, "pareto": pareto, "axes": AXES,
             "default_axis": default_axis(cells), "cross_task": cross_task(cells, top_level)}
+
+
+def _score_of(cell: Mapping[str, Any], task: str) -> tuple[float | None, bool] | None:
+    s = cell["scores"].get(task)
+    return None if s is None else (s["value"], s["higher_is_better"])
 
 
 def _cross_value(cell: Mapping[str, Any], task: str, use_pct: bool) -> float | None:

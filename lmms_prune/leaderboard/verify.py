@@ -223,12 +223,9 @@ def _check_settings(v: Verification, bundle: Mapping[str, Any], files: RunFiles)
     from lmms_prune.fingerprint import fingerprint
 
     v.check("fingerprint of the bundle's settings", bundle["fingerprint"], fingerprint(bundle["settings"]))
-    settings, fp, source = cell_settings(files)
-    if source == "cell.json":
-        v.check("fingerprint (cell.json)", bundle["fingerprint"], fp)
-    else:  # rebuilt from the results file, with the versions the run recorded
-        for key in sorted(set(settings) | set(bundle["settings"])):
-            v.check(f"settings.{key}", bundle["settings"].get(key), settings.get(key))
+    settings, fp, source = cell_settings(files)  # cell.json, or rebuilt with the versions the run recorded
+    v.check(f"fingerprint ({source})", bundle["fingerprint"], fp, f"the {source} gives")
+    compare(v, "settings", bundle["settings"], settings, f"the {source} gives")
 
 
 def _check_logs(v: Verification, bundle: Mapping[str, Any], files: RunFiles) -> None:
