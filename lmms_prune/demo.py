@@ -8,7 +8,9 @@
    ``cdpruner`` and ``sparsevlm`` at 10% visual tokens (a resumable sweep; for the multi-stage pyramiddrop and
    sparsevlm, 10% is the average visual tokens per decoder layer, see :data:`DEMO_METHOD_ARGS`);
 4. prints a leaderboard (acc@0.5, % of unpruned, visual tokens kept, LLM prefill speed-up) and writes the
-   full report and PNG overlays of the tokens each method kept on a few images;
+   full report and PNG overlays of the tokens each method kept on a few images. A speed-up is printed only
+   for a cell timed in the same sweep invocation as the unpruned cell: a resumed demo that reuses an earlier
+   run's baseline prints "not comparable" (the report's notes say why);
 5. writes one leaderboard bundle per run (``bundles/``), verifies each against the per-sample logs and builds
    the static leaderboard page (``site/index.html``).
 """
@@ -53,6 +55,8 @@ def leaderboard(tables: list[Any], task: str = TASK) -> str:
         pct = "n/a" if r.get(f"{task} %") is None else f"{r[f'{task} %']:.1f}"
         kept = "n/a" if r["visual kept"] is None else f"{r['visual kept']:.1f}"
         speed = "n/a" if r["prefill speed-up"] is None else f"{r['prefill speed-up']:.2f}x"
+        if r.get("speed-up note"):  # e.g. a baseline reused from an earlier demo run: timings not side by side
+            speed = "not comparable"
         lines.append(f"| {r['method']} | {r['keep']:g} | {r[task]:.2f} | {pct} | {kept} | {speed} |")
     return "\n".join(lines)
 
