@@ -679,3 +679,18 @@ def test_leaderboard_refuses_a_bundle_with_non_finite_or_huge_numbers_naming_it(
     err = capsys.readouterr().err
     assert str(bad) in err and field in err and "Traceback" not in err
     assert not (tmp_path / "site" / "index.html").exists()
+
+
+def test_leaderboard_names_a_figure_that_overflows_on_the_page(synthetic_bundles, tmp_path, capsys):
+    """Both bundles in range, but % of unpruned = 1e15 / 1e-300 is infinite: named, with its bundle."""
+    paths = {}
+    for path in synthetic_bundles:
+        bundle = json.loads(path.read_text())
+        if bundle["checkpoint"]["family"] == "internvl" and bundle["method"]["name"] in ("none", "fastv"):
+            bundle["accuracies"][GENERIC_TASK]["exact_match,none"] = 1e-300 if bundle["method"]["name"] == "none" \
+                else 1e15
+            paths[bundle["method"]["name"]] = tmp_path / path.name
+            paths[bundle["method"]["name"]].write_text(json.dumps(bundle))
+    assert main(["leaderboard", *map(str, paths.values()), "--out", str(tmp_path / "site")]) == 1
+    err = capsys.readouterr().err
+    assert f"{paths['fastv']}: scores.{GENERIC_TASK}.pct is inf" in err

@@ -2,10 +2,12 @@
 
 A bundle (schema ``bundle.schema.json`` next to this file, documented in docs/leaderboard.md) says what was run
 (checkpoint, method with every ``PruneConfig`` field, the settings and their fingerprint), where (package
-versions, hardware), on what (tasks and sample counts), what came out (every metric of lmms-eval's
-``*_results.json``, the efficiency summary and the measured prefill speed-up against the same model's
-``none`` cell) and from which per-sample logs (sha256 of each ``--log_samples`` jsonl and of the efficiency
-records, and one digest over them). ``lmms_prune.leaderboard.verify`` recomputes the figures from those logs.
+versions, hardware: as the run's own process recorded them in its efficiency JSON), on what (tasks and sample
+counts), what came out (every metric of lmms-eval's ``*_results.json``, the efficiency summary and the measured
+prefill speed-up against the same model's ``none`` cell, only when both were timed side by side) and from which
+files (sha256 of each ``--log_samples`` jsonl, of the efficiency records, of the results file and of
+``cell.json``, one digest over them, and a digest of the whole bundle: the digest chain).
+``lmms_prune.leaderboard.verify`` checks the identity against the run's records and recomputes the figures.
 
 A run is found by its ``*_results.json``; in a sweep (``lmms_prune.sweep``) its cell folder is the one
 holding ``lmms_eval/<model dir>/<date>_results.json``, ``efficiency.json`` and, when the sweep wrote one,
