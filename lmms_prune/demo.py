@@ -75,8 +75,12 @@ def demo_fingerprint(model_dir: Path, n_images: int, scene_kwargs: dict[str, Any
     for path in sorted(p for p in model_dir.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors")):
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
+    from lmms_prune.leaderboard.bundle import SCHEMA_VERSION
+
+    # the bundle schema: runs recorded before it changed lack what its bundles need (`--verify` refuses them)
     digest.update(json.dumps({"n_images": n_images, "scenes": scene_kwargs, "seed": HELD_OUT_SEED,
-                              "lmms_eval_args": list(SWEEP_ARGS)}, sort_keys=True, default=str).encode())
+                              "lmms_eval_args": list(SWEEP_ARGS), "bundle_schema": SCHEMA_VERSION},
+                             sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 
