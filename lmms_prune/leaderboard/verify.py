@@ -297,8 +297,6 @@ def _check_metrics(v: Verification, bundle: Mapping[str, Any], files: RunFiles, 
 IDENTITY_FIELDS = ("settings_source", "checkpoint", "method", "versions", "versions_source", "hardware", "run",
                    "tasks", "higher_is_better", "source")
 """Top-level bundle fields compared, leaf by leaf, with the bundle rebuilt from the run (module docstring, 3)."""
-RUN_RECORDED = {"versions": "versions_source", "hardware": "hardware.source"}
-"""Fields that must come from the run's own records, and the field that says where they came from."""
 
 
 def compare(v: Verification, name: str, claimed: Any, actual: Any, source: str = "the run gives") -> None:
