@@ -615,6 +615,8 @@ def write_report(folder: str | Path, out: str | Path | None = None, cross_keep: 
     to_csv(tables, paths["csv"])
     paths["latex"].write_text(to_latex(tables))
     axis = default_x_axis(tables) if x_axis == "auto" else x_axis
+    for old in out_dir.glob("accuracy_vs_*.png"):  # an earlier report's plots (maybe another axis): replaced
+        old.unlink()
     plots = plot(tables, out_dir, axis)
     return {"tables": tables, "markdown": markdown, "paths": paths, "plots": plots, "runs": runs, "dropped": dropped,
             "skipped": skipped, "x_axis": axis, "fronts": {t.family: plot_fronts(t, axis) for t in tables}}

@@ -139,9 +139,12 @@ def test_report_plots_the_chosen_x_axis_with_its_pareto_front(tmp_path, capsys):
         assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / axis), "--x-axis", axis]) == 0
         assert f"plot ({axis} axis): {tmp_path / axis / f'accuracy_vs_{axis}_pope_tiny.png'}" in capsys.readouterr().out
         result = write_report(tmp_path / "runs", tmp_path / axis, x_axis=axis)
+        assert [p.name for p in (tmp_path / axis).glob("*.png")] == [f"accuracy_vs_{axis}_pope_tiny.png"]
         fronts[axis] = {r["method"] for r in result["fronts"]["pope_tiny"]["internvl"]}
         assert fronts[axis] == _definition_front(_rows(result), column, higher), axis
     assert fronts["speedup"] == {"none", "fastv", "deepprune"}
     assert fronts["flops"] == fronts["tokens"] == {"none", "deepprune", "visionzip"}
+    write_report(tmp_path / "runs", tmp_path / "flops", x_axis="tokens")  # a later report replaces the plots
+    assert [p.name for p in (tmp_path / "flops").glob("*.png")] == ["accuracy_vs_tokens_pope_tiny.png"]
     with pytest.raises(ValueError, match="x_axis='time'"):
         write_report(tmp_path / "runs", tmp_path / "x", x_axis="time")
