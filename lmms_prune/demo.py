@@ -8,7 +8,9 @@
    ``cdpruner`` and ``sparsevlm`` at 10% visual tokens (a resumable sweep; for the multi-stage pyramiddrop and
    sparsevlm, 10% is the average visual tokens per decoder layer, see :data:`DEMO_METHOD_ARGS`);
 4. prints a leaderboard (acc@0.5, % of unpruned, visual tokens kept, LLM prefill speed-up) and writes the
-   full report and PNG overlays of the tokens each method kept on a few images;
+   full report and PNG overlays of the tokens each method kept on a few images. A speed-up is printed only
+   for a cell timed in the same sweep invocation as the unpruned cell: a resumed demo that reuses an earlier
+   run's baseline prints "not comparable" (the report's notes say why);
 5. writes one leaderboard bundle per run (``bundles/``), verifies each against the per-sample logs and builds
    the static leaderboard page (``site/index.html``).
 """
@@ -53,6 +55,8 @@ def leaderboard(tables: list[Any], task: str = TASK) -> str:
         pct = "n/a" if r.get(f"{task} %") is None else f"{r[f'{task} %']:.1f}"
         kept = "n/a" if r["visual kept"] is None else f"{r['visual kept']:.1f}"
         speed = "n/a" if r["prefill speed-up"] is None else f"{r['prefill speed-up']:.2f}x"
+        if r.get("speed-up note"):  # e.g. a baseline reused from an earlier demo run: timings not side by side
+            speed = "not comparable"
         lines.append(f"| {r['method']} | {r['keep']:g} | {r[task]:.2f} | {pct} | {kept} | {speed} |")
     return "\n".join(lines)
 
@@ -71,8 +75,12 @@ def demo_fingerprint(model_dir: Path, n_images: int, scene_kwargs: dict[str, Any
     for path in sorted(p for p in model_dir.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors")):
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
+    from lmms_prune.leaderboard.bundle import SCHEMA_VERSION
+
+    # the bundle schema: runs recorded before it changed lack what its bundles need (`--verify` refuses them)
     digest.update(json.dumps({"n_images": n_images, "scenes": scene_kwargs, "seed": HELD_OUT_SEED,
-                              "lmms_eval_args": list(SWEEP_ARGS)}, sort_keys=True, default=str).encode())
+                              "lmms_eval_args": list(SWEEP_ARGS), "bundle_schema": SCHEMA_VERSION},
+                             sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 

@@ -194,3 +194,52 @@ def warm_samples(records: Sequence[dict[str, Any]], world_size: int = 1) -> list
         stream.sort(key=lambda r: int(r["doc_id"]))
         out += stream[int(stream[0].get("batch_size", 1) or 1):]
     return out
+
+
+# ---------------------------------------------------------------- where and with what a run was measured
+INVOCATION_ENV = "LMMS_PRUNE_INVOCATION"
+"""Environment variable a sweep sets for its runs: the id of that sweep invocation (one per `Sweep`)."""
+IDENTITY_KEYS = ("model", "pretrained", "revision", "method", "config", "dtype", "model_type", "world_size",
+                 "hardware", "versions", "measured_with")
+"""Keys of an efficiency report that identify its run; :func:`identity_digest` covers exactly these."""
+
+
+def host_id(hostname: str | None = None) -> str:
+    """16 hex digits naming the machine (sha256 of its host name: bundles are public, host names need not be)."""
+    import hashlib
+    import socket
+
+    return hashlib.sha256((hostname or socket.gethostname()).encode("utf-8")).hexdigest()[:16]
+
+
+def measurement_context() -> dict[str, str | None]:
+    """``{"invocation", "host"}`` of the running process: the sweep invocation that started it (None outside a
+    sweep) and :func:`host_id`. Two runs' timings are comparable only when both are equal (:func:`side_by_side`)."""
+    import os
+
+    return {"invocation": os.environ.get(INVOCATION_ENV) or None, "host": host_id()}
+
+
+def side_by_side(run: Any, baseline: Any) -> str | None:
+    """None when the timings of ``run`` and ``baseline`` (their ``measured_with`` records) may be divided:
+    measured in the same sweep invocation on the same host; else why not, in words."""
+    run, baseline = run or {}, baseline or {}
+    if not run.get("invocation") or not baseline.get("invocation"):
+        return "not comparable: " + ("neither run" if not run.get("invocation") and not baseline.get("invocation")
+                                     else "the baseline" if not baseline.get("invocation") else "this run") + \
+            " records a sweep invocation, so they were not measured side by side"
+    if run["invocation"] != baseline["invocation"]:
+        return (f"not comparable: the baseline was measured in another sweep invocation "
+                f"({baseline['invocation']}, this run {run['invocation']})")
+    if run.get("host") != baseline.get("host"):
+        return "not comparable: the baseline was measured on another host"
+    return None
+
+
+def identity_digest(report: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of ``report``'s :data:`IDENTITY_KEYS` (missing keys as null)."""
+    import hashlib
+
+    from lmms_prune.fingerprint import canonical_json
+
+    return hashlib.sha256(canonical_json({k: report.get(k) for k in IDENTITY_KEYS}).encode("utf-8")).hexdigest()

@@ -23,6 +23,16 @@ results file, else the fingerprint of the results file's own model, model argume
 late, two copies of a folder), the newest (lmms-eval's ``date`` stamp, then the file time) is kept and the
 report lists every result it dropped.
 
+Speed-ups side by side: a prefill speed-up divides the baseline's timing by the row's, which means something
+only when both were measured in one sweep invocation on one host (the ``measured_with`` record of each
+efficiency JSON, `lmms_prune.efficiency.side_by_side`). Otherwise the row says "not comparable" and the notes
+say why; the plots then default to the prefill FLOPs axis (``x_axis``: ``speedup``, ``flops`` or ``tokens``,
+each plot with its Pareto front per model on that axis).
+
+Junk is skipped, never fatal: a ``*_results.json`` that is not UTF-8 JSON holding an object with a
+``results`` object, a dangling link, or a result whose headline score is not a finite number (a stray NaN
+would otherwise add a row and turn "% of unpruned" into n/a) is left out, and the notes name the file and why.
+
 Warm-up: a process's first batch pays its cold start (kernel compilation, allocator growth, lazy imports),
 which once made a 2-sample fastv run read 27x faster. Timing means (LLM prefill seconds, hence the speed-up)
 therefore leave out, per process, the first batch of every task: lmms-eval gives rank ``r`` of ``W`` processes
@@ -68,6 +78,7 @@ class Run:
     date: str = ""
     skipped: int = 0
     multi_stage: bool = False  # several pruning layers: keep_ratio is the average kept per layer
+    measured_with: dict[str, Any] = field(default_factory=dict)  # {"invocation", "host"} of its timings
 
     @property
     def key(self) -> tuple[str, str]:
@@ -86,7 +97,10 @@ def _headline(metrics: dict[str, Any]) -> tuple[str, float] | None:
     for name, value in metrics.items():
         if "," not in name or "stderr" in name or isinstance(value, (str, bool)) or value is None:
             continue
-        values[name.split(",")[0]] = float(value)
+        try:
+            values[name.split(",")[0]] = float(value)
+        except (TypeError, ValueError):  # a list or an object where lmms-eval writes a number
+            continue
     for m in HEADLINE_METRICS:
         if m in values:
             return m, values[m]
@@ -113,9 +127,11 @@ def _efficiency_document(results_path: Path, args: dict[str, str]) -> dict[str, 
     candidates += sorted(results_path.parent.glob("*_efficiency.json"))
     candidates += sorted(results_path.parent.parent.glob("efficiency.json"))
     candidates += sorted(results_path.parent.parent.parent.glob("efficiency.json"))
+    from lmms_prune.leaderboard.bundle import read_json
+
     for c in candidates:
         if c.is_file():
-            return json.loads(c.read_text())
+            return read_json(c)
     return {}
 
 
@@ -168,10 +184,29 @@ def run_fingerprint(path: Path, data: dict[str, Any], root: Path | None = None) 
                         "tasks": sorted(data.get("results", {}))})
 
 
+def read_results(path: Path) -> dict[str, Any]:
+    """An lmms-eval results file; ``ValueError`` naming it when it is not UTF-8 JSON (a dangling link, bad
+    bytes, bad syntax), not an object, or its ``results`` is not an object of task objects."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable lmms-eval results file ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: holds a JSON {type(data).__name__}, not an lmms-eval results object")
+    results = data.get("results")
+    if not isinstance(results, dict) or not all(isinstance(v, dict) for v in results.values()):
+        raise ValueError(f"{path}: its 'results' is not an object of task -> metrics objects")
+    if not isinstance(data.get("config", {}), dict):
+        raise ValueError(f"{path}: its 'config' is not an object")
+    return data
+
+
 def load_run(path: Path, root: Path | None = None) -> Run:
+    """One run from its results file (`read_results`) and efficiency JSON; ``ValueError`` naming the file when
+    a headline score is not a finite number."""
     from lmms_prune.presets import PRESETS
 
-    data = json.loads(path.read_text())
+    data = read_results(path)
     config = data.get("config", {})
     model = str(config.get("model", "unknown"))
     args = parse_model_args(config.get("model_args"))
@@ -186,10 +221,13 @@ def load_run(path: Path, root: Path | None = None) -> Run:
         head = _headline(metrics)
         if head:
             metric[task], scores[task] = head
+            if not math.isfinite(head[1]):
+                raise ValueError(f"{path}: {task} {head[0]} is {head[1]}, not a score; a stray or broken result")
     groups = {g: list(subs) for g, subs in data.get("group_subtasks", {}).items() if subs}
     return Run(path, model, family, method, keep, args.get("pretrained", ""), scores, metric, groups,
                figures, run_fingerprint(path, data, root), str(data.get("date", "")),
-               int(document.get("summary", {}).get("skipped", 0) or 0), multi)
+               int(document.get("summary", {}).get("skipped", 0) or 0), multi,
+               dict(document.get("measured_with") or {}))
 
 
 def _given(value: Any) -> bool:
@@ -220,19 +258,40 @@ class Dropped:
     kept: Path
 
 
-def collect_runs(folder: str | Path) -> tuple[list[Run], list[Dropped]]:
-    """Every ``*_results.json`` below ``folder``, one per cell fingerprint (the newest); and the dropped ones."""
+@dataclass
+class Skipped:
+    """A results file the report left out because it cannot be used, and why."""
+
+    path: Path
+    reason: str
+
+
+def collect_runs(folder: str | Path) -> tuple[list[Run], list[Dropped], list[Skipped]]:
+    """Every ``*_results.json`` below ``folder``, one per cell fingerprint (the newest); the dropped ones; and
+    the files skipped as unusable (each naming the file and why)."""
     folder = Path(folder)
     files = sorted(folder.rglob("*_results.json"))
     if not files:
         raise FileNotFoundError(f"{folder}: no lmms-eval *_results.json files below it")
-    runs = [load_run(f, folder) for f in files]
+    runs, skipped = [], []
+    for f in files:
+        try:
+            runs.append(load_run(f, folder))
+        except ValueError as err:
+            skipped.append(Skipped(f, str(err)))
+    if not runs:
+        raise FileNotFoundError(f"{folder}: no usable lmms-eval results below it; skipped: "
+                                + "; ".join(s.reason for s in skipped))
     newest: dict[str, Run] = {}
-    for run in sorted(runs, key=lambda r: (r.date, r.path.stat().st_mtime_ns, str(r.path))):
+    for run in sorted(runs, key=lambda r: (r.date, _mtime(r.path), str(r.path))):
         newest[run.fingerprint] = run
     kept = [r for r in runs if newest[r.fingerprint] is r]
     dropped = [Dropped(r.path, newest[r.fingerprint].path) for r in runs if newest[r.fingerprint] is not r]
-    return kept, dropped
+    return kept, dropped, skipped
+
+
+def _mtime(path: Path) -> int:
+    return path.stat().st_mtime_ns
 
 
 def collect(folder: str | Path) -> list[Run]:
@@ -286,6 +345,8 @@ def _fraction(a: float | None, b: float | None) -> float | None:
 
 def build_tables(runs: Sequence[Run], match: str = "keep") -> list[Table]:
     """One table per task family; ``match`` chooses the rows' keep label (module docstring)."""
+    from lmms_prune.efficiency import side_by_side
+
     if match not in MATCHES:
         raise ValueError(f"match={match!r}: must be one of {', '.join(MATCHES)}")
     tables = []
@@ -328,10 +389,12 @@ def build_tables(runs: Sequence[Run], match: str = "keep") -> list[Table]:
             row["timed"] = eff.get("timed_samples")
             row["visual kept"] = eff.get("mean_visual_after")
             bp, rp = beff.get("mean_llm_prefill_seconds"), eff.get("mean_llm_prefill_seconds")
-            row["prefill speed-up"] = bp / rp if bp and rp else None
+            compared = base is not None and base is not run
+            row["speed-up note"] = side_by_side(run.measured_with, base.measured_with) if compared else None
+            row["prefill speed-up"] = bp / rp if bp and rp and row["speed-up note"] is None else None
             # time to first token (preprocessing, vision, hand-over, prefill): what a user waits for
             bt, rt = beff.get("mean_ttft_seconds"), eff.get("mean_ttft_seconds")
-            row["TTFT speed-up"] = bt / rt if bt and rt else None
+            row["TTFT speed-up"] = bt / rt if bt and rt and row["speed-up note"] is None else None
             bk, rk = beff.get("mean_kv_cache_bytes"), eff.get("mean_kv_cache_bytes")
             row["KV reduction %"] = 100.0 * (1 - rk / bk) if bk and rk else None
             rows.append(row)
@@ -354,6 +417,10 @@ def _cell(row: dict[str, Any], col: str) -> str:
     return f"{value:.2f} ({_fmt(pct, 1)}%)"
 
 
+def _speedup(row: dict[str, Any], column: str = "prefill speed-up") -> str:
+    return "not comparable" if row.get("speed-up note") else _fmt(row.get(column))
+
+
 def to_markdown(tables: Sequence[Table]) -> str:
     out = []
     for t in tables:
@@ -365,8 +432,7 @@ def to_markdown(tables: Sequence[Table]) -> str:
             counted = "n/a" if r.get("samples") is None else f"{r['samples']} ({timed})"
             cells = [r["model"], r["method"], _fmt(r["keep"], 2), *[_cell(r, c) for c in t.columns],
                      _fmt(r["visual kept"], 1), _fmt(r.get("final kept %"), 1), _fmt(r.get("FLOPs %"), 1),
-                     _fmt(r["prefill speed-up"]), _fmt(r.get("TTFT speed-up")), _fmt(r["KV reduction %"], 1),
-                     counted]
+                     _speedup(r), _speedup(r, "TTFT speed-up"), _fmt(r["KV reduction %"], 1), counted]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
@@ -407,7 +473,7 @@ def to_latex(tables: Sequence[Table]) -> str:
                 v, p = r.get(c), r.get(f"{c} %")
                 vals.append("n/a" if v is None else (f"{v:.2f}" + (f" ({p:.1f}\\%)" if p is not None else "")))
             out.append(" & ".join([_tex(r["method"]), _fmt(r["keep"], 2), *vals, _fmt(r["visual kept"], 0),
-                                   _fmt(r["prefill speed-up"]), _fmt(r.get("TTFT speed-up"))]) + r" \\")
+                                   _speedup(r), _speedup(r, "TTFT speed-up")]) + r" \\")
         out += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
     return "\n".join(out)
 
@@ -427,41 +493,92 @@ def cross_task(tables: Sequence[Table], keep: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(tables: Sequence[Table], out_dir: Path) -> list[Path]:
+X_AXES: dict[str, dict[str, str]] = {
+    "speedup": {"column": "prefill speed-up", "better": "higher", "label": "measured LLM prefill speed-up (x)"},
+    "flops": {"column": "FLOPs %", "better": "lower", "label": "prefill FLOPs, % of unpruned"},
+    "tokens": {"column": "visual kept", "better": "lower", "label": "visual tokens kept (mean per sample)"},
+}
+"""The plots' x-axes (the leaderboard page's, `lmms_prune.leaderboard.page.AXES`), as report columns."""
+
+
+def default_x_axis(tables: Sequence[Table]) -> str:
+    """``speedup`` when every pruned row has a speed-up measured side by side with its baseline, else
+    ``flops``."""
+    pruned = [r for t in tables for r in t.rows if r["method"] != "none"]
+    return "speedup" if pruned and all(r["prefill speed-up"] is not None for r in pruned) else "flops"
+
+
+def plot_fronts(table: Table, axis: str) -> dict[str, list[dict[str, Any]]]:
+    """Per model, the rows of ``table`` on the Pareto front of its average score against ``axis``."""
+    from lmms_prune.leaderboard.page import front_of
+
+    spec = X_AXES[axis]
+    fronts = {}
+    for model in sorted({r["model"] for r in table.rows}):
+        rows = [r for r in table.rows if r["model"] == model]
+        fronts[model] = front_of(rows, lambda r: r[spec["column"]],
+                                 lambda r: (r.get(table.family), True), spec["better"])
+    return fronts
+
+
+def plot(tables: Sequence[Table], out_dir: Path, axis: str = "flops") -> list[Path]:
+    """One PNG per task family: its average score against ``axis`` (:data:`X_AXES`), one line per method,
+    each model's Pareto front marked and joined; files ``accuracy_vs_<axis>_<family>.png``."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from lmms_prune.leaderboard.paths import safe_name, write_inside
+
+    if axis not in X_AXES:
+        raise ValueError(f"x_axis={axis!r}: must be one of {', '.join(X_AXES)}")
+    spec = X_AXES[axis]
     paths = []
     for t in tables:
         fig, ax = plt.subplots(figsize=(5.5, 4))
         by_method: dict[str, list[tuple[float, float]]] = {}
         for r in t.rows:
-            value = r.get(t.family)
-            if value is None or r["visual kept"] is None:
+            value, x = r.get(t.family), r.get(spec["column"])
+            if value is None or x is None:
                 continue
-            by_method.setdefault(f"{r['model']} {r['method']}", []).append((r["visual kept"], value))
+            by_method.setdefault(f"{r['model']} {r['method']}", []).append((x, value))
         for name, pts in sorted(by_method.items()):
             pts.sort()
-            if name.endswith(" none"):
-                ax.axhline(pts[0][1], color="gray", linestyle=":", label=name)
-            else:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-        ax.set(xlabel="visual tokens kept (mean per sample)", ylabel=t.family, title=f"{t.family} vs kept tokens")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name,
+                    linestyle=":" if name.endswith(" none") else "-")
+        for model, front in plot_fronts(t, axis).items():
+            pts = sorted((r[spec["column"]], r[t.family]) for r in front)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color="black", linewidth=2.5, alpha=0.25,
+                    marker="D", label=f"{model} Pareto front")
+        better = "higher is faster" if spec["better"] == "higher" else "lower is cheaper"
+        ax.set(xlabel=f"{spec['label']} ({better})", ylabel=t.family, title=f"{t.family} vs {axis}")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
         fig.tight_layout()
-        path = out_dir / f"accuracy_vs_tokens_{t.family.replace('+', 'plus')}.png"
-        fig.savefig(path, dpi=120)
+        png = io.BytesIO()
+        fig.savefig(png, dpi=120, format="png")
         plt.close(fig)
-        paths.append(path)
+        paths.append(write_inside(out_dir, safe_name(f"accuracy_vs_{axis}_{t.family.replace('+', 'plus')}.png"),
+                                  png.getvalue()))
     return paths
 
 
-def notes(runs: Sequence[Run], dropped: Sequence[Dropped], folder: Path) -> str:
-    """The report's notes: results dropped as older copies of a cell, runs with skipped samples."""
-    lines = []
+def notes(runs: Sequence[Run], dropped: Sequence[Dropped], folder: Path, skipped: Sequence[Skipped] = (),
+          tables: Sequence[Table] = ()) -> str:
+    """The report's notes: files skipped as unusable, results dropped as older copies of a cell, speed-ups not
+    comparable, runs with skipped samples."""
+    lines = [f"- skipped {_relative(s.path, folder)}: {s.reason}" for s in skipped]
+    seen = set()
+    for t in tables:
+        for r in t.rows:
+            key = (r["model"], r["pretrained"], r["method"], r["keep"])
+            if r.get("speed-up note") and key not in seen:
+                seen.add(key)
+                lines.append(f"- {r['model']} {r['method']} keep {_fmt(r['keep'], 2)}: prefill speed-up "
+                             f"{r['speed-up note']}")
     for d in dropped:
         lines.append(f"- dropped {_relative(d.path, folder)}: an older result of the same cell as "
                      f"{_relative(d.kept, folder)}")
@@ -480,8 +597,12 @@ def _relative(path: Path, folder: Path) -> str:
 
 
 def write_report(folder: str | Path, out: str | Path | None = None, cross_keep: float | None = None,
-                 match: str = "keep") -> dict[str, Any]:
-    runs, dropped = collect_runs(folder)
+                 match: str = "keep", x_axis: str = "auto") -> dict[str, Any]:
+    """Tables, notes and plots of the runs below ``folder`` into ``out`` (default ``folder/report``);
+    ``x_axis``: the plots' x-axis (:data:`X_AXES`), ``auto`` = `default_x_axis`."""
+    if x_axis != "auto" and x_axis not in X_AXES:
+        raise ValueError(f"x_axis={x_axis!r}: must be auto or one of {', '.join(X_AXES)}")
+    runs, dropped, skipped = collect_runs(folder)
     out_dir = Path(out) if out else Path(folder) / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     tables = build_tables(runs, match)
@@ -489,12 +610,16 @@ def write_report(folder: str | Path, out: str | Path | None = None, cross_keep: 
     cross_keep = cross_keep if cross_keep is not None else (min(keeps) if keeps else 1.0)
     markdown = (f"Rows matched by {MATCH_TEXT[match]}.\n\n" if match != "keep" else "") + to_markdown(tables) + \
         "\n" + cross_task(tables, cross_keep)
-    extra = notes(runs, dropped, Path(folder))
+    extra = notes(runs, dropped, Path(folder), skipped, tables)
     if extra:
         markdown += "\n" + extra
     paths = {"markdown": out_dir / "report.md", "csv": out_dir / "report.csv", "latex": out_dir / "report.tex"}
     paths["markdown"].write_text(markdown)
     to_csv(tables, paths["csv"])
     paths["latex"].write_text(to_latex(tables))
-    plots = plot(tables, out_dir)
-    return {"tables": tables, "markdown": markdown, "paths": paths, "plots": plots, "runs": runs, "dropped": dropped}
+    axis = default_x_axis(tables) if x_axis == "auto" else x_axis
+    for old in out_dir.glob("accuracy_vs_*.png"):  # an earlier report's plots (maybe another axis): replaced
+        old.unlink()
+    plots = plot(tables, out_dir, axis)
+    return {"tables": tables, "markdown": markdown, "paths": paths, "plots": plots, "runs": runs, "dropped": dropped,
+            "skipped": skipped, "x_axis": axis, "fronts": {t.family: plot_fronts(t, axis) for t in tables}}

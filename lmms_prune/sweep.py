@@ -6,6 +6,7 @@ A cell is one lmms-eval process group (``python -m lmms_eval`` or the ``--launch
     OUT/<family>-<checkpoint name>-<hash>/<method>/keep<ratio>/
         cell.json   {"fingerprint": ..., "settings": ...}: what determines the result (`cell_settings`)
         lmms_eval/  lmms-eval's output (one *_results.json), efficiency.json, log.txt, command.txt, DONE
+        (DONE: ``{"seconds", "invocation", "host"}``: which sweep invocation ran it, on which host)
 
 One folder per checkpoint: ``<hash>`` digests the resolved checkpoint (absolute local path, or hub id and
 the cached revision), so two checkpoints of one family never share cells. The cell's **fingerprint**
@@ -38,6 +39,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +47,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from lmms_prune.efficiency import INVOCATION_ENV, measurement_context
 from lmms_prune.fingerprint import fingerprint, run_settings, settings_differences
 
 
@@ -385,6 +388,9 @@ class Sweep:
     retries: int = 1
     env: dict[str, str] | None = None
     statuses: dict[str, str] = field(default_factory=dict)
+    invocation: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    """This sweep's id, handed to its runs (``LMMS_PRUNE_INVOCATION``) and recorded in their efficiency JSON:
+    speed-ups divide only timings of one invocation on one host (`lmms_prune.efficiency.side_by_side`)."""
 
     def cell_dir(self, cell: Cell) -> Path:
         return self.out / cell.name
@@ -428,6 +434,10 @@ class Sweep:
             return "settings changed: " + "; ".join(diff or ["fingerprint differs"])
         return "earlier run did not finish"
 
+    def run_env(self) -> dict[str, str]:
+        """The runs' environment: ``env`` (default: this process's) and this invocation's id."""
+        return {**(self.env if self.env is not None else os.environ), INVOCATION_ENV: self.invocation}
+
     def command(self, cell: Cell) -> list[str]:
         d = self.cell_dir(cell)
         cmd = [*shlex.split(self.launcher), "-m", "lmms_eval", "--model", cell.model,
@@ -453,7 +463,7 @@ class Sweep:
         with open(d / "log.txt", "w") as log:
             try:
                 with _signals_deferred():  # a signal between fork and assignment would orphan the child
-                    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.run_env(),
                                             start_new_session=True)
                 code = proc.wait()
             finally:  # also after a normal exit: no process of the run may outlive it
@@ -464,7 +474,8 @@ class Sweep:
         if problem is None and code != 0:
             problem = f"exit status {code}: {_last_error(d)}"
         if problem is None:
-            (d / DONE).write_text(json.dumps({"seconds": time.time() - t0}) + "\n")
+            (d / DONE).write_text(json.dumps({"seconds": time.time() - t0, **measurement_context(),
+                                              "invocation": self.invocation}) + "\n")
         return problem
 
     def run_cell(self, cell: Cell) -> bool:

@@ -93,11 +93,15 @@ def test_leaderboard_lists_every_method_with_its_share_of_the_unpruned_score():
          "prefill speed-up": 3.5},
         {"method": "random", "keep": 0.1, TASK: 30.0, f"{TASK} %": None, "visual kept": None,
          "prefill speed-up": None},
+        {"method": "cdpruner", "keep": 0.1, TASK: 40.0, f"{TASK} %": 44.4, "visual kept": 26.0,
+         "prefill speed-up": None, "speed-up note": "not comparable: the baseline was measured in another "
+                                                   "sweep invocation (a, this run b)"},
     ]
     lines = leaderboard([Table(TASK, [TASK], rows)]).splitlines()
     assert lines[2].split(" | ")[1:] == ["1", "90.00", "100.0", "256.0", "1.00x |"]
     assert lines[3].split(" | ")[1:] == ["0.1", "45.00", "50.0", "26.0", "3.50x |"]
     assert lines[4].split(" | ")[1:] == ["0.1", "30.00", "n/a", "n/a", "n/a |"]
+    assert lines[5].split(" | ")[1:] == ["0.1", "40.00", "44.4", "26.0", "not comparable |"]  # not 89.85x
 
 
 def test_demo_starts_afresh_when_the_model_or_settings_change(tmp_path):

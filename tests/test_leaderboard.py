@@ -23,7 +23,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmms_prune.cli.main import main
-from lmms_prune.fingerprint import fingerprint, run_settings
+from lmms_prune.efficiency import host_id, identity_digest
+from lmms_prune.fingerprint import fingerprint, package_versions, run_settings
 from lmms_prune.leaderboard.bundle import build_bundles, bundle_filename, schema, write_bundles
 from lmms_prune.leaderboard.page import page_data, pareto_front, write_page
 from lmms_prune.leaderboard.verify import TaskConfigs, verify_bundle
@@ -113,6 +114,11 @@ def test_schema_validates_every_bundle_and_bundles_hold_the_runs_figures(real_ru
                             base["mean_llm_prefill_seconds"] / eff["summary"]["mean_llm_prefill_seconds"])
         assert b["efficiency"]["baseline_fingerprint"] == none["fingerprint"]
         assert b["checkpoint"]["model_type"] == "internvl"
+        # the run's process recorded its identity; the sweep's invocation reached it through the environment
+        assert (b["versions_source"], b["hardware"]["source"]) == ("efficiency.json", "efficiency.json")
+        assert b["versions"] == eff["versions"] and b["efficiency"]["measured_with"] == eff["measured_with"]
+        assert b["efficiency"]["measured_with"] == none["efficiency"]["measured_with"]
+        assert b["efficiency"]["measured_with"]["invocation"] and b["efficiency"]["speedup_note"] is None
     # the schema is not vacuous: a wrong version, a missing field or a non-numeric metric are refused
     b = next(iter(bundles.values()))
     for broken in ({**b, "schema_version": "2.0"}, {k: v for k, v in b.items() if k != "logs"},
@@ -125,6 +131,9 @@ def test_verify_passes_on_the_real_runs(real_run, real_bundles, capsys):
     assert main(["submit", "--verify", str(real_bundles), str(real_run)]) == 0
     out = capsys.readouterr().out
     assert out.count("OK ") == 3 and "FAIL" not in out
+
+
+DIGEST = "digest (over the bundle's content)"
 
 
 def _one_sample(bundle: dict, task: str, key: str) -> float:
@@ -148,7 +157,7 @@ def test_verify_fails_on_a_metric_edited_by_one_sample(real_run, real_bundles, c
     result = verify_bundle(bundle, real_run, configs=configs)
     assert not result.ok
     assert [m for m in result.mismatches if m.startswith(f"{task} {key}:")], result.mismatches
-    assert len(result.mismatches) == 1, result.mismatches
+    assert [m.split(":")[0] for m in result.mismatches] == [DIGEST, f"{task} {key}"]  # the edit and the chain's end
     edited = tmp_path / name
     edited.write_text(json.dumps(bundle))
     assert main(["submit", "--verify", str(edited), str(real_run)]) == 1
@@ -213,12 +222,18 @@ metadata:
 QUALITY = {"none": 1.0, "fastv": 0.72, "deepprune": 0.9, "random": 0.45, "d2pruner": 0.8}
 
 
-def _records(n: int, quality: float, keep: float, rng: random.Random, dims: tuple[int, int]) -> list[dict]:
+SLOWER = {"deepprune": 1.5}
+"""Prefill time factor per method (its selection costs time): the speed-up and FLOPs axes then rank cells
+differently, so their Pareto fronts differ."""
+
+
+def _records(n: int, quality: float, keep: float, rng: random.Random, dims: tuple[int, int],
+             slower: float = 1.0) -> list[dict]:
     visual, text = dims
     out = []
     for doc in range(n):
         kept = max(1, round(visual * keep))
-        seconds = 0.002 * (kept + text) * rng.uniform(0.95, 1.05)
+        seconds = 0.002 * (kept + text) * rng.uniform(0.95, 1.05) * slower
         out.append({"task": "", "doc_id": doc, "visual_before": visual, "visual_after": kept,
                     "seq_len_before": visual + text, "seq_len_after": kept + text, "llm_prefill_seconds": seconds,
                     "select_seconds": 0.0001, "decode_seconds": 0.05, "end_to_end_seconds": seconds + 0.06,
@@ -229,9 +244,10 @@ def _records(n: int, quality: float, keep: float, rng: random.Random, dims: tupl
 
 
 def write_synthetic_cell(root: Path, family: str, pretrained: str, method: str, keep: float, include_path: Path,
-                         n: int = 12, dims: tuple[int, int] = (256, 30)) -> Path:
-    """One sweep cell as lmms-eval and this package write it: results, per-sample logs, efficiency records,
-    command.txt, cell.json, DONE. Scores are drawn from a quality per method (keep lowers it)."""
+                         n: int = 12, dims: tuple[int, int] = (256, 30), invocation: str = "sweep-1") -> Path:
+    """One sweep cell as lmms-eval and this package write it: results, per-sample logs, efficiency records (with
+    the run's identity record, as `PrunedChatModel.efficiency_report` writes it), command.txt, cell.json, DONE.
+    Scores are drawn from a quality per method (keep lowers it); ``invocation``: the sweep that measured it."""
     rng = random.Random(f"{family}{pretrained}{method}{keep}")
     cell = root / family / method / f"keep{keep:g}"
     model_dir = cell / "lmms_eval" / pretrained.strip("/").replace("/", "__")
@@ -278,11 +294,15 @@ def write_synthetic_cell(root: Path, family: str, pretrained: str, method: str, 
 
     records = []
     for task in tasks:
-        for r in _records(n, quality, 1.0 if method == "none" else keep, rng, dims):
+        for r in _records(n, quality, 1.0 if method == "none" else keep, rng, dims, SLOWER.get(method, 1.0)):
             records.append({**r, "task": task})
     config = resolve_config(method, **({} if method == "none" else {"keep_ratio": keep})).to_dict()
-    report = {"model": f"{family}_{method}", "pretrained": pretrained, "method": method, "config": config,
-              "dtype": "float32", "world_size": 1, "summary": summarize(records), "skipped": [], "samples": records}
+    identity = {"model": f"{family}_{method}", "pretrained": pretrained, "method": method, "config": config,
+                "dtype": "float32", "revision": "main", "model_type": family, "world_size": 1,
+                "hardware": {"device": "cpu", "device_name": "x86_64", "cpu": "x86_64", "gpu": None},
+                "versions": package_versions(), "measured_with": {"invocation": invocation, "host": host_id()}}
+    report = {**identity, "identity_digest": identity_digest(identity), "summary": summarize(records), "skipped": [],
+              "samples": records}
     (cell / "efficiency.json").write_text(json.dumps(report))
     run_args = {k: v for k, v in args.items() if k not in ("pretrained", "efficiency_path")}
     cell_settings = run_settings(f"{family}_{method}", pretrained, run_args, tasks, limit=n)
@@ -322,7 +342,7 @@ def test_synthetic_bundles_use_cell_json_and_verify_generic_mean_tasks(synthetic
         n = bundle["tasks"][GENERIC_TASK]["samples"]
         bundle["accuracies"][GENERIC_TASK]["exact_match,none"] += 1.0 / n  # one more sample right
         result = verify_bundle(bundle, synthetic_run, configs=configs)
-        assert [m.split(":")[0] for m in result.mismatches] == [f"{GENERIC_TASK} exact_match,none"]
+        assert [m.split(":")[0] for m in result.mismatches] == [DIGEST, f"{GENERIC_TASK} exact_match,none"]
 
 
 def test_build_bundles_refuses_an_edited_cell_json(synthetic_run, tmp_path):
@@ -392,12 +412,17 @@ def _column(page, key: str) -> list[str]:
     return page.eval_on_selector_all(f"#board tbody td[data-key='{key}']", "tds => tds.map(td => td.dataset.value)")
 
 
-def _python_front(cells: list[dict], task: str) -> set[str]:
-    """The Pareto front per model, computed here from the bundles' figures by the definition."""
+AXIS_KEYS = {"speedup": ("speedup", 1.0), "flops": ("flops_ratio", -1.0), "tokens": ("kept_tokens", -1.0)}
+"""x-axis -> (cell field, +1 when higher is better, -1 when lower is)."""
+
+
+def _python_front(cells: list[dict], task: str, axis: str = "speedup") -> set[str]:
+    """The Pareto front per model on one x-axis, computed here from the bundles' figures by the definition."""
+    key, sign = AXIS_KEYS[axis]
     front = set()
     for model in {c["model"] for c in cells}:
-        pts = [c for c in cells if c["model"] == model and c["speedup"] is not None]
-        xy = [(c["speedup"], c["scores"][task]["value"]) for c in pts]
+        pts = [c for c in cells if c["model"] == model and c[key] is not None]
+        xy = [(sign * c[key], c["scores"][task]["value"]) for c in pts]
         front |= {c["id"] for i, c in enumerate(pts) if not _dominated(xy, i)}
     return front
 
@@ -426,6 +451,21 @@ def test_page_in_chromium_sorts_plots_every_cell_and_marks_the_pareto_front(synt
                 xy = page.eval_on_selector_all(f"#scatter circle.pareto[data-model='{model}']",
                                                "cs => cs.map(c => c.getAttribute('cx') + ',' + c.getAttribute('cy'))")
                 assert all(p in d for p in xy)
+        # the x-axis: every cell was timed side by side, so the page opens on the measured speed-up; switching
+        # to the FLOPs ratio or the kept tokens redraws the points and the front on that axis
+        assert page.input_value("#axis") == "speedup"
+        fronts = {}
+        for axis in ("speedup", "flops", "tokens"):
+            page.select_option("#axis", axis)
+            for task in ("refcoco_ground_val", GENERIC_TASK):
+                page.select_option("#task", task)
+                marked = page.eval_on_selector_all("#scatter circle.point.pareto", "cs => cs.map(c => c.dataset.id)")
+                assert set(marked) == _python_front(cells, task, axis), (axis, task)
+                fronts[axis, task] = set(marked)
+            assert page.eval_on_selector_all("#scatter circle.point", "cs => cs.length") == len(cells)
+            assert axis != "flops" or "FLOPs" in page.text_content("#scatter-title")
+        assert fronts["speedup", GENERIC_TASK] != fronts["flops", GENERIC_TASK]  # the front follows the axis
+        page.select_option("#axis", "speedup")
         page.select_option("#task", "refcoco_ground_val")
         speed = "#board thead th[data-key='speedup']"
         page.click(speed)
@@ -476,3 +516,187 @@ def test_page_lists_the_parameters_that_differ_from_the_preset(synthetic_bundles
     bundle["method"] = {**bundle["method"], "name": "d2pruner", "parameters": params}
     (cell,) = page_data([bundle])["cells"]
     assert cell["params"] == {"bias_prior": "/priors/p.pt", "prune_layer": 7}
+
+
+# ---------------------------------------------------------------- identity bound to the run's records (issue 31)
+def _set(bundle: dict, dotted: str, value) -> None:
+    *path, last = dotted.split(".")
+    for key in path:
+        bundle = bundle[key]
+    bundle[last] = value
+
+
+TAMPER = [  # (field edited, new value, the field the failure must name)
+    ("method.name", "deepprune", "method.name"),
+    ("method.parameters.prune_layer", 12, "method.parameters.prune_layer"),
+    ("method.keep_ratio", 0.05, "method.keep_ratio"),
+    ("method.parameters.keep_ratio", 0.05, "method.parameters.keep_ratio"),
+    ("checkpoint.pretrained", "org/a-much-better-model", "checkpoint.pretrained"),
+    ("checkpoint.revision", "0123456789abcdef", "checkpoint.revision"),
+    ("checkpoint.family", "qwen2_5_vl", "checkpoint.family"),
+    ("checkpoint.lmms_eval_model", "internvl_deepprune", "checkpoint.lmms_eval_model"),
+    ("checkpoint.model_type", "qwen2_vl", "checkpoint.model_type"),
+    ("fingerprint", "0123456789abcdef", "fingerprint"),
+    ("settings.limit", 500, "settings.limit"),
+    ("versions.torch", "9.9.9", "versions.torch"),
+    ("versions_source", "submit host", "versions"),
+    ("hardware.device", "cuda", "hardware.device"),
+    ("hardware.gpu", "NVIDIA H100 80GB HBM3", "hardware.gpu"),
+    ("hardware.world_size", 8, "hardware.world_size"),
+    ("run.dtype", "bfloat16", "run.dtype"),
+    ("tasks.tiny_vqa.headline", "exact_match_strict", "tasks.tiny_vqa.headline"),
+    ("higher_is_better.tiny_vqa.exact_match", False, "higher_is_better.tiny_vqa.exact_match"),
+    ("accuracies.mme", {"mme_perception_score,none": 1800.0}, "accuracies.mme"),
+    ("efficiency.measured_with.invocation", "another-sweep", "efficiency.measured_with.invocation"),
+    ("source.model_args", "pretrained=org/model-a,keep_ratio=0.05", "source.model_args"),
+]
+
+
+@pytest.mark.parametrize("field,value,named", TAMPER, ids=[t[0] for t in TAMPER])
+def test_verify_fails_on_every_edited_identifying_field_naming_it(synthetic_run, synthetic_bundles, configs,
+                                                                   field, value, named):
+    """An edit a forger would make: the field changed and the bundle's digest recomputed to match."""
+    from lmms_prune.leaderboard.bundle import bundle_digest
+
+    bundle = next(json.loads(p.read_text()) for p in synthetic_bundles if "internvl__fastv__keep0.5" in p.name)
+    assert verify_bundle(bundle, synthetic_run, configs=configs).ok
+    _set(bundle, field, value)
+    bundle["digest"] = bundle_digest(bundle)
+    result = verify_bundle(bundle, synthetic_run, configs=configs)
+    assert not result.ok
+    assert any(m.startswith(f"{named}:") or m.startswith(f"{named} ") for m in result.mismatches), result.mismatches
+
+
+def test_verify_cli_names_the_edited_field_and_the_digest(synthetic_run, synthetic_bundles, tmp_path, capsys):
+    path = next(p for p in synthetic_bundles if "qwen2_5_vl__deepprune__keep0.25" in p.name)
+    bundle = json.loads(path.read_text())
+    bundle["method"]["name"] = "fastv"  # the digest left as it was: the chain's end fails too
+    edited = tmp_path / path.name
+    edited.write_text(json.dumps(bundle))
+    include = str(synthetic_run.parent / "tasks")
+    assert main(["submit", "--verify", str(path), str(synthetic_run), "--include-path", include]) == 0
+    assert main(["submit", "--verify", str(edited), str(synthetic_run), "--include-path", include]) == 1
+    out = capsys.readouterr().out
+    assert "- method.name: bundle says 'fastv', the run gives 'deepprune'" in out
+    assert "- digest (over the bundle's content)" in out
+
+
+def test_verify_fails_when_the_runs_own_records_disagree(synthetic_run, synthetic_bundles, configs, tmp_path):
+    """The efficiency JSON (written by the run's process) edited to claim a GPU: its identity digest no longer
+    matches, the logs digest neither, and the rebuilt hardware differs from the bundle's."""
+    run = tmp_path / "run"
+    shutil.copytree(synthetic_run, run)
+    bundle = next(json.loads(p.read_text()) for p in synthetic_bundles if "internvl__random__keep0.5" in p.name)
+    eff_path = run / bundle["source"]["cell"] / "efficiency.json"
+    eff = json.loads(eff_path.read_text())
+    eff["hardware"] = {**eff["hardware"], "device": "cuda", "gpu": "NVIDIA H100"}
+    eff_path.write_text(json.dumps(eff))
+    names = [m.split(":")[0] for m in verify_bundle(bundle, run, configs=configs).mismatches]
+    assert "hardware.device" in names and "hardware.gpu" in names
+    assert "efficiency JSON identity_digest (efficiency.json)" in names
+    assert "log efficiency sha256 (efficiency.json)" in names
+
+
+def test_bundles_hold_a_digest_chain_and_where_they_were_measured(synthetic_run, synthetic_bundles):
+    from lmms_prune.leaderboard.bundle import bundle_digest, logs_digest, sha256_file
+
+    for path in synthetic_bundles:
+        bundle = json.loads(path.read_text())
+        cell = synthetic_run / bundle["source"]["cell"]
+        files = bundle["logs"]["files"]
+        assert files["results"]["sha256"] == sha256_file(cell / bundle["source"]["results_file"])
+        assert files["cell"]["sha256"] == sha256_file(cell / "cell.json")
+        assert bundle["logs"]["digest"] == logs_digest(files)
+        assert bundle["digest"] == bundle_digest(bundle)
+        assert (bundle["versions_source"], bundle["hardware"]["source"]) == ("efficiency.json", "efficiency.json")
+        assert bundle["efficiency"]["measured_with"] == {"invocation": "sweep-1", "host": host_id()}
+        assert bundle["efficiency"]["speedup_note"] is None
+        assert bundle["efficiency"]["prefill_speedup"] is not None  # measured side by side with its none cell
+
+
+# ---------------------------------------------------------------- nothing written outside --out-dir (issue 31)
+def _files_below(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file() or p.is_symlink()}
+
+
+@pytest.mark.parametrize("kind", ["relative", "absolute", "symlink"])
+def test_submit_writes_nothing_outside_out_dir(tmp_path, kind, capsys):
+    """A results file whose ``config.model`` is ``../../../../<x>/x_fastv`` or an absolute path, or an out-dir
+    holding a link named like the bundle: every file that appears is inside --out-dir, and nothing is written
+    through the link."""
+    (tmp_path / "tasks").mkdir()
+    cell = write_synthetic_cell(tmp_path / "run", "internvl", "org/model-a", "fastv", 0.5, tmp_path / "tasks")
+    (results,) = cell.rglob("*_results.json")
+    out = tmp_path / "deep" / "down" / "in" / "out"
+    escape = tmp_path / "escape"
+    escape.mkdir()
+    if kind != "symlink":
+        data = json.loads(results.read_text())
+        data["config"]["model"] = {"relative": "../../../../escape/x_fastv",
+                                   "absolute": f"{escape}/x_fastv"}[kind]
+        results.write_text(json.dumps(data))
+    else:
+        (bundle,) = build_bundles(cell)
+        out.mkdir(parents=True)
+        (out / bundle_filename(bundle)).symlink_to(escape / "target.json")
+    before = _files_below(tmp_path)
+    code = main(["submit", str(cell), "--out-dir", str(out)])
+    new = _files_below(tmp_path) - before
+    assert all(out.resolve() in p.resolve().parents for p in new), new
+    assert not list(escape.iterdir())  # nothing written there, not even through the link
+    if kind == "symlink":
+        assert code == 1 and "a symbolic link" in capsys.readouterr().err
+    else:
+        assert code == 0 and len(new) == 1
+        (written,) = new
+        assert "/" not in written.relative_to(out).as_posix() and not written.name.startswith(".")
+
+
+def test_safe_name_makes_one_plain_file_name_of_any_text():
+    from hypothesis import given as given_
+    from hypothesis import strategies as st_
+
+    from lmms_prune.leaderboard.paths import path_inside, safe_name
+
+    @settings(max_examples=300, deadline=None)
+    @given_(st_.text(max_size=300))
+    def check(text):
+        name = safe_name(text)
+        assert name and "/" not in name and "\\" not in name and "\0" not in name and not name.startswith(".")
+        assert len(name) <= 200 and safe_name(name) == name  # idempotent: path_inside accepts it
+        assert path_inside(Path("/x"), name) == Path("/x") / name
+
+    check()
+    for bad in ("../x", "/etc/passwd", "a/b", ".."):
+        with pytest.raises(ValueError, match="not a plain file name"):
+            path_inside(Path("/x"), bad)
+
+
+# ---------------------------------------------------------------- numbers out of range (issue 31, poor 11)
+@pytest.mark.parametrize("text,field", [("NaN", "NaN"), ("Infinity", "Infinity"), ("1e999", "accuracies"),
+                                        ("1e308", "accuracies")])
+def test_leaderboard_refuses_a_bundle_with_non_finite_or_huge_numbers_naming_it(synthetic_bundles, tmp_path,
+                                                                                capsys, text, field):
+    bundle = json.loads(synthetic_bundles[0].read_text())
+    bundle["accuracies"][GENERIC_TASK]["exact_match,none"] = "@@VALUE@@"
+    bad = tmp_path / "bad_bundle.json"
+    bad.write_text(json.dumps(bundle).replace('"@@VALUE@@"', text))
+    assert main(["leaderboard", str(synthetic_bundles[1]), str(bad), "--out", str(tmp_path / "site")]) == 1
+    err = capsys.readouterr().err
+    assert str(bad) in err and field in err and "Traceback" not in err
+    assert not (tmp_path / "site" / "index.html").exists()
+
+
+def test_leaderboard_names_a_figure_that_overflows_on_the_page(synthetic_bundles, tmp_path, capsys):
+    """Both bundles in range, but % of unpruned = 1e15 / 1e-300 is infinite: named, with its bundle."""
+    paths = {}
+    for path in synthetic_bundles:
+        bundle = json.loads(path.read_text())
+        if bundle["checkpoint"]["family"] == "internvl" and bundle["method"]["name"] in ("none", "fastv"):
+            bundle["accuracies"][GENERIC_TASK]["exact_match,none"] = 1e-300 if bundle["method"]["name"] == "none" \
+                else 1e15
+            paths[bundle["method"]["name"]] = tmp_path / path.name
+            paths[bundle["method"]["name"]].write_text(json.dumps(bundle))
+    assert main(["leaderboard", *map(str, paths.values()), "--out", str(tmp_path / "site")]) == 1
+    err = capsys.readouterr().err
+    assert f"{paths['fastv']}: scores.{GENERIC_TASK}.pct is inf" in err

@@ -23,7 +23,15 @@ from cli_runs import run_checked as _run
 from lmms_eval.api.instance import Instance
 from PIL import Image
 
-from lmms_prune.efficiency import DecoderDims, kv_cache_bytes, pruned_prefill_flops
+from lmms_prune.efficiency import (
+    INVOCATION_ENV,
+    DecoderDims,
+    host_id,
+    identity_digest,
+    kv_cache_bytes,
+    pruned_prefill_flops,
+)
+from lmms_prune.fingerprint import package_versions
 from lmms_prune.models import registry
 from lmms_prune.models.base import PrunedChatModel, apply_until, lmms_eval_cli_options, summarize
 from lmms_prune.models.wrappers import (
@@ -329,8 +337,9 @@ def test_a_failing_sample_stops_the_run_naming_task_and_doc(wrapper):
         model.generate_until(_requests([0, 3, 1]))
 
 
-def test_on_error_skip_counts_and_reports_skipped_samples(wrapper, tmp_path):
+def test_on_error_skip_counts_and_reports_skipped_samples(wrapper, tmp_path, monkeypatch):
     _, model = wrapper
+    monkeypatch.setenv(INVOCATION_ENV, "sweep-42")
     _set(model, on_error="skip", batch_size=2, efficiency_path=str(tmp_path / "eff.json"))
     model.records, model.skipped, model._finished = [], [], False
     try:
@@ -347,6 +356,11 @@ def test_on_error_skip_counts_and_reports_skipped_samples(wrapper, tmp_path):
     assert written["skipped"][0]["doc_id"] == 3 and "video" in written["skipped"][0]["error"]
     assert [s["doc_id"] for s in written["samples"]] == [0, 1]
     assert written["method"] == "deepprune" and written["config"]["prune_layer"] == 12
+    # the run's identity, for leaderboard bundles: recorded by this process, bound by a digest
+    assert written["versions"] == package_versions() and written["model_type"] == model.model.config.model_type
+    assert written["measured_with"] == {"invocation": "sweep-42", "host": host_id()}
+    assert written["hardware"]["device"] == "cpu" and written["revision"] == "main"
+    assert written["identity_digest"] == identity_digest(written)
 
 
 def test_method_none_keeps_every_token():

@@ -98,8 +98,14 @@ def test_sweep_resumes_and_report_matches_lmms_eval(tmp_path, monkeypatch):
         if run.method != "none":
             assert math.isclose(row["visual kept"], run.efficiency["mean_visual_after"])
             assert row["visual kept"] < next(r for r in runs if r.method == "none").efficiency["mean_visual_after"]
-            assert row["prefill speed-up"] > 0
+            if run.method == "fastv":  # timed by the first sweep invocation, like the none cell
+                assert row["prefill speed-up"] > 0 and row["speed-up note"] is None
+            else:  # deepprune: timed by the resumed sweep, another invocation: no ratio of the two
+                assert row["prefill speed-up"] is None
+                assert "another sweep invocation" in row["speed-up note"]
     assert "fastv" in cross_task(build_tables(runs), 0.1)
+    assert result["x_axis"] == "flops"  # not every cell was measured side by side with its baseline
+    assert "not comparable" in result["markdown"]
 
 
 def test_report_says_when_the_unpruned_baseline_is_missing(tmp_path):
@@ -260,7 +266,8 @@ def test_sigterm_to_the_sweep_stops_its_child_process_group(tmp_path, fake_calls
 
 
 def _write_run(folder: Path, model: str, model_args: str, prefill: list[float], date: str,
-               world_size: int = 1) -> Path:
+               world_size: int = 1, invocation: str | None = "sweep-1") -> Path:
+    """A results file and its efficiency JSON; ``invocation``: the sweep invocation that timed it (one host)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{date}_results.json"
     path.write_text(json.dumps({"config": {"model": model, "model_args": model_args, "limit": len(prefill)},
@@ -270,7 +277,8 @@ def _write_run(folder: Path, model: str, model_args: str, prefill: list[float], 
                 "llm_prefill_seconds": t, "ttft_seconds": 1.0 + t, "kv_cache_bytes": 10, "kv_cache_bytes_unpruned": 100}
                for i, t in enumerate(prefill)]
     (folder / f"{date}_efficiency.json").write_text(json.dumps(
-        {"summary": {"samples": len(samples), "skipped": 0}, "samples": samples, "world_size": world_size}))
+        {"summary": {"samples": len(samples), "skipped": 0}, "samples": samples, "world_size": world_size,
+         "measured_with": {"invocation": invocation, "host": "0" * 16}}))
     return path
 
 

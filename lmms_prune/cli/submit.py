@@ -13,7 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out = parser.add_mutually_exclusive_group()
     out.add_argument("--out", default=None, help="write the bundle of RUN_DIR's single run to this file")
     out.add_argument("--out-dir", default=None,
-                     help="write one bundle per run into this folder (<family>__<method>__keep<r>__<fingerprint>.json)")
+                     help="write one bundle per run into this folder (<family>__<method>__keep<r>__<fingerprint>.json, "
+                          "names made safe: nothing is written outside it)")
     out.add_argument("--verify", action="append", default=None, metavar="BUNDLE",
                      help="check this bundle (a file, or a folder of bundles; repeatable) against RUN_DIR and "
                           "exit 1 on any mismatch")
@@ -25,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _submit(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from lmms_prune.leaderboard.bundle import build_bundles, bundle_filename, write_bundle
+    from lmms_prune.leaderboard.bundle import build_bundles, bundle_filename, write_bundle, write_bundle_into
 
     bundles = build_bundles(args.run_dir)
     if args.out:
@@ -37,7 +38,7 @@ def _submit(args: argparse.Namespace) -> int:
         paths = [write_bundle(bundles[0], Path(args.out))]
     else:
         out_dir = Path(args.out_dir) if args.out_dir else Path(args.run_dir) / "bundles"
-        paths = [write_bundle(b, out_dir / bundle_filename(b)) for b in bundles]
+        paths = [write_bundle_into(b, out_dir) for b in bundles]  # names from data: never outside out_dir
     for bundle, path in zip(bundles, paths):
         m = bundle["method"]
         print(f"{path}: {bundle['checkpoint']['family']} {m['name']} keep {m['keep_ratio']:g}, "
@@ -60,7 +61,8 @@ def _verify(args: argparse.Namespace) -> int:
             failed += 1
             continue
         if result.ok:
-            print(f"OK   {path}: {result.checked} checks, every figure equals its recomputation from the logs")
+            print(f"OK   {path}: {result.checked} checks, its identity equals the run's records and every "
+                  "figure its recomputation from the logs")
         else:
             failed += 1
             print(f"FAIL {path}: {len(result.mismatches)} of {result.checked} checks do not match")

@@ -2,10 +2,12 @@
 
 A bundle (schema ``bundle.schema.json`` next to this file, documented in docs/leaderboard.md) says what was run
 (checkpoint, method with every ``PruneConfig`` field, the settings and their fingerprint), where (package
-versions, hardware), on what (tasks and sample counts), what came out (every metric of lmms-eval's
-``*_results.json``, the efficiency summary and the measured prefill speed-up against the same model's
-``none`` cell) and from which per-sample logs (sha256 of each ``--log_samples`` jsonl and of the efficiency
-records, and one digest over them). ``lmms_prune.leaderboard.verify`` recomputes the figures from those logs.
+versions, hardware: as the run's own process recorded them in its efficiency JSON), on what (tasks and sample
+counts), what came out (every metric of lmms-eval's ``*_results.json``, the efficiency summary and the measured
+prefill speed-up against the same model's ``none`` cell, only when both were timed side by side) and from which
+files (sha256 of each ``--log_samples`` jsonl, of the efficiency records, of the results file and of
+``cell.json``, one digest over them, and a digest of the whole bundle: the digest chain).
+``lmms_prune.leaderboard.verify`` checks the identity against the run's records and recomputes the figures.
 
 A run is found by its ``*_results.json``; in a sweep (``lmms_prune.sweep``) its cell folder is the one
 holding ``lmms_eval/<model dir>/<date>_results.json``, ``efficiency.json`` and, when the sweep wrote one,
@@ -25,7 +27,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 SCHEMA_FILE = "bundle.schema.json"
 RUN_ONLY_ARGS = ("pretrained", "revision", "efficiency_path")
 """``--model_args`` keys that are not part of ``run_settings``'s ``model_args`` (given separately, or a path
@@ -102,7 +104,7 @@ def efficiency_file(results: Path, model_args: Mapping[str, str]) -> Path | None
 def run_files(results: Path) -> RunFiles:
     from lmms_prune.report import parse_model_args
 
-    data = json.loads(results.read_text())
+    data = read_json(results)
     args = parse_model_args(data.get("config", {}).get("model_args"))
     date = results.name[: -len("_results.json")]
     samples = {p.name[len(f"{date}_samples_"): -len(".jsonl")]: p
@@ -144,24 +146,35 @@ def cell_settings(files: RunFiles) -> tuple[dict[str, Any], str, str]:
 
     cell_json = files.cell / "cell.json"
     if cell_json.is_file():
-        data = json.loads(cell_json.read_text())
+        data = read_json(cell_json)
         if "settings" not in data or "fingerprint" not in data:
             raise ValueError(f"{cell_json}: expected {{'fingerprint': ..., 'settings': ...}}")
         if fingerprint(data["settings"]) != data["fingerprint"]:
             raise ValueError(f"{cell_json}: fingerprint {data['fingerprint']} is not that of its settings "
                              f"({fingerprint(data['settings'])}); the file was edited")
         return data["settings"], data["fingerprint"], "cell.json"
-    config = json.loads(files.results.read_text()).get("config", {})
+    config = read_json(files.results).get("config", {})
     args = parse_model_args(config.get("model_args"))
     cli = config.get("resolved_cli_args") or {}
     tasks = [t for t in str(cli.get("tasks") or "").split(",") if t]
     if not tasks:
-        tasks = sorted(json.loads(files.results.read_text()).get("results", {}))
+        tasks = sorted(read_json(files.results).get("results", {}))
     settings = run_settings(
         model=str(config.get("model", "unknown")), pretrained=args.get("pretrained", ""),
         model_args={k: v for k, v in args.items() if k not in RUN_ONLY_ARGS}, tasks=tasks,
         limit=_limit(config.get("limit")), revision=args.get("revision"))
+    recorded = _recorded_versions(files)
+    if recorded is not None:  # the run's own versions, not this machine's: the fingerprint is reproducible
+        settings["versions"] = recorded
     return settings, fingerprint(settings), "results config"
+
+
+def _recorded_versions(files: RunFiles) -> dict[str, str] | None:
+    """The package versions the run's process recorded in its efficiency JSON (None: it recorded none)."""
+    if files.efficiency is None:
+        return None
+    versions = read_json(files.efficiency).get("versions")
+    return dict(versions) if isinstance(versions, Mapping) else None
 
 
 def _model_type(pretrained: str, revision: str | None) -> str | None:
@@ -226,10 +239,37 @@ def log_files(files: RunFiles) -> dict[str, dict[str, Any]]:
         out[f"samples/{task}"] = {"path": _relative(path, files.cell), "sha256": sha256_file(path),
                                   "lines": _jsonl_lines(path)}
     if files.efficiency is not None:
-        records = json.loads(files.efficiency.read_text()).get("samples", [])
+        records = read_json(files.efficiency).get("samples", [])
         out["efficiency"] = {"path": _relative(files.efficiency, files.cell), "sha256": sha256_file(files.efficiency),
                              "lines": len(records)}
+    out["results"] = {"path": _relative(files.results, files.cell), "sha256": sha256_file(files.results)}
+    if (files.cell / "cell.json").is_file():
+        out["cell"] = {"path": "cell.json", "sha256": sha256_file(files.cell / "cell.json")}
     return out
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; ``ValueError`` naming the file when it is not readable UTF-8 JSON holding
+    an object (``NaN`` and ``Infinity`` are refused: they are not JSON)."""
+    def no_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"), parse_constant=no_constant)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{path}: not readable JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: holds a JSON {type(data).__name__}, expected an object")
+    return data
+
+
+def bundle_digest(bundle: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of ``bundle`` without its own ``digest``: the end of the digest chain
+    (each log file's sha256 -> ``logs.digest`` -> this)."""
+    from lmms_prune.fingerprint import canonical_json
+
+    body = {k: v for k, v in bundle.items() if k != "digest"}
+    return hashlib.sha256(canonical_json(body).encode("utf-8")).hexdigest()
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -262,12 +302,18 @@ def _tasks(data: Mapping[str, Any], run: Any) -> dict[str, dict[str, Any]]:
 
 
 def _efficiency(report: Mapping[str, Any], baseline: tuple[str, Mapping[str, Any]] | None) -> dict[str, Any]:
+    """The bundle's efficiency block; the speed-up only against a baseline measured side by side (same sweep
+    invocation, same host: `lmms_prune.efficiency.side_by_side`), else null with the reason in ``speedup_note``."""
+    from lmms_prune.efficiency import side_by_side
+
     s = report.get("summary", {})
-    speedup, base_fp = None, None
+    speedup, base_fp, note = None, None, None
     if baseline is not None:
-        base_fp, base_summary = baseline
-        bp, rp = base_summary.get("mean_llm_prefill_seconds"), s.get("mean_llm_prefill_seconds")
-        speedup = bp / rp if bp and rp else None
+        base_fp, base_report = baseline
+        note = side_by_side(report.get("measured_with"), base_report.get("measured_with"))
+        bp = base_report.get("summary", {}).get("mean_llm_prefill_seconds")
+        rp = s.get("mean_llm_prefill_seconds")
+        speedup = bp / rp if bp and rp and note is None else None
     return {
         "samples": int(s.get("samples", 0)),
         "visual_tokens_before": s.get("mean_visual_before"),
@@ -279,14 +325,21 @@ def _efficiency(report: Mapping[str, Any], baseline: tuple[str, Mapping[str, Any
         "mean_end_to_end_seconds": s.get("mean_end_to_end_seconds"),
         "prefill_speedup": speedup,
         "baseline_fingerprint": base_fp,
+        "measured_with": _measured_with(report),
+        "speedup_note": note,
     }
+
+
+def _measured_with(report: Mapping[str, Any]) -> dict[str, str | None]:
+    m = report.get("measured_with") or {}
+    return {"invocation": m.get("invocation"), "host": m.get("host")}
 
 
 def _efficiency_report(files: RunFiles) -> dict[str, Any]:
     if files.efficiency is None:
         raise FileNotFoundError(f"{files.results}: no efficiency JSON next to it (efficiency.json in the cell, or "
                                 "<date>_efficiency.json): run it with one of lmms-prune's models")
-    return json.loads(files.efficiency.read_text())
+    return read_json(files.efficiency)
 
 
 def build_bundle(files: RunFiles, run_dir: Path, baseline: RunFiles | None = None) -> dict[str, Any]:
@@ -297,7 +350,7 @@ def build_bundle(files: RunFiles, run_dir: Path, baseline: RunFiles | None = Non
         raise FileNotFoundError(f"{files.results}: no per-sample logs (<date>_samples_<task>.jsonl) next to it; "
                                 "re-run lmms-eval with --log_samples (lmms-prune sweep: pass it through "
                                 "Sweep(extra_args=['--log_samples']))")
-    data = json.loads(files.results.read_text())
+    data = read_json(files.results)
     run = load_run(files.results)
     settings, fp, settings_source = cell_settings(files)
     report = _efficiency_report(files)
@@ -308,25 +361,20 @@ def build_bundle(files: RunFiles, run_dir: Path, baseline: RunFiles | None = Non
                                 "--log_samples")
     base = None
     if baseline is not None:
-        base = (cell_settings(baseline)[1], _efficiency_report(baseline).get("summary", {}))
+        base = (cell_settings(baseline)[1], _efficiency_report(baseline))
     config = data.get("config", {})
-    versions_source = "cell.json" if settings_source == "cell.json" and "versions" in settings else "submit host"
-    if versions_source == "cell.json":
-        versions = dict(settings["versions"])
-    else:
-        from lmms_prune.fingerprint import package_versions
-
-        versions = package_versions()
+    versions, versions_source = _versions(report, settings, settings_source)
     revision = settings.get("revision")
+    model_type = report["model_type"] if "model_type" in report else _model_type(run.pretrained, revision)
     logs = log_files(files)
-    return {
+    bundle = {
         "schema_version": SCHEMA_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "fingerprint": fp,
         "settings": settings,
         "settings_source": settings_source,
         "checkpoint": {"family": run.family, "pretrained": run.pretrained, "revision": revision,
-                       "model_type": _model_type(run.pretrained, revision), "lmms_eval_model": run.model},
+                       "model_type": model_type, "lmms_eval_model": run.model},
         "method": {"name": run.method, "keep_ratio": run.keep,
                    "parameters": dict(report.get("config") or {"method": run.method})},
         "versions": versions,
@@ -344,6 +392,20 @@ def build_bundle(files: RunFiles, run_dir: Path, baseline: RunFiles | None = Non
                    "results_file": _relative(files.results, files.cell),
                    "model_args": str(config.get("model_args", ""))},
     }
+    return {**bundle, "digest": bundle_digest(bundle)}
+
+
+def _versions(report: Mapping[str, Any], settings: Mapping[str, Any],
+              settings_source: str) -> tuple[dict[str, str], str]:
+    """(versions, source): recorded by the run's process (efficiency JSON), else by the sweep that started it
+    (``cell.json``), else this machine's (``submit host``: `--verify` cannot check those)."""
+    if isinstance(report.get("versions"), Mapping):
+        return dict(report["versions"]), "efficiency.json"
+    if settings_source == "cell.json" and "versions" in settings:
+        return dict(settings["versions"]), "cell.json"
+    from lmms_prune.fingerprint import package_versions
+
+    return package_versions(), "submit host"
 
 
 @lru_cache(maxsize=4096)
@@ -378,29 +440,45 @@ def build_bundles(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def bundle_filename(bundle: Mapping[str, Any]) -> str:
-    """``<family>__<method>__keep<ratio>__<fingerprint>.json``."""
+    """``<family>__<method>__keep<ratio>__<fingerprint>.json``, every part through
+    `lmms_prune.leaderboard.paths.safe_name` (the family and method come from the run's data)."""
+    from lmms_prune.leaderboard.paths import safe_name
+
     m = bundle["method"]
-    return f"{bundle['checkpoint']['family']}__{m['name']}__keep{m['keep_ratio']:g}__{bundle['fingerprint']}.json"
+    parts = (bundle["checkpoint"]["family"], m["name"], f"keep{m['keep_ratio']:g}", bundle["fingerprint"])
+    return safe_name("__".join(safe_name(p) for p in parts) + ".json")
+
+
+def bundle_text(bundle: Mapping[str, Any]) -> str:
+    return json.dumps(bundle, indent=2, sort_keys=False, allow_nan=False) + "\n"
 
 
 def write_bundle(bundle: Mapping[str, Any], path: Path) -> Path:
+    """Write ``bundle`` to the file the user named (``submit --out``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(bundle, indent=2, sort_keys=False) + "\n")
+    path.write_text(bundle_text(bundle), encoding="utf-8")
     return path
+
+
+def write_bundle_into(bundle: Mapping[str, Any], out_dir: str | Path) -> Path:
+    """Write ``bundle`` as ``out_dir/<bundle_filename>``, never outside ``out_dir`` (`paths.write_inside`)."""
+    from lmms_prune.leaderboard.paths import write_inside
+
+    return write_inside(out_dir, bundle_filename(bundle), bundle_text(bundle))
 
 
 def write_bundles(run_dir: str | Path, out_dir: str | Path) -> list[Path]:
     """Write one bundle per run below ``run_dir`` into ``out_dir``; returns their paths."""
-    return [write_bundle(b, Path(out_dir) / bundle_filename(b)) for b in build_bundles(run_dir)]
+    return [write_bundle_into(b, out_dir) for b in build_bundles(run_dir)]
 
 
 def load_bundle(path: str | Path) -> dict[str, Any]:
     """Read and schema-validate one bundle file."""
     path = Path(path)
     try:
-        bundle = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: cannot read a bundle ({err})") from err
+        bundle = read_json(path)
+    except ValueError as err:
+        raise ValueError(f"cannot read a bundle: {err}") from err
     validate(bundle, str(path))
     return bundle
 

@@ -1,8 +1,11 @@
 """The static leaderboard page: one ``index.html`` built from bundles, readable offline.
 
 Python does the numbers (``page_data``): per task, each cell's headline score, its % of the same model's
-``none`` cell, the Pareto front per model of accuracy against measured prefill speed-up (``pareto_front``)
-and the cross-task Spearman matrix (``scipy.stats.spearmanr``). They are embedded as JSON in the page
+``none`` cell, the Pareto front per model of accuracy against each x-axis of :data:`AXES` (measured prefill
+speed-up, prefill FLOPs ratio, kept visual tokens; ``pareto_front``) and the cross-task Spearman matrix
+(``scipy.stats.spearmanr``). A measured speed-up exists only for cells timed side by side with their
+baseline (one sweep invocation, one host); when some cell was not, the page opens on the FLOPs axis
+(:func:`default_axis`). They are embedded as JSON in the page
 (``template.html``, a package file), whose own script draws the sortable table and the two plots as SVG: no
 server, no CDN, no plotting library.
 """
@@ -13,13 +16,22 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
+from functools import partial
 from importlib import resources
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 DATA_MARK = "/*__LEADERBOARD_DATA__*/null"
+AXES: dict[str, dict[str, Any]] = {
+    "speedup": {"key": "speedup", "better": "higher", "label": "measured LLM prefill speed-up (vs. unpruned)"},
+    "flops": {"key": "flops_ratio", "better": "lower", "label": "prefill FLOPs ratio (pruned / unpruned)"},
+    "tokens": {"key": "kept_tokens", "better": "lower", "label": "visual tokens kept (mean per sample)"},
+}
+"""The scatter's x-axes: cell field, and which direction is better (the Pareto front maximises accuracy and
+minimises cost, or maximises speed-up). Shared with ``lmms-prune report``'s plots."""
 
 
 def pareto_front(points: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
@@ -33,6 +45,27 @@ def pareto_front(points: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
     at_least = (p[None, :, :] >= p[:, None, :]).all(-1)  # [i, j]: j is at least as good as i everywhere
     better = (p[None, :, :] > p[:, None, :]).any(-1)  # [i, j]: j is better than i somewhere
     return ~(at_least & better).any(1)
+
+
+def default_axis(cells: Sequence[Mapping[str, Any]]) -> str:
+    """``speedup`` when every pruned cell that has a baseline has a speed-up measured side by side with it,
+    else ``flops`` (the theoretical cost, comparable across runs and hosts)."""
+    pruned = [c for c in cells if c["method"] != "none"]
+    if pruned and all(c["speedup"] is not None for c in pruned):
+        return "speedup"
+    return "flops"
+
+
+def front_of(items: Sequence[Any], x: Any, y: Any, x_better: str) -> list[Any]:
+    """The items on the Pareto front of (x, y): ``x(item)`` a cost or a speed-up (``x_better`` ``"lower"`` or
+    ``"higher"``), ``y(item)`` a (score, higher is better) pair; items lacking either are left out."""
+    sign_x = 1.0 if x_better == "higher" else -1.0
+    pts = [(it, x(it), y(it)) for it in items]
+    pts = [(it, xv, yv) for it, xv, yv in pts if xv is not None and yv is not None and yv[0] is not None]
+    if not pts:
+        return []
+    mask = pareto_front([[sign_x * xv, (1.0 if hib else -1.0) * v] for _, xv, (v, hib) in pts])
+    return [it for (it, _, _), on in zip(pts, mask) if on]
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
@@ -133,23 +166,27 @@ def page_data(bundles: Sequence[Mapping[str, Any]], names: Sequence[str] | None 
             "keep": b["method"]["keep_ratio"], "params": _changed_parameters(b), "scores": scores,
             "kept_tokens": eff["visual_tokens_after"], "tokens_before": eff["visual_tokens_before"],
             "kept_ratio": eff["visual_kept_ratio"], "speedup": eff["prefill_speedup"],
+            "speedup_note": eff.get("speedup_note"),
             "flops_ratio": eff["prefill_flops_ratio"], "kv_ratio": eff["kv_cache_ratio"],
             "hardware": b["hardware"]["device_name"], "world_size": b["hardware"]["world_size"],
             "versions": b["versions"], "digest": b["logs"]["digest"],
         })
-    pareto: dict[str, dict[str, list[str]]] = {}
-    for t in tasks:
-        for model in sorted({c["model"] for c in cells}):
-            pts = [c for c in cells if c["model"] == model and c["speedup"] is not None
-                   and t in c["scores"] and c["scores"][t]["value"] is not None]
-            if not pts:
-                continue
-            sign = [1.0 if c["scores"][t]["higher_is_better"] else -1.0 for c in pts]
-            mask = pareto_front([[c["speedup"], s * c["scores"][t]["value"]] for c, s in zip(pts, sign)])
-            pareto.setdefault(t, {})[model] = [c["id"] for c, on in zip(pts, mask) if on]
+    pareto: dict[str, dict[str, dict[str, list[str]]]] = {axis: {} for axis in AXES}
+    for axis, spec in AXES.items():
+        for t in tasks:
+            for model in sorted({c["model"] for c in cells}):
+                front = front_of([c for c in cells if c["model"] == model], itemgetter(spec["key"]),
+                                 partial(_score_of, task=t), spec["better"])
+                if front:
+                    pareto[axis].setdefault(t, {})[model] = [c["id"] for c in front]
     return {"generated": datetime.now(timezone.utc).isoformat(timespec="seconds"), "tasks": tasks,
-            "top_level_tasks": top_level, "cells": cells, "pareto": pareto,
-            "cross_task": cross_task(cells, top_level)}
+            "top_level_tasks": top_level, "cells": cells, "pareto": pareto, "axes": AXES,
+            "default_axis": default_axis(cells), "cross_task": cross_task(cells, top_level)}
+
+
+def _score_of(cell: Mapping[str, Any], task: str) -> tuple[float | None, bool] | None:
+    s = cell["scores"].get(task)
+    return None if s is None else (s["value"], s["higher_is_better"])
 
 
 def _cross_value(cell: Mapping[str, Any], task: str, use_pct: bool) -> float | None:
@@ -195,7 +232,7 @@ def render(data: Mapping[str, Any]) -> str:
     template = resources.files("lmms_prune.leaderboard").joinpath("template.html").read_text(encoding="utf-8")
     if DATA_MARK not in template:
         raise RuntimeError(f"template.html lost its data mark {DATA_MARK!r}")
-    payload = json.dumps(data, allow_nan=False).replace("<", "\\u003c").replace("\u2028", "\\u2028")
+    payload = json.dumps(data, allow_nan=False)  # bundles are finite (schema); a ratio of them could overflow.replace("<", "\\u003c").replace("\u2028", "\\u2028")
     return template.replace(DATA_MARK, payload)
 
 
@@ -207,8 +244,23 @@ def write_page(bundle_files: Sequence[str | Path], out_dir: str | Path) -> Path:
     if not paths:
         raise FileNotFoundError("no bundles given: pass bundle files or folders of them")
     bundles = [load_bundle(p) for p in paths]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    page = out / "index.html"
-    page.write_text(render(page_data(bundles, [str(p) for p in paths])), encoding="utf-8")
-    return page
+    data = page_data(bundles, [str(p) for p in paths])
+    check_finite(data, paths)
+    from lmms_prune.leaderboard.paths import write_inside
+
+    return write_inside(out_dir, "index.html", render(data))
+
+
+def check_finite(data: Mapping[str, Any], paths: Sequence[Path]) -> None:
+    """Raise ``ValueError`` naming the bundle and field of any non-finite number the page would show (a
+    ratio of two finite figures can still overflow: 1e15 / 1e-300)."""
+    for cell, path in zip(data["cells"], paths):
+        for name, value in _leaves(cell):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{path}: {name} is {value} on the page; the bundle's figures are out of range")
+
+
+def _leaves(value: Any, name: str = "") -> list[tuple[str, Any]]:
+    if isinstance(value, Mapping):
+        return [leaf for k, v in value.items() for leaf in _leaves(v, f"{name}.{k}" if name else str(k))]
+    return [(name, value)]

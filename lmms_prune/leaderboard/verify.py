@@ -1,19 +1,30 @@
-"""Check a bundle against the run it came from: every figure recomputed from the per-sample logs.
+"""Check a bundle against the run it came from: its identity against the run's own records, every figure
+recomputed from the per-sample logs.
 
-For the run in RUN_DIR that the bundle names (its results file, lmms-eval model and model_args):
+For the run in RUN_DIR that the bundle names (its ``source``: cell and results file, else the same results
+file name, lmms-eval model and model_args):
 
-1. the bundle is valid under the schema and its fingerprint is that of its settings (and of the cell's
-   ``cell.json`` when the sweep wrote one);
-2. every log file's sha256 and the digest over them equal the bundle's (an edited log is caught here);
-3. every metric of every task is recomputed from the ``--log_samples`` jsonl: the per-sample values that
+1. the bundle is valid under the schema, its ``digest`` is that of its content, and its fingerprint is that of
+   its settings (and of the cell's ``cell.json`` when the sweep wrote one);
+2. every log file's sha256 (per-sample logs, efficiency records, results file, cell.json) and the digest over
+   them equal the bundle's (an edited log is caught here);
+3. identity: the bundle is rebuilt from the run (``build_bundle``) and every identifying field must be equal,
+   by name: ``checkpoint`` (family, pretrained, revision, model_type, lmms-eval model), ``method`` (name,
+   keep_ratio, every parameter), ``versions``, ``hardware``, ``run``, ``tasks``, ``higher_is_better``,
+   ``source`` and where the timings were measured. Versions and hardware must have been recorded by the run
+   itself (its efficiency JSON, or the sweep's ``cell.json`` for versions): a bundle that took them from the
+   machine that wrote it fails. The run's records must agree with each other (the efficiency JSON's method
+   and checkpoint with the results file's, its ``identity_digest`` with its identity fields). Accuracies for a
+   task the run has no results and logs for are refused;
+4. every metric of every task is recomputed from the ``--log_samples`` jsonl: the per-sample values that
    lmms-eval logged (each task's ``process_results`` output, e.g. RefCOCO's ``{"iou", "parsed"}`` record under
    ``acc@0.5``/``mean_iou``/``unparseable``) go through the task's own aggregation from its YAML
    (``metric_list[].aggregation``: a function such as ``accuracy_at_05``, or a registered name such as
    ``mean``), exactly as lmms-eval's ``TaskOutput.calculate_aggregate_metric`` does; a group's metrics are
    rebuilt from its subtasks' recomputed values with its ``aggregate_metric_list`` as lmms-eval's
    ``consolidate_group_results`` does; sample counts must equal the logs' line counts;
-4. the efficiency figures are recomputed from the per-sample efficiency records (and the speed-up from the
-   same model's ``none`` run in RUN_DIR).
+5. the efficiency figures are recomputed from the per-sample efficiency records (and the speed-up from the
+   same model's ``none`` run in RUN_DIR, only when both were measured side by side).
 
 Every mismatch is reported by name; ``lmms-prune submit --verify`` exits non-zero if there is any.
 """
@@ -31,10 +42,13 @@ from typing import Any
 from lmms_prune.leaderboard.bundle import (
     RunFiles,
     baseline_of,
+    build_bundle,
+    bundle_digest,
     cell_settings,
     find_runs,
     log_files,
     logs_digest,
+    read_json,
     validate,
 )
 
@@ -54,10 +68,10 @@ class Verification:
     def ok(self) -> bool:
         return not self.mismatches
 
-    def check(self, what: str, claimed: Any, actual: Any) -> None:
+    def check(self, what: str, claimed: Any, actual: Any, source: str = "the logs give") -> None:
         self.checked += 1
         if not same(claimed, actual):
-            self.mismatches.append(f"{what}: bundle says {claimed!r}, the logs give {actual!r}")
+            self.mismatches.append(f"{what}: bundle says {claimed!r}, {source} {actual!r}")
 
     def fail(self, message: str) -> None:
         self.checked += 1
@@ -176,20 +190,27 @@ def recompute_group(config: Mapping[str, Any], subtasks: Sequence[str], metrics:
 
 
 def locate_run(bundle: Mapping[str, Any], run_dir: Path) -> RunFiles:
-    """The run in ``run_dir`` the bundle was made from: same results file name, lmms-eval model and
-    ``--model_args`` (paths into the cell aside)."""
+    """The run in ``run_dir`` the bundle was made from: the one at its ``source`` cell and results file (only
+    among the runs below ``run_dir``: a ``source`` that leads out of it is not followed), else the one with the
+    same results file name, lmms-eval model and ``--model_args`` (paths into the cell aside)."""
     from lmms_prune.report import parse_model_args
 
     def args_of(text: str) -> dict[str, str]:
         return {k: v for k, v in parse_model_args(text).items() if k != "efficiency_path"}
 
-    name = Path(bundle["source"]["results_file"]).name
-    want = args_of(bundle["source"]["model_args"])
+    runs = find_runs(run_dir)
+    source = bundle["source"]
+    named = (run_dir / source["cell"] / source["results_file"]).resolve()
+    at_source = [f for f in runs if f.results.resolve() == named]
+    if at_source:
+        return at_source[0]
+    name = Path(source["results_file"]).name
+    want = args_of(source["model_args"])
     found = []
-    for files in find_runs(run_dir):
+    for files in runs:
         if files.results.name != name:
             continue
-        config = json.loads(files.results.read_text()).get("config", {})
+        config = read_json(files.results).get("config", {})
         if config.get("model") == bundle["checkpoint"]["lmms_eval_model"] and args_of(config.get("model_args")) == want:
             found.append(files)
     if not found:
@@ -202,13 +223,9 @@ def _check_settings(v: Verification, bundle: Mapping[str, Any], files: RunFiles)
     from lmms_prune.fingerprint import fingerprint
 
     v.check("fingerprint of the bundle's settings", bundle["fingerprint"], fingerprint(bundle["settings"]))
-    settings, fp, source = cell_settings(files)
-    if source == "cell.json":
-        v.check("fingerprint (cell.json)", bundle["fingerprint"], fp)
-    else:  # rebuilt here: package versions are this machine's, the rest is the run's
-        for key in sorted(set(settings) | set(bundle["settings"])):
-            if key != "versions":
-                v.check(f"settings.{key}", bundle["settings"].get(key), settings.get(key))
+    settings, fp, source = cell_settings(files)  # cell.json, or rebuilt with the versions the run recorded
+    v.check(f"fingerprint ({source})", bundle["fingerprint"], fp, f"the {source} gives")
+    compare(v, "settings", bundle["settings"], settings, f"the {source} gives")
 
 
 def _check_logs(v: Verification, bundle: Mapping[str, Any], files: RunFiles) -> None:
@@ -221,7 +238,7 @@ def _check_logs(v: Verification, bundle: Mapping[str, Any], files: RunFiles) -> 
             v.fail(f"log {name}: in the run ({actual[name]['path']}), not in the bundle")
         else:
             v.check(f"log {name} sha256 ({actual[name]['path']})", claimed[name]["sha256"], actual[name]["sha256"])
-            v.check(f"log {name} lines", claimed[name]["lines"], actual[name]["lines"])
+            v.check(f"log {name} lines", claimed[name].get("lines"), actual[name].get("lines"))
     v.check("logs digest (over the bundle's file hashes)", bundle["logs"]["digest"], logs_digest(claimed))
     v.check("logs digest (over the run's files)", bundle["logs"]["digest"], logs_digest(actual))
 
@@ -261,6 +278,10 @@ def _check_metrics(v: Verification, bundle: Mapping[str, Any], files: RunFiles, 
         except (KeyError, ValueError, TypeError) as err:
             v.fail(f"{task}: cannot recompute the group's metrics: {err}")
     for task, claimed in bundle["accuracies"].items():
+        if task not in tasks:
+            v.fail(f"accuracies.{task}: metrics for a task the run has no results and no per-sample log for; "
+                   "metrics without logs are refused")
+            continue
         if task not in recomputed:
             continue
         actual = recomputed[task]
@@ -273,10 +294,74 @@ def _check_metrics(v: Verification, bundle: Mapping[str, Any], files: RunFiles, 
                 v.check(f"{task} {key}", claimed[key], actual[key])
 
 
+IDENTITY_FIELDS = ("settings_source", "checkpoint", "method", "versions", "versions_source", "hardware", "run",
+                   "tasks", "higher_is_better", "source")
+"""Top-level bundle fields compared, leaf by leaf, with the bundle rebuilt from the run (module docstring, 3)."""
+
+
+def compare(v: Verification, name: str, claimed: Any, actual: Any, source: str = "the run gives") -> None:
+    """Check ``claimed`` against ``actual`` leaf by leaf (mappings recursively), naming each leaf by its dotted
+    path (``method.parameters.prune_layer``); a key on one side only is a mismatch of that key."""
+    if isinstance(claimed, Mapping) and isinstance(actual, Mapping):
+        for key in sorted(set(claimed) | set(actual), key=str):
+            if key not in actual:
+                v.fail(f"{name}.{key}: in the bundle ({claimed[key]!r}), not in the run's records")
+            elif key not in claimed:
+                v.fail(f"{name}.{key}: in the run's records ({actual[key]!r}), missing from the bundle")
+            else:
+                compare(v, f"{name}.{key}", claimed[key], actual[key], source)
+        return
+    v.check(name, claimed, actual, source)
+
+
+def _check_identity(v: Verification, bundle: Mapping[str, Any], files: RunFiles, run_dir: Path) -> None:
+    try:
+        rebuilt = build_bundle(files, run_dir, baseline_of(files, find_runs(run_dir)))
+    except (FileNotFoundError, ValueError) as err:
+        v.fail(f"identity: the bundle cannot be rebuilt from the run ({err})")
+        return
+    for key in IDENTITY_FIELDS:
+        compare(v, key, bundle[key], rebuilt[key])
+    for key in ("measured_with", "speedup_note"):
+        compare(v, f"efficiency.{key}", bundle["efficiency"][key], rebuilt["efficiency"][key])
+    if bundle["versions_source"] == "submit host":
+        v.fail("versions: taken from the machine that wrote the bundle (versions_source 'submit host'), not "
+               "recorded by the run, so they cannot be verified; re-run with this lmms-prune (its efficiency JSON "
+               "records them)")
+    if bundle["hardware"]["source"] == "submit host":
+        v.fail("hardware: taken from the machine that wrote the bundle (hardware.source 'submit host'), not "
+               "recorded by the run, so it cannot be verified; re-run with this lmms-prune")
+    _check_records_agree(v, files, rebuilt)
+
+
+def _check_records_agree(v: Verification, files: RunFiles, rebuilt: Mapping[str, Any]) -> None:
+    """The efficiency JSON (written by the run's process) agrees with the results file (written by lmms-eval)
+    and with its own ``identity_digest``."""
+    from lmms_prune.efficiency import identity_digest
+
+    if files.efficiency is None:
+        return
+    from lmms_prune.loading import resolve_pretrained
+
+    record = read_json(files.efficiency)
+    name = files.efficiency.name
+    v.checked += 2
+    if record.get("method") != rebuilt["method"]["name"]:
+        v.fail(f"method.name: the results file's model says {rebuilt['method']['name']!r}, the efficiency JSON "
+               f"({name}) {record.get('method')!r}: the run's records disagree")
+    pretrained = rebuilt["checkpoint"]["pretrained"]
+    if record.get("pretrained") not in (pretrained, resolve_pretrained(pretrained)):  # a short name resolves
+        v.fail(f"checkpoint.pretrained: the results file says {pretrained!r}, the efficiency JSON ({name}) "
+               f"{record.get('pretrained')!r}: the run's records disagree")
+    if "identity_digest" in record:
+        v.check(f"efficiency JSON identity_digest ({files.efficiency.name})", record["identity_digest"],
+                identity_digest(record), "its identity fields give")
+
+
 def _summary(files: RunFiles) -> dict[str, Any]:
     from lmms_prune.models.base import summarize
 
-    report = json.loads(files.efficiency.read_text())
+    report = read_json(files.efficiency)
     return summarize(report.get("samples", []), len(report.get("skipped", [])))
 
 
@@ -306,9 +391,13 @@ def _check_efficiency(v: Verification, bundle: Mapping[str, Any], files: RunFile
                f"{run_dir}; verify against the sweep folder that holds both cells")
         return
     v.check("efficiency baseline_fingerprint", eff["baseline_fingerprint"], cell_settings(baseline)[1])
+    from lmms_prune.efficiency import side_by_side
+
     base = _summary(baseline)
+    note = side_by_side(read_json(files.efficiency).get("measured_with"),
+                        read_json(baseline.efficiency).get("measured_with"))
     bp, rp = base.get("mean_llm_prefill_seconds"), summary.get("mean_llm_prefill_seconds")
-    v.check("efficiency prefill_speedup", eff["prefill_speedup"], bp / rp if bp and rp else None)
+    v.check("efficiency prefill_speedup", eff["prefill_speedup"], bp / rp if bp and rp and note is None else None)
 
 
 def verify_bundle(bundle: Mapping[str, Any], run_dir: str | Path, include_paths: Sequence[str | Path] = (),
@@ -321,10 +410,13 @@ def verify_bundle(bundle: Mapping[str, Any], run_dir: str | Path, include_paths:
     except ValueError as err:
         v.fail(str(err))
         return v
+    v.check("digest (over the bundle's content)", bundle["digest"], bundle_digest(bundle),
+            "its content gives")
     files = locate_run(bundle, run_dir)
     _check_settings(v, bundle, files)
     _check_logs(v, bundle, files)
-    recorded = json.loads(files.results.read_text()).get("config", {}).get("resolved_cli_args") or {}
+    _check_identity(v, bundle, files, run_dir)
+    recorded = read_json(files.results).get("config", {}).get("resolved_cli_args") or {}
     paths = [*include_paths, *(p for p in str(recorded.get("include_path") or "").split(",") if p)]
     configs = configs or TaskConfigs()
     configs.add(paths)

@@ -432,15 +432,22 @@ class PrunedChatModel(lmms):
 
     def efficiency_report(self) -> dict[str, Any]:
         """This process's records as the JSON document ``finish`` writes (before gathering)."""
-        return {
+        from lmms_prune.efficiency import identity_digest, measurement_context
+        from lmms_prune.fingerprint import package_versions
+
+        report = {
             "model": self.model_id(),
             **self.runner.report(),
+            "revision": self.options.revision,
+            "model_type": getattr(getattr(self.model, "config", None), "model_type", None),
             "world_size": self.world_size,
             "hardware": _hardware(self.device),
-            "summary": summarize(self.records, len(self.skipped)),
-            "skipped": list(self.skipped),
-            "samples": list(self.records),
+            "versions": package_versions(),  # this process's, what a leaderboard bundle's versions must equal
+            "measured_with": measurement_context(),
         }
+        return {**report, "identity_digest": identity_digest(report),
+                "summary": summarize(self.records, len(self.skipped)), "skipped": list(self.skipped),
+                "samples": list(self.records)}
 
     def finish(self) -> dict[str, Any] | None:
         """Gather the efficiency records of every rank; on rank 0 log the summary and write the JSON.
