@@ -108,10 +108,11 @@ def test_pyramiddrop_attention_stages_equal_mask_mode(toys, family):
 
 
 def test_pyramiddrop_later_stage_ranks_the_present_tokens_by_their_attention(toys):
-    """Stage 2's kept set is the top of the attention row at K_2-1 restricted to stage 1's survivors."""
+    """score_at='K-1' (our earlier reading, kept as an option): stage 2's kept set is the top of the attention row
+    recorded at K_2-1 restricted to stage 1's survivors."""
     model, proc = toys("internvl_llama")
     inputs = _one("internvl_llama", proc)
-    with torch.no_grad(), lmms_prune.apply(model, "pyramiddrop", mode="mask") as handle:
+    with torch.no_grad(), lmms_prune.apply(model, "pyramiddrop", mode="mask", score_at="K-1") as handle:
         model(**inputs)
         st, layers = handle.state, handle.stage_layers
         span = st.spans[0][0]
@@ -140,7 +141,8 @@ def test_trend_composes_per_stage(toys, tmp_path):
     from lmms_prune.scores import trend_debias
 
     model, proc = toys("internvl_llama")
-    prior = calibrate_prior(model, proc, [_image()], layer=3, max_num=2)
+    # score_at='K' (the preset): a stage at K is scored by layer K's own row, at stage 1 the row layer K records
+    prior = calibrate_prior(model, proc, [_image()], layer=sel.depth_scaled_layers(_depth(model))[0], max_num=2)
     path = save_prior(tmp_path / "p.pt", prior.means, prior.counts, prior.meta)
     inputs = _one("internvl_llama", proc)
     with torch.no_grad(), lmms_prune.apply(model, "pyramiddrop", score="trend", bias_prior=str(path),
@@ -150,7 +152,7 @@ def test_trend_composes_per_stage(toys, tmp_path):
         span = st.spans[0][0]
         present = st.stage_kept[-2][0][0]  # the last stage scores the second stage's survivors
         mu, sigma = score.fit(span.length)
-        full_row = st.attention[layers[-1] - 1][0, span.positions]
+        full_row = st.attention[layers[-1]][0, span.positions]
         expected = trend_debias(full_row, mu, sigma)[present]  # debiased at the ORIGINAL positions
         torch.testing.assert_close(handle.records[0].scores[0], expected)
 

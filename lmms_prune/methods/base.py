@@ -189,7 +189,10 @@ class Needs:
 
     Inside the LLM: ``attention`` (decoder layers whose last-prompt-token attention row is recorded),
     ``text_attention`` (layers whose attention rows of every text token after the sample's last image are
-    recorded: SparseVLM's raters), ``key_norms`` (layers whose key L1 norms are recorded), ``hidden`` (visual hidden states at layer K's
+    recorded: SparseVLM's raters), ``query_key_attention`` (layers whose last-prompt-token attention row is
+    computed, before the layer runs, from that layer's OWN query/key projections and RoPE applied to its input:
+    a stage pruning at layer K can then be ranked by layer K itself), ``key_norms`` (layers whose key L1 norms
+    are recorded), ``hidden`` (visual hidden states at layer K's
     input), ``final_norm`` (the same through the LM's final norm), ``text`` (the same signals for the text
     tokens after the image), ``prior`` (a calibrated prior file). Before the LLM: ``vision_attention`` (the
     vision encoder's [CLS] row at the feature layer, or its mean received attention without [CLS]),
@@ -201,6 +204,7 @@ class Needs:
 
     attention: tuple[int, ...] = ()
     text_attention: tuple[int, ...] = ()
+    query_key_attention: tuple[int, ...] = ()
     key_norms: tuple[int, ...] = ()
     hidden: bool = False
     final_norm: bool = False
@@ -224,7 +228,8 @@ class Needs:
 class ImageSignals:
     """What the engine hands a score and a selector for one image of one sample.
 
-    Tensors over the image's ``N`` visual tokens: ``attention[layer]`` ``[N]``, ``key_norms[layer]`` ``[N]``,
+    Tensors over the image's ``N`` visual tokens: ``attention[layer]`` ``[N]`` (also for the layers of
+    ``Needs.query_key_attention``), ``key_norms[layer]`` ``[N]``,
     ``hidden`` / ``final_norm`` ``[N, D]``, ``vision_attention`` ``[N]``, ``vision_features`` ``[N, D_v]``,
     ``embeddings`` ``[N, D]``, ``text_attention[layer]`` ``[M', N]`` (the attention rows of the ``M'`` text
     tokens after the sample's last image, over the image's visual columns); the text tokens after the image: ``text_key_norms[layer]`` ``[M]``,

@@ -32,12 +32,22 @@ Defaults and choices (paper; authors' code read at github.com/Cooperx521/Pyramid
 
 from __future__ import annotations
 
-from lmms_prune.methods.base import Preset
+from lmms_prune.methods.base import Param, Preset
+
+PARAMS = (
+    Param("score_at", "K-1", "multi-stage (prune_layers): the attention that ranks stage K's tokens: 'K' = layer K's "
+          "own query/key projections and RoPE applied to its input, before it runs (PyramidDrop's code, the "
+          "pyramiddrop preset) or 'K-1' = the row recorded inside layer K-1 (FastV's convention)", kind="str",
+          choices=("K", "K-1")),
+    Param("budget_rounding", "round", "multi-stage: tokens kept after stage s, of the ORIGINAL count N: 'int' = "
+          "max(1, int(N * ratio^s)) (PyramidDrop's code, the pyramiddrop preset) or 'round' = max(1, round(...))",
+          kind="str", choices=("int", "round")),
+)
 
 PRESETS = (
     Preset("pyramiddrop", "PyramidDrop: keep stage_ratio (0.5) of the visual tokens still present at each of "
            "prune_layers (LLaVA-1.5: 8,16,24 of 32; auto: scaled to the depth), ranked by the last prompt token's "
            "attention at the layer before; keep_ratio instead = average visual tokens per layer",
            dict(stage="llm", selector="topk", score="attention", prune_layers="auto", stage_ratio=0.5,
-                keep_ratio=None)),
+                keep_ratio=None, score_at="K", budget_rounding="int", positions="contiguous")),
 )
