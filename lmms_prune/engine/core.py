@@ -750,40 +750,42 @@ class PruneHandle:
     # A decoded token's ids drop by all the tokens the stage removed, so decoding continues from the renumbered
     # length at every stage (the authors' decode step subtracts the tokens each stage dropped). Mask mode gives
     # the full sequence the same ids (a removed token's are never seen: it is masked as a key), so the two agree.
-    def _rope_ids(self, q_len: int, device: torch.device) -> torch.Tensor:
-        """The RoPE position ids of this call's ``q_len`` tokens, [B|1, q] (1-D) or [3, B|1, q] (M-RoPE): those the
-        language model was called with (Qwen-VL's leading text row dropped), else the cache positions."""
+    def _rope_ids(self, q_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The position ids of this call's ``q_len`` tokens as the language model was called with them: the RoPE
+        ids ([B|1, q], or [3, B|1, q] for M-RoPE) and the text row the decoder layers take as ``position_ids``
+        (Qwen-VL's leading fourth row where given, else the first row); the cache positions when none given."""
         pid = self._state.lm_position_ids
         if pid is None:
             end = self._state.seq_len if self._state.phase == "prefill" else self._state.kv_full
-            return torch.arange(end - q_len, end, device=device)[None]
+            pid = torch.arange(end - q_len, end, device=device)[None]
+        pid = pid.to(device)
         if pid.dim() == 3 and pid.shape[0] == 4:
-            pid = pid[1:]
-        return pid.to(device)
+            return pid[1:], pid[0]
+        return pid, pid if pid.dim() == 2 else pid[0]
 
-    def _rope_kwargs(self, kwargs: dict[str, Any], hidden: torch.Tensor, ids: torch.Tensor) -> dict[str, Any]:
-        """Decoder-layer kwargs for position ids ``ids``: the RoPE tables from the model's own rotary embedding,
-        and ``position_ids`` (the text row) where the layer takes them."""
-        out: dict[str, Any] = {"position_embeddings": self.adapter.language_model.rotary_emb(hidden, ids)}
+    def _rope_kwargs(self, kwargs: dict[str, Any], hidden: torch.Tensor, shift: torch.Tensor) -> dict[str, Any]:
+        """Decoder-layer kwargs for this call's position ids minus ``shift`` ([B, q]): the RoPE tables from the
+        model's own rotary embedding, and ``position_ids`` (the text row) where the layer takes them."""
+        ids, text = self._rope_ids(shift.shape[1], hidden.device)
+        shift = shift.to(hidden.device)
+        out: dict[str, Any] = {"position_embeddings": self.adapter.language_model.rotary_emb(hidden, ids - shift)}
         if isinstance(kwargs.get("position_ids"), torch.Tensor):
-            out["position_ids"] = ids if ids.dim() == 2 else ids[0]
+            out["position_ids"] = text - shift
         return out
 
     def _renumbered(self, kwargs: dict[str, Any], hidden: torch.Tensor, stage: int) -> dict[str, Any]:
         """Full-length decoder-layer kwargs of ``stage`` at the renumbered positions: ids minus the tokens removed
         (by this stage and the earlier ones) before each token."""
         removed = (~self._state.stage_mask[stage]).long()
-        before = torch.cumsum(removed, 1) - removed  # [B, T]
-        ids = self._rope_ids(self._state.seq_len, hidden.device)
-        return self._rope_kwargs(kwargs, hidden, ids - before.to(ids.device))
+        return self._rope_kwargs(kwargs, hidden, torch.cumsum(removed, 1) - removed)
 
     def _decode_rope(self, kwargs: dict[str, Any], hidden: torch.Tensor, stage: int) -> dict[str, Any]:
         """The decoded tokens' kwargs at ``stage``'s layers: their ids minus the tokens the stage removed."""
         st = self._state
         if stage not in st.decode_rope:
             removed = st.seq_len - st.stage_mask[stage].sum(1)  # [B]
-            ids = self._rope_ids(hidden.shape[1], hidden.device)
-            st.decode_rope[stage] = self._rope_kwargs(kwargs, hidden, ids - removed.to(ids.device)[:, None])
+            shift = removed[:, None].expand(-1, hidden.shape[1])
+            st.decode_rope[stage] = self._rope_kwargs(kwargs, hidden, shift)
         return st.decode_rope[stage]
 
     def _own_attention(self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], stage: int) -> None:

@@ -31,10 +31,7 @@ def attention_needs(config) -> Needs:
     equal to the pruning layer ``K`` (PyramidDrop's stages, ``score_at='K'``) is layer K's own query/key
     projections on its input, computed before it runs (``Needs.query_key_attention``)."""
     layer = (config.effective_score_layer,)
-    if config.prune_layer is not None and layer[0] == config.prune_layer:
-        if config.query != "last":
-            raise ValueError(f"query={config.query!r} with score_at='K': layer K's own projections score the last "
-                             "prompt token only; use query='last' or score_at='K-1'")
+    if config.prune_layer is not None and layer[0] == config.prune_layer:  # query='last' (presets.validate)
         return Needs(query_key_attention=layer)
     return Needs(attention=layer, text_attention=layer if config.query == "raters" else ())
 
