@@ -140,7 +140,6 @@ def test_visionzip_properties(seed, n):
     w = m.weights
     if w.shape[0] == 0:
         return
-    torch.testing.assert_close(w.sum(1), torch.ones(w.shape[0]))
     members = w > 0
     assert not members[:, idx].any()  # dominant tokens are not merged
     rest = [i for i in range(big_n) if i not in set(idx)]
@@ -149,8 +148,12 @@ def test_visionzip_properties(seed, n):
     step = max(1, len(rest) // w.shape[0])
     targets = rest[::step][: w.shape[0]]
     unit = F.normalize(features, dim=-1)
-    for j, t in enumerate(targets):
-        assert members[j, t]
+    for j, t in enumerate(targets):  # target + mean(members): weight 1 on the target, 1/|members| on each member
+        assert members[j, t] and float(w[j, t]) == 1.0
+        others = members[j].clone()
+        others[t] = False
+        if others.any():
+            torch.testing.assert_close(w[j, others], torch.full((int(others.sum()),), 1 / int(others.sum())))
     for i in rest:
         if i in targets:
             continue
@@ -176,3 +179,55 @@ def test_visionzip_bad_inputs_raise_clear_errors():
         sel.visionzip(importance, features, 5, dominant_ratio=0.0)
     with pytest.raises(ValueError, match="empty"):
         sel.group_weights([[]], 5)
+
+
+def authors_contextual(hidden, metric, dominant, contextual_num):
+    """Re-creation of VisionZip's contextual tokens (dvlab-research/VisionZip @ 3151f6df, visionzip/clip_encoder.py)
+    for one image without its [CLS]: the non-dominant tokens in order, targets every ``max(1, R // c)``-th (first
+    ``c``), the others assigned by the argmax of the unit metric's cosine, ``target + sum(members) / max(1, count)``.
+    """
+    keep = torch.ones(hidden.shape[0], dtype=torch.bool)
+    keep[dominant] = False
+    h, m = hidden[keep], metric[keep]
+    m = m / m.norm(dim=-1, keepdim=True)
+    step = max(1, m.shape[0] // contextual_num)
+    targets = torch.arange(0, m.shape[0], step)[:contextual_num]
+    rest = ~torch.isin(torch.arange(m.shape[0]), targets)
+    one_hot = torch.zeros(int(rest.sum()), contextual_num)
+    one_hot.scatter_(1, (m[rest] @ m[targets].T).argmax(1, keepdim=True), 1)
+    counts = one_hot.sum(0).clamp(min=1)[:, None]
+    return h[targets] + one_hot.T @ h[rest] / counts
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("n", [4, 16, 40])
+def test_visionzip_contextual_tokens_equal_the_authors_target_plus_mean(seed, n):
+    importance, metric = _case(seed)
+    hidden = torch.randn(importance.numel(), 5, generator=torch.Generator().manual_seed(seed + 10))
+    m = sel.visionzip(importance, metric, n)
+    expected = authors_contextual(hidden, metric, m.index, m.weights.shape[0])
+    out = sel.merged_embeddings(hidden, m)
+    torch.testing.assert_close(out[: m.index.numel()], hidden[m.index])
+    torch.testing.assert_close(out[m.index.numel():], expected)
+    old = sel.merged_embeddings(hidden, sel.visionzip(importance, metric, n, contextual="mean"))  # our earlier reading
+    assert not torch.allclose(old[m.index.numel():], expected)
+
+
+def test_visionzip_budget_one_keeps_one_dominant_token_where_the_authors_divide_by_zero():
+    importance, features = _case(0)
+    m = sel.visionzip(importance, features, 1)
+    assert m.index.tolist() == [int(importance.argmax())] and m.weights.shape[0] == 0
+    with pytest.raises(ZeroDivisionError):
+        authors_contextual(features, features, m.index, 0)
+
+
+@pytest.mark.parametrize(("method", "params"), [("visionzip", {"keep_tokens": 1}), ("cdpruner", {"keep_tokens": 1}),
+                                                 ("pyramiddrop", {"stage_ratio": 0.001})])
+def test_budget_of_one_token_runs_end_to_end(toys, method, params):
+    """One visual token kept (pyramiddrop: int(N * 0.001^s) is 0 at every stage, one token is kept instead)."""
+    model, proc = toys("internvl_llama")
+    inputs = _one("internvl_llama", proc)
+    with torch.no_grad(), lmms_prune.apply(model, method, **params) as handle:
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        rec = handle.records[0]
+    assert rec.visual_after == 1 and out.shape[1] == inputs["input_ids"].shape[1] + 2

@@ -31,6 +31,9 @@ PARAMS = (
     Param("dominant_ratio", 54 / 64, "visionzip: fraction of each image's budget taken by dominant tokens ([CLS] "
           "attention); the rest are contextual tokens (means of groups of the other tokens). Default 54/64, "
           "LLaVA-1.5's 54+10 at 64 tokens", low=0.0, high=1.0, open_low=True),
+    Param("contextual", "target_plus_mean", "visionzip: a contextual token is 'target_plus_mean' = its target "
+          "token plus the mean of the tokens assigned to it (VisionZip's released code) or 'mean' = the mean of "
+          "the target and those tokens", kind="str", choices=("target_plus_mean", "mean")),
 )
 
 
@@ -40,7 +43,7 @@ class VisionZip(Selector):
     merges = True
 
     name = "visionzip"
-    params = ("dominant_ratio",)
+    params = ("dominant_ratio", "contextual")
     stages = ("pre_llm",)
 
     @classmethod
@@ -54,7 +57,8 @@ class VisionZip(Selector):
                              "position; use positions='contiguous'")
 
     def __call__(self, image, scores, n):
-        return sel.visionzip(scores, image.vision_features, n, dominant_ratio=self.config.dominant_ratio)
+        return sel.visionzip(scores, image.vision_features, n, dominant_ratio=self.config.dominant_ratio,
+                             contextual=self.config.contextual)
 
 
 SELECTORS = (VisionZip,)

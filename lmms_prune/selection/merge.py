@@ -28,7 +28,8 @@ DOMINANT_RATIO = 54 / 64  # VisionZip on LLaVA-1.5 at 64 tokens: 54 dominant + 1
 @dataclass(frozen=True)
 class Merge:
     """A selection with merged tokens: ``index`` ``[k]`` (kept original tokens, ascending, int64) and
-    ``weights`` ``[m, N]`` (row ``j``: the averaging weights of merged token ``j``, non-negative, summing to 1).
+    ``weights`` ``[m, N]`` (row ``j``: the non-negative weights of merged token ``j``: a group's mean sums to 1;
+    VisionZip's ``target + mean(members)`` to 2).
     The image's tokens become ``[x[index]; weights @ x]``: ``k + m`` tokens, kept ones first, in that order.
 
     Inside the LLM (SparseVLM's recycling, :func:`lmms_prune.selection.sparsevlm.sparsevlm`) a merged token
@@ -70,15 +71,38 @@ def merged_embeddings(x: Tensor, merge: Merge) -> Tensor:
     return torch.cat([kept, means], 0)
 
 
-def visionzip(importance: Tensor, features: Tensor, n: int, dominant_ratio: float = DOMINANT_RATIO) -> Merge:
+def contextual_weights(targets: Tensor, groups: list[Tensor], num_tokens: int, rule: str = "target_plus_mean",
+                       device: torch.device | str | None = None) -> Tensor:
+    """``[c, N]`` float32 rows of VisionZip's contextual tokens, target ``j`` with members ``groups[j]`` (the
+    tokens assigned to it, maybe none).
+
+    ``rule="target_plus_mean"`` (VisionZip's released code, ``clip_encoder.py``: ``target_hidden +
+    aggregated_hidden``, the members' sum divided by ``counts.clamp(min=1)``): ``x_target + mean(x_members)``, just
+    ``x_target`` for a target without members. ``rule="mean"``: the mean of the target and its members.
+    """
+    if rule not in ("target_plus_mean", "mean"):
+        raise ValueError(f"contextual={rule!r}: must be 'target_plus_mean' (the authors') or 'mean'")
+    if rule == "mean":
+        return group_weights([torch.cat([targets[j:j + 1], g]) for j, g in enumerate(groups)], num_tokens, device)
+    out = torch.zeros(len(groups), num_tokens, dtype=torch.float32, device=device)
+    for j, g in enumerate(groups):
+        if g.numel():
+            out[j] = group_weights([g], num_tokens, device)[0]
+        out[j, targets[j]] += 1.0
+    return out
+
+
+def visionzip(importance: Tensor, features: Tensor, n: int, dominant_ratio: float = DOMINANT_RATIO,
+              contextual: str = "target_plus_mean") -> Merge:
     """VisionZip (Yang et al., 2024): ``n`` tokens = dominant tokens kept + contextual tokens merged.
 
     1. Dominant: the top ``d = min(n, max(1, round(n * dominant_ratio)))`` tokens by ``importance`` (the [CLS]
        attention; ties: lower index first).
     2. Contextual (``c = min(n - d, N - d)``): the other tokens in original order; targets are every
        ``step = max(1, R // c)``-th of them (the first ``c``); every other remaining token joins the target of
-       highest cosine similarity of ``features`` (ties: the first target); each group (target + its members)
-       is replaced by its mean.
+       highest cosine similarity of ``features`` (ties: the first target); each target becomes
+       :func:`contextual_weights` of its group (``contextual``: the authors' ``target + mean(members)`` or the
+       group's ``mean``).
 
     Args:
         importance: ``[N]`` dominance scores; features: ``[N, D]`` similarity features; ``1 <= n <= N``.
@@ -109,5 +133,5 @@ def visionzip(importance: Tensor, features: Tensor, n: int, dominant_ratio: floa
     targets, others = rest[is_target], rest[~is_target]
     unit = F.normalize(features.float(), dim=-1)
     assign = (unit[others] @ unit[targets].T).argmax(1) if others.numel() else others
-    groups = [torch.cat([targets[j:j + 1], others[assign == j]]) for j in range(c)]
-    return Merge(dominant, group_weights(groups, num_tokens, device))
+    members = [others[assign == j] for j in range(c)]
+    return Merge(dominant, contextual_weights(targets, members, num_tokens, contextual, device))
