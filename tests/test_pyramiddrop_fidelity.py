@@ -124,7 +124,7 @@ def test_renumbered_stages_give_each_layer_contiguous_positions_and_decode_conti
         seen: dict[int, list[torch.Tensor]] = {}
         with torch.no_grad(), lmms_prune.apply(model, "pyramiddrop", positions=positions) as handle:
             hooks = [get_adapter(model).layers[k].register_forward_pre_hook(
-                lambda m, a, kw, k=k: seen.setdefault(k, []).append(kw["position_ids"].reshape(-1)),
+                lambda m, a, kw, k=k, seen=seen: seen.setdefault(k, []).append(kw["position_ids"].reshape(-1)),
                 with_kwargs=True) for k in handle.stage_layers]
             _generate(model, inputs)
             index = [i[0] for i in handle.state.stage_index]

@@ -23,6 +23,11 @@ Multi-stage pruning (``prune_layers=(K_1, K_2, ...)``, PyramidDrop) repeats the 
 ``s-1``'s sequence; layers ``K_s..K_{s+1}-1`` get stage ``s``'s gathered kwargs and masks, and their KV cache
 holds stage ``s``'s tokens (mask mode: stage ``s``'s removed set is masked as keys from layer ``K_s`` on).
 Per-stage budgets: ``lmms_prune.selection.budget.stage_budgets`` (see :meth:`PruneHandle._stage_counts`).
+With ``positions='contiguous'`` the survivors of each stage are renumbered (every token's position ids drop by the
+tokens removed before it; decoded tokens continue from the stage's renumbered length), in prune and mask mode
+alike (:meth:`PruneHandle._renumbered`, :meth:`PruneHandle._decode_rope`). A stage may be ranked by its own
+layer ``K_s`` (``Needs.query_key_attention``): the hook of layer ``K_s`` first calls that layer's attention on
+its input with the current geometry and records the last prompt token's row (:meth:`PruneHandle._own_attention`).
 
 Merged tokens inside the LLM (SparseVLM's recycling): a selector may return a
 :class:`lmms_prune.selection.Merge` whose ``slots`` name removed tokens; each slot is kept and its hidden state
