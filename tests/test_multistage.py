@@ -46,13 +46,16 @@ def _expected_kv(full, n, counts, layers, depth):
 
 
 @pytest.mark.parametrize("family", FAMILIES_MS)
-@pytest.mark.parametrize("layers", STAGES, ids=lambda x: "stages" + "-".join(map(str, x)))
-def test_multistage_prune_equals_mask_mode_prefill_and_decode(toys, family, layers):
-    """Seeded random selection at every stage (so both modes select the same sets whatever the scores)."""
+@pytest.mark.parametrize(("layers", "positions"), [(STAGES[0], "contiguous"), (STAGES[1], "contiguous"),
+                                                   (STAGES[1], "original")],
+                         ids=lambda x: x if isinstance(x, str) else "stages" + "-".join(map(str, x)))
+def test_multistage_prune_equals_mask_mode_prefill_and_decode(toys, family, layers, positions):
+    """Seeded random selection at every stage (so both modes select the same sets whatever the scores); the
+    survivors renumbered after each stage (positions='contiguous', the default) or at their original positions."""
     model, proc = toys(family)
     inputs = _one(family, proc)
     n = _num_visual(model, inputs)
-    params = dict(prune_layers=",".join(map(str, layers)), stage_ratio=0.5, seed=3)
+    params = dict(prune_layers=",".join(map(str, layers)), stage_ratio=0.5, seed=3, positions=positions)
     with torch.no_grad():
         with lmms_prune.apply(model, "random", mode="mask", **params) as handle:
             mask_logits = model(**inputs).logits
@@ -90,21 +93,26 @@ def test_multistage_kv_cache_decoding_equals_recomputation(toys, family):
 
 @pytest.mark.parametrize("family", FAMILIES_MS)
 def test_pyramiddrop_attention_stages_equal_mask_mode(toys, family):
-    """The attention-ranked preset: each stage's scores (the last row at K_s-1 over the tokens still present)
-    are the same in prune and mask mode, so are the kept sets and the logits."""
+    """The preset as released (each stage ranked by layer K_s's own query/key on its input, survivors renumbered,
+    int budgets): the scores, kept sets, prefill logits and cached decode steps are the same in prune and mask
+    mode (mask mode renumbers the same way)."""
     model, proc = toys(family)
     inputs = _one(family, proc)
     with torch.no_grad():
         with lmms_prune.apply(model, "pyramiddrop", mode="mask") as handle:
             mask_logits = model(**inputs).logits
             mask_kept = [k[0][0].tolist() for k in handle.state.stage_kept]
+            mask_tokens, mask_steps = _generate(model, inputs)
         with lmms_prune.apply(model, "pyramiddrop") as handle:
             logits = model(**inputs).logits
             kept = [k[0][0].tolist() for k in handle.state.stage_kept]
             index = handle.state.keep_index[0]
             assert handle.stage_layers == sel.depth_scaled_layers(_depth(model))
+            tokens, steps = _generate(model, inputs)
     assert kept == mask_kept and len(kept) == 3
     torch.testing.assert_close(logits[0], mask_logits[0, index], atol=ATOL, rtol=0)
+    torch.testing.assert_close(steps, mask_steps, atol=ATOL, rtol=0)
+    assert torch.equal(tokens, mask_tokens)
 
 
 def test_pyramiddrop_later_stage_ranks_the_present_tokens_by_their_attention(toys):
