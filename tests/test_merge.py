@@ -78,8 +78,24 @@ def test_merging_identical_embeddings_equals_keeping_one(toys, family):
     torch.testing.assert_close(out[2], ref[2], atol=ATOL, rtol=0)
 
 
+def _feature_layer_keys(model, inputs):
+    """[N, d]: keys of the vision feature layer (its k_proj on its normed input), heads averaged, [CLS] dropped:
+    VisionZip's ``metric`` (utils.py: ``raw_key_states.mean(1)``), recomputed from the tower's hidden states."""
+    adapter = get_adapter(model)
+    layers = adapter.vision_layers()
+    fl = model.config.vision_feature_layer
+    index = fl if fl >= 0 else len(layers) + 1 + fl
+    layer = layers[index - 1]
+    states = adapter.vision_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states[index - 1]
+    keys = layer.self_attn.k_proj(layer.layer_norm1(states))
+    keys = keys.view(*keys.shape[:2], layer.self_attn.num_heads, -1).mean(2)
+    return keys[:, 1:].reshape(-1, keys.shape[-1])
+
+
 @pytest.mark.parametrize("family", ["internvl_llama", "llava"])
 def test_visionzip_runs_its_selection_on_the_recorded_signals(toys, family):
+    """Similarity on the feature layer's keys where the tower's patches are the LLM's tokens (LLaVA-1.5: one
+    patch per token), on the pre-projector features where they are not (InternVL's 2x2 pixel shuffle)."""
     model, proc = toys(family)
     inputs = _one(family, proc)
     n_visual = _num_visual(model, inputs)
@@ -88,17 +104,28 @@ def test_visionzip_runs_its_selection_on_the_recorded_signals(toys, family):
         original = handle.selector.__call__
 
         def spy(image, scores, n):
-            captured.update(scores=scores, features=image.vision_features, n=n)
+            captured.update(scores=scores, features=image.vision_features, keys=image.vision_keys, n=n)
             return original(image, scores, n)
 
         handle.selector = spy
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
         rec = handle.records[0]
-    expected = sel.visionzip(captured["scores"], captured["features"], 16)
+    if family == "llava":
+        with torch.no_grad():
+            torch.testing.assert_close(captured["keys"], _feature_layer_keys(model, inputs), atol=1e-5, rtol=1e-5)
+        similarity = captured["keys"]
+    else:
+        assert captured["keys"] is None
+        similarity = captured["features"]
+    expected = sel.visionzip(captured["scores"], similarity, 16)
     assert rec.kept[0].tolist() == expected.index.tolist() and rec.merged == [expected.weights.shape[0]]
     assert rec.visual_before == n_visual and rec.visual_after == 16 == captured["n"]
     assert rec.kept[0].numel() == round(16 * 54 / 64)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+    with torch.no_grad(), lmms_prune.apply(model, "visionzip", keep_tokens=16, features="hidden") as handle:
+        handle.selector = spy
+        model(**inputs)
+    assert captured["keys"] is None  # features='hidden' (our earlier reading) records no keys
 
 
 def test_fastervlm_is_vispruner_with_importance_only(toys):

@@ -47,9 +47,11 @@ class VisionCapture:
     split at the varlen boundaries ``cu_seqlens`` the layer is called with, so images never mix.
     """
 
-    def __init__(self, handle: PruneHandle, need_cls: bool):
+    def __init__(self, handle: PruneHandle, need_cls: bool, need_keys: bool = False):
         self.handle = handle
         self.cls_rows: list[torch.Tensor] = []
+        self.keys: list[torch.Tensor] = []  # per call: [B, S, d] keys at the feature layer, heads averaged
+        self._need_cls, self._need_keys = need_cls, need_keys
         self._has_cls = handle.adapter.has_cls
         self._segments: torch.Tensor | None = None
         self.pre_projector: torch.Tensor | None = None
@@ -59,13 +61,18 @@ class VisionCapture:
         adapter = handle.adapter
         projector = adapter.projector()
         self._hooks.append(projector.register_forward_pre_hook(self._grab_projector_input))
-        if need_cls:
+        if need_keys and not need_cls:
+            try:  # keys are an optional signal (absent where the tower's layers are not reachable)
+                adapter.vision_feature_attention()
+            except (TypeError, ValueError):
+                need_keys = self._need_keys = False
+        if need_cls or need_keys:
             self._module = adapter.vision_feature_attention()
             vcfg = adapter.vision_config
             self._old = vcfg._attn_implementation
             vcfg._attn_implementation = attn.wrapped_name(attn.base_name(self._old))
             attn.add_observer(self._module, self._observe)
-            if not self._has_cls:
+            if need_cls and not self._has_cls:
                 self._hooks.append(self._module.register_forward_pre_hook(self._grab_segments, with_kwargs=True))
 
     def _grab_projector_input(self, module, args):
@@ -76,6 +83,10 @@ class VisionCapture:
         self._segments = None if cu is None else cu.tolist()
 
     def _observe(self, module, query, key, attention_mask, scaling):
+        if self._need_keys:
+            self.keys.append(key.detach().float().mean(1))
+        if not self._need_cls:
+            return
         if self._has_cls:
             self.cls_rows.append(attn.query_rows(query, key, scaling, rows=slice(0, 1))[:, :, 0])  # [B, H, T]
             return
@@ -117,7 +128,7 @@ def _encode(handle: PruneHandle, kwargs: dict[str, Any]) -> dict[str, dict[str, 
         signal_kwargs = kwargs if modality == "image" else None
         if modality == "video" and (needs.vision_attention or needs.vision_features):
             signal_kwargs = adapter.video_signal_kwargs(kwargs)  # fails early where the family has none
-        capture = VisionCapture(handle, need_cls=needs.vision_attention)
+        capture = VisionCapture(handle, need_cls=needs.vision_attention, need_keys=needs.vision_keys)
         try:
             with torch.no_grad():
                 encoded = adapter.encode_images(kwargs) if modality == "image" else adapter.encode_videos(kwargs)
@@ -131,7 +142,21 @@ def _encode(handle: PruneHandle, kwargs: dict[str, Any]) -> dict[str, dict[str, 
             "features": adapter.flatten_pre_projector(capture.pre_projector, signal_kwargs) if needs.vision_features
             else None,
         }
+        out[modality]["keys"] = _token_keys(capture.keys, out[modality]["projected"].shape[0], adapter.has_cls)
     return out
+
+
+def _token_keys(keys: list[torch.Tensor], num_tokens: int, has_cls: bool) -> torch.Tensor | None:
+    """``Needs.vision_keys``: one key row per visual token ``[num_tokens, d]`` where the tower's patches map
+    one-to-one onto the LLM's visual tokens (LLaVA-1.5: ``[images, 1 + P, d]`` calls, the [CLS] row dropped as
+    the projector's input drops it); None where they do not (InternVL's pixel shuffle and Qwen's 2x2 merger give
+    one LLM token per group of patches, whose keys are not one row)."""
+    if not keys:
+        return None
+    rows = [k[:, 1:] if has_cls else k for k in keys]
+    if sum(r.shape[0] * r.shape[1] for r in rows) != num_tokens:
+        return None
+    return torch.cat([r.reshape(-1, r.shape[-1]) for r in rows])
 
 
 def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[PruneRecord]]:
@@ -172,6 +197,7 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
                                  task_kind=handle.task_kind, device=projected.device,
                                  vision_attention=None if importance is None else importance[rows],
                                  vision_features=None if features is None else features[rows],
+                                 vision_keys=None if enc["keys"] is None else enc["keys"][rows],
                                  embeddings=projected[rows] if needs.embeddings else None,
                                  instruction=_instruction(handle, input_ids, mask2d, b, span, sample_spans)
                                  if needs.instruction else None)

@@ -196,7 +196,8 @@ class Needs:
     input), ``final_norm`` (the same through the LM's final norm), ``text`` (the same signals for the text
     tokens after the image), ``prior`` (a calibrated prior file). Before the LLM: ``vision_attention`` (the
     vision encoder's [CLS] row at the feature layer, or its mean received attention without [CLS]),
-    ``vision_features`` (pre-projector features), ``embeddings`` (projected visual embeddings), ``instruction``
+    ``vision_features`` (pre-projector features), ``vision_keys`` (the vision encoder's keys at the feature layer,
+    heads averaged, where its patches map one-to-one onto the LLM's visual tokens; else absent), ``embeddings`` (projected visual embeddings), ``instruction``
     (the LLM's input embeddings of the prompt's text tokens after the image, up to the next image or the
     prompt's end). ``padding``: each image's padding-token mask, where the caller gave one
     (``PruneHandle.image_padding``: LLaVA-1.5's pad-to-square).
@@ -212,6 +213,7 @@ class Needs:
     prior: bool = False
     vision_attention: bool = False
     vision_features: bool = False
+    vision_keys: bool = False
     embeddings: bool = False
     instruction: bool = False
     padding: bool = False
@@ -259,6 +261,7 @@ class ImageSignals:
     text_final_norm: torch.Tensor | None = None
     vision_attention: torch.Tensor | None = None
     vision_features: torch.Tensor | None = None
+    vision_keys: torch.Tensor | None = None  # [N, d] (Needs.vision_keys), None where the family has no such map
     embeddings: torch.Tensor | None = None
     instruction: torch.Tensor | None = None  # [M, D] pre-LLM: input embeddings of the text after the image
     device: Any = None
