@@ -78,6 +78,39 @@ def test_merging_identical_embeddings_equals_keeping_one(toys, family):
     torch.testing.assert_close(out[2], ref[2], atol=ATOL, rtol=0)
 
 
+def test_visionzip_dominant_tokens_are_the_projected_cls_then_the_top_patches_as_the_authors(toys):
+    """LLaVA-1.5: the LLM receives, at the image's place, the projected feature-layer states of the [CLS] and of
+    the kept ``d - 1`` patches, in that order (VisionZip's ``dominant_tokens``, then projected); the patches are
+    the top ``d - 1`` by [CLS] attention (test_visionzip_runs_its_selection_on_the_recorded_signals)."""
+    model, proc = toys("llava")
+    inputs = _one("llava", proc)
+    adapter = get_adapter(model)
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen.setdefault("x", kwargs["inputs_embeds"])
+
+    hook = adapter.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad(), lmms_prune.apply(model, "visionzip", keep_tokens=16) as handle:
+            model(**inputs)
+            rec = handle.records[0]
+    finally:
+        hook.remove()
+    layers = adapter.vision_layers()
+    fl = model.config.vision_feature_layer
+    index = fl if fl >= 0 else len(layers) + 1 + fl
+    with torch.no_grad():
+        states = adapter.vision_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states[index][0]
+        dominant = adapter.projector()(states[torch.cat([torch.tensor([0]), rec.kept[0] + 1])])
+    start = rec.spans[0].start
+    torch.testing.assert_close(seen["x"][0, start: start + dominant.shape[0]], dominant, atol=1e-5, rtol=1e-5)
+    assert rec.kept[0].numel() == 13 and rec.merged == [3]  # 13 patches + [CLS] + 2 contextual = 16
+    with torch.no_grad(), lmms_prune.apply(model, "visionzip", keep_tokens=16, cls_dominant=False) as handle:
+        model(**inputs)
+        assert handle.records[0].kept[0].numel() == 14 and handle.records[0].merged == [2]
+
+
 def _feature_layer_keys(model, inputs):
     """[N, d]: keys of the vision feature layer (its k_proj on its normed input), heads averaged, [CLS] dropped:
     VisionZip's ``metric`` (utils.py: ``raw_key_states.mean(1)``), recomputed from the tower's hidden states."""
@@ -110,17 +143,17 @@ def test_visionzip_runs_its_selection_on_the_recorded_signals(toys, family):
         handle.selector = spy
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
         rec = handle.records[0]
-    if family == "llava":
+    llava = family == "llava"  # one CLIP patch per LLM token, a [CLS]: the authors' keys and [CLS] apply
+    if llava:
         with torch.no_grad():
             torch.testing.assert_close(captured["keys"], _feature_layer_keys(model, inputs), atol=1e-5, rtol=1e-5)
-        similarity = captured["keys"]
     else:
         assert captured["keys"] is None
-        similarity = captured["features"]
-    expected = sel.visionzip(captured["scores"], similarity, 16)
-    assert rec.kept[0].tolist() == expected.index.tolist() and rec.merged == [expected.weights.shape[0]]
+    similarity = captured["keys"] if llava else captured["features"]
+    expected = sel.visionzip(captured["scores"], similarity, 16, cls_slot=llava)
+    assert rec.kept[0].tolist() == expected.index.tolist() and rec.merged == [expected.weights.shape[0] + llava]
     assert rec.visual_before == n_visual and rec.visual_after == 16 == captured["n"]
-    assert rec.kept[0].numel() == round(16 * 54 / 64)
+    assert rec.kept[0].numel() == round(16 * 54 / 64) - llava  # dominant - 1 patches + [CLS] (authors)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
     with torch.no_grad(), lmms_prune.apply(model, "visionzip", keep_tokens=16, features="hidden") as handle:
         handle.selector = spy

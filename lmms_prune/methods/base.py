@@ -197,7 +197,9 @@ class Needs:
     tokens after the image), ``prior`` (a calibrated prior file). Before the LLM: ``vision_attention`` (the
     vision encoder's [CLS] row at the feature layer, or its mean received attention without [CLS]),
     ``vision_features`` (pre-projector features), ``vision_keys`` (the vision encoder's keys at the feature layer,
-    heads averaged, where its patches map one-to-one onto the LLM's visual tokens; else absent), ``embeddings`` (projected visual embeddings), ``instruction``
+    heads averaged, where its patches map one-to-one onto the LLM's visual tokens; else absent), ``vision_cls``
+    (each image's [CLS] token at the feature layer through the family's projector, under the same condition and
+    where the tower has a [CLS]; else absent), ``embeddings`` (projected visual embeddings), ``instruction``
     (the LLM's input embeddings of the prompt's text tokens after the image, up to the next image or the
     prompt's end). ``padding``: each image's padding-token mask, where the caller gave one
     (``PruneHandle.image_padding``: LLaVA-1.5's pad-to-square).
@@ -214,6 +216,7 @@ class Needs:
     vision_attention: bool = False
     vision_features: bool = False
     vision_keys: bool = False
+    vision_cls: bool = False
     embeddings: bool = False
     instruction: bool = False
     padding: bool = False
@@ -262,6 +265,7 @@ class ImageSignals:
     vision_attention: torch.Tensor | None = None
     vision_features: torch.Tensor | None = None
     vision_keys: torch.Tensor | None = None  # [N, d] (Needs.vision_keys), None where the family has no such map
+    vision_cls: torch.Tensor | None = None  # [D] projected [CLS] (Needs.vision_cls), None where not defined
     embeddings: torch.Tensor | None = None
     instruction: torch.Tensor | None = None  # [M, D] pre-LLM: input embeddings of the text after the image
     device: Any = None

@@ -41,10 +41,17 @@ class Merge:
     index: Tensor
     weights: Tensor
     slots: Tensor | None = None
+    # pre-LLM only: ``[p, D]`` new embeddings placed before the kept tokens (VisionZip's projected [CLS] token)
+    prefix: Tensor | None = None
+
+    @property
+    def added(self) -> int:
+        """Tokens that are not among the image's own: the merged ones and the ``prefix``."""
+        return int(self.weights.shape[0] + (0 if self.prefix is None else self.prefix.shape[0]))
 
     @property
     def count(self) -> int:
-        return int(self.index.numel() + self.weights.shape[0])
+        return int(self.index.numel()) + self.added
 
 
 def group_weights(groups: list[Tensor], num_tokens: int, device: torch.device | str | None = None) -> Tensor:
@@ -61,14 +68,14 @@ def group_weights(groups: list[Tensor], num_tokens: int, device: torch.device | 
 
 
 def merged_embeddings(x: Tensor, merge: Merge) -> Tensor:
-    """``[N, D]`` embeddings -> ``[k + m, D]``: the kept rows ``x[index]``, then each group's mean
-    ``weights @ x`` (computed in float32, returned in ``x``'s dtype)."""
+    """``[N, D]`` embeddings -> ``[p + k + m, D]``: the ``prefix`` rows (if any), the kept rows ``x[index]``, then
+    each merged token ``weights @ x`` (computed in float32, returned in ``x``'s dtype)."""
     check_features(x, merge.weights.shape[1] if merge.weights.shape[0] else None, "x")
-    kept = x[merge.index.to(x.device)]
-    if merge.weights.shape[0] == 0:
-        return kept
-    means = (merge.weights.to(device=x.device, dtype=torch.float32) @ x.float()).to(x.dtype)
-    return torch.cat([kept, means], 0)
+    parts = [] if merge.prefix is None else [merge.prefix.to(device=x.device, dtype=x.dtype)]
+    parts.append(x[merge.index.to(x.device)])
+    if merge.weights.shape[0]:
+        parts.append((merge.weights.to(device=x.device, dtype=torch.float32) @ x.float()).to(x.dtype))
+    return torch.cat(parts, 0)
 
 
 def contextual_weights(targets: Tensor, groups: list[Tensor], num_tokens: int, rule: str = "target_plus_mean",
@@ -93,11 +100,13 @@ def contextual_weights(targets: Tensor, groups: list[Tensor], num_tokens: int, r
 
 
 def visionzip(importance: Tensor, features: Tensor, n: int, dominant_ratio: float = DOMINANT_RATIO,
-              contextual: str = "target_plus_mean") -> Merge:
+              contextual: str = "target_plus_mean", cls_slot: bool = False) -> Merge:
     """VisionZip (Yang et al., 2024): ``n`` tokens = dominant tokens kept + contextual tokens merged.
 
     1. Dominant: the top ``d = min(n, max(1, round(n * dominant_ratio)))`` tokens by ``importance`` (the [CLS]
-       attention; ties: lower index first).
+       attention; ties: lower index first). ``cls_slot``: the tower's [CLS] token is one of the ``d`` (VisionZip's
+       code keeps ``dominant - 1`` patches plus [CLS]), so ``d - 1`` tokens are kept and the caller adds the [CLS]
+       (``Merge.prefix``); ``count`` is then ``n - 1`` before the prefix.
     2. Contextual (``c = min(n - d, N - d)``): the other tokens in original order; targets are every
        ``step = max(1, R // c)``-th of them (the first ``c``); every other remaining token joins the target of
        highest cosine similarity of ``features`` (ties: the first target); each target becomes
@@ -121,7 +130,7 @@ def visionzip(importance: Tensor, features: Tensor, n: int, dominant_ratio: floa
     c = min(n - d, num_tokens - d)
     if n == num_tokens:
         d, c = n, 0
-    dominant = sorted_indices(descending_order(importance)[:d])
+    dominant = sorted_indices(descending_order(importance)[:d - 1 if cls_slot and n < num_tokens else d])
     if c == 0:
         return Merge(dominant, torch.zeros(0, num_tokens, device=device))
     rest_mask = torch.ones(num_tokens, dtype=torch.bool, device=device)
