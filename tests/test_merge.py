@@ -291,3 +291,15 @@ def test_budget_of_one_token_runs_end_to_end(toys, method, params):
         out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
         rec = handle.records[0]
     assert rec.visual_after == 1 and out.shape[1] == inputs["input_ids"].shape[1] + 2
+
+
+@pytest.mark.parametrize("n", [1, 2, 16])
+def test_visionzip_cls_slot_keeps_one_patch_fewer_for_the_callers_cls(n):
+    """cls_slot: the [CLS] is one of the d dominant tokens (the authors' dominant - 1 patches), so the selection
+    leaves one place for it: n - 1 tokens before Merge.prefix, the top d - 1 patches."""
+    importance, features = _case(1)
+    full, slot = sel.visionzip(importance, features, n), sel.visionzip(importance, features, n, cls_slot=True)
+    assert slot.count == n - 1 and slot.index.numel() == full.index.numel() - 1
+    assert set(slot.index.tolist()) < set(full.index.tolist())
+    with_cls = sel.Merge(slot.index, slot.weights, prefix=torch.zeros(1, 8))
+    assert with_cls.count == n and sel.merged_embeddings(features, with_cls).shape == (n, 8)
