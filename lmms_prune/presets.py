@@ -42,7 +42,7 @@ COMMON_PARAMS: tuple[Param, ...] = (
     Param("score_layer", None, "layer whose attention scores tokens (default K-1)", kind="int", low=0,
           optional=True),
     Param("prune_layers", None, "multi-stage pruning (PyramidDrop): decoder layers K1<K2<... where a stage keeps "
-          "a subset of the visual tokens still present, each scored at its own layer K_s-1; '8,16,24' ('8/16/24' "
+          "a subset of the visual tokens still present, each scored at K_s-1 or by layer K_s itself (score_at); '8,16,24' ('8/16/24' "
           "inside lmms-eval --model_args), or 'auto' "
           "(the method's LLaVA-1.5-7B layers scaled to the depth, rounded half up: pyramiddrop 8,16,24 of 32, "
           "sparsevlm 3,7,16 of 32). With it, "

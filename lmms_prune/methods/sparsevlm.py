@@ -93,7 +93,8 @@ class SparseVLM(Selector):
 SELECTORS = (SparseVLM,)
 PRESETS = (
     Preset("sparsevlm", "SparseVLM: text raters' attention ranks the visual tokens at prune_layers (LLaVA-1.5: "
-           "3,7,16 of 32; auto: scaled), rank-adaptive deletions, deleted tokens recycled into merged tokens; "
+           "3,7,16 of 32; auto: scaled), rank-adaptive deletions, deleted tokens recycled into merged tokens, "
+           "survivors renumbered (positions=contiguous, as the authors' default path); "
            "keep_ratio = average visual tokens per layer (1/3: the paper's 192 of 576)",
            dict(stage="llm", selector="sparsevlm", score="attention", query="raters", prune_layers="auto",
                 keep_ratio=1 / 3, stage_ratio=None)),

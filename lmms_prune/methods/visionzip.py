@@ -39,8 +39,9 @@ from lmms_prune.methods.base import Needs, Param, Preset, Selector, sel
 
 PARAMS = (
     Param("dominant_ratio", 54 / 64, "visionzip: fraction of each image's budget taken by dominant tokens ([CLS] "
-          "attention); the rest are contextual tokens (means of groups of the other tokens). Default 54/64, "
-          "LLaVA-1.5's 54+10 at 64 tokens", low=0.0, high=1.0, open_low=True),
+          "attention; the [CLS] itself among them where cls_dominant applies); the rest are contextual tokens "
+          "(merged from the other tokens). Default 54/64, LLaVA-1.5's 54+10 at 64 tokens", low=0.0, high=1.0,
+          open_low=True),
     Param("cls_dominant", True, "visionzip: the vision tower's [CLS] token (projected) is one of the dominant tokens, "
           "with dominant - 1 patches (VisionZip's released code), where the tower has a [CLS] and each of its "
           "patches is one LLM token (LLaVA-1.5); false: every dominant token is a patch", kind="bool"),
