@@ -197,12 +197,16 @@ def validate(cfg: Any) -> Any:
         if cfg.score_layer is not None:
             raise ValueError(f"score_layer={cfg.score_layer!r}: multi-stage pruning scores each stage K_s at layer "
                              "K_s (score_at='K') or K_s-1 (score_at='K-1'); drop score_layer")
-        if cfg.score_at == "K" and cfg.query != "last":
-            raise ValueError(f"query={cfg.query!r} with score_at='K': layer K's own projections score the last "
-                             "prompt token only; use query='last' or score_at='K-1'")
+        if cfg.score_at == "K" and (cfg.query != "last" or cfg.query_rows != 1):
+            raise ValueError(f"query={cfg.query!r}, query_rows={cfg.query_rows!r} with score_at='K': layer K's own "
+                             "projections score the last prompt token only; use query='last', query_rows=1 or "
+                             "score_at='K-1'")
     elif (cfg.keep_ratio is None) == (cfg.keep_tokens is None):
         raise ValueError(f"keep_ratio={cfg.keep_ratio!r}, keep_tokens={cfg.keep_tokens!r}: give exactly one of "
                          "them (e.g. keep_ratio=0.1, or keep_tokens=64)")
+    if cfg.query_rows != 1 and cfg.query != "last":
+        raise ValueError(f"query_rows={cfg.query_rows!r} with query={cfg.query!r}: query_rows counts the last prompt "
+                         "tokens of query='last'; drop query_rows")
     if cfg.stage == "none":
         return cfg
     score, selector = SCORES[cfg.score], SELECTORS.get(cfg.selector)

@@ -160,6 +160,6 @@ def test_pyramiddrop_options_give_back_our_earlier_reading():
     old = resolve_config("pyramiddrop", score_at="K-1", budget_rounding="round", positions="original")
     assert [c.effective_score_layer for c in old.stage_configs(32)] == [7, 15, 23]
     assert [c.effective_score_layer for c in cfg.stage_configs(32)] == [8, 16, 24]
-    with pytest.raises(ValueError, match="query='text_mean' with score_at='K'"):
+    with pytest.raises(ValueError, match="query='text_mean', query_rows=1 with score_at='K'"):
         resolve_config("pyramiddrop", query="text_mean")
     assert resolve_config("pyramiddrop", query="text_mean", score_at="K-1").query == "text_mean"

@@ -428,13 +428,14 @@ class PruneHandle:
             if want_norms:
                 st.key_norms[layer] = attn.key_l1_norms(key)
             if want_rows or want_text:
-                rows = self._text_rows() if want_text or self.config.query == "text_mean" else 1
-                probs = attn.attention_rows(query, key, attention_mask, scaling, rows)
+                last = self.config.query_rows  # query='last': the mean of the last rows (FrameFusion's num)
+                text = self._text_rows() if want_text or self.config.query == "text_mean" else 0
+                probs = attn.attention_rows(query, key, attention_mask, scaling, max(text, last))
                 if want_text:
-                    st.text_attention[layer] = probs
+                    st.text_attention[layer] = probs[:, probs.shape[1] - text:]
                 if want_rows:
-                    st.attention[layer] = self._combine_rows(probs if self.config.query == "text_mean"
-                                                             else probs[:, -1:])
+                    st.attention[layer] = (self._combine_rows(probs) if self.config.query == "text_mean"
+                                           else probs[:, -last:].mean(1))
             sync(query)
             st.score_seconds += time.perf_counter() - t0
 

@@ -8,6 +8,9 @@ PARAMS = (
     Param("query", "last", "attention query: 'last' prompt token, 'text_mean' over the text rows after the "
           "image, or 'raters' (SparseVLM: the mean row of the text tokens whose attention mass on the image is "
           ">= the mean mass, chosen per image and stage)", kind="str", choices=("last", "text_mean", "raters")),
+    Param("query_rows", 1, "query='last': the mean attention of the last query_rows prompt tokens (rows), heads "
+          "averaged (FrameFusion's num: 1 in its Qwen2 and InternLM2 models, 4 in its Qwen2-VL model)", kind="int",
+          low=1),
 )
 
 
@@ -15,7 +18,7 @@ class Attention(Score):
     """Text-to-vision attention ``A^(l)`` of the last prompt token (or the text rows' mean), heads averaged."""
 
     name = "attention"
-    params = ("score_layer", "query")
+    params = ("score_layer", "query", "query_rows")
     subsets = True
 
     @classmethod
