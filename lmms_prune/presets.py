@@ -42,7 +42,7 @@ COMMON_PARAMS: tuple[Param, ...] = (
     Param("score_layer", None, "layer whose attention scores tokens (default K-1)", kind="int", low=0,
           optional=True),
     Param("prune_layers", None, "multi-stage pruning (PyramidDrop): decoder layers K1<K2<... where a stage keeps "
-          "a subset of the visual tokens still present, each scored at its own layer K_s-1; '8,16,24' ('8/16/24' "
+          "a subset of the visual tokens still present, each scored at K_s-1 or by layer K_s itself (score_at); '8,16,24' ('8/16/24' "
           "inside lmms-eval --model_args), or 'auto' "
           "(the method's LLaVA-1.5-7B layers scaled to the depth, rounded half up: pyramiddrop 8,16,24 of 32, "
           "sparsevlm 3,7,16 of 32). With it, "
@@ -52,8 +52,11 @@ COMMON_PARAMS: tuple[Param, ...] = (
     Param("stage_ratio", None, "multi-stage: fraction of the ORIGINAL visual tokens kept after stage s is "
           "stage_ratio^s (each stage keeps stage_ratio of those still present); give it instead of "
           "keep_ratio/keep_tokens", low=0.0, high=1.0, open_low=True, optional=True),
-    Param("positions", "contiguous", "pre_llm: RoPE positions of the kept tokens: 'contiguous' renumbering (as "
-          "VisPruner/DivPrune) or 'original'", kind="str", choices=("contiguous", "original")),
+    Param("positions", "contiguous", "RoPE positions of the kept tokens, pre_llm and multi-stage (prune_layers): "
+          "'contiguous' renumbering (pre_llm: as VisPruner/DivPrune; multi-stage: each stage's survivors take "
+          "positions 0..n-1 and decoding continues from n, as PyramidDrop's and SparseVLM's code) or 'original' "
+          "(every token keeps its position; single-stage in-LLM methods always do, as FastV's code)",
+          kind="str", choices=("contiguous", "original")),
 )
 STAGE_PARAMS = {"none": (), "llm": ("prune_layer", "prune_layers"), "pre_llm": ("positions",)}
 ALWAYS = ("method", "stage", "selector", "score", "keep_ratio", "keep_tokens")
@@ -63,8 +66,8 @@ PARAMS: dict[str, Param] = {p.name: p for p in COMMON_PARAMS} | METHOD_PARAMS
 def _effective_score_layer(self) -> int | None:
     if self.score_layer is not None:
         return self.score_layer
-    if self.prune_layer is None and isinstance(self.prune_layers, tuple):
-        return self.prune_layers[0] - 1  # multi-stage: the first stage's scoring layer
+    if self.prune_layer is None and isinstance(self.prune_layers, tuple):  # multi-stage: the first stage's
+        return self.prune_layers[0] - (0 if self.score_at == "K" else 1)
     return None if self.prune_layer is None else self.prune_layer - 1
 
 
@@ -89,7 +92,8 @@ def _stage_configs(self, depth: int) -> list[Any]:
     selector plug-ins of stage ``s`` are built from it, so any single-stage score composes per stage."""
     if not self.multi_stage:
         return [self]
-    return [dataclasses.replace(self, prune_layer=k, prune_layers=None, stage_ratio=None)
+    return [dataclasses.replace(self, prune_layer=k, prune_layers=None, stage_ratio=None,
+                                score_layer=k if self.score_at == "K" else None)
             for k in self.stage_layers(depth)]
 
 
@@ -106,7 +110,8 @@ def _score_layers(self) -> tuple[int, ...]:
     if self.multi_stage:  # per stage, known once the depth is (see stage_configs)
         return ()
     needs = self.needs()
-    return tuple(sorted(set(needs.attention) | set(needs.text_attention) | set(needs.key_norms)))
+    return tuple(sorted(set(needs.attention) | set(needs.text_attention) | set(needs.key_norms)
+                        | set(needs.query_key_attention)))
 
 
 def _resolved_alpha(self, task_kind: str | None = None) -> float:
@@ -144,7 +149,7 @@ def used_params(cfg: Any) -> set[str]:
     """The config fields that ``cfg``'s stage, score and selector read."""
     used = set(ALWAYS) | set(STAGE_PARAMS[cfg.stage])
     if cfg.multi_stage:
-        used |= {"stage_ratio"}
+        used |= {"stage_ratio", "positions", "score_at", "budget_rounding"}
     if cfg.stage != "none":
         used |= set(SCORES[cfg.score].used_params(cfg))
         if cfg.selector in SELECTORS:
@@ -191,10 +196,17 @@ def validate(cfg: Any) -> Any:
                              "of them (prune_layers for several stages)")
         if cfg.score_layer is not None:
             raise ValueError(f"score_layer={cfg.score_layer!r}: multi-stage pruning scores each stage K_s at layer "
-                             "K_s-1; drop score_layer")
+                             "K_s (score_at='K') or K_s-1 (score_at='K-1'); drop score_layer")
+        if cfg.score_at == "K" and (cfg.query != "last" or cfg.query_rows != 1):
+            raise ValueError(f"query={cfg.query!r}, query_rows={cfg.query_rows!r} with score_at='K': layer K's own "
+                             "projections score the last prompt token only; use query='last', query_rows=1 or "
+                             "score_at='K-1'")
     elif (cfg.keep_ratio is None) == (cfg.keep_tokens is None):
         raise ValueError(f"keep_ratio={cfg.keep_ratio!r}, keep_tokens={cfg.keep_tokens!r}: give exactly one of "
                          "them (e.g. keep_ratio=0.1, or keep_tokens=64)")
+    if cfg.query_rows != 1 and cfg.query != "last":
+        raise ValueError(f"query_rows={cfg.query_rows!r} with query={cfg.query!r}: query_rows counts the last prompt "
+                         "tokens of query='last'; drop query_rows")
     if cfg.stage == "none":
         return cfg
     score, selector = SCORES[cfg.score], SELECTORS.get(cfg.selector)

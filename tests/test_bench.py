@@ -128,7 +128,7 @@ def test_bench_multistage_and_merging_cells_on_a_tiny_model(tmp_path):
     full = synthetic_inputs(model, 512)["input_ids"].shape[1]
     text = full - 512
     pdrop, vzip = cells[1], cells[2]
-    counts = sel.stage_budgets(512, sel.stage_ratio_for_average(0.5, (2, 5, 9), 14), 3)
+    counts = sel.stage_budgets(512, sel.stage_ratio_for_average(0.5, (2, 5, 9), 14), 3, rounding="int")
     visual = [512] * 2 + [counts[0]] * 3 + [counts[1]] * 4 + [counts[2]] * 5
     assert pdrop.prune_layers == [2, 5, 9] and pdrop.kept_tokens == counts[-1] and pdrop.keep_ratio == 0.5
     assert pdrop.flops == prefill_flops(dims, [text + v for v in visual])

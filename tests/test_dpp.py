@@ -73,12 +73,24 @@ def test_exactly_n_unique_sorted_even_beyond_the_rank(n):
     assert out.dtype == torch.long and out.tolist() == sorted(set(out.tolist())) and out.numel() == n
 
 
-def test_instruction_relevance_is_normalised_mean_cosine():
+def authors_relevance(image_embeds, text_embeds):
+    """Re-creation of CDPruner's ``encode_images`` relevance (Theia-4869/CDPruner @ 9541616c, llava_arch.py):
+    unit rows, cosine [N, M], NEGATED, averaged over the text embeddings, min-max with +1e-6."""
+    image = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
+    text = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+    relevance = (-(image @ text.t())).mean(dim=-1)
+    return (relevance - relevance.min() + 1e-6) / (relevance.max() - relevance.min())
+
+
+def test_instruction_relevance_is_the_authors_negated_normalised_mean_cosine():
     g = torch.Generator().manual_seed(2)
     emb, text = torch.randn(9, 5, generator=g), torch.randn(3, 5, generator=g)
     q = sel.instruction_relevance(emb, text)
+    torch.testing.assert_close(q, authors_relevance(emb, text))
     raw = (F.normalize(emb, dim=-1) @ F.normalize(text, dim=-1).T).mean(-1)
-    assert q.argmax() == raw.argmax() and q.argmin() == raw.argmin()
+    assert q.argmax() == raw.argmin() and q.argmin() == raw.argmax()  # the least similar token is the most relevant
+    plain = sel.instruction_relevance(emb, text, negate=False)  # relevance_sign='plain'
+    assert plain.argmax() == raw.argmax() and plain.argmin() == raw.argmin()
     assert float(q.min()) > 0 and abs(float(q.max()) - 1) < 1e-5
     with pytest.raises(ValueError, match="same space"):
         sel.instruction_relevance(emb, torch.randn(3, 4))
@@ -114,7 +126,7 @@ def test_cdpruner_selects_the_dpp_map_of_the_recorded_signals(family):
     with torch.no_grad():
         expected_text = model.get_input_embeddings()(ids[last_image + 1:])
     torch.testing.assert_close(seen["text"], expected_text)
-    q = sel.instruction_relevance(seen["emb"], expected_text)
+    q = authors_relevance(seen["emb"].float(), expected_text.float())  # relevance_sign='negated', the default
     torch.testing.assert_close(seen["scores"], q)
     assert rec.kept[0].tolist() == sel.cdpruner(seen["emb"], q, seen["n"]).tolist()
     assert rec.visual_after == max(1, round(0.1 * _num_visual(model, inputs)))

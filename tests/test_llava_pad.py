@@ -289,7 +289,8 @@ def test_fitted_trend_zeroes_padding_at_every_stage(toy, tmp_path):
     torch.testing.assert_close(scores, trend_debias(attention, mu, sigma, pad_mask=pad))
     assert bool((scores[pad] == 0).all()) and bool((scores[~pad] > 0).all())
     # multi-stage (PyramidDrop with score=trend): every stage scores its padding tokens 0
-    with torch.no_grad(), lmms_prune.apply(model, "pyramiddrop", score="trend", bias_prior=path,
+    # (scored at K-1, the layer the prior was calibrated for; the preset's score_at='K' would need one at layer 2)
+    with torch.no_grad(), lmms_prune.apply(model, "pyramiddrop", score="trend", bias_prior=path, score_at="K-1",
                                            prune_layers="2,6,10", stage_ratio=0.9) as handle:
         handle.image_padding = [[pad]]
         model(**inputs)

@@ -28,7 +28,7 @@ def test_cli_pyramiddrop_and_visionzip(tmp_path, model, extra):
         if model.endswith("pyramiddrop"):  # all tokens, then the three stages' counts; average = keep_ratio
             depth = len(visual)
             layers = sel.depth_scaled_layers(depth)
-            counts = sel.stage_budgets(n, sel.stage_ratio_for_average(0.3, layers, depth), len(layers))
+            counts = sel.stage_budgets(n, sel.stage_ratio_for_average(0.3, layers, depth), len(layers), "int")
             assert visual == [n if i < layers[0] else counts[sum(k <= i for k in layers) - 1] for i in range(depth)]
             assert visual[-1] == s["visual_after"] and abs(sum(visual) / depth / n - 0.3) < 0.02
         else:

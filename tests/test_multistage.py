@@ -46,13 +46,16 @@ def _expected_kv(full, n, counts, layers, depth):
 
 
 @pytest.mark.parametrize("family", FAMILIES_MS)
-@pytest.mark.parametrize("layers", STAGES, ids=lambda x: "stages" + "-".join(map(str, x)))
-def test_multistage_prune_equals_mask_mode_prefill_and_decode(toys, family, layers):
-    """Seeded random selection at every stage (so both modes select the same sets whatever the scores)."""
+@pytest.mark.parametrize(("layers", "positions"), [(STAGES[0], "contiguous"), (STAGES[1], "contiguous"),
+                                                   (STAGES[1], "original")],
+                         ids=lambda x: x if isinstance(x, str) else "stages" + "-".join(map(str, x)))
+def test_multistage_prune_equals_mask_mode_prefill_and_decode(toys, family, layers, positions):
+    """Seeded random selection at every stage (so both modes select the same sets whatever the scores); the
+    survivors renumbered after each stage (positions='contiguous', the default) or at their original positions."""
     model, proc = toys(family)
     inputs = _one(family, proc)
     n = _num_visual(model, inputs)
-    params = dict(prune_layers=",".join(map(str, layers)), stage_ratio=0.5, seed=3)
+    params = dict(prune_layers=",".join(map(str, layers)), stage_ratio=0.5, seed=3, positions=positions)
     with torch.no_grad():
         with lmms_prune.apply(model, "random", mode="mask", **params) as handle:
             mask_logits = model(**inputs).logits
@@ -90,28 +93,34 @@ def test_multistage_kv_cache_decoding_equals_recomputation(toys, family):
 
 @pytest.mark.parametrize("family", FAMILIES_MS)
 def test_pyramiddrop_attention_stages_equal_mask_mode(toys, family):
-    """The attention-ranked preset: each stage's scores (the last row at K_s-1 over the tokens still present)
-    are the same in prune and mask mode, so are the kept sets and the logits."""
+    """The preset as released (each stage ranked by layer K_s's own query/key on its input, survivors renumbered,
+    int budgets): the scores, kept sets, prefill logits and cached decode steps are the same in prune and mask
+    mode (mask mode renumbers the same way)."""
     model, proc = toys(family)
     inputs = _one(family, proc)
     with torch.no_grad():
         with lmms_prune.apply(model, "pyramiddrop", mode="mask") as handle:
             mask_logits = model(**inputs).logits
             mask_kept = [k[0][0].tolist() for k in handle.state.stage_kept]
+            mask_tokens, mask_steps = _generate(model, inputs)
         with lmms_prune.apply(model, "pyramiddrop") as handle:
             logits = model(**inputs).logits
             kept = [k[0][0].tolist() for k in handle.state.stage_kept]
             index = handle.state.keep_index[0]
             assert handle.stage_layers == sel.depth_scaled_layers(_depth(model))
+            tokens, steps = _generate(model, inputs)
     assert kept == mask_kept and len(kept) == 3
     torch.testing.assert_close(logits[0], mask_logits[0, index], atol=ATOL, rtol=0)
+    torch.testing.assert_close(steps, mask_steps, atol=ATOL, rtol=0)
+    assert torch.equal(tokens, mask_tokens)
 
 
 def test_pyramiddrop_later_stage_ranks_the_present_tokens_by_their_attention(toys):
-    """Stage 2's kept set is the top of the attention row at K_2-1 restricted to stage 1's survivors."""
+    """score_at='K-1' (our earlier reading, kept as an option): stage 2's kept set is the top of the attention row
+    recorded at K_2-1 restricted to stage 1's survivors."""
     model, proc = toys("internvl_llama")
     inputs = _one("internvl_llama", proc)
-    with torch.no_grad(), lmms_prune.apply(model, "pyramiddrop", mode="mask") as handle:
+    with torch.no_grad(), lmms_prune.apply(model, "pyramiddrop", mode="mask", score_at="K-1") as handle:
         model(**inputs)
         st, layers = handle.state, handle.stage_layers
         span = st.spans[0][0]
@@ -140,7 +149,8 @@ def test_trend_composes_per_stage(toys, tmp_path):
     from lmms_prune.scores import trend_debias
 
     model, proc = toys("internvl_llama")
-    prior = calibrate_prior(model, proc, [_image()], layer=3, max_num=2)
+    # score_at='K' (the preset): a stage at K is scored by layer K's own row, at stage 1 the row layer K records
+    prior = calibrate_prior(model, proc, [_image()], layer=sel.depth_scaled_layers(_depth(model))[0], max_num=2)
     path = save_prior(tmp_path / "p.pt", prior.means, prior.counts, prior.meta)
     inputs = _one("internvl_llama", proc)
     with torch.no_grad(), lmms_prune.apply(model, "pyramiddrop", score="trend", bias_prior=str(path),
@@ -150,7 +160,7 @@ def test_trend_composes_per_stage(toys, tmp_path):
         span = st.spans[0][0]
         present = st.stage_kept[-2][0][0]  # the last stage scores the second stage's survivors
         mu, sigma = score.fit(span.length)
-        full_row = st.attention[layers[-1] - 1][0, span.positions]
+        full_row = st.attention[layers[-1]][0, span.positions]
         expected = trend_debias(full_row, mu, sigma)[present]  # debiased at the ORIGINAL positions
         torch.testing.assert_close(handle.records[0].scores[0], expected)
 

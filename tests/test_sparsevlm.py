@@ -208,7 +208,8 @@ def test_trend_is_the_score_of_every_stage(toys, tmp_path, method, query):
     model, proc = toys("internvl_llama")
     inputs = _one("internvl_llama", proc)
     layers0 = resolve_config(method).stage_layers(len(model.model.language_model.layers))
-    path = _prior(model, proc, tmp_path, layers0[0] - 1)
+    own = resolve_config(method).score_at == "K"  # pyramiddrop: layer K's own row (at stage 1 the row K records)
+    path = _prior(model, proc, tmp_path, layers0[0] - (0 if own else 1))
     with torch.no_grad(), lmms_prune.apply(model, method, score="trend", bias_prior=str(path),
                                            mode="mask") as handle:
         model(**inputs)
@@ -226,7 +227,7 @@ def test_trend_is_the_score_of_every_stage(toys, tmp_path, method, query):
                 full = base.new_zeros(span.length)
                 full[present] = base
             else:
-                full = st.attention[layer - 1][0, span.positions]
+                full = st.attention[layer - (0 if own else 1)][0, span.positions]
             expected = S.trend_debias(full, mu, sigma)[present]
             torch.testing.assert_close(st.stage_scores[s][0][0], expected)
 

@@ -260,3 +260,29 @@ def test_temporal_on_a_static_video_keeps_the_first_frame(family):
     assert set(range(cells)) <= set(kept.tolist())  # the whole first frame
     if n == cells:
         assert kept.tolist() == list(range(cells))  # and nothing else
+
+
+def test_query_rows_is_framefusions_mean_over_the_last_num_query_rows():
+    """FrameFusion's pruning score (framefusion/utils.py: scaled_dot_product_attention(..., num) with the causal
+    mask of those rows, then mean over heads and rows; num=4 in its Qwen2-VL model): query_rows=4 records the
+    mean of the last 4 rows of the eager attention probabilities at layer K-1, heads averaged."""
+    from test_engine import _one
+
+    import lmms_prune
+    from lmms_prune.toy.models import build_processor, build_tiny_model
+
+    model, proc = build_tiny_model("qwen2_5_vl", seed=0), build_processor("qwen2_5_vl")
+    inputs = _one("qwen2_5_vl", proc)
+    layer = 1
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        try:
+            probs = model(**inputs, output_attentions=True).attentions[layer]
+        finally:
+            model.set_attn_implementation("sdpa")
+        with lmms_prune.apply(model, "temporal", query_rows=4, prune_layer=layer + 1) as handle:
+            model(**inputs)
+            row = handle.state.attention[layer]
+    torch.testing.assert_close(row, probs[:, :, -4:, :].float().mean(dim=(1, 2)), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="query_rows=4 with query='text_mean'"):
+        resolve_config("temporal", query_rows=4, query="text_mean")

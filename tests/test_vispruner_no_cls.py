@@ -123,7 +123,7 @@ def test_one_varlen_call_over_several_images_is_split_at_cu_seqlens():
     g = torch.Generator().manual_seed(1)
     q, k = torch.randn(1, 2, 20, 8, generator=g), torch.randn(1, 2, 20, 8, generator=g)
     with lmms_prune.apply(model, "vispruner") as handle:
-        capture = VisionCapture(handle, need_cls=False)
+        capture = VisionCapture(handle, need_cls=True)
         try:
             capture._grab_segments(None, (), {"cu_seqlens": torch.tensor([0, 12, 20])})
             capture._observe(None, q, k, None, 0.5)  # one call spanning both images

@@ -10,7 +10,8 @@ so no ``seq x seq`` matrix is ever built and SDPA/flash attention stay in use ev
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -64,6 +65,21 @@ def add_observer(module: torch.nn.Module, fn: Callable[..., None]) -> None:
 
 def remove_observer(module: torch.nn.Module) -> None:
     _OBSERVERS.pop(id(module), None)
+
+
+@contextmanager
+def observing(module: torch.nn.Module, fn: Callable[..., None]) -> Iterator[None]:
+    """Observe ``module``'s attention calls with ``fn`` inside the block (its own observer, if any, is put back
+    after): the engine's extra call of a layer's attention on its input (``Needs.query_key_attention``)."""
+    old = _OBSERVERS.get(id(module))
+    _OBSERVERS[id(module)] = fn
+    try:
+        yield
+    finally:
+        if old is None:
+            _OBSERVERS.pop(id(module), None)
+        else:
+            _OBSERVERS[id(module)] = old
 
 
 def attention_rows(

@@ -23,6 +23,11 @@ Multi-stage pruning (``prune_layers=(K_1, K_2, ...)``, PyramidDrop) repeats the 
 ``s-1``'s sequence; layers ``K_s..K_{s+1}-1`` get stage ``s``'s gathered kwargs and masks, and their KV cache
 holds stage ``s``'s tokens (mask mode: stage ``s``'s removed set is masked as keys from layer ``K_s`` on).
 Per-stage budgets: ``lmms_prune.selection.budget.stage_budgets`` (see :meth:`PruneHandle._stage_counts`).
+With ``positions='contiguous'`` the survivors of each stage are renumbered (every token's position ids drop by the
+tokens removed before it; decoded tokens continue from the stage's renumbered length), in prune and mask mode
+alike (:meth:`PruneHandle._renumbered`, :meth:`PruneHandle._decode_rope`). A stage may be ranked by its own
+layer ``K_s`` (``Needs.query_key_attention``): the hook of layer ``K_s`` first calls that layer's attention on
+its input with the current geometry and records the last prompt token's row (:meth:`PruneHandle._own_attention`).
 
 Merged tokens inside the LLM (SparseVLM's recycling): a selector may return a
 :class:`lmms_prune.selection.Merge` whose ``slots`` name removed tokens; each slot is kept and its hidden state
@@ -137,6 +142,14 @@ class PruneHandle:
         self.selectors = [SELECTORS[c.selector](c, prior) if c.selector in SELECTORS else None
                           for c in self.stage_configs]
         self.score, self.selector = self.scores[0], self.selectors[0]
+        # multi-stage with positions='contiguous': each stage's survivors are renumbered (see _renumbered)
+        self.renumber = config.multi_stage and config.positions == "contiguous"
+        for c, n in zip(self.stage_configs, self.stage_needs):
+            late = sorted({*n.attention, *n.text_attention, *n.key_norms} & set(range(c.prune_layer or 0, depth)))
+            if config.stage == "llm" and late:
+                raise ValueError(f"method {config.method!r}: its stage at layer {c.prune_layer} needs signals "
+                                 f"recorded inside layer(s) {late}, which run after it; only a last-row attention "
+                                 "can come from the stage's own layer (score_at='K'); use score_at='K-1'")
         if config.stage == "llm":
             self._install_llm()
         elif config.stage == "pre_llm":
@@ -357,6 +370,8 @@ class PruneHandle:
         return (), kwargs
 
     def _on_lm_start(self, module, args, kwargs):
+        self._state.lm_position_ids = kwargs.get("position_ids")
+        self._state.decode_rope = {}
         if self._state.phase == "prefill":
             sync(kwargs.get("inputs_embeds"))
             self._state.lm_t0 = time.perf_counter()
@@ -413,13 +428,14 @@ class PruneHandle:
             if want_norms:
                 st.key_norms[layer] = attn.key_l1_norms(key)
             if want_rows or want_text:
-                rows = self._text_rows() if want_text or self.config.query == "text_mean" else 1
-                probs = attn.attention_rows(query, key, attention_mask, scaling, rows)
+                last = self.config.query_rows  # query='last': the mean of the last rows (FrameFusion's num)
+                text = self._text_rows() if want_text or self.config.query == "text_mean" else 0
+                probs = attn.attention_rows(query, key, attention_mask, scaling, max(text, last))
                 if want_text:
-                    st.text_attention[layer] = probs
+                    st.text_attention[layer] = probs[:, probs.shape[1] - text:]
                 if want_rows:
-                    st.attention[layer] = self._combine_rows(probs if self.config.query == "text_mean"
-                                                             else probs[:, -1:])
+                    st.attention[layer] = (self._combine_rows(probs) if self.config.query == "text_mean"
+                                           else probs[:, -last:].mean(1))
             sync(query)
             st.score_seconds += time.perf_counter() - t0
 
@@ -460,7 +476,8 @@ class PruneHandle:
         if self.config.query == "raters":  # SparseVLM: the raters' mean row over this image's tokens present
             image.attention = {layer: S.rater_importance(image.text_attention[layer]) for layer in needs.attention}
         else:
-            image.attention = {layer: st.attention[layer][b, pos] for layer in needs.attention}
+            image.attention = {layer: st.attention[layer][b, pos.to(st.attention[layer].device)]
+                               for layer in (*needs.attention, *needs.query_key_attention)}
         image.key_norms = {layer: st.key_norms[layer][b, pos] for layer in needs.key_norms}
         if needs.hidden:
             image.hidden = hidden[b, pos.to(hidden.device)]
@@ -524,7 +541,7 @@ class PruneHandle:
             ratio = self._ratio
         else:
             ratio = sel.stage_ratio_for_average(min(1.0, cfg.keep_tokens / num_tokens), self.stage_layers, depth)
-        return sel.stage_budgets(num_tokens, ratio, len(self.stage_layers))
+        return sel.stage_budgets(num_tokens, ratio, len(self.stage_layers), rounding=cfg.budget_rounding)
 
     def _select(self, hidden: torch.Tensor, stage: int = 0) -> None:
         """Choose the kept tokens of every sample at ``stage``; store the gather index and its validity mask."""
@@ -697,9 +714,13 @@ class PruneHandle:
             phase = st.phase
             if phase == "prefill":
                 if first:
+                    if self.stage_needs[stage].query_key_attention:
+                        self._own_attention(module, hidden, kwargs, stage)
                     self._select(hidden, stage)
+                    if self.renumber:
+                        st.stage_rope.append(self._renumbered(kwargs, hidden, stage))
                     if self.mode == "prune":
-                        st.pruned = self._gather_kwargs(kwargs)
+                        st.pruned = self._gather_kwargs(st.stage_rope[stage] if self.renumber else kwargs)
                         st.stage_pruned.append(st.pruned)
                 if self.mode == "prune":
                     if first:  # stage s gathers from stage s-1's sequence (the full one for the first)
@@ -707,11 +728,15 @@ class PruneHandle:
                             self._inverse(stage - 1), 1, st.stage_index[stage])
                         hidden = _gather_seq(hidden, index, 1)
                     kwargs.update(st.stage_pruned[stage])
+                elif self.renumber:
+                    kwargs.update(st.stage_rope[stage])
                 if first:
                     hidden = self._write_recycled(hidden, stage)
                 kv_full = st.seq_len
             elif phase == "decode" and st.keep_index is not None:
                 kv_full = st.kv_full
+                if self.renumber:
+                    kwargs.update(self._decode_rope(kwargs, hidden, stage))
             else:
                 return None
             kwargs["attention_mask"] = self._layer_mask(
@@ -724,9 +749,83 @@ class PruneHandle:
 
         return hook
 
+    # ------------------------------------------------------------------ positions
+    # Renumbering (multi-stage, positions='contiguous'; PyramidDrop's and SparseVLM's code): after stage s every
+    # token's position ids drop by the number of tokens removed before it, on every axis of M-RoPE; with 1-D
+    # RoPE the survivors are numbered 0..n-1 (``arange(0, cur_len)`` of the authors), left padding included.
+    # A decoded token's ids drop by all the tokens the stage removed, so decoding continues from the renumbered
+    # length at every stage (the authors' decode step subtracts the tokens each stage dropped). Mask mode gives
+    # the full sequence the same ids (a removed token's are never seen: it is masked as a key), so the two agree.
+    def _rope_ids(self, q_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The position ids of this call's ``q_len`` tokens as the language model was called with them: the RoPE
+        ids ([B|1, q], or [3, B|1, q] for M-RoPE) and the text row the decoder layers take as ``position_ids``
+        (Qwen-VL's leading fourth row where given, else the first row); the cache positions when none given."""
+        pid = self._state.lm_position_ids
+        if pid is None:
+            end = self._state.seq_len if self._state.phase == "prefill" else self._state.kv_full
+            pid = torch.arange(end - q_len, end, device=device)[None]
+        pid = pid.to(device)
+        if pid.dim() == 3 and pid.shape[0] == 4:
+            return pid[1:], pid[0]
+        return pid, pid if pid.dim() == 2 else pid[0]
+
+    def _rope_kwargs(self, kwargs: dict[str, Any], hidden: torch.Tensor, shift: torch.Tensor) -> dict[str, Any]:
+        """Decoder-layer kwargs for this call's position ids minus ``shift`` ([B, q]): the RoPE tables from the
+        model's own rotary embedding, and ``position_ids`` (the text row) where the layer takes them."""
+        ids, text = self._rope_ids(shift.shape[1], hidden.device)
+        shift = shift.to(hidden.device)
+        out: dict[str, Any] = {"position_embeddings": self.adapter.language_model.rotary_emb(hidden, ids - shift)}
+        if isinstance(kwargs.get("position_ids"), torch.Tensor):
+            out["position_ids"] = text - shift
+        return out
+
+    def _renumbered(self, kwargs: dict[str, Any], hidden: torch.Tensor, stage: int) -> dict[str, Any]:
+        """Full-length decoder-layer kwargs of ``stage`` at the renumbered positions: ids minus the tokens removed
+        (by this stage and the earlier ones) before each token."""
+        removed = (~self._state.stage_mask[stage]).long()
+        return self._rope_kwargs(kwargs, hidden, torch.cumsum(removed, 1) - removed)
+
+    def _decode_rope(self, kwargs: dict[str, Any], hidden: torch.Tensor, stage: int) -> dict[str, Any]:
+        """The decoded tokens' kwargs at ``stage``'s layers: their ids minus the tokens the stage removed."""
+        st = self._state
+        if stage not in st.decode_rope:
+            removed = st.seq_len - st.stage_mask[stage].sum(1)  # [B]
+            shift = removed[:, None].expand(-1, hidden.shape[1])
+            st.decode_rope[stage] = self._rope_kwargs(kwargs, hidden, shift)
+        return st.decode_rope[stage]
+
+    def _own_attention(self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], stage: int) -> None:
+        """``Needs.query_key_attention``: the last prompt token's attention row of this layer's OWN query/key
+        projections (its input norm, q/k projections and RoPE, through its attention module) applied to its input
+        ``hidden``, before it runs, with the geometry of the sequence as it stands (stage ``stage-1``'s kept
+        tokens, positions and mask); recorded as ``attention[layer]``. PyramidDrop's code ranks a stage this way
+        (``pdrop_rank_drop``: softmax over the whole row in float32, heads averaged)."""
+        st = self._state
+        idx = self.stage_layers[stage]
+        sync(hidden)
+        t0 = time.perf_counter()
+        if stage == 0:
+            geometry, mask = kwargs, kwargs.get("attention_mask")
+        else:
+            geometry = (st.stage_pruned[stage - 1] if self.mode == "prune"
+                        else st.stage_rope[stage - 1] if self.renumber else kwargs)
+            mask = self._layer_mask(kwargs.get("attention_mask"), hidden.shape[1], st.seq_len, hidden.dtype,
+                                    hidden.device, stage - 1)
+        rows: list[torch.Tensor] = []
+
+        def observe(module, query, key, attention_mask, scaling):
+            rows.append(attn.attention_rows(query, key, attention_mask, scaling, 1)[:, -1])
+
+        with attn.observing(layer.self_attn, observe):
+            layer.self_attn(hidden_states=layer.input_layernorm(hidden),
+                            position_embeddings=geometry["position_embeddings"], attention_mask=mask)
+        st.attention[idx] = rows[0]
+        sync(hidden)
+        st.score_seconds += time.perf_counter() - t0
+
     def _gather_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """The decoder-layer kwargs of the pruned sequence: mask, RoPE tables and position ids gathered at the
-        kept tokens' ORIGINAL positions (RoPE positions are not renumbered)."""
+        """The decoder-layer kwargs of the pruned sequence: RoPE tables and position ids gathered at the kept
+        tokens' places in ``kwargs`` (the layer's own: ORIGINAL positions; or :meth:`_renumbered`'s)."""
         index = self._state.keep_index
         out: dict[str, Any] = {}
         pe = kwargs.get("position_embeddings")

@@ -47,9 +47,12 @@ class VisionCapture:
     split at the varlen boundaries ``cu_seqlens`` the layer is called with, so images never mix.
     """
 
-    def __init__(self, handle: PruneHandle, need_cls: bool):
+    def __init__(self, handle: PruneHandle, need_cls: bool, need_keys: bool = False, need_cls_token: bool = False):
         self.handle = handle
         self.cls_rows: list[torch.Tensor] = []
+        self.keys: list[torch.Tensor] = []  # per call: [B, S, d] keys at the feature layer, heads averaged
+        self.cls_states: list[torch.Tensor] = []  # per call: [B, S, D] hidden states of the feature layer
+        self._need_cls, self._need_keys = need_cls, need_keys
         self._has_cls = handle.adapter.has_cls
         self._segments: torch.Tensor | None = None
         self.pre_projector: torch.Tensor | None = None
@@ -59,14 +62,24 @@ class VisionCapture:
         adapter = handle.adapter
         projector = adapter.projector()
         self._hooks.append(projector.register_forward_pre_hook(self._grab_projector_input))
-        if need_cls:
+        if (need_keys or need_cls_token) and not need_cls:
+            try:  # keys and the [CLS] are optional signals (absent where the tower's layers are not reachable)
+                adapter.vision_feature_attention()
+            except (TypeError, ValueError):
+                need_keys = self._need_keys = need_cls_token = False
+        if need_cls_token and adapter.has_cls:
+            self._hooks.append(_feature_layer(adapter).register_forward_hook(self._grab_states))
+        if need_cls or need_keys:
             self._module = adapter.vision_feature_attention()
             vcfg = adapter.vision_config
             self._old = vcfg._attn_implementation
             vcfg._attn_implementation = attn.wrapped_name(attn.base_name(self._old))
             attn.add_observer(self._module, self._observe)
-            if not self._has_cls:
+            if need_cls and not self._has_cls:
                 self._hooks.append(self._module.register_forward_pre_hook(self._grab_segments, with_kwargs=True))
+
+    def _grab_states(self, module, args, output):
+        self.cls_states.append((output[0] if isinstance(output, tuple) else output).detach())
 
     def _grab_projector_input(self, module, args):
         self.pre_projector = args[0].detach()
@@ -76,6 +89,10 @@ class VisionCapture:
         self._segments = None if cu is None else cu.tolist()
 
     def _observe(self, module, query, key, attention_mask, scaling):
+        if self._need_keys:
+            self.keys.append(key.detach().float().mean(1))
+        if not self._need_cls:
+            return
         if self._has_cls:
             self.cls_rows.append(attn.query_rows(query, key, scaling, rows=slice(0, 1))[:, :, 0])  # [B, H, T]
             return
@@ -117,7 +134,8 @@ def _encode(handle: PruneHandle, kwargs: dict[str, Any]) -> dict[str, dict[str, 
         signal_kwargs = kwargs if modality == "image" else None
         if modality == "video" and (needs.vision_attention or needs.vision_features):
             signal_kwargs = adapter.video_signal_kwargs(kwargs)  # fails early where the family has none
-        capture = VisionCapture(handle, need_cls=needs.vision_attention)
+        capture = VisionCapture(handle, need_cls=needs.vision_attention, need_keys=needs.vision_keys,
+                                need_cls_token=needs.vision_cls)
         try:
             with torch.no_grad():
                 encoded = adapter.encode_images(kwargs) if modality == "image" else adapter.encode_videos(kwargs)
@@ -131,7 +149,40 @@ def _encode(handle: PruneHandle, kwargs: dict[str, Any]) -> dict[str, dict[str, 
             "features": adapter.flatten_pre_projector(capture.pre_projector, signal_kwargs) if needs.vision_features
             else None,
         }
+        out[modality]["keys"] = _token_keys(capture.keys, out[modality]["projected"].shape[0], adapter.has_cls)
+        out[modality]["cls"] = _projected_cls(adapter, capture.cls_states, out[modality]["projected"].shape[0])
     return out
+
+
+def _feature_layer(adapter: Any) -> nn.Module:
+    """The vision layer whose output the model feeds to the projector (the one of
+    :meth:`~lmms_prune.families.base.Family.vision_feature_attention`)."""
+    return next(layer for layer in adapter.vision_layers()
+                if any(m is adapter.vision_feature_attention() for m in layer.modules()))
+
+
+def _projected_cls(adapter: Any, states: list[torch.Tensor], num_tokens: int) -> torch.Tensor | None:
+    """``Needs.vision_cls``: ``[images, D]``, each image's [CLS] hidden state at the feature layer through the
+    family's projector (VisionZip's code projects its [CLS] with the patches), where the tower has a [CLS] and
+    each of its other tokens is one LLM token (LLaVA-1.5); None elsewhere (InternVL's projector takes 2x2 groups,
+    Qwen's towers have no [CLS])."""
+    if not states or sum(s.shape[0] * (s.shape[1] - 1) for s in states) != num_tokens:
+        return None
+    with torch.no_grad():
+        return adapter.projector()(torch.cat([s[:, :1] for s in states]))[:, 0]
+
+
+def _token_keys(keys: list[torch.Tensor], num_tokens: int, has_cls: bool) -> torch.Tensor | None:
+    """``Needs.vision_keys``: one key row per visual token ``[num_tokens, d]`` where the tower's patches map
+    one-to-one onto the LLM's visual tokens (LLaVA-1.5: ``[images, 1 + P, d]`` calls, the [CLS] row dropped as
+    the projector's input drops it); None where they do not (InternVL's pixel shuffle and Qwen's 2x2 merger give
+    one LLM token per group of patches, whose keys are not one row)."""
+    if not keys:
+        return None
+    rows = [k[:, 1:] if has_cls else k for k in keys]
+    if sum(r.shape[0] * r.shape[1] for r in rows) != num_tokens:
+        return None
+    return torch.cat([r.reshape(-1, r.shape[-1]) for r in rows])
 
 
 def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[PruneRecord]]:
@@ -147,6 +198,7 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
     modal = _encode(handle, kwargs)
     vision_t0 = time.perf_counter()
     offsets = dict.fromkeys(modal, 0)
+    images = dict.fromkeys(modal, 0)  # spans seen per modality: the index of the span's [CLS] (Needs.vision_cls)
     kept_rows: dict[str, list] = {m: [] for m in modal}
     kept_feats: dict[str, list] = {m: [] for m in modal}
     new_ids, new_mask, new_pos, records, keeps = [], [], [], [], []
@@ -172,6 +224,8 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
                                  task_kind=handle.task_kind, device=projected.device,
                                  vision_attention=None if importance is None else importance[rows],
                                  vision_features=None if features is None else features[rows],
+                                 vision_keys=None if enc["keys"] is None else enc["keys"][rows],
+                                 vision_cls=None if enc["cls"] is None else enc["cls"][images[m]],
                                  embeddings=projected[rows] if needs.embeddings else None,
                                  instruction=_instruction(handle, input_ids, mask2d, b, span, sample_spans)
                                  if needs.instruction else None)
@@ -191,7 +245,7 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
                 keep[span.start: span.start + result.count] = True  # identical placeholders, renumbered
                 kept_feats[m].append(sel.merged_embeddings(projected[rows], result))
                 kept_rows[m].append(None)  # new embeddings: no encoder row of their own
-                merged.append(int(result.weights.shape[0]))
+                merged.append(result.added)
             else:
                 local = result.cpu()
                 # structural tokens (row newlines, timestamps) always stay, with their own encoder rows if any
@@ -204,6 +258,7 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
                 merged.append(0)
             kept_per_image.append(local.cpu())
             offsets[m] += int((span_rows >= 0).sum())
+            images[m] += 1
             sample_offset += span.num_visual
         real = mask2d[b].bool()
         keep &= real  # drop the old padding; the batch is left-padded again below

@@ -84,6 +84,12 @@ class CallState:
     # token indices holding a merged token
     stage_recycled: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     recycled: dict[tuple[int, int], set[int]] = field(default_factory=dict)
+    # renumbered positions (multi-stage, positions='contiguous'): the position ids the language model was called
+    # with (this call), per stage the full-length decoder-layer kwargs at the renumbered positions (prefill),
+    # and per stage those of the tokens being decoded (this decode call)
+    lm_position_ids: torch.Tensor | None = None
+    stage_rope: list[dict[str, Any]] = field(default_factory=list)
+    decode_rope: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def has_images(self) -> bool:

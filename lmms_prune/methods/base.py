@@ -189,11 +189,17 @@ class Needs:
 
     Inside the LLM: ``attention`` (decoder layers whose last-prompt-token attention row is recorded),
     ``text_attention`` (layers whose attention rows of every text token after the sample's last image are
-    recorded: SparseVLM's raters), ``key_norms`` (layers whose key L1 norms are recorded), ``hidden`` (visual hidden states at layer K's
+    recorded: SparseVLM's raters), ``query_key_attention`` (layers whose last-prompt-token attention row is
+    computed, before the layer runs, from that layer's OWN query/key projections and RoPE applied to its input:
+    a stage pruning at layer K can then be ranked by layer K itself), ``key_norms`` (layers whose key L1 norms
+    are recorded), ``hidden`` (visual hidden states at layer K's
     input), ``final_norm`` (the same through the LM's final norm), ``text`` (the same signals for the text
     tokens after the image), ``prior`` (a calibrated prior file). Before the LLM: ``vision_attention`` (the
     vision encoder's [CLS] row at the feature layer, or its mean received attention without [CLS]),
-    ``vision_features`` (pre-projector features), ``embeddings`` (projected visual embeddings), ``instruction``
+    ``vision_features`` (pre-projector features), ``vision_keys`` (the vision encoder's keys at the feature layer,
+    heads averaged, where its patches map one-to-one onto the LLM's visual tokens; else absent), ``vision_cls``
+    (each image's [CLS] token at the feature layer through the family's projector, under the same condition and
+    where the tower has a [CLS]; else absent), ``embeddings`` (projected visual embeddings), ``instruction``
     (the LLM's input embeddings of the prompt's text tokens after the image, up to the next image or the
     prompt's end). ``padding``: each image's padding-token mask, where the caller gave one
     (``PruneHandle.image_padding``: LLaVA-1.5's pad-to-square).
@@ -201,6 +207,7 @@ class Needs:
 
     attention: tuple[int, ...] = ()
     text_attention: tuple[int, ...] = ()
+    query_key_attention: tuple[int, ...] = ()
     key_norms: tuple[int, ...] = ()
     hidden: bool = False
     final_norm: bool = False
@@ -208,6 +215,8 @@ class Needs:
     prior: bool = False
     vision_attention: bool = False
     vision_features: bool = False
+    vision_keys: bool = False
+    vision_cls: bool = False
     embeddings: bool = False
     instruction: bool = False
     padding: bool = False
@@ -224,7 +233,8 @@ class Needs:
 class ImageSignals:
     """What the engine hands a score and a selector for one image of one sample.
 
-    Tensors over the image's ``N`` visual tokens: ``attention[layer]`` ``[N]``, ``key_norms[layer]`` ``[N]``,
+    Tensors over the image's ``N`` visual tokens: ``attention[layer]`` ``[N]`` (also for the layers of
+    ``Needs.query_key_attention``), ``key_norms[layer]`` ``[N]``,
     ``hidden`` / ``final_norm`` ``[N, D]``, ``vision_attention`` ``[N]``, ``vision_features`` ``[N, D_v]``,
     ``embeddings`` ``[N, D]``, ``text_attention[layer]`` ``[M', N]`` (the attention rows of the ``M'`` text
     tokens after the sample's last image, over the image's visual columns); the text tokens after the image: ``text_key_norms[layer]`` ``[M]``,
@@ -254,6 +264,8 @@ class ImageSignals:
     text_final_norm: torch.Tensor | None = None
     vision_attention: torch.Tensor | None = None
     vision_features: torch.Tensor | None = None
+    vision_keys: torch.Tensor | None = None  # [N, d] (Needs.vision_keys), None where the family has no such map
+    vision_cls: torch.Tensor | None = None  # [D] projected [CLS] (Needs.vision_cls), None where not defined
     embeddings: torch.Tensor | None = None
     instruction: torch.Tensor | None = None  # [M, D] pre-LLM: input embeddings of the text after the image
     device: Any = None

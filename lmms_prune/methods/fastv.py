@@ -8,6 +8,9 @@ PARAMS = (
     Param("query", "last", "attention query: 'last' prompt token, 'text_mean' over the text rows after the "
           "image, or 'raters' (SparseVLM: the mean row of the text tokens whose attention mass on the image is "
           ">= the mean mass, chosen per image and stage)", kind="str", choices=("last", "text_mean", "raters")),
+    Param("query_rows", 1, "query='last': the mean attention of the last query_rows prompt tokens (rows), heads "
+          "averaged (FrameFusion's num: 1 in its Qwen2 and InternLM2 models, 4 in its Qwen2-VL model)", kind="int",
+          low=1),
 )
 
 
@@ -15,7 +18,7 @@ class Attention(Score):
     """Text-to-vision attention ``A^(l)`` of the last prompt token (or the text rows' mean), heads averaged."""
 
     name = "attention"
-    params = ("score_layer", "query")
+    params = ("score_layer", "query", "query_rows")
     subsets = True
 
     @classmethod
@@ -27,8 +30,12 @@ class Attention(Score):
 
 
 def attention_needs(config) -> Needs:
-    """The score layer's attention row; with ``query='raters'`` also the text rows it is made of."""
+    """The score layer's attention row; with ``query='raters'`` also the text rows it is made of. A score layer
+    equal to the pruning layer ``K`` (PyramidDrop's stages, ``score_at='K'``) is layer K's own query/key
+    projections on its input, computed before it runs (``Needs.query_key_attention``)."""
     layer = (config.effective_score_layer,)
+    if config.prune_layer is not None and layer[0] == config.prune_layer:  # query='last' (presets.validate)
+        return Needs(query_key_attention=layer)
     return Needs(attention=layer, text_attention=layer if config.query == "raters" else ())
 
 

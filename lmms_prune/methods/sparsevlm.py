@@ -42,11 +42,15 @@ b72c5d62fa70 (``llava/model/language_model/score.py``, ``modelling_sparse_llama.
   records, and ``lmms-prune report --match flops`` compares at equal FLOPs.
 * Recycling: the authors' counts (``int(0.3 d) + 1`` recycled of ``d`` deleted, ``int(m / 10) + 1`` clusters,
   kNN density with ``k`` = the number of clusters, plain means). Differences: density ties are broken by the
-  lower index (the authors add random noise); the merged token takes its cluster centre's place and original
-  RoPE position (the authors append the merged tokens after the kept visual tokens and renumber all
-  positions); the merged tokens take part in later stages like any token.
-* Positions: kept tokens keep their original RoPE positions (the authors' v1 renumbers; their HEAD keeps them,
-  "idea1: Keep Position ID"), so every stage equals masking (the engine's proof).
+  lower index (the authors add random noise); the merged token takes its cluster centre's place in the sequence
+  and the KV cache (the authors insert the merged tokens after the kept visual tokens, so after renumbering a
+  merged token's position is that of its centre's rank among the survivors here, and after the last kept visual
+  token there); the merged tokens take part in later stages like any token.
+* Positions (``positions``): ``'contiguous'`` (default) renumbers the survivors after each stage and decoding
+  continues from the renumbered length at each stage's layers, as the authors' ``main`` with its default
+  ``USE_VERSION=1_0`` (``position_ids[:, :new_len]`` after pruning and recycling; a decoded token takes its
+  layer's cache length) and v1; ``'original'`` keeps every token's original position, as their SparseVLM+ path
+  (``USE_VERSION=2_0``, "idea1: Keep Position ID"). Both equal mask mode (the engine's proof).
 * Not offered: SparseVLM+ (their v2: RoPE "gravity" correction, head selection, no recycling).
 """
 
@@ -89,7 +93,8 @@ class SparseVLM(Selector):
 SELECTORS = (SparseVLM,)
 PRESETS = (
     Preset("sparsevlm", "SparseVLM: text raters' attention ranks the visual tokens at prune_layers (LLaVA-1.5: "
-           "3,7,16 of 32; auto: scaled), rank-adaptive deletions, deleted tokens recycled into merged tokens; "
+           "3,7,16 of 32; auto: scaled), rank-adaptive deletions, deleted tokens recycled into merged tokens, "
+           "survivors renumbered (positions=contiguous, as the authors' default path); "
            "keep_ratio = average visual tokens per layer (1/3: the paper's 192 of 576)",
            dict(stage="llm", selector="sparsevlm", score="attention", query="raters", prune_layers="auto",
                 keep_ratio=1 / 3, stage_ratio=None)),

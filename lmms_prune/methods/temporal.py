@@ -17,6 +17,9 @@ Where it differs from FrameFusion (also in docs/fidelity.md):
   ``ratio_lower_bound`` tokens merge, and then prunes once with the attention of the layer after. Here
   similarity (hidden states at layer K's input) and importance (attention of layer K-1) come from the same
   pass and tokens are removed once, at ``prune_layer`` K (default 2, FastV's layer).
+- **Importance rows**: FrameFusion averages the last ``num`` query rows (1 in its Qwen2 and InternLM2 models, 4
+  in its Qwen2-VL model); the preset uses the last row on every family, ``query_rows=4`` gives their Qwen2-VL
+  choice.
 - **Budget**: a keep ratio of the video's visual tokens (``keep_ratio``/``keep_tokens``), as every method here,
   instead of their FLOPs ``cost`` over all layers.
 - Frames are the (merged) frame grids of the span (Qwen2.5-VL: two input frames per grid, FrameFusion's own

@@ -77,15 +77,24 @@ def stage_ratio_for_average(target: float, layers: tuple[int, ...], depth: int) 
     return (lo + hi) / 2
 
 
-def stage_budgets(num_tokens: int, ratio: float, stages: int) -> list[int]:
-    """Visual tokens kept after each of ``stages`` stages: ``max(1, round(N * ratio^s))``, s = 1..S, computed
-    from the original count ``N`` (no compounding of rounding), non-increasing and <= N."""
+def stage_budgets(num_tokens: int, ratio: float, stages: int, rounding: str = "round") -> list[int]:
+    """Visual tokens kept after each of ``stages`` stages, computed from the original count ``N`` (no
+    compounding of rounding), non-increasing and <= N.
+
+    ``rounding="int"`` (PyramidDrop's released code, ``pdrop_rank_drop``: ``int(N * ratio_list[s])`` of the
+    ORIGINAL count, ``ratio_list[s] = ratio^s``): ``max(1, int(N * ratio^s))``; where ``int`` gives 0 (an image
+    of fewer than ``1 / ratio^s`` tokens) one token is kept, never none. ``rounding="round"``:
+    ``max(1, round(N * ratio^s))`` (the project's rounding rule, :func:`budget`).
+    """
     if isinstance(num_tokens, bool) or not isinstance(num_tokens, Integral) or num_tokens < 1:
         raise ValueError(f"num_tokens={num_tokens!r}: must be an int >= 1")
     if not (isinstance(ratio, Real) and 0.0 < ratio <= 1.0):
         raise ValueError(f"stage_ratio={ratio!r}: must be in (0, 1]")
+    if rounding not in ("int", "round"):
+        raise ValueError(f"budget_rounding={rounding!r}: must be 'int' (the authors' int(N * ratio^s)) or 'round'")
+    to_int = int if rounding == "int" else round
     out, prev = [], int(num_tokens)
     for s in range(1, stages + 1):
-        prev = min(prev, max(1, int(round(num_tokens * ratio**s))))
+        prev = min(prev, max(1, int(to_int(num_tokens * ratio**s))))
         out.append(prev)
     return out

@@ -57,17 +57,23 @@ def dpp_greedy(kernel: Tensor, n: int) -> Tensor:
     return sorted_indices(torch.tensor(order, device=kernel.device))
 
 
-def instruction_relevance(embeddings: Tensor, text: Tensor) -> Tensor:
-    """``q_i``: mean cosine similarity of visual token ``i`` to the instruction tokens, min-max normalised to
-    ``(0, 1]`` (``(r - min + 1e-6) / (max - min)``, as the CDPruner code; all equal -> all 1).
+def instruction_relevance(embeddings: Tensor, text: Tensor, negate: bool = True) -> Tensor:
+    """``q_i``: visual token ``i``'s relevance to the instruction, min-max normalised as CDPruner's code
+    (``(r - min + 1e-6) / (max - min)``: in ``(0, 1]`` up to the ``1e-6``; all equal -> all 1).
 
-    embeddings: ``[N, D]`` visual tokens; text: ``[M, D]`` instruction tokens in the same space. Returns float32 ``[N]``.
+    ``negate=True`` (CDPruner's released code, ``llava_arch.py: encode_images``: ``relevance =
+    (-relevance).mean(dim=-1)``): ``r_i = mean_j -cos(v_i, t_j)``, so the tokens LEAST similar to the text get the
+    highest relevance; ``negate=False``: ``r_i = mean_j cos(v_i, t_j)``.
+
+    embeddings: ``[N, D]`` visual tokens; text: ``[M, D]`` instruction embeddings in the same space (the authors:
+    CLIP's pooled, projected text embedding of each 77-token segment of the instruction). Returns float32 ``[N]``.
     """
     num = check_features(embeddings, None, "embeddings")
     check_features(text, None, "text")
     if text.shape[1] != embeddings.shape[1]:
         raise ValueError(f"text has width {text.shape[1]} but embeddings {embeddings.shape[1]}: same space needed")
-    r = (F.normalize(embeddings.float(), dim=-1) @ F.normalize(text.float(), dim=-1).T).mean(-1)
+    cos = F.normalize(embeddings.float(), dim=-1) @ F.normalize(text.float(), dim=-1).T
+    r = (-cos if negate else cos).mean(-1)
     span = r.max() - r.min()
     if float(span) <= 0:
         return torch.ones(num, dtype=torch.float32, device=embeddings.device)
