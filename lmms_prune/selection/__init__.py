@@ -24,6 +24,7 @@ from lmms_prune.selection.pivot_mis import (
     pivot_mis,
 )
 from lmms_prune.selection.positions import gap_positions, kept_index
+from lmms_prune.selection.prumerge import iqr_outlier_ratio, prumerge_centres, prumerge_plus
 from lmms_prune.selection.sparsevlm import adaptive_keep_count, dpc_knn, recycle, sparsevlm
 from lmms_prune.selection.temporal import (
     frame_layout,
@@ -53,12 +54,15 @@ __all__ = [
     "grid_adjacency",
     "grid_neighbour_pairs",
     "instruction_relevance",
+    "iqr_outlier_ratio",
     "kept_index",
     "group_weights",
     "merged_embeddings",
     "normalized_similarity",
     "pivot_mis",
     "previous_frame_similarity",
+    "prumerge_centres",
+    "prumerge_plus",
     "random_select",
     "recycle",
     "remove_duplicates",
