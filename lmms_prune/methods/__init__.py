@@ -28,6 +28,7 @@ MODULES: tuple[str, ...] = (
     "lmms_prune.methods.sparsevlm",
     "lmms_prune.methods.temporal",
     "lmms_prune.methods.prumerge_plus",
+    "lmms_prune.methods.downsample",
 )
 
 
