@@ -28,7 +28,8 @@ DOMINANT_RATIO = 54 / 64  # VisionZip on LLaVA-1.5 at 64 tokens: 54 dominant + 1
 @dataclass(frozen=True)
 class Merge:
     """A selection with merged tokens: ``index`` ``[k]`` (kept original tokens, ascending, int64) and
-    ``weights`` ``[m, N]`` (row ``j``: the averaging weights of merged token ``j``, non-negative, summing to 1).
+    ``weights`` ``[m, N]`` (row ``j``: the non-negative weights of merged token ``j``: a group's mean sums to 1;
+    PruMerge+'s attention-weighted updates need not).
     The image's tokens become ``[x[index]; weights @ x]``: ``k + m`` tokens, kept ones first, in that order.
 
     Inside the LLM (SparseVLM's recycling, :func:`lmms_prune.selection.sparsevlm.sparsevlm`) a merged token
