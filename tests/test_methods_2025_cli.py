@@ -25,16 +25,14 @@ def test_merging_presets_run_through_lmms_eval(tmp_path, model, toy, args):
 
 
 @pytest.mark.cli
-def test_downsample_runs_through_lmms_eval_with_fewer_tokens(tmp_path):
-    """InternVL at half its tiles, Qwen2.5-VL at a quarter of its pixels: nothing is pruned, and Qwen's images
-    give about a quarter of the tokens of the unpruned run (within a factor 2: whole tokens per side on toy images)."""
-    run = run_lmms_eval(tmp_path / "internvl", "internvl_downsample",
-                        f"pretrained={tiny_model_dir('internvl3')},keep_ratio=0.5,max_num=6", limit=2)
-    assert all(s["visual_after"] == s["visual_before"] for s in run.efficiency["samples"])
-    qwen = f"pretrained={tiny_model_dir('qwen2_5_vl')}"
-    full = run_lmms_eval(tmp_path / "full", "qwen2_5_vl_none", qwen, limit=2).efficiency["samples"]
-    small = run_lmms_eval(tmp_path / "small", "qwen2_5_vl_downsample", f"{qwen},keep_ratio=0.25",
-                          limit=2).efficiency["samples"]
-    for s, f in zip(small, full):
-        assert s["visual_after"] == s["visual_before"]
-        assert 0.25 * f["visual_before"] / 2 < s["visual_before"] < 0.25 * f["visual_before"] * 2
+@pytest.mark.parametrize(("model", "toy", "args", "below"), [
+    ("internvl_downsample", "internvl3", "keep_ratio=0.5,max_num=6", 10**9),
+    # lmms-eval's Qwen2.5-VL min_pixels gives every unshrunken image >= 256 tokens
+    ("qwen2_5_vl_downsample", "qwen2_5_vl", "keep_ratio=0.25", 256)])
+def test_downsample_runs_through_lmms_eval(tmp_path, model, toy, args, below):
+    """Nothing is pruned: each sample keeps every token its shrunken image gave (the token counts against the
+    processor are proven in tests/test_downsample.py, without a model)."""
+    run = run_lmms_eval(tmp_path, model, f"pretrained={tiny_model_dir(toy)},{args}", limit=2)
+    assert "pope_accuracy,none" in run.metrics["pope_tiny"]
+    samples = run.efficiency["samples"]
+    assert len(samples) == 2 and all(below > s["visual_after"] == s["visual_before"] > 0 for s in samples)
