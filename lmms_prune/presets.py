@@ -25,6 +25,9 @@ from lmms_prune.methods.base import STAGES, Param, Preset
 
 __all__ = ["PRESETS", "Preset", "PruneConfig", "check_model", "describe_presets", "resolve_config", "validate"]
 
+# 'gap' and 'original' are one rule (kept tokens keep their original position IDs: GAP, arXiv 2506.21873,
+# lmms_prune.selection.positions.gap_positions); 'gap' names it after the paper that showed grounding needs it.
+POSITION_RULES = ("contiguous", "original", "gap")
 # Parameters every method has; the stage-specific ones are read only by methods of that stage.
 COMMON_PARAMS: tuple[Param, ...] = (
     Param("method", "none", "preset name this config was built from", kind="str"),
@@ -52,13 +55,14 @@ COMMON_PARAMS: tuple[Param, ...] = (
     Param("stage_ratio", None, "multi-stage: fraction of the ORIGINAL visual tokens kept after stage s is "
           "stage_ratio^s (each stage keeps stage_ratio of those still present); give it instead of "
           "keep_ratio/keep_tokens", low=0.0, high=1.0, open_low=True, optional=True),
-    Param("positions", "contiguous", "RoPE positions of the kept tokens, pre_llm and multi-stage (prune_layers): "
-          "'contiguous' renumbering (pre_llm: as VisPruner/DivPrune; multi-stage: each stage's survivors take "
-          "positions 0..n-1 and decoding continues from n, as PyramidDrop's and SparseVLM's code) or 'original' "
-          "(every token keeps its position; single-stage in-LLM methods always do, as FastV's code)",
-          kind="str", choices=("contiguous", "original")),
+    Param("positions", "contiguous", "RoPE position IDs of the kept tokens. pre_llm: 'contiguous' renumbering of "
+          "the shorter prompt (default, as VisPruner/DivPrune), or 'gap' = 'original': each kept token keeps its "
+          "position in the unpruned prompt (GAP's rule, arXiv 2506.21873). Multi-stage (prune_layers): "
+          "'contiguous' = each stage's survivors take positions 0..n-1 and decoding continues from n (PyramidDrop's "
+          "and SparseVLM's code), or 'gap' = 'original'. Single-stage llm: 'gap' (default there) = 'original', "
+          "as FastV's code", kind="str", choices=POSITION_RULES),
 )
-STAGE_PARAMS = {"none": (), "llm": ("prune_layer", "prune_layers"), "pre_llm": ("positions",)}
+STAGE_PARAMS = {"none": (), "llm": ("prune_layer", "prune_layers", "positions"), "pre_llm": ("positions",)}
 ALWAYS = ("method", "stage", "selector", "score", "keep_ratio", "keep_tokens")
 PARAMS: dict[str, Param] = {p.name: p for p in COMMON_PARAMS} | METHOD_PARAMS
 
@@ -225,6 +229,10 @@ def validate(cfg: Any) -> Any:
                     f"(prune_layers={cfg.prune_layers!r}): its later stages see a subset of each image's tokens; "
                     "use one of the scores/selectors that work on subsets (" + ", ".join(
                         n for n, p in {**SCORES, **SELECTORS}.items() if p.subsets) + ") or drop prune_layers")
+    if cfg.stage == "llm" and not cfg.multi_stage and cfg.positions == "contiguous":
+        raise ValueError(f"positions={cfg.positions!r} with single-stage pruning inside the LLM: the kept tokens "
+                         "keep their original position IDs there (FastV's code, GAP's rule); use positions='gap' "
+                         "(or 'original'), or renumber per stage with prune_layers")
     if cfg.stage == "llm" and not cfg.multi_stage:
         if cfg.prune_layer is None:
             raise ValueError(f"prune_layer=None: must be an integer >= 0 for method {cfg.method!r}")
@@ -277,6 +285,9 @@ def resolve_config(method: str = "fastv", **overrides: Any) -> Any:
             values["keep_ratio"] = values["keep_tokens"] = None
         elif budget_given and "stage_ratio" not in overrides:
             values["stage_ratio"] = None
+    if (values.get("stage") == "llm" and values.get("prune_layers") is None and "positions" not in overrides
+            and "positions" not in PRESETS[method].settings):
+        values["positions"] = "gap"  # single-stage pruning inside the LLM keeps the original positions
     score = SCORES.get(values.get("score", "none"))
     if score is not None and hasattr(score, "adjust"):
         values = score.adjust(values)

@@ -234,6 +234,8 @@ def parse_options(family: type[Family], model_id: str, fixed_method: str | None,
         task_protocol=bool_arg("task_protocol", args.pop("task_protocol", True)),
         family=family.parse_model_args(args),
     )
+    if getattr(config, "input_budget", False):  # a processor-level budget: the family says how, or why not
+        family.check_input_budget(config.keep_ratio, config.keep_tokens, options.family)
     return options, config
 
 
@@ -548,6 +550,9 @@ class Runner:
         counts = [len(item) for item in per_sample]
         sizes = [image.size for image in images]  # original sizes, before the family's own pipeline
         images = self.family.prepare_images(images, family_options, processor=self.processor)
+        if getattr(self.config, "input_budget", False) and images:
+            images, family_options = self.family.budget_images(images, self.config.keep_ratio, family_options,
+                                                               self.processor)
         # videos: frames already sampled (the family's video_sampling); the family's pipeline prepares them
         video_kwargs = self.family.prepare_videos(videos, family_options) if videos else {}
         inputs = self.processor(text=texts, images=images or None, padding=True, padding_side="left",

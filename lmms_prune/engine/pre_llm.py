@@ -10,7 +10,8 @@ for pre-encoded images), so ``generate`` and ``forward`` run unchanged on the sh
 tokens (e.g. LLaVA-NeXT's row newlines) always stay; per-token vision signals come one row per span token.
 
 Positions: ``positions="contiguous"`` (default, as the VisPruner and DivPrune papers: the shorter prompt is
-numbered 0..T'-1); ``positions="original"`` gives each kept token its position in the unpruned prompt
+numbered 0..T'-1); ``positions="original"`` (= ``"gap"``, GAP's rule: :func:`lmms_prune.selection.gap_positions`)
+gives each kept token its position in the unpruned prompt
 (Qwen2.5-VL: its 3-D M-RoPE position), and generation continues from the unpruned length.
 
 Merged tokens (VisionZip): a selector may return a :class:`lmms_prune.selection.Merge` (kept tokens + groups
@@ -202,7 +203,9 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
     kept_rows: dict[str, list] = {m: [] for m in modal}
     kept_feats: dict[str, list] = {m: [] for m in modal}
     new_ids, new_mask, new_pos, records, keeps = [], [], [], [], []
-    original_positions = adapter.original_positions(input_ids, mask2d, kwargs) if cfg.positions == "original" else None
+    # 'original' / 'gap': GAP's rule, each kept token keeps its position ID in the unpruned prompt
+    original_positions = (adapter.original_positions(input_ids, mask2d, kwargs) if cfg.positions != "contiguous"
+                          else None)
     for b, sample_spans in enumerate(spans):
         keep = mask2d[b].new_ones(input_ids.shape[1], dtype=torch.bool)
         kept_per_image, merged = [], []
@@ -266,7 +269,7 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
         new_ids.append(input_ids[b][keep])
         new_mask.append(mask2d[b][keep])
         if original_positions is not None:
-            new_pos.append(original_positions[..., b, :][..., keep])
+            new_pos.append(sel.gap_positions(original_positions[..., b, :], keep))
         n_kept = sum(k.numel() for k in kept_per_image) + sum(merged)
         full = int(real.sum())
         records.append(PruneRecord(n_vis, n_kept, kept_per_image, full, full - n_vis + n_kept, [],

@@ -220,6 +220,30 @@ class Family:
         """Processor-call keyword arguments for a tile budget (calibration, diagnostics, overlays)."""
         return {}
 
+    # ---- processor-level token budgets (a method that shrinks the input instead of pruning tokens)
+    # Why this family cannot meet a visual-token budget by shrinking its images (None: it can, see
+    # budget_images); shown before any weights load.
+    input_budget_refusal: ClassVar[str | None] = "its processor maps no smaller input to fewer visual tokens"
+
+    @classmethod
+    def check_input_budget(cls, keep_ratio: float | None, keep_tokens: int | None, options: dict[str, Any]) -> None:
+        """Raise ``ValueError`` with the reason when this family cannot meet ``keep_ratio`` of each image's visual
+        tokens by shrinking its input (:meth:`budget_images`); reads no model."""
+        if keep_tokens is not None or keep_ratio is None:
+            raise ValueError(f"keep_tokens={keep_tokens!r}: a processor-level budget is a fraction of each image's "
+                             "visual tokens; give keep_ratio instead")
+        if cls.input_budget_refusal is not None:
+            raise ValueError(f"{cls.name} cannot meet a token budget by shrinking its images: "
+                             f"{cls.input_budget_refusal}")
+
+    @classmethod
+    def budget_images(cls, images: list[Any], keep_ratio: float, options: dict[str, Any],
+                      processor: Any = None) -> tuple[list[Any], dict[str, Any]]:
+        """The images (as :meth:`prepare_images` returned them) and family options with which the vision tower
+        yields about ``keep_ratio`` of the visual tokens it yields for ``images`` under ``options``."""
+        cls.check_input_budget(keep_ratio, None, options)
+        raise TypeError(f"{cls.name}: input_budget_refusal is None but budget_images is not implemented")
+
     # ---- grounding answers
     @classmethod
     def box_frame(cls, image_size: Sequence[int], inputs: Any, index: int, options: dict[str, Any],

@@ -155,6 +155,43 @@ class InternVL(Family):
     def image_kwargs(cls, max_num):
         return {} if max_num is None else {"images_kwargs": {"max_patches": max_num}}
 
+    # ---- processor-level token budget: the tile count
+    input_budget_refusal = None
+
+    @classmethod
+    def check_input_budget(cls, keep_ratio, keep_tokens, options):
+        """InternVL resizes every tile to 448 px, so only the tile count moves the token count: refused with
+        one tile per image (``crop_to_patches`` not true), and below the fewest tiles' share of the most."""
+        super().check_input_budget(keep_ratio, keep_tokens, options)
+        if options.get("crop_to_patches") != "true":
+            raise ValueError(f"crop_to_patches={options.get('crop_to_patches')!r}: InternVL then resizes every image "
+                             f"to one {TILE} px tile (256 tokens) whatever its size, so a smaller image yields no fewer "
+                             "tokens; use crop_to_patches=true (the budget then sets the number of tiles)")
+        low, high = options["min_patches"], options["max_patches"]
+        fewest = low + (low > 1)  # tiles + thumbnail
+        floor = fewest / (high + (high > 1))
+        if keep_ratio < floor:
+            raise ValueError(f"keep_ratio={keep_ratio}: with min_patches={low} and max_patches={high}, InternVL's "
+                             f"fewest tiles ({fewest}) are {floor:.3g} of the most ({high + (high > 1)}); raise "
+                             f"keep_ratio to >= {floor:.3g} or max_patches")
+
+    @classmethod
+    def budget_images(cls, images, keep_ratio, options, processor=None):
+        """The budget as a tile count: per image, the ``max_patches`` ``m`` in ``min_patches..max_patches``
+        whose tiles (grid + thumbnail, InternVL's ``dynamic_preprocess``) come closest to ``keep_ratio`` of its
+        tiles at ``max_patches`` (ties: fewer); a batch shares the smallest ``m``. The images are unchanged."""
+        cls.check_input_budget(keep_ratio, None, options)
+        ip = getattr(processor, "image_processor", None)
+        tile = int(ip.size["height"]) if ip is not None and getattr(ip, "size", None) is not None else TILE
+        low, high = options["min_patches"], options["max_patches"]
+        chosen = []
+        for image in images:
+            width, height = image.size
+            counts = {m: num_tiles(width, height, m, low, tile) for m in range(low, high + 1)}
+            target = keep_ratio * counts[high]
+            chosen.append(min(counts, key=lambda m: (abs(counts[m] - target), counts[m])))
+        return images, {**options, "max_patches": min(chosen)}
+
     # ---- geometry
     @classmethod
     def token_boxes(cls, image_size, grids, processor=None, max_num=None):

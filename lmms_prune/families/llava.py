@@ -148,6 +148,8 @@ class Llava(Family):
     """LLaVA-1.5: 576 tokens (24x24) per image."""
 
     name = "llava"
+    input_budget_refusal = ("it resizes every image to the vision tower's fixed input (336 px: 576 tokens), so a "
+                            "smaller image is enlarged back and yields as many tokens")
     model_types = ("llava",)
     model_class = "LlavaForConditionalGeneration"
     processor_class = "LlavaProcessor"

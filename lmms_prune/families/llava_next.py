@@ -110,6 +110,8 @@ class LlavaNext(Llava):
     """LLaVA-NeXT: a 24x24 base grid plus the unpadded mosaic, a newline token ending each mosaic row."""
 
     name = "llava_next"
+    input_budget_refusal = ("its anyres grid (image_grid_pinpoints) changes in whole tiles and never "
+                            "drops below the base image plus one tile, so most budgets cannot be met; not supported")
     model_types = ("llava_next",)
     model_class = "LlavaNextForConditionalGeneration"
     processor_class = "LlavaNextProcessor"

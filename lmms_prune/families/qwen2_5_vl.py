@@ -120,6 +120,35 @@ class Qwen25VL(Family):
         patch = cls.token_pixels // 2  # the patch of one merged token's 2x2 (Qwen3-VL: 16, lmms-eval's qwen3_vl)
         return [fetch_image({"image": image}, image_patch_size=patch) for image in images]
 
+    input_budget_refusal = None  # dynamic resolution: fewer pixels, fewer tokens
+
+    @classmethod
+    def budget_images(cls, images, keep_ratio, options, processor=None):
+        """VTC-Bench's downsampling baseline (Liao et al., 2025, arXiv 2510.07143) for a budget: each image, as
+        the processor would resize it under ``options`` (``H x W``, multiples of the merged-token side ``f``),
+        is resized (bicubic, as VTC-Bench) by ``sqrt(keep_ratio)`` per side, rounded to multiples of ``f`` (at
+        least one token per side), so it yields about ``keep_ratio`` of its tokens; ``min_pixels`` is lowered to
+        the smallest new area so the processor does not enlarge it back (lmms-eval's Qwen2.5-VL default floor
+        is 256 tokens)."""
+        from PIL import Image
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        cls.check_input_budget(keep_ratio, None, options)
+        ip = getattr(processor, "image_processor", None)
+        side = (int(ip.patch_size) * int(ip.merge_size) if ip is not None and hasattr(ip, "merge_size")
+                else cls.token_pixels)
+        scale = keep_ratio ** 0.5
+        out, areas = [], []
+        for image in images:
+            width, height = image.size
+            rows, cols = smart_resize(height, width, factor=side, min_pixels=options["min_pixels"],
+                                      max_pixels=options["max_pixels"])
+            new_rows = max(side, round(rows * scale / side) * side)
+            new_cols = max(side, round(cols * scale / side) * side)
+            out.append(image.resize((new_cols, new_rows), resample=Image.BICUBIC))
+            areas.append(new_rows * new_cols)
+        return out, {**options, "min_pixels": min(options["min_pixels"], *areas)}
+
     @classmethod
     def box_frame(cls, image_size, inputs, index, options, processor=None):
         """``resized_pixels`` with the size the processor really resized image ``index`` to: ``image_grid_thw``

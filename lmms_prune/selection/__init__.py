@@ -23,6 +23,8 @@ from lmms_prune.selection.pivot_mis import (
     normalized_similarity,
     pivot_mis,
 )
+from lmms_prune.selection.positions import gap_positions, kept_index
+from lmms_prune.selection.prumerge import iqr_outlier_ratio, prumerge_centres, prumerge_plus
 from lmms_prune.selection.sparsevlm import adaptive_keep_count, dpc_knn, recycle, sparsevlm
 from lmms_prune.selection.temporal import (
     frame_layout,
@@ -48,14 +50,19 @@ __all__ = [
     "dpp_greedy",
     "frame_layout",
     "fused_graph",
+    "gap_positions",
     "grid_adjacency",
     "grid_neighbour_pairs",
     "instruction_relevance",
+    "iqr_outlier_ratio",
+    "kept_index",
     "group_weights",
     "merged_embeddings",
     "normalized_similarity",
     "pivot_mis",
     "previous_frame_similarity",
+    "prumerge_centres",
+    "prumerge_plus",
     "random_select",
     "recycle",
     "remove_duplicates",

@@ -29,7 +29,7 @@ DOMINANT_RATIO = 54 / 64  # VisionZip on LLaVA-1.5 at 64 tokens: 54 dominant + 1
 class Merge:
     """A selection with merged tokens: ``index`` ``[k]`` (kept original tokens, ascending, int64) and
     ``weights`` ``[m, N]`` (row ``j``: the non-negative weights of merged token ``j``: a group's mean sums to 1;
-    VisionZip's ``target + mean(members)`` to 2).
+    VisionZip's ``target + mean(members)`` to 2; PruMerge+'s attention-weighted updates need not).
     The image's tokens become ``[x[index]; weights @ x]``: ``k + m`` tokens, kept ones first, in that order.
 
     Inside the LLM (SparseVLM's recycling, :func:`lmms_prune.selection.sparsevlm.sparsevlm`) a merged token

@@ -1,0 +1,38 @@
+"""The 2025-26 presets through the lmms-eval command line on tiny models (``--model <family>_<preset>`` on
+InternVL and Qwen2.5-VL). Two samples per run (CI time): each run writes its results and one efficiency record
+per sample with the method's budget."""
+
+from __future__ import annotations
+
+import pytest
+from cli_runs import run_lmms_eval
+
+from lmms_prune.toy.models import tiny_model_dir
+
+RUNS = [  # --model, tiny model, --model_args; visual tokens after = the fixed budget 9
+    ("internvl_prumerge_plus", "internvl3", "keep_tokens=9,max_num=2"),
+    ("qwen2_5_vl_prumerge_plus", "qwen2_5_vl", "keep_tokens=9"),
+]
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize(("model", "toy", "args"), RUNS, ids=[r[0] for r in RUNS])
+def test_merging_presets_run_through_lmms_eval(tmp_path, model, toy, args):
+    run = run_lmms_eval(tmp_path, model, f"pretrained={tiny_model_dir(toy)},{args}", limit=2)
+    assert "pope_accuracy,none" in run.metrics["pope_tiny"]
+    samples = run.efficiency["samples"]
+    assert len(samples) == 2 and all(s["visual_after"] == 9 < s["visual_before"] for s in samples)
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize(("model", "toy", "args", "below"), [
+    ("internvl_downsample", "internvl3", "keep_ratio=0.5,max_num=6", 10**9),
+    # lmms-eval's Qwen2.5-VL min_pixels gives every unshrunken image >= 256 tokens
+    ("qwen2_5_vl_downsample", "qwen2_5_vl", "keep_ratio=0.25", 256)])
+def test_downsample_runs_through_lmms_eval(tmp_path, model, toy, args, below):
+    """Nothing is pruned: each sample keeps every token its shrunken image gave (the token counts against the
+    processor are proven in tests/test_downsample.py, without a model)."""
+    run = run_lmms_eval(tmp_path, model, f"pretrained={tiny_model_dir(toy)},{args}", limit=2)
+    assert "pope_accuracy,none" in run.metrics["pope_tiny"]
+    samples = run.efficiency["samples"]
+    assert len(samples) == 2 and all(below > s["visual_after"] == s["visual_before"] > 0 for s in samples)
