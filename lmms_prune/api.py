@@ -59,9 +59,12 @@ Structural tokens (row newlines, timestamps) are never shown to a method and alw
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmms_prune.methods.base import ImageSignals, Needs, Param, Preset, S, Score, Selector, sel
+
+if TYPE_CHECKING:
+    from lmms_prune.selection.merge import Merge
 
 __all__ = ["ImageSignals", "Merge", "Needs", "Param", "Preset", "S", "Score", "Selector", "sel"]
 
