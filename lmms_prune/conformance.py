@@ -334,8 +334,6 @@ class Checker:
             raise NotApplicable(str(err)) from err
         finally:
             handle.remove()
-        problems = kept_problems(records)
-        assert not problems, "; ".join(problems)
         return records
 
     def check_params(self) -> str:

@@ -29,7 +29,7 @@ def _params(items: list[str]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmms_prune.presets import PRESETS, resolve_config
+    from lmms_prune.presets import PARAMS, PRESETS, reads, resolve_config
     from lmms_prune.toy.models import FAMILIES
 
     if args.preset not in PRESETS:
@@ -41,12 +41,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--families {args.families!r}: unknown {', '.join(unknown) or '(none given)'}; choose from "
                          f"{', '.join(FAMILIES)}")
     params = _params(args.param)
-    if "bias_prior" not in params:  # a missing prior is calibrated on each tiny model; everything else is checked now
-        try:
-            resolve_config(args.preset, **params)
-        except ValueError as err:
-            if "bias_prior" not in str(err):
-                raise
+    unknown = sorted(set(params) - set(PARAMS))
+    if unknown:
+        raise ValueError(f"--param: unknown pruning parameter(s) {', '.join(unknown)}; valid ones: "
+                         f"{', '.join(sorted(PARAMS))}")
+    if reads(args.preset, "bias_prior") and "bias_prior" not in params:
+        for key, value in params.items():  # the prior is calibrated on each tiny model; the values are checked now
+            PARAMS[key].parse(value)
     else:
         resolve_config(args.preset, **params)
 
