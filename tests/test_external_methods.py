@@ -55,6 +55,7 @@ def test_new_method_package_installed_with_pip_runs_through_lmms_eval(tmp_path, 
     listed = _python(["-m", "lmms_prune.cli.main", "methods"], env)
     assert listed.returncode == 0, listed.stderr[-3000:]
     assert f"{name}: lowest hidden-state norms" in listed.stdout and f"{name}_mix" in listed.stdout
+    assert f"lmms_prune_{name}.method ({site}" in listed.stdout.split("External method modules")[1]
 
     out = tmp_path / "check.json"
     checked = _python(["-m", "lmms_prune.cli.main", "check-method", name, "--families", "internvl_llama",
