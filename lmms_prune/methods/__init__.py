@@ -18,6 +18,7 @@ module declared each name.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -67,15 +68,13 @@ def _declared(module: ModuleType, source: str) -> MethodModule:
 
 
 def _load_file(path: Path) -> ModuleType:
-    """A ``.py`` file as a module named after its stem (registered in ``sys.modules``: dataclasses need it)."""
+    """A ``.py`` file as a module named after its stem and path (the same name in every process, so that its
+    classes pickle; registered in ``sys.modules``, which dataclasses need)."""
     if not path.is_file():
         raise ImportError(f"{ENV_VAR}: {str(path)!r} is not a file; give a module name or an existing .py file")
-    name = path.stem
-    if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path):
-        return sys.modules[name]
+    name = f"lmms_prune_file_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}_{path.stem}"
     if name in sys.modules:
-        raise ImportError(f"{ENV_VAR}: {str(path)!r} would be imported as module {name!r}, which is already "
-                          f"{sys.modules[name]!r}; rename the file")
+        return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
