@@ -1,6 +1,7 @@
 """Methods that live outside the package: a pip-installed one from ``lmms-prune new-method`` runs through the
-lmms-eval command line, ``lmms-prune methods`` and ``check-method``; deliberately broken ones fail
-``check-method`` with the reason; a name clash is refused naming both modules."""
+lmms-eval command line, ``lmms-prune methods`` and ``check-method``; deliberately broken ones (duplicate or
+out-of-range indices, a budget ignored, a random draw, an undeclared parameter) fail ``check-method`` with the
+reason; a name clash is refused naming both modules."""
 
 from __future__ import annotations
 
@@ -107,7 +108,14 @@ class Nondeterministic(Selector):
         return torch.randperm(image.num_tokens)[:n].sort().values
 
 
-SELECTORS = (Duplicates, OutOfRange, IgnoresBudget, Nondeterministic)
+class Undeclared(Selector):
+    name = "sneaky_select"  # reads the random baseline's seed without listing it in params
+
+    def __call__(self, image, scores, n):
+        return sel.topk(scores + 0 * self.config.seed, n)
+
+
+SELECTORS = (Duplicates, OutOfRange, IgnoresBudget, Nondeterministic, Undeclared)
 PRESETS = tuple(Preset(s.name.split("_")[0], "broken on purpose",
                        dict(stage="llm", score="attention", selector=s.name, prune_layer=2)) for s in SELECTORS)
 '''
@@ -129,7 +137,7 @@ print(json.dumps({p: [asdict(r) for r in conformance.check_family(p, "internvl_l
 def test_broken_external_methods_fail_check_method_with_the_reason(tmp_path):
     module = tmp_path / "broken_methods.py"
     module.write_text(BROKEN)
-    done = _python(["-c", CHECK_ALL, "dup", "oob", "greedy", "dice"], _env(LMMS_PRUNE_METHODS=str(module)))
+    done = _python(["-c", CHECK_ALL, "dup", "oob", "greedy", "dice", "sneaky"], _env(LMMS_PRUNE_METHODS=str(module)))
     assert done.returncode == 0, done.stderr[-3000:]
     results = {p: {r["check"]: r for r in rs} for p, rs in json.loads(done.stdout.splitlines()[-1]).items()}
 
@@ -144,8 +152,10 @@ def test_broken_external_methods_fail_check_method_with_the_reason(tmp_path):
     failed("greedy", "budget N", "kept 10, not 256")
     failed("dice", "deterministic", "a second run kept other tokens")
     failed("dice", "prune = mask", "kept sets differ between prune and mask mode")
+    failed("sneaky", "params", "its plug-ins read seed without declaring it")
     for preset in ("greedy", "dice"):  # what they get right still passes
         assert results[preset]["params"]["status"] == "pass"
+    assert {r["status"] for c, r in results["sneaky"].items() if c != "params"} <= {"pass", "n/a"}
 
 
 def _collect_with(monkeypatch, *files: Path) -> dict:
