@@ -119,7 +119,7 @@ def same_tokens(a: torch.Tensor, b: torch.Tensor, steps_a: torch.Tensor, steps_b
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-def test_image(size: tuple[int, int] = (300, 200), which: str = "coffee") -> Image.Image:
+def photo(size: tuple[int, int] = (300, 200), which: str = "coffee") -> Image.Image:
     """A natural photograph from scikit-image (``coffee``, ``astronaut``, ...) resized to ``size``."""
     import skimage.data
 
@@ -166,7 +166,7 @@ def video_inputs(proc: Any, with_image: bool = False, text: str = "Where does th
     (Qwen: at ``fps``, so merged frames are ``2 / fps`` seconds apart in M-RoPE time)."""
     content = ([{"type": "image"}] if with_image else []) + [{"type": "video"}, {"type": "text", "text": text}]
     prompt = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    images = [test_image((160, 120))] if with_image else None
+    images = [photo((160, 120))] if with_image else None
     extra = {}
     if type(proc).__name__.startswith("Qwen"):
         extra["video_metadata"] = [{"fps": fps, "total_num_frames": frames, "frames_indices": list(range(frames))}]
@@ -300,7 +300,7 @@ class Checker:
             self.cfg = resolve_config(preset, **self.params)
         except ValueError as err:
             raise NotApplicable(str(err)) from err
-        self.image = image_inputs(family, proc, [[test_image()]], ["Where is the cup on the table?"], device, tol.dtype)
+        self.image = image_inputs(family, proc, [[photo()]], ["Where is the cup on the table?"], device, tol.dtype)
 
     def _run(self, inputs: Any, mode: str = "prune", decode: bool = True, **extra: Any) -> Run:
         """A run; a ValueError raised outside the method's own plug-ins is a refusal (:class:`NotApplicable`)."""
@@ -394,11 +394,11 @@ class Checker:
 
     def check_batch(self) -> str:
         sizes, texts = BATCH_SIZES, BATCH_TEXTS
-        batch = image_inputs(self.family, self.proc, [[test_image(s)] for s in sizes], texts, self.device,
+        batch = image_inputs(self.family, self.proc, [[photo(s)] for s in sizes], texts, self.device,
                              self.tol.dtype)
         both = self._run(batch)
         for row, (size, text) in enumerate(zip(sizes, texts)):
-            single = self._run(image_inputs(self.family, self.proc, [[test_image(size)]], [text], self.device,
+            single = self._run(image_inputs(self.family, self.proc, [[photo(size)]], [text], self.device,
                                             self.tol.dtype))
             assert both.kept[row] == single.kept[0], f"sample {row}: kept sets differ from the sample run alone"
             assert same_tokens(both.tokens[row], single.tokens[0], both.steps[row], single.steps[0], self.tol), \
@@ -477,7 +477,7 @@ def _calibrated_prior(preset: str, params: dict[str, Any], family: str, model: A
 
     cfg = PruneConfig(**{"method": preset, **PRESETS[preset].settings, **params})
     layer = cfg.effective_score_layer
-    images = [test_image(s, w) for s in BATCH_SIZES for w in ("coffee", "astronaut")]
+    images = [photo(s, w) for s in BATCH_SIZES for w in ("coffee", "astronaut")]
     prior = calibrate_prior(model, proc, images, layer, max_num=2)
     return str(save_prior(folder / f"{family}.pt", prior.means, prior.counts, prior.meta))
 

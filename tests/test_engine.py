@@ -37,7 +37,7 @@ EXACT = TOL.exact
 _same = functools.partial(conformance.same, tol=TOL)
 _steps_close = functools.partial(conformance.steps_close, tol=TOL)
 _same_tokens = functools.partial(conformance.same_tokens, tol=TOL)
-_image = conformance.test_image
+_image = conformance.photo
 _generate = conformance.generate
 
 
