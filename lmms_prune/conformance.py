@@ -484,9 +484,14 @@ def _calibrated_prior(preset: str, params: dict[str, Any], family: str, model: A
 
 def check_family(preset: str, family: str, params: dict[str, Any] | None = None,
                  dtype: torch.dtype = torch.float32, device: str = "cpu", model: Any = None,
-                 proc: Any = None, decode: int = DECODE_STEPS) -> list[Result]:
-    """Every check of ``preset`` on ``family``'s tiny model (built here unless ``model`` / ``proc`` are given)."""
+                 proc: Any = None, decode: int = DECODE_STEPS, checks: Sequence[str] = CHECKS) -> list[Result]:
+    """The ``checks`` (default: all, :data:`CHECKS`) of ``preset`` on ``family``'s tiny model (built here unless
+    ``model`` / ``proc`` are given), each after a first run that surfaces refusals."""
     from lmms_prune.toy.models import build_processor, build_tiny_model
+
+    unknown = [c for c in checks if c not in CHECKS]
+    if unknown:
+        raise ValueError(f"checks {unknown}: unknown; choose from {', '.join(CHECKS)}")
 
     params = dict(params or {})
     if model is None:
@@ -501,24 +506,22 @@ def check_family(preset: str, family: str, params: dict[str, Any] | None = None,
             checker = Checker(preset, family, model, proc, params, tol, device, decode)
             first = checker.probe()
         except NotApplicable as why:
-            return [Result(c, family, "n/a", str(why).splitlines()[0][:300]) for c in CHECKS]
+            return [Result(c, family, "n/a", str(why).splitlines()[0][:300]) for c in checks]
         except Exception as err:  # the method fails on its first run: every check fails with that reason
-            return [Result(c, family, "fail", f"first run: {_short(err)}") for c in CHECKS]
-        results = [
-            _outcome("params", family, checker.check_params),
-            _outcome("prune = mask", family, lambda: checker.check_prune_equals_mask(checker.image)),
-            _outcome("cache = recompute", family, checker.check_cache),
-            _outcome("batch = samples", family, checker.check_batch),
-            _outcome("budget 1", family, lambda: checker.check_budget(full=False)),
-            _outcome("budget N", family, lambda: checker.check_budget(full=True)),
-            _outcome("deterministic", family, lambda: checker.check_deterministic(first)),
-        ]
-        if family in VIDEO_FAMILIES:
-            video = video_inputs(proc, device=device, dtype=dtype)
-            results.append(_outcome("video prune = mask", family, lambda: checker.check_prune_equals_mask(video)))
-        else:
-            results.append(Result("video prune = mask", family, "n/a", "no video inputs in this family"))
-        results.append(_outcome("timing", family, checker.check_timing))
+            return [Result(c, family, "fail", f"first run: {_short(err)}") for c in checks]
+        def video() -> str:
+            if family not in VIDEO_FAMILIES:
+                raise NotApplicable("no video inputs in this family")
+            return checker.check_prune_equals_mask(video_inputs(proc, device=device, dtype=dtype))
+
+        runs = {"params": checker.check_params,
+                "prune = mask": lambda: checker.check_prune_equals_mask(checker.image),
+                "cache = recompute": checker.check_cache, "batch = samples": checker.check_batch,
+                "budget 1": lambda: checker.check_budget(full=False),
+                "budget N": lambda: checker.check_budget(full=True),
+                "deterministic": lambda: checker.check_deterministic(first), "video prune = mask": video,
+                "timing": checker.check_timing}
+        results = [_outcome(check, family, runs[check]) for check in checks]
     return results
 
 

@@ -128,8 +128,10 @@ from lmms_prune.toy.models import build_processor, build_tiny_model
 
 model, proc = build_tiny_model("internvl_llama"), build_processor("internvl_llama")
 proc.tokenizer.padding_side = "left"
+checks = ("params", "prune = mask", "budget 1", "budget N", "deterministic")  # the ones that catch these bugs
 print(json.dumps({p: [asdict(r) for r in conformance.check_family(p, "internvl_llama", model=model, proc=proc,
-                                                                   decode=2)] for p in sys.argv[1:]}))
+                                                                   decode=2, checks=checks)]
+                  for p in sys.argv[1:]}))
 '''
 
 
