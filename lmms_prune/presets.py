@@ -64,6 +64,12 @@ COMMON_PARAMS: tuple[Param, ...] = (
 )
 STAGE_PARAMS = {"none": (), "llm": ("prune_layer", "prune_layers", "positions"), "pre_llm": ("positions",)}
 ALWAYS = ("method", "stage", "selector", "score", "keep_ratio", "keep_tokens")
+_COMMON_CLASH = sorted({p.name for p in COMMON_PARAMS} & set(METHOD_PARAMS))
+if _COMMON_CLASH:
+    from lmms_prune.methods import ORIGINS
+
+    raise ValueError(f"parameter name {_COMMON_CLASH[0]!r} is declared by both {__name__} (the parameters every "
+                     f"method has) and {ORIGINS['parameter', _COMMON_CLASH[0]]}; rename the one in the method module")
 PARAMS: dict[str, Param] = {p.name: p for p in COMMON_PARAMS} | METHOD_PARAMS
 
 

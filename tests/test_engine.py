@@ -10,69 +10,35 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
 import torch
-from PIL import Image
-from skimage import data as skdata
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lmms_prune
+from lmms_prune import conformance
 from lmms_prune.engine import attention as attn_mod
 from lmms_prune.families import get_adapter
 from lmms_prune.toy.models import FAMILIES, build_processor, build_tiny_model
 
 torch.set_num_threads(1)
-DECODE_STEPS = 8
 # The equivalence proofs run on any device and dtype (scripts/gpu_check.sh runs them on CUDA in fp32 and bf16):
 # LMMS_PRUNE_TEST_DEVICE=cuda LMMS_PRUNE_TEST_DTYPE=bfloat16. Tolerances per dtype: fp32 rounding; bf16 keeps 8
 # mantissa bits, so the tiny models' logits (|logit| < 2) agree to a few 1e-2, and generated tokens are compared
 # by argmax agreement up to a near-tie that bf16 rounding explains (see _same_tokens).
 DEVICE = torch.device(os.environ.get("LMMS_PRUNE_TEST_DEVICE", "cpu"))
 DTYPE = getattr(torch, os.environ.get("LMMS_PRUNE_TEST_DTYPE", "float32"))
-ATOL = {torch.float32: 1e-4, torch.bfloat16: 6e-2, torch.float16: 1e-2}[DTYPE]
-EXACT = DTYPE == torch.float32
-
-
-def _same(a, b):
-    """Exactly equal in fp32; within the dtype's tolerance otherwise."""
-    if EXACT:
-        return torch.equal(a, b)
-    torch.testing.assert_close(a.float(), b.float(), atol=ATOL, rtol=0)
-    return True
-
-
-def _steps_close(a, b, tokens_a, tokens_b, exact=False):
-    """Decode-step logits ``[B, S, V]`` agree (exactly when ``exact`` in fp32, else within ATOL). In other dtypes
-    only the steps up to the first token that differs are compared: later steps continue different texts."""
-    if EXACT:
-        if exact:
-            return torch.equal(a, b)
-        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
-        return True
-    differ = (tokens_a != tokens_b).flatten(1).any(0).nonzero()
-    n = int(differ[0]) + 1 if differ.numel() else a.shape[1]
-    torch.testing.assert_close(a[:, :n].float(), b[:, :n].float(), atol=ATOL, rtol=0)
-    return True
-
-
-def _same_tokens(a, b, steps_a, steps_b):
-    """Equal generated tokens in fp32. In other dtypes they agree up to the first step where they differ, and
-    there the two runs' choices were a near-tie (their logits within 2 * ATOL in the first run): a flip that
-    the dtype's rounding explains, after which the texts legitimately part."""
-    if EXACT:
-        return torch.equal(a, b)
-    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
-    steps_a = steps_a.reshape(-1, *steps_a.shape[-2:]).float()
-    for row in range(a.shape[0]):
-        differ = (a[row] != b[row]).nonzero()
-        if differ.numel():
-            n = int(differ[0])
-            gap = (steps_a[row, n, a[row, n]] - steps_a[row, n, b[row, n]]).abs().item()
-            if gap > 2 * ATOL:
-                return False
-    return True
+TOL = conformance.Tolerance(DTYPE)
+ATOL = TOL.atol
+EXACT = TOL.exact
+# The comparisons and inputs are lmms_prune.conformance's (lmms-prune check-method runs them on any method).
+_same = functools.partial(conformance.same, tol=TOL)
+_steps_close = functools.partial(conformance.steps_close, tol=TOL)
+_same_tokens = functools.partial(conformance.same_tokens, tol=TOL)
+_image = conformance.photo
+_generate = conformance.generate
 
 
 @pytest.fixture(scope="module")
@@ -90,22 +56,8 @@ def toys():
     return get
 
 
-def _image(size=(300, 200), which="coffee") -> Image.Image:
-    return Image.fromarray(getattr(skdata, which)()).convert("RGB").resize(size)
-
-
 def _inputs(family, proc, images_per_prompt, texts):
-    prompts, flat = [], []
-    for imgs, text in zip(images_per_prompt, texts):
-        content = [{"type": "image"} for _ in imgs] + [{"type": "text", "text": text}]
-        prompts.append(proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
-        flat.extend(imgs)
-    kwargs = {"images_kwargs": {"max_patches": 2}} if family.startswith("internvl") else {}
-    inputs = proc(images=flat, text=prompts, return_tensors="pt", padding=True, **kwargs).to(DEVICE)
-    for key, value in inputs.items():
-        if value.is_floating_point():
-            inputs[key] = value.to(DTYPE)
-    return inputs
+    return conformance.image_inputs(family, proc, images_per_prompt, texts, DEVICE, DTYPE)
 
 
 def _one(family, proc, size=(300, 200), text="Where is the cup on the table?"):
@@ -118,27 +70,6 @@ def _num_visual(model, inputs, row=0):
     placeholders = int((inputs["input_ids"][row] == model.config.image_token_id).sum())
     assert sum(s.length for s in spans) == placeholders
     return sum(s.num_visual for s in spans)
-
-
-def _generate(model, inputs, **kw):
-    out = model.generate(**inputs, max_new_tokens=DECODE_STEPS, do_sample=False, output_logits=True,
-                         return_dict_in_generate=True, **kw)
-    return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1)
-
-
-def _mask_and_prune(model, inputs, keep, k_layer):
-    """The same kept set ``keep`` at layer ``k_layer`` in mask mode and pruned: ``(mask_logits, mask_tokens,
-    mask_steps, logits, index, tokens, steps, record)``, ``index`` the pruned sequence's positions in the full one
-    and ``record`` the pruned run's PruneRecord (call under ``torch.no_grad``)."""
-    with lmms_prune.apply(model, "fixed", keep_indices=keep, prune_layer=k_layer, mode="mask"):
-        mask_logits = model(**inputs).logits
-        mask_tokens, mask_steps = _generate(model, inputs)
-    with lmms_prune.apply(model, "fixed", keep_indices=keep, prune_layer=k_layer) as handle:
-        logits = model(**inputs).logits
-        index = handle.state.keep_index[0]
-        tokens, steps = _generate(model, inputs)
-        record = handle.records[0]
-    return mask_logits, mask_tokens, mask_steps, logits, index, tokens, steps, record
 
 
 def _random_keep(n_visual, k, seed):
@@ -182,12 +113,10 @@ def test_prune_equals_mask_mode_prefill_and_decode(toys, family):
     with torch.no_grad():
         for k_layer in _layers_to_test(model):
             keep = _random_keep(n, max(1, n // 7), seed=k_layer)
-            mask_logits, mask_tokens, mask_steps, logits, index, tokens, steps, rec = _mask_and_prune(
-                model, inputs, keep, k_layer)
-            assert logits.shape[1] == inputs["input_ids"].shape[1] - n + len(keep)
-            torch.testing.assert_close(logits[0], mask_logits[0, index], atol=ATOL, rtol=0)
-            assert _steps_close(steps, mask_steps, tokens, mask_tokens)
-            assert _same_tokens(tokens, mask_tokens, steps, mask_steps)
+            mask, pruned = conformance.mask_and_prune(model, inputs, keep, k_layer)
+            assert pruned.logits.shape[1] == inputs["input_ids"].shape[1] - n + len(keep)
+            conformance.equal_prefill_and_decode(pruned, mask, TOL)
+            rec = pruned.records[0]
             full = inputs["input_ids"].shape[1]
             assert rec.kv_lengths == [full] * k_layer + [full - n + len(keep)] * (len(rec.kv_lengths) - k_layer)
             assert rec.kept[0].tolist() == keep

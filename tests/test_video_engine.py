@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import test_engine
 import torch
-from PIL import Image, ImageDraw
-from test_engine import ATOL, DEVICE, DTYPE, _generate, _image, _mask_and_prune, _same_tokens, _steps_close
+from test_engine import ATOL, DEVICE, DTYPE, _generate, _image, _same_tokens, _steps_close
 
 import lmms_prune
+from lmms_prune import conformance
 from lmms_prune.families import get_adapter
 from lmms_prune.toy.models import build_tiny_model
 
@@ -33,31 +33,11 @@ FRAMES = 4
 VIDEO_FPS = 1.0  # second_per_grid_ts = 2: unlike the default of 1 when none is passed
 
 
-def moving_square(frames: int = FRAMES, size: tuple[int, int] = (140, 112)) -> list[Image.Image]:
-    """``frames`` RGB frames of a red square moving right over a noisy background."""
-    rng = np.random.RandomState(0)
-    out = []
-    for t in range(frames):
-        frame = Image.fromarray((rng.rand(size[1], size[0], 3) * 80).astype("uint8"))
-        x = 10 + t * 25
-        ImageDraw.Draw(frame).rectangle([x, 30, x + 30, 60], fill=(230, 20, 20))
-        out.append(frame)
-    return out
+moving_square = conformance.moving_square
 
 
 def _video_inputs(proc, with_image: bool = False, text: str = "Where does the square move?", frames: int = FRAMES):
-    content = ([{"type": "image"}] if with_image else []) + [{"type": "video"}, {"type": "text", "text": text}]
-    prompt = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    images = [_image((160, 120))] if with_image else None
-    extra = {}
-    if type(proc).__name__.startswith("Qwen"):  # frames at 1 fps: merged frames two seconds apart in M-RoPE time
-        extra["video_metadata"] = [{"fps": VIDEO_FPS, "total_num_frames": frames, "frames_indices": list(range(frames))}]
-    inputs = proc(text=[prompt], images=images, videos=[moving_square(frames)], return_tensors="pt",
-                  do_sample_frames=False, **extra).to(DEVICE)
-    for key, value in inputs.items():
-        if value.is_floating_point():
-            inputs[key] = value.to(DTYPE)
-    return inputs
+    return conformance.video_inputs(proc, with_image, text, frames, fps=VIDEO_FPS, device=DEVICE, dtype=DTYPE)
 
 
 def _video_span(model, inputs):
@@ -115,13 +95,10 @@ def test_video_prune_equals_mask_mode_prefill_and_decode(toys, family, k_layer):
     _, span = _video_span(model, inputs)
     n = span.num_visual
     keep = _random_keep(n, max(1, n // 5), seed=k_layer + 1)
-    with torch.no_grad():
-        mask_logits, mask_tokens, mask_steps, logits, index, tokens, steps, rec = _mask_and_prune(
-            model, inputs, keep, k_layer)
-    assert logits.shape[1] == inputs["input_ids"].shape[1] - n + len(keep)
-    torch.testing.assert_close(logits[0], mask_logits[0, index], atol=ATOL, rtol=0)
-    assert _steps_close(steps, mask_steps, tokens, mask_tokens)
-    assert _same_tokens(tokens, mask_tokens, steps, mask_steps)
+    mask, pruned = conformance.mask_and_prune(model, inputs, keep, k_layer)
+    assert pruned.logits.shape[1] == inputs["input_ids"].shape[1] - n + len(keep)
+    conformance.equal_prefill_and_decode(pruned, mask, test_engine.TOL)
+    rec, index = pruned.records[0], pruned.index[0]
     assert rec.kept[0].tolist() == keep and rec.visual_before == n and rec.visual_after == len(keep)
     # structural tokens (timestamps, the newline) stay in the pruned sequence
     kept_positions = set(index.tolist())
@@ -367,10 +344,8 @@ def test_internvl_video_frames_are_tiles_and_prune_like_mask_mode(toys):
         ref = model(**inputs).logits
         with lmms_prune.apply(model, "fastv", keep_ratio=1.0, prune_layer=2):
             torch.testing.assert_close(model(**inputs).logits, ref, atol=ATOL, rtol=0)
-        mask_logits, mask_tokens, mask_steps, logits, index, tokens, steps, _ = _mask_and_prune(model, inputs, keep, 2)
-    torch.testing.assert_close(logits[0], mask_logits[0, index], atol=ATOL, rtol=0)
-    assert _steps_close(steps, mask_steps, tokens, mask_tokens)
-    assert _same_tokens(tokens, mask_tokens, steps, mask_steps)
+    mask, pruned = conformance.mask_and_prune(model, inputs, keep, 2)
+    conformance.equal_prefill_and_decode(pruned, mask, test_engine.TOL)
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])

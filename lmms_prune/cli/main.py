@@ -27,6 +27,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "diagnose": ("diagnose", "Phase-0 attention table per layer: prompt stability, position bias, entropy"),
     "visualize": ("visualize", "overlay each method's kept tokens on an image; token-box IoU with --box"),
     "vlmeval": ("vlmeval", "VLMEvalKit's own evaluation of the pruned models (needs the vlmeval extra)"),
+    "check-method": ("check_method", "prove a preset (built-in or external) on every family's tiny model: prune = "
+                     "mask, cache, batch, budget, determinism"),
+    "new-method": ("new_method", "write an installable external method package (score, selector, preset, test)"),
     "convert-internvl": ("convert", "original InternVL2/2.5 checkpoint (remote code) -> transformers-native directory"),
 }
 

@@ -1,5 +1,8 @@
 """The plug-in interface of pruning methods: parameters, the signals a method needs, scores and selectors.
 
+Methods import these through :mod:`lmms_prune.api`, the stable public API (it documents every signal); the
+rest of this module (``MethodModule``, ``parse_layers``, ...) is private.
+
 A method module under ``lmms_prune.methods`` declares, with the classes here:
 
 * :class:`Param` rows: every parameter it introduces (default, type, range, help text);

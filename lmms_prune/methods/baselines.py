@@ -56,14 +56,15 @@ class Fixed(Selector):
 
 
 class Random(Selector):
-    """A seeded random subset (seed + sample index, so the samples of a batch differ)."""
+    """A seeded random subset: the draw depends on ``seed`` and the image's token count only, never on the
+    sample's row in a batch, so a batch keeps what its samples keep one by one (``lmms-prune check-method``)."""
 
     name = "random"
     params = ("seed",)
     subsets = True
 
     def __call__(self, image, scores, n):
-        return sel.random_select(image.num_tokens, n, seed=self.config.seed + image.sample, device=image.device)
+        return sel.random_select(image.num_tokens, n, seed=self.config.seed, device=image.device)
 
 
 class Uniform(Selector):

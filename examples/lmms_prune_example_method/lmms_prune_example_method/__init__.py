@@ -1,0 +1,1 @@
+"""An external lmms-prune method living outside the package: ``gridtopk`` (see method.py)."""

@@ -1,0 +1,54 @@
+"""``lmms-prune check-method`` on every built-in preset (CI's subset), and on external methods.
+
+CI runs every check of every built-in preset on ONE family's tiny model, built once (InternVL with a Llama
+decoder: the cheapest to build; ``temporal`` on Qwen2.5-VL, whose videos it is for). The full matrix, every
+family, is ``for p in $(python -c "from lmms_prune.presets import PRESETS; print(*PRESETS)"); do lmms-prune
+check-method $p; done`` (docs/extending.md).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmms_prune import conformance
+from lmms_prune.conformance import CHECKS
+from lmms_prune.presets import PRESETS
+from lmms_prune.toy.models import build_processor, build_tiny_model
+
+torch.set_num_threads(1)
+CI_FAMILY = {"temporal": "qwen2_5_vl"}  # every other preset: internvl_llama
+# n/a in CI's family, for the reason given (every other cell must pass)
+EXPECTED_NA = {(p, "video prune = mask"): "no video" for p in PRESETS if p != "temporal"} | {
+    ("none", c): "stage none" for c in ("cache = recompute", "budget 1", "budget N")} | {
+    (p, "cache = recompute"): "multi-stage" for p in ("pyramiddrop", "sparsevlm")} | {
+    ("visionzip", c): "merged tokens" for c in ("prune = mask", "cache = recompute")} | {
+    ("fixed", c): "needs keep_indices" for c in CHECKS}  # an oracle: tests/test_engine.py proves it directly
+
+
+@pytest.fixture(scope="module")
+def toy():
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            proc = build_processor(family)
+            proc.tokenizer.padding_side = "left"
+            cache[family] = (build_tiny_model(family), proc)
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_every_builtin_preset_passes_check_method(toy, preset):
+    family = CI_FAMILY.get(preset, "internvl_llama")
+    model, proc = toy(family)
+    results = conformance.check_family(preset, family, model=model, proc=proc, decode=3)
+    assert [r.check for r in results] == list(CHECKS)
+    for r in results:
+        expected = EXPECTED_NA.get((preset, r.check))
+        if expected is None:
+            assert r.status == "pass", f"{preset} {r.check}: {r.status} {r.reason}"
+        else:
+            assert r.status == "n/a" and expected in r.reason, f"{preset} {r.check}: {r.status} {r.reason}"
