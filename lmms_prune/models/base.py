@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import functools
 import json
 import sys
 import time
@@ -58,6 +59,8 @@ from lmms_prune.runner import (
     apply_until,
     format_summary,
     generation_kwargs,
+    loglikelihood_families,
+    loglikelihood_unsupported,
     parse_options,
     summarize,
 )
@@ -165,6 +168,15 @@ def lmms_eval_cli_options(argv: Sequence[str] | None = None) -> dict[str, str | 
                 if options[key] is None and config.get(key) is not None:
                     options[key] = str(config[key])
     return options
+
+
+def _user_turn(doc_to_visual: Any, text: str, doc: Any) -> list[dict[str, Any]]:
+    """The chat messages lmms-eval builds for a task without ``doc_to_messages`` (its own
+    ``ConfigurableMessagesTask._build_user_turn``: the document's visuals, then ``text``), for requests in
+    lmms-eval's simple format (``--force_simple``)."""
+    from lmms_eval.api.task import ConfigurableMessagesTask
+
+    return ConfigurableMessagesTask._build_user_turn(doc_to_visual(doc) if doc_to_visual else [], text)
 
 
 def _hardware(device: torch.device) -> dict[str, Any]:
@@ -376,7 +388,11 @@ class PrunedChatModel(lmms):
         """
         items = []
         for index, req in enumerate(requests):
-            _, doc_to_messages, gen_kwargs, doc_id, task, split = req.args
+            if self.is_simple:  # --force_simple: lmms-eval's simple arguments, turned into its chat user turn
+                context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
+                doc_to_messages = functools.partial(_user_turn, doc_to_visual, context)
+            else:
+                _, doc_to_messages, gen_kwargs, doc_id, task, split = req.args
             padding = bool((req.metadata or {}).get("__padding_only__"))
             items.append(_Item(index, task, split, doc_id, doc_to_messages, dict(gen_kwargs), padding))
         collator = lmms_utils.Collator(
@@ -392,8 +408,59 @@ class PrunedChatModel(lmms):
         log_metrics(**throughput_metrics(self._call_records, self.rank))
         return collator.get_original(results)
 
-    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        raise NotImplementedError(f"{self.model_id()} answers generation tasks only (generate_until)")
+    def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
+        """Score lmms-eval loglikelihood requests (``multiple_choice`` tasks send one per choice) one at a time, as
+        lmms-eval's own wrapper of the family does: ``(loss, is_greedy)`` per request, in request order
+        (:meth:`lmms_prune.runner.Runner.loglikelihood`). Each request is pruned like a generation prefill; its
+        efficiency record (``request: loglikelihood``, ``choice``: the request's index within its document) goes
+        to the efficiency JSON, to the request's ``token_counts`` and, with the call's throughput, to lmms-eval's
+        ``log_metrics``.
+
+        The pair travels as the ``text`` of a ``GenerationResult``: lmms-eval 0.7.3's evaluator
+        (``unwrap_generation_output``) passes a ``GenerationResult``'s text on unchanged but turns a bare
+        ``(float, bool)`` tuple into its string, which its multiple-choice scoring cannot unpack."""
+        if self.family not in loglikelihood_families():  # before any request, so on_error=skip cannot hide it
+            raise NotImplementedError(loglikelihood_unsupported(self.family, self.model_id()))
+        self._call_records = []
+        results = []
+        for req in tqdm(requests, disable=self.rank != 0, desc=f"{self.model_id()} scoring"):
+            results.append(self._score_or_skip(req))
+        log_metrics(**throughput_metrics(self._call_records, self.rank))
+        return results
+
+    def _score(self, req: Instance) -> GenerationResult:
+        """One loglikelihood request: lmms-eval's arguments ``(context, target, doc_to_visual, doc_id, task,
+        split)``, the target a string or a function of the document (lmms-eval's convention)."""
+        context, target, doc_to_visual, doc_id, task, split = req.args
+        doc = self.task_dict[task][split][doc_id]
+        continuation = target if isinstance(target, str) else target(doc)
+        visuals = doc_to_visual(doc) if doc_to_visual is not None else []
+        images = [load_image(v, f"{task}/{doc_id}") for v in (visuals or [])]
+        batch_start = time.perf_counter()
+        score = self.runner.loglikelihood(images, context, str(continuation), self._task_kind(task), task)
+        record = {"task": task, "doc_id": doc_id, "rank": self.rank, "position": self._answered,
+                  "request": "loglikelihood", "choice": req.idx, **score.record}
+        self._answered += 1
+        self._call_records.append({**record, "batch_start": batch_start})
+        if not (req.metadata or {}).get("__padding_only__"):
+            self.records.append(record)
+        return GenerationResult(text=(score.loss, score.is_greedy), token_counts=PrunedTokenCounts(
+            input_tokens=score.input_tokens, output_tokens=0, pruning=score.record))
+
+    def _score_or_skip(self, req: Instance) -> GenerationResult:
+        try:
+            return self._score(req)
+        except Exception as err:
+            _, _, _, doc_id, task, _ = req.args
+            where = f"task {task!r}, doc_id {doc_id}, request {req.idx}"
+            if self.options.on_error == "raise":
+                raise RuntimeError(f"{self.model_id()}: loglikelihood failed on {where}: {type(err).__name__}: "
+                                   f"{err} (on_error=skip counts such requests and continues)") from err
+            eval_logger.warning(f"{self.model_id()}: SKIPPED {where}: {type(err).__name__}: {err}")
+            if not (req.metadata or {}).get("__padding_only__"):
+                self.skipped.append({"task": task, "doc_id": doc_id, "error": f"{type(err).__name__}: {err}"})
+            # an infinite loss: a skipped choice is never a multiple-choice argmin
+            return GenerationResult(text=(float("inf"), False))
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
         raise NotImplementedError(f"{self.model_id()} answers single-round generation tasks only")
@@ -497,7 +564,22 @@ def wrapper_classes(family: str, stem: str, module: str) -> dict[str, type[Prune
         "__doc__": f"{fam.model_class} ({family}) with visual-token pruning (method chosen with ``method=``).",
         "default_pretrained": fam.default_pretrained,
     })
-    return {stem: base, **preset_classes(base)}
+    chat = {stem: base, **preset_classes(base)}
+    return {**chat, **{simple_name(name): simple_class(cls) for name, cls in chat.items()}}
+
+
+def simple_name(name: str) -> str:
+    """The class name of the simple twin of chat model class ``name`` (``LlavaPrune_none`` -> ``..._simple``)."""
+    return f"{name}_simple"
+
+
+def simple_class(chat: type[PrunedChatModel]) -> type[PrunedChatModel]:
+    """The twin of ``chat`` that lmms-eval runs with ``--force_simple`` (``is_simple = True``): lmms-eval builds
+    its multiple-choice and loglikelihood requests for simple models only. Generation requests arrive in the
+    simple format and are answered through the same chat messages (see :func:`_user_turn`)."""
+    name = simple_name(chat.__name__)
+    return type(name, (chat,), {"is_simple": True, "__module__": chat.__module__, "__qualname__": name,
+                                "__doc__": f"{chat.__doc__.splitlines()[0]} (lmms-eval's simple interface)"})
 
 
 def preset_classes(base: type[PrunedChatModel]) -> dict[str, type[PrunedChatModel]]:
