@@ -29,9 +29,14 @@ def run(args: argparse.Namespace) -> int:
                       methods=tuple(m for m in args.methods.split(",") if m), launcher=args.launcher,
                       overlays=args.overlays, pretrained=args.pretrained)
     print()
-    print(f"## lmms-prune demo: {result['model'].name}, RefCOCO-style synthetic val, keep {args.keep:g}")
+    print(f"## lmms-prune demo: {result['model'].name}, RefCOCO-style synthetic val and crowded testA, "
+          f"keep {args.keep:g}")
     print()
     print(result["leaderboard"])
+    print()
+    rho = result["rank_correlation"]
+    print("cross-task rank correlation (Spearman, val vs crowded testA, "
+          f"{rho['methods']} methods): {'n/a' if rho['rho'] is None else format(rho['rho'], '.2f')}")
     print()
     print(f"full report: {result['report']['paths']['markdown']}")
     for path in result["overlays"]:
