@@ -183,3 +183,30 @@ def test_families_without_loglikelihood_say_so_and_name_the_alternative():
     assert loglikelihood_families() == ["llava", "llava_next", "llava_onevision"]  # lmms-eval's llava_hf runs them
     message = loglikelihood_unsupported("qwen2_5_vl", "qwen2_5_vl_fastv")
     assert "qwen2_5_vl family" in message and "generate_until" in message and "llava_<preset>" in message
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "internvl"])
+def test_multi_round_requests_name_the_family_and_the_alternative(family):
+    from lmms_prune.models import wrappers
+    from lmms_prune.models.registry import MODELS
+
+    cls = getattr(wrappers, MODELS[f"{family}_fastv"].rsplit(".", 1)[1])
+    model = cls.__new__(cls)  # the message needs no weights
+    with pytest.raises(NotImplementedError, match=rf"{family} family .*generate_until\)") as err:
+        model.generate_until_multi_round([])
+    assert ("has one" in str(err.value)) == (family == "qwen2_5_vl")
+
+
+def test_every_wrapper_has_a_simple_twin_for_force_simple():
+    """lmms-eval resolves ``--force_simple`` to the manifest's simple class and checks its ``is_simple``."""
+    from lmms_eval.models.registry_v2 import ModelRegistryV2
+
+    from lmms_prune.models.registry import MODELS, SIMPLE_MODELS, manifests
+
+    registry = ModelRegistryV2()
+    for manifest in manifests():
+        registry.register_manifest(manifest)
+    assert set(SIMPLE_MODELS) == set(MODELS) - {"grounding_oracle"}
+    for name in ("llava_none", "qwen2_5_vl_fastv", "internvl_prune"):
+        simple, chat = registry.get_model_class(name, force_simple=True), registry.get_model_class(name)
+        assert simple.is_simple and not chat.is_simple and issubclass(simple, chat)

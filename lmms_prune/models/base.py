@@ -70,6 +70,8 @@ __all__ = ["PrunedChatModel", "PrunedTokenCounts", "apply_until", "format_summar
            "preset_classes", "summarize"]
 
 WRAPPER_ARGS = OPTIONS
+# families whose lmms-eval 0.7.3 wrapper implements generate_until_multi_round (qwen2_vl, qwen2_5_vl: simple mode)
+MULTI_ROUND_IN_LMMS_EVAL = ("qwen2_5_vl", "qwen2_vl")
 WrapperOptions = RunOptions
 
 
@@ -463,7 +465,12 @@ class PrunedChatModel(lmms):
             return GenerationResult(text=(float("inf"), False))
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
-        raise NotImplementedError(f"{self.model_id()} answers single-round generation tasks only")
+        theirs = ("lmms-eval's own wrapper has one (with --force_simple), which this package does not reproduce yet"
+                  if self.family in MULTI_ROUND_IN_LMMS_EVAL else "lmms-eval's own wrapper of it raises as well")
+        raise NotImplementedError(
+            f"{self.model_id()}: multi-round generation (output_type generate_until_multi_round) is not supported "
+            f"for the {self.family} family ({theirs}). Run the task's single-round variant (output_type "
+            "generate_until), or lmms-eval's own wrapper without pruning")
 
     # ------------------------------------------------------------------ end of run
     def efficiency_file(self, stamp: str | None = None) -> Path | None:
