@@ -185,18 +185,6 @@ def test_families_without_loglikelihood_say_so_and_name_the_alternative():
     assert "qwen2_5_vl family" in message and "generate_until" in message and "llava_<preset>" in message
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "internvl"])
-def test_multi_round_requests_name_the_family_and_the_alternative(family):
-    from lmms_prune.models import wrappers
-    from lmms_prune.models.registry import MODELS
-
-    cls = getattr(wrappers, MODELS[f"{family}_fastv"].rsplit(".", 1)[1])
-    model = cls.__new__(cls)  # the message needs no weights
-    with pytest.raises(NotImplementedError, match=rf"{family} family .*generate_until\)") as err:
-        model.generate_until_multi_round([])
-    assert ("has one" in str(err.value)) == (family == "qwen2_5_vl")
-
-
 def test_every_wrapper_has_a_simple_twin_for_force_simple():
     """lmms-eval resolves ``--force_simple`` to the manifest's simple class and checks its ``is_simple``."""
     from lmms_eval.models.registry_v2 import ModelRegistryV2

@@ -86,6 +86,7 @@ class _Item:
     doc_to_messages: Any
     gen_kwargs: dict[str, Any]
     padding: bool = False  # lmms-eval's duplicate that evens out the ranks' request counts: not a sample
+    round: int | None = None  # a multi-round request's round (0, 1, ...)
 
 
 @dataclass
@@ -179,6 +180,22 @@ def _user_turn(doc_to_visual: Any, text: str, doc: Any) -> list[dict[str, Any]]:
     from lmms_eval.api.task import ConfigurableMessagesTask
 
     return ConfigurableMessagesTask._build_user_turn(doc_to_visual(doc) if doc_to_visual else [], text)
+
+
+def _qwen_simple_image(visual: Any, sample_id: str) -> Any:
+    """A multi-round request's image as lmms-eval's simple Qwen2-VL / Qwen2.5-VL wrappers hand it to
+    qwen-vl-utils: a JPEG data URL at quality 85 (their ``_encode_image_data_url``, lmms-eval's own encoder),
+    decoded again; videos are refused."""
+    import base64
+
+    from lmms_eval.models.model_utils.media_encoder import encode_image_to_data_url
+    from PIL import Image
+
+    if not isinstance(visual, Image.Image):
+        raise ValueError(f"sample {sample_id}: multi-round requests take images only, got {type(visual).__name__}")
+    url = encode_image_to_data_url(visual, image_format="JPEG", mime_type="image/jpeg", convert_rgb=True,
+                                   quality=85)
+    return load_image(base64.b64decode(url.split(",", 1)[1]), sample_id)
 
 
 def _hardware(device: torch.device) -> dict[str, Any]:
@@ -346,6 +363,7 @@ class PrunedChatModel(lmms):
         results = []
         for item, answer in zip(items, answers):
             record = {"task": item.task, "doc_id": item.doc_id, "rank": self.rank, "position": self._answered,
+                      **({} if item.round is None else {"round": item.round}),
                       **answer.record}  # rank and position let the report drop each process's warm-up exactly
             self._answered += 1
             self._record_box_frames(item, answer.box_frames)
@@ -464,13 +482,52 @@ class PrunedChatModel(lmms):
             # an infinite loss: a skipped choice is never a multiple-choice argmin
             return GenerationResult(text=(float("inf"), False))
 
-    def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
-        theirs = ("lmms-eval's own wrapper has one (with --force_simple), which this package does not reproduce yet"
-                  if self.family in MULTI_ROUND_IN_LMMS_EVAL else "lmms-eval's own wrapper of it raises as well")
-        raise NotImplementedError(
-            f"{self.model_id()}: multi-round generation (output_type generate_until_multi_round) is not supported "
-            f"for the {self.family} family ({theirs}). Run the task's single-round variant (output_type "
-            "generate_until), or lmms-eval's own wrapper without pruning")
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[list[str]]:
+        """The multi-round protocol of lmms-eval's Qwen2-VL / Qwen2.5-VL wrappers (their simple-mode
+        ``generate_until_multi_round``), one request at a time as there: round 0 asks the request's context with
+        the document's visuals; round ``k > 0`` asks what the task's
+        ``doc_to_text(doc, previous_output=answers, round_idx=k, previous_round_info=info)`` returns as
+        ``(visuals, context, terminal, answers, info)`` (its ``answers`` replace the kept ones), until
+        ``terminal``. Every round is a single-turn generation (the family's system prompt, the round's images,
+        then its text without ``<image>`` tags), pruned, with its own efficiency record (``round``); the task's
+        ``until`` is dropped and ``max_new_tokens`` defaults to 32768, as there.
+
+        Returns each request's answers, one per round: lmms-eval passes a list of strings on to the task (its
+        own wrappers return a tuple, which lmms-eval 0.7.3's evaluator turns into the tuple's string)."""
+        if self.family not in MULTI_ROUND_IN_LMMS_EVAL:
+            raise NotImplementedError(
+                f"{self.model_id()}: multi-round generation (output_type generate_until_multi_round) is not "
+                f"supported for the {self.family} family (lmms-eval's own wrapper of it raises as well). Run the "
+                "task's single-round variant (output_type generate_until), or a model of a family that answers "
+                f"multi-round tasks: {', '.join(f'{f}_<preset>' for f in MULTI_ROUND_IN_LMMS_EVAL)}")
+        if not self.is_simple:
+            raise ValueError(f"{self.model_id()}: multi-round tasks need lmms-eval's --force_simple (lmms-eval's own "
+                             f"{self.family} wrapper reads only their simple-format requests)")
+        self._call_records = []
+        results = [self._rounds(req) for req in tqdm(requests, disable=self.rank != 0,
+                                                       desc=f"{self.model_id()} multi-round")]
+        log_metrics(**throughput_metrics(self._call_records, self.rank))
+        return results
+
+    def _rounds(self, req: Instance) -> list[str]:
+        """One multi-round request's answers (see :meth:`generate_until_multi_round`)."""
+        context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split = req.args
+        doc = self.task_dict[task][split][doc_id]
+        gen_kwargs = {"max_new_tokens": 32768, **{k: v for k, v in gen_kwargs.items() if k != "until"}}
+        padding = bool((req.metadata or {}).get("__padding_only__"))
+        visuals, answers, info, round_idx = doc_to_visual(doc), [], None, 0
+        while True:
+            if round_idx:
+                visuals, context, terminal, answers, info = doc_to_text(
+                    doc, previous_output=list(answers), round_idx=round_idx, previous_round_info=info)
+                answers = list(answers)
+                if terminal:
+                    return answers
+            images = [_qwen_simple_image(v, f"{task}/{doc_id}") for v in visuals or []]
+            turn = functools.partial(_user_turn, lambda _, v=images: v, context.replace("<image>", ""))
+            item = _Item(req.idx, task, split, doc_id, turn, gen_kwargs, padding, round_idx)
+            answers.append(self._run_or_skip([item])[0].text)
+            round_idx += 1
 
     # ------------------------------------------------------------------ end of run
     def efficiency_file(self, stamp: str | None = None) -> Path | None:
