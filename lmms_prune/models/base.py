@@ -70,8 +70,12 @@ __all__ = ["PrunedChatModel", "PrunedTokenCounts", "apply_until", "format_summar
            "preset_classes", "summarize"]
 
 WRAPPER_ARGS = OPTIONS
-# families whose lmms-eval 0.7.3 wrapper implements generate_until_multi_round (qwen2_vl, qwen2_5_vl: simple mode)
-MULTI_ROUND_IN_LMMS_EVAL = ("qwen2_5_vl", "qwen2_vl")
+# families whose lmms-eval 0.7.3 wrapper implements generate_until_multi_round (simple mode), with where their
+# loops differ: the default max_new_tokens, and whether each round's answer is stripped before the next round
+MULTI_ROUND_IN_LMMS_EVAL: dict[str, dict[str, Any]] = {
+    "qwen2_5_vl": {"max_new_tokens": 32768, "strip": False},
+    "qwen2_vl": {"max_new_tokens": 128, "strip": True},
+}
 WrapperOptions = RunOptions
 
 
@@ -490,7 +494,8 @@ class PrunedChatModel(lmms):
         ``(visuals, context, terminal, answers, info)`` (its ``answers`` replace the kept ones), until
         ``terminal``. Every round is a single-turn generation (the family's system prompt, the round's images,
         then its text without ``<image>`` tags), pruned, with its own efficiency record (``round``); the task's
-        ``until`` is dropped and ``max_new_tokens`` defaults to 32768, as there.
+        ``until`` is dropped and ``max_new_tokens`` defaults to theirs (32768 for Qwen2.5-VL, 128 for Qwen2-VL,
+        whose answers are also stripped), as there.
 
         Returns each request's answers, one per round: lmms-eval passes a list of strings on to the task (its
         own wrappers return a tuple, which lmms-eval 0.7.3's evaluator turns into the tuple's string)."""
@@ -513,7 +518,9 @@ class PrunedChatModel(lmms):
         """One multi-round request's answers (see :meth:`generate_until_multi_round`)."""
         context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split = req.args
         doc = self.task_dict[task][split][doc_id]
-        gen_kwargs = {"max_new_tokens": 32768, **{k: v for k, v in gen_kwargs.items() if k != "until"}}
+        theirs = MULTI_ROUND_IN_LMMS_EVAL[self.family]
+        gen_kwargs = {"max_new_tokens": theirs["max_new_tokens"], **{k: v for k, v in gen_kwargs.items()
+                                                                      if k != "until"}}
         padding = bool((req.metadata or {}).get("__padding_only__"))
         visuals, answers, info, round_idx = doc_to_visual(doc), [], None, 0
         while True:
@@ -526,7 +533,8 @@ class PrunedChatModel(lmms):
             images = [_qwen_simple_image(v, f"{task}/{doc_id}") for v in visuals or []]
             turn = functools.partial(_user_turn, lambda _, v=images: v, context.replace("<image>", ""))
             item = _Item(req.idx, task, split, doc_id, turn, gen_kwargs, padding, round_idx)
-            answers.append(self._run_or_skip([item])[0].text)
+            answer = self._run_or_skip([item])[0].text
+            answers.append(answer.strip() if theirs["strip"] else answer)
             round_idx += 1
 
     # ------------------------------------------------------------------ end of run
