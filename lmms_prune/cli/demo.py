@@ -1,4 +1,4 @@
-"""``lmms-prune demo``: the whole evaluation on CPU with the shipped tiny grounding model (a few minutes)."""
+"""``lmms-prune demo``: the whole evaluation on CPU with the shipped tiny grounding model on two tasks (a few minutes)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ METHODS = "none,fastv,d2pruner,deepprune,vispruner,random,pyramiddrop,visionzip,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output folder (re-running resumes)")
-    parser.add_argument("--images", type=int, default=16, help="held-out synthetic images (default 16)")
+    parser.add_argument("--images", type=int, default=16,
+                        help="held-out synthetic images of the val task (default 16; the crowded testA task: a quarter)")
     parser.add_argument("--keep", type=float, default=0.1, help="keep ratio (default 0.1)")
     parser.add_argument("--methods", default=METHODS, help=f"comma-separated presets (default {METHODS})")
     parser.add_argument("--overlays", type=int, default=3, help="images with kept-token overlays (default 3)")
