@@ -595,8 +595,7 @@ class Runner:
         """
         t_start = time.perf_counter()
         family_options = self.options.family
-        tokenizer = self.processor.tokenizer
-        texts = self.family.loglikelihood_texts(context, continuation, len(images), tokenizer, family_options)
+        texts = self.family.loglikelihood_texts(context, continuation, len(images), self.processor, family_options)
         if texts is None:
             raise NotImplementedError(loglikelihood_unsupported(self.family.name, self.model_id))
         prompt, full = texts

@@ -80,9 +80,11 @@ def llava_hf_loglikelihood(lm, context: str, continuation: str, images: list) ->
     ``<image>`` tag per image before the context; user/assistant string turns through the tokenizer's chat
     template; the labels are the full text's ids with the context positions set to -100; the loss is the
     model's own (``labels=``); greedy when the logits' argmax at each continuation position equals that
-    position's token. Only change: the context is tokenised with its images."""
+    position's token. Only change: the context is tokenised with its images (and the tag is the processor's image
+    token: ``<image>`` on llava-hf checkpoints, ``<|image_pad|>`` on the toy OneVision)."""
     processor, tokenizer = lm._image_processor, lm.tokenizer
-    user = f"{' '.join(['<image>'] * len(images))}\n{context}"
+    tag = getattr(processor, "image_token", None) or "<image>"
+    user = f"{' '.join([tag] * len(images))}\n{context}"
     messages = [{"role": "user", "content": user}, {"role": "assistant", "content": continuation}]
     prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
@@ -198,3 +200,35 @@ def test_every_wrapper_has_a_simple_twin_for_force_simple():
     for name in ("llava_none", "qwen2_5_vl_fastv", "internvl_prune"):
         simple, chat = registry.get_model_class(name, force_simple=True), registry.get_model_class(name)
         assert simple.is_simple and not chat.is_simple and issubclass(simple, chat)
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_llava_next_and_onevision_score_as_llava_hf_arithmetic(family):
+    """The other families of lmms-eval's ``llava_hf`` (in process: the runner against the re-creation above on
+    the same tiny checkpoint, unpruned, one image request per choice)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from lmms_prune.families import family_class
+    from lmms_prune.runner import Runner, parse_options
+
+    path = str(tiny_model_dir(family))
+    fam = family_class(family)
+    options, config = parse_options(fam, f"{family}_none", "none", pretrained=path, device="cpu")
+    runner = Runner(fam, options, config, f"{family}_none")
+    runner.setup_device()
+    runner.load()
+    runner.install()
+    processor = AutoProcessor.from_pretrained(path)
+    lm = SimpleNamespace(_image_processor=processor, tokenizer=processor.tokenizer,
+                         model=AutoModelForImageTextToText.from_pretrained(path).eval())
+    docs = _docs("seedbench_tiny")
+    for req in _instances("seedbench_tiny")[:4]:
+        context, continuation, doc_to_visual, doc_id, _, _ = req.args
+        images = doc_to_visual(docs[doc_id])
+        score = runner.loglikelihood(images, context, continuation, "understanding")
+        loss, greedy = llava_hf_loglikelihood(lm, context, continuation, images)
+        assert math.isclose(score.loss, loss, rel_tol=1e-5) and score.is_greedy == greedy
+        assert score.record["visual_before"] == score.record["visual_after"] > 0
+    runner.close()

@@ -191,7 +191,7 @@ class Family:
         return images
 
     @classmethod
-    def loglikelihood_texts(cls, context: str, continuation: str, num_images: int, tokenizer: Any,
+    def loglikelihood_texts(cls, context: str, continuation: str, num_images: int, processor: Any,
                             options: dict[str, Any]) -> tuple[str, str] | None:
         """``(prompt, prompt + continuation)`` texts of a loglikelihood request, built as lmms-eval's own wrapper
         of the family builds them; None where that wrapper has no ``loglikelihood`` (the default)."""
