@@ -3,14 +3,16 @@
 1. writes a held-out synthetic RefCOCO split (lmms-lab layout) from the distribution the shipped tiny
    grounding model was trained on;
 2. calibrates D2Pruner's bias prior on other synthetic images;
-3. runs lmms-eval (``accelerate launch -m lmms_eval``) with the package's RefCOCO task for ``none``, ``fastv``,
+3. runs lmms-eval (``accelerate launch -m lmms_eval``) with the package's RefCOCO tasks on two splits (``val``:
+   the training distribution; ``testA``: more crowded scenes, :data:`CROWDED_SCENES`) for ``none``, ``fastv``,
    ``d2pruner``, ``deepprune``, ``vispruner``, ``random``, ``pyramiddrop``, ``visionzip``, ``fastervlm``,
    ``cdpruner`` and ``sparsevlm`` at 10% visual tokens (a resumable sweep; for the multi-stage pyramiddrop and
    sparsevlm, 10% is the average visual tokens per decoder layer, see :data:`DEMO_METHOD_ARGS`);
-4. prints a leaderboard (acc@0.5, % of unpruned, visual tokens kept, LLM prefill speed-up) and writes the
-   full report and PNG overlays of the tokens each method kept on a few images. A speed-up is printed only
-   for a cell timed in the same sweep invocation as the unpruned cell: a resumed demo that reuses an earlier
-   run's baseline prints "not comparable" (the report's notes say why);
+4. prints a leaderboard per task (acc@0.5, % of unpruned, visual tokens kept, LLM prefill speed-up) and the
+   two tasks' rank correlation over the methods, and writes the full report and PNG overlays of the tokens
+   each method kept on a few images. A speed-up is printed only for a cell timed in the same sweep invocation
+   as the unpruned cell: a resumed demo that reuses an earlier run's baseline prints "not comparable" (the
+   report's notes say why);
 5. writes one leaderboard bundle per run (``bundles/``), verifies each against the per-sample logs and builds
    the static leaderboard page (``site/index.html``).
 """
@@ -36,6 +38,16 @@ DEMO_METHOD_ARGS: dict[str, dict[str, str]] = {
 HELD_OUT_SEED = 20261122
 CALIBRATION_SEED = 7
 TASK = "refcoco_ground_val"
+CROWDED_TASK = "refcoco_ground_testA"
+TASKS = (TASK, CROWDED_TASK)
+CROWDED_SCENES: dict[str, Any] = {"n_objects": (3, 4)}
+"""The second task's scenes: the training distribution's shapes and colours (``SCENE_KWARGS``), 3-4 objects per
+image instead of 1-3, so more expressions need a superlative or a relation and more look-alikes compete. The
+tiny grounder answers it through the same grounding prompt (about half right, against 85% on the first task):
+a harder task on which the methods' ranking can be checked against the first one's (the cross-task rank
+correlation of the report and the page). The grounder was trained on grounding only and answers a yes/no
+question with a box, so a POPE- or MME-style task would score zero for every method."""
+CROWDED_IMAGE_SHARE = 4  # the crowded split has n_images // 4 images: ~1.75x the objects each, ~40% more samples
 SWEEP_ARGS = ("--log_samples",)
 """Extra lmms-eval arguments of the demo's runs: per-sample logs, for the bundles' ``--verify``."""
 GROUNDING_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: <ref>{}</ref>"
@@ -79,7 +91,8 @@ def demo_fingerprint(model_dir: Path, n_images: int, scene_kwargs: dict[str, Any
 
     # the bundle schema: runs recorded before it changed lack what its bundles need (`--verify` refuses them)
     digest.update(json.dumps({"n_images": n_images, "scenes": scene_kwargs, "seed": HELD_OUT_SEED,
-                              "lmms_eval_args": list(SWEEP_ARGS), "bundle_schema": SCHEMA_VERSION},
+                              "lmms_eval_args": list(SWEEP_ARGS), "bundle_schema": SCHEMA_VERSION, "tasks": list(TASKS),
+                              "crowded": [CROWDED_SCENES, CROWDED_IMAGE_SHARE]},
                              sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
@@ -147,7 +160,7 @@ def run_demo(out: str | Path = "runs/demo", n_images: int = 16, keep: float = 0.
     from lmms_prune.loading import load_model, resolve_pretrained
     from lmms_prune.report import write_report
     from lmms_prune.sweep import Sweep, build_cells
-    from lmms_prune.toy.data import generate_scenes, write_refcoco_hub_layout
+    from lmms_prune.toy.data import generate_scenes
     from lmms_prune.toy.grounder import SCENE_KWARGS, SHORT_NAME
 
     out = Path(out)
@@ -155,8 +168,7 @@ def run_demo(out: str | Path = "runs/demo", n_images: int = 16, keep: float = 0.
     reset_stale_outputs(out, demo_fingerprint(model_dir, n_images, SCENE_KWARGS))
     data = out / "data"
     if not (data / "RefCOCO" / "data").is_dir():
-        print(f"[demo] writing {n_images} held-out synthetic images (RefCOCO layout) to {data}")
-        write_refcoco_hub_layout(data / "RefCOCO", n_images, seed=HELD_OUT_SEED, splits=("val",), **SCENE_KWARGS)
+        write_demo_data(data, n_images)
     prior = out / PRIOR_FILE
     if prior.is_file() and "fingerprint" not in load_prior(prior).meta:
         prior.unlink()  # made before priors carried a model fingerprint: it would be refused
@@ -169,17 +181,46 @@ def run_demo(out: str | Path = "runs/demo", n_images: int = 16, keep: float = 0.
     cells = build_cells([("internvl", str(model_dir))], [m for m in methods if m != "none"], [keep],
                         {**DEMO_METHOD_ARGS, "d2pruner": {"bias_prior": str(prior)}})
     env = dict(os.environ, LMMS_PRUNE_REFCOCO_DIR=str(data), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    sweep = Sweep(out / "runs", [TASK], launcher=launcher or default_launcher(), env=env, extra_args=SWEEP_ARGS)
+    sweep = Sweep(out / "runs", list(TASKS), launcher=launcher or default_launcher(), env=env, extra_args=SWEEP_ARGS)
     statuses = sweep.run(cells, progress=lambda s: print(f"[demo] {s}"))
     failed = {k: v for k, v in statuses.items() if not v.startswith(("done", "skipped"))}
     if failed:
         raise RuntimeError("demo runs failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
     report = write_report(out / "runs", out / "report")
-    table = leaderboard(report["tables"])
+    table = "\n\n".join(f"{task}\n\n{leaderboard(report['tables'], task)}" for task in TASKS)
     overlay_paths = write_overlays(model_dir, out / "overlays", tuple(methods), keep, prior, overlays,
                                    SCENE_KWARGS) if overlays else []
     page = write_leaderboard(out)
-    return {"leaderboard": table, "report": report, "overlays": overlay_paths, "model": model_dir, "page": page}
+    return {"leaderboard": table, "report": report, "overlays": overlay_paths, "model": model_dir, "page": page,
+            "rank_correlation": rank_correlation(report["tables"], TASKS)}
+
+
+def write_demo_data(data: Path, n_images: int) -> Path:
+    """The demo's two held-out splits in lmms-lab/RefCOCO's layout under ``data / "RefCOCO"``: ``val``
+    (``n_images`` scenes of the training distribution) and ``testA`` (``n_images // CROWDED_IMAGE_SHARE``
+    scenes with :data:`CROWDED_SCENES`)."""
+    from lmms_prune.toy.data import write_refcoco_hub_layout
+    from lmms_prune.toy.grounder import SCENE_KWARGS
+
+    crowded = {"n_images": max(1, n_images // CROWDED_IMAGE_SHARE), **CROWDED_SCENES}
+    print(f"[demo] writing {n_images} + {crowded['n_images']} held-out synthetic images (RefCOCO layout) to {data}")
+    return write_refcoco_hub_layout(data / "RefCOCO", n_images, seed=HELD_OUT_SEED, splits=("val", "testA"),
+                                    split_overrides={"testA": crowded}, **SCENE_KWARGS)
+
+
+def rank_correlation(tables: list[Any], tasks: tuple[str, str] = TASKS) -> dict[str, Any]:
+    """Spearman's rank correlation (``scipy.stats.spearmanr``, ties averaged) between two tasks' scores of the
+    pruning methods (not ``none``) at the same keep ratio: does the ranking on one task carry over to the
+    other? ``{"rho": float | None, "methods": n}``; None with fewer than 3 methods or a constant column."""
+    from scipy.stats import spearmanr
+
+    scores = [{(r["method"], r["keep"]): r[task] for t in tables if t.family == task for r in t.rows
+               if r["method"] != "none" and r.get(task) is not None} for task in tasks]
+    common = sorted(set(scores[0]) & set(scores[1]))
+    a, b = [scores[0][k] for k in common], [scores[1][k] for k in common]
+    if len(common) < 3 or len(set(a)) < 2 or len(set(b)) < 2:
+        return {"rho": None, "methods": len(common)}
+    return {"rho": float(spearmanr(a, b).statistic), "methods": len(common)}
 
 
 def write_leaderboard(out: Path) -> Path:

@@ -360,6 +360,34 @@ class Answer:
     box_frames: list[dict[str, Any]] = field(default_factory=list)
 
 
+@dataclass
+class Score:
+    """One loglikelihood request's result: lmms-eval's ``(loss, is_greedy)`` pair (:meth:`Runner.loglikelihood`),
+    the tokens the LLM processed (after pruning) and the efficiency record."""
+
+    loss: float
+    is_greedy: bool
+    input_tokens: int
+    record: dict[str, Any]
+
+
+def loglikelihood_families() -> list[str]:
+    """The families whose lmms-eval wrapper scores loglikelihoods (``Family.loglikelihood_texts`` overridden)."""
+    from lmms_prune.families import FAMILIES, family_class
+    from lmms_prune.families.base import Family
+
+    return [name for name in FAMILIES
+            if family_class(name).loglikelihood_texts.__func__ is not Family.loglikelihood_texts.__func__]
+
+
+def loglikelihood_unsupported(family: str, model_id: str) -> str:
+    """The error message of a loglikelihood request to a family whose lmms-eval wrapper has none."""
+    return (f"{model_id}: loglikelihood requests (output_type loglikelihood / multiple_choice) are not supported "
+            f"for the {family} family: lmms-eval's own wrapper of it raises NotImplementedError as well. Run the "
+            f"task's generation variant (output_type generate_until), or a model of a family that scores them: "
+            f"{', '.join(f'{name}_<preset>' for name in loglikelihood_families())}")
+
+
 class Runner:
     """A pruned VLM of one family, loaded and patched, answering batches of neutral chat conversations.
 
@@ -599,6 +627,59 @@ class Runner:
             out.append(Answer(apply_until(answers[i], until), rec.seq_len_after, n_out, record,
                               frames[starts[i]:starts[i] + counts[i]]))
         return out
+
+    def loglikelihood(self, images: list[Image.Image], context: str, continuation: str, task_kind: str | None,
+                      task: str = "") -> Score:
+        """Score ``continuation`` after ``context`` and ``images`` with one forward pass of the pruned model.
+
+        The arithmetic is that of lmms-eval's own wrapper of the family (``Family.loglikelihood_texts`` builds its
+        texts; LLaVA: ``llava_hf.loglikelihood``): the continuation tokens are those of the full text after the
+        prompt's ``C`` tokens; ``loss`` is their mean negative log-likelihood,
+        ``-1/T sum_{t=C}^{L-1} log p(x_t | x_<t)`` over the ``T = L - C`` continuation tokens (what lmms-eval's
+        multiple-choice scoring takes the argmin of); ``is_greedy`` is lmms-eval's check, the argmax of the logits
+        *at* each continuation position ``t`` equal to ``x_t`` (not ``t - 1``'s, unlike lm-evaluation-harness).
+        The prompt is tokenised with its images, so ``C`` counts the expanded image tokens (lmms-eval tokenises
+        it without them, which transformers 5 refuses whenever the prompt has an image tag).
+
+        Pruning applies as in generation (the engine prunes the prefill); the continuation is text after every
+        image, so its rows are the last ``T + 1`` of the logits however many visual tokens were dropped.
+        """
+        t_start = time.perf_counter()
+        family_options = self.options.family
+        texts = self.family.loglikelihood_texts(context, continuation, len(images), self.processor, family_options)
+        if texts is None:
+            raise NotImplementedError(loglikelihood_unsupported(self.family.name, self.model_id))
+        prompt, full = texts
+        self.handle.image_padding = self.handle.adapter.padding_masks([images], family_options, self.processor)
+        prepared = self.family.prepare_images(images, family_options, processor=self.processor)
+        kwargs = self.family.processor_kwargs(family_options)
+        inputs = self.processor(text=[full], images=prepared or None, return_tensors="pt", **kwargs)
+        context_len = self.processor(text=[prompt], images=prepared or None, return_tensors="pt",
+                                     **kwargs)["input_ids"].shape[1]
+        inputs = inputs.to(self.device)
+        for key, value in inputs.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                inputs[key] = value.to(self.dtype)
+        ids = inputs["input_ids"][0]
+        targets = ids[context_len:]  # [T]
+        self.handle.task_kind = task_kind
+        self.handle.records = []
+        self._prefill_end = None
+        self.sync()
+        t_gen = time.perf_counter()
+        with torch.inference_mode():
+            logits = self.model(**inputs, use_cache=self.options.use_cache).logits[0]  # [L' <= L, V]
+        self.sync()
+        t_gen_end = time.perf_counter()
+        tail = logits[logits.shape[0] - targets.numel() - 1:].float()  # rows C-1 .. L-1 of the unpruned sequence
+        loss = torch.nn.functional.cross_entropy(tail[:-1], targets)
+        is_greedy = bool((tail[1:].argmax(-1) == targets).all())
+        records = self.handle.records
+        if len(records) != 1:
+            raise RuntimeError(f"the pruning engine recorded {len(records)} samples for one loglikelihood request")
+        rec = records[0]
+        record = self.efficiency_record(rec, 1, 0, t_start, t_gen, t_gen_end, time.perf_counter())
+        return Score(float(loss), is_greedy, rec.seq_len_after, record)
 
     def efficiency_record(self, rec: Any, batch: int, n_out: int, t_start: float, t_gen: float,
                           t_gen_end: float, t_end: float) -> dict[str, Any]:

@@ -11,14 +11,17 @@ fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
 STAMP="$VENV/.lmms_prune_installed"
-WANT="$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+# The project's own pins (torch, torchvision) live in a pip constraints file, not in the package's requirements.
+CONSTRAINTS="$ROOT/scripts/constraints.txt"
+WANT="$(cat "$ROOT/pyproject.toml" "$CONSTRAINTS" | sha256sum | cut -c1-16)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     echo "[env] installing (torch from the local wheels first, then the package)"
     python -m pip install -q --upgrade pip
-    # torch/torchvision first and pinned, so that nothing later pulls another build.
-    python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+    # torch/torchvision first, at the pinned builds, so that nothing later pulls another one; the same
+    # constraints hold for the package install, whose requirements have no upper bound on them.
+    python -m pip install -q -c "$CONSTRAINTS" torch torchvision
     # The vlmeval extra (VLMEvalKit, for tests/test_vlmeval.py) adds about two minutes to a fresh install.
-    python -m pip install -q -e "$ROOT[dev,vlmeval,docs]" "torch==2.14.1" "torchvision==0.29.1"
+    python -m pip install -q -c "$CONSTRAINTS" -e "$ROOT[dev,vlmeval,docs]"
     echo "$WANT" > "$STAMP"
 fi
 # The leaderboard page test (tests/test_leaderboard.py) drives Debian's Chromium with Playwright; install it once

@@ -15,7 +15,16 @@ import datasets
 import pytest
 import torch
 
-from lmms_prune.demo import GROUNDING_PROMPT, HELD_OUT_SEED, TASK, leaderboard
+from lmms_prune.demo import (
+    CROWDED_TASK,
+    GROUNDING_PROMPT,
+    HELD_OUT_SEED,
+    TASK,
+    TASKS,
+    leaderboard,
+    rank_correlation,
+    write_demo_data,
+)
 from lmms_prune.loading import load_model
 from lmms_prune.report import Table
 from lmms_prune.tasks.refcoco import box_iou, parse_box
@@ -130,3 +139,42 @@ def test_demo_starts_afresh_when_the_model_or_settings_change(tmp_path):
     reset_stale_outputs(out, second)  # new weights: the demo's outputs go, other files stay
     assert not (out / "runs").exists() and not (out / "d2pruner_prior_layer1.pt").exists()
     assert (out / "notes.txt").is_file() and (out / "inputs.sha256").read_text().strip() == second
+
+
+def test_demo_writes_two_held_out_splits_the_second_more_crowded(tmp_path):
+    """Two tasks (val: the training distribution; testA: 3-4 objects per image), no image shared."""
+    assert TASKS == (TASK, CROWDED_TASK) and CROWDED_TASK.endswith("_testA")
+    write_demo_data(tmp_path, 8)
+    splits = {}
+    for split in ("val", "testA"):
+        (path,) = (tmp_path / "RefCOCO" / "data").glob(f"{split}-*.parquet")
+        splits[split] = datasets.load_dataset("parquet", data_files=str(path), split="train",
+                                              cache_dir=str(tmp_path / "hf_cache"))
+    objects = {split: {} for split in splits}
+    for split, rows in splits.items():
+        for row in rows:
+            objects[split][row["file_name"]] = objects[split].get(row["file_name"], 0) + 1
+    assert len(objects["val"]) == 8 and len(objects["testA"]) == 2
+    assert all(1 <= n <= 3 for n in objects["val"].values())
+    assert all(3 <= n <= 4 for n in objects["testA"].values())
+    assert not set(objects["val"]) & set(objects["testA"])
+    assert not set(splits["val"]["question_id"]) & set(splits["testA"]["question_id"])
+
+
+def _tables(val: dict[str, float], crowded: dict[str, float]) -> list[Table]:
+    def rows(task, scores):
+        return [{"method": m, "keep": 1.0 if m == "none" else 0.1, task: v} for m, v in scores.items()]
+
+    return [Table(TASK, [TASK], rows(TASK, val)), Table(CROWDED_TASK, [CROWDED_TASK], rows(CROWDED_TASK, crowded))]
+
+
+def test_rank_correlation_compares_the_methods_rankings_across_the_two_tasks():
+    val = {"none": 90.0, "fastv": 40.0, "random": 20.0, "vispruner": 70.0, "cdpruner": 60.0}
+    same_order = {"none": 50.0, "fastv": 20.0, "random": 5.0, "vispruner": 45.0, "cdpruner": 30.0}
+    assert rank_correlation(_tables(val, same_order)) == {"rho": 1.0, "methods": 4}  # none is not ranked
+    reversed_order = {m: -v for m, v in same_order.items()}
+    assert rank_correlation(_tables(val, reversed_order))["rho"] == -1.0
+    swapped = {**same_order, "fastv": 31.0, "cdpruner": 19.0}  # one adjacent pair swapped: 1 - 6*2/(4*15)
+    assert rank_correlation(_tables(val, swapped))["rho"] == pytest.approx(0.8)
+    assert rank_correlation(_tables(val, {"none": 1.0, "fastv": 2.0, "random": 3.0}))["rho"] is None  # 2 methods
+    assert rank_correlation(_tables(val, {m: 7.0 for m in val}))["rho"] is None  # a constant task ranks nothing

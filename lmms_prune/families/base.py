@@ -192,6 +192,13 @@ class Family:
         return images
 
     @classmethod
+    def loglikelihood_texts(cls, context: str, continuation: str, num_images: int, processor: Any,
+                            options: dict[str, Any]) -> tuple[str, str] | None:
+        """``(prompt, prompt + continuation)`` texts of a loglikelihood request, built as lmms-eval's own wrapper
+        of the family builds them; None where that wrapper has no ``loglikelihood`` (the default)."""
+        return None
+
+    @classmethod
     def standalone_images(cls, images: list[Any], processor: Any = None) -> list[Any]:
         """The images as :meth:`prepare_images` hands them over under the family's default options, for calls
         outside a run (calibration, diagnostics, overlays); default: unchanged."""

@@ -28,6 +28,7 @@ from lmms_prune import geometry as geo
 from lmms_prune.families.base import IMAGE_TOKEN, Family, bench_text_config, int_arg
 
 DEFAULTS = {"shortest_edge": 336, "crop": (336, 336), "do_center_crop": True}
+LLAVA_IMAGE_TAG = "<image>"  # the image placeholder of lmms-eval's llava_hf prompts (llava-hf checkpoints' token)
 ASPECT_RATIOS = ("pad", "crop")  # image_aspect_ratio values; the first is the default
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIPImageProcessor's image_mean (LLaVA-1.5's processors)
 # lmms-eval's llava_hf keys (its dtype, revision, trust_remote_code, use_cache, ... are run options)
@@ -177,6 +178,28 @@ class Llava(Family):
         return {"chat_template": template,
                 "max_frames_num": int_arg("max_frames_num", args.pop("max_frames_num", 32), 1),
                 "default_max_new_tokens": 1024}  # lmms-eval's llava_hf, when a task sets none
+
+    # ---- loglikelihood requests (multiple-choice and perplexity tasks)
+    @classmethod
+    def loglikelihood_texts(cls, context, continuation, num_images, processor, options):
+        """lmms-eval's ``llava_hf.loglikelihood`` texts (LLaVA-1.5, LLaVA-NeXT and OneVision alike): the user
+        turn is the string ``"<image> <image>\\n" + context`` (one tag per image: lmms-eval writes ``<image>``,
+        the image token of every llava-hf checkpoint; here the processor's own ``image_token``), the assistant
+        turn the continuation; the prompt is the user turn with the generation prompt, the full text both turns.
+        The template is the ``chat_template`` option, else the tokenizer's, else lmms-eval's Vicuna template
+        (as that wrapper)."""
+        tokenizer = processor.tokenizer
+        tag = getattr(processor, "image_token", None) or LLAVA_IMAGE_TAG
+        user = f"{' '.join([tag] * num_images)}\n{context}"
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": continuation}]
+        template = options.get("chat_template") or tokenizer.chat_template
+        if template is None:
+            from lmms_eval.models.simple.llava_hf import VICUNA_CHAT_TEMPLATE as template
+        prompt = tokenizer.apply_chat_template(messages[:-1], chat_template=template, tokenize=False,
+                                               add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=False)
+        return prompt, full
 
     # ---- pad-to-square (image_aspect_ratio=pad)
     @classmethod

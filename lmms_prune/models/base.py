@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import functools
 import json
 import sys
 import time
@@ -59,6 +60,8 @@ from lmms_prune.runner import (
     check_output_path,
     format_summary,
     generation_kwargs,
+    loglikelihood_families,
+    loglikelihood_unsupported,
     parse_options,
     summarize,
 )
@@ -68,6 +71,12 @@ __all__ = ["PrunedChatModel", "PrunedTokenCounts", "apply_until", "format_summar
            "preset_classes", "summarize"]
 
 WRAPPER_ARGS = OPTIONS
+# families whose lmms-eval 0.7.3 wrapper implements generate_until_multi_round (simple mode), with where their
+# loops differ: the default max_new_tokens, and whether each round's answer is stripped before the next round
+MULTI_ROUND_IN_LMMS_EVAL: dict[str, dict[str, Any]] = {
+    "qwen2_5_vl": {"max_new_tokens": 32768, "strip": False},
+    "qwen2_vl": {"max_new_tokens": 128, "strip": True},
+}
 WrapperOptions = RunOptions
 
 
@@ -82,6 +91,7 @@ class _Item:
     doc_to_messages: Any
     gen_kwargs: dict[str, Any]
     padding: bool = False  # lmms-eval's duplicate that evens out the ranks' request counts: not a sample
+    round: int | None = None  # a multi-round request's round (0, 1, ...)
 
 
 @dataclass
@@ -166,6 +176,31 @@ def lmms_eval_cli_options(argv: Sequence[str] | None = None) -> dict[str, str | 
                 if options[key] is None and config.get(key) is not None:
                     options[key] = str(config[key])
     return options
+
+
+def _user_turn(doc_to_visual: Any, text: str, doc: Any) -> list[dict[str, Any]]:
+    """The chat messages lmms-eval builds for a task without ``doc_to_messages`` (its own
+    ``ConfigurableMessagesTask._build_user_turn``: the document's visuals, then ``text``), for requests in
+    lmms-eval's simple format (``--force_simple``)."""
+    from lmms_eval.api.task import ConfigurableMessagesTask
+
+    return ConfigurableMessagesTask._build_user_turn(doc_to_visual(doc) if doc_to_visual else [], text)
+
+
+def _qwen_simple_image(visual: Any, sample_id: str) -> Any:
+    """A multi-round request's image as lmms-eval's simple Qwen2-VL / Qwen2.5-VL wrappers hand it to
+    qwen-vl-utils: a JPEG data URL at quality 85 (their ``_encode_image_data_url``, lmms-eval's own encoder),
+    decoded again; videos are refused."""
+    import base64
+
+    from lmms_eval.models.model_utils.media_encoder import encode_image_to_data_url
+    from PIL import Image
+
+    if not isinstance(visual, Image.Image):
+        raise ValueError(f"sample {sample_id}: multi-round requests take images only, got {type(visual).__name__}")
+    url = encode_image_to_data_url(visual, image_format="JPEG", mime_type="image/jpeg", convert_rgb=True,
+                                   quality=85)
+    return load_image(base64.b64decode(url.split(",", 1)[1]), sample_id)
 
 
 def _hardware(device: torch.device) -> dict[str, Any]:
@@ -338,6 +373,7 @@ class PrunedChatModel(lmms):
         results = []
         for item, answer in zip(items, answers):
             record = {"task": item.task, "doc_id": item.doc_id, "rank": self.rank, "position": self._answered,
+                      **({} if item.round is None else {"round": item.round}),
                       **answer.record}  # rank and position let the report drop each process's warm-up exactly
             self._answered += 1
             self._record_box_frames(item, answer.box_frames)
@@ -382,7 +418,11 @@ class PrunedChatModel(lmms):
         """
         items = []
         for index, req in enumerate(requests):
-            _, doc_to_messages, gen_kwargs, doc_id, task, split = req.args
+            if self.is_simple:  # --force_simple: lmms-eval's simple arguments, turned into its chat user turn
+                context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
+                doc_to_messages = functools.partial(_user_turn, doc_to_visual, context)
+            else:
+                _, doc_to_messages, gen_kwargs, doc_id, task, split = req.args
             padding = bool((req.metadata or {}).get("__padding_only__"))
             items.append(_Item(index, task, split, doc_id, doc_to_messages, dict(gen_kwargs), padding))
         collator = lmms_utils.Collator(
@@ -398,11 +438,110 @@ class PrunedChatModel(lmms):
         log_metrics(**throughput_metrics(self._call_records, self.rank))
         return collator.get_original(results)
 
-    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        raise NotImplementedError(f"{self.model_id()} answers generation tasks only (generate_until)")
+    def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
+        """Score lmms-eval loglikelihood requests (``multiple_choice`` tasks send one per choice) one at a time, as
+        lmms-eval's own wrapper of the family does: ``(loss, is_greedy)`` per request, in request order
+        (:meth:`lmms_prune.runner.Runner.loglikelihood`). Each request is pruned like a generation prefill; its
+        efficiency record (``request: loglikelihood``, ``choice``: the request's index within its document) goes
+        to the efficiency JSON, to the request's ``token_counts`` and, with the call's throughput, to lmms-eval's
+        ``log_metrics``.
 
-    def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
-        raise NotImplementedError(f"{self.model_id()} answers single-round generation tasks only")
+        The pair travels as the ``text`` of a ``GenerationResult``: lmms-eval 0.7.3's evaluator
+        (``unwrap_generation_output``) passes a ``GenerationResult``'s text on unchanged but turns a bare
+        ``(float, bool)`` tuple into its string, which its multiple-choice scoring cannot unpack."""
+        if self.family not in loglikelihood_families():  # before any request, so on_error=skip cannot hide it
+            raise NotImplementedError(loglikelihood_unsupported(self.family, self.model_id()))
+        self._call_records = []
+        results = []
+        for req in tqdm(requests, disable=self.rank != 0, desc=f"{self.model_id()} scoring"):
+            results.append(self._score_or_skip(req))
+        log_metrics(**throughput_metrics(self._call_records, self.rank))
+        return results
+
+    def _score(self, req: Instance) -> GenerationResult:
+        """One loglikelihood request: lmms-eval's arguments ``(context, target, doc_to_visual, doc_id, task,
+        split)``, the target a string or a function of the document (lmms-eval's convention)."""
+        context, target, doc_to_visual, doc_id, task, split = req.args
+        doc = self.task_dict[task][split][doc_id]
+        continuation = target if isinstance(target, str) else target(doc)
+        visuals = doc_to_visual(doc) if doc_to_visual is not None else []
+        images = [load_image(v, f"{task}/{doc_id}") for v in (visuals or [])]
+        batch_start = time.perf_counter()
+        score = self.runner.loglikelihood(images, context, str(continuation), self._task_kind(task), task)
+        record = {"task": task, "doc_id": doc_id, "rank": self.rank, "position": self._answered,
+                  "request": "loglikelihood", "choice": req.idx, **score.record}
+        self._answered += 1
+        self._call_records.append({**record, "batch_start": batch_start})
+        if not (req.metadata or {}).get("__padding_only__"):
+            self.records.append(record)
+        return GenerationResult(text=(score.loss, score.is_greedy), token_counts=PrunedTokenCounts(
+            input_tokens=score.input_tokens, output_tokens=0, pruning=score.record))
+
+    def _score_or_skip(self, req: Instance) -> GenerationResult:
+        try:
+            return self._score(req)
+        except Exception as err:
+            _, _, _, doc_id, task, _ = req.args
+            where = f"task {task!r}, doc_id {doc_id}, request {req.idx}"
+            if self.options.on_error == "raise":
+                raise RuntimeError(f"{self.model_id()}: loglikelihood failed on {where}: {type(err).__name__}: "
+                                   f"{err} (on_error=skip counts such requests and continues)") from err
+            eval_logger.warning(f"{self.model_id()}: SKIPPED {where}: {type(err).__name__}: {err}")
+            if not (req.metadata or {}).get("__padding_only__"):
+                self.skipped.append({"task": task, "doc_id": doc_id, "error": f"{type(err).__name__}: {err}"})
+            # an infinite loss: a skipped choice is never a multiple-choice argmin
+            return GenerationResult(text=(float("inf"), False))
+
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[list[str]]:
+        """The multi-round protocol of lmms-eval's Qwen2-VL / Qwen2.5-VL wrappers (their simple-mode
+        ``generate_until_multi_round``), one request at a time as there: round 0 asks the request's context with
+        the document's visuals; round ``k > 0`` asks what the task's
+        ``doc_to_text(doc, previous_output=answers, round_idx=k, previous_round_info=info)`` returns as
+        ``(visuals, context, terminal, answers, info)`` (its ``answers`` replace the kept ones), until
+        ``terminal``. Every round is a single-turn generation (the family's system prompt, the round's images,
+        then its text without ``<image>`` tags), pruned, with its own efficiency record (``round``); the task's
+        ``until`` is dropped and ``max_new_tokens`` defaults to theirs (32768 for Qwen2.5-VL, 128 for Qwen2-VL,
+        whose answers are also stripped), as there.
+
+        Returns each request's answers, one per round: lmms-eval passes a list of strings on to the task (its
+        own wrappers return a tuple, which lmms-eval 0.7.3's evaluator turns into the tuple's string)."""
+        if self.family not in MULTI_ROUND_IN_LMMS_EVAL:
+            raise NotImplementedError(
+                f"{self.model_id()}: multi-round generation (output_type generate_until_multi_round) is not "
+                f"supported for the {self.family} family (lmms-eval's own wrapper of it raises as well). Run the "
+                "task's single-round variant (output_type generate_until), or a model of a family that answers "
+                f"multi-round tasks: {', '.join(f'{f}_<preset>' for f in MULTI_ROUND_IN_LMMS_EVAL)}")
+        if not self.is_simple:
+            raise ValueError(f"{self.model_id()}: multi-round tasks need lmms-eval's --force_simple (lmms-eval's own "
+                             f"{self.family} wrapper reads only their simple-format requests)")
+        self._call_records = []
+        results = [self._rounds(req) for req in tqdm(requests, disable=self.rank != 0,
+                                                       desc=f"{self.model_id()} multi-round")]
+        log_metrics(**throughput_metrics(self._call_records, self.rank))
+        return results
+
+    def _rounds(self, req: Instance) -> list[str]:
+        """One multi-round request's answers (see :meth:`generate_until_multi_round`)."""
+        context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split = req.args
+        doc = self.task_dict[task][split][doc_id]
+        theirs = MULTI_ROUND_IN_LMMS_EVAL[self.family]
+        gen_kwargs = {"max_new_tokens": theirs["max_new_tokens"], **{k: v for k, v in gen_kwargs.items()
+                                                                      if k != "until"}}
+        padding = bool((req.metadata or {}).get("__padding_only__"))
+        visuals, answers, info, round_idx = doc_to_visual(doc), [], None, 0
+        while True:
+            if round_idx:
+                visuals, context, terminal, answers, info = doc_to_text(
+                    doc, previous_output=list(answers), round_idx=round_idx, previous_round_info=info)
+                answers = list(answers)
+                if terminal:
+                    return answers
+            images = [_qwen_simple_image(v, f"{task}/{doc_id}") for v in visuals or []]
+            turn = functools.partial(_user_turn, lambda _, v=images: v, context.replace("<image>", ""))
+            item = _Item(req.idx, task, split, doc_id, turn, gen_kwargs, padding, round_idx)
+            answer = self._run_or_skip([item])[0].text
+            answers.append(answer.strip() if theirs["strip"] else answer)
+            round_idx += 1
 
     # ------------------------------------------------------------------ end of run
     def efficiency_file(self, stamp: str | None = None) -> Path | None:
@@ -510,7 +649,22 @@ def wrapper_classes(family: str, stem: str, module: str) -> dict[str, type[Prune
         "__doc__": f"{fam.model_class} ({family}) with visual-token pruning (method chosen with ``method=``).",
         "default_pretrained": fam.default_pretrained,
     })
-    return {stem: base, **preset_classes(base)}
+    chat = {stem: base, **preset_classes(base)}
+    return {**chat, **{simple_name(name): simple_class(cls) for name, cls in chat.items()}}
+
+
+def simple_name(name: str) -> str:
+    """The class name of the simple twin of chat model class ``name`` (``LlavaPrune_none`` -> ``..._simple``)."""
+    return f"{name}_simple"
+
+
+def simple_class(chat: type[PrunedChatModel]) -> type[PrunedChatModel]:
+    """The twin of ``chat`` that lmms-eval runs with ``--force_simple`` (``is_simple = True``): lmms-eval builds
+    its multiple-choice and loglikelihood requests for simple models only. Generation requests arrive in the
+    simple format and are answered through the same chat messages (see :func:`_user_turn`)."""
+    name = simple_name(chat.__name__)
+    return type(name, (chat,), {"is_simple": True, "__module__": chat.__module__, "__qualname__": name,
+                                "__doc__": f"{chat.__doc__.splitlines()[0]} (lmms-eval's simple interface)"})
 
 
 def preset_classes(base: type[PrunedChatModel]) -> dict[str, type[PrunedChatModel]]:

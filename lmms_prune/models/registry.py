@@ -19,6 +19,9 @@ MODELS: dict[str, str] = {
 for _family, (_module, _stem) in FAMILIES.items():
     MODELS[f"{_family}_prune"] = f"{WRAPPERS}.{_stem}"
     MODELS.update({f"{_family}_{_preset}": f"{WRAPPERS}.{_stem}_{_preset}" for _preset in PRESETS})
+# model id -> simple class path (``--force_simple``, which multiple-choice and loglikelihood tasks need): the
+# twin of each wrapper (lmms_prune.models.base.simple_class; the name is models.base.simple_name's)
+SIMPLE_MODELS: dict[str, str] = {name: f"{path}_simple" for name, path in MODELS.items() if path.startswith(WRAPPERS)}
 
 
 def manifests() -> list:
@@ -29,4 +32,5 @@ def manifests() -> list:
     from lmms_prune.tasks.takeover import install
 
     install()
-    return [ModelManifest(model_id=name, chat_class_path=path) for name, path in MODELS.items()]
+    return [ModelManifest(model_id=name, chat_class_path=path, simple_class_path=SIMPLE_MODELS.get(name))
+            for name, path in MODELS.items()]

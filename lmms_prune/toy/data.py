@@ -26,10 +26,10 @@ import io
 import json
 import re
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -575,6 +575,7 @@ def write_refcoco_hub_layout(
     seed: int,
     splits: Sequence[str] = ("val", "testA", "testB"),
     image_format: str = "JPEG",
+    split_overrides: Mapping[str, Mapping[str, Any]] | None = None,
     **scene_kwargs,
 ) -> Path:
     """Write splits in lmms-lab/RefCOCO's hub layout; ``datasets.load_dataset(str(out_dir))`` reads them back.
@@ -583,7 +584,8 @@ def write_refcoco_hub_layout(
     ``bbox`` as ``[x, y, w, h]`` pixels, ``answer`` the object's expressions) and a README whose ``configs``
     map file names to splits, as on the hub. Each split draws ``n_images`` scenes from
     ``split_seed(seed, split)`` with its own block of image ids, so splits share no images.
-    Returns ``out_dir``.
+    ``split_overrides``: per split, ``n_images`` and scene options that replace the shared ones (e.g. a split
+    of more crowded scenes). Returns ``out_dir``.
     """
     from datasets import Dataset
 
@@ -591,9 +593,17 @@ def write_refcoco_hub_layout(
         raise ValueError(f"splits={splits}: must be a non-empty sequence of distinct names")
     out_dir = Path(out_dir)
     (out_dir / "data").mkdir(parents=True, exist_ok=True)
-    for split_index, split in enumerate(splits):
+    overrides = {split: dict(v) for split, v in (split_overrides or {}).items()}
+    unknown = sorted(set(overrides) - set(splits))
+    if unknown:
+        raise ValueError(f"split_overrides names split(s) {', '.join(unknown)} not in splits={list(splits)}")
+    first_id = 0
+    for split in splits:
         columns: dict[str, list] = {name: [] for name in hub_features()}
-        scenes = generate_scenes(n_images, split_seed(seed, split), split_index * n_images, **scene_kwargs)
+        split_kwargs = {**scene_kwargs, **overrides.get(split, {})}
+        count = int(split_kwargs.pop("n_images", n_images))
+        scenes = generate_scenes(count, split_seed(seed, split), first_id, **split_kwargs)
+        first_id += count
         for scene in scenes:
             suffix = "jpg" if image_format == "JPEG" else "png"
             file_name = f"toy_{split}_{scene.image_id:012d}.{suffix}"

@@ -1,6 +1,6 @@
 """Write tiny local copies of lmms-eval's POPE and MME test splits, in their hub schemas, as parquet.
 
-    python tests/data/make_tiny_eval_data.py        # rewrites tests/data/{pope,mme}_tiny.parquet
+    python tests/data/make_tiny_eval_data.py        # rewrites tests/data/{pope,mme,seedbench,seedbench_text}_tiny.parquet
 
 The task YAMLs in ``tests/tasks/`` read these files and score them with lmms-eval's own ``utils`` functions.
 Images are small deterministic crops of scikit-image's bundled photos (no download).
@@ -8,6 +8,10 @@ Images are small deterministic crops of scikit-image's bundled photos (no downlo
 POPE (``lmms-lab-encoder/POPE``): question_id, question, answer (yes/no), image_source, image, category.
 MME (``lmms-lab-encoder/MME``): question_id (image path, shared by the image's two questions), image, question,
 answer (Yes/No), category; its aggregation needs both questions of every image.
+SEED-Bench (``lmms-lab-encoder/SEED-Bench``, its multiple-choice ``seedbench_ppl`` task): question_id, question,
+choice_a..choice_d, answer (A-D), data_type, question_type_id, image (a list of images); the text-only copy
+has empty image lists (lmms-eval's ``llava_hf`` scores loglikelihoods of image prompts only with the
+transformers 4 processors, which left ``<image>`` unexpanded).
 """
 
 from __future__ import annotations
@@ -59,9 +63,31 @@ def mme_rows(n_images: int = 4) -> dict[str, list]:
     return rows
 
 
+def seedbench_rows(n: int = 4, images: bool = True) -> dict[str, list]:
+    """``n`` four-choice SEED-Bench questions (one image each, or none), answers cycling A-D."""
+    keys = ("question_id", "question", "choice_a", "choice_b", "choice_c", "choice_d", "answer", "data_type",
+            "question_type_id", "image")
+    rows: dict[str, list] = {k: [] for k in keys}
+    for i in range(n):
+        photo = PHOTOS[i % len(PHOTOS)]
+        choices = [PHOTOS[(i + k) % len(PHOTOS)] for k in range(4)]  # the true one is choice (i % 4)
+        choices = choices[-(i % 4):] + choices[:-(i % 4)] if i % 4 else choices
+        rows["question_id"].append(f"seed_{i}")
+        rows["question"].append("What is the main subject of the image?")
+        for letter, choice in zip("abcd", choices):
+            rows[f"choice_{letter}"].append(f"a {choice}")
+        rows["answer"].append("ABCD"[choices.index(photo)])
+        rows["data_type"].append("image")
+        rows["question_type_id"].append(str(1 + i % 9))
+        rows["image"].append([_photo(photo, (80 + 16 * (i % 3), 64))] if images else [])
+    return rows
+
+
 def write(rows: dict[str, list], path: Path) -> Path:
-    """Save ``rows`` as a parquet file whose ``image`` column loads back as PIL images."""
-    features = datasets.Features({k: datasets.Image() if k == "image" else datasets.Value("string") for k in rows})
+    """Save ``rows`` as a parquet file whose ``image`` column (one image, or a list) loads back as PIL images."""
+    image = datasets.Sequence(datasets.Image()) if rows["image"] and isinstance(rows["image"][0], list) \
+        else datasets.Image()
+    features = datasets.Features({k: image if k == "image" else datasets.Value("string") for k in rows})
     datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
     return path
 
@@ -69,6 +95,8 @@ def write(rows: dict[str, list], path: Path) -> Path:
 def main() -> None:
     write(pope_rows(), HERE / "pope_tiny.parquet")
     write(mme_rows(), HERE / "mme_tiny.parquet")
+    write(seedbench_rows(), HERE / "seedbench_tiny.parquet")
+    write(seedbench_rows(images=False), HERE / "seedbench_text_tiny.parquet")
 
 
 if __name__ == "__main__":
