@@ -27,6 +27,7 @@ MODULES: tuple[str, ...] = (
     "lmms_prune.methods.cdpruner",
     "lmms_prune.methods.sparsevlm",
     "lmms_prune.methods.temporal",
+    "lmms_prune.methods.evs",
 )
 
 
