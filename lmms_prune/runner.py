@@ -536,6 +536,14 @@ class Runner:
             out.append({"role": message["role"], "content": content})
         return out, images, videos
 
+    @staticmethod
+    def video_frames(messages: list[dict[str, Any]]) -> list[int | None]:
+        """The conversation's visual parts in prompt order: None for an image, a video's frame count (the
+        engine's ``PruneHandle.video_frames``: which image runs form one video, where the processor does not
+        say)."""
+        return [None if part["type"] == "image" else len(part["video"])
+                for message in messages for part in message["content"] if part["type"] in ("image", "video")]
+
     def stop_ids(self) -> tuple[int | None, int | None]:
         """``(eos_token_id, pad_token_id)`` of ``generate``: the tokenizer's, as lmms-eval's wrappers pass them
         (the pad falls back to the generation config's, then to the eos)."""
@@ -583,6 +591,7 @@ class Runner:
                                                                self.processor)
         # videos: frames already sampled (the family's video_sampling); the family's pipeline prepares them
         video_kwargs = self.family.prepare_videos(videos, family_options) if videos else {}
+        self.handle.video_frames = [self.video_frames(messages) for messages in conversations]
         inputs = self.processor(text=texts, images=images or None, padding=True, padding_side="left",
                                 return_tensors="pt", **self.family.processor_kwargs(family_options), **video_kwargs)
         frames = [self.family.box_frame(size, inputs, i, family_options, self.processor)

@@ -19,8 +19,8 @@ Which frames (lmms-eval 0.7.3; each family's video ``--model_args`` with lmms-ev
   ``InternVLVideoProcessor.sample_frames``): ``num_frames`` frames, indices ``int(arange(step / 2, total,
   step))`` with ``step = total / num_frames``. With ``fps``, ``int(total / video_fps * fps)`` frames
   (transformers' rule when ``num_frames`` is unset; lmms-eval passes its default ``num_frames=32`` as well,
-  and transformers then ignores ``fps``: here a given ``fps`` is honoured). InternVL's engine layout has no
-  video yet (``Family.video_sampling`` is None), so its requests are refused before decoding.
+  and transformers then ignores ``fps``: here a given ``fps`` is honoured). InternVL's processor writes a
+  video as one tile per frame; the runner tells the engine which tiles form it (one video span).
 
 Every failure (missing, empty, truncated or undecodable file; too few frames for the rule) is one
 :class:`VideoLoadError` naming the sample id and the file, so a harness can count the sample as an error

@@ -82,8 +82,9 @@ def test_every_preset_generates(toys, priors, family, method):
         assert record.seq_len_after == record.seq_len_before - n_visual + record.visual_after
         return
     # pyramiddrop: stage_ratio 0.5 at 3 stages keeps int(0.125 N) of the tokens after its last stage (authors' int)
-    # downsample shrinks images in the runner, before the processor: apply() alone prunes nothing
-    expected = {"none": n_visual, "downsample": n_visual, "fixed": 3,
+    # downsample shrinks images in the runner, before the processor: apply() alone prunes nothing; evs (vLLM's)
+    # prunes videos only, an image keeps every token
+    expected = {"none": n_visual, "downsample": n_visual, "evs": n_visual, "fixed": 3,
                 "pyramiddrop": max(1, int(0.125 * n_visual))}.get(
         method, max(1, round(0.1 * n_visual)))
     assert record.visual_after == expected

@@ -86,3 +86,22 @@ def test_video_task_runs_through_the_cli_with_pruned_video_and_efficiency_record
     logged = [json.loads(line) for f in glob.glob(str(out / "*" / "*_samples_tinyvideo.jsonl"))
               for line in Path(f).read_text().splitlines()]
     assert len(logged) == CLIPS
+
+
+@pytest.mark.cli
+def test_evs_runs_tinyvideo_through_the_cli_on_qwen_and_onevision(tmp_path):
+    """``--model qwen2_5_vl_evs`` and ``llava_onevision_evs``: each clip keeps vLLM's count of its video tokens
+    (``max(one frame, int(N * keep_ratio))``, here half), scored by the task."""
+    from cli_runs import run_lmms_eval
+
+    for model, family, extra, tokens in (("qwen2_5_vl_evs", "qwen2_5_vl", QWEN_PIXELS, _qwen_tokens),
+                                         ("llava_onevision_evs", "llava_onevision", f"max_frames_num={CLIP_FRAMES}",
+                                          _onevision_tokens)):
+        run = run_lmms_eval(tmp_path / model, model, f"pretrained={tiny_model_dir(family)},keep_ratio=0.5,{extra}",
+                            tasks="tinyvideo", limit=1)
+        assert 0 <= run.metrics["tinyvideo"]["tinyvideo_perception_score,none"] <= 100
+        assert run.efficiency["model"] == model and run.efficiency["summary"]["samples"] == 1
+        for sample in run.efficiency["samples"]:
+            assert sample["visual_before"] == tokens()
+            assert sample["visual_after"] == tokens() // 2
+            assert sample["prefill_flops"] < sample["prefill_flops_unpruned"]

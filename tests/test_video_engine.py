@@ -187,17 +187,18 @@ def test_qwen3_vl_deepstack_on_video_lands_on_kept_tokens_only(toys):
     assert not torch.allclose(dropped[0], mask_logits[0, index], atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision", "internvl_qwen2"])
 def test_runner_takes_video_parts_and_prunes_image_and_video_by_their_own_budgets(family):
     """The harness-neutral runner: a conversation with an image and a ``{"type": "video", "video": frames}``
     part goes to the processor as ``videos=`` (Qwen: through qwen_vl_utils' frame pipeline, the part's fps
-    setting the M-RoPE time step), and the engine prunes each by its own budget."""
+    setting the M-RoPE time step; InternVL: one tile per frame, the runner telling the engine which tiles form
+    the video), and the engine prunes each by its own budget."""
     from lmms_prune.families import family_class as lookup
     from lmms_prune.runner import Runner, parse_options
     from lmms_prune.toy.models import tiny_model_dir
 
-    family_class = lookup(family)
-    pixels = {"min_pixels": 3136, "max_pixels": 12544} if family.startswith("qwen") else {}
+    family_class = lookup(family.split("_qwen2")[0])
+    pixels = {"qwen2_5_vl": {"min_pixels": 3136, "max_pixels": 12544}, "internvl_qwen2": {"max_patches": 1}}.get(family, {})
     options, config = parse_options(family_class, f"{family}_fastv", "fastv", pretrained=str(tiny_model_dir(family)),
                                     device="cpu", dtype="float32", keep_ratio=0.25, **pixels)
     sampling = family_class.video_sampling(options.family)
@@ -331,21 +332,69 @@ def test_bench_video_geometry_is_a_32_frame_448px_video_and_any_preset_runs_on_i
         ("none", 64, 64), ("fastv", 64, 6), ("divprune", 64, 6)]
 
 
-def test_internvl_video_frames_are_tiles_and_prune_like_mask_mode(toys):
-    """InternVL takes a video as one 448 px tile per frame ("Frame1: <img>...</img>"); the engine sees one
-    one-tile span per frame. Keeping all equals the unpruned model; K=2 equals mask mode."""
+def _internvl_video(proc, frames):
+    """A one-video InternVL prompt (448 px tiles: few frames keep the tests fast) and its ``video_frames``."""
+    prompt = proc.apply_chat_template([{"role": "user", "content": [
+        {"type": "video"}, {"type": "text", "text": "What changes?"}]}], add_generation_prompt=True)
+    inputs = proc(text=[prompt], videos=[frames], return_tensors="pt", do_sample_frames=False).to(DEVICE)
+    return {k: v.to(DTYPE) if v.is_floating_point() else v for k, v in inputs.items()}, [[len(frames)]]
+
+
+def test_internvl_video_is_one_span_of_frames_and_temporal_prunes_like_mask_mode(toys):
+    """InternVL's processor writes a video as one-tile image runs ("Frame1: <img>...</img>\\nFrame2: ..."); with
+    the request's frame counts the engine sees ONE video span, a 16x16 grid per frame, the text between frames
+    structural. ``temporal`` on it: pruned equals mask mode at prefill and every cached decode step."""
     model, proc = toys("internvl_qwen2")
-    inputs = _video_inputs(proc, frames=2)  # 448 px tiles: two frames keep the test fast
-    spans = get_adapter(model).spans(inputs["input_ids"], inputs)[0]
-    assert [s.grids for s in spans] == [[(16, 16)]] * 2
-    n = sum(s.num_visual for s in spans)
-    keep = _random_keep(n, n // 8, seed=2)
+    inputs, video_frames = _internvl_video(proc, moving_square(2))
+    adapter = get_adapter(model)
+    runs = adapter.spans(inputs["input_ids"], inputs)
+    assert [s.grids for s in runs[0]] == [[(16, 16)]] * 2 and not any(s.video for s in runs[0])
+    [[span]] = adapter.join_videos(runs, video_frames)
+    assert span.video and span.grids == [(16, 16)] * 2 and span.num_visual == 512
+    ids = inputs["input_ids"][0]
+    assert span.structural and not (ids[span.structural_positions] == adapter.image_token_id).any()
+    assert bool((ids[span.visual_positions] == adapter.image_token_id).all())
+    with pytest.raises(ValueError, match="accounts for 3 runs"):
+        adapter.join_videos(runs, [[3]])
     with torch.no_grad():
-        ref = model(**inputs).logits
-        with lmms_prune.apply(model, "fastv", keep_ratio=1.0, prune_layer=2):
-            torch.testing.assert_close(model(**inputs).logits, ref, atol=ATOL, rtol=0)
-    mask, pruned = conformance.mask_and_prune(model, inputs, keep, 2)
-    conformance.equal_prefill_and_decode(pruned, mask, test_engine.TOL)
+        with lmms_prune.apply(model, "temporal", keep_ratio=0.25, mode="mask") as handle:
+            handle.video_frames = video_frames
+            mask_logits = model(**inputs).logits
+            mask_tokens, mask_steps = _generate(model, inputs)
+            mask_kept = handle.records[0].kept
+        with lmms_prune.apply(model, "temporal", keep_ratio=0.25) as handle:
+            handle.video_frames = video_frames
+            logits = model(**inputs).logits
+            index = handle.state.keep_index[0]
+            tokens, steps = _generate(model, inputs)
+            rec = handle.records[0]
+    assert [s.video for s in rec.spans] == [True] and rec.visual_after == 128
+    assert [k.tolist() for k in rec.kept] == [k.tolist() for k in mask_kept]
+    assert set(span.structural_positions.tolist()) <= set(index.tolist())
+    torch.testing.assert_close(logits[0], mask_logits[0, index], atol=ATOL, rtol=0)
+    assert _steps_close(steps, mask_steps, tokens, mask_tokens)
+    assert _same_tokens(tokens, mask_tokens, steps, mask_steps)
+
+
+def test_internvl_temporal_drops_the_repeated_frame_of_a_static_clip(toys):
+    """A clip of one frame shown twice: every cell of frame 2 repeats frame 1 (FrameFusion's redundancy), so
+    keeping half the video's tokens keeps frame 1 whole; given as separate images (no video_frames) nothing
+    has a previous frame and each frame keeps its own half. The tiny random model's decoder layers mix
+    position into a repeated cell's state (cosine well below 1 on a few cells by layer 2), hence the loose
+    threshold: the property is that the repetition is seen at all, across the frames of one span."""
+    model, proc = toys("internvl_qwen2")
+    frame = moving_square(1)[0]
+    inputs, video_frames = _internvl_video(proc, [frame, frame.copy()])
+    with torch.no_grad():
+        with lmms_prune.apply(model, "temporal", keep_ratio=0.5, temporal_threshold=0.3) as handle:
+            handle.video_frames = video_frames
+            model(**inputs)
+            [kept] = handle.records[0].kept
+            handle.video_frames = None
+            model(**inputs)
+            per_frame = handle.records[0].kept
+    assert kept.tolist() == list(range(256))
+    assert [k.numel() for k in per_frame] == [128, 128]
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])

@@ -105,7 +105,12 @@ class PruneHandle:
     ``image_padding``: set before a call whose images the family padded (``Family.padding_masks``: per sample,
     per image, a bool ``[N visual tokens]`` mask, True = padding token, or None); the next prefill takes it (and
     resets it to None) and hands each image's mask to the scores that need it (``Needs.padding``). A batch
-    expanded inside ``generate`` (``num_beams``) repeats each sample's masks."""
+    expanded inside ``generate`` (``num_beams``) repeats each sample's masks.
+
+    ``video_frames``: per sample, per visual part in prompt order, None for an image or a video's frame count;
+    for families whose processor writes a video as separate image runs (InternVL: one tile per frame), the
+    engine then sees each video as ONE span with one grid per frame (``Family.join_videos``). It stays set for
+    later calls until changed (the runner sets it per batch); None: every run is its own image."""
 
     def __init__(self, model: nn.Module, config: PruneConfig, mode: str = "prune"):
         if mode not in ("prune", "mask"):
@@ -116,6 +121,7 @@ class PruneHandle:
         self.adapter: Family = get_adapter(model)
         self._task_kind: str | None = None
         self.image_padding: list[list[torch.Tensor | None]] | None = None
+        self.video_frames: list[list[int | None]] | None = None
         self.records: list[PruneRecord] = []
         self._hooks: list[Any] = []
         self._observed: list[nn.Module] = []
@@ -321,7 +327,7 @@ class PruneHandle:
                 raise ValueError("lmms_prune needs input_ids (not inputs_embeds) to locate the image tokens")
             self._state = CallState(phase="prefill")
             return None
-        spans = self.adapter.spans(input_ids, kwargs)
+        spans = self.adapter.join_videos(self.adapter.spans(input_ids, kwargs), self.video_frames)
         lengths = mask2d.sum(-1).tolist() if mask2d is not None else [input_ids.shape[1]] * input_ids.shape[0]
         self._state = CallState(phase="prefill", spans=spans, seq_len=input_ids.shape[1],
                                 lengths=[int(x) for x in lengths], padding=mask2d,

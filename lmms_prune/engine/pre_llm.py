@@ -194,7 +194,7 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
     mask2d = kwargs.get("attention_mask")
     if mask2d is None:
         mask2d = torch.ones_like(input_ids)
-    spans = adapter.spans(input_ids, kwargs)
+    spans = adapter.join_videos(adapter.spans(input_ids, kwargs), handle.video_frames)
     t0 = time.perf_counter()
     modal = _encode(handle, kwargs)
     vision_t0 = time.perf_counter()
@@ -212,7 +212,7 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
         n_vis = sum(s.num_visual for s in sample_spans)
         sample_offset = 0
         for span in sample_spans:
-            m = "video" if span.video else "image"
+            m = adapter.encoder_modality(span)
             if m not in modal:
                 raise ValueError(f"{adapter.name}: {m} tokens at {span.start} but the call has no "
                                  f"{dict(MODALITIES)[m]}")

@@ -520,6 +520,18 @@ class Family:
         in time order and the positions within the run of its structural tokens (methods.md section 1)."""
         raise ValueError(f"{self.name}: this family has no video layout; give the frames as images")
 
+    def encoder_modality(self, span: ImageSpan) -> str:
+        """Which encoder output holds ``span``'s rows: ``"video"`` (``pixel_values_videos``) for a video span,
+        ``"image"`` (``pixel_values``) otherwise; InternVL encodes a video's frames as image tiles."""
+        return "video" if span.video else "image"
+
+    def join_videos(self, spans: list[list[ImageSpan]],
+                    video_frames: list[list[int | None]] | None) -> list[list[ImageSpan]]:
+        """``spans`` with each video the processor wrote as separate image runs joined into ONE video span, from
+        ``video_frames`` (per sample, per visual part in prompt order: None for an image, a video's frame
+        count). Default: unchanged (the family's processor output already marks its videos)."""
+        return spans
+
     def spans(self, input_ids: torch.Tensor, forward_kwargs: dict[str, Any]) -> list[list[ImageSpan]]:
         """Image and video spans per sample, in sequence order. ``input_ids``: LongTensor[B, T]."""
         out: list[list[ImageSpan]] = []
@@ -548,3 +560,14 @@ class Family:
                     offset += n
             out.append(spans)
         return out
+
+
+def join_frames(pieces: list[ImageSpan]) -> ImageSpan:
+    """One video span over its per-frame spans (in time order, one sample): the tokens between them (Qwen3-VL's
+    timestamps, InternVL's ``</img>\\nFrame2: <img>``) become structural: kept, never scored, not in the budget."""
+    start, end = pieces[0].start, pieces[-1].start + pieces[-1].length
+    inside = set()
+    for p in pieces:
+        inside.update(range(p.start - start, p.start - start + p.length))
+    structural = tuple(i for i in range(end - start) if i not in inside)
+    return ImageSpan(start, end - start, [g for p in pieces for g in p.grids], structural, video=True)

@@ -30,7 +30,15 @@ import torch
 
 from lmms_prune import geometry as geo
 from lmms_prune.efficiency import mlp_flops
-from lmms_prune.families.base import IMAGE_TOKEN, Family, bench_text_config, int_arg, optional_float_arg
+from lmms_prune.families.base import (
+    IMAGE_TOKEN,
+    Family,
+    ImageSpan,
+    bench_text_config,
+    int_arg,
+    join_frames,
+    optional_float_arg,
+)
 
 TILE = 448
 DEFAULT_MAX_NUM = 6  # InternVL's grounding protocol (methods.md section 6): calibration, overlays, RefCOCO
@@ -137,8 +145,9 @@ class InternVL(Family):
     @classmethod
     def video_sampling(cls, options):
         """Videos go to the processor as frames, one 448 px tile each ("Frame1: <img>...</img>", lmms-eval's
-        internvl_hf). The engine sees each frame as its own one-tile image (one span per frame, each pruned by
-        its own budget): InternVL's processor output does not say which tile runs form a video."""
+        internvl_hf). The processor output does not say which tile runs form a video, so the runner hands the
+        engine each request's frame counts (``PruneHandle.video_frames``) and :meth:`join_videos` makes each
+        video ONE span, one 16x16 grid per frame, the text between frames structural."""
         return {"num_frames": options["num_frames"], "fps": options["fps"]}
 
     @classmethod
@@ -279,6 +288,50 @@ class InternVL(Family):
     def wrap_image_features(self, encoded, kept):
         encoded.pooler_output = kept[None]
         return encoded
+
+    def encoder_modality(self, span):
+        """Video frames are image tiles in ``pixel_values``, in prompt order with the images."""
+        return "image"
+
+    def encoder_rows(self, span):
+        """Video spans: the text between frames (``</img>\\nFrame2: <img>``) has no encoder row."""
+        if not span.video:
+            return torch.arange(span.length)
+        rows = torch.full((span.length,), -1, dtype=torch.long)
+        rows[span.visual_index] = torch.arange(span.num_visual)
+        return rows
+
+    def join_videos(self, spans, video_frames):
+        """Each video's per-frame runs (one one-tile image span each, as the processor writes them) joined into
+        one video span. ``video_frames[b]``: sample ``b``'s visual parts in prompt order, None for an image (one
+        run, any number of tiles), ``k`` for a ``k``-frame video (``k`` runs); a batch ``r`` times larger
+        (``num_beams``) repeats each sample's entry."""
+        if video_frames is None:
+            return spans
+        if not video_frames or len(spans) % len(video_frames):
+            raise ValueError(f"video_frames describes {len(video_frames)} samples, but the call has {len(spans)}")
+        repeat = len(spans) // len(video_frames)
+        out: list[list[ImageSpan]] = []
+        for b, runs in enumerate(spans):
+            parts = video_frames[b // repeat]
+            runs_needed = sum(1 if k is None else k for k in parts)
+            if runs_needed != len(runs):
+                raise ValueError(f"video_frames of sample {b // repeat} ({parts}) accounts for {runs_needed} runs "
+                                 f"of image tokens, but the sample has {len(runs)}")
+            joined, i = [], 0
+            for k in parts:
+                if k is None:
+                    joined.append(runs[i])
+                    i += 1
+                    continue
+                frames = runs[i:i + k]
+                if any(f.grids != frames[0].grids or len(f.grids) != 1 for f in frames):
+                    raise ValueError(f"video_frames of sample {b // repeat}: a {k}-frame video must be {k} one-tile "
+                                     f"runs, got grids {[f.grids for f in frames]}")
+                joined.append(join_frames(frames))
+                i += k
+            out.append(joined)
+        return out
 
     def image_grids(self, run_length, image_index, forward_kwargs, sample=0, start=0):
         per_tile = self.tokens_per_image()

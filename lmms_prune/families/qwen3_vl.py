@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 
 from lmms_prune.efficiency import EncoderDims, encoder_flops
-from lmms_prune.families.base import IMAGE_TOKEN, ImageSpan, bench_text_config
+from lmms_prune.families.base import IMAGE_TOKEN, ImageSpan, bench_text_config, join_frames
 from lmms_prune.families.qwen2_5_vl import Qwen25VL
 
 
@@ -120,7 +120,7 @@ class Qwen3VL(Qwen25VL):
                     if total is None:
                         raise ValueError(f"{self.name}: more runs of video tokens than video_grid_thw's frames")
                 if len(pending) == total:
-                    joined.append(self._join(pending))
+                    joined.append(join_frames(pending))
                     pending = []
             if pending:
                 raise ValueError(f"{self.name}: a video's {len(pending)} frame runs do not match video_grid_thw")
@@ -132,16 +132,6 @@ class Qwen3VL(Qwen25VL):
         rows = torch.full((span.length,), -1, dtype=torch.long)
         rows[span.visual_index] = torch.arange(span.num_visual)
         return rows if span.video else torch.arange(span.length)
-
-    @staticmethod
-    def _join(pieces: list[ImageSpan]) -> ImageSpan:
-        """One video span over its per-frame runs; the tokens between runs become structural."""
-        start, end = pieces[0].start, pieces[-1].start + pieces[-1].length
-        inside = set()
-        for p in pieces:
-            inside.update(range(p.start - start, p.start - start + p.length))
-        structural = tuple(i for i in range(end - start) if i not in inside)
-        return ImageSpan(start, end - start, [g for p in pieces for g in p.grids], structural, video=True)
 
     def injected_layers(self) -> int:
         return len(self.vision_config.deepstack_visual_indexes)

@@ -48,6 +48,7 @@ MODULES: tuple[str, ...] = (
     "lmms_prune.methods.temporal",
     "lmms_prune.methods.prumerge_plus",
     "lmms_prune.methods.downsample",
+    "lmms_prune.methods.evs",
 )
 ENTRY_POINT_GROUP = "lmms_prune.methods"
 ENV_VAR = "LMMS_PRUNE_METHODS"

@@ -15,6 +15,7 @@ from lmms_prune.selection.budget import (
 from lmms_prune.selection.dart import dart
 from lmms_prune.selection.divprune import divprune
 from lmms_prune.selection.dpp import cdpruner, dpp_greedy, instruction_relevance
+from lmms_prune.selection.evs import evs_dissimilarity, evs_retained_count, evs_retention_mask, evs_select
 from lmms_prune.selection.merge import Merge, group_weights, merged_embeddings, visionzip
 from lmms_prune.selection.pivot_mis import (
     fused_graph,
@@ -48,6 +49,10 @@ __all__ = [
     "divprune",
     "dpc_knn",
     "dpp_greedy",
+    "evs_dissimilarity",
+    "evs_retained_count",
+    "evs_retention_mask",
+    "evs_select",
     "frame_layout",
     "fused_graph",
     "gap_positions",
