@@ -6,7 +6,7 @@
 3. runs lmms-eval (``accelerate launch -m lmms_eval``) with the package's RefCOCO tasks on two splits (``val``:
    the training distribution; ``testA``: more crowded scenes, :data:`CROWDED_SCENES`) for ``none``, ``fastv``,
    ``d2pruner``, ``deepprune``, ``vispruner``, ``random``, ``pyramiddrop``, ``visionzip``, ``fastervlm``,
-   ``cdpruner`` and ``sparsevlm`` at 10% visual tokens (a resumable sweep; for the multi-stage pyramiddrop and
+   ``cdpruner``, ``sparsevlm`` and ``prumerge_plus`` at 10% visual tokens (a resumable sweep; for the multi-stage pyramiddrop and
    sparsevlm, 10% is the average visual tokens per decoder layer, see :data:`DEMO_METHOD_ARGS`);
 4. prints a leaderboard per task (acc@0.5, % of unpruned, visual tokens kept, LLM prefill speed-up) and the
    two tasks' rank correlation over the methods, and writes the full report and PNG overlays of the tokens
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 DEMO_METHODS = ("none", "fastv", "d2pruner", "deepprune", "vispruner", "random", "pyramiddrop", "visionzip",
-                "fastervlm", "cdpruner", "sparsevlm")
+                "fastervlm", "cdpruner", "sparsevlm", "prumerge_plus")
 DEMO_METHOD_ARGS: dict[str, dict[str, str]] = {
     # the tiny grounder has 14 decoder layers: pyramiddrop's auto stages (4, 7, 11) run 4 layers at full length,
     # so an average of 10% per layer is unreachable; stages at 1, 3, 6 (halving) reach it. sparsevlm's auto

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 # lmms_prune.demo.DEMO_METHODS (not imported here: it imports torch; tests/test_sparsevlm.py checks they agree)
-METHODS = "none,fastv,d2pruner,deepprune,vispruner,random,pyramiddrop,visionzip,fastervlm,cdpruner,sparsevlm"
+METHODS = "none,fastv,d2pruner,deepprune,vispruner,random,pyramiddrop,visionzip,fastervlm,cdpruner,sparsevlm,prumerge_plus"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
