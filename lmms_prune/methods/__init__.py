@@ -29,6 +29,7 @@ MODULES: tuple[str, ...] = (
     "lmms_prune.methods.temporal",
     "lmms_prune.methods.prumerge_plus",
     "lmms_prune.methods.downsample",
+    "lmms_prune.methods.feather",
 )
 
 

@@ -4,11 +4,12 @@ Every selector returns ``n`` unique int64 indices, ascending, on the input's dev
 Nothing here knows about models, hooks or lmms-eval.
 """
 
-from lmms_prune.selection.baselines import block_quotas, random_select, uniform_select
+from lmms_prune.selection.baselines import block_quotas, random_select, strided_grid, uniform_select
 from lmms_prune.selection.budget import (
     average_kept_fraction,
     budget,
     depth_scaled_layers,
+    present_stage_budget,
     stage_budgets,
     stage_ratio_for_average,
 )
@@ -33,7 +34,7 @@ from lmms_prune.selection.temporal import (
     temporal_redundant,
     temporal_select,
 )
-from lmms_prune.selection.topk import topk
+from lmms_prune.selection.topk import topk, topk_union
 from lmms_prune.selection.vispruner import remove_duplicates, vispruner
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "normalized_similarity",
     "pivot_mis",
     "previous_frame_similarity",
+    "present_stage_budget",
     "prumerge_centres",
     "prumerge_plus",
     "random_select",
@@ -68,11 +70,13 @@ __all__ = [
     "remove_duplicates",
     "sparsevlm",
     "stage_budgets",
+    "strided_grid",
     "stage_ratio_for_average",
     "temporal_neighbour_pairs",
     "temporal_redundant",
     "temporal_select",
     "topk",
+    "topk_union",
     "uniform_select",
     "vispruner",
     "visionzip",
