@@ -75,10 +75,16 @@ def test_every_preset_generates(toys, priors, family, method):
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
         record = handle.records[0]
         counts = handle._stage_counts(n_visual) if method == "sparsevlm" else None
+        first = [len(k) for k in handle.state.stage_kept[0][0]] if method == "feather" else None
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
     assert record.visual_before == n_visual
     if method == "sparsevlm":  # rank-adaptive: at least the schedule's count, plus its recycled tokens
         assert counts[-1] <= record.visual_after < n_visual and record.merged[0] <= record.visual_after
+        assert record.seq_len_after == record.seq_len_before - n_visual + record.visual_after
+        return
+    if method == "feather":  # stage 2 keeps int(0.09 M) of stage 1's M = int(0.3 N) + uniform grid survivors
+        assert sum(first) >= max(1, int(0.3 * n_visual))
+        assert record.visual_after == sum(max(1, int(m * 0.3**2)) for m in first)
         assert record.seq_len_after == record.seq_len_before - n_visual + record.visual_after
         return
     # pyramiddrop: stage_ratio 0.5 at 3 stages keeps int(0.125 N) of the tokens after its last stage (authors' int)
