@@ -30,6 +30,7 @@ MODULES: tuple[str, ...] = (
     "lmms_prune.methods.prumerge_plus",
     "lmms_prune.methods.downsample",
     "lmms_prune.methods.feather",
+    "lmms_prune.methods.mustdrop",
 )
 
 

@@ -17,6 +17,7 @@ from lmms_prune.selection.dart import dart
 from lmms_prune.selection.divprune import divprune
 from lmms_prune.selection.dpp import cdpruner, dpp_greedy, instruction_relevance
 from lmms_prune.selection.merge import Merge, group_weights, merged_embeddings, visionzip
+from lmms_prune.selection.mustdrop import mustdrop_merge, window_members, window_similarity
 from lmms_prune.selection.pivot_mis import (
     fused_graph,
     grid_adjacency,
@@ -59,6 +60,7 @@ __all__ = [
     "kept_index",
     "group_weights",
     "merged_embeddings",
+    "mustdrop_merge",
     "normalized_similarity",
     "pivot_mis",
     "previous_frame_similarity",
@@ -78,6 +80,8 @@ __all__ = [
     "topk",
     "topk_union",
     "uniform_select",
+    "window_members",
+    "window_similarity",
     "vispruner",
     "visionzip",
 ]
