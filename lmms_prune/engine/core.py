@@ -27,7 +27,9 @@ With ``positions='contiguous'`` the survivors of each stage are renumbered (ever
 tokens removed before it; decoded tokens continue from the stage's renumbered length), in prune and mask mode
 alike (:meth:`PruneHandle._renumbered`, :meth:`PruneHandle._decode_rope`). A stage may be ranked by its own
 layer ``K_s`` (``Needs.query_key_attention``): the hook of layer ``K_s`` first calls that layer's attention on
-its input with the current geometry and records the last prompt token's row (:meth:`PruneHandle._own_attention`).
+its input with the current geometry and records the last prompt token's row (:meth:`PruneHandle._own_attention`);
+or by layer ``K_s - 1`` so, before it runs (a pre-hook after the engine's own on that layer); options: without
+RoPE (``Needs.query_key_unrotated``) and soft-maxed over the visual keys only (``Needs.query_key_visual_softmax``).
 
 Merged tokens inside the LLM (SparseVLM's recycling): a selector may return a
 :class:`lmms_prune.selection.Merge` whose ``slots`` name removed tokens; each slot is kept and its hidden state
