@@ -159,7 +159,9 @@ def used_params(cfg: Any) -> set[str]:
     """The config fields that ``cfg``'s stage, score and selector read."""
     used = set(ALWAYS) | set(STAGE_PARAMS[cfg.stage])
     if cfg.multi_stage:
-        used |= {"stage_ratio", "positions", "score_at", "budget_rounding"}
+        used |= {"stage_ratio", "positions", "score_at", "budget_rounding", "budget_base"}
+        if cfg.score_at != "K-1":
+            used |= {"qk_rope", "qk_softmax"}
     if cfg.stage != "none":
         used |= set(SCORES[cfg.score].used_params(cfg))
         if cfg.selector in SELECTORS:
@@ -206,11 +208,11 @@ def validate(cfg: Any) -> Any:
                              "of them (prune_layers for several stages)")
         if cfg.score_layer is not None:
             raise ValueError(f"score_layer={cfg.score_layer!r}: multi-stage pruning scores each stage K_s at layer "
-                             "K_s (score_at='K') or K_s-1 (score_at='K-1'); drop score_layer")
-        if cfg.score_at == "K" and (cfg.query != "last" or cfg.query_rows != 1):
-            raise ValueError(f"query={cfg.query!r}, query_rows={cfg.query_rows!r} with score_at='K': layer K's own "
-                             "projections score the last prompt token only; use query='last', query_rows=1 or "
-                             "score_at='K-1'")
+                             "K_s (score_at='K') or K_s-1 (score_at='K-1' or 'own-K-1'); drop score_layer")
+        if cfg.score_at != "K-1" and (cfg.query != "last" or cfg.query_rows != 1):
+            raise ValueError(f"query={cfg.query!r}, query_rows={cfg.query_rows!r} with score_at={cfg.score_at!r}: a "
+                             "layer's own projections score the last prompt token only; use query='last', "
+                             "query_rows=1 or score_at='K-1'")
     elif (cfg.keep_ratio is None) == (cfg.keep_tokens is None):
         raise ValueError(f"keep_ratio={cfg.keep_ratio!r}, keep_tokens={cfg.keep_tokens!r}: give exactly one of "
                          "them (e.g. keep_ratio=0.1, or keep_tokens=64)")

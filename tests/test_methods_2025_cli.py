@@ -36,3 +36,29 @@ def test_downsample_runs_through_lmms_eval(tmp_path, model, toy, args, below):
     assert "pope_accuracy,none" in run.metrics["pope_tiny"]
     samples = run.efficiency["samples"]
     assert len(samples) == 2 and all(below > s["visual_after"] == s["visual_before"] > 0 for s in samples)
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize(("model", "toy", "args"), [("internvl_feather", "internvl3", "max_num=2"),
+                                                    ("qwen2_5_vl_feather", "qwen2_5_vl", "")])
+def test_feather_runs_through_lmms_eval(tmp_path, model, toy, args):
+    """The preset as released (its own 0.3 / 0.09 stage schedule): the cache of the last stage's layers is
+    shorter than the first layers' by the tokens pruned (the counts are proven in tests/test_feather.py)."""
+    extra = f",{args}" if args else ""
+    run = run_lmms_eval(tmp_path, model, f"pretrained={tiny_model_dir(toy)}{extra}", limit=2)
+    assert "pope_accuracy,none" in run.metrics["pope_tiny"]
+    samples = run.efficiency["samples"]
+    assert len(samples) == 2 and all(0 < s["visual_after"] < 0.3 * s["visual_before"] for s in samples)
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize(("model", "toy", "args"), [("internvl_mustdrop", "internvl3", "keep_ratio=0.25,max_num=2"),
+                                                    ("qwen2_5_vl_mustdrop", "qwen2_5_vl", "keep_ratio=0.25")])
+def test_mustdrop_runs_through_lmms_eval(tmp_path, model, toy, args):
+    """Whole 3x3 windows merged before the LLM: at least the budget remains, fewer tokens than the image gave
+    (the window arithmetic is proven in tests/test_mustdrop.py)."""
+    run = run_lmms_eval(tmp_path, model, f"pretrained={tiny_model_dir(toy)},{args}", limit=2)
+    assert "pope_accuracy,none" in run.metrics["pope_tiny"]
+    samples = run.efficiency["samples"]
+    assert len(samples) == 2 and all(0.25 * s["visual_before"] - 1 <= s["visual_after"] < s["visual_before"]
+                                     for s in samples)

@@ -58,11 +58,11 @@ def test_every_preset_generates(toys, priors, family, method):
     # visual tokens: the placeholders minus structural ones (LLaVA-NeXT's row newlines, never pruned or counted)
     n_visual = sum(s.num_visual for s in get_adapter(model).spans(inputs["input_ids"], inputs)[0])
     params = _params(method, family, priors, n_visual)
-    if method in ("visionzip", "prumerge_plus") and family == "qwen3_vl":  # merged tokens have no DeepStack features
+    if method in ("visionzip", "prumerge_plus", "mustdrop") and family == "qwen3_vl":  # merged tokens have no DeepStack features
         with pytest.raises(ValueError, match="merges tokens.*qwen3_vl.*DeepStack"):
             lmms_prune.apply(model, method, **params)
         return
-    if method in ("visionzip", "prumerge_plus") and family in ("llava_next", "llava_onevision"):  # merges cannot sit between newlines
+    if method in ("visionzip", "prumerge_plus", "mustdrop") and family in ("llava_next", "llava_onevision"):  # merges cannot sit between newlines
         with pytest.raises(ValueError, match="structural tokens"), torch.no_grad():
             with lmms_prune.apply(model, method, **params):
                 model.generate(**inputs, max_new_tokens=3, do_sample=False)
@@ -75,10 +75,20 @@ def test_every_preset_generates(toys, priors, family, method):
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
         record = handle.records[0]
         counts = handle._stage_counts(n_visual) if method == "sparsevlm" else None
+        first = [len(k) for k in handle.state.stage_kept[0][0]] if method == "feather" else None
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
     assert record.visual_before == n_visual
     if method == "sparsevlm":  # rank-adaptive: at least the schedule's count, plus its recycled tokens
         assert counts[-1] <= record.visual_after < n_visual and record.merged[0] <= record.visual_after
+        assert record.seq_len_after == record.seq_len_before - n_visual + record.visual_after
+        return
+    if method == "mustdrop":  # whole 3x3 windows merged: at least the budget, fewer where windows run short
+        budget = sum(max(1, round(0.1 * s.num_visual)) for s in record.spans)
+        assert budget <= record.visual_after < n_visual and sum(record.merged) > 0
+        return
+    if method == "feather":  # stage 2 keeps int(0.09 M) of stage 1's M = int(0.3 N) + uniform grid survivors
+        assert sum(first) >= max(1, int(0.3 * n_visual))
+        assert record.visual_after == sum(max(1, int(m * 0.3**2)) for m in first)
         assert record.seq_len_after == record.seq_len_before - n_visual + record.visual_after
         return
     # pyramiddrop: stage_ratio 0.5 at 3 stages keeps int(0.125 N) of the tokens after its last stage (authors' int)

@@ -88,11 +88,13 @@ def attention_rows(
     attention_mask: torch.Tensor | None,
     scaling: float | None,
     num_rows: int = 1,
+    columns: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Head-averaged attention probabilities of the last ``num_rows`` query rows over all keys.
 
     query: [B, H, Q, d] (rotary applied); key: [B, KV, S, d] with H = KV * G (GQA); attention_mask: None
     (causal, the last rows see every key), bool [B, 1|H, Q, S] (True = attend) or additive float.
+    ``columns``: bool [B, S], the softmax runs over these keys only (a row with none is all zeros).
     Returns float32 [B, num_rows, S]; equals eager attention's rows averaged over heads.
     """
     b, h, q_len, d = query.shape
@@ -109,6 +111,9 @@ def attention_rows(
     if attention_mask is not None:
         m = attention_mask[..., q_len - num_rows:, : logits.shape[-1]]
         logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m.float()
+    if columns is not None:
+        logits = logits.masked_fill(~columns[:, None, None, : logits.shape[-1]], float("-inf"))
+        return torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0).mean(dim=1)
     return torch.softmax(logits, dim=-1).mean(dim=1)
 
 

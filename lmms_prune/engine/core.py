@@ -27,7 +27,9 @@ With ``positions='contiguous'`` the survivors of each stage are renumbered (ever
 tokens removed before it; decoded tokens continue from the stage's renumbered length), in prune and mask mode
 alike (:meth:`PruneHandle._renumbered`, :meth:`PruneHandle._decode_rope`). A stage may be ranked by its own
 layer ``K_s`` (``Needs.query_key_attention``): the hook of layer ``K_s`` first calls that layer's attention on
-its input with the current geometry and records the last prompt token's row (:meth:`PruneHandle._own_attention`).
+its input with the current geometry and records the last prompt token's row (:meth:`PruneHandle._own_attention`);
+or by layer ``K_s - 1`` so, before it runs (a pre-hook after the engine's own on that layer); options: without
+RoPE (``Needs.query_key_unrotated``) and soft-maxed over the visual keys only (``Needs.query_key_visual_softmax``).
 
 Merged tokens inside the LLM (SparseVLM's recycling): a selector may return a
 :class:`lmms_prune.selection.Merge` whose ``slots`` name removed tokens; each slot is kept and its hidden state
@@ -205,6 +207,19 @@ class PruneHandle:
                 self._observed.append(module)
         for idx in range(self.stage_layers[0], len(layers)):
             self._hooks.append(layers[idx].register_forward_pre_hook(self._make_layer_hook(idx), with_kwargs=True))
+        # own-layer rows of a layer before its stage's (K_s - 1): a hook after the engine's own on that layer, so
+        # it sees the layer's input as the layer will (stage s-1's sequence, positions and mask)
+        for stage, needs in enumerate(self.stage_needs):
+            k = self.stage_layers[stage]
+            for idx in needs.query_key_attention:
+                if idx == k:
+                    continue
+                if not (self.stage_layers[stage - 1] if stage else 0) <= idx < k:
+                    raise ValueError(f"method {self.config.method!r}: its stage at layer {k} is ranked by layer "
+                                     f"{idx}'s own query/key, which is outside that stage's span; use score_at='K' "
+                                     "or 'own-K-1'")
+                self._hooks.append(layers[idx].register_forward_pre_hook(
+                    self._make_own_attention_hook(idx, stage), with_kwargs=True))
         self._install_injections()
 
     def _install_injections(self) -> None:
@@ -538,16 +553,29 @@ class PruneHandle:
         cfg = self.config
         if not cfg.multi_stage:
             return [sel.budget(num_tokens, keep_ratio=cfg.keep_ratio, keep_tokens=cfg.keep_tokens)]
-        depth = self.adapter.num_layers
+        return sel.stage_budgets(num_tokens, self._stage_ratio(num_tokens), len(self.stage_layers),
+                                 rounding=cfg.budget_rounding)
+
+    def _stage_ratio(self, num_tokens: int) -> float:
+        """Multi-stage: ``stage_ratio``, or the one solved from ``keep_ratio``/``keep_tokens`` (the average)."""
+        cfg, depth = self.config, self.adapter.num_layers
         if cfg.stage_ratio is not None:
-            ratio = cfg.stage_ratio
-        elif cfg.keep_ratio is not None:
+            return cfg.stage_ratio
+        if cfg.keep_ratio is not None:
             if self._ratio is None:
                 self._ratio = sel.stage_ratio_for_average(cfg.keep_ratio, self.stage_layers, depth)
-            ratio = self._ratio
-        else:
-            ratio = sel.stage_ratio_for_average(min(1.0, cfg.keep_tokens / num_tokens), self.stage_layers, depth)
-        return sel.stage_budgets(num_tokens, ratio, len(self.stage_layers), rounding=cfg.budget_rounding)
+            return self._ratio
+        return sel.stage_ratio_for_average(min(1.0, cfg.keep_tokens / num_tokens), self.stage_layers, depth)
+
+    def _stage_count(self, num_tokens: int, present: int, stage: int) -> int:
+        """Visual tokens an image of ``num_tokens`` tokens keeps at ``stage``, ``present`` of them still there:
+        :meth:`_stage_counts`, or with ``budget_base='present'`` counted from the ``present`` tokens
+        (:func:`lmms_prune.selection.budget.present_stage_budget`, FEATHER's code)."""
+        cfg = self.config
+        if cfg.multi_stage and cfg.budget_base == "present" and stage > 0:
+            return sel.present_stage_budget(present, self._stage_ratio(num_tokens), stage,
+                                            rounding=cfg.budget_rounding)
+        return min(self._stage_counts(num_tokens)[stage], present)
 
     def _select(self, hidden: torch.Tensor, stage: int = 0) -> None:
         """Choose the kept tokens of every sample at ``stage``; store the gather index and its validity mask."""
@@ -571,7 +599,7 @@ class PruneHandle:
                 keep[span.structural_positions.to(hidden.device)] = True  # structure: always kept, never scored
                 image = self._signals(b, span, offset, num_visual, hidden, normed, stage, present)
                 scores = score(image)
-                n = min(self._stage_counts(span.num_visual)[stage], image.num_tokens)
+                n = self._stage_count(span.num_visual, image.num_tokens, stage)
                 local = selector(image, scores, n)
                 if isinstance(local, sel.Merge):
                     local = self._place_merge(b, i, span, present, local, hidden, stage)
@@ -720,8 +748,8 @@ class PruneHandle:
             phase = st.phase
             if phase == "prefill":
                 if first:
-                    if self.stage_needs[stage].query_key_attention:
-                        self._own_attention(module, hidden, kwargs, stage)
+                    if idx in self.stage_needs[stage].query_key_attention:
+                        self._stage_own_attention(module, hidden, kwargs, stage)
                     self._select(hidden, stage)
                     if self.renumber:
                         st.stage_rope.append(self._renumbered(kwargs, hidden, stage))
@@ -800,16 +828,26 @@ class PruneHandle:
             st.decode_rope[stage] = self._rope_kwargs(kwargs, hidden, shift)
         return st.decode_rope[stage]
 
-    def _own_attention(self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], stage: int) -> None:
-        """``Needs.query_key_attention``: the last prompt token's attention row of this layer's OWN query/key
-        projections (its input norm, q/k projections and RoPE, through its attention module) applied to its input
-        ``hidden``, before it runs, with the geometry of the sequence as it stands (stage ``stage-1``'s kept
-        tokens, positions and mask); recorded as ``attention[layer]``. PyramidDrop's code ranks a stage this way
+    def _make_own_attention_hook(self, idx: int, stage: int):
+        """Pre-hook of layer ``idx`` (before stage ``stage``'s layer): its own last-row attention at prefill, on
+        its input as it will run it (``Needs.query_key_attention``; FEATHER's code scores stage ``K`` so)."""
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+            st = self._state
+            if st.phase == "prefill" and st.has_images:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                self._own_attention(module, hidden, kwargs["position_embeddings"], kwargs.get("attention_mask"),
+                                    idx, stage)
+            return None
+
+        return hook
+
+    def _stage_own_attention(self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any],
+                             stage: int) -> None:
+        """Layer ``K_s``'s own row, before its hook changes its kwargs: the geometry of the sequence as it stands
+        (stage ``s-1``'s kept tokens, positions and mask). PyramidDrop's code ranks a stage this way
         (``pdrop_rank_drop``: softmax over the whole row in float32, heads averaged)."""
         st = self._state
-        idx = self.stage_layers[stage]
-        sync(hidden)
-        t0 = time.perf_counter()
         if stage == 0:
             geometry, mask = kwargs, kwargs.get("attention_mask")
         else:
@@ -817,17 +855,47 @@ class PruneHandle:
                         else st.stage_rope[stage - 1] if self.renumber else kwargs)
             mask = self._layer_mask(kwargs.get("attention_mask"), hidden.shape[1], st.seq_len, hidden.dtype,
                                     hidden.device, stage - 1)
+        self._own_attention(layer, hidden, geometry["position_embeddings"], mask, self.stage_layers[stage], stage)
+
+    def _own_attention(self, layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, ...],
+                       mask: torch.Tensor | None, idx: int, stage: int) -> None:
+        """``Needs.query_key_attention``: the last prompt token's attention row of layer ``idx``'s OWN query/key
+        projections (its input norm, q/k projections, q/k norms where the model has them, and RoPE, through its
+        attention module) applied to its input ``hidden`` of stage ``stage``'s sequence, recorded as
+        ``attention[idx]`` [B, T_s]. ``query_key_unrotated``: the RoPE tables are replaced by cos = 1, sin = 0,
+        the identity rotation, so the scores are those of the unrotated projections (FEATHER's ``no_rope``);
+        ``query_key_visual_softmax``: soft-maxed over the visual keys only (FEATHER's image keys)."""
+        st, needs = self._state, self.stage_needs[stage]
+        sync(hidden)
+        t0 = time.perf_counter()
+        if needs.query_key_unrotated:
+            cos, sin = position_embeddings
+            position_embeddings = (torch.ones_like(cos), torch.zeros_like(sin))
+        columns = self._visual_columns(stage, hidden.device) if needs.query_key_visual_softmax else None
         rows: list[torch.Tensor] = []
 
         def observe(module, query, key, attention_mask, scaling):
-            rows.append(attn.attention_rows(query, key, attention_mask, scaling, 1)[:, -1])
+            rows.append(attn.attention_rows(query, key, attention_mask, scaling, 1, columns=columns)[:, -1])
 
         with attn.observing(layer.self_attn, observe):
-            layer.self_attn(hidden_states=layer.input_layernorm(hidden),
-                            position_embeddings=geometry["position_embeddings"], attention_mask=mask)
+            layer.self_attn(hidden_states=layer.input_layernorm(hidden), position_embeddings=position_embeddings,
+                            attention_mask=mask)
         st.attention[idx] = rows[0]
         sync(hidden)
         st.score_seconds += time.perf_counter() - t0
+
+    def _visual_columns(self, stage: int, device: torch.device) -> torch.Tensor:
+        """bool [B, T_s]: the visual tokens' columns of stage ``stage``'s input sequence (the full one in mask
+        mode, where the removed ones are masked as keys; stage ``s-1``'s kept tokens in prune mode)."""
+        st = self._state
+        full = torch.zeros(len(st.spans), st.seq_len, dtype=torch.bool, device=device)
+        for b, spans in enumerate(st.spans):
+            for span in spans:
+                full[b, span.visual_positions.to(device)] = True
+        if stage == 0 or self.mode == "mask":
+            return full
+        index, valid = st.stage_index[stage - 1], st.stage_valid[stage - 1]
+        return torch.gather(full, 1, index.to(device)) & valid.to(device)
 
     def _gather_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The decoder-layer kwargs of the pruned sequence: RoPE tables and position ids gathered at the kept

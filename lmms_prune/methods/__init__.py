@@ -49,6 +49,8 @@ MODULES: tuple[str, ...] = (
     "lmms_prune.methods.prumerge_plus",
     "lmms_prune.methods.downsample",
     "lmms_prune.methods.evs",
+    "lmms_prune.methods.feather",
+    "lmms_prune.methods.mustdrop",
 )
 ENTRY_POINT_GROUP = "lmms_prune.methods"
 ENV_VAR = "LMMS_PRUNE_METHODS"

@@ -194,7 +194,9 @@ class Needs:
     ``text_attention`` (layers whose attention rows of every text token after the sample's last image are
     recorded: SparseVLM's raters), ``query_key_attention`` (layers whose last-prompt-token attention row is
     computed, before the layer runs, from that layer's OWN query/key projections and RoPE applied to its input:
-    a stage pruning at layer K can then be ranked by layer K itself), ``key_norms`` (layers whose key L1 norms
+    a stage pruning at layer K can then be ranked by layer K itself, or by layer K-1 before it runs;
+    ``query_key_unrotated``: without RoPE, the unrotated projections (with Qwen3's q/k norms); and
+    ``query_key_visual_softmax``: soft-maxed over the sample's visual keys only, not the whole row), ``key_norms`` (layers whose key L1 norms
     are recorded), ``hidden`` (visual hidden states at layer K's
     input), ``final_norm`` (the same through the LM's final norm), ``text`` (the same signals for the text
     tokens after the image), ``prior`` (a calibrated prior file). Before the LLM: ``vision_attention`` (the
@@ -211,6 +213,8 @@ class Needs:
     attention: tuple[int, ...] = ()
     text_attention: tuple[int, ...] = ()
     query_key_attention: tuple[int, ...] = ()
+    query_key_unrotated: bool = False
+    query_key_visual_softmax: bool = False
     key_norms: tuple[int, ...] = ()
     hidden: bool = False
     final_norm: bool = False

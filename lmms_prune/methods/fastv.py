@@ -11,6 +11,12 @@ PARAMS = (
     Param("query_rows", 1, "query='last': the mean attention of the last query_rows prompt tokens (rows), heads "
           "averaged (FrameFusion's num: 1 in its Qwen2 and InternLM2 models, 4 in its Qwen2-VL model)", kind="int",
           low=1),
+    Param("qk_rope", True, "own-layer query/key attention (multi-stage score_at='K' or 'own-K-1'): true = the "
+          "layer's RoPE applied to queries and keys (PyramidDrop's code); false = the unrotated projections "
+          "(FEATHER's code, its fix of FastV's bias towards late positions)", kind="bool"),
+    Param("qk_softmax", "row", "own-layer query/key attention: the last prompt token's softmax over 'row' = every key "
+          "(PyramidDrop's code) or 'visual' = the sample's visual keys only (FEATHER's code)", kind="str",
+          choices=("row", "visual")),
 )
 
 
@@ -32,10 +38,13 @@ class Attention(Score):
 def attention_needs(config) -> Needs:
     """The score layer's attention row; with ``query='raters'`` also the text rows it is made of. A score layer
     equal to the pruning layer ``K`` (PyramidDrop's stages, ``score_at='K'``) is layer K's own query/key
-    projections on its input, computed before it runs (``Needs.query_key_attention``)."""
+    projections on its input, computed before it runs (``Needs.query_key_attention``); ``score_at='own-K-1'``
+    (FEATHER's stages) the same of layer K-1, with the options ``qk_rope`` and ``qk_softmax``."""
     layer = (config.effective_score_layer,)
-    if config.prune_layer is not None and layer[0] == config.prune_layer:  # query='last' (presets.validate)
-        return Needs(query_key_attention=layer)
+    if config.prune_layer is not None and (layer[0] == config.prune_layer or config.score_at == "own-K-1"):
+        # query='last' (presets.validate)
+        return Needs(query_key_attention=layer, query_key_unrotated=not config.qk_rope,
+                     query_key_visual_softmax=config.qk_softmax == "visual")
     return Needs(attention=layer, text_attention=layer if config.query == "raters" else ())
 
 

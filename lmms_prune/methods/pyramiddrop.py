@@ -42,11 +42,16 @@ from lmms_prune.methods.base import Param, Preset
 PARAMS = (
     Param("score_at", "K-1", "multi-stage (prune_layers): the attention that ranks stage K's tokens: 'K' = layer K's "
           "own query/key projections and RoPE applied to its input, before it runs (PyramidDrop's code, the "
-          "pyramiddrop preset) or 'K-1' = the row recorded inside layer K-1 (FastV's convention)", kind="str",
-          choices=("K", "K-1")),
+          "pyramiddrop preset), 'K-1' = the row recorded inside layer K-1 (FastV's convention) or 'own-K-1' = "
+          "layer K-1's own query/key projections applied to its input, before it runs (FEATHER's code; with "
+          "qk_rope and qk_softmax)", kind="str", choices=("K", "K-1", "own-K-1")),
     Param("budget_rounding", "round", "multi-stage: tokens kept after stage s, of the ORIGINAL count N: 'int' = "
           "max(1, int(N * ratio^s)) (PyramidDrop's code, the pyramiddrop preset) or 'round' = max(1, round(...))",
           kind="str", choices=("int", "round")),
+    Param("budget_base", "original", "multi-stage with stage_ratio r: stage s (1-based) keeps r^s of 'original' = the "
+          "image's original token count N (PyramidDrop's code) or 'present' = the tokens present when the stage "
+          "starts (FEATHER's code: its second stage keeps int(M * r^2) of the M tokens the first kept)", kind="str",
+          choices=("original", "present")),
 )
 
 PRESETS = (

@@ -4,11 +4,12 @@ Every selector returns ``n`` unique int64 indices, ascending, on the input's dev
 Nothing here knows about models, hooks or lmms-eval.
 """
 
-from lmms_prune.selection.baselines import block_quotas, random_select, uniform_select
+from lmms_prune.selection.baselines import block_quotas, random_select, strided_grid, uniform_select
 from lmms_prune.selection.budget import (
     average_kept_fraction,
     budget,
     depth_scaled_layers,
+    present_stage_budget,
     stage_budgets,
     stage_ratio_for_average,
 )
@@ -17,6 +18,7 @@ from lmms_prune.selection.divprune import divprune
 from lmms_prune.selection.dpp import cdpruner, dpp_greedy, instruction_relevance
 from lmms_prune.selection.evs import evs_dissimilarity, evs_retained_count, evs_retention_mask, evs_select
 from lmms_prune.selection.merge import Merge, group_weights, merged_embeddings, visionzip
+from lmms_prune.selection.mustdrop import mustdrop_merge, window_members, window_similarity
 from lmms_prune.selection.pivot_mis import (
     fused_graph,
     grid_adjacency,
@@ -34,7 +36,7 @@ from lmms_prune.selection.temporal import (
     temporal_redundant,
     temporal_select,
 )
-from lmms_prune.selection.topk import topk
+from lmms_prune.selection.topk import topk, topk_union
 from lmms_prune.selection.vispruner import remove_duplicates, vispruner
 
 __all__ = [
@@ -63,9 +65,11 @@ __all__ = [
     "kept_index",
     "group_weights",
     "merged_embeddings",
+    "mustdrop_merge",
     "normalized_similarity",
     "pivot_mis",
     "previous_frame_similarity",
+    "present_stage_budget",
     "prumerge_centres",
     "prumerge_plus",
     "random_select",
@@ -73,12 +77,16 @@ __all__ = [
     "remove_duplicates",
     "sparsevlm",
     "stage_budgets",
+    "strided_grid",
     "stage_ratio_for_average",
     "temporal_neighbour_pairs",
     "temporal_redundant",
     "temporal_select",
     "topk",
+    "topk_union",
     "uniform_select",
+    "window_members",
+    "window_similarity",
     "vispruner",
     "visionzip",
 ]

@@ -80,3 +80,22 @@ def _evenly_spaced(rows: int, cols: int, k: int) -> Tensor:
 def _centres(length: int, count: int) -> Tensor:
     """Indices of the centres of ``count`` equal segments of ``range(length)``; distinct if count <= length."""
     return (2 * torch.arange(count) + 1) * length // (2 * count)
+
+
+def strided_grid(grids: Sequence[Grid], stride: int, device: torch.device | str | None = None) -> Tensor:
+    """Every ``stride``-th row and column of each grid block: ``grid[::stride, ::stride]`` starting at (0, 0).
+
+    FEATHER's uniform tokens (arXiv 2412.13180; its code keeps ``grid[::s, ::s]`` of the square image grid,
+    ``s = 3``), applied per block in order (InternVL's tiles, a video's frames). Returns int64 indices into the
+    concatenated blocks, ascending; ``ceil(r/s) * ceil(c/s)`` per ``(r, c)`` block.
+    """
+    blocks = check_grids(grids)
+    if not is_int(stride) or stride < 1:
+        raise ValueError(f"uniform_stride={stride!r}: must be an int >= 1 (FEATHER's code: 3)")
+    out, base = [], 0
+    for rows, cols in blocks:
+        r = torch.arange(0, rows, stride, device=device)
+        c = torch.arange(0, cols, stride, device=device)
+        out.append(base + (r[:, None] * cols + c[None, :]).flatten())
+        base += rows * cols
+    return torch.cat(out)

@@ -77,6 +77,26 @@ def stage_ratio_for_average(target: float, layers: tuple[int, ...], depth: int) 
     return (lo + hi) / 2
 
 
+def present_stage_budget(present: int, ratio: float, stage: int, rounding: str = "int") -> int:
+    """Visual tokens kept by stage ``stage`` (0-based) counted from the ``present`` tokens it starts with:
+    ``max(1, int(present * ratio^(stage + 1)))`` (``rounding="round"``: ``round``), at most ``present``.
+
+    FEATHER's released code (``FastVLlamaModel.forward``): its second stage keeps
+    ``int(len(image_indices) * ratio * ratio)`` where ``image_indices`` are the tokens the first stage kept,
+    not the original count (:func:`stage_budgets` counts from the original, PyramidDrop's rule).
+    """
+    if isinstance(present, bool) or not isinstance(present, Integral) or present < 1:
+        raise ValueError(f"present={present!r}: must be an int >= 1")
+    if not (isinstance(ratio, Real) and 0.0 < ratio <= 1.0):
+        raise ValueError(f"stage_ratio={ratio!r}: must be in (0, 1]")
+    if isinstance(stage, bool) or not isinstance(stage, Integral) or stage < 0:
+        raise ValueError(f"stage={stage!r}: must be an int >= 0")
+    if rounding not in ("int", "round"):
+        raise ValueError(f"budget_rounding={rounding!r}: must be 'int' (the authors' int(N * ratio^s)) or 'round'")
+    to_int = int if rounding == "int" else round
+    return min(int(present), max(1, int(to_int(present * ratio ** (stage + 1)))))
+
+
 def stage_budgets(num_tokens: int, ratio: float, stages: int, rounding: str = "round") -> list[int]:
     """Visual tokens kept after each of ``stages`` stages, computed from the original count ``N`` (no
     compounding of rounding), non-increasing and <= N.
