@@ -411,18 +411,24 @@ class Checker:
         cfg = self.cfg
         if cfg.stage == "none":
             raise NotApplicable("stage none prunes nothing")
+        selector = SELECTORS.get(cfg.selector)
+        if selector is not None and selector.videos_only:
+            raise NotApplicable(f"selector {cfg.selector!r} prunes videos only (videos_only): an image keeps every "
+                                "token")
         if cfg.multi_stage:
             extra = {"stage_ratio": 1.0 if full else 1e-6}
         else:
             extra = {"keep_ratio": 1.0} if full else {"keep_tokens": 1}
         result = self._run(self.image, decode=False, **extra)
-        # a merging selector inside the LLM may keep its own count (SparseVLM's rank-adaptive one): not checked
-        adaptive = cfg.stage == "llm" and getattr(SELECTORS[cfg.selector], "merges", False)
+        # a selector whose own rule sets the count (SparseVLM's rank rule, MustDrop's window merges): reported
+        adaptive = selector is not None and selector.adaptive_count(cfg)
         given = ", ".join(f"{k}={v}" for k, v in extra.items())
         counts = []
         for rec in result.records:
-            for span, kept in zip(rec.spans, rec.kept):
-                want, got = (span.num_visual if full else 1), kept.numel()
+            merged = rec.merged if cfg.stage == "pre_llm" and rec.merged else [0] * len(rec.kept)
+            for span, kept, added in zip(rec.spans, rec.kept, merged):
+                # a pre-LLM merge's tokens: the kept originals and the merged ones (PruMerge+'s are all merged)
+                want, got = (span.num_visual if full else 1), kept.numel() + added
                 counts.append(f"{got}/{want}")
                 assert adaptive or got == want, f"{given}: an image of {span.num_visual} tokens kept {got}, not {want}"
         problems = kept_problems(result.records)

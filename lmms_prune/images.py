@@ -101,6 +101,21 @@ def _describe(source: Any) -> tuple[Any, str]:
     raise ValueError(f"unsupported image source of type {type(source).__name__}")
 
 
+# PIL's own decompression-bomb limit (2 x its default ``Image.MAX_IMAGE_PIXELS``), held here rather than read from
+# PIL's global: other packages raise that global at import time (lmms-eval's task utilities set it to 1e9, VLMEvalKit
+# too), which would let a 16000 x 12000 image be decoded whole (576 MB) in one run and refused in another.
+MAX_PIXELS = 2 * 89_478_485
+
+
+def refuse_bomb(image: Image.Image) -> None:
+    """Raise PIL's ``DecompressionBombError`` when the header says ``image`` has more than :data:`MAX_PIXELS`
+    pixels (before any pixel is decoded), whatever PIL's global limit is at the time."""
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise Image.DecompressionBombError(f"Image size ({width * height} pixels, {width} x {height}) exceeds the "
+                                           f"limit of {MAX_PIXELS} pixels, could be a decompression bomb DOS attack.")
+
+
 def load_image(source: Any, sample_id: Any) -> Image.Image:
     """Decode one sample's image completely and return it as 8-bit RGB.
 
@@ -128,6 +143,7 @@ def load_image(source: Any, sample_id: Any) -> Image.Image:
         raise ImageLoadError(sample_id, where, "the file is empty (0 bytes)")
     try:
         with refuse_truncated(), Image.open(opened) as image:
+            refuse_bomb(image)
             image.load()
             return to_rgb(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # PIL's decode failures

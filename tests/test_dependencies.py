@@ -30,6 +30,11 @@ KNOWN_BREAKS = {
     "decord": "<0.7 (dev, video): 0.x guard for the VideoReader API that lmms-eval's video wrappers call",
     "av": "<16 (dev): major guard for the PyAV encoder API that writes the tiny video task's clips",
     "ms-vlmeval": "<0.1 (vlmeval): 0.0.x guard for the vlmeval dataset classes the VLMEvalKit glue imports",
+    "mkdocs": "<2 (docs): major guard: mkdocs.yml's strict validation keys and the built-in readthedocs theme are "
+              "MkDocs 1's",
+    "mkdocstrings": "<2 (docs): major guard for the `::: module` blocks and handler options of docs/api.md",
+    "mkdocstrings-python": "<3 (docs): major guard for the Python handler options in mkdocs.yml (docstring_options, "
+                           "filters)",
 }
 UNCAPPED = ("torch", "torchvision", "transformers")  # the newest of these must always be admitted
 

@@ -329,9 +329,19 @@ class Selector(Plugin):
     the ``slots`` its merged tokens take, and may keep a count other than ``n``: SparseVLM's adaptive count)."""
 
     merges: ClassVar[bool] = False
+    # True for a method that prunes videos only and leaves every image token (vLLM's EVS): check-method then
+    # checks its budget on no image
+    videos_only: ClassVar[bool] = False
     # prune_layers='auto': the method's pruning layers as fractions of the decoder's depth (PyramidDrop's
     # quarters unless a method says otherwise)
     layer_fractions: ClassVar[tuple[float, ...]] = (0.25, 0.5, 0.75)
+
+    @classmethod
+    def adaptive_count(cls, config: Any) -> bool:
+        """True where the method's own rule, not the budget ``n``, sets how many tokens an image keeps under
+        ``config`` (SparseVLM's rank rule, MustDrop's window merges, PruMerge+'s adaptive budget): check-method
+        then reports the counts instead of requiring exactly ``n``."""
+        return cls.merges and config.stage == "llm"
 
     def __call__(self, image: ImageSignals, scores: torch.Tensor | None, n: int) -> torch.Tensor:
         raise TypeError(f"selector {self.name!r} does not select")

@@ -32,6 +32,7 @@ class EVS(Selector):
     """The first frame whole, then the tokens most unlike the same cell of their previous frame (vLLM's EVS)."""
 
     name = "evs"
+    videos_only = True  # vLLM prunes video embeddings only
     stages = ("pre_llm",)
 
     @classmethod

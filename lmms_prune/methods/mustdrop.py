@@ -31,6 +31,10 @@ class MustDrop(Selector):
     merges = True
 
     name = "mustdrop"
+
+    @classmethod
+    def adaptive_count(cls, config):
+        return True  # the windows it merges follow the budget's (N - n) // 8 or, where that is 0, a threshold
     params = ("mustdrop_threshold", "mustdrop_window")
     stages = ("pre_llm",)
 

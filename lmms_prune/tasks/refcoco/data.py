@@ -146,12 +146,15 @@ def image_size(image: dict[str, Any] | str) -> tuple[int, int]:
     read (empty, missing or not an image: the sample then counts as an image error when it is scored)."""
     from PIL import Image
 
+    from lmms_prune.images import refuse_bomb
+
     if isinstance(image, dict):
         source = io.BytesIO(image["bytes"]) if image.get("bytes") is not None else image.get("path")
     else:
         source = image
     try:
         with Image.open(source) as opened:
+            refuse_bomb(opened)
             return opened.size
     # PIL's failures to identify a file; DecompressionBombError (over 2 x Image.MAX_IMAGE_PIXELS) is raised by
     # the header read already, and derives from Exception alone
