@@ -5,7 +5,7 @@ it starts. It registers :class:`lmms_prune.vllm.qwen2_5_vl.PrunedQwen2_5_VL` for
 ``Qwen2_5_VLForConditionalGeneration`` architecture; that class serves the model unchanged unless its config
 carries the pruning key::
 
-    LLM(model=..., hf_overrides={"lmms_prune": {"method": "divprune", "keep_ratio": 0.25, "positions": "original"}})
+    LLM(model=..., hf_overrides={"lmms_prune": {"method": "divprune", "keep_ratio": 0.25}})
 
 Why ``hf_overrides`` (docs/serving.md): it is the one vLLM setting that both halves of a pruned request see --
 the front-end's prompt processor (which fixes the placeholder count, the budget) and the worker's model (which
@@ -36,7 +36,14 @@ REFUSED = {
                "to match",
     "visionzip": "it merges tokens into new embeddings; the plug-in keeps subsets only so far",
 }
-POSITIONS = ("original", "contiguous")
+POSITIONS = ("contiguous",)
+# Why positions='original' (GAP's rule, our engine's other setting) is refused: the kept tokens' original M-RoPE
+# positions are known only after selection, in the worker, and vLLM's one hook for changing positions after the
+# encoder (SupportsMultiModalPruning.recompute_mrope_positions) is never called by its CPU model runner
+# (CPUModelRunner.load_model leaves is_multimodal_pruning_enabled False), so the path cannot be proven here.
+REFUSED_POSITIONS = ("vLLM's CPU model runner never calls SupportsMultiModalPruning.recompute_mrope_positions, "
+                     "the one hook that could give the kept tokens their original M-RoPE positions after selection "
+                     "(docs/serving.md); use positions='contiguous'")
 
 
 def register() -> None:
@@ -52,7 +59,7 @@ def pruning_config(hf_config: Any) -> Any:
     """The :class:`lmms_prune.presets.PruneConfig` that ``hf_config.lmms_prune`` asks for, or None without the key.
 
     The value is a dict: ``method`` (one of :data:`PRESETS`) and the method's parameters as for
-    ``lmms_prune.apply`` (``keep_ratio`` or ``keep_tokens``, ``positions`` = ``original`` | ``contiguous``, ...).
+    ``lmms_prune.apply`` (``keep_ratio`` or ``keep_tokens``, ``positions="contiguous"``, the default here).
     Raises ``ValueError`` naming the bad value and the fix; it runs in the prompt processor and in the model's
     constructor, so before any weights load.
     """
@@ -71,7 +78,9 @@ def pruning_config(hf_config: Any) -> Any:
         raise ValueError(f"{CONFIG_KEY}.method={method!r}: the vLLM plug-in serves the pre-LLM presets "
                          f"{', '.join(PRESETS)}; methods that prune inside the LLM need per-layer sequence lengths "
                          "in vLLM's paged KV cache (docs/serving.md)")
-    positions = params.get("positions", "contiguous")
+    positions = params.setdefault("positions", "contiguous")
+    if positions in ("original", "gap"):
+        raise ValueError(f"{CONFIG_KEY}.positions={positions!r}: not served yet: {REFUSED_POSITIONS}")
     if positions not in POSITIONS:
         raise ValueError(f"{CONFIG_KEY}.positions={positions!r}: must be one of {POSITIONS}")
     from lmms_prune.presets import resolve_config

@@ -11,16 +11,15 @@ Three points, each a documented vLLM extension point (subclasses, no patch):
   objects our transformers engine calls) the same signals: mean received attention per merged token, the
   merger's input features, the projected embeddings, the image's grid.
 * **Positions.** ``positions="contiguous"``: :meth:`get_mrope_input_positions` numbers the pruned prompt
-  ``0..T'-1``. ``positions="original"``: the kept tokens' grid coordinates ride along the embeddings in four
-  extra channels, as vLLM's EVS does, and :meth:`recompute_mrope_positions` (``SupportsMultiModalPruning``)
-  gives every token its position in the unpruned prompt (:mod:`lmms_prune.vllm.mrope`).
+  ``0..T'-1``, fixed at prompt processing like the placeholder count. ``positions="original"`` is refused
+  (:data:`lmms_prune.vllm.REFUSED_POSITIONS`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -41,11 +40,9 @@ from lmms_prune.methods import SCORES, SELECTORS
 from lmms_prune.methods.base import ImageSignals, Needs
 from lmms_prune.scores import merge_consecutive
 from lmms_prune.vllm import pruning_config
-from lmms_prune.vllm.mrope import grid_coords, pruned_mrope_positions
 
 # Where the worker appends one JSON line per pruned image (the cross-engine check reads it); unset: nothing.
 RECORD_ENV = "LMMS_PRUNE_VLLM_RECORD"
-EXTRA_CHANNELS = 4  # positions="original": (t, h, w) grid coordinates of each kept token + max(t, h, w)
 
 
 class PrunedQwen2_5_VLProcessor(Qwen2_5_VLMultiModalProcessor):
@@ -77,7 +74,8 @@ def _budgeted(update: PromptReplacement, cfg: Any) -> PromptReplacement:
 def _capture(visual: Any, needs: Needs) -> Iterator[dict[str, Any]]:
     """Observe vLLM's Qwen2.5-VL tower: ``q``/``k`` ``[1, S, H, d]`` and ``cu_seqlens`` at the last
     full-attention block (``Needs.vision_attention``), and the merger's input ``[S, 1, C]``
-    (``Needs.vision_features``). Read-only hooks, removed on exit."""
+    (``Needs.vision_features``). Read-only, undone on exit. The merger is observed by wrapping its ``forward``:
+    a forward pre-hook on it is not called in vLLM 0.32's CPU worker (seen in scripts/vllm_check.sh)."""
     out: dict[str, Any] = {}
     hooks = []
     if needs.vision_attention:
@@ -88,13 +86,21 @@ def _capture(visual: Any, needs: Needs) -> Iterator[dict[str, Any]]:
                          module.scale)
 
         hooks.append(kernel.register_forward_pre_hook(grab_qk, with_kwargs=True))
+    merger = visual.merger
     if needs.vision_features:
-        hooks.append(visual.merger.register_forward_pre_hook(lambda m, args: out.__setitem__("pre", args[0].detach())))
+        forward = merger.forward
+
+        def merge(x, *args, **kwargs):
+            out["pre"] = x.detach()
+            return forward(x, *args, **kwargs)
+
+        merger.forward = merge  # an instance attribute, deleted on exit
     try:
         yield out
     finally:
         for h in hooks:
             h.remove()
+        merger.__dict__.pop("forward", None)
 
 
 def _merged_order(grid_thw: torch.Tensor, vision_config: Any) -> torch.Tensor:
@@ -140,8 +146,6 @@ class PrunedQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
     """vLLM's Qwen2.5-VL; with ``hf_overrides['lmms_prune']`` it keeps only the method's tokens of each image.
     Without the key every method defers to vLLM's own."""
 
-    supports_multimodal_pruning = True
-
     def __init__(self, *, vllm_config: Any, prefix: str = ""):
         self.prune = pruning_config(vllm_config.model_config.hf_config)  # before any module or weight
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -153,11 +157,6 @@ class PrunedQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         if self.use_data_parallel:
             raise ValueError("lmms_prune: mm_encoder_tp_mode='data' shards the vision tower across ranks; serve "
                              "pruned models with the default mm_encoder_tp_mode")
-        if self.prune.positions == "original":
-            # vLLM's model runner hands the encoder outputs to recompute_mrope_positions only while its
-            # multimodal pruning switch is on; that switch is video_pruning_rate > 0 (EVS). Our processor
-            # and embed_multimodal replace EVS's code paths, so the rate itself is never used.
-            self.multimodal_config.video_pruning_rate = 0.5
 
     # ------------------------------------------------------------------ selection
     def embed_multimodal(self, **kwargs: object):
@@ -174,6 +173,13 @@ class PrunedQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         needs = self.stage_needs
         with torch.no_grad(), _capture(self.visual, needs) as captured:
             embeds = self._process_image_input(image)
+        missing = [name for name, need, key in (("vision attention", needs.vision_attention, "qk"),
+                                                 ("merger input", needs.vision_features, "pre"))
+                   if need and key not in captured]
+        if missing:
+            raise RuntimeError(f"lmms_prune: the vision tower ran without the hooks seeing its {', '.join(missing)} "
+                               f"(observed: {sorted(captured)}; tower {type(self.visual).__name__}, merger "
+                               f"{type(self.visual.merger).__name__})")
         grid_thw = image["image_grid_thw"]
         importance, features = _vision_signals(captured, grid_thw, self.config.vision_config)
         merge = self.visual.spatial_merge_size
@@ -192,48 +198,15 @@ class PrunedQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
             n = sel.budget(n_tokens, keep_ratio=self.prune.keep_ratio, keep_tokens=self.prune.keep_tokens)
             kept = self.selector(signals, self.score(signals), n).sort().values.to(emb.device)
             lines.append({"visual_before": n_tokens, "kept": kept.tolist()})
-            kept_emb = emb[kept]
-            if self.prune.positions == "original":
-                coords = grid_coords(kept, grid).to(emb.dtype)
-                extent = coords.new_full((kept.numel(), 1), max(grid))
-                kept_emb = torch.cat([kept_emb, coords, extent], dim=1)
-            out.append(kept_emb)
+            out.append(emb[kept])
         _record(lines)
         return tuple(out)
 
     # ------------------------------------------------------------------ positions
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list[Any]) -> tuple[torch.Tensor, int]:
-        """The pruned prompt's positions; for ``original`` the kept tokens' own ones are filled in by
-        :meth:`recompute_mrope_positions` once selected (text positions and the delta are final here)."""
+        """``positions="contiguous"``: the pruned prompt is numbered ``0..T'-1`` in all three M-RoPE rows, as
+        our transformers engine numbers the shortened prompt it hands ``generate``; the first generated token
+        continues at ``T'`` (delta 0)."""
         if self.prune is None:
             return super().get_mrope_input_positions(input_tokens, mm_features)
-        images = []
-        for offset, t, h, w, _ in self.iter_mm_grid_thw(mm_features):
-            length = next(f.mm_position.length for f in mm_features if f.mm_position.offset == offset)
-            images.append((offset, max(t, h, w), grid_coords(torch.arange(length), (t, h, w))))
-        return pruned_mrope_positions(len(input_tokens), images, self.prune.positions)
-
-    def recompute_mrope_positions(self, input_ids: Sequence[int] | torch.Tensor,
-                                  multimodal_embeddings: Sequence[torch.Tensor], mrope_positions: torch.Tensor,
-                                  num_computed_tokens: int):
-        if self.prune is None:
-            return super().recompute_mrope_positions(input_ids, multimodal_embeddings, mrope_positions,
-                                                     num_computed_tokens)
-        embeds = [e[:, :-EXTRA_CHANNELS] for e in multimodal_embeddings]
-        ids = torch.as_tensor(input_ids, device="cpu").long()
-        length = ids.numel()
-        if not multimodal_embeddings:  # a chunk without images: the positions are final
-            return embeds, mrope_positions, int(mrope_positions[:, :length].max()) + 1 - length
-        is_image = ids.eq(self.config.image_token_id)
-        starts = torch.nonzero(is_image & ~torch.cat([is_image.new_zeros(1), is_image[:-1]])).flatten().tolist()
-        if num_computed_tokens != 0 or len(starts) != len(multimodal_embeddings):
-            raise ValueError("lmms_prune: positions='original' needs each prompt's images in its first prefill "
-                             "chunk; raise max_num_batched_tokens or disable chunked prefill")
-        images = []
-        for start, emb in zip(starts, multimodal_embeddings):
-            extra = emb[:, -EXTRA_CHANNELS:].round().long().cpu()
-            images.append((start, int(extra[0, 3]), extra[:, :3]))
-        pos, delta = pruned_mrope_positions(length, images, "original")
-        out = mrope_positions.clone()
-        out[:, :length] = pos.to(out.device, out.dtype)
-        return embeds, out, delta
+        return torch.arange(len(input_tokens)).expand(3, -1).clone(), 0
