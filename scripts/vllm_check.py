@@ -168,7 +168,12 @@ def compare(out: Path) -> bool:
         ok &= row["kept_identical"] and row["answers_identical"] and diff is not None and diff < LOGPROB_TOL and (
             row["prompt_tokens_after"]["transformers"] == row["prompt_tokens_after"]["vllm"])
         rows.append(row)
-    (out / "vllm_check.json").write_text(json.dumps({"all_identical": ok, "rows": rows}, indent=1))
+    # the toy's answers must depend on which tokens are kept, or equal answers would prove nothing
+    answers = [tuple(r["answer"]) for r in hf.values()]
+    informative = len(set(answers)) == len(answers)
+    (out / "vllm_check.json").write_text(json.dumps({
+        "all_identical": ok, "answers_differ_between_presets": informative, "rows": rows}, indent=1))
+    ok &= informative
     for r in rows:
         print(f"{r['preset']:>10} {r['positions']:>10}: kept {'==' if r['kept_identical'] else '!='}  answer "
               f"{'==' if r['answers_identical'] else '!='}  prompt {r['prompt_tokens_before']} -> "
