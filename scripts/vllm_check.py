@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 PRESETS = ("vispruner", "divprune", "fastervlm")
+UNPRUNED = "none"  # without the config key the registered class must serve the model as vLLM's own class does
 POSITIONS = ("contiguous",)  # "original" is refused by the plug-in (docs/serving.md)
 KEEP_RATIO = 0.25
 MAX_NEW_TOKENS = 12
@@ -78,6 +79,15 @@ def build_toy(out: Path) -> Path:
     return path
 
 
+def _answer(gen, prompt_length: int) -> dict:
+    """The greedy tokens after the prompt and the first step's top log-probabilities of a ``generate`` output."""
+    import torch
+
+    top = torch.log_softmax(gen.scores[0][0].float(), -1).topk(TOP_LOGPROBS)
+    return {"answer": gen.sequences[0, prompt_length:].tolist(),
+            "first_logprobs": dict(zip(map(str, top.indices.tolist()), top.values.tolist()))}
+
+
 def run_transformers(out: Path, model_path: Path | None) -> None:
     import torch
     import transformers
@@ -90,6 +100,13 @@ def run_transformers(out: Path, model_path: Path | None) -> None:
     model = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     inputs = processor(text=[_prompt(processor)], images=[_image()], return_tensors="pt")
     results = {}
+    t0 = time.perf_counter()
+    gen = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, output_scores=True,
+                         return_dict_in_generate=True)
+    length = int(inputs["input_ids"].shape[1])
+    results[f"{UNPRUNED}/{POSITIONS[0]}"] = _answer(gen, length) | {
+        "kept": [], "visual_before": None, "prompt_tokens_before": length, "prompt_tokens_after": length,
+        "seconds": time.perf_counter() - t0}
     for preset in PRESETS:
         for positions in POSITIONS:
             t0 = time.perf_counter()
@@ -97,13 +114,9 @@ def run_transformers(out: Path, model_path: Path | None) -> None:
                 gen = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, output_scores=True,
                                      return_dict_in_generate=True)
                 record = handle.records[-1]
-            ids = gen.sequences
-            top = torch.log_softmax(gen.scores[0][0].float(), -1).topk(TOP_LOGPROBS)
-            results[f"{preset}/{positions}"] = {
+            results[f"{preset}/{positions}"] = _answer(gen, length) | {
                 "kept": [k.tolist() for k in record.kept], "visual_before": record.visual_before,
                 "prompt_tokens_before": record.seq_len_before, "prompt_tokens_after": record.seq_len_after,
-                "answer": ids[0, inputs["input_ids"].shape[1]:].tolist(),
-                "first_logprobs": dict(zip(map(str, top.indices.tolist()), top.values.tolist())),
                 "seconds": time.perf_counter() - t0}
             print(f"[transformers] {preset}/{positions}: kept {record.visual_after}/{record.visual_before}", flush=True)
     (out / "transformers.json").write_text(json.dumps(results, indent=1))
@@ -123,13 +136,13 @@ def run_vllm(out: Path, preset: str, positions: str) -> None:
     t0 = time.perf_counter()
     llm = LLM(model=str(path), dtype="float32", max_model_len=2048, max_num_seqs=1, enforce_eager=True,
               limit_mm_per_prompt={"image": 1, "video": 0}, seed=0,
-              hf_overrides={"lmms_prune": {"method": preset, **_params(preset, positions)}})
+              hf_overrides={} if preset == UNPRUNED else {"lmms_prune": {"method": preset, **_params(preset, positions)}})
     load = time.perf_counter() - t0
     prompt = _prompt(AutoProcessor.from_pretrained(path))
     t0 = time.perf_counter()
     [result] = llm.generate({"prompt": prompt, "multi_modal_data": {"image": _image()}},
                             SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, logprobs=TOP_LOGPROBS))
-    kept = [json.loads(line) for line in record.read_text().splitlines()]
+    kept = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
     kept = kept[-1:]  # the request's image (vLLM's start-up profiling encodes a dummy image first)
     (out / "vllm" / f"{preset}-{positions}.json").write_text(json.dumps({
         "kept": [k["kept"] for k in kept], "visual_before": sum(k["visual_before"] for k in kept),
@@ -169,7 +182,7 @@ def compare(out: Path) -> bool:
             row["prompt_tokens_after"]["transformers"] == row["prompt_tokens_after"]["vllm"])
         rows.append(row)
     # the toy's answers must depend on which tokens are kept, or equal answers would prove nothing
-    answers = [tuple(r["answer"]) for r in hf.values()]
+    answers = [tuple(r["answer"]) for key, r in hf.items() if not key.startswith(UNPRUNED)]
     informative = len(set(answers)) == len(answers)
     (out / "vllm_check.json").write_text(json.dumps({
         "all_identical": ok, "answers_differ_between_presets": informative, "rows": rows}, indent=1))
@@ -185,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("part", choices=("transformers", "vllm", "compare"))
     parser.add_argument("out", type=Path)
-    parser.add_argument("preset", nargs="?", choices=PRESETS)
+    parser.add_argument("preset", nargs="?", choices=(UNPRUNED, *PRESETS))
     parser.add_argument("positions", nargs="?", choices=POSITIONS)
     parser.add_argument("--model", type=Path, default=None, help="a local Qwen2.5-VL checkpoint (default: the toy)")
     args = parser.parse_args(argv)

@@ -25,7 +25,7 @@ echo "[vllm_check] transformers engine ($MAIN_PY)"
 source "$ROOT/scripts/vllm_env.sh"
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
 mkdir -p "$OUT/vllm"
-for preset in vispruner divprune fastervlm; do
+for preset in none vispruner divprune fastervlm; do  # none: the plug-in installed, no pruning key
     for positions in contiguous; do
         echo "[vllm_check] vLLM $preset positions=$positions (log: $OUT/vllm/$preset-$positions.log)"
         python "$ROOT/scripts/vllm_check.py" vllm "$OUT" "$preset" "$positions" >"$OUT/vllm/$preset-$positions.log" 2>&1 ||
