@@ -35,3 +35,15 @@ def toys():
         return cache[family]
 
     return get
+
+
+@pytest.fixture(autouse=True)
+def _no_run_sampling_from_another_test():
+    """A wrapper records its run's frame sampling process-wide (lmms_prune.video.register_run_sampling: one run
+    per lmms-eval process); a test that makes a wrapper must not decide how a later test's task samples clips."""
+    from lmms_prune import video
+
+    video.register_run_sampling(None)
+    yield
+    video.register_run_sampling(None)
+

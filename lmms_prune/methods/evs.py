@@ -23,8 +23,6 @@ Here (also docs/fidelity.md, "evs"):
 
 from __future__ import annotations
 
-import torch
-
 from lmms_prune.methods.base import Needs, Preset, Selector, sel
 
 
@@ -40,6 +38,8 @@ class EVS(Selector):
         return Needs(embeddings=True)
 
     def __call__(self, image, scores, n):
+        import torch  # method modules stay light to import (lmms-eval reads the preset names at start-up)
+
         span = image.span
         if not span.video:
             return torch.arange(span.num_visual, device=image.embeddings.device)
