@@ -31,12 +31,12 @@ class MustDrop(Selector):
     merges = True
 
     name = "mustdrop"
+    params = ("mustdrop_threshold", "mustdrop_window")
+    stages = ("pre_llm",)
 
     @classmethod
     def adaptive_count(cls, config):
         return True  # the windows it merges follow the budget's (N - n) // 8 or, where that is 0, a threshold
-    params = ("mustdrop_threshold", "mustdrop_window")
-    stages = ("pre_llm",)
 
     @classmethod
     def needs(cls, config):

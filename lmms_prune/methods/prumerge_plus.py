@@ -39,12 +39,12 @@ class PruMergePlus(Selector):
     merges = True
 
     name = "prumerge_plus"
+    params = ("prumerge_budget", "prumerge_neighbours")
+    stages = ("pre_llm",)
 
     @classmethod
     def adaptive_count(cls, config):
         return config.prumerge_budget == "adaptive"  # the authors' IQR-outlier count
-    params = ("prumerge_budget", "prumerge_neighbours")
-    stages = ("pre_llm",)
 
     @classmethod
     def needs(cls, config):
