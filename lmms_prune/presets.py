@@ -237,6 +237,9 @@ def validate(cfg: Any) -> Any:
                     f"(prune_layers={cfg.prune_layers!r}): its later stages see a subset of each image's tokens; "
                     "use one of the scores/selectors that work on subsets (" + ", ".join(
                         n for n, p in {**SCORES, **SELECTORS}.items() if p.subsets) + ") or drop prune_layers")
+    if cfg.stage == "pre_llm" and selector.merges and cfg.positions != "contiguous":
+        raise ValueError(f"positions={cfg.positions!r}: {cfg.method}'s merged tokens have no original position; "
+                         "use positions='contiguous'")
     if cfg.stage == "llm" and not cfg.multi_stage and cfg.positions == "contiguous":
         raise ValueError(f"positions={cfg.positions!r} with single-stage pruning inside the LLM: the kept tokens "
                          "keep their original position IDs there (FastV's code, GAP's rule); use positions='gap' "
