@@ -16,7 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmms_prune.selection._validate import Grid, check_budget, check_features, check_grids, check_scores, is_int
+from lmms_prune.selection._validate import (
+    Grid,
+    check_budget,
+    check_features,
+    check_grids,
+    check_scores,
+    is_int,
+)
 from lmms_prune.selection.merge import Merge
 
 
