@@ -20,7 +20,14 @@ whose means become new embeddings). The image's run of placeholders is shortened
 positions are renumbered (``positions="contiguous"``, the only setting merging selectors accept): the short
 prompt is numbered 0..T'-1 exactly as for pruning (1-D RoPE; Qwen's M-RoPE recomputes its grid positions
 from the shortened prompt as for any pre-LLM selection). ``PruneRecord.kept`` lists the kept original tokens,
-``PruneRecord.merged`` the number of merged tokens per image; ``visual_after`` counts both.
+``PruneRecord.merged`` the number of merged tokens per image; ``visual_after`` counts both. A ``Merge`` with
+``slots`` (VScan) puts each merged token in its slot's place instead: the image keeps the slots (and its plain
+kept tokens) as a pruning selection would, so any ``positions`` rule and structural tokens work, and the slots
+count as kept tokens.
+
+Each record also says where each image's kept tokens are in the shortened prompt (``spans_after``) and which
+original token each is (``sources``): an LLM stage composed after this one reads them
+(:mod:`lmms_prune.engine.compose`).
 """
 
 from __future__ import annotations
