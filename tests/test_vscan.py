@@ -8,7 +8,8 @@ Re-creations written here from reading that code are compared with ours on ident
 merge (pure tensors), and the whole LLaVA pipeline on the tiny LLaVA model (vision attention -> scans -> merge of
 the projected tokens -> middle-layer pruning by that layer's own query/key), prefill and decode. Then the
 selection's properties, and the composed engine path's equivalences (prune = mask of the LLM stage on the shrunk
-inputs at prefill and every cached decode step, batch = samples, nothing pruned = unpruned).
+inputs at prefill and every cached decode step, cached decoding = recomputation, batch = samples, nothing pruned
+= unpruned).
 
 The authors' rules re-created: local scan (Qwen ``window_selection``): tokens in descending attention, taken while
 their ``ws x ws`` window (index // ws, clamped to the last window) holds fewer than ``ceil(n / windows)``; LLaVA's
@@ -28,7 +29,16 @@ import torch.nn.functional as F
 
 import lmms_prune
 from lmms_prune import selection as sel
-from lmms_prune.conformance import Tolerance, equal_prefill_and_decode, image_inputs, photo, run, same_tokens
+from lmms_prune.conformance import (
+    Tolerance,
+    equal_prefill_and_decode,
+    generate,
+    image_inputs,
+    photo,
+    run,
+    same_tokens,
+    steps_close,
+)
 from lmms_prune.families import get_adapter
 from lmms_prune.presets import resolve_config
 from lmms_prune.toy.models import build_processor, build_tiny_model
@@ -360,3 +370,22 @@ def test_composed_refusals_name_the_fix(toys):
     depth = get_adapter(model).num_layers
     with pytest.raises(ValueError, match=f"prune_layers.*{depth} decoder layers"):
         lmms_prune.apply(model, "vscan", prune_layers=str(depth))
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "internvl3"])
+def test_composed_cached_decoding_equals_recomputation_with_the_kept_sets_frozen(toys, family):
+    """Generation with the KV cache equals generation that recomputes the whole sequence at every step
+    (``use_cache=False``), the LLM stage's kept set frozen to the cached run's (recomputing through the method
+    itself would rank with another last token); the pre-LLM stage reads the image only, so it selects the same."""
+    model, proc = toys(family)
+    inputs = image_inputs(family, proc, [[photo()]], ["Where is the cup on the table?"], "cpu", torch.float32)
+    with torch.no_grad(), lmms_prune.apply(model, "vscan", stage_ratio=0.5) as handle:
+        tokens, steps = generate(model, inputs, 4)
+        frozen = handle.llm.records[0].kept[0]
+        kept = handle.records[0].kept[0]
+    with torch.no_grad(), lmms_prune.apply(model, "vscan", stage_ratio=0.5) as handle:
+        handle.llm.selectors[0] = lambda image, scores, n: frozen
+        full_tokens, full_steps = generate(model, inputs, 4, use_cache=False)
+        assert handle.records[0].kept[0].tolist() == kept.tolist()
+    assert same_tokens(tokens, full_tokens, steps, full_steps, TOL)
+    assert steps_close(steps, full_steps, tokens, full_tokens, TOL)

@@ -382,7 +382,9 @@ class PruneHandle:
             self._state.phase = "decode"
             return None
         if not _has_pixels(kwargs):
-            if self._state.phase == "pre_llm":
+            # inside generate (phase pre_llm), or generate without a cache recomputing the whole shortened prompt
+            # with its pre-encoded images: the records of the shrink stand
+            if self._state.phase == "pre_llm" or (kwargs.get("mm_encoder_outputs") and self.records):
                 self._state.phase = "prefill"
             else:  # a prompt without images: nothing to prune, nothing to record
                 self._state = CallState(phase="prefill")
