@@ -389,3 +389,20 @@ def test_composed_cached_decoding_equals_recomputation_with_the_kept_sets_frozen
         assert handle.records[0].kept[0].tolist() == kept.tolist()
     assert same_tokens(tokens, full_tokens, steps, full_steps, TOL)
     assert steps_close(steps, full_steps, tokens, full_tokens, TOL)
+
+
+def test_composed_records_map_the_llm_stage_back_to_original_tokens_after_a_merging_stage(llava):
+    """VisionZip ([CLS] first, then its kept tokens, then merged ones) followed by an LLM stage: the composed record
+    lists the original tokens still present and counts the new (merged or [CLS]) ones apart."""
+    model, proc = llava
+    inputs = image_inputs("llava", proc, [[photo()]], ["Where is the cup?"], "cpu", torch.float32)
+    with torch.no_grad(), lmms_prune.apply(model, "visionzip", keep_tokens=64, llm_selector="topk",
+                                           prune_layers="4", stage_ratio=0.5) as handle:
+        model(**inputs)
+        pre, llm, rec = handle.pre.records[0], handle.llm.records[0], handle.records[0]
+    source = pre.sources[0]
+    assert source.numel() == 64 and (source < 0).sum() == pre.merged[0]  # [CLS] + contextual tokens are new
+    assert rec.kept[0].tolist() == source[llm.kept[0]][source[llm.kept[0]] >= 0].tolist()
+    assert set(rec.kept[0].tolist()) <= set(pre.kept[0].tolist())
+    assert rec.visual_after == llm.visual_after == rec.kept[0].numel() + rec.merged[0] == 32
+    assert rec.visual_before == 576 and rec.seq_len_before == pre.seq_len_before
