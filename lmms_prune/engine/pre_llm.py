@@ -270,9 +270,8 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
                 kept_feats[m].append(sel.merged_embeddings(projected[rows], result))
                 kept_rows[m].append(None)  # new embeddings: no encoder row of their own
                 merged.append(result.added)
-                prefix = 0 if result.prefix is None else result.prefix.shape[0]
-                sources.append(torch.cat([local.new_full((prefix,), -1), local.cpu(),
-                                          local.new_full((result.weights.shape[0],), -1)]).cpu())
+                prefix, own = 0 if result.prefix is None else result.prefix.shape[0], local.cpu()
+                sources.append(torch.cat([own.new_full((prefix,), -1), own, own.new_full((result.weights.shape[0],), -1)]))
             else:
                 # a Merge with slots: each merged token in its slot's place (as a kept token of that position)
                 slotted = isinstance(result, sel.Merge)
