@@ -18,7 +18,7 @@ from lmms_prune.selection.divprune import divprune
 from lmms_prune.selection.dpp import cdpruner, dpp_greedy, instruction_relevance
 from lmms_prune.selection.evs import evs_dissimilarity, evs_retained_count, evs_retention_mask, evs_select
 from lmms_prune.selection.merge import Merge, group_weights, merged_embeddings, visionzip
-from lmms_prune.selection.mustdrop import mustdrop_merge, window_members, window_similarity
+from lmms_prune.selection.mustdrop import dual_attention_filter, mustdrop_merge, window_members, window_similarity
 from lmms_prune.selection.pivot_mis import (
     fused_graph,
     grid_adjacency,
@@ -69,6 +69,7 @@ __all__ = [
     "group_weights",
     "merged_embeddings",
     "mustdrop_merge",
+    "dual_attention_filter",
     "nearest_merge",
     "normalized_similarity",
     "pivot_mis",
