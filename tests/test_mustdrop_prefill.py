@@ -1,0 +1,113 @@
+"""MustDrop's prefill stage, the "dual-attention filter" (``llm_selector=mustdrop_filter`` composed after the
+``mustdrop`` vision stage), against a re-creation of the authors' arithmetic (github.com/liuting20/MustDrop @
+909afa538bff, ``llava/model/language_model/modelling_sparse_llama.py``: ``LlamaDynamicvitModel.forward`` and
+``dual_attention_filter``; written here from reading that code, nothing copied), its properties, and the engine's
+equivalences (prune = mask, batch = samples) through ``check-method`` on the authors' family (LLaVA-1.5) and CI's.
+
+The re-creation: the layer's full soft-maxed attention ``[1, H, S, S]``; the rows of the ``S - start - img``
+tokens after the image, the image's ``img`` columns; heads averaged; ``attn_sum`` the column sums; dropped where
+``attn_sum < attn_sum.sum() * global_thr`` and the column maximum ``< individual_thr``; the kept indices ascending.
+Four such stages (after layers 2, 6, 10, 14), each on the tokens the previous one kept.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmms_prune import conformance
+from lmms_prune import selection as sel
+from lmms_prune.presets import resolve_config
+
+torch.set_num_threads(1)
+
+# the option as docs/methods_2025.md gives it (the authors' thresholds for 192 tokens: 0.001 / 0.001)
+PREFILL = dict(llm_selector="mustdrop_filter", llm_score="none", prune_layers="auto", stage_ratio=1.0)
+SCRIPTS = [(0.001, 0.001), (0.0012, 0.001), (0.011, 0.01), (0.005, 0.001)]  # their 192, 128, 64, VizWiz-64
+
+
+def authors_filter(attn: torch.Tensor, start: int, img: int, global_thr: float, individual_thr: float):
+    """Re-creation for one sample: ``attn`` [1, H, S, S] -> (kept image indices ascending, text length)."""
+    text = attn.shape[-1] - img - start
+    rows = attn[0].narrow(1, start + img, text).narrow(2, start, img).mean(0)  # [text, img]
+    attn_sum = rows.sum(0)
+    candidate = (attn_sum < attn_sum.sum(0) * global_thr) & (rows.max(0)[0] < individual_thr)
+    return torch.arange(img)[~candidate], text
+
+
+def causal_attention(seq: int, heads: int, gen: torch.Generator, peaky: torch.Tensor) -> torch.Tensor:
+    """[1, H, S, S] soft-maxed causal attention whose logits favour the ``peaky`` key columns."""
+    logits = torch.randn(1, heads, seq, seq, generator=gen) * 2 + peaky
+    logits = logits.masked_fill(torch.ones(seq, seq, dtype=torch.bool).triu(1), float("-inf"))
+    return logits.softmax(-1)
+
+
+@pytest.mark.parametrize(("global_thr", "individual_thr"), SCRIPTS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_filter_equals_the_authors_four_stages(global_thr, individual_thr, seed):
+    """Stage by stage, on the tokens each stage leaves: the same kept tokens as the authors' filter."""
+    gen = torch.Generator().manual_seed(seed)
+    start, img, text, heads = 5, 144, 12, 4
+    original = torch.arange(img)
+    for _ in range(4):  # the authors' pruning layers 2, 6, 10, 14
+        seq = start + img + text
+        peaky = torch.zeros(seq)
+        peaky[start:start + img] = torch.rand(img, generator=gen) * 6 - 3  # some columns never attended
+        attn = causal_attention(seq, heads, gen, peaky)
+        expected, m = authors_filter(attn, start, img, global_thr, individual_thr)
+        rows = attn[0, :, seq - text:, start:start + img].mean(0)  # the engine's text_attention signal
+        kept = sel.dual_attention_filter(rows, global_thr, individual_thr)
+        assert m == text and torch.equal(kept, expected)
+        original, img = original[kept], kept.numel()
+        if img == 0:
+            break
+    assert original.numel() == img
+
+
+def test_default_thresholds_of_the_authors_drop_nothing():
+    """``global_thr=1, individual_thr=0`` (their argparse defaults): the filter keeps every token."""
+    rows = torch.rand(7, 50, generator=torch.Generator().manual_seed(2)).softmax(-1)
+    assert torch.equal(sel.dual_attention_filter(rows, 1.0, 0.0), torch.arange(50))
+
+
+@pytest.mark.parametrize("seed", [3, 4, 5])
+def test_filter_keeps_exactly_the_tokens_attended_in_sum_or_in_one_row(seed):
+    gen = torch.Generator().manual_seed(seed)
+    rows = (torch.randn(9, 80, generator=gen) * 3).softmax(-1) * 0.3
+    g, i = 0.01, 0.004
+    kept = sel.dual_attention_filter(rows, g, i)
+    col = rows.sum(0)
+    wanted = (col >= g * col.sum()) | (rows.max(0).values >= i)
+    assert torch.equal(kept, torch.nonzero(wanted).flatten())
+    looser = sel.dual_attention_filter(rows, g / 2, i / 2)  # lower thresholds drop a subset
+    assert set(kept.tolist()) <= set(looser.tolist())
+
+
+def test_without_text_rows_every_token_is_kept_and_bad_shapes_are_refused():
+    assert torch.equal(sel.dual_attention_filter(torch.zeros(0, 6), 0.5, 0.5), torch.arange(6))
+    with pytest.raises(ValueError, match=r"rows of shape \(6,\)"):
+        sel.dual_attention_filter(torch.zeros(6), 0.5, 0.5)
+
+
+def test_the_option_resolves_to_the_authors_layers():
+    """prune_layers='auto' is 3, 7, 11, 15 on LLaVA-1.5-7B's 32 layers (their pruning_layers 2, 6, 10, 14, each
+    layer's own attention: scored at K-1); the filter reads the text rows of that layer."""
+    cfg = resolve_config("mustdrop", **PREFILL)
+    pre, llm = cfg.split_stages(32)
+    assert llm.prune_layers == (3, 7, 11, 15) and pre.llm_selector == "none"
+    stages = llm.stage_configs(32)
+    assert [s.effective_score_layer for s in stages] == [2, 6, 10, 14]
+    assert all(s.needs().text_attention == (s.effective_score_layer,) for s in stages)
+    assert cfg.mustdrop_global_thr == cfg.mustdrop_individual_thr == 0.001
+
+
+@pytest.mark.parametrize(("family", "global_thr"), [("llava", 0.015626), ("internvl_llama", 0.01787)])
+def test_check_method_passes_for_the_prefill_stage(family, global_thr):
+    """prune = mask (the LLM stage on the shortened prompt, dropped keys masked), batch = samples, the budgets and
+    determinism, on the tiny models; 'cache = recompute' is n/a for every composed method (prune = mask covers
+    its cached decoding). The tiny random models attend almost uniformly (each of the M tokens about 1/M of the
+    total): ``global_thr`` near 1/M drops about half of them at the first stage, none where it is far from it."""
+    params = {**PREFILL, "mustdrop_global_thr": global_thr, "mustdrop_individual_thr": 1.0}
+    checks = ("prune = mask", "batch = samples", "budget N", "deterministic")
+    results = conformance.check_family("mustdrop", family, params=params, decode=3, checks=checks)
+    assert [r.status for r in results] == ["pass"] * len(checks), [(r.check, r.reason) for r in results]
