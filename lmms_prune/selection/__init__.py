@@ -18,7 +18,12 @@ from lmms_prune.selection.divprune import divprune
 from lmms_prune.selection.dpp import cdpruner, dpp_greedy, instruction_relevance
 from lmms_prune.selection.evs import evs_dissimilarity, evs_retained_count, evs_retention_mask, evs_select
 from lmms_prune.selection.merge import Merge, group_weights, merged_embeddings, visionzip
-from lmms_prune.selection.mustdrop import dual_attention_filter, mustdrop_merge, window_members, window_similarity
+from lmms_prune.selection.mustdrop import (
+    dual_attention_filter,
+    mustdrop_merge,
+    window_members,
+    window_similarity,
+)
 from lmms_prune.selection.pivot_mis import (
     fused_graph,
     grid_adjacency,
