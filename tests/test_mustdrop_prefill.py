@@ -7,14 +7,18 @@ equivalences (prune = mask, batch = samples) through ``check-method`` on the aut
 The re-creation: the layer's full soft-maxed attention ``[1, H, S, S]``; the rows of the ``S - start - img``
 tokens after the image, the image's ``img`` columns; heads averaged; ``attn_sum`` the column sums; dropped where
 ``attn_sum < attn_sum.sum() * global_thr`` and the column maximum ``< individual_thr``; the kept indices ascending.
-Four such stages (after layers 2, 6, 10, 14), each on the tokens the previous one kept.
+Four such stages (after layers 2, 6, 10, 14), each on the tokens the previous one kept; between them the
+authors' decoder loop (``LlamaDynamicvitModel.forward``): the pruning layer runs on every token, then the system
+prompt, the kept visual tokens and the text are gathered and ``position_ids`` cut to ``0..T'-1``.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
+import lmms_prune
 from lmms_prune import conformance
 from lmms_prune import selection as sel
 from lmms_prune.presets import resolve_config
@@ -111,3 +115,62 @@ def test_check_method_passes_for_the_prefill_stage(family, global_thr):
     checks = ("prune = mask", "batch = samples", "budget N", "deterministic")
     results = conformance.check_family("mustdrop", family, params=params, decode=3, checks=checks)
     assert [r.status for r in results] == ["pass"] * len(checks), [(r.check, r.reason) for r in results]
+
+
+def _attention_probs(layer, h, position_embeddings, mask):
+    """[1, H, T, T] soft-maxed attention of a Llama decoder layer on ``h`` (the authors' fp32-equivalent
+    ``scaled_dot_product_attention`` with the weights returned)."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(h)
+    b, t, _ = x.shape
+    q = attn.q_proj(x).view(b, t, -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(b, t, -1, attn.head_dim).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+    k = repeat_kv(k, attn.num_key_value_groups)
+    return (q @ k.transpose(-1, -2) * attn.scaling + mask).softmax(-1)
+
+
+def authors_prefill(model, embeds, start, img, layers, global_thr, individual_thr):
+    """Re-creation of the authors' prefill loop on a Llama LLM: the last prompt token's logits and the image's
+    kept tokens after every stage (indices among the ``img`` tokens that entered the LLM)."""
+    lm = model.model.language_model
+    h, kept = embeds, torch.arange(img)
+    pos = torch.arange(h.shape[1])[None]
+    for idx, layer in enumerate(lm.layers):
+        t = h.shape[1]
+        mask = torch.full((t, t), float("-inf")).triu(1)[None, None]
+        pe = lm.rotary_emb(h, pos)
+        if idx in layers:
+            vis, text = authors_filter(_attention_probs(layer, h, pe, mask), start, img, global_thr, individual_thr)
+        h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=pe)
+        if idx in layers:
+            rows = torch.cat([torch.arange(start), vis + start, torch.arange(start + img, start + img + text)])
+            h, img, kept = h[:, rows], vis.numel(), kept[vis]
+            pos = torch.arange(h.shape[1])[None]  # the authors' position_ids.narrow(1, 0, T')
+    return model.lm_head(lm.norm(h))[0, -1], kept
+
+
+@pytest.mark.parametrize(("family", "global_thr"), [("llava", 0.015626), ("internvl_llama", 0.01787)])
+def test_engine_prefill_equals_the_authors_loop(toys, family, global_thr):
+    """On the prompt the vision stage shortened: the engine's kept tokens after the last stage and the last
+    token's logits equal the re-created authors' loop on the same LLM input (their layers: ours - 1)."""
+    model, proc = toys(family)
+    inputs = conformance.image_inputs(family, proc, [[conformance.photo()]], ["What is in the image?"])
+    lm = model.model.language_model
+    grab = {}
+    hook = lm.register_forward_pre_hook(lambda m, a, kw: grab.update(embeds=kw["inputs_embeds"]), with_kwargs=True)
+    params = {**PREFILL, "mustdrop_global_thr": global_thr, "mustdrop_individual_thr": 1.0}
+    try:
+        with torch.no_grad(), lmms_prune.apply(model, "mustdrop", **params) as handle:
+            logits = model(**inputs).logits[0, -1]
+            span = handle.pre.records[0].spans_after[0]
+            ours = handle.llm.state.stage_kept[-1][0][0]
+            layers = [k - 1 for k in handle.llm.stage_layers]
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        expected_logits, expected = authors_prefill(model, grab["embeds"], span.start, span.length, layers,
+                                                    global_thr, 1.0)
+    assert 0 < ours.numel() < span.length  # the filter dropped some of the tokens that entered the LLM
+    assert torch.equal(ours, expected)
+    torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-5)
