@@ -117,60 +117,110 @@ def test_check_method_passes_for_the_prefill_stage(family, global_thr):
     assert [r.status for r in results] == ["pass"] * len(checks), [(r.check, r.reason) for r in results]
 
 
-def _attention_probs(layer, h, position_embeddings, mask):
-    """[1, H, T, T] soft-maxed attention of a Llama decoder layer on ``h`` (the authors' fp32-equivalent
-    ``scaled_dot_product_attention`` with the weights returned)."""
+def _layer_step(lm, layer, h, pos, cache):
+    """One Llama decoder layer (pre-norm attention + MLP, as the authors' ``LlamaDynamicvitDecoderLayer``) on ``h``
+    ``[1, q, D]`` at positions ``pos`` ``[1, q]`` after this layer's cache ``(k, v)`` (or None): the new ``h``,
+    the cache with the ``q`` tokens appended, and the soft-maxed causal attention ``[1, H, q, S]``."""
     attn = layer.self_attn
     x = layer.input_layernorm(h)
-    b, t, _ = x.shape
-    q = attn.q_proj(x).view(b, t, -1, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(x).view(b, t, -1, attn.head_dim).transpose(1, 2)
-    q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
-    k = repeat_kv(k, attn.num_key_value_groups)
-    return (q @ k.transpose(-1, -2) * attn.scaling + mask).softmax(-1)
+    b, q_len, _ = x.shape
+    q, k, v = (proj(x).view(b, q_len, -1, attn.head_dim).transpose(1, 2)
+               for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    q, k = apply_rotary_pos_emb(q, k, *lm.rotary_emb(h, pos))
+    if cache is not None:
+        k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
+    s = k.shape[2]
+    logits = q @ repeat_kv(k, attn.num_key_value_groups).transpose(-1, -2) * attn.scaling
+    probs = logits.masked_fill(~torch.ones(q_len, s, dtype=torch.bool).tril(s - q_len), float("-inf")).softmax(-1)
+    out = (probs @ repeat_kv(v, attn.num_key_value_groups)).transpose(1, 2).reshape(b, q_len, -1)
+    h = h + attn.o_proj(out)
+    return h + layer.mlp(layer.post_attention_layernorm(h)), (k, v), probs
 
 
-def authors_prefill(model, embeds, start, img, layers, global_thr, individual_thr):
-    """Re-creation of the authors' prefill loop on a Llama LLM: the last prompt token's logits and the image's
-    kept tokens after every stage (indices among the ``img`` tokens that entered the LLM)."""
+def authors_generate(model, embeds, start, img, layers, global_thr, individual_thr, steps):
+    """Re-creation of the authors' greedy generation on a Llama LLM from its input ``embeds`` ``[1, T, D]``:
+    prefill with the filter after each of ``layers`` (the kept rows gathered, positions cut to ``0..T'-1``); then
+    the decode-stage cache cut (the stages' indices chained into the final set, in the coordinates of the
+    sequence each layer saw; layers ``layers[0]..layers[-1]`` cut, the others as they are); each decoded token at
+    its layer's cache length. Returns the logits of every generated token ``[steps, V]`` and the image's kept
+    tokens (indices among the ``img`` that entered the LLM)."""
     lm = model.model.language_model
     h, kept = embeds, torch.arange(img)
     pos = torch.arange(h.shape[1])[None]
+    caches, stages = [], []
     for idx, layer in enumerate(lm.layers):
-        t = h.shape[1]
-        mask = torch.full((t, t), float("-inf")).triu(1)[None, None]
-        pe = lm.rotary_emb(h, pos)
+        h, cache, probs = _layer_step(lm, layer, h, pos, None)
+        caches.append(cache)
         if idx in layers:
-            vis, text = authors_filter(_attention_probs(layer, h, pe, mask), start, img, global_thr, individual_thr)
-        h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=pe)
-        if idx in layers:
+            vis, text = authors_filter(probs, start, img, global_thr, individual_thr)
             rows = torch.cat([torch.arange(start), vis + start, torch.arange(start + img, start + img + text)])
+            stages.append(rows)
             h, img, kept = h[:, rows], vis.numel(), kept[vis]
             pos = torch.arange(h.shape[1])[None]  # the authors' position_ids.narrow(1, 0, T')
-    return model.lm_head(lm.norm(h))[0, -1], kept
+    out = [model.lm_head(lm.norm(h))[0, -1]]
+    for s in range(len(stages) - 1, 0, -1):
+        stages[s - 1] = stages[s - 1][stages[s]]
+    stage = 0
+    for idx in range(layers[0], layers[-1] + 1):
+        k, v = caches[idx]
+        caches[idx] = (k[:, :, stages[stage]], v[:, :, stages[stage]])
+        stage += idx == layers[stage]
+    for _ in range(steps - 1):
+        h = lm.embed_tokens(out[-1].argmax())[None, None]
+        for idx, layer in enumerate(lm.layers):
+            pos = torch.tensor([[caches[idx][0].shape[2]]])  # get_usable_length of the layer's own cache
+            h, caches[idx], _ = _layer_step(lm, layer, h, pos, caches[idx])
+        out.append(model.lm_head(lm.norm(h))[0, -1])
+    return torch.stack(out), kept
 
 
 @pytest.mark.parametrize(("family", "global_thr"), [("llava", 0.015626), ("internvl_llama", 0.01787)])
-def test_engine_prefill_equals_the_authors_loop(toys, family, global_thr):
-    """On the prompt the vision stage shortened: the engine's kept tokens after the last stage and the last
-    token's logits equal the re-created authors' loop on the same LLM input (their layers: ours - 1)."""
+def test_engine_equals_the_authors_prefill_and_decode(toys, family, global_thr):
+    """On the prompt the vision stage shortened (the same LLM input): with ``decode_cache='final'`` the engine's
+    kept tokens and the logits of 4 greedy tokens equal the re-created authors' prefill loop and decode-stage
+    cache cut (their layers: ours - 1); the default ``decode_cache='stage'`` (each layer keeps its stage's
+    tokens) gives the same first token and other later ones, so the comparison sees the cut."""
     model, proc = toys(family)
     inputs = conformance.image_inputs(family, proc, [[conformance.photo()]], ["What is in the image?"])
-    lm = model.model.language_model
     grab = {}
-    hook = lm.register_forward_pre_hook(lambda m, a, kw: grab.update(embeds=kw["inputs_embeds"]), with_kwargs=True)
+
+    def first_input(module, args, kwargs):
+        grab.setdefault("embeds", kwargs["inputs_embeds"])
+
+    hook = model.model.language_model.register_forward_pre_hook(first_input, with_kwargs=True)
     params = {**PREFILL, "mustdrop_global_thr": global_thr, "mustdrop_individual_thr": 1.0}
+    logits = {}
     try:
-        with torch.no_grad(), lmms_prune.apply(model, "mustdrop", **params) as handle:
-            logits = model(**inputs).logits[0, -1]
-            span = handle.pre.records[0].spans_after[0]
-            ours = handle.llm.state.stage_kept[-1][0][0]
-            layers = [k - 1 for k in handle.llm.stage_layers]
+        for cache in ("final", "stage"):
+            grab.clear()
+            with torch.no_grad(), lmms_prune.apply(model, "mustdrop", decode_cache=cache, **params) as handle:
+                out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
+                                     return_dict_in_generate=True)
+                logits[cache] = torch.stack([step[0] for step in out.logits])
+                span = handle.pre.records[0].spans_after[0]
+                ours = handle.llm.state.stage_kept[-1][0][0]
+                layers = [k - 1 for k in handle.llm.stage_layers]
     finally:
         hook.remove()
     with torch.no_grad():
-        expected_logits, expected = authors_prefill(model, grab["embeds"], span.start, span.length, layers,
-                                                    global_thr, 1.0)
+        expected_logits, expected = authors_generate(model, grab["embeds"], span.start, span.length, layers,
+                                                     global_thr, 1.0, steps=4)
     assert 0 < ours.numel() < span.length  # the filter dropped some of the tokens that entered the LLM
     assert torch.equal(ours, expected)
-    torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits["final"], expected_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits["stage"][0], expected_logits[0], atol=1e-5, rtol=1e-5)
+    assert (logits["stage"][1:] - expected_logits[1:]).abs().amax() > 1e-3
+
+
+@pytest.mark.parametrize("preset", ["mustdrop", "pyramiddrop"])
+def test_final_decode_cache_is_proven_by_prune_equals_mask(preset):
+    """``decode_cache='final'`` (a generic multi-stage option): prune mode (each stage's gathered cache, its
+    columns outside the last stage's set masked at decode) equals mask mode (the full cache, the same columns
+    masked) at prefill and every decode step, and a batch equals its samples; PyramidDrop's two stages exercise
+    a stage whose cache is neither the full one nor the last."""
+    params = ({**PREFILL, "mustdrop_global_thr": 0.01787, "mustdrop_individual_thr": 1.0} if preset == "mustdrop"
+              else {"prune_layers": "3,6"})
+    checks = ("prune = mask", "batch = samples")
+    results = conformance.check_family(preset, "internvl_llama", params={**params, "decode_cache": "final"},
+                                       decode=3, checks=checks)
+    assert [r.status for r in results] == ["pass"] * len(checks), [(r.check, r.reason) for r in results]
