@@ -19,8 +19,9 @@ whose summed attention from the text after the image is ``< mustdrop_global_thr`
 largest such attention is ``< mustdrop_individual_thr`` (the authors' "192 tokens" scripts: 0.001 / 0.001), the
 survivors renumbered; counts adaptive (``stage_ratio`` is not read). With ``keep_ratio=1,mustdrop_threshold=0.8``
 the vision stage is the authors' adaptive count (windows of similarity ``>= 0.8``, no budget), on the tower's
-output. Not built (docs/fidelity.md): the authors' merge
-after vision layer 0, their key-token set (kept through the filter) and their decode-stage cache cut.
+output. ``decode_cache=final`` (the engine's multi-stage option) adds their decode-stage cache cut: from layer
+``K_1 - 1`` on, decoded tokens see the last stage's survivors only. Not built (docs/fidelity.md): their merge
+after vision layer 0 (later tower layers see merged tokens) and their key-token set (kept through the filter).
 """
 
 from __future__ import annotations
