@@ -224,3 +224,26 @@ def test_final_decode_cache_is_proven_by_prune_equals_mask(preset):
     results = conformance.check_family(preset, "internvl_llama", params={**params, "decode_cache": "final"},
                                        decode=3, checks=checks)
     assert [r.status for r in results] == ["pass"] * len(checks), [(r.check, r.reason) for r in results]
+
+
+@pytest.mark.cli
+def test_the_authors_llm_stages_run_through_lmms_eval(tmp_path):
+    """``--model qwen2_5_vl_mustdrop`` with the prefill filter and the decode cut: the options reach the engine
+    through ``--model_args`` (``/``-separated layers not needed: ``auto``). ``mustdrop_global_thr=0.5`` with
+    ``mustdrop_individual_thr=1``: no token holds half of its image's text attention, so the first stage drops
+    every visual token that entered the LLM (the tiny model's 14 layers: at layer 1, ``auto`` of 3/32 ... 15/32),
+    and no later stage changes the sequence (``tokens_per_layer``: the sequence length of each layer)."""
+    from cli_runs import run_lmms_eval
+
+    from lmms_prune.toy.models import tiny_model_dir
+
+    args = ("keep_ratio=1,mustdrop_threshold=0.8,llm_selector=mustdrop_filter,llm_score=none,prune_layers=auto,"
+            "stage_ratio=1,mustdrop_global_thr=0.5,mustdrop_individual_thr=1,decode_cache=final")
+    run = run_lmms_eval(tmp_path, "qwen2_5_vl_mustdrop", f"pretrained={tiny_model_dir('qwen2_5_vl')},{args}", limit=2)
+    assert "pope_accuracy,none" in run.metrics["pope_tiny"]
+    samples = run.efficiency["samples"]
+    assert len(samples) == 2
+    for s in samples:
+        per_layer = s["tokens_per_layer"]
+        assert s["visual_after"] == 0 < s["visual_before"]
+        assert per_layer[0] > per_layer[1] and set(per_layer[1:]) == {per_layer[-1]}
