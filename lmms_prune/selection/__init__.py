@@ -37,6 +37,7 @@ from lmms_prune.selection.temporal import (
     temporal_select,
 )
 from lmms_prune.selection.topk import topk, topk_union
+from lmms_prune.selection.vidcom2 import frame_budgets, vidcom2_scores, vidcom2_select
 from lmms_prune.selection.vispruner import remove_duplicates, vispruner
 
 __all__ = [
@@ -85,6 +86,9 @@ __all__ = [
     "topk",
     "topk_union",
     "uniform_select",
+    "frame_budgets",
+    "vidcom2_scores",
+    "vidcom2_select",
     "window_members",
     "window_similarity",
     "vispruner",
