@@ -14,6 +14,11 @@ numbered 0..T'-1); ``positions="original"`` (= ``"gap"``, GAP's rule: :func:`lmm
 gives each kept token its position in the unpruned prompt
 (Qwen2.5-VL: its 3-D M-RoPE position), and generation continues from the unpruned length.
 
+Merged tokens at their own places (FastVID): a :class:`lmms_prune.selection.Merge` with ``slots`` names, for each
+merged token, one of the image's removed tokens whose place (and original position, so any ``positions``
+setting) it takes; the image keeps the ascending union of ``index`` and ``slots`` (and its structural tokens), the
+slots holding the merged values, exactly as a selection of that union would with those embeddings.
+
 Merged tokens (VisionZip): a selector may return a :class:`lmms_prune.selection.Merge` (kept tokens + groups
 whose means become new embeddings). The image's run of placeholders is shortened to ``k + m`` tokens holding
 ``[kept embeddings (ascending); group means (in group order)]``; merged tokens have no original position, so
@@ -235,7 +240,14 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
             n = sel.budget(span.num_visual, keep_ratio=cfg.keep_ratio, keep_tokens=cfg.keep_tokens)
             result = handle.selector(image, handle.score(image), n)
             keep[span.start: span.start + span.length] = False
-            if isinstance(result, sel.Merge):
+            if isinstance(result, sel.Merge) and result.slots is not None:
+                local = result.index.cpu()
+                in_span = _place_slots(span, result)
+                keep[(span.start + in_span).to(keep.device)] = True
+                kept_feats[m].append(_slot_embeddings(projected, offset, span, span_rows, in_span, result))
+                kept_rows[m].append(None)  # merged values at their slots: no encoder row of their own
+                merged.append(int(result.slots.numel()))
+            elif isinstance(result, sel.Merge):
                 if cfg.positions != "contiguous":
                     raise ValueError(f"method {cfg.method!r} merges tokens, which have no original position: "
                                      "use positions='contiguous'")
@@ -308,6 +320,31 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
         mm_outputs[m] = wrap(encoded, kept_all)
     out["mm_encoder_outputs"] = mm_outputs
     return out, records
+
+
+def _place_slots(span: Any, merge: sel.Merge) -> torch.Tensor:
+    """Positions within ``span`` (ascending) of the tokens a slotted pre-LLM merge keeps: its structural tokens,
+    the kept tokens ``merge.index`` and the slots ``merge.slots`` (visual indices) holding the merged values."""
+    slots, index = merge.slots.cpu(), merge.index.cpu()
+    if slots.numel() != merge.weights.shape[0] or bool(torch.isin(slots, index).any()) or slots.unique().numel() != \
+            slots.numel():
+        raise ValueError(f"Merge.slots={slots.tolist()}: need one distinct slot per merged token, none of them kept "
+                         "(Merge.index), to place the merged tokens")
+    visual = span.visual_index[torch.cat([index, slots])]
+    return torch.cat([torch.tensor(span.structural, dtype=torch.long), visual]).sort()[0]
+
+
+def _slot_embeddings(projected: torch.Tensor, offset: int, span: Any, span_rows: torch.Tensor, in_span: torch.Tensor,
+                     merge: sel.Merge) -> torch.Tensor:
+    """``[len(in_span), D]`` embeddings of the kept span positions ``in_span`` in order: each token's own encoder row
+    (structural ones included), the slots' rows replaced by the merged values ``weights @ x`` of the visual rows."""
+    has_row = span_rows >= 0
+    feat_of = torch.cumsum(has_row.long(), 0) - 1  # span position -> index among the span's rows
+    own = projected[(offset + span_rows[has_row]).to(projected.device)].clone()
+    visual = own[feat_of[span.visual_index].to(projected.device)]
+    merged = (merge.weights.to(device=projected.device, dtype=torch.float32) @ visual.float()).to(projected.dtype)
+    own[feat_of[span.visual_index[merge.slots.cpu()]].to(projected.device)] = merged
+    return own[feat_of[in_span[has_row[in_span]]].to(projected.device)]
 
 
 def _instruction(handle: PruneHandle, input_ids: torch.Tensor, mask2d: torch.Tensor, b: int, span: Any,

@@ -17,6 +17,7 @@ from lmms_prune.selection.dart import dart
 from lmms_prune.selection.divprune import divprune
 from lmms_prune.selection.dpp import cdpruner, dpp_greedy, instruction_relevance
 from lmms_prune.selection.evs import evs_dissimilarity, evs_retained_count, evs_retention_mask, evs_select
+from lmms_prune.selection.fastvid import anchor_counts, density_scores, dynamic_segments, fastvid
 from lmms_prune.selection.merge import Merge, group_weights, merged_embeddings, visionzip
 from lmms_prune.selection.mustdrop import mustdrop_merge, window_members, window_similarity
 from lmms_prune.selection.pivot_mis import (
@@ -56,6 +57,10 @@ __all__ = [
     "evs_retained_count",
     "evs_retention_mask",
     "evs_select",
+    "anchor_counts",
+    "density_scores",
+    "dynamic_segments",
+    "fastvid",
     "frame_layout",
     "fused_graph",
     "gap_positions",
