@@ -327,6 +327,12 @@ def check_model(cfg: Any, config: Any) -> None:
         for stage in cfg.stage_configs(depth):
             check_model(stage, config)
         return
+    vision = getattr(config, "vision_config", None)
+    if (cfg.stage == "pre_llm" and getattr(SELECTORS.get(cfg.selector), "merges", False)
+            and getattr(vision, "deepstack_visual_indexes", None)):
+        raise ValueError(f"method {cfg.method!r} merges tokens before the LLM, but this {config.model_type} model also "
+                         "adds per-token vision features inside the LLM (DeepStack) that a merged token has none of; "
+                         "use a method that keeps a subset (vispruner, divprune, evs, vidcom2)")
     if cfg.stage == "llm" and not 0 <= cfg.prune_layer < depth:
         raise ValueError(
             f"prune_layer={cfg.prune_layer}: this model has {depth} decoder layers, so it must be in [0, {depth - 1}]")

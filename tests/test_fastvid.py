@@ -31,7 +31,7 @@ from test_video_engine import _video_inputs, _video_span
 import lmms_prune
 import lmms_prune.selection as selection
 from lmms_prune.families import get_adapter
-from lmms_prune.presets import resolve_config
+from lmms_prune.presets import check_model, resolve_config
 from lmms_prune.selection import anchor_counts, dynamic_segments, fastvid
 
 toys = test_engine.toys
@@ -163,6 +163,16 @@ def test_bad_input_is_refused_with_the_reason():
         from lmms_prune.families.base import ImageSpan
         _place_slots(ImageSpan(0, 4, [(2, 2)], video=True),
                      selection.Merge(torch.tensor([0, 1]), torch.zeros(1, 4), slots=torch.tensor([1])))
+
+
+def test_deepstack_models_are_refused_from_their_config_before_any_weights_load():
+    from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
+
+    cfg = resolve_config("fastvid", keep_ratio=0.25)
+    with pytest.raises(ValueError, match="'fastvid' merges tokens before the LLM.*DeepStack"):
+        check_model(cfg, Qwen3VLConfig())
+    check_model(cfg, Qwen2_5_VLConfig())
+    check_model(resolve_config("vidcom2", keep_ratio=0.25), Qwen3VLConfig())  # a subset: no merged token
 
 
 def _replacing_video_embeddings(model, rows: torch.Tensor, values: torch.Tensor):

@@ -150,6 +150,23 @@ def test_a_static_clip_spreads_the_budget_evenly_and_bad_input_is_refused():
         resolve_config("vidcom2", keep_ratio=0.25, vidcom2_count="max")
 
 
+def test_a_family_without_videos_is_refused_before_any_weights_load(monkeypatch):
+    """A videos-only method on LLaVA-1.5 (no videos) would prune nothing: refused from the config alone."""
+    import transformers
+
+    from lmms_prune.models import wrappers
+    from lmms_prune.toy.models import tiny_model_dir
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights must not load")
+
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", refuse)
+    with pytest.raises(ValueError, match="'vidcom2' prunes videos only, and the llava family takes no videos"):
+        wrappers.LlavaPrune_vidcom2(pretrained=str(tiny_model_dir("llava")), device="cpu")
+    with pytest.raises(AssertionError, match="weights must not load"):  # a video family passes the check
+        wrappers.LlavaOnevisionPrune_vidcom2(pretrained=str(tiny_model_dir("llava_onevision")), device="cpu")
+
+
 @pytest.mark.parametrize("count", ["authors", "vllm"])
 def test_vidcom2_on_a_qwen_video_keeps_the_authors_set_leaves_the_image_and_equals_k0_pruning(toys, count):
     model, proc = toys("qwen2_5_vl")
