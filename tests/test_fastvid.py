@@ -11,7 +11,7 @@
 * the engine (the new mechanism): a slotted pre-LLM merge at original positions equals pruning the kept union
   at layer 0 of a model whose slot embeddings were replaced by the merged values, at prefill and every cached
   decode step (Qwen2.5-VL's M-RoPE beside an image; LLaVA-OneVision's newline after the video, with the
-  multi-frame merge).
+  multi-frame merge; InternVL's frames as tiles with the text between them).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_engine import ATOL, _generate, _same_tokens, _steps_close
-from test_video_engine import _video_inputs, _video_span
+from test_video_engine import _internvl_video, _video_inputs, moving_square
 
 import lmms_prune
 import lmms_prune.selection as selection
@@ -175,10 +175,11 @@ def test_deepstack_models_are_refused_from_their_config_before_any_weights_load(
     check_model(resolve_config("vidcom2", keep_ratio=0.25), Qwen3VLConfig())  # a subset: no merged token
 
 
-def _replacing_video_embeddings(model, rows: torch.Tensor, values: torch.Tensor):
-    """Patch the model's ``get_video_features`` so that the flattened rows ``rows`` of its output hold ``values``."""
+def _replacing_embeddings(model, name: str, rows: torch.Tensor, values: torch.Tensor):
+    """Patch the model's ``name`` (``get_video_features``; InternVL's frames: ``get_image_features``) so that the
+    flattened rows ``rows`` of its output hold ``values``."""
     inner = model.model
-    original = inner.get_video_features
+    original = getattr(inner, name)
 
     @functools.wraps(original)  # generate reads its signature
     def patched(*args, **kwargs):
@@ -193,29 +194,38 @@ def _replacing_video_embeddings(model, rows: torch.Tensor, values: torch.Tensor)
             out.pooler_output = flat.view(pooled.shape)
         return out
 
-    inner.get_video_features = patched
+    setattr(inner, name, patched)
     return original
 
 
 @pytest.mark.parametrize(("family", "with_image", "params"), [
     ("qwen2_5_vl", True, {}),
     ("llava_onevision", False, {"fastvid_dyseg_c": 1, "fastvid_dyseg_tau": -1.0, "fastvid_dtm_p": 2}),
+    ("internvl_qwen2", False, {}),
 ])
 def test_slotted_pre_llm_merge_equals_layer0_pruning_with_the_merged_values_in_place(toys, monkeypatch, family,
                                                                                      with_image, params):
+    """InternVL: the video's frames are tiles of ``pixel_values`` (the runner's frame counts make them one video
+    span), the text between frames structural."""
     model, proc = toys(family)
-    inputs = _video_inputs(proc, with_image=with_image)
-    spans, _ = _video_span(model, inputs)
+    video_frames, encoder = None, "get_video_features"
+    if family.startswith("internvl"):
+        inputs, video_frames = _internvl_video(proc, moving_square(4))
+        encoder = "get_image_features"
+    else:
+        inputs = _video_inputs(proc, with_image=with_image)
     seen = []
     real = selection.fastvid
     monkeypatch.setattr(selection, "fastvid", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
     with torch.no_grad():
         with lmms_prune.apply(model, "fastvid", keep_ratio=0.5, **params) as handle:
+            handle.video_frames = video_frames
             pre = model(**inputs).logits
             pre_tokens, pre_steps = _generate(model, inputs)
             rec = handle.records[0]
+    spans = rec.spans
     merge, video = seen[0], spans[-1]
-    assert all(torch.equal(m.index, merge.index) and torch.equal(m.slots, merge.slots) for m in seen)
+    assert video.video and all(torch.equal(m.index, merge.index) and torch.equal(m.slots, merge.slots) for m in seen)
     assert rec.kept[-1].tolist() == merge.index.tolist() and rec.merged[-1] == merge.slots.numel() > 0
     if with_image:
         assert rec.kept[0].tolist() == list(range(spans[0].num_visual))  # images untouched
@@ -223,20 +233,22 @@ def test_slotted_pre_llm_merge_equals_layer0_pruning_with_the_merged_values_in_p
         assert len({int(t) for t in merge.slots // (video.num_visual // len(video.grids))}) == 2  # 2 anchor frames
     adapter = get_adapter(model)
     with torch.no_grad():
-        embeds = adapter.flatten_image_features(adapter.encode_videos(inputs).pooler_output)
+        encoded = adapter.encode_images(inputs) if video_frames else adapter.encode_videos(inputs)
+        embeds = adapter.flatten_image_features(encoded.pooler_output)
     rows = adapter.encoder_rows(video)[video.visual_index]
     values = (merge.weights @ embeds[rows].float()).to(embeds.dtype)
     offsets = np.cumsum([0] + [s.num_visual for s in spans])
     union = torch.cat([merge.index, merge.slots]).sort().values
     kept = [int(offsets[i]) + j for i, s in enumerate(spans[:-1]) for j in range(s.num_visual)]
     kept += [int(offsets[-2]) + j for j in union.tolist()]
-    original = _replacing_video_embeddings(model, rows[merge.slots], values)
+    original = _replacing_embeddings(model, encoder, rows[merge.slots], values)
     try:
-        with torch.no_grad(), lmms_prune.apply(model, "fixed", keep_indices=kept, prune_layer=0):
+        with torch.no_grad(), lmms_prune.apply(model, "fixed", keep_indices=kept, prune_layer=0) as handle:
+            handle.video_frames = video_frames
             k0 = model(**inputs).logits
             k0_tokens, k0_steps = _generate(model, inputs)
     finally:
-        model.model.get_video_features = original
+        setattr(model.model, encoder, original)
     torch.testing.assert_close(pre, k0, atol=ATOL, rtol=0)
     assert _same_tokens(pre_tokens, k0_tokens, pre_steps, k0_steps)
     assert _steps_close(pre_steps, k0_steps, pre_tokens, k0_tokens)
