@@ -21,7 +21,7 @@ positions are renumbered (``positions="contiguous"``, the only setting merging s
 prompt is numbered 0..T'-1 exactly as for pruning (1-D RoPE; Qwen's M-RoPE recomputes its grid positions
 from the shortened prompt as for any pre-LLM selection). ``PruneRecord.kept`` lists the kept original tokens,
 ``PruneRecord.merged`` the number of merged tokens per image; ``visual_after`` counts both. A ``Merge`` with
-``slots`` (VScan) puts each merged token in its slot's place instead: the image keeps the slots (and its plain
+``slots`` (VScan, FastVID) puts each merged token in its slot's place instead: the image keeps the slots (and its plain
 kept tokens) as a pruning selection would, so any ``positions`` rule and structural tokens work, and the slots
 count as kept tokens.
 
@@ -275,6 +275,8 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
             else:
                 # a Merge with slots: each merged token in its slot's place (as a kept token of that position)
                 slotted = isinstance(result, sel.Merge)
+                if slotted:
+                    _check_slots(result)
                 local = torch.cat([result.index, result.slots]).sort()[0].cpu() if slotted else result.cpu()
                 # structural tokens (row newlines, timestamps) always stay, with their own encoder rows if any
                 in_span = torch.cat([torch.tensor(span.structural, dtype=torch.long), span.visual_index[local]]).sort()[0]
@@ -341,6 +343,15 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
         mm_outputs[m] = wrap(encoded, kept_all)
     out["mm_encoder_outputs"] = mm_outputs
     return out, records
+
+
+def _check_slots(merge: sel.Merge) -> None:
+    """A slotted pre-LLM merge names one distinct slot per merged token, none of them also kept as itself."""
+    slots, index = merge.slots.cpu(), merge.index.cpu()
+    if (slots.numel() != merge.weights.shape[0] or bool(torch.isin(slots, index).any())
+            or slots.unique().numel() != slots.numel()):
+        raise ValueError(f"Merge.slots={slots.tolist()}: need one distinct slot per merged token, none of them kept "
+                         "(Merge.index), to place the merged tokens")
 
 
 def _place_slots(feats: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, image: torch.Tensor,

@@ -52,6 +52,8 @@ MODULES: tuple[str, ...] = (
     "lmms_prune.methods.feather",
     "lmms_prune.methods.mustdrop",
     "lmms_prune.methods.vscan",
+    "lmms_prune.methods.vidcom2",
+    "lmms_prune.methods.fastvid",
 )
 ENTRY_POINT_GROUP = "lmms_prune.methods"
 ENV_VAR = "LMMS_PRUNE_METHODS"
