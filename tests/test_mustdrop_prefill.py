@@ -105,6 +105,17 @@ def test_the_option_resolves_to_the_authors_layers():
     assert cfg.mustdrop_global_thr == cfg.mustdrop_individual_thr == 0.001
 
 
+@pytest.mark.parametrize(("method", "params", "message"), [
+    ("fastv", {"decode_cache": "final"}, "'fastv'.*does not use decode_cache"),
+    ("mustdrop", {"decode_cache": "final"}, "'mustdrop'.*does not use decode_cache"),  # without an LLM stage
+    ("pyramiddrop", {"decode_cache": "last"}, r"decode_cache='last': must be one of \('stage', 'final'\)"),
+    ("mustdrop", {**PREFILL, "mustdrop_global_thr": 2}, r"mustdrop_global_thr=2: must be in \[0, 1\]"),
+])
+def test_bad_settings_are_refused_before_any_model(method, params, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_config(method, **params)
+
+
 @pytest.mark.parametrize(("family", "global_thr"), [("llava", 0.015626), ("internvl_llama", 0.01787)])
 def test_check_method_passes_for_the_prefill_stage(family, global_thr):
     """prune = mask (the LLM stage on the shortened prompt, dropped keys masked), batch = samples, the budgets and

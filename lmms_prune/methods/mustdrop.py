@@ -37,8 +37,9 @@ PARAMS = (
     Param("mustdrop_global_thr", 0.001, "mustdrop_filter: a visual token may be dropped where its summed attention "
           "from the text after the image is < this fraction of the image's total (MustDrop's global_thr; the "
           "authors' TextVQA scripts: 0.001 for 192 tokens, 0.0012 for 128, 0.011 for 64)", low=0.0, high=1.0),
-    Param("mustdrop_individual_thr", 0.001, "mustdrop_filter: ... and its largest attention from any one text "
-          "token is < this (MustDrop's individual_thr; the scripts: 0.001 for 192 and 128, 0.01 for 64)",
+    Param("mustdrop_individual_thr", 0.001, "mustdrop_filter: a visual token is dropped only where also its largest "
+          "attention from any one text token is < this (MustDrop's individual_thr; the scripts: 0.001 for 192 and "
+          "128, 0.01 for 64)",
           low=0.0, high=1.0),
 )
 
