@@ -25,7 +25,10 @@ holds stage ``s``'s tokens (mask mode: stage ``s``'s removed set is masked as ke
 Per-stage budgets: ``lmms_prune.selection.budget.stage_budgets`` (see :meth:`PruneHandle._stage_counts`).
 With ``positions='contiguous'`` the survivors of each stage are renumbered (every token's position ids drop by the
 tokens removed before it; decoded tokens continue from the stage's renumbered length), in prune and mask mode
-alike (:meth:`PruneHandle._renumbered`, :meth:`PruneHandle._decode_rope`). A stage may be ranked by its own
+alike (:meth:`PruneHandle._renumbered`, :meth:`PruneHandle._decode_rope`). ``decode_cache='final'`` (MustDrop's
+decode-stage cache cut): at decode, every layer from ``K_1 - 1`` on attends to the LAST stage's survivors only
+(the other columns of its cache masked, in prune and mask mode alike) at the last stage's renumbered positions
+(:meth:`PruneHandle._make_final_decode_hook` for layer ``K_1 - 1``). A stage may be ranked by its own
 layer ``K_s`` (``Needs.query_key_attention``): the hook of layer ``K_s`` first calls that layer's attention on
 its input with the current geometry and records the last prompt token's row (:meth:`PruneHandle._own_attention`);
 or by layer ``K_s - 1`` so, before it runs (a pre-hook after the engine's own on that layer); options: without
