@@ -279,6 +279,12 @@ class PruneHandle:
             raise ValueError(f"method {self.config.method!r} merges tokens, but {self.adapter.name} also adds "
                              "per-token vision features inside the LLM (DeepStack) that a merged token has none "
                              "of; use a method that keeps a subset (vispruner, divprune, fastervlm, cdpruner)")
+        if self.selector.tower_layer() is not None:
+            try:
+                self.adapter.tower_layout()
+            except TypeError as err:
+                raise ValueError(f"method {self.config.method!r} merges tokens inside the vision tower, but {err}; "
+                                 "use the merge on the tower's output (its default)") from None
         self._install_observe_only()
         original = self.model.generate
 

@@ -42,6 +42,7 @@ from torch import nn
 from lmms_prune import selection as sel
 from lmms_prune.engine import attention as attn
 from lmms_prune.engine.state import PruneRecord, sync
+from lmms_prune.engine.tower import TowerMerge
 from lmms_prune.families.base import ImageSpan
 from lmms_prune.methods.base import ImageSignals
 
@@ -153,10 +154,17 @@ def _encode(handle: PruneHandle, kwargs: dict[str, Any]) -> dict[str, dict[str, 
         same = early_module is not None and needs.vision_attention and early_module is capture._module
         early = (VisionCapture(handle, need_cls=True, module=early_module)
                  if early_module is not None and not same else None)
+        after = handle.selector.tower_layer()
+        if after is not None and modality == "video":
+            raise ValueError(f"method {handle.config.method!r} merges tokens inside the vision tower, for images "
+                             "only; use the merge on the tower's output (its default) for videos")
+        tower = TowerMerge(adapter, after, handle.selector.tower_merge) if after is not None else None
         try:
             with torch.no_grad():
                 encoded = adapter.encode_images(kwargs) if modality == "image" else adapter.encode_videos(kwargs)
         finally:
+            if tower is not None:
+                tower.close()
             if early is not None:
                 early.close()
             capture.close()
@@ -172,7 +180,19 @@ def _encode(handle: PruneHandle, kwargs: dict[str, Any]) -> dict[str, dict[str, 
         }
         out[modality]["keys"] = _token_keys(capture.keys, out[modality]["projected"].shape[0], adapter.has_cls)
         out[modality]["cls"] = _projected_cls(adapter, capture.cls_states, out[modality]["projected"].shape[0])
+        out[modality]["tower_groups"] = None if tower is None else _tower_groups(tower, out[modality]["projected"])
     return out
+
+
+def _tower_groups(tower: TowerMerge, projected: torch.Tensor) -> torch.Tensor:
+    """``[rows]`` int64, one per projected row: each patch's group in the in-tower merge
+    (:func:`lmms_prune.selection.merge_into_slots`; the family's patches map one-to-one onto LLM tokens,
+    :meth:`~lmms_prune.families.base.Family.tower_layout`)."""
+    groups = tower.patch_groups().to(projected.device)
+    if groups.numel() != projected.shape[0]:
+        raise ValueError(f"an in-tower merge saw {groups.numel()} patches but the projector gave "
+                         f"{projected.shape[0]} tokens: the family's patches are not one LLM token each")
+    return groups
 
 
 def _feature_layer(adapter: Any) -> nn.Module:
@@ -250,6 +270,7 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
                                  vision_features=None if features is None else features[rows],
                                  vision_keys=None if enc["keys"] is None else enc["keys"][rows],
                                  vision_cls=None if enc["cls"] is None else enc["cls"][images[m]],
+                                 tower_groups=None if enc["tower_groups"] is None else enc["tower_groups"][rows],
                                  embeddings=projected[rows] if needs.embeddings else None,
                                  instruction=_instruction(handle, input_ids, mask2d, b, span, sample_spans)
                                  if needs.instruction else None)

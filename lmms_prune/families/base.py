@@ -414,6 +414,23 @@ class Family:
         layers = self.vision_layers()
         return self._attention_of(layers[max(0, len(layers) // 4 - 1)])
 
+    # why the family's vision tower cannot host a reduction inside it (lmms_prune.engine.tower)
+    tower_refusal: ClassVar[str] = "its vision tower hosts no in-tower merge"
+
+    def tower_layout(self) -> tuple[int, tuple[int, int]]:
+        """For a merge inside the vision tower (:mod:`lmms_prune.engine.tower`): ``(prefix, (rows, cols))``, the
+        tokens before the patches in each tower call (a [CLS]: 1) and the patch grid. Only a tower whose later
+        layers treat their tokens as a set (no positions after the embeddings, no causal or windowed
+        attention) and whose patches map one-to-one onto LLM tokens has one: there masking a token as a key is
+        removing it. Elsewhere a ``TypeError`` gives the reason (:attr:`tower_refusal`)."""
+        raise TypeError(f"{self.name}: {self.tower_refusal}")
+
+    def tower_key_mask(self, attention_mask: torch.Tensor | None, kept: torch.Tensor,
+                       dtype: torch.dtype) -> torch.Tensor:
+        """The ``attention_mask`` a tower layer takes, hiding the keys where ``kept`` ``[B, S]`` is False
+        (with :meth:`tower_layout`)."""
+        raise TypeError(f"{self.name}: {self.tower_refusal}")
+
     @staticmethod
     def _attention_of(layer: nn.Module) -> nn.Module:
         return getattr(layer, "self_attn", None) or layer.attention

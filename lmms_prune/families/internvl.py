@@ -99,6 +99,8 @@ class InternVL(Family):
 
     name = "internvl"
     model_types = ("internvl",)
+    tower_refusal = ("its pixel shuffle after InternViT turns each 2 x 2 patches into one LLM token, so a "
+                     "patch slot merged in the tower is no LLM token of its own; the in-tower merge runs on llava")
     model_class = "InternVLForConditionalGeneration"
     processor_class = "InternVLProcessor"
     default_pretrained = "OpenGVLab/InternVL2_5-8B-MPO-hf"

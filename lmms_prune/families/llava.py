@@ -283,6 +283,18 @@ class Llava(Family):
     def vision_layers(self):
         return self.vision_tower.encoder.layers
 
+    def tower_layout(self) -> tuple[int, tuple[int, int]]:
+        """CLIP: [CLS] then the square patch grid; no positions after the embeddings, full attention."""
+        vc = self.config.vision_config
+        side = vc.image_size // vc.patch_size
+        return 1, (side, side)
+
+    def tower_key_mask(self, attention_mask, kept, dtype):
+        """CLIP's layers take an additive ``[B, 1, S, S]`` mask (None where nothing is masked)."""
+        hide = torch.zeros(kept.shape[0], 1, kept.shape[1], kept.shape[1], dtype=dtype, device=kept.device)
+        hide = hide.masked_fill(~kept[:, None, None, :], torch.finfo(dtype).min)
+        return hide if attention_mask is None else attention_mask + hide
+
     def tokens_per_image(self) -> int:
         seq = getattr(self.config, "image_seq_length", None)
         if seq:

@@ -113,6 +113,10 @@ class LlavaNext(Llava):
     input_budget_refusal = ("its anyres grid (image_grid_pinpoints) changes in whole tiles and never "
                             "drops below the base image plus one tile, so most budgets cannot be met; not supported")
     model_types = ("llava_next",)
+    tower_refusal = ("its AnyRes tiles are pooled and unpadded after the tower and end in row newlines, so a "
+                     "window merged in the tower has no one LLM token; the in-tower merge runs on llava")
+    tower_layout = Family.tower_layout  # LLaVA-1.5's CLIP tower, but not its one-to-one patches (the refusal)
+    tower_key_mask = Family.tower_key_mask
     model_class = "LlavaNextForConditionalGeneration"
     processor_class = "LlavaNextProcessor"
     default_pretrained = "llava-hf/llava-v1.6-vicuna-7b-hf"

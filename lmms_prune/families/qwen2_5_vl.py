@@ -40,6 +40,9 @@ class Qwen25VL(Family):
 
     name = "qwen2_5_vl"
     model_types = ("qwen2_5_vl",)
+    tower_refusal = ("its tower applies 2-D rotary positions and windowed attention in every layer and merges "
+                     "2 x 2 patches after it, so masking a token is not removing it; the in-tower merge runs on "
+                     "llava")
     model_class = "Qwen2_5_VLForConditionalGeneration"
     processor_class = "Qwen2_5_VLProcessor"
     default_pretrained = "Qwen/Qwen2.5-VL-7B-Instruct"

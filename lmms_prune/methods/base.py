@@ -282,6 +282,10 @@ class ImageSignals:
     device: Any = None
     present: torch.Tensor | None = None
     padding: torch.Tensor | None = None
+    # [N] int64 with an in-tower merge (Selector.tower_merge, lmms_prune.selection.merge_into_slots): the group
+    # whose mean the token's place holds (0, 1, ... in the merge's order), -1 for a token of no group, -2 where
+    # the token was masked (a member of a group held elsewhere); None without one
+    tower_groups: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -352,6 +356,17 @@ class Selector(Plugin):
 
     def __call__(self, image: ImageSignals, scores: torch.Tensor | None, n: int) -> torch.Tensor:
         raise TypeError(f"selector {self.name!r} does not select")
+
+    def tower_layer(self) -> int | None:
+        """The vision-tower layer after which :meth:`tower_merge` runs (:mod:`lmms_prune.engine.tower`); None
+        (the default): the selector merges nothing inside the tower."""
+        return None
+
+    def tower_merge(self, features: torch.Tensor, grid: tuple[int, int]) -> Any:
+        """One image's groups merged inside the tower: features ``[P, D]`` (the tower's patches after
+        :meth:`tower_layer`), grid ``(rows, cols)`` -> a :class:`lmms_prune.selection.Merge` of whole groups
+        (each row a mean over its members)."""
+        raise TypeError(f"selector {self.name!r} merges nothing inside the vision tower")
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,8 @@ after vision layer 0 (later tower layers see merged tokens) and their key-token 
 
 from __future__ import annotations
 
+import torch
+
 from lmms_prune.methods.base import Needs, Param, Preset, Selector, sel
 
 PARAMS = (
@@ -34,6 +36,9 @@ PARAMS = (
           "merges no window)", kind="float", low=-1.0, high=1.0),
     Param("mustdrop_window", 3, "mustdrop: the side of the square windows merged (LightCompress: 3 x 3)", kind="int",
           low=2),
+    Param("mustdrop_in_tower", False, "mustdrop: merge the windows inside the vision tower, after its layer 0, so "
+          "its later layers see the merged tokens (the authors' code; LLaVA-1.5's CLIP tower only), instead of on "
+          "the tower's output (LightCompress)", kind="bool"),
     Param("mustdrop_global_thr", 0.001, "mustdrop_filter: a visual token may be dropped where its summed attention "
           "from the text after the image is < this fraction of the image's total (MustDrop's global_thr; the "
           "authors' TextVQA scripts: 0.001 for 192 tokens, 0.0012 for 128, 0.011 for 64)", low=0.0, high=1.0),
@@ -53,7 +58,7 @@ class MustDrop(Selector):
     merges = True
 
     name = "mustdrop"
-    params = ("mustdrop_threshold", "mustdrop_window")
+    params = ("mustdrop_threshold", "mustdrop_window", "mustdrop_in_tower")
     stages = ("pre_llm",)
     layer_fractions = PREFILL_FRACTIONS  # prune_layers='auto' of a composed mustdrop_filter
 
@@ -63,9 +68,28 @@ class MustDrop(Selector):
 
     @classmethod
     def needs(cls, config):
+        if config.mustdrop_in_tower:
+            return Needs(embeddings=True)
         return Needs(vision_features=True)
 
+    def tower_layer(self):
+        return 0 if self.config.mustdrop_in_tower else None  # the authors merge right after vision layer 0
+
+    def tower_merge(self, features, grid):
+        """The authors' ``conditional_pooling`` + ``merge_wavg`` on the tower's hidden patches ``[P, D]``."""
+        side = self.config.mustdrop_window
+        n = sel.budget(features.shape[0], keep_ratio=self.config.keep_ratio, keep_tokens=self.config.keep_tokens)
+        return sel.mustdrop_merge(features, [grid], n, window=(side, side), threshold=self.config.mustdrop_threshold)
+
     def __call__(self, image, scores, n):
+        if self.config.mustdrop_in_tower:
+            # the tower merged: each window's mean sits in its slot; the authors' order (conditional_pooling):
+            # the merged windows in their merge order, then the other patches ascending
+            groups = image.tower_groups
+            slots = torch.nonzero(groups >= 0).flatten()
+            slots = slots[groups[slots].argsort()]
+            return sel.Merge(index=torch.nonzero(groups == -1).flatten(),
+                             weights=image.embeddings.new_zeros(0, groups.numel()), prefix=image.embeddings[slots])
         side = self.config.mustdrop_window
         return sel.mustdrop_merge(image.vision_features, image.span.grids, n, window=(side, side),
                                   threshold=self.config.mustdrop_threshold)

@@ -18,7 +18,7 @@ from lmms_prune.selection.divprune import divprune
 from lmms_prune.selection.dpp import cdpruner, dpp_greedy, instruction_relevance
 from lmms_prune.selection.evs import evs_dissimilarity, evs_retained_count, evs_retention_mask, evs_select
 from lmms_prune.selection.fastvid import anchor_counts, density_scores, dynamic_segments, fastvid
-from lmms_prune.selection.merge import Merge, group_weights, merged_embeddings, visionzip
+from lmms_prune.selection.merge import Merge, group_weights, merge_into_slots, merged_embeddings, visionzip
 from lmms_prune.selection.mustdrop import (
     dual_attention_filter,
     mustdrop_merge,
@@ -78,6 +78,7 @@ __all__ = [
     "kept_index",
     "local_scan",
     "group_weights",
+    "merge_into_slots",
     "merged_embeddings",
     "mustdrop_merge",
     "dual_attention_filter",

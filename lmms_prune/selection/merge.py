@@ -145,3 +145,26 @@ def visionzip(importance: Tensor, features: Tensor, n: int, dominant_ratio: floa
     assign = (unit[others] @ unit[targets].T).argmax(1) if others.numel() else others
     members = [others[assign == j] for j in range(c)]
     return Merge(dominant, contextual_weights(targets, members, num_tokens, contextual, device))
+
+
+def merge_into_slots(features: Tensor, merge: Merge) -> tuple[Tensor, Tensor]:
+    """Write each merged group's mean into its first member's place (the group's slot) and mark the group's
+    other members removed: the in-place form of a merge of whole groups (``merge.weights`` rows, each a mean
+    over its members), for sequences whose length must not change (a vision tower whose later layers then mask
+    the removed tokens as keys, :mod:`lmms_prune.engine.tower`).
+
+    features ``[N, D]`` -> (features ``[N, D]`` with the slots replaced, groups ``[N]`` int64: at a slot the
+    index of its group (the row of ``merge.weights``), ``-1`` at a token of no group, ``-2`` at a removed
+    member). ``N - sum(|g| - 1)`` tokens are not removed.
+    """
+    weights = merge.weights.to(features.device)
+    out = features.clone()
+    groups = torch.full((features.shape[0],), -1, dtype=torch.long, device=features.device)
+    if weights.shape[0] == 0:
+        return out, groups
+    members = weights > 0  # [m, N]
+    slots = members.float().argmax(1)  # each group's first member
+    out[slots] = (weights @ features.float()).to(features.dtype)
+    groups[members.any(0)] = -2
+    groups[slots] = torch.arange(weights.shape[0], device=features.device)
+    return out, groups
