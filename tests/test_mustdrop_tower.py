@@ -49,17 +49,32 @@ def authors_pooling(hidden: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.cat([cls, merged[None], feat[:, torch.nonzero(rest).flatten()]], 1)
 
 
-def authors_image_features(model, pixel_values: torch.Tensor, threshold: float) -> torch.Tensor:
-    """``custom_forward`` + ``feature_select`` + the projector: the image's ``[P - 8 r, D]`` LLM embeddings."""
+def authors_cls_attention(layer, hidden: torch.Tensor) -> torch.Tensor:
+    """The layer's soft-maxed attention (``output_attentions``), the [CLS] row over the patches, heads
+    averaged: ``[1, S]`` -> ``[1, S - 1]``."""
+    attn = layer.self_attn
+    x = layer.layer_norm1(hidden)
+    shape = (*x.shape[:2], -1, attn.head_dim)
+    q, k = (proj(x).view(shape).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj))
+    probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)
+    return probs[:, :, 0, 1:].mean(1)
+
+
+def authors_image_features(model, pixel_values: torch.Tensor, threshold: float, key_rate: float = 0.08):
+    """``custom_forward`` + ``feature_select`` + the projector: the image's ``[P - 8 r, D]`` LLM embeddings, and
+    the key-token set (at the last layer: ``topk(ceil(key_rate * (N - 1)))`` of the [CLS] row, N counting [CLS]:
+    indices into the merged sequence's patches)."""
     tower = model.model.vision_tower
     h = tower.pre_layrnorm(tower.embeddings(pixel_values))
-    states = [h]
-    for idx, layer in enumerate(tower.encoder.layers):
+    states, layers = [h], tower.encoder.layers
+    for idx, layer in enumerate(layers):
+        if idx == len(layers) - 1:
+            index = authors_cls_attention(layer, h).topk(math.ceil(key_rate * (h.shape[1] - 1))).indices[0]
         h = layer(h, None)
         if idx == 0:
             h = authors_pooling(h, threshold)
         states.append(h)
-    return model.model.multi_modal_projector(states[model.config.vision_feature_layer][:, 1:])[0]
+    return model.model.multi_modal_projector(states[model.config.vision_feature_layer][:, 1:])[0], index
 
 
 @pytest.fixture(scope="module")
@@ -101,10 +116,11 @@ def test_in_tower_merge_equals_the_authors_shortened_tower(deep_llava, threshold
     ours, record = _llm_image_embeds(model, inputs, keep_ratio=1.0, mustdrop_in_tower=True,
                                      mustdrop_threshold=threshold)
     with torch.no_grad():
-        expected = authors_image_features(model, inputs["pixel_values"], threshold)
+        expected, keys = authors_image_features(model, inputs["pixel_values"], threshold)
     merged = (576 - expected.shape[0]) // 8
     assert merged > 0 and record.merged == [merged] and record.visual_after == 576 - 8 * merged
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(record.protected[0], keys.sort()[0])  # the key set, among the same tokens in the same order
 
 
 def test_merging_after_the_tower_differs_from_merging_inside_it(deep_llava):
@@ -147,3 +163,44 @@ def test_in_tower_merge_is_refused_with_the_reason_where_the_tower_cannot_host_i
     reason = {"internvl_llama": "pixel shuffle", "qwen2_5_vl": "rotary positions", "llava_next": "AnyRes"}[family]
     with pytest.raises(ValueError, match=f"inside the vision tower, but .*{reason}"):
         lmms_prune.apply(model, "mustdrop", mustdrop_in_tower=True)
+
+
+FILTER = dict(llm_selector="mustdrop_filter", llm_score="none", prune_layers="1", stage_ratio=1.0)
+# the tiny random LLM attends almost uniformly (each of the 144 tokens about 1/144 of the sum): this global
+# threshold drops about half of them
+HALF = 0.00694
+
+
+@pytest.mark.parametrize(("global_thr", "individual_thr"), [(1.0, 1.0), (0.0, 0.0), (HALF, 1.0)])
+def test_the_key_set_survives_the_prefill_filter(deep_llava, global_thr, individual_thr):
+    """The LLM stage keeps its filter's survivors and the key set (the authors' ``unique(cat(kept, key_set))``):
+    a filter that drops every token keeps exactly the key set, one that drops none every token."""
+    model, proc = deep_llava
+    inputs = conformance.image_inputs("llava", proc, [[conformance.photo()]], ["What is in the image?"])
+    params = dict(keep_ratio=1.0, mustdrop_in_tower=True, mustdrop_threshold=0.5, mustdrop_global_thr=global_thr,
+                  mustdrop_individual_thr=individual_thr, **FILTER)
+    with torch.no_grad(), lmms_prune.apply(model, "mustdrop", **params) as handle:
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        keys = handle.pre.records[0].protected[0]
+        entered = handle.pre.records[0].spans_after[0].length
+        kept = handle.llm.state.stage_kept[-1][0][0]
+    assert keys.numel() == math.ceil(0.08 * entered)
+    assert set(keys.tolist()) <= set(kept.tolist())
+    if (global_thr, individual_thr) == (1.0, 1.0):
+        assert torch.equal(kept, keys)
+    elif (global_thr, individual_thr) == (0.0, 0.0):
+        assert torch.equal(kept, torch.arange(entered))
+    else:
+        assert keys.numel() < kept.numel() < entered
+
+
+def test_check_method_passes_for_the_authors_path_on_llava(deep_llava):
+    """prune = mask (the LLM stage on the in-tower merge's output, key set included), batch = samples (each
+    image its own windows and key set) and determinism, on the tiny LLaVA."""
+    params = dict(keep_ratio=1.0, mustdrop_in_tower=True, mustdrop_threshold=0.5, mustdrop_global_thr=HALF,
+                  mustdrop_individual_thr=1.0, **FILTER)
+    checks = ("prune = mask", "batch = samples", "deterministic")
+    model, proc = deep_llava
+    results = conformance.check_family("mustdrop", "llava", params=params, checks=checks, decode=2, model=model,
+                                       proc=proc)
+    assert [r.status for r in results] == ["pass"] * len(checks), [(r.check, r.reason) for r in results]

@@ -122,12 +122,17 @@ def key_l1_norms(key: torch.Tensor) -> torch.Tensor:
     return key.float().abs().sum(-1).mean(1)
 
 
-def query_rows(query: torch.Tensor, key: torch.Tensor, scaling: float | None, rows: slice) -> torch.Tensor:
-    """Per-head attention probabilities of the query rows ``rows`` over all keys, for unmasked (vision
-    encoder) attention. query [B, H, Q, d], key [B, H, S, d] -> float32 [B, H, len(rows), S]."""
+def query_rows(query: torch.Tensor, key: torch.Tensor, scaling: float | None, rows: slice,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-head attention probabilities of the query rows ``rows`` over all keys, for vision-encoder attention
+    (no mask, or the additive / boolean ``[B, 1, Q, S]`` key mask of an in-tower merge).
+    query [B, H, Q, d], key [B, H, S, d] -> float32 [B, H, len(rows), S]."""
     d = query.shape[-1]
     scale = d**-0.5 if scaling is None else scaling
     logits = torch.matmul(query[:, :, rows].float(), key.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        mask = mask[..., rows, :]
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.float()
     return torch.softmax(logits, dim=-1)
 
 

@@ -61,6 +61,7 @@ class ComposedHandle:
             self.pre.remove()
             raise
         self.llm.span_source = self._shortened_spans
+        self.llm.protected_source = self._protected
         self.adapter = self.pre.adapter
         self.stage_layers = self.llm.stage_layers
         self.scores = [*self.pre.scores, *self.llm.scores]
@@ -76,6 +77,14 @@ class ComposedHandle:
                              f"but the LLM stage got {input_ids.shape[0]} (num_beams or num_return_sequences > 1 "
                              "repeat the prompts inside generate); use one sequence per prompt")
         return [rec.spans_after for rec in records]
+
+    def _protected(self, input_ids: torch.Tensor) -> list[list[torch.Tensor]] | None:
+        """Per sample, per image: the tokens the pre-LLM stage protected (``PruneRecord.protected``), which the
+        LLM stage keeps at every layer; None where it protected none."""
+        records = self.pre.records
+        if len(records) != input_ids.shape[0] or not any(p.numel() for r in records for p in r.protected):
+            return None
+        return [list(r.protected) for r in records]
 
     @property
     def records(self) -> list[PruneRecord]:

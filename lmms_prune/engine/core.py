@@ -131,6 +131,9 @@ class PruneHandle:
         # where the images are in a prefill's input_ids ([B, T] -> spans per sample), when not the family's own
         # layout: an LLM stage composed after a pre-LLM stage (engine/compose.py) sees the shortened prompt
         self.span_source: Any = None
+        # input_ids -> per sample, per image: visual token indices every stage keeps (a composed pre-LLM stage's
+        # PruneRecord.protected), or None
+        self.protected_source: Any = None
         self._hooks: list[Any] = []
         self._observed: list[nn.Module] = []
         self._old_attn: str | None = None
@@ -364,7 +367,8 @@ class PruneHandle:
         lengths = mask2d.sum(-1).tolist() if mask2d is not None else [input_ids.shape[1]] * input_ids.shape[0]
         self._state = CallState(phase="prefill", spans=spans, seq_len=input_ids.shape[1],
                                 lengths=[int(x) for x in lengths], padding=mask2d,
-                                image_padding=self._take_image_padding(spans))
+                                image_padding=self._take_image_padding(spans),
+                                protected=None if self.protected_source is None else self.protected_source(input_ids))
         self.records = []
         return None
 
@@ -626,6 +630,8 @@ class PruneHandle:
                 local = local.to(hidden.device)
                 if present is not None:
                     local = present.to(hidden.device)[local]
+                if st.protected is not None and st.protected[b][i].numel():  # kept by every stage
+                    local = torch.unique(torch.cat([local, st.protected[b][i].to(local.device)]))
                 keep[span.visual_positions.to(hidden.device)[local]] = True
                 kept_per_image.append(local.cpu())
                 scores_per_image.append(None if scores is None else scores.detach().cpu())

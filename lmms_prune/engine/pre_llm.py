@@ -107,7 +107,8 @@ class VisionCapture:
         if not self._need_cls:
             return
         if self._has_cls:
-            self.cls_rows.append(attn.query_rows(query, key, scaling, rows=slice(0, 1))[:, :, 0])  # [B, H, T]
+            self.cls_rows.append(attn.query_rows(query, key, scaling, rows=slice(0, 1),
+                                                 mask=attention_mask)[:, :, 0])  # [B, H, T]
             return
         cu = self._segments
         if cu is None or query.shape[2] != cu[-1]:  # the layer calls attention once per segment
@@ -159,10 +160,14 @@ def _encode(handle: PruneHandle, kwargs: dict[str, Any]) -> dict[str, dict[str, 
             raise ValueError(f"method {handle.config.method!r} merges tokens inside the vision tower, for images "
                              "only; use the merge on the tower's output (its default) for videos")
         tower = TowerMerge(adapter, after, handle.selector.tower_merge) if after is not None else None
+        last = (VisionCapture(handle, need_cls=True, module=adapter._attention_of(adapter.vision_layers()[-1]))
+                if needs.vision_attention_last else None)
         try:
             with torch.no_grad():
                 encoded = adapter.encode_images(kwargs) if modality == "image" else adapter.encode_videos(kwargs)
         finally:
+            if last is not None:
+                last.close()
             if tower is not None:
                 tower.close()
             if early is not None:
@@ -180,6 +185,8 @@ def _encode(handle: PruneHandle, kwargs: dict[str, Any]) -> dict[str, dict[str, 
         }
         out[modality]["keys"] = _token_keys(capture.keys, out[modality]["projected"].shape[0], adapter.has_cls)
         out[modality]["cls"] = _projected_cls(adapter, capture.cls_states, out[modality]["projected"].shape[0])
+        out[modality]["last"] = (adapter.vision_importance(last.cls_rows, signal_kwargs) if last is not None
+                                 else None)
         out[modality]["tower_groups"] = None if tower is None else _tower_groups(tower, out[modality]["projected"])
     return out
 
@@ -248,7 +255,7 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
                           else None)
     for b, sample_spans in enumerate(spans):
         keep = mask2d[b].new_ones(input_ids.shape[1], dtype=torch.bool)
-        kept_per_image, merged, sources = [], [], []
+        kept_per_image, merged, sources, protected = [], [], [], []
         n_vis = sum(s.num_visual for s in sample_spans)
         sample_offset = 0
         for span in sample_spans:
@@ -267,6 +274,7 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
                                  task_kind=handle.task_kind, device=projected.device,
                                  vision_attention=None if importance is None else importance[rows],
                                  vision_attention_early=None if early is None else early[rows],
+                                 vision_attention_last=None if enc["last"] is None else enc["last"][rows],
                                  vision_features=None if features is None else features[rows],
                                  vision_keys=None if enc["keys"] is None else enc["keys"][rows],
                                  vision_cls=None if enc["cls"] is None else enc["cls"][images[m]],
@@ -293,6 +301,8 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
                 merged.append(result.added)
                 prefix, own = 0 if result.prefix is None else result.prefix.shape[0], local.cpu()
                 sources.append(torch.cat([own.new_full((prefix,), -1), own, own.new_full((result.weights.shape[0],), -1)]))
+                protected.append(torch.zeros(0, dtype=torch.long) if result.protected is None
+                                 else result.protected.cpu().sort()[0])
             else:
                 # a Merge with slots: each merged token in its slot's place (as a kept token of that position)
                 slotted = isinstance(result, sel.Merge)
@@ -311,6 +321,7 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
                 kept_rows[m].append(None if slotted else index)
                 merged.append(0)
                 sources.append(local)
+                protected.append(torch.zeros(0, dtype=torch.long))
             kept_per_image.append(local.cpu())
             offsets[m] += int((span_rows >= 0).sum())
             images[m] += 1
@@ -326,7 +337,8 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
         full = int(real.sum())
         records.append(PruneRecord(n_vis, n_kept, kept_per_image, full, full - n_vis + n_kept, [],
                                    spans=list(sample_spans), merged=merged,
-                                   spans_after=_shrunk_spans(sample_spans, keep), sources=sources))
+                                   spans_after=_shrunk_spans(sample_spans, keep), sources=sources,
+                                   protected=protected))
     for enc in modal.values():
         sync(enc["projected"])
     seconds = time.perf_counter() - t0

@@ -34,6 +34,9 @@ class PruneRecord:
     # pre-LLM: per image, for each visual token of its shortened span, the original token it is (its index among
     # the image's visual tokens; a slot's merged token counts as its slot) or -1 for a new (merged) token
     sources: list[torch.Tensor] = field(default_factory=list)
+    # pre-LLM: per image, the tokens of its shortened span (indices within ``spans_after[i]``) that every LLM
+    # stage composed after it keeps (``Merge.protected``: MustDrop's key set); empty where none
+    protected: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def visual_before_papers(self) -> int:
@@ -84,6 +87,8 @@ class CallState:
     stage_inverse: dict[int, torch.Tensor] = field(default_factory=dict)  # stage -> [B, T] position -> slot
     # per sample: span start -> bool [N visual tokens] padding mask of that image (PruneHandle.image_padding)
     image_padding: list[dict[int, torch.Tensor]] | None = None
+    # per sample, per image: the visual token indices every stage keeps (``PruneHandle.protected_source``)
+    protected: list[list[torch.Tensor]] | None = None
     stage_scores: list[list[list[torch.Tensor | None]]] = field(default_factory=list)  # [s][b][i] scores used
     # merges inside the LLM (SparseVLM's recycling): stage -> [(sample, original positions [m], values [m, D])]
     # written over the hidden states at those positions at the stage's layer; (sample, image) -> the image's

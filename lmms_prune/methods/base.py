@@ -203,6 +203,8 @@ class Needs:
     vision encoder's [CLS] row at the feature layer, or its mean received attention without [CLS]),
     ``vision_attention_early`` (the same signal at an early vision layer,
     :meth:`lmms_prune.families.base.Family.early_vision_attention`: VScan's local scan),
+    ``vision_attention_last`` (the same signal at the tower's last layer, the keys an in-tower merge masked
+    left out of its softmax: MustDrop's key set),
     ``vision_features`` (pre-projector features), ``vision_keys`` (the vision encoder's keys at the feature layer,
     heads averaged, where its patches map one-to-one onto the LLM's visual tokens; else absent), ``vision_cls``
     (each image's [CLS] token at the feature layer through the family's projector, under the same condition and
@@ -224,6 +226,7 @@ class Needs:
     prior: bool = False
     vision_attention: bool = False
     vision_attention_early: bool = False
+    vision_attention_last: bool = False
     vision_features: bool = False
     vision_keys: bool = False
     vision_cls: bool = False
@@ -274,6 +277,7 @@ class ImageSignals:
     text_final_norm: torch.Tensor | None = None
     vision_attention: torch.Tensor | None = None
     vision_attention_early: torch.Tensor | None = None  # [N] (Needs.vision_attention_early)
+    vision_attention_last: torch.Tensor | None = None  # [N] (Needs.vision_attention_last)
     vision_features: torch.Tensor | None = None
     vision_keys: torch.Tensor | None = None  # [N, d] (Needs.vision_keys), None where the family has no such map
     vision_cls: torch.Tensor | None = None  # [D] projected [CLS] (Needs.vision_cls), None where not defined

@@ -26,6 +26,8 @@ after vision layer 0 (later tower layers see merged tokens) and their key-token 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lmms_prune.methods.base import Needs, Param, Preset, Selector, sel
@@ -39,6 +41,9 @@ PARAMS = (
     Param("mustdrop_in_tower", False, "mustdrop: merge the windows inside the vision tower, after its layer 0, so "
           "its later layers see the merged tokens (the authors' code; LLaVA-1.5's CLIP tower only), instead of on "
           "the tower's output (LightCompress)", kind="bool"),
+    Param("mustdrop_key_ratio", 0.08, "mustdrop with mustdrop_in_tower: the key-token set, this fraction (rounded "
+          "up) of the tokens leaving the tower with the highest [CLS] attention of its last layer, which every "
+          "composed LLM stage keeps (the authors' 8%; 0: none)", low=0.0, high=1.0),
     Param("mustdrop_global_thr", 0.001, "mustdrop_filter: a visual token may be dropped where its summed attention "
           "from the text after the image is < this fraction of the image's total (MustDrop's global_thr; the "
           "authors' TextVQA scripts: 0.001 for 192 tokens, 0.0012 for 128, 0.011 for 64)", low=0.0, high=1.0),
@@ -58,7 +63,7 @@ class MustDrop(Selector):
     merges = True
 
     name = "mustdrop"
-    params = ("mustdrop_threshold", "mustdrop_window", "mustdrop_in_tower")
+    params = ("mustdrop_threshold", "mustdrop_window", "mustdrop_in_tower", "mustdrop_key_ratio")
     stages = ("pre_llm",)
     layer_fractions = PREFILL_FRACTIONS  # prune_layers='auto' of a composed mustdrop_filter
 
@@ -69,8 +74,12 @@ class MustDrop(Selector):
     @classmethod
     def needs(cls, config):
         if config.mustdrop_in_tower:
-            return Needs(embeddings=True)
+            return Needs(embeddings=True, vision_attention_last=config.mustdrop_key_ratio > 0)
         return Needs(vision_features=True)
+
+    @classmethod
+    def used_params(cls, config):
+        return cls.params if config.mustdrop_in_tower else cls.params[:3]
 
     def tower_layer(self):
         return 0 if self.config.mustdrop_in_tower else None  # the authors merge right after vision layer 0
@@ -88,11 +97,22 @@ class MustDrop(Selector):
             groups = image.tower_groups
             slots = torch.nonzero(groups >= 0).flatten()
             slots = slots[groups[slots].argsort()]
-            return sel.Merge(index=torch.nonzero(groups == -1).flatten(),
-                             weights=image.embeddings.new_zeros(0, groups.numel()), prefix=image.embeddings[slots])
+            plain = torch.nonzero(groups == -1).flatten()
+            return sel.Merge(index=plain, weights=image.embeddings.new_zeros(0, groups.numel()),
+                             prefix=image.embeddings[slots], protected=self._key_set(image, torch.cat([slots, plain])))
         side = self.config.mustdrop_window
         return sel.mustdrop_merge(image.vision_features, image.span.grids, n, window=(side, side),
                                   threshold=self.config.mustdrop_threshold)
+
+
+    def _key_set(self, image, tokens):
+        """The authors' key-token set (``custom_forward`` at the tower's last layer): the top
+        ``ceil(key_ratio * n)`` of the ``n`` tokens leaving the tower (``tokens``, in their output order) by the
+        last layer's [CLS] attention, heads averaged; their positions in that order (None without a ratio)."""
+        if self.config.mustdrop_key_ratio <= 0:
+            return None
+        k = math.ceil(self.config.mustdrop_key_ratio * tokens.numel())
+        return image.vision_attention_last[tokens].topk(k).indices
 
 
 class MustDropFilter(Selector):

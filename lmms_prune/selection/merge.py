@@ -44,6 +44,9 @@ class Merge:
     slots: Tensor | None = None
     # pre-LLM only: ``[p, D]`` new embeddings placed before the kept tokens (VisionZip's projected [CLS] token)
     prefix: Tensor | None = None
+    # pre-LLM only: ``[p]`` indices among the image's output tokens (``[prefix; kept; merged]``) that every LLM
+    # stage composed after this one keeps (MustDrop's key set)
+    protected: Tensor | None = None
 
     @property
     def added(self) -> int:
