@@ -282,7 +282,7 @@ class PruneHandle:
             raise ValueError(f"method {self.config.method!r} merges tokens, but {self.adapter.name} also adds "
                              "per-token vision features inside the LLM (DeepStack) that a merged token has none "
                              "of; use a method that keeps a subset (vispruner, divprune, fastervlm, cdpruner)")
-        if self.selector.tower_layer() is not None:
+        if getattr(self.selector, "tower_layer", lambda: None)() is not None:
             try:
                 self.adapter.tower_layout()
             except TypeError as err:

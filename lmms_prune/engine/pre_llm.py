@@ -155,7 +155,7 @@ def _encode(handle: PruneHandle, kwargs: dict[str, Any]) -> dict[str, dict[str, 
         same = early_module is not None and needs.vision_attention and early_module is capture._module
         early = (VisionCapture(handle, need_cls=True, module=early_module)
                  if early_module is not None and not same else None)
-        after = handle.selector.tower_layer()
+        after = _tower_layer(handle.selector)
         if after is not None and modality == "video":
             raise ValueError(f"method {handle.config.method!r} merges tokens inside the vision tower, for images "
                              "only; use the merge on the tower's output (its default) for videos")
@@ -189,6 +189,12 @@ def _encode(handle: PruneHandle, kwargs: dict[str, Any]) -> dict[str, dict[str, 
                                  else None)
         out[modality]["tower_groups"] = None if tower is None else _tower_groups(tower, out[modality]["projected"])
     return out
+
+
+def _tower_layer(selector: Any) -> int | None:
+    """The selector's in-tower merge layer (``Selector.tower_layer``; None for a plain callable)."""
+    tower_layer = getattr(selector, "tower_layer", None)
+    return None if tower_layer is None else tower_layer()
 
 
 def _tower_groups(tower: TowerMerge, projected: torch.Tensor) -> torch.Tensor:
