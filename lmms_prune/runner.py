@@ -237,6 +237,9 @@ def parse_options(family: type[Family], model_id: str, fixed_method: str | None,
     )
     if getattr(config, "input_budget", False):  # a processor-level budget: the family says how, or why not
         family.check_input_budget(config.keep_ratio, config.keep_tokens, options.family)
+    selector = SELECTORS.get(config.selector)
+    if selector is not None and selector(config).tower_layer() is not None:
+        family.check_tower_merge(config.method)
     return options, config
 
 

@@ -25,6 +25,8 @@ import transformers
 import lmms_prune
 from lmms_prune import conformance
 from lmms_prune import selection as sel
+from lmms_prune.families import family_class
+from lmms_prune.runner import parse_options
 from lmms_prune.toy.models import build_processor, tiny_config
 
 torch.set_num_threads(1)
@@ -157,13 +159,22 @@ def test_merge_into_slots_holds_each_group_mean_in_its_first_member():
     assert torch.equal(out[labels == -1], x[labels == -1])
 
 
-@pytest.mark.parametrize("family", ["internvl_llama", "qwen2_5_vl", "llava_next"])
-def test_in_tower_merge_is_refused_with_the_reason_where_the_tower_cannot_host_it(toys, family):
-    model, _ = toys(family)
-    reason = {"internvl_llama": "pixel shuffle", "qwen2_5_vl": "rotary positions", "llava_next": "AnyRes"}[family]
-    with pytest.raises(ValueError, match=f"inside the vision tower, but .*{reason}"):
-        lmms_prune.apply(model, "mustdrop", mustdrop_in_tower=True)
+REASONS = {"internvl": "pixel shuffle", "qwen2_5_vl": "rotary positions", "qwen2_vl": "rotary positions",
+           "llava_next": "AnyRes", "llava_onevision": "AnyRes"}
 
+
+@pytest.mark.parametrize("family", sorted(REASONS))
+def test_the_authors_path_is_refused_before_loading_where_the_tower_cannot_host_it(family):
+    """``--model <family>_mustdrop_authors`` names the reason before any weights load; llava runs it."""
+    with pytest.raises(ValueError, match=f"inside the vision tower, but {family}: .*{REASONS[family]}"):
+        parse_options(family_class(family), f"{family}_mustdrop_authors", "mustdrop_authors", pretrained="unused")
+    parse_options(family_class("llava"), "llava_mustdrop_authors", "mustdrop_authors", pretrained="unused")
+
+
+def test_the_in_tower_merge_is_refused_by_apply_on_a_loaded_model(toys):
+    model, _ = toys("internvl_llama")
+    with pytest.raises(ValueError, match="inside the vision tower, but internvl: .*pixel shuffle"):
+        lmms_prune.apply(model, "mustdrop", mustdrop_in_tower=True)
 
 FILTER = dict(llm_selector="mustdrop_filter", llm_score="none", prune_layers="1", stage_ratio=1.0)
 # the tiny random LLM attends almost uniformly (each of the 144 tokens about 1/144 of the sum): this global

@@ -283,11 +283,7 @@ class PruneHandle:
                              "per-token vision features inside the LLM (DeepStack) that a merged token has none "
                              "of; use a method that keeps a subset (vispruner, divprune, fastervlm, cdpruner)")
         if getattr(self.selector, "tower_layer", lambda: None)() is not None:
-            try:
-                self.adapter.tower_layout()
-            except TypeError as err:
-                raise ValueError(f"method {self.config.method!r} merges tokens inside the vision tower, but {err}; "
-                                 "use the merge on the tower's output (its default)") from None
+            self.adapter.check_tower_merge(self.config.method)
         self._install_observe_only()
         original = self.model.generate
 

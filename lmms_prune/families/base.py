@@ -414,8 +414,16 @@ class Family:
         layers = self.vision_layers()
         return self._attention_of(layers[max(0, len(layers) // 4 - 1)])
 
-    # why the family's vision tower cannot host a reduction inside it (lmms_prune.engine.tower)
-    tower_refusal: ClassVar[str] = "its vision tower hosts no in-tower merge"
+    # why the family's vision tower cannot host a merge inside it (lmms_prune.engine.tower); None: it can
+    tower_refusal: ClassVar[str | None] = "its vision tower hosts no in-tower merge"
+
+    @classmethod
+    def check_tower_merge(cls, method: str) -> None:
+        """Raise ``ValueError`` with the reason where ``method``'s merge inside the vision tower cannot run on
+        this family; reads no model."""
+        if cls.tower_refusal is not None:
+            raise ValueError(f"method {method!r} merges tokens inside the vision tower, but {cls.name}: "
+                             f"{cls.tower_refusal}; use the merge on the tower's output (mustdrop)")
 
     def tower_layout(self) -> tuple[int, tuple[int, int]]:
         """For a merge inside the vision tower (:mod:`lmms_prune.engine.tower`): ``(prefix, (rows, cols))``, the

@@ -149,6 +149,7 @@ class Llava(Family):
     """LLaVA-1.5: 576 tokens (24x24) per image."""
 
     name = "llava"
+    tower_refusal = None  # CLIP: the in-tower merge (tower_layout, tower_key_mask)
     input_budget_refusal = ("it resizes every image to the vision tower's fixed input (336 px: 576 tokens), so a "
                             "smaller image is enlarged back and yields as many tokens")
     model_types = ("llava",)

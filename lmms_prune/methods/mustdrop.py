@@ -143,4 +143,11 @@ PRESETS = (
     Preset("mustdrop", "MustDrop's vision stage (LightCompress): the most alike non-overlapping 3x3 windows of the "
            "vision features merged into their means until about keep_ratio of the tokens remain, pre-LLM",
            dict(stage="pre_llm", selector="mustdrop")),
+    Preset("mustdrop_authors", "MustDrop as its authors' code runs it (LLaVA-1.5): the most alike 3x3 windows "
+           "(similarity >= 0.8) merged inside the vision tower after its layer 0, the top 8% by the last tower "
+           "layer's [CLS] attention kept as key tokens; at prefill the dual-attention filter (0.001 / 0.001) "
+           "after decoder layers 2, 6, 10, 14 of 32, key tokens kept; at decode the cache cut to the final set",
+           dict(stage="pre_llm", selector="mustdrop", mustdrop_in_tower=True, keep_ratio=1.0,
+                mustdrop_threshold=0.8, llm_selector="mustdrop_filter", llm_score="none", prune_layers="auto",
+                stage_ratio=1.0, decode_cache="final")),
 )
