@@ -58,6 +58,10 @@ def test_every_preset_generates(toys, priors, family, method):
     # visual tokens: the placeholders minus structural ones (LLaVA-NeXT's row newlines, never pruned or counted)
     n_visual = sum(s.num_visual for s in get_adapter(model).spans(inputs["input_ids"], inputs)[0])
     params = _params(method, family, priors, n_visual)
+    if method == "mustdrop_authors" and family != "llava":  # only CLIP's tower hosts the in-tower merge
+        with pytest.raises(ValueError, match="merges tokens inside the vision tower, but"):
+            lmms_prune.apply(model, method, **params)
+        return
     if method in ("visionzip", "prumerge_plus", "mustdrop", "vscan", "fastvid") and family == "qwen3_vl":
         # merged tokens have no DeepStack features
         with pytest.raises(ValueError, match="merges tokens.*qwen3_vl.*DeepStack"):
@@ -86,6 +90,10 @@ def test_every_preset_generates(toys, priors, family, method):
     if method == "mustdrop":  # whole 3x3 windows merged: at least the budget, fewer where windows run short
         budget = sum(max(1, round(0.1 * s.num_visual)) for s in record.spans)
         assert budget <= record.visual_after < n_visual and sum(record.merged) > 0
+        return
+    if method == "mustdrop_authors":  # adaptive: windows of similarity >= 0.8, then the filter and the key set
+        assert 0 < record.visual_after <= n_visual
+        assert record.seq_len_after == record.seq_len_before - n_visual + record.visual_after
         return
     if method == "feather":  # stage 2 keeps int(0.09 M) of stage 1's M = int(0.3 N) + uniform grid survivors
         assert sum(first) >= max(1, int(0.3 * n_visual))

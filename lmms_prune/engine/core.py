@@ -276,14 +276,14 @@ class PruneHandle:
         return hook
 
     def _install_pre_llm(self) -> None:
+        if getattr(self.selector, "tower_layer", lambda: None)() is not None:
+            self.adapter.check_tower_merge(self.config.method)
         if self.needs.vision_attention:
             self.adapter.vision_feature_attention()  # fails early, with the reason, where the signal is missing
         if getattr(self.selector, "merges", False) and self.adapter.injected_layers():
             raise ValueError(f"method {self.config.method!r} merges tokens, but {self.adapter.name} also adds "
                              "per-token vision features inside the LLM (DeepStack) that a merged token has none "
                              "of; use a method that keeps a subset (vispruner, divprune, fastervlm, cdpruner)")
-        if getattr(self.selector, "tower_layer", lambda: None)() is not None:
-            self.adapter.check_tower_merge(self.config.method)
         self._install_observe_only()
         original = self.model.generate
 
