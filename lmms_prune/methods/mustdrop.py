@@ -20,8 +20,15 @@ largest such attention is ``< mustdrop_individual_thr`` (the authors' "192 token
 survivors renumbered; counts adaptive (``stage_ratio`` is not read). With ``keep_ratio=1,mustdrop_threshold=0.8``
 the vision stage is the authors' adaptive count (windows of similarity ``>= 0.8``, no budget), on the tower's
 output. ``decode_cache=final`` (the engine's multi-stage option) adds their decode-stage cache cut: from layer
-``K_1 - 1`` on, decoded tokens see the last stage's survivors only. Not built (docs/fidelity.md): their merge
-after vision layer 0 (later tower layers see merged tokens) and their key-token set (kept through the filter).
+``K_1 - 1`` on, decoded tokens see the last stage's survivors only.
+
+The option ``mustdrop_in_tower=true`` runs the vision stage where the authors' code does (``clip_encoder.py``,
+``CLIPVisionModelAcc.custom_forward``): right after vision layer 0, so the later tower layers see the merged
+tokens (:mod:`lmms_prune.engine.tower`: each window's mean in one of its places, the others masked as keys; CLIP
+only), the LLM getting ``[merged windows in merge order, the other patches ascending]`` as theirs; with it the
+key-token set, the top ``ceil(mustdrop_key_ratio * n)`` of the ``n`` tokens leaving the tower by the last tower
+layer's [CLS] attention, which every composed LLM stage keeps. The preset ``mustdrop_authors`` is the authors'
+whole path (docs/fidelity.md says why ``mustdrop`` stays LightCompress's reading).
 """
 
 from __future__ import annotations
