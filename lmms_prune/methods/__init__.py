@@ -51,6 +51,8 @@ MODULES: tuple[str, ...] = (
     "lmms_prune.methods.evs",
     "lmms_prune.methods.feather",
     "lmms_prune.methods.mustdrop",
+    "lmms_prune.methods.dycoke",
+    "lmms_prune.methods.holitom",
 )
 ENTRY_POINT_GROUP = "lmms_prune.methods"
 ENV_VAR = "LMMS_PRUNE_METHODS"

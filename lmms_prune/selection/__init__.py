@@ -16,7 +16,9 @@ from lmms_prune.selection.budget import (
 from lmms_prune.selection.dart import dart
 from lmms_prune.selection.divprune import divprune
 from lmms_prune.selection.dpp import cdpruner, dpp_greedy, instruction_relevance
+from lmms_prune.selection.dycoke import ttm_count, ttm_references, ttm_select
 from lmms_prune.selection.evs import evs_dissimilarity, evs_retained_count, evs_retention_mask, evs_select
+from lmms_prune.selection.holitom import holitom_merge, static_windows
 from lmms_prune.selection.merge import Merge, group_weights, merged_embeddings, visionzip
 from lmms_prune.selection.mustdrop import mustdrop_merge, window_members, window_similarity
 from lmms_prune.selection.pivot_mis import (
@@ -40,6 +42,11 @@ from lmms_prune.selection.topk import topk, topk_union
 from lmms_prune.selection.vispruner import remove_duplicates, vispruner
 
 __all__ = [
+    "ttm_select",
+    "ttm_references",
+    "ttm_count",
+    "static_windows",
+    "holitom_merge",
     "Merge",
     "adaptive_keep_count",
     "average_kept_fraction",
