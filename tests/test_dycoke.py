@@ -9,7 +9,11 @@
 * properties: the count, frames ``4j`` whole, each pruned frame keeps its least similar tokens, odd counts keep
   the last frame whole, ``K = 0`` keeps all;
 * the engine: on a tiny Qwen2.5-VL video the preset keeps exactly that set of the projected video embeddings,
-  and pre-LLM removal at original positions equals intra-LLM pruning of the same set at K=0 (prefill and decode).
+  and pre-LLM removal at original positions equals intra-LLM pruning of the same set at K=0 (prefill and decode);
+* stage 2, the decode-time KV pruning: ``authors_decode_steps`` re-creates ``dycoke_pruning``/``update_cache``
+  (``llava/model/language_model/modeling_qwen2.py``) over a call's steps and ours picks the same entries; on tiny
+  Qwen2.5-VL and OneVision videos decoding with the picked entries gathered equals decoding with the others
+  masked at every step, keeping every entry equals stage 1 alone, and keeping half changes the logits.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from test_video_engine import _video_inputs, _video_span
 import lmms_prune
 from lmms_prune.families import get_adapter
 from lmms_prune.presets import resolve_config
-from lmms_prune.selection import ttm_count, ttm_references, ttm_select
+from lmms_prune.selection import dycoke_decode_keep, ttm_count, ttm_references, ttm_select
 
 toys = test_engine.toys
 
@@ -114,7 +118,7 @@ def test_dycoke_on_a_qwen_video_keeps_the_ttm_set_leaves_the_image_and_equals_k0
     adapter = get_adapter(model)
     with torch.no_grad():
         embeds = adapter.flatten_image_features(adapter.encode_videos(inputs).pooler_output)
-        with lmms_prune.apply(model, "dycoke", positions="original") as handle:
+        with lmms_prune.apply(model, "dycoke", positions="original", dycoke_l=None) as handle:  # stage 1 alone
             pre = model(**inputs).logits
             pre_tokens, pre_steps = _generate(model, inputs)
             rec = handle.records[0]
@@ -129,3 +133,73 @@ def test_dycoke_on_a_qwen_video_keeps_the_ttm_set_leaves_the_image_and_equals_k0
     assert len(video.grids) == 2  # 4 frames, two per merged grid: grid 1 is pruned against grid 0
     assert rec.kept[0].tolist() == list(range(image.num_visual))  # DyCoke compresses videos only
     assert rec.kept[1].tolist() == ttm_select(embeds.float(), video.grids, 0.7).tolist()
+
+
+# ------------------------------------------------------------------ stage 2: decode-time KV pruning
+def authors_decode_steps(rows: list[torch.Tensor], p: float) -> list[list[int] | None]:
+    """DyCoke's ``dycoke_pruning`` + ``update_cache`` re-created over a call's decode steps: per step the kept
+    video entries (sorted; the authors' order is ``topk``'s, which attention ignores) or None (the whole cache)."""
+    out, reference = [], None
+    for row in rows:
+        similarity = 0 if reference is None else torch.nn.functional.cosine_similarity(row, reference, dim=0)
+        reference = row
+        out.append(sorted(torch.topk(row, int(row.numel() * (1 - p)), sorted=False)[1].tolist())
+                   if similarity < 0.9 else None)
+    return out
+
+
+@given(st.integers(1, 40), st.integers(1, 8), st.sampled_from([0.0, 0.5, 0.8, 1.0]), st.sampled_from([0.02, 0.3, 1.0]),
+       st.integers(0, 1000))
+@settings(max_examples=60, deadline=None)
+def test_decode_keep_follows_the_recreation_of_the_authors_rule(n, steps, p, drift, seed):
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.rand(n, generator=g, dtype=torch.float64)]
+    for _ in range(steps - 1):  # small drift: the attention barely moves, the step keeps the whole cache
+        rows.append((rows[-1] + drift * torch.rand(n, generator=g, dtype=torch.float64)).softmax(0))
+    ours, previous = [], None
+    for row in rows:
+        kept = dycoke_decode_keep(row, previous, p)
+        previous = row
+        ours.append(None if kept is None else kept.tolist())
+    assert ours == authors_decode_steps(rows, p)
+    assert ours[0] is not None and len(ours[0]) == int(n * (1 - p))  # the first step always prunes
+
+
+def _stage2(model, inputs, mode, **params):
+    with torch.no_grad(), lmms_prune.apply(model, "dycoke", mode=mode, **params) as handle:
+        tokens, steps = _generate(model, inputs)
+        history = [keep.clone() for keep in handle.decode.history] if handle.decode is not None else []
+        return tokens, steps, history, handle.records[0], handle.short_visual
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+def test_stage2_gathered_cache_equals_masked_columns_at_every_decode_step(toys, family):
+    """Decode with only the picked video KV entries gathered (prune) equals decode with the others masked (the
+    reference), step by step; the picked set is DyCoke's rule on the step's own attention row."""
+    model, proc = toys(family)
+    inputs = _video_inputs(proc, with_image=True)
+    params = dict(dycoke_l=2, dycoke_p=0.5)
+    tokens, steps, history, rec, columns = _stage2(model, inputs, "prune", **params)
+    m_tokens, m_steps, m_history, _, _ = _stage2(model, inputs, "mask", **params)
+    assert _same_tokens(tokens, m_tokens, steps, m_steps)
+    assert _steps_close(steps, m_steps, tokens, m_tokens)
+    assert len(history) == tokens.shape[1] - 1  # every decode step (the first token comes from the prefill)
+    assert all(torch.equal(a, b) for a, b in zip(history, m_history))
+    (image, image_cols), (video, video_cols) = columns[0]
+    first = history[0][0]
+    assert bool(first[image_cols].all())  # the image's entries are never dropped
+    assert int(first[video_cols].sum()) == int(video_cols.numel() * 0.5)  # the first step always prunes
+    assert int((~first).sum()) == video_cols.numel() - int(video_cols.numel() * 0.5)  # nothing else dropped
+
+
+def test_stage2_keeping_every_entry_is_stage1_alone(toys):
+    model, proc = toys("qwen2_5_vl")
+    inputs = _video_inputs(proc)
+    tokens, steps, history, _, _ = _stage2(model, inputs, "prune", dycoke_l=2, dycoke_p=0.0)
+    alone, alone_steps, none, _, _ = _stage2(model, inputs, "prune", dycoke_l=None)
+    assert none == [] and all(bool(h.all()) for h in history)
+    assert torch.equal(tokens, alone) and torch.equal(steps, alone_steps)
+    _, pruned_steps, _, _, _ = _stage2(model, inputs, "prune", dycoke_l=2, dycoke_p=0.5)
+    assert not torch.allclose(pruned_steps, alone_steps)  # the selection reaches the attention of layers >= L
+    with pytest.raises(ValueError, match="decode layer 14"):
+        lmms_prune.apply(model, "dycoke", dycoke_l=14)

@@ -208,8 +208,10 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
     # 'original' / 'gap': GAP's rule, each kept token keeps its position ID in the unpruned prompt
     original_positions = (adapter.original_positions(input_ids, mask2d, kwargs) if cfg.positions != "contiguous"
                           else None)
+    visual: list[list[tuple[Any, torch.Tensor]]] = []  # per sample: (span, original positions of its visual tokens)
     for b, sample_spans in enumerate(spans):
         keep = mask2d[b].new_ones(input_ids.shape[1], dtype=torch.bool)
+        visual.append([])
         kept_per_image, merged = [], []
         n_vis = sum(s.num_visual for s in sample_spans)
         sample_offset = 0
@@ -255,6 +257,7 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
                                                 projected[(offset + tail).to(projected.device)]]))
                 kept_rows[m].append(None)  # new embeddings: no encoder row of their own
                 merged.append(result.added)
+                visual[b].append((span, span.start + torch.arange(result.count)))
             else:
                 local = result.cpu()
                 # structural tokens (row newlines, timestamps) always stay, with their own encoder rows if any
@@ -265,6 +268,7 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
                 kept_feats[m].append(projected[index])
                 kept_rows[m].append(index)
                 merged.append(0)
+                visual[b].append((span, span.start + span.visual_index[local]))
             kept_per_image.append(local.cpu())
             offsets[m] += int((span_rows >= 0).sum())
             images[m] += 1
@@ -290,6 +294,7 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
     dropped = set(adapter.image_input_keys) | set(adapter.video_input_keys)
     out = {k: v for k, v in kwargs.items() if k not in dropped}
     out["input_ids"] = _left_pad(new_ids, adapter.pad_token_id())
+    handle.short_visual = _short_columns(visual, keeps, out["input_ids"].shape[1])
     out["attention_mask"] = _left_pad(new_mask, 0)
     for key, value in kwargs.items():  # other per-token inputs (e.g. Qwen's mm_token_type_ids) follow the ids
         if (key not in ("input_ids", "attention_mask") and isinstance(value, torch.Tensor)
@@ -314,6 +319,18 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
         mm_outputs[m] = wrap(encoded, kept_all)
     out["mm_encoder_outputs"] = mm_outputs
     return out, records
+
+
+def _short_columns(visual: list[list[tuple[Any, torch.Tensor]]], keeps: list[torch.Tensor],
+                   width: int) -> list[list[tuple[Any, torch.Tensor]]]:
+    """Per sample, per span: the columns of its visual tokens in the shortened, left-padded prompt (original
+    positions ``visual`` among the kept ones ``keeps[b]``, bool ``[T]``)."""
+    out = []
+    for spans, keep in zip(visual, keeps):
+        keep = keep.cpu()
+        slot = torch.cumsum(keep.long(), 0) - 1 + (width - int(keep.sum()))
+        out.append([(span, slot[positions]) for span, positions in spans])
+    return out
 
 
 def _trailing_structural(span: Any, span_rows: torch.Tensor) -> torch.Tensor | None:

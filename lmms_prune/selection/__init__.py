@@ -16,6 +16,7 @@ from lmms_prune.selection.budget import (
 from lmms_prune.selection.dart import dart
 from lmms_prune.selection.divprune import divprune
 from lmms_prune.selection.dpp import cdpruner, dpp_greedy, instruction_relevance
+from lmms_prune.selection.dycoke import decode_keep as dycoke_decode_keep
 from lmms_prune.selection.dycoke import ttm_count, ttm_references, ttm_select
 from lmms_prune.selection.evs import evs_dissimilarity, evs_retained_count, evs_retention_mask, evs_select
 from lmms_prune.selection.holitom import holitom_merge, static_windows
@@ -42,6 +43,7 @@ from lmms_prune.selection.topk import topk, topk_union
 from lmms_prune.selection.vispruner import remove_duplicates, vispruner
 
 __all__ = [
+    "dycoke_decode_keep",
     "ttm_select",
     "ttm_references",
     "ttm_count",

@@ -85,3 +85,33 @@ def ttm_select(features: Tensor, grids: Sequence[Grid], k: float = MERGING_RATIO
         lowest = torch.sort(similarity, stable=True).indices[:keep_per_frame]
         kept[frame] = frame * cells + lowest
     return sorted_indices(torch.cat(kept))
+
+
+SIMILAR_STEP = 0.9  # DyCoke's stage 2: a step whose attention is at least this alike the previous one prunes nothing
+
+
+def check_pruning_ratio(p: float) -> None:
+    """DyCoke's stage-2 ``P`` must be a number in [0, 1]."""
+    if isinstance(p, bool) or not isinstance(p, Real) or not 0.0 <= p <= 1.0 or math.isnan(p):
+        raise ValueError(f"dycoke_p={p!r}: DyCoke's KV pruning ratio must be in [0, 1] (0.8: the authors' default)")
+
+
+def decode_keep(row: Tensor, previous: Tensor | None, p: float, similar: float = SIMILAR_STEP) -> Tensor | None:
+    """DyCoke's stage 2 at one decode step: which of a video's ``N`` cached tokens the current token attends to
+    in layers ``>= L`` (authors' ``modeling_qwen2.py``: ``dycoke_pruning``, ``update_cache``).
+
+    Args:
+        row: ``[N]`` the current token's attention over the video's tokens at layer ``L - 1`` (heads averaged).
+        previous: the previous decode step's ``row`` (None at the call's first step).
+        p: DyCoke's ``P``: ``int(N * (1 - p))`` tokens are kept.
+        similar: at a cosine similarity of ``row`` with ``previous`` of at least this, nothing is pruned.
+
+    Returns:
+        None (attend to every token: the attention moved little) or the kept indices ``[int(N (1 - p))]``,
+        ascending: the highest attention, ties to the lower index.
+    """
+    check_pruning_ratio(p)
+    if previous is not None and previous.shape == row.shape:
+        if float(torch.nn.functional.cosine_similarity(row.double(), previous.double(), dim=0)) >= similar:
+            return None
+    return sorted_indices(torch.sort(row.double(), descending=True, stable=True).indices[: int(row.numel() * (1 - p))])
