@@ -26,11 +26,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_engine import ATOL, _generate, _same_tokens, _steps_close
 from test_video_engine import _video_inputs, _video_span
+from transformers import AutoConfig
 
 import lmms_prune
 from lmms_prune.families import get_adapter
-from lmms_prune.presets import resolve_config
+from lmms_prune.presets import check_model, resolve_config
 from lmms_prune.selection import dycoke_decode_keep, ttm_count, ttm_references, ttm_select
+from lmms_prune.toy.models import tiny_model_dir
 
 toys = test_engine.toys
 
@@ -201,5 +203,5 @@ def test_stage2_keeping_every_entry_is_stage1_alone(toys):
     assert torch.equal(tokens, alone) and torch.equal(steps, alone_steps)
     _, pruned_steps, _, _, _ = _stage2(model, inputs, "prune", dycoke_l=2, dycoke_p=0.5)
     assert not torch.allclose(pruned_steps, alone_steps)  # the selection reaches the attention of layers >= L
-    with pytest.raises(ValueError, match="decode layer 14"):
-        lmms_prune.apply(model, "dycoke", dycoke_l=14)
+    with pytest.raises(ValueError, match="decode layer 14"):  # from the config alone, before any weights load
+        check_model(resolve_config("dycoke", dycoke_l=14), AutoConfig.from_pretrained(tiny_model_dir("qwen2_5_vl")))

@@ -63,10 +63,7 @@ class DecodeColumns:
     step of the current call, the bool ``[B, S]`` columns layers ``>= L`` attended to."""
 
     def __init__(self, handle: PruneHandle, layer: int):
-        depth = handle.adapter.num_layers
-        if not 1 <= layer < depth:
-            raise ValueError(f"decode layer {layer}: must be in [1, {depth - 1}] ({handle.adapter.name} has {depth} "
-                             "decoder layers; the row comes from the layer before it)")
+        depth = handle.adapter.num_layers  # 1 <= layer < depth: checked with the config (presets.check_model)
         self.handle, self.layer = handle, layer
         text_cfg = handle.adapter.text_config
         self._old = text_cfg._attn_implementation
