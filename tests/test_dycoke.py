@@ -12,8 +12,8 @@
   and pre-LLM removal at original positions equals intra-LLM pruning of the same set at K=0 (prefill and decode);
 * stage 2, the decode-time KV pruning: ``authors_decode_steps`` re-creates ``dycoke_pruning``/``update_cache``
   (``llava/model/language_model/modeling_qwen2.py``) over a call's steps and ours picks the same entries; on tiny
-  Qwen2.5-VL and OneVision videos decoding with the picked entries gathered equals decoding with the others
-  masked at every step, keeping every entry equals stage 1 alone, and keeping half changes the logits.
+  Qwen2.5-VL, OneVision and InternVL videos decoding with the picked entries gathered equals decoding with the
+  others masked at every step, keeping every entry equals stage 1 alone, and keeping half changes the logits.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_engine import ATOL, _generate, _same_tokens, _steps_close
-from test_video_engine import _video_inputs, _video_span
+from test_video_engine import _internvl_video, _video_inputs, _video_span, moving_square
 from transformers import AutoConfig
 
 import lmms_prune
@@ -167,8 +167,9 @@ def test_decode_keep_follows_the_recreation_of_the_authors_rule(n, steps, p, dri
     assert ours[0] is not None and len(ours[0]) == int(n * (1 - p))  # the first step always prunes
 
 
-def _stage2(model, inputs, mode, **params):
+def _stage2(model, inputs, mode, video_frames=None, **params):
     with torch.no_grad(), lmms_prune.apply(model, "dycoke", mode=mode, **params) as handle:
+        handle.video_frames = video_frames
         tokens, steps = _generate(model, inputs)
         history = [keep.clone() for keep in handle.decode.history] if handle.decode is not None else []
         return tokens, steps, history, handle.records[0], handle.short_visual
@@ -205,3 +206,16 @@ def test_stage2_keeping_every_entry_is_stage1_alone(toys):
     assert not torch.allclose(pruned_steps, alone_steps)  # the selection reaches the attention of layers >= L
     with pytest.raises(ValueError, match="decode layer 14"):  # from the config alone, before any weights load
         check_model(resolve_config("dycoke", dycoke_l=14), AutoConfig.from_pretrained(tiny_model_dir("qwen2_5_vl")))
+
+
+def test_internvl_video_of_tiles_runs_both_stages_and_gathered_equals_masked(toys):
+    """InternVL's frames are image tiles with text between them: one video span (the runner's frame counts),
+    stage 1 keeps whole tiles 0 and 2 (of 4) and prunes 1 and 3, stage 2 gathers as the mask reference."""
+    model, proc = toys("internvl_qwen2")
+    inputs, video_frames = _internvl_video(proc, moving_square(4))
+    tokens, steps, history, rec, _ = _stage2(model, inputs, "prune", video_frames, dycoke_l=2, dycoke_p=0.5)
+    m_tokens, m_steps, m_history, _, _ = _stage2(model, inputs, "mask", video_frames, dycoke_l=2, dycoke_p=0.5)
+    [span] = rec.spans
+    assert span.video and len(span.grids) == 4 and rec.kept[0].numel() == 2 * 256 + 2 * int(0.3 * 256)
+    assert _same_tokens(tokens, m_tokens, steps, m_steps) and _steps_close(steps, m_steps, tokens, m_tokens)
+    assert all(torch.equal(a, b) for a, b in zip(history, m_history)) and not bool(history[0].all())
