@@ -219,3 +219,31 @@ def test_internvl_video_of_tiles_runs_both_stages_and_gathered_equals_masked(toy
     assert span.video and len(span.grids) == 4 and rec.kept[0].numel() == 2 * 256 + 2 * int(0.3 * 256)
     assert _same_tokens(tokens, m_tokens, steps, m_steps) and _steps_close(steps, m_steps, tokens, m_tokens)
     assert all(torch.equal(a, b) for a, b in zip(history, m_history)) and not bool(history[0].all())
+
+
+def test_left_padded_batch_equals_single_samples_with_both_stages(toys):
+    """Two prompts of different lengths (a 2-frame video; an image and a 4-frame one) decoded as one left-padded batch
+    pick, per step, the same video entries as each prompt alone (gathered columns padded per row), and give the
+    same tokens and steps."""
+    model, proc = toys("qwen2_5_vl")
+    convs = [([{"type": "video"}], "Where does it go?"),
+             ([{"type": "image"}, {"type": "video"}], "Compare the picture with the clip, in detail please.")]
+    prompts = [proc.apply_chat_template([{"role": "user", "content": c + [{"type": "text", "text": t}]}],
+                                        add_generation_prompt=True) for c, t in convs]
+    image = test_engine._image((160, 120))
+
+    def encode(texts, images, videos):
+        out = proc(text=texts, images=images or None, videos=videos, return_tensors="pt", padding=True,
+                   do_sample_frames=False).to(test_engine.DEVICE)
+        return {k: v.to(test_engine.DTYPE) if v.is_floating_point() else v for k, v in out.items()}
+
+    videos = [moving_square(2), moving_square(4)[::-1]]  # unequal video lengths: unequal gathered widths
+    tokens, steps, history, _, columns = _stage2(model, encode(prompts, [image], videos), "prune", dycoke_l=2,
+                                                 dycoke_p=0.5)
+    for row, single in enumerate([encode(prompts[:1], [], videos[:1]), encode(prompts[1:], [image], videos[1:])]):
+        t1, s1, h1, _, c1 = _stage2(model, single, "prune", dycoke_l=2, dycoke_p=0.5)
+        assert _same_tokens(tokens[row], t1[0], steps[row], s1[0])
+        assert _steps_close(steps[row:row + 1], s1, tokens[row:row + 1], t1)
+        for step, alone in zip(history, h1):
+            for (_, cols), (_, cols1) in zip(columns[row], c1[0]):
+                assert torch.equal(step[row, cols], alone[0, cols1])
