@@ -173,8 +173,9 @@ def holitom_merge(features: Tensor, attention: Tensor, grids: Sequence[Grid], ke
             n_static = int(static.sum())
             count = round(n_static * ratio)
             if count > 0:
-                rows = mean_rows(token[first:last + 1][:, static].T, num_tokens)  # [n_s, N]: window means
-                merged.append(cluster_weights(rows, rows @ x, count, beta, neighbours))
+                members = token[first:last + 1][:, static]  # [frames of the window, n_s]
+                merged.append(cluster_weights(mean_rows(members.T, num_tokens), x[members].mean(0), count, beta,
+                                              neighbours))
         else:
             static = torch.zeros(cells, dtype=torch.bool, device=device)
         dynamic_cells = torch.nonzero(~static).flatten()
