@@ -38,6 +38,8 @@ Needs field            ImageSignals attribute         shape             what, wh
 ``prior``              the plug-in's ``self.prior``   ``[N]`` per count a calibrated mean attention (``bias_prior=FILE``)
 ``vision_attention``   ``vision_attention``           ``[N]``           pre-LLM: the vision tower's [CLS] attention row at
                                                                         the feature layer (or mean received attention)
+``vision_attention_``  ``vision_attention_early``     ``[N]``           pre-LLM: the same at an early vision layer
+``early``                                                               (``Family.early_vision_attention``: L/4 - 1)
 ``vision_features``    ``vision_features``            ``[N, D_v]``      pre-LLM: features before the projector
 ``embeddings``         ``embeddings``                 ``[N, D]``        pre-LLM: projected visual embeddings (LLM input)
 ``instruction``        ``instruction``                ``[M, D]``        pre-LLM: input embeddings of the text after it

@@ -354,7 +354,7 @@ class Checker:
 
     def check_prune_equals_mask(self, inputs: Any) -> str:
         cfg = self.cfg
-        if cfg.stage == "pre_llm":
+        if cfg.stage == "pre_llm" and not cfg.composed:  # composed: the LLM stage's mask mode on the shrunk inputs
             if getattr(SELECTORS[cfg.selector], "merges", False):
                 raise NotApplicable("pre-LLM merged tokens are new embeddings with no original position: no "
                                     "mask-mode reference")
@@ -385,9 +385,9 @@ class Checker:
         cfg = self.cfg
         if cfg.stage == "none":
             raise NotApplicable("stage none prunes nothing")
-        if cfg.multi_stage:
-            raise NotApplicable("a multi-stage kept set cannot be frozen for the recomputation (prune = mask covers "
-                                "its cached decoding)")
+        if cfg.multi_stage or cfg.composed:
+            raise NotApplicable("a multi-stage kept set (or an LLM stage after a pre-LLM stage) cannot be frozen "
+                                "for the recomputation (prune = mask covers its cached decoding)")
         if cfg.stage == "pre_llm" and getattr(SELECTORS[cfg.selector], "merges", False):
             raise NotApplicable("pre-LLM merged tokens are new embeddings: no frozen-set recomputation")
         extra = {"positions": "original"} if cfg.stage == "pre_llm" else {}
@@ -425,6 +425,8 @@ class Checker:
                                 "token")
         if cfg.multi_stage:
             extra = {"stage_ratio": 1.0 if full else 1e-6}
+        elif cfg.composed:  # both stages keep everything, or one token each
+            extra = {"keep_ratio": 1.0, "stage_ratio": 1.0} if full else {"keep_tokens": 1, "stage_ratio": 1e-6}
         else:
             extra = {"keep_ratio": 1.0} if full else {"keep_tokens": 1}
         result = self._run(self.image, decode=False, **extra)

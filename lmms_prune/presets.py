@@ -62,7 +62,18 @@ COMMON_PARAMS: tuple[Param, ...] = (
           "and SparseVLM's code), or 'gap' = 'original'. Single-stage llm: 'gap' (default there) = 'original', "
           "as FastV's code", kind="str", choices=POSITION_RULES),
 )
-STAGE_PARAMS = {"none": (), "llm": ("prune_layer", "prune_layers", "positions"), "pre_llm": ("positions",)}
+COMMON_PARAMS += (
+    Param("llm_selector", "none", "pre_llm methods: an LLM stage after the pre-LLM stage (VScan's middle-layer "
+          "pruning): the selector that keeps a subset of the tokens the pre-LLM stage passed, at the decoder layer of "
+          "prune_layers ('auto': the pre-LLM selector's layer fractions), stage_ratio of them; scored by llm_score "
+          "with score_at, qk_rope, qk_softmax; 'none' = no LLM stage", kind="str", choices=("none", *SELECTORS)),
+    Param("llm_score", "attention", "pre_llm methods with llm_selector: the importance score of the LLM stage "
+          f"(one of {', '.join(SCORES)})", kind="str", choices=tuple(SCORES)),
+)
+# the fields of a pre-LLM method's LLM stage (llm_selector != 'none'): the multi-stage machinery's own
+COMPOSED_PARAMS = ("llm_score", "prune_layers", "stage_ratio", "score_at", "budget_rounding", "budget_base")
+STAGE_PARAMS = {"none": (), "llm": ("prune_layer", "prune_layers", "positions"),
+                "pre_llm": ("positions", "llm_selector")}
 ALWAYS = ("method", "stage", "selector", "score", "keep_ratio", "keep_tokens")
 _COMMON_CLASH = sorted({p.name for p in COMMON_PARAMS} & set(METHOD_PARAMS))
 if _COMMON_CLASH:
@@ -107,6 +118,31 @@ def _stage_configs(self, depth: int) -> list[Any]:
             for k in self.stage_layers(depth)]
 
 
+def _composed(self) -> bool:
+    """A pre-LLM stage followed by an LLM stage (``llm_selector``): see :func:`_split_stages`."""
+    return self.stage == "pre_llm" and self.llm_selector != "none"
+
+
+def _split_stages(self, depth: int | None = None) -> tuple[Any, Any]:
+    """A composed config (``llm_selector`` set) as its two single-purpose configs: the pre-LLM stage (``selector``,
+    ``score``, ``keep_ratio``/``keep_tokens``) and the LLM stage that runs on the shortened prompt (``llm_selector``,
+    ``llm_score`` at ``prune_layers`` keeping ``stage_ratio`` of the tokens present, multi-stage machinery, same
+    ``positions``). ``prune_layers='auto'`` is resolved with ``depth`` (decoder layers) from the pre-LLM selector's
+    ``layer_fractions`` (VScan: the middle layer); without ``depth`` it stays 'auto'."""
+    if not self.composed:
+        raise ValueError(f"method {self.method!r}: not a composed config (llm_selector='none')")
+    layers = self.prune_layers
+    if layers == "auto" and depth is not None:
+        from lmms_prune.selection.budget import depth_scaled_layers
+
+        layers = depth_scaled_layers(depth, SELECTORS[self.selector].layer_fractions)
+    pre = dataclasses.replace(self, llm_selector="none", prune_layers=None, stage_ratio=None)
+    llm = dataclasses.replace(self, stage="llm", selector=self.llm_selector, score=self.llm_score,
+                              llm_selector="none", keep_ratio=None, keep_tokens=None, prune_layers=layers,
+                              prune_layer=None)
+    return pre, llm
+
+
 def _needs(self):
     """The signals this config's score and selector read (:class:`lmms_prune.methods.base.Needs`)."""
     score = SCORES[self.score].needs(self)
@@ -143,6 +179,8 @@ PruneConfig = dataclasses.make_dataclass(
         "__doc__": "Everything that defines one pruning run. Field help texts are printed by ``lmms-prune "
                    "methods``; fields come from lmms_prune.presets.COMMON_PARAMS and each method module.",
         "effective_score_layer": property(_effective_score_layer),
+        "composed": property(_composed),
+        "split_stages": _split_stages,
         "multi_stage": property(_multi_stage),
         "stage_layers": _stage_layers,
         "stage_configs": _stage_configs,
@@ -166,6 +204,8 @@ def used_params(cfg: Any) -> set[str]:
         used |= set(SCORES[cfg.score].used_params(cfg))
         if cfg.selector in SELECTORS:
             used |= set(SELECTORS[cfg.selector].used_params(cfg))
+    if cfg.composed:
+        used |= set(COMPOSED_PARAMS) | (used_params(cfg.split_stages()[1]) - {"selector", "score"})
     return used
 
 
@@ -221,6 +261,8 @@ def validate(cfg: Any) -> Any:
                          "tokens of query='last'; drop query_rows")
     if cfg.stage == "none":
         return cfg
+    if cfg.composed:
+        _validate_composed(cfg)
     score, selector = SCORES[cfg.score], SELECTORS.get(cfg.selector)
     if selector is None:
         raise ValueError(f"method {cfg.method!r}: stage={cfg.stage!r} needs a selector, one of {', '.join(SELECTORS)}")
@@ -237,6 +279,9 @@ def validate(cfg: Any) -> Any:
                     f"(prune_layers={cfg.prune_layers!r}): its later stages see a subset of each image's tokens; "
                     "use one of the scores/selectors that work on subsets (" + ", ".join(
                         n for n, p in {**SCORES, **SELECTORS}.items() if p.subsets) + ") or drop prune_layers")
+    if cfg.stage == "pre_llm" and selector.merges and cfg.positions != "contiguous":
+        raise ValueError(f"positions={cfg.positions!r}: {cfg.method}'s merged tokens have no original position; "
+                         "use positions='contiguous'")
     if cfg.stage == "llm" and not cfg.multi_stage and cfg.positions == "contiguous":
         raise ValueError(f"positions={cfg.positions!r} with single-stage pruning inside the LLM: the kept tokens "
                          "keep their original position IDs there (FastV's code, GAP's rule); use positions='gap' "
@@ -254,6 +299,22 @@ def validate(cfg: Any) -> Any:
     score.check(cfg)
     selector.check(cfg)
     return cfg
+
+
+def _validate_composed(cfg: Any) -> None:
+    """A pre-LLM stage followed by an LLM stage: the LLM stage is a multi-stage config of its own (one or more
+    layers, ``stage_ratio`` of the tokens present), validated as such; its plug-ins see a subset of each image."""
+    if cfg.prune_layers is None or cfg.stage_ratio is None:
+        raise ValueError(f"llm_selector={cfg.llm_selector!r}, prune_layers={cfg.prune_layers!r}, stage_ratio="
+                         f"{cfg.stage_ratio!r}: an LLM stage after the pre-LLM stage needs its layers (prune_layers, "
+                         "e.g. 'auto' or 16) and the fraction it keeps of the tokens present (stage_ratio, e.g. 0.333)")
+    if cfg.prune_layer is not None:
+        raise ValueError(f"prune_layer={cfg.prune_layer!r}: the LLM stage after a pre-LLM stage takes prune_layers")
+    try:
+        validate(cfg.split_stages()[1])
+    except ValueError as err:
+        raise ValueError(f"llm_selector={cfg.llm_selector!r}, llm_score={cfg.llm_score!r}: the LLM stage after the "
+                         f"pre-LLM stage is refused: {err}") from None
 
 
 _EMPTY_FIX = {
@@ -287,7 +348,8 @@ def resolve_config(method: str = "fastv", **overrides: Any) -> Any:
         values["keep_ratio"] = None
     if "prune_layers" in overrides and "prune_layer" not in overrides:
         values["prune_layer"] = None  # several stages replace the preset's single layer
-    if values.get("prune_layers") is not None:  # multi-stage: the budget is keep_* or stage_ratio, the last given
+    if values.get("prune_layers") is not None and values.get("stage") == "llm":
+        # multi-stage: the budget is keep_* or stage_ratio, the last given (a composed pre-LLM method has both)
         budget_given = "keep_ratio" in overrides or "keep_tokens" in overrides
         if "stage_ratio" in overrides and not budget_given:
             values["keep_ratio"] = values["keep_tokens"] = None
@@ -315,6 +377,9 @@ def check_model(cfg: Any, config: Any) -> None:
     """Checks that need the model's shape, from its transformers config only (no weights)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     depth = int(text.num_hidden_layers)
+    if cfg.composed:
+        check_model(cfg.split_stages(depth)[1], config)
+        return
     if cfg.multi_stage:
         layers = cfg.stage_layers(depth)
         if layers[-1] >= depth:

@@ -22,7 +22,7 @@ CI_FAMILY = dict.fromkeys(VIDEO_PRESETS, "qwen2_5_vl")  # every other preset: in
 # n/a in CI's family, for the reason given (every other cell must pass)
 EXPECTED_NA = {(p, "video prune = mask"): "no video" for p in PRESETS if p not in VIDEO_PRESETS} | {
     (p, c): "stage none" for p in ("none", "downsample") for c in ("cache = recompute", "budget 1", "budget N")} | {
-    (p, "cache = recompute"): "multi-stage" for p in ("pyramiddrop", "sparsevlm", "feather")} | {
+    (p, "cache = recompute"): "multi-stage" for p in ("pyramiddrop", "sparsevlm", "feather", "vscan")} | {
     (p, c): "merged tokens" for p in ("visionzip", "prumerge_plus", "mustdrop", "holitom")
     for c in ("prune = mask", "cache = recompute")} | {
     ("holitom", "video prune = mask"): "merged tokens"} | {

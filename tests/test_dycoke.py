@@ -172,7 +172,8 @@ def _stage2(model, inputs, mode, video_frames=None, **params):
         handle.video_frames = video_frames
         tokens, steps = _generate(model, inputs)
         history = [keep.clone() for keep in handle.decode.history] if handle.decode is not None else []
-        return tokens, steps, history, handle.records[0], handle.short_visual
+        columns = [[(span, span.visual_positions) for span in rec.spans_after] for rec in handle.records]
+        return tokens, steps, history, handle.records[0], columns
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])

@@ -62,3 +62,20 @@ def test_mustdrop_runs_through_lmms_eval(tmp_path, model, toy, args):
     samples = run.efficiency["samples"]
     assert len(samples) == 2 and all(0.25 * s["visual_before"] - 1 <= s["visual_after"] < s["visual_before"]
                                      for s in samples)
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize(("model", "toy", "args"), [("internvl_vscan", "internvl3", "max_num=2"),
+                                                    ("qwen2_5_vl_vscan", "qwen2_5_vl", "positions=original")])
+def test_vscan_runs_through_lmms_eval(tmp_path, model, toy, args):
+    """The preset as released: round(0.167 N) tokens enter the LLM (scans + merge), int(0.333 of them) stay from
+    the middle layer, whose cache is that much shorter (the arithmetic is proven in tests/test_vscan.py)."""
+    run = run_lmms_eval(tmp_path, model, f"pretrained={tiny_model_dir(toy)},{args}", limit=2)
+    assert "pope_accuracy,none" in run.metrics["pope_tiny"]
+    samples = run.efficiency["samples"]
+    assert len(samples) == 2
+    for s in samples:
+        entered = max(1, round(0.167 * s["visual_before"]))
+        assert s["visual_after"] == max(1, int(0.333 * entered))
+        per_layer = s["tokens_per_layer"]
+        assert per_layer[0] - per_layer[-1] == entered - s["visual_after"] > 0

@@ -58,7 +58,7 @@ def test_every_preset_generates(toys, priors, family, method):
     # visual tokens: the placeholders minus structural ones (LLaVA-NeXT's row newlines, never pruned or counted)
     n_visual = sum(s.num_visual for s in get_adapter(model).spans(inputs["input_ids"], inputs)[0])
     params = _params(method, family, priors, n_visual)
-    if method in ("visionzip", "prumerge_plus", "mustdrop", "holitom") and family == "qwen3_vl":  # merged tokens have no DeepStack features
+    if method in ("visionzip", "prumerge_plus", "mustdrop", "vscan", "holitom") and family == "qwen3_vl":  # merged tokens have no DeepStack features
         with pytest.raises(ValueError, match="merges tokens.*qwen3_vl.*DeepStack"):
             lmms_prune.apply(model, method, **params)
         return
@@ -89,6 +89,11 @@ def test_every_preset_generates(toys, priors, family, method):
     if method == "feather":  # stage 2 keeps int(0.09 M) of stage 1's M = int(0.3 N) + uniform grid survivors
         assert sum(first) >= max(1, int(0.3 * n_visual))
         assert record.visual_after == sum(max(1, int(m * 0.3**2)) for m in first)
+        assert record.seq_len_after == record.seq_len_before - n_visual + record.visual_after
+        return
+    if method == "vscan":  # int(0.333 M) at the middle layer of the M = round(0.167 N) its vision stage kept
+        assert record.visual_after == sum(max(1, int(0.333 * max(1, round(0.167 * s.num_visual))))
+                                          for s in record.spans)
         assert record.seq_len_after == record.seq_len_before - n_visual + record.visual_after
         return
     # pyramiddrop: stage_ratio 0.5 at 3 stages keeps int(0.125 N) of the tokens after its last stage (authors' int)

@@ -125,10 +125,11 @@ class PruneHandle:
         self._task_kind: str | None = None
         self.image_padding: list[list[torch.Tensor | None]] | None = None
         self.video_frames: list[list[int | None]] | None = None
-        # pre-LLM: per sample of the last shortened prompt, (span, its visual tokens' columns there)
-        self.short_visual: list[list[tuple[ImageSpan, torch.Tensor]]] | None = None
         self.decode: DecodeColumns | None = None
         self.records: list[PruneRecord] = []
+        # where the images are in a prefill's input_ids ([B, T] -> spans per sample), when not the family's own
+        # layout: an LLM stage composed after a pre-LLM stage (engine/compose.py) sees the shortened prompt
+        self.span_source: Any = None
         self._hooks: list[Any] = []
         self._observed: list[nn.Module] = []
         self._old_attn: str | None = None
@@ -351,7 +352,8 @@ class PruneHandle:
                 raise ValueError("lmms_prune needs input_ids (not inputs_embeds) to locate the image tokens")
             self._state = CallState(phase="prefill")
             return None
-        spans = self.adapter.join_videos(self.adapter.spans(input_ids, kwargs), self.video_frames)
+        spans = (self.span_source(input_ids) if self.span_source is not None
+                 else self.adapter.join_videos(self.adapter.spans(input_ids, kwargs), self.video_frames))
         lengths = mask2d.sum(-1).tolist() if mask2d is not None else [input_ids.shape[1]] * input_ids.shape[0]
         self._state = CallState(phase="prefill", spans=spans, seq_len=input_ids.shape[1],
                                 lengths=[int(x) for x in lengths], padding=mask2d,
@@ -387,7 +389,9 @@ class PruneHandle:
             self._state.phase = "decode"
             return None
         if not _has_pixels(kwargs):
-            if self._state.phase == "pre_llm":
+            # inside generate (phase pre_llm), or generate without a cache recomputing the whole shortened prompt
+            # with its pre-encoded images: the records of the shrink stand
+            if self._state.phase == "pre_llm" or (kwargs.get("mm_encoder_outputs") and self.records):
                 self._state.phase = "prefill"
             else:  # a prompt without images: nothing to prune, nothing to record
                 self._state = CallState(phase="prefill")
@@ -920,11 +924,16 @@ class PruneHandle:
         return out
 
 
-def apply(model: nn.Module, method: str = "fastv", *, mode: str = "prune", **params: Any) -> PruneHandle:
+def apply(model: nn.Module, method: str = "fastv", *, mode: str = "prune", **params: Any) -> Any:
     """Patch ``model`` in place so that it prunes visual tokens as ``method`` says; returns the handle.
 
     ``params`` override the preset's parameters (see ``lmms-prune methods``), e.g.
-    ``apply(model, "fastv", keep_ratio=0.1, prune_layer=2)``.
+    ``apply(model, "fastv", keep_ratio=0.1, prune_layer=2)``. A pre-LLM method with an LLM stage
+    (``llm_selector``) returns a :class:`lmms_prune.engine.compose.ComposedHandle` (the same interface).
     """
     config = params.pop("config", None) or resolve_config(method, **params)
+    if config.composed:
+        from lmms_prune.engine.compose import ComposedHandle
+
+        return ComposedHandle(model, config, mode=mode)
     return PruneHandle(model, config, mode=mode)

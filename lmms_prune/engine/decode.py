@@ -3,8 +3,8 @@ pruning, its stage 2; names no method).
 
 A selector that declares :meth:`~lmms_prune.methods.base.Selector.decode_layer` ``L`` gets, at every decode
 step of a call, the current token's attention row of layer ``L - 1`` (heads averaged, over the whole cache)
-restricted to each visual span's columns of the (pre-LLM shortened) prompt, with the previous step's row of that
-span; it answers the span's kept columns (:meth:`~lmms_prune.methods.base.Selector.decode_keep`) or None (all).
+restricted to each visual span's columns of the (pre-LLM shortened) prompt (``PruneRecord.spans_after``), with
+the previous step's row of that span; it answers the span's kept columns (:meth:`~lmms_prune.methods.base.Selector.decode_keep`) or None (all).
 Layers ``L..`` then attend, at that step, to the kept visual columns and every other column (text, generated
 tokens, the current one). The cache itself is never shrunk: a column dropped at one step can return at the next.
 
@@ -86,7 +86,8 @@ class DecodeColumns:
         self.keep = None
         if st.phase != "decode":
             return
-        columns = self.handle.short_visual or []
+        # per sample, each image's tokens in the prompt the LLM saw (PruneRecord.spans_after, left padding included)
+        columns = [[(span, span.visual_positions) for span in rec.spans_after] for rec in self.handle.records]
         row = attn.attention_rows(query, key, attention_mask, scaling)[:, -1]  # [B, S] the current token's row
         if len(columns) != row.shape[0]:
             raise ValueError(f"decode-time selection: {row.shape[0]} sequences at decode for {len(columns)} prompts "

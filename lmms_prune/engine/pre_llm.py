@@ -22,11 +22,19 @@ refused); merged tokens have no original position, so
 positions are renumbered (``positions="contiguous"``, the only setting merging selectors accept): the short
 prompt is numbered 0..T'-1 exactly as for pruning (1-D RoPE; Qwen's M-RoPE recomputes its grid positions
 from the shortened prompt as for any pre-LLM selection). ``PruneRecord.kept`` lists the kept original tokens,
-``PruneRecord.merged`` the number of merged tokens per image; ``visual_after`` counts both.
+``PruneRecord.merged`` the number of merged tokens per image; ``visual_after`` counts both. A ``Merge`` with
+``slots`` (VScan, FastVID) puts each merged token in its slot's place instead: the image keeps the slots (and its plain
+kept tokens) as a pruning selection would, so any ``positions`` rule and structural tokens work, and the slots
+count as kept tokens.
+
+Each record also says where each image's kept tokens are in the shortened prompt (``spans_after``) and which
+original token each is (``sources``): an LLM stage composed after this one reads them
+(:mod:`lmms_prune.engine.compose`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +44,7 @@ from torch import nn
 from lmms_prune import selection as sel
 from lmms_prune.engine import attention as attn
 from lmms_prune.engine.state import PruneRecord, sync
+from lmms_prune.families.base import ImageSpan
 from lmms_prune.methods.base import ImageSignals
 
 if TYPE_CHECKING:
@@ -43,14 +52,16 @@ if TYPE_CHECKING:
 
 
 class VisionCapture:
-    """Observe the vision encoder's attention at the feature layer and the projector's input.
+    """Observe the vision encoder's attention at the feature layer (or at ``module``, another vision attention
+    module: ``Needs.vision_attention_early``) and the projector's input.
 
     With a [CLS] token, the attention signal is the [CLS] query row ``[B, H, T]`` of each call; without one
     (``adapter.has_cls`` False), each image's mean received attention ``[P]`` (:func:`attn.received_attention`),
     split at the varlen boundaries ``cu_seqlens`` the layer is called with, so images never mix.
     """
 
-    def __init__(self, handle: PruneHandle, need_cls: bool, need_keys: bool = False, need_cls_token: bool = False):
+    def __init__(self, handle: PruneHandle, need_cls: bool, need_keys: bool = False, need_cls_token: bool = False,
+                 module: nn.Module | None = None):
         self.handle = handle
         self.cls_rows: list[torch.Tensor] = []
         self.keys: list[torch.Tensor] = []  # per call: [B, S, d] keys at the feature layer, heads averaged
@@ -73,7 +84,7 @@ class VisionCapture:
         if need_cls_token and adapter.has_cls:
             self._hooks.append(_feature_layer(adapter).register_forward_hook(self._grab_states))
         if need_cls or need_keys:
-            self._module = adapter.vision_feature_attention()
+            self._module = adapter.vision_feature_attention() if module is None else module
             vcfg = adapter.vision_config
             self._old = vcfg._attn_implementation
             vcfg._attn_implementation = attn.wrapped_name(attn.base_name(self._old))
@@ -139,16 +150,25 @@ def _encode(handle: PruneHandle, kwargs: dict[str, Any]) -> dict[str, dict[str, 
             signal_kwargs = adapter.video_signal_kwargs(kwargs)  # fails early where the family has none
         capture = VisionCapture(handle, need_cls=needs.vision_attention, need_keys=needs.vision_keys,
                                 need_cls_token=needs.vision_cls)
+        early_module = adapter.early_vision_attention() if needs.vision_attention_early else None
+        # one observer per module: where the early layer is the feature layer, its signal is the feature layer's
+        same = early_module is not None and needs.vision_attention and early_module is capture._module
+        early = (VisionCapture(handle, need_cls=True, module=early_module)
+                 if early_module is not None and not same else None)
         try:
             with torch.no_grad():
                 encoded = adapter.encode_images(kwargs) if modality == "image" else adapter.encode_videos(kwargs)
         finally:
+            if early is not None:
+                early.close()
             capture.close()
         out[modality] = {
             "encoded": encoded,
             "projected": adapter.flatten_image_features(encoded.pooler_output),
             "importance": adapter.vision_importance(capture.cls_rows, signal_kwargs) if needs.vision_attention
             else None,
+            "early": adapter.vision_importance((capture if same else early).cls_rows, signal_kwargs)
+            if early_module is not None else None,
             "features": adapter.flatten_pre_projector(capture.pre_projector, signal_kwargs) if needs.vision_features
             else None,
         }
@@ -208,11 +228,9 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
     # 'original' / 'gap': GAP's rule, each kept token keeps its position ID in the unpruned prompt
     original_positions = (adapter.original_positions(input_ids, mask2d, kwargs) if cfg.positions != "contiguous"
                           else None)
-    visual: list[list[tuple[Any, torch.Tensor]]] = []  # per sample: (span, original positions of its visual tokens)
     for b, sample_spans in enumerate(spans):
         keep = mask2d[b].new_ones(input_ids.shape[1], dtype=torch.bool)
-        visual.append([])
-        kept_per_image, merged = [], []
+        kept_per_image, merged, sources = [], [], []
         n_vis = sum(s.num_visual for s in sample_spans)
         sample_offset = 0
         for span in sample_spans:
@@ -221,7 +239,7 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
                 raise ValueError(f"{adapter.name}: {m} tokens at {span.start} but the call has no "
                                  f"{dict(MODALITIES)[m]}")
             enc = modal[m]
-            projected, importance, features = enc["projected"], enc["importance"], enc["features"]
+            projected, importance, features, early = enc["projected"], enc["importance"], enc["features"], enc["early"]
             # rows of the modality's encoder outputs (one per span token with a row: structural newlines have
             # one, Qwen3-VL's timestamps between video frames none) of the visual tokens
             span_rows = adapter.encoder_rows(span)
@@ -230,6 +248,7 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
             image = ImageSignals(sample=b, span=span, offset=sample_offset, sample_visual=n_vis,
                                  task_kind=handle.task_kind, device=projected.device,
                                  vision_attention=None if importance is None else importance[rows],
+                                 vision_attention_early=None if early is None else early[rows],
                                  vision_features=None if features is None else features[rows],
                                  vision_keys=None if enc["keys"] is None else enc["keys"][rows],
                                  vision_cls=None if enc["cls"] is None else enc["cls"][images[m]],
@@ -239,7 +258,7 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
             n = sel.budget(span.num_visual, keep_ratio=cfg.keep_ratio, keep_tokens=cfg.keep_tokens)
             result = handle.selector(image, handle.score(image), n)
             keep[span.start: span.start + span.length] = False
-            if isinstance(result, sel.Merge):
+            if isinstance(result, sel.Merge) and result.slots is None:
                 if cfg.positions != "contiguous":
                     raise ValueError(f"method {cfg.method!r} merges tokens, which have no original position: "
                                      "use positions='contiguous'")
@@ -251,24 +270,33 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
                                      "method that keeps a subset")
                 local = result.index.to(input_ids.device)
                 # identical placeholders, renumbered: the merged sequence, then the span's trailing structural
-                # tokens (LLaVA-OneVision's newline after a video) with their own encoder rows
-                keep[span.start: span.start + result.count + tail.numel()] = True
+                # tokens (LLaVA-OneVision's newline after a video) in their own places, with their encoder rows
+                keep[span.start: span.start + result.count] = True
+                keep[span.start + torch.tensor(span.structural, dtype=torch.long, device=keep.device)] = True
                 kept_feats[m].append(torch.cat([sel.merged_embeddings(projected[rows], result),
                                                 projected[(offset + tail).to(projected.device)]]))
                 kept_rows[m].append(None)  # new embeddings: no encoder row of their own
                 merged.append(result.added)
-                visual[b].append((span, span.start + torch.arange(result.count)))
+                prefix, own = 0 if result.prefix is None else result.prefix.shape[0], local.cpu()
+                sources.append(torch.cat([own.new_full((prefix,), -1), own, own.new_full((result.weights.shape[0],), -1)]))
             else:
-                local = result.cpu()
+                # a Merge with slots: each merged token in its slot's place (as a kept token of that position)
+                slotted = isinstance(result, sel.Merge)
+                if slotted:
+                    _check_slots(result)
+                local = torch.cat([result.index, result.slots]).sort()[0].cpu() if slotted else result.cpu()
                 # structural tokens (row newlines, timestamps) always stay, with their own encoder rows if any
                 in_span = torch.cat([torch.tensor(span.structural, dtype=torch.long), span.visual_index[local]]).sort()[0]
                 keep[(span.start + in_span).to(keep.device)] = True
                 in_rows = span_rows[in_span]
                 index = (offset + in_rows[in_rows >= 0]).to(projected.device)
-                kept_feats[m].append(projected[index])
-                kept_rows[m].append(index)
+                feats = projected[index]
+                if slotted:
+                    feats = _place_slots(feats, index, rows, projected[rows], result)
+                kept_feats[m].append(feats)
+                kept_rows[m].append(None if slotted else index)
                 merged.append(0)
-                visual[b].append((span, span.start + span.visual_index[local]))
+                sources.append(local)
             kept_per_image.append(local.cpu())
             offsets[m] += int((span_rows >= 0).sum())
             images[m] += 1
@@ -283,7 +311,8 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
         n_kept = sum(k.numel() for k in kept_per_image) + sum(merged)
         full = int(real.sum())
         records.append(PruneRecord(n_vis, n_kept, kept_per_image, full, full - n_vis + n_kept, [],
-                                   spans=list(sample_spans), merged=merged))
+                                   spans=list(sample_spans), merged=merged,
+                                   spans_after=_shrunk_spans(sample_spans, keep), sources=sources))
     for enc in modal.values():
         sync(enc["projected"])
     seconds = time.perf_counter() - t0
@@ -294,7 +323,9 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
     dropped = set(adapter.image_input_keys) | set(adapter.video_input_keys)
     out = {k: v for k, v in kwargs.items() if k not in dropped}
     out["input_ids"] = _left_pad(new_ids, adapter.pad_token_id())
-    handle.short_visual = _short_columns(visual, keeps, out["input_ids"].shape[1])
+    for rec, ids in zip(records, new_ids):  # the spans of the left-padded shortened prompt
+        pad = out["input_ids"].shape[1] - ids.shape[0]
+        rec.spans_after = [dataclasses.replace(s, start=s.start + pad) for s in rec.spans_after]
     out["attention_mask"] = _left_pad(new_mask, 0)
     for key, value in kwargs.items():  # other per-token inputs (e.g. Qwen's mm_token_type_ids) follow the ids
         if (key not in ("input_ids", "attention_mask") and isinstance(value, torch.Tensor)
@@ -321,19 +352,16 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
     return out, records
 
 
-def _short_columns(visual: list[list[tuple[Any, torch.Tensor]]], keeps: list[torch.Tensor],
-                   width: int) -> list[list[tuple[Any, torch.Tensor]]]:
-    """Per sample, per span: the columns of its visual tokens in the shortened, left-padded prompt (original
-    positions ``visual`` among the kept ones ``keeps[b]``, bool ``[T]``)."""
-    out = []
-    for spans, keep in zip(visual, keeps):
-        keep = keep.cpu()
-        slot = torch.cumsum(keep.long(), 0) - 1 + (width - int(keep.sum()))
-        out.append([(span, slot[positions]) for span, positions in spans])
-    return out
+def _check_slots(merge: sel.Merge) -> None:
+    """A slotted pre-LLM merge names one distinct slot per merged token, none of them also kept as itself."""
+    slots, index = merge.slots.cpu(), merge.index.cpu()
+    if (slots.numel() != merge.weights.shape[0] or bool(torch.isin(slots, index).any())
+            or slots.unique().numel() != slots.numel()):
+        raise ValueError(f"Merge.slots={slots.tolist()}: need one distinct slot per merged token, none of them kept "
+                         "(Merge.index), to place the merged tokens")
 
 
-def _trailing_structural(span: Any, span_rows: torch.Tensor) -> torch.Tensor | None:
+def _trailing_structural(span: ImageSpan, span_rows: torch.Tensor) -> torch.Tensor | None:
     """The encoder rows (counted from the span's first) of a span's structural tokens where they all come after
     its visual tokens and each has a row (LLaVA-OneVision's newline after a video): a merged sequence can end with
     them. Empty where there are none; None where they sit among the visual tokens (row newlines, timestamps)."""
@@ -342,6 +370,31 @@ def _trailing_structural(span: Any, span_rows: torch.Tensor) -> torch.Tensor | N
                          or bool((span_rows[tail] < 0).any())):
         return None
     return span_rows[tail]
+
+
+def _place_slots(feats: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, image: torch.Tensor,
+                 merge: sel.Merge) -> torch.Tensor:
+    """The kept rows ``feats`` (``projected[index]``, span order) with each of ``merge``'s slots holding its merged
+    token (``merge.weights @ image``, ``image`` = the image's visual rows ``rows``, computed in float32)."""
+    values = (merge.weights.to(image.device, torch.float32) @ image.float()).to(feats.dtype)
+    at = torch.searchsorted(index, rows[merge.slots.to(rows.device)])  # encoder rows ascend along the span
+    out = feats.clone()
+    out[at] = values
+    return out
+
+
+def _shrunk_spans(spans: list[ImageSpan], keep: torch.Tensor) -> list[ImageSpan]:
+    """The sample's image spans in its shortened prompt (unpadded positions; ``keep`` [T] marks the positions of
+    the full prompt that stay): each image's kept tokens as one ``1 x n`` row (a kept subset is no grid), its
+    structural tokens at their new places. An LLM stage after the pre-LLM stage sees these spans."""
+    out = []
+    for span in spans:
+        inside = keep[span.start: span.start + span.length].cpu()
+        structural = tuple(int(inside[:i].sum()) for i in span.structural)
+        length = int(inside.sum())
+        out.append(ImageSpan(int(keep[:span.start].sum()), length, [(1, length - len(structural))], structural,
+                             video=span.video))
+    return out
 
 
 def _instruction(handle: PruneHandle, input_ids: torch.Tensor, mask2d: torch.Tensor, b: int, span: Any,

@@ -28,6 +28,12 @@ class PruneRecord:
     # merging: per image, merged tokens (pre-LLM: added after the kept ones; inside the LLM: recycled tokens
     # present after the last stage, counted in visual_after and listed in kept at their slots)
     merged: list[int] = field(default_factory=list)
+    # pre-LLM: the images' spans in the shortened (left-padded) prompt the LLM receives, each a 1 x n row of its
+    # kept tokens; an LLM stage composed after the pre-LLM stage locates the images by them
+    spans_after: list[ImageSpan] = field(default_factory=list)
+    # pre-LLM: per image, for each visual token of its shortened span, the original token it is (its index among
+    # the image's visual tokens; a slot's merged token counts as its slot) or -1 for a new (merged) token
+    sources: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def visual_before_papers(self) -> int:

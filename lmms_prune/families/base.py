@@ -407,6 +407,13 @@ class Family:
         hidden_index = fl if fl >= 0 else len(layers) + 1 + fl  # hidden_states[0] is the embedding output
         return self._attention_of(layers[hidden_index - 1])
 
+    def early_vision_attention(self) -> nn.Module:
+        """The attention module of the vision tower's early layer ``max(0, L // 4 - 1)`` (the last of its first
+        quarter; CLIP-L/14's 24 layers: layer 5, whose [CLS] row VScan's LLaVA code reads as ``attentions[5]``),
+        for methods that read the tower's shallow view of the image (``Needs.vision_attention_early``)."""
+        layers = self.vision_layers()
+        return self._attention_of(layers[max(0, len(layers) // 4 - 1)])
+
     @staticmethod
     def _attention_of(layer: nn.Module) -> nn.Module:
         return getattr(layer, "self_attn", None) or layer.attention

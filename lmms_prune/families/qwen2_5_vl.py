@@ -326,6 +326,15 @@ class Qwen25VL(Family):
         full = getattr(self.vision_config, "fullatt_block_indexes", None)
         return blocks[full[-1] if full else len(blocks) - 1].attn
 
+    def early_vision_attention(self):
+        """The first full-attention block at or after the tower's layer ``L // 4 - 1`` (Qwen2.5-VL-7B: block 7 of
+        32, ``fullatt_block_indexes[0]``, VScan's Qwen code's local layer): a windowed block sees one window, not
+        the image. Towers without windows (Qwen2-VL, Qwen3-VL): block ``L // 4 - 1``."""
+        blocks = self.vision_layers()
+        early = max(0, len(blocks) // 4 - 1)
+        full = getattr(self.vision_config, "fullatt_block_indexes", None)
+        return blocks[next((i for i in full if i >= early), full[-1]) if full else early].attn
+
     def _merged_order(self, kwargs: dict[str, Any]) -> torch.Tensor | None:
         """Position in the prompt's token order of each merged unit the tower processes, or None when the
         tower keeps the processor's order. Qwen2.5-VL permutes the merge units into attention windows before

@@ -51,6 +51,7 @@ MODULES: tuple[str, ...] = (
     "lmms_prune.methods.evs",
     "lmms_prune.methods.feather",
     "lmms_prune.methods.mustdrop",
+    "lmms_prune.methods.vscan",
     "lmms_prune.methods.dycoke",
     "lmms_prune.methods.holitom",
 )

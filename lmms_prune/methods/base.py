@@ -201,6 +201,8 @@ class Needs:
     input), ``final_norm`` (the same through the LM's final norm), ``text`` (the same signals for the text
     tokens after the image), ``prior`` (a calibrated prior file). Before the LLM: ``vision_attention`` (the
     vision encoder's [CLS] row at the feature layer, or its mean received attention without [CLS]),
+    ``vision_attention_early`` (the same signal at an early vision layer,
+    :meth:`lmms_prune.families.base.Family.early_vision_attention`: VScan's local scan),
     ``vision_features`` (pre-projector features), ``vision_keys`` (the vision encoder's keys at the feature layer,
     heads averaged, where its patches map one-to-one onto the LLM's visual tokens; else absent), ``vision_cls``
     (each image's [CLS] token at the feature layer through the family's projector, under the same condition and
@@ -221,6 +223,7 @@ class Needs:
     text: bool = False
     prior: bool = False
     vision_attention: bool = False
+    vision_attention_early: bool = False
     vision_features: bool = False
     vision_keys: bool = False
     vision_cls: bool = False
@@ -270,6 +273,7 @@ class ImageSignals:
     text_hidden: torch.Tensor | None = None
     text_final_norm: torch.Tensor | None = None
     vision_attention: torch.Tensor | None = None
+    vision_attention_early: torch.Tensor | None = None  # [N] (Needs.vision_attention_early)
     vision_features: torch.Tensor | None = None
     vision_keys: torch.Tensor | None = None  # [N, d] (Needs.vision_keys), None where the family has no such map
     vision_cls: torch.Tensor | None = None  # [D] projected [CLS] (Needs.vision_cls), None where not defined

@@ -42,12 +42,6 @@ class MustDrop(Selector):
     def needs(cls, config):
         return Needs(vision_features=True)
 
-    @classmethod
-    def check(cls, config):
-        if config.positions != "contiguous":
-            raise ValueError(f"positions={config.positions!r}: mustdrop's merged tokens have no original "
-                             "position; use positions='contiguous'")
-
     def __call__(self, image, scores, n):
         side = self.config.mustdrop_window
         return sel.mustdrop_merge(image.vision_features, image.span.grids, n, window=(side, side),

@@ -50,12 +50,6 @@ class PruMergePlus(Selector):
     def needs(cls, config):
         return Needs(vision_features=True)
 
-    @classmethod
-    def check(cls, config):
-        if config.positions != "contiguous":
-            raise ValueError(f"positions={config.positions!r}: prumerge_plus's merged tokens have no original "
-                             "position; use positions='contiguous'")
-
     def __call__(self, image, scores, n):
         fixed = self.config.prumerge_budget == "fixed"
         return sel.prumerge_plus(scores, image.vision_features, n if fixed else None,

@@ -68,12 +68,6 @@ class VisionZip(Selector):
     def needs(cls, config):
         return Needs(vision_features=True, vision_keys=config.features == "keys", vision_cls=config.cls_dominant)
 
-    @classmethod
-    def check(cls, config):
-        if config.positions != "contiguous":
-            raise ValueError(f"positions={config.positions!r}: visionzip's merged tokens have no original "
-                             "position; use positions='contiguous'")
-
     def __call__(self, image, scores, n):
         keys = self.config.features == "keys" and image.vision_keys is not None
         features = image.vision_keys if keys else image.vision_features

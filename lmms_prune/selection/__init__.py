@@ -41,6 +41,7 @@ from lmms_prune.selection.temporal import (
 )
 from lmms_prune.selection.topk import topk, topk_union
 from lmms_prune.selection.vispruner import remove_duplicates, vispruner
+from lmms_prune.selection.vscan import global_scan, local_scan, nearest_merge, vscan_select, window_ids
 
 __all__ = [
     "dycoke_decode_keep",
@@ -66,15 +67,18 @@ __all__ = [
     "evs_select",
     "frame_layout",
     "fused_graph",
+    "global_scan",
     "gap_positions",
     "grid_adjacency",
     "grid_neighbour_pairs",
     "instruction_relevance",
     "iqr_outlier_ratio",
     "kept_index",
+    "local_scan",
     "group_weights",
     "merged_embeddings",
     "mustdrop_merge",
+    "nearest_merge",
     "normalized_similarity",
     "pivot_mis",
     "previous_frame_similarity",
@@ -98,4 +102,6 @@ __all__ = [
     "window_similarity",
     "vispruner",
     "visionzip",
+    "vscan_select",
+    "window_ids",
 ]
