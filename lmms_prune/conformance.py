@@ -355,7 +355,11 @@ class Checker:
     def check_prune_equals_mask(self, inputs: Any) -> str:
         cfg = self.cfg
         if cfg.stage == "pre_llm" and not cfg.composed:  # composed: the LLM stage's mask mode on the shrunk inputs
-            if getattr(SELECTORS[cfg.selector], "merges", False):
+            selector = SELECTORS[cfg.selector]
+            if getattr(selector, "merges_in_place", False):
+                raise NotApplicable("pre-LLM merged tokens hold new values at their slots, which the mask-mode "
+                                    "model would see as the originals (the method's own tests prove the slots)")
+            if getattr(selector, "merges", False):
                 raise NotApplicable("pre-LLM merged tokens are new embeddings with no original position: no "
                                     "mask-mode reference")
             pruned = self._run(inputs, positions="original")

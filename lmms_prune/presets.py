@@ -279,7 +279,8 @@ def validate(cfg: Any) -> Any:
                     f"(prune_layers={cfg.prune_layers!r}): its later stages see a subset of each image's tokens; "
                     "use one of the scores/selectors that work on subsets (" + ", ".join(
                         n for n, p in {**SCORES, **SELECTORS}.items() if p.subsets) + ") or drop prune_layers")
-    if cfg.stage == "pre_llm" and selector.merges and cfg.positions != "contiguous":
+    if (cfg.stage == "pre_llm" and selector.merges and not selector.merges_in_place
+            and cfg.positions != "contiguous"):
         raise ValueError(f"positions={cfg.positions!r}: {cfg.method}'s merged tokens have no original position; "
                          "use positions='contiguous'")
     if cfg.stage == "llm" and not cfg.multi_stage and cfg.positions == "contiguous":
@@ -392,6 +393,12 @@ def check_model(cfg: Any, config: Any) -> None:
         for stage in cfg.stage_configs(depth):
             check_model(stage, config)
         return
+    vision = getattr(config, "vision_config", None)
+    if (cfg.stage == "pre_llm" and getattr(SELECTORS.get(cfg.selector), "merges", False)
+            and getattr(vision, "deepstack_visual_indexes", None)):
+        raise ValueError(f"method {cfg.method!r} merges tokens before the LLM, but this {config.model_type} model also "
+                         "adds per-token vision features inside the LLM (DeepStack) that a merged token has none of; "
+                         "use a method that keeps a subset (vispruner, divprune, evs, vidcom2)")
     if cfg.stage == "llm" and not 0 <= cfg.prune_layer < depth:
         raise ValueError(
             f"prune_layer={cfg.prune_layer}: this model has {depth} decoder layers, so it must be in [0, {depth - 1}]")

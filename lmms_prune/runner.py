@@ -46,6 +46,7 @@ from PIL import Image
 
 from lmms_prune.efficiency import DecoderDims, kv_cache_bytes, prefill_flops, warm_samples
 from lmms_prune.families.base import Family, bool_arg, int_arg
+from lmms_prune.methods import SELECTORS
 from lmms_prune.presets import PRESETS, PruneConfig, resolve_config
 from lmms_prune.timing import PhaseClock, ttft_parts
 
@@ -443,6 +444,11 @@ class Runner:
                 f"({', '.join(_family_prefixes())})"
             )
         check_model(self.config, config)
+        selector = SELECTORS.get(self.config.selector)
+        if selector is not None and selector.videos_only and self.family.video_sampling(opts.family) is None:
+            raise ValueError(f"{self.model_id}: method {self.config.method!r} prunes videos only, and the "
+                             f"{self.family.name} family takes no videos, so it would prune nothing; use a video "
+                             "family (qwen2_5_vl, qwen3_vl, llava_onevision, internvl) or an image method")
         if self.config.stage != "none" and self.config.needs().prior and self.config.bias_prior:
             from lmms_prune.engine.prior import load_prior
 

@@ -108,6 +108,27 @@ def test_evs_runs_tinyvideo_through_the_cli_on_qwen_and_onevision(tmp_path):
 
 
 @pytest.mark.cli
+def test_vidcom2_and_fastvid_run_tinyvideo_through_the_cli_on_qwen(tmp_path):
+    """``--model qwen2_5_vl_vidcom2`` (vLLM's exact count: ``int(N * keep_ratio)`` of each clip's tokens) and
+    ``qwen2_5_vl_fastvid`` (at most ``int(P * keep_ratio)`` per merged frame); ``llava_onevision_vidcom2`` and
+    ``llava_onevision_fastvid`` run in tests/test_video_demo.py through the video demo's sweep."""
+    from cli_runs import run_lmms_eval
+
+    frames, per_frame = CLIP_FRAMES // 2, _qwen_tokens() // (CLIP_FRAMES // 2)
+    for model, extra, most in (("qwen2_5_vl_vidcom2", ",vidcom2_count=vllm", int(_qwen_tokens() * 0.5)),
+                               ("qwen2_5_vl_fastvid", "", frames * int(per_frame * 0.5))):
+        run = run_lmms_eval(tmp_path / model, model,
+                            f"pretrained={tiny_model_dir('qwen2_5_vl')},keep_ratio=0.5,{QWEN_PIXELS}{extra}",
+                            tasks="tinyvideo", limit=1)
+        assert 0 <= run.metrics["tinyvideo"]["tinyvideo_perception_score,none"] <= 100
+        assert run.efficiency["model"] == model and run.efficiency["summary"]["samples"] == 1
+        [sample] = run.efficiency["samples"]
+        assert sample["visual_before"] == _qwen_tokens()
+        assert (sample["visual_after"] == most) if model.endswith("vidcom2") else (0 < sample["visual_after"] <= most)
+        assert sample["prefill_flops"] < sample["prefill_flops_unpruned"]
+
+
+@pytest.mark.cli
 def test_dycoke_runs_tinyvideo_through_the_cli_on_qwen_and_onevision(tmp_path):
     """``--model qwen2_5_vl_dycoke`` and ``llava_onevision_dycoke``: each clip keeps DyCoke's TTM count (frames
     4j whole, the others ``int((1 - K) T)`` tokens; ``dycoke_k`` set on the command line), scored by the task."""

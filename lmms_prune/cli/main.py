@@ -15,7 +15,8 @@ import sys
 
 # command name -> (module under lmms_prune.cli, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("demo", "the whole evaluation on CPU with the shipped tiny grounding model (a few minutes)"),
+    "demo": ("demo", "the whole evaluation on CPU with the shipped tiny grounding model (a few minutes); --video: "
+                     "the video methods on the tiny video task"),
     "methods": ("methods", "list the pruning presets with every parameter and default"),
     "data": ("data", "check RefCOCO data: sample counts per split against the official counts"),
     "bench": ("bench", "efficiency benchmark: prefill/TTFT/decode time, FLOPs, KV cache, memory per method"),

@@ -54,6 +54,8 @@ MODULES: tuple[str, ...] = (
     "lmms_prune.methods.vscan",
     "lmms_prune.methods.dycoke",
     "lmms_prune.methods.holitom",
+    "lmms_prune.methods.vidcom2",
+    "lmms_prune.methods.fastvid",
 )
 ENTRY_POINT_GROUP = "lmms_prune.methods"
 ENV_VAR = "LMMS_PRUNE_METHODS"

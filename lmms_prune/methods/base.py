@@ -333,6 +333,9 @@ class Selector(Plugin):
     the ``slots`` its merged tokens take, and may keep a count other than ``n``: SparseVLM's adaptive count)."""
 
     merges: ClassVar[bool] = False
+    # True where a pre-LLM merge names Merge.slots: each merged token takes a removed token's place and original
+    # position (VScan, FastVID), so every positions rule works; else merged tokens follow the kept ones, renumbered
+    merges_in_place: ClassVar[bool] = False
     # True for a method that prunes videos only and leaves every image token (vLLM's EVS): check-method then
     # checks its budget on no image
     videos_only: ClassVar[bool] = False

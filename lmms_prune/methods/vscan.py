@@ -47,6 +47,7 @@ class VScan(Selector):
     """Global + local scans of the vision tower's attention, the other tokens merged into the kept ones in place."""
 
     merges = True
+    merges_in_place = True
 
     name = "vscan"
     params = ("vscan_window",)

@@ -19,6 +19,7 @@ from lmms_prune.selection.dpp import cdpruner, dpp_greedy, instruction_relevance
 from lmms_prune.selection.dycoke import decode_keep as dycoke_decode_keep
 from lmms_prune.selection.dycoke import ttm_count, ttm_references, ttm_select
 from lmms_prune.selection.evs import evs_dissimilarity, evs_retained_count, evs_retention_mask, evs_select
+from lmms_prune.selection.fastvid import anchor_counts, density_scores, dynamic_segments, fastvid
 from lmms_prune.selection.holitom import holitom_merge, static_windows
 from lmms_prune.selection.merge import Merge, group_weights, merged_embeddings, visionzip
 from lmms_prune.selection.mustdrop import mustdrop_merge, window_members, window_similarity
@@ -40,6 +41,7 @@ from lmms_prune.selection.temporal import (
     temporal_select,
 )
 from lmms_prune.selection.topk import topk, topk_union
+from lmms_prune.selection.vidcom2 import frame_budgets, vidcom2_scores, vidcom2_select
 from lmms_prune.selection.vispruner import remove_duplicates, vispruner
 from lmms_prune.selection.vscan import global_scan, local_scan, nearest_merge, vscan_select, window_ids
 
@@ -65,6 +67,10 @@ __all__ = [
     "evs_retained_count",
     "evs_retention_mask",
     "evs_select",
+    "anchor_counts",
+    "density_scores",
+    "dynamic_segments",
+    "fastvid",
     "frame_layout",
     "fused_graph",
     "global_scan",
@@ -98,6 +104,9 @@ __all__ = [
     "topk",
     "topk_union",
     "uniform_select",
+    "frame_budgets",
+    "vidcom2_scores",
+    "vidcom2_select",
     "window_members",
     "window_similarity",
     "vispruner",

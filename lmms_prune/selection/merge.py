@@ -36,7 +36,8 @@ class Merge:
     needs a place in the sequence and the KV cache: ``slots`` ``[m]`` names, for each merged token, one of the
     image's removed tokens (not in ``index``) whose position it takes (its original RoPE position, its cache
     slot); the image's tokens become the ascending union of ``index`` and ``slots``, the slots holding the
-    means. Pre-LLM merges leave ``slots`` None (merged tokens follow the kept ones, renumbered)."""
+    means. Pre-LLM merges leave ``slots`` None (merged tokens follow the kept ones, renumbered) or name them
+    (FastVID's anchors: each merged token at its slot's place and original position)."""
 
     index: Tensor
     weights: Tensor

@@ -1,0 +1,84 @@
+"""``lmms-prune demo --video``: the video methods side by side on the tiny video task, through lmms-eval.
+
+Runs the test task ``tinyvideo`` (VideoMME's schema on eight 8-frame clips, ``tests/tasks/tinyvideo.yaml``: four
+plain and four cluttered, :mod:`lmms_prune.toy.videos`) with ``python -m lmms_eval --model <family>_<method>``
+for ``none``, ``fastv``, ``temporal``, ``evs``, ``vidcom2`` and ``fastvid`` at one keep ratio (a resumable
+:class:`lmms_prune.sweep.Sweep`), on a tiny video model of the family (:func:`lmms_prune.toy.models.tiny_model_dir`),
+and prints one row per method: the task's score, its % of the unpruned run, the visual tokens kept and the
+prefill FLOPs as % of the unpruned prefill.
+
+The tiny video models have random weights (nothing was trained on video), so their answers, and the scores,
+say nothing about the methods' quality: the demo shows the pipeline (each method's kept tokens and FLOPs on a
+real video geometry, through the real harness), not a ranking. The task lives in the repository's ``tests``
+folder: the demo runs from a source checkout.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+VIDEO_METHODS = ("none", "fastv", "temporal", "evs", "vidcom2", "fastvid")
+TASK = "tinyvideo"
+FAMILY_ARGS: dict[str, dict[str, str]] = {
+    # the tests' settings (tests/test_video_cli.py): every frame 112x112, 4 merged frames of 4x4 tokens
+    "qwen2_5_vl": {"min_pixels": "12544", "max_pixels": "12544"},
+    # all 8 frames of a clip, 4x4 pooled tokens each, one newline after the video
+    "llava_onevision": {"max_frames_num": "8"},
+}
+TASKS_DIR = Path(__file__).resolve().parents[1] / "tests" / "tasks"
+
+
+def check_video_demo(family: str, keep: float, methods: tuple[str, ...], tasks_dir: Path = TASKS_DIR) -> None:
+    """Refuse bad settings before any model loads, naming the value and the fix."""
+    from lmms_prune.presets import PRESETS
+
+    if family not in FAMILY_ARGS:
+        raise ValueError(f"--family {family!r}: the video demo runs {', '.join(FAMILY_ARGS)}")
+    if not 0 < keep <= 1:
+        raise ValueError(f"--keep {keep}: must be in (0, 1]")
+    unknown = [m for m in methods if m not in PRESETS]
+    if unknown:
+        raise ValueError(f"--methods {','.join(unknown)}: unknown; see `lmms-prune methods`")
+    if not (tasks_dir / f"{TASK}.yaml").is_file():
+        raise ValueError(f"{tasks_dir / (TASK + '.yaml')} not found: the video demo runs the test task {TASK!r} of a "
+                         "source checkout (git clone the repository and install it with pip install -e .)")
+
+
+def video_table(tables: list[Any], task: str = TASK) -> str:
+    """The demo's table from the report's rows of ``task``."""
+    table = next(t for t in tables if t.family == task)
+    lines = [f"| method | keep | {task} score | % of unpruned | visual tokens kept | prefill FLOPs % |",
+             "|---|---|---|---|---|---|"]
+    for r in table.rows:
+        cells = [r.get(f"{task} %"), r["visual kept"], r.get("FLOPs %")]
+        pct, kept, flops = ("n/a" if v is None else f"{v:.1f}" for v in cells)
+        lines.append(f"| {r['method']} | {r['keep']:g} | {r[task]:.1f} | {pct} | {kept} | {flops} |")
+    return "\n".join(lines)
+
+
+def run_video_demo(out: str | Path = "runs/video_demo", family: str = "llava_onevision", keep: float = 0.25,
+                   methods: tuple[str, ...] = VIDEO_METHODS, launcher: str | None = None,
+                   limit: int | None = None) -> dict[str, Any]:
+    """Run the sweep into ``out`` (``runs/``, ``report/`` and the datasets cache ``hf_datasets/``) and return
+    ``{"table", "report", "model"}``. ``limit``: samples per run (default all eight clips)."""
+    check_video_demo(family, keep, methods)
+    from lmms_prune.report import write_report
+    from lmms_prune.sweep import Sweep, build_cells
+    from lmms_prune.toy.models import tiny_model_dir
+
+    out = Path(out)
+    model_dir = tiny_model_dir(family)
+    cells = build_cells([(family, str(model_dir))], [m for m in methods if m != "none"], [keep],
+                        {"*": FAMILY_ARGS[family]})
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(out / "hf_datasets"))
+    sweep = Sweep(out / "runs", [TASK], launcher=launcher or sys.executable, limit=limit,
+                  include_path=str(TASKS_DIR), env=env)
+    statuses = sweep.run(cells, progress=lambda s: print(f"[video demo] {s}"))
+    failed = {k: v for k, v in statuses.items() if not v.startswith(("done", "skipped"))}
+    if failed:
+        raise RuntimeError("video demo runs failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
+    report = write_report(out / "runs", out / "report")
+    return {"table": video_table(report["tables"]), "report": report, "model": model_dir}
