@@ -159,10 +159,8 @@ def test_bad_input_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="fastvid_dtm_p=0"):
         resolve_config("fastvid", keep_ratio=0.25, fastvid_dtm_p=0)
     with pytest.raises(ValueError, match="Merge.slots"):
-        from lmms_prune.engine.pre_llm import _place_slots
-        from lmms_prune.families.base import ImageSpan
-        _place_slots(ImageSpan(0, 4, [(2, 2)], video=True),
-                     selection.Merge(torch.tensor([0, 1]), torch.zeros(1, 4), slots=torch.tensor([1])))
+        from lmms_prune.engine.pre_llm import _check_slots
+        _check_slots(selection.Merge(torch.tensor([0, 1]), torch.zeros(1, 4), slots=torch.tensor([1])))
 
 
 def test_deepstack_models_are_refused_from_their_config_before_any_weights_load():
