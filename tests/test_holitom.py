@@ -29,7 +29,7 @@ from test_video_engine import _video_inputs, _video_span
 import lmms_prune
 from lmms_prune.families import get_adapter
 from lmms_prune.presets import resolve_config
-from lmms_prune.selection import holitom_merge, merged_embeddings, static_windows
+from lmms_prune.selection import holitom_inner_merge, holitom_merge, merged_embeddings, static_windows
 from lmms_prune.selection.holitom import adjacent_similarity, removed_by_window
 
 toys = test_engine.toys
@@ -248,3 +248,59 @@ def test_onevision_video_reaches_the_llm_as_kept_then_merged_then_its_newline(to
     assert rec.visual_after == expected.count < span.num_visual
     torch.testing.assert_close(seen[0][0, span.start:span.start + len(tokens)], tokens, atol=1e-5, rtol=1e-5)
     assert seen[0].shape[1] == inputs["input_ids"].shape[1] - span.num_visual + expected.count
+
+
+# ------------------------------------------------------------------ the inside-LLM stage (holitom_full)
+def authors_inner(hidden: torch.Tensor, attention: torch.Tensor, r: float) -> dict[int, torch.Tensor]:
+    """The merge of the authors' ``Qwen2Model_holitom.forward`` at layer ``HOLITOM_k`` on one video's hidden
+    states ``[N, D]`` (start index 0), re-created: ``{kept position: its hidden state after the folds}``."""
+    states = hidden.clone()[None]
+    n = attention.numel()
+    top = attention.topk(round(n * (1 - r))).indices
+    others = torch.arange(n)[~torch.isin(torch.arange(n), top)]
+    a, b = states[:, others, :], states[:, top, :]
+    similarity = torch.bmm(a, b.transpose(1, 2)) / (a.norm(dim=-1, keepdim=True) * b.norm(dim=-1, keepdim=True)
+                                                    .transpose(1, 2))
+    best = similarity.max(dim=-1).indices
+    for i, other in enumerate(others.tolist()):
+        target = top[best[0, i]]
+        states[0, target, :] = (states[0, target, :] + states[0, other, :]) / 2
+    return {int(t): states[0, t] for t in top.sort().values}
+
+
+@given(st.integers(1, 40), st.sampled_from([0.0, 0.3, 0.5, 0.9]), st.integers(0, 1000))
+@settings(max_examples=40, deadline=None)
+def test_inner_merge_folds_as_the_recreation_of_the_authors_loop(n, r, seed):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, 6, generator=g, dtype=torch.float64)
+    attention = torch.rand(n, generator=g, dtype=torch.float64)
+    count = round(n * (1 - r))
+    if count == 0:
+        return
+    merge = holitom_inner_merge(attention, hidden, count)
+    theirs = authors_inner(hidden, attention, r)
+    ours = {int(i): hidden[i] for i in merge.index} | {
+        int(s): (w.double() @ hidden) for s, w in zip(merge.slots, merge.weights)}
+    assert sorted(ours) == sorted(theirs) and len(ours) == count
+    for position, value in theirs.items():
+        torch.testing.assert_close(ours[position], value, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+def test_holitom_full_prunes_as_mask_mode_of_its_llm_stage_on_the_shrunk_inputs(toys, family):
+    """Both stages: the LLM stage's folds at layer k equal mask mode (full shortened length, the removed keys
+    masked, the slots holding their folds) at prefill and every decode step; the video keeps round(n / 2) of
+    the n tokens the pre-LLM stage left, the image beside it every token."""
+    from test_engine import _generate, _same_tokens, _steps_close
+
+    model, proc = toys(family)
+    inputs = _video_inputs(proc, with_image=True)
+    runs = {}
+    for mode in ("prune", "mask"):
+        with torch.no_grad(), lmms_prune.apply(model, "holitom_full", keep_ratio=0.5, mode=mode) as handle:
+            runs[mode] = (*_generate(model, inputs), handle.pre.records[0], handle.records[0])
+    tokens, steps, pre, both = runs["prune"]
+    assert _same_tokens(tokens, runs["mask"][0], steps, runs["mask"][1])
+    assert _steps_close(steps, runs["mask"][1], tokens, runs["mask"][0])
+    (image, video) = pre.spans_after
+    assert both.visual_after == image.num_visual + round(video.num_visual * 0.5)

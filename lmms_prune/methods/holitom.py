@@ -46,6 +46,9 @@ class HoliTom(Selector):
     stages = ("pre_llm",)
     merges = True
     videos_only = True  # HoliTom compresses videos; an image keeps every token
+    # holitom_full's inner stage (prune_layers='auto'): k = 18 of Qwen2-7B's 28 layers (the authors' HOLITOM_k in
+    # every script), scaled to the model's depth
+    layer_fractions = (18 / 28,)
 
     @classmethod
     def adaptive_count(cls, config):
@@ -76,10 +79,38 @@ class HoliTom(Selector):
                                  max_window_size=cfg.holitom_max_window)
 
 
-SELECTORS = (HoliTom,)
+class HoliTomInner(Selector):
+    """HoliTom's inside-LLM merge: the most attended video tokens kept, each other one folded into its most
+    similar kept token (hidden states at the stage's layer), the LLM stage of ``holitom_full``."""
+
+    name = "holitom_inner"
+    stages = ("llm",)
+    subsets = True  # it sees the tokens the pre-LLM stage left (a subset, no grid)
+    merges = True
+
+    @classmethod
+    def needs(cls, config):
+        return Needs(hidden=True)
+
+    def __call__(self, image, scores, n):
+        import torch  # method modules stay light to import (lmms-eval reads the preset names at start-up)
+
+        if not image.span.video:  # HoliTom merges the video's tokens only
+            return torch.arange(image.num_tokens, device=scores.device)
+        return sel.holitom_inner_merge(scores.to(image.hidden.device), image.hidden, n)
+
+
+SELECTORS = (HoliTom, HoliTomInner)
 PRESETS = (
     Preset("holitom", "HoliTom's pre-LLM stage: per video, frames segmented into windows where tokens stay alike, "
            "static tokens averaged over their window and clustered, each frame's other tokens cut to the most "
            "attended (vision tower), to about keep_ratio; images untouched; the inside-LLM merging is not included",
            dict(stage="pre_llm", selector="holitom")),
+    Preset("holitom_full", "HoliTom as the authors' scripts run it: the pre-LLM stage (holitom), then at layer k "
+           "(18 of 28, scaled: prune_layers=auto) the stage_ratio (1 - HOLITOM_r = 0.5) of the video tokens most "
+           "attended by the last prompt token at layer k-1 kept, every other one folded into its most similar kept "
+           "token (running pairwise average of the hidden states)",
+           dict(stage="pre_llm", selector="holitom", llm_selector="holitom_inner", llm_score="attention",
+                prune_layers="auto", stage_ratio=0.5, budget_rounding="round", budget_base="present",
+                positions="contiguous")),
 )

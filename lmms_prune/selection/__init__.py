@@ -21,6 +21,7 @@ from lmms_prune.selection.dycoke import ttm_count, ttm_references, ttm_select
 from lmms_prune.selection.evs import evs_dissimilarity, evs_retained_count, evs_retention_mask, evs_select
 from lmms_prune.selection.fastvid import anchor_counts, density_scores, dynamic_segments, fastvid
 from lmms_prune.selection.holitom import holitom_merge, static_windows
+from lmms_prune.selection.holitom import inner_merge as holitom_inner_merge
 from lmms_prune.selection.merge import Merge, group_weights, merged_embeddings, visionzip
 from lmms_prune.selection.mustdrop import mustdrop_merge, window_members, window_similarity
 from lmms_prune.selection.pivot_mis import (
@@ -46,6 +47,7 @@ from lmms_prune.selection.vispruner import remove_duplicates, vispruner
 from lmms_prune.selection.vscan import global_scan, local_scan, nearest_merge, vscan_select, window_ids
 
 __all__ = [
+    "holitom_inner_merge",
     "dycoke_decode_keep",
     "ttm_select",
     "ttm_references",

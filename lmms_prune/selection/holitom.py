@@ -40,6 +40,7 @@ from torch import Tensor
 
 from lmms_prune.selection._validate import (
     Grid,
+    check_budget,
     check_features,
     check_scores,
     descending_order,
@@ -192,3 +193,35 @@ def holitom_merge(features: Tensor, attention: Tensor, grids: Sequence[Grid], ke
     index = sorted_indices(torch.cat(kept)) if kept else torch.zeros(0, dtype=torch.long, device=device)
     weights = torch.cat(merged) if merged else torch.zeros(0, num_tokens, device=device)
     return Merge(index, weights.float())
+
+
+def inner_merge(attention: Tensor, hidden: Tensor, n: int) -> Merge:
+    """HoliTom's inside-LLM merge at layer ``k`` (the authors' ``holitom/modeling_qwen2.py``) on one video's ``N``
+    tokens: the ``n`` of highest ``attention`` (the last prompt token's row of layer ``k - 1``) are kept; each
+    other token, in ascending order, is folded into the kept token of highest cosine similarity of ``hidden`` (the
+    hidden states at layer ``k``'s input, similarities taken before any fold) by a running pairwise average
+    ``target = (target + other) / 2``: a target with members ``m_1 < ... < m_j`` becomes
+    ``x_t / 2^j + sum_i x_{m_i} / 2^(j - i + 1)``.
+
+    Returns:
+        :class:`Merge` with ``index`` the kept tokens that took no member (ascending), ``slots`` those that did
+        (each holding its folded value at its own place) and ``weights`` ``[len(slots), N]`` their folds: ``n``
+        tokens in all.
+    """
+    num_tokens = check_scores(attention, "attention")
+    check_features(hidden, num_tokens, "hidden")
+    check_budget(n, num_tokens)
+    kept = sorted_indices(descending_order(attention.double())[:n])
+    others = torch.ones(num_tokens, dtype=torch.bool, device=attention.device)
+    others[kept] = False
+    others = torch.nonzero(others).flatten()
+    unit = torch.nn.functional.normalize(hidden.double(), dim=-1)
+    target = (unit[others] @ unit[kept].T).argmax(1)  # [N - n] row of kept; ties: the lower index
+    weights = torch.zeros(n, num_tokens, dtype=torch.float64, device=attention.device)
+    weights[torch.arange(n, device=attention.device), kept] = 1.0
+    for other, row in zip(others.tolist(), target.tolist()):
+        weights[row] /= 2
+        weights[row, other] += 0.5
+    folded = torch.zeros(n, dtype=torch.bool, device=attention.device)
+    folded[target] = True
+    return Merge(kept[~folded], weights[folded].float(), slots=kept[folded])
