@@ -16,9 +16,10 @@ Here (also docs/fidelity.md, "holitom"):
   and the vision tower's mean received attention at the feature layer, pooled like the features.
 - **Layout**: merged tokens have no original position, so the short prompt is renumbered
   (``positions='contiguous'``); the kept tokens come first in their original order, then the merged ones.
-- **Inside-LLM merging** (the authors' full method with ``HOLITOM_k``/``HOLITOM_r``: at layer ``k`` the least
-  attended ``r`` of the video tokens are merged into their most similar kept ones) is NOT part of this preset: it
-  needs the pre-LLM-then-in-LLM composition of the engine (docs/fidelity.md says exactly what).
+- **Inside-LLM merge** (``holitom_full``, the authors' full method with ``HOLITOM_k``/``HOLITOM_r``): at layer
+  ``k`` (18/28 of the depth) the ``stage_ratio`` (``1 - r = 0.5``) of the video tokens most attended by the last
+  prompt token at layer ``k - 1`` are kept and every other one is folded into its most similar kept token
+  (:func:`lmms_prune.selection.holitom_inner_merge`), through the engine's pre-LLM -> LLM composition.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ SELECTORS = (HoliTom, HoliTomInner)
 PRESETS = (
     Preset("holitom", "HoliTom's pre-LLM stage: per video, frames segmented into windows where tokens stay alike, "
            "static tokens averaged over their window and clustered, each frame's other tokens cut to the most "
-           "attended (vision tower), to about keep_ratio; images untouched; the inside-LLM merging is not included",
+           "attended (vision tower), to about keep_ratio; images untouched (the inside-LLM merge: holitom_full)",
            dict(stage="pre_llm", selector="holitom")),
     Preset("holitom_full", "HoliTom as the authors' scripts run it: the pre-LLM stage (holitom), then at layer k "
            "(18 of 28, scaled: prune_layers=auto) the stage_ratio (1 - HOLITOM_r = 0.5) of the video tokens most "
