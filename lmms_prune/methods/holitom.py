@@ -61,9 +61,6 @@ class HoliTom(Selector):
 
     @classmethod
     def check(cls, config):
-        if config.positions != "contiguous":
-            raise ValueError(f"positions={config.positions!r}: holitom's merged tokens have no original position; "
-                             "use positions='contiguous'")
         if config.keep_ratio is None:
             raise ValueError(f"keep_tokens={config.keep_tokens!r}: holitom's budget is a ratio of each video's "
                              "tokens (the authors' RETAIN_RATIO); give keep_ratio instead")
