@@ -107,11 +107,11 @@ def test_training_sequence_is_the_eval_prompt_with_every_answer_supervised(tg, s
         assert int(batch.position_ids[row, position]) - int(batch.position_ids[row, start]) == position - start
 
 
-def test_pope_questions_are_the_lmms_eval_prompt_answered_yes_or_no_and_train_no_grounding_loss(tg, scenes):
+def test_pope_questions_are_the_lmms_eval_prompt_answered_yes_or_no_as_the_scene_says(tg, scenes):
     """With --pope-share, POPE blocks are lmms-eval's ``pope`` prompt (checked token for token against the
-    processor) answered ``Yes`` / ``No`` as the scene says, supervised on the answer only; the query tensors
-    that the attention losses and the expression probe read cover the grounding answers alone; the share of
-    POPE questions is the one asked for, in expectation."""
+    processor) answered ``Yes`` / ``No`` as the scene says, supervised on the answer only; the attention losses
+    read the object phrase and the object of that colour and shape (none when absent); the share of POPE
+    questions is the one asked for, in expectation."""
     from lmms_prune.toy.pope import pope_prompt
 
     processor = tg.grounder_processor()
@@ -131,17 +131,32 @@ def test_pope_questions_are_the_lmms_eval_prompt_answered_yes_or_no_and_train_no
             assert processor.tokenizer.decode(supervised) == answer + "<|im_end|>"
             if question.is_pope:
                 asked += 1
-                assert text == pope_prompt(question.expression)
-                thing = question.expression.removesuffix(" in the image?").split(" ", 3)[-1]  # after the article
-                assert answer == ("Yes" if thing in present else "No"), (thing, present)
+                article = "an" if question.expression[0] in "aeiou" else "a"
+                assert text == pope_prompt(f"Is there {article} {question.expression} in the image?")
+                assert answer == ("Yes" if question.expression in present else "No"), (question, present)
+                named = scene.objects[question.object] if question.object >= 0 else None
+                assert (named is not None) == (question.expression in present)
+                assert named is None or f"{named.color} {named.shape}" == question.expression
             else:
                 assert answer.startswith("<box>[[")
     assert asked > 0
     batch = builder.batch(scenes, rng)
     grounding_answers = int((batch.labels == builder.box_id).sum())
     assert batch.n_pope == batch.n_questions - grounding_answers > 0
-    targets = batch.input_ids[batch.query_rows, batch.query_positions + 1]
-    assert int((targets == builder.box_id).sum()) == grounding_answers  # no POPE answer among the queries
+    # every answer token is a query; a POPE query's expression span is its object phrase, in its own block
+    assert len(batch.query_rows) == int((batch.labels != tg.IGNORE).sum())
+    tokenizer = processor.tokenizer
+    for q in range(len(batch.query_rows)):
+        row, position = int(batch.query_rows[q]), int(batch.query_positions[q])
+        start, end = batch.query_text[q].tolist()
+        phrase = tokenizer.decode(batch.input_ids[row, start:end]).strip()
+        if tokenizer.decode(batch.input_ids[row, start - 1]) != "<ref>":  # a POPE question
+            assert tokenizer.decode(batch.input_ids[row, start - 3 : start]).startswith("Is there")
+            assert batch.query_words[q].tolist() == tg.expression_classes("the " + phrase)
+            objects = [f"{o.color} {o.shape}" for o in scenes[row].objects]
+            k = int(batch.query_objects[q])
+            assert (objects[k] == phrase) if k >= 0 else (phrase not in objects)
+        assert int(batch.position_ids[row, position]) - int(batch.position_ids[row, start]) == position - start
     shares = []
     for _ in range(20):
         orders = [builder.questions(s, rng) for s in scenes]

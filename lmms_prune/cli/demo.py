@@ -11,7 +11,7 @@ METHODS = "none,fastv,d2pruner,deepprune,vispruner,random,pyramiddrop,visionzip,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output folder (re-running resumes)")
     parser.add_argument("--images", type=int, default=16,
-                        help="held-out synthetic images per task (RefCOCO val, POPE test; default 16)")
+                        help="held-out synthetic images of the val task (default 16; the crowded testA task: a quarter)")
     parser.add_argument("--keep", type=float, default=0.1, help="keep ratio (default 0.1)")
     parser.add_argument("--methods", default=METHODS, help=f"comma-separated presets (default {METHODS})")
     parser.add_argument("--overlays", type=int, default=3, help="images with kept-token overlays (default 3)")
@@ -30,13 +30,13 @@ def run(args: argparse.Namespace) -> int:
                       methods=tuple(m for m in args.methods.split(",") if m), launcher=args.launcher,
                       overlays=args.overlays, pretrained=args.pretrained)
     print()
-    print(f"## lmms-prune demo: {result['model'].name}, RefCOCO-style synthetic val and POPE-style test, "
+    print(f"## lmms-prune demo: {result['model'].name}, RefCOCO-style synthetic val and crowded testA, "
           f"keep {args.keep:g}")
     print()
     print(result["leaderboard"])
     print()
     rho = result["rank_correlation"]
-    print("cross-task rank correlation (Spearman, RefCOCO val vs POPE, "
+    print("cross-task rank correlation (Spearman, val vs crowded testA, "
           f"{rho['methods']} methods): {'n/a' if rho['rho'] is None else format(rho['rho'], '.2f')}")
     print()
     print(f"full report: {result['report']['paths']['markdown']}")
