@@ -61,6 +61,11 @@ COMMON_PARAMS: tuple[Param, ...] = (
           "'contiguous' = each stage's survivors take positions 0..n-1 and decoding continues from n (PyramidDrop's "
           "and SparseVLM's code), or 'gap' = 'original'. Single-stage llm: 'gap' (default there) = 'original', "
           "as FastV's code", kind="str", choices=POSITION_RULES),
+    Param("decode_cache", "stage", "multi-stage (prune_layers): the visual KV entries a decoded token attends to. "
+          "'stage' (default, PyramidDrop's and SparseVLM's code): each layer those present at its stage (all before "
+          "the first stage); 'final': every layer from K_1 - 1 on (the layer whose output the first stage prunes) "
+          "the LAST stage's survivors only, at the last stage's renumbered positions (MustDrop's decode-stage "
+          "cache cut)", kind="str", choices=("stage", "final")),
 )
 COMMON_PARAMS += (
     Param("llm_selector", "none", "pre_llm methods: an LLM stage after the pre-LLM stage (VScan's middle-layer "
@@ -71,7 +76,8 @@ COMMON_PARAMS += (
           f"(one of {', '.join(SCORES)})", kind="str", choices=tuple(SCORES)),
 )
 # the fields of a pre-LLM method's LLM stage (llm_selector != 'none'): the multi-stage machinery's own
-COMPOSED_PARAMS = ("llm_score", "prune_layers", "stage_ratio", "score_at", "budget_rounding", "budget_base")
+COMPOSED_PARAMS = ("llm_score", "prune_layers", "stage_ratio", "score_at", "budget_rounding", "budget_base",
+                   "decode_cache")
 STAGE_PARAMS = {"none": (), "llm": ("prune_layer", "prune_layers", "positions"),
                 "pre_llm": ("positions", "llm_selector")}
 ALWAYS = ("method", "stage", "selector", "score", "keep_ratio", "keep_tokens")
@@ -197,7 +203,7 @@ def used_params(cfg: Any) -> set[str]:
     """The config fields that ``cfg``'s stage, score and selector read."""
     used = set(ALWAYS) | set(STAGE_PARAMS[cfg.stage])
     if cfg.multi_stage:
-        used |= {"stage_ratio", "positions", "score_at", "budget_rounding", "budget_base"}
+        used |= {"stage_ratio", "positions", "score_at", "budget_rounding", "budget_base", "decode_cache"}
         if cfg.score_at != "K-1":
             used |= {"qk_rope", "qk_softmax"}
     if cfg.stage != "none":

@@ -25,7 +25,10 @@ holds stage ``s``'s tokens (mask mode: stage ``s``'s removed set is masked as ke
 Per-stage budgets: ``lmms_prune.selection.budget.stage_budgets`` (see :meth:`PruneHandle._stage_counts`).
 With ``positions='contiguous'`` the survivors of each stage are renumbered (every token's position ids drop by the
 tokens removed before it; decoded tokens continue from the stage's renumbered length), in prune and mask mode
-alike (:meth:`PruneHandle._renumbered`, :meth:`PruneHandle._decode_rope`). A stage may be ranked by its own
+alike (:meth:`PruneHandle._renumbered`, :meth:`PruneHandle._decode_rope`). ``decode_cache='final'`` (MustDrop's
+decode-stage cache cut): at decode, every layer from ``K_1 - 1`` on attends to the LAST stage's survivors only
+(the other columns of its cache masked, in prune and mask mode alike) at the last stage's renumbered positions
+(:meth:`PruneHandle._make_final_decode_hook` for layer ``K_1 - 1``). A stage may be ranked by its own
 layer ``K_s`` (``Needs.query_key_attention``): the hook of layer ``K_s`` first calls that layer's attention on
 its input with the current geometry and records the last prompt token's row (:meth:`PruneHandle._own_attention`);
 or by layer ``K_s - 1`` so, before it runs (a pre-hook after the engine's own on that layer); options: without
@@ -157,6 +160,8 @@ class PruneHandle:
         self.score, self.selector = self.scores[0], self.selectors[0]
         # multi-stage with positions='contiguous': each stage's survivors are renumbered (see _renumbered)
         self.renumber = config.multi_stage and config.positions == "contiguous"
+        # decode_cache='final': from layer K_1 - 1 on, decoded tokens see the last stage's survivors only
+        self.final_cache = config.multi_stage and config.decode_cache == "final"
         for c, n in zip(self.stage_configs, self.stage_needs):
             late = sorted({*n.attention, *n.text_attention, *n.key_norms} & set(range(c.prune_layer or 0, depth)))
             if config.stage == "llm" and late:
@@ -210,6 +215,9 @@ class PruneHandle:
                 module = layers[layer].self_attn
                 attn.add_observer(module, self._make_observer(layer))
                 self._observed.append(module)
+        if self.final_cache:  # the layer whose output the first stage prunes: its decode steps only
+            self._hooks.append(layers[self.stage_layers[0] - 1].register_forward_pre_hook(
+                self._make_final_decode_hook(), with_kwargs=True))
         for idx in range(self.stage_layers[0], len(layers)):
             self._hooks.append(layers[idx].register_forward_pre_hook(self._make_layer_hook(idx), with_kwargs=True))
         # own-layer rows of a layer before its stage's (K_s - 1): a hook after the engine's own on that layer, so
@@ -722,13 +730,15 @@ class PruneHandle:
         return m[:, None]
 
     def _layer_mask(self, like: torch.Tensor | None, q_len: int, kv_full: int, dtype: torch.dtype,
-                    device: torch.device, stage: int = 0) -> torch.Tensor | None:
-        """The attention mask of a layer of ``stage`` (>= K) for the current call (prefill or decode, prune or
-        mask mode)."""
+                    device: torch.device, stage: int = 0, final: bool = False) -> torch.Tensor | None:
+        """The attention mask of a layer of ``stage`` (>= K; -1: the layer before, whose cache is full) for the
+        current call (prefill or decode, prune or mask mode); ``final``: the keys restricted to the last stage's
+        survivors (``decode_cache='final'``, in decode)."""
         st = self._state
         pad = self._padding(kv_full, device)
-        if self.mode == "mask":
-            cols = torch.cat([st.stage_mask[stage], pad.new_ones(pad.shape[0], kv_full - st.seq_len)], 1) & pad
+        generated = pad.new_ones(pad.shape[0], kv_full - st.seq_len)
+        if self.mode == "mask" or stage < 0:
+            cols = torch.cat([st.stage_mask[-1 if final else stage], generated], 1) & pad
             k_pos = torch.arange(kv_full, device=device).expand(pad.shape[0], -1)
             q_pos = k_pos[:, kv_full - q_len:]
         else:
@@ -736,6 +746,8 @@ class PruneHandle:
             extra = torch.arange(st.seq_len, kv_full, device=device).expand(index.shape[0], -1)
             k_pos = torch.cat([index, extra], 1)
             cols = torch.cat([valid, extra >= 0], 1) & torch.gather(pad, 1, k_pos)
+            if final:  # the stage's cache columns that the last stage kept
+                cols = cols & torch.gather(torch.cat([st.stage_mask[-1], generated], 1), 1, k_pos)
             q_pos = index if q_len == index.shape[1] and kv_full == st.seq_len else k_pos[:, -q_len:]
         if self._base_attn.startswith("flash"):
             # flash attention takes a 2-D padding mask and applies causality itself; pad slots sit on the left,
@@ -783,15 +795,34 @@ class PruneHandle:
             elif phase == "decode" and st.keep_index is not None:
                 kv_full = st.kv_full
                 if self.renumber:
-                    kwargs.update(self._decode_rope(kwargs, hidden, stage))
+                    kwargs.update(self._decode_rope(kwargs, hidden, -1 if self.final_cache else stage))
             else:
                 return None
             kwargs["attention_mask"] = self._layer_mask(
-                kwargs.get("attention_mask"), hidden.shape[1], kv_full, hidden.dtype, hidden.device, stage)
+                kwargs.get("attention_mask"), hidden.shape[1], kv_full, hidden.dtype, hidden.device, stage,
+                final=self.final_cache and phase == "decode")
             if args:
                 args = (hidden, *args[1:])
             else:
                 kwargs["hidden_states"] = hidden
+            return args, kwargs
+
+        return hook
+
+    def _make_final_decode_hook(self):
+        """Pre-hook of layer ``K_1 - 1`` under ``decode_cache='final'``: at decode its full cache is restricted to
+        the last stage's survivors, and the decoded tokens take the last stage's renumbered positions (MustDrop's
+        decode-stage cache cut, which also cuts that layer's cache); prefill runs unchanged."""
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+            st = self._state
+            if not st.has_images or st.phase != "decode" or st.keep_index is None:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if self.renumber:
+                kwargs.update(self._decode_rope(kwargs, hidden, -1))
+            kwargs["attention_mask"] = self._layer_mask(kwargs.get("attention_mask"), hidden.shape[1], st.kv_full,
+                                                        hidden.dtype, hidden.device, -1, final=True)
             return args, kwargs
 
         return hook

@@ -23,7 +23,12 @@ from lmms_prune.selection.fastvid import anchor_counts, density_scores, dynamic_
 from lmms_prune.selection.holitom import holitom_merge, static_windows
 from lmms_prune.selection.holitom import inner_merge as holitom_inner_merge
 from lmms_prune.selection.merge import Merge, group_weights, merged_embeddings, visionzip
-from lmms_prune.selection.mustdrop import mustdrop_merge, window_members, window_similarity
+from lmms_prune.selection.mustdrop import (
+    dual_attention_filter,
+    mustdrop_merge,
+    window_members,
+    window_similarity,
+)
 from lmms_prune.selection.pivot_mis import (
     fused_graph,
     grid_adjacency,
@@ -86,6 +91,7 @@ __all__ = [
     "group_weights",
     "merged_embeddings",
     "mustdrop_merge",
+    "dual_attention_filter",
     "nearest_merge",
     "normalized_similarity",
     "pivot_mis",

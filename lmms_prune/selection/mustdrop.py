@@ -1,9 +1,13 @@
-"""MustDrop's vision-encoding stage (Liu et al., 2024, "Multi-Stage Vision Token Dropping", arXiv 2411.10803):
-spatially adjacent similar tokens merged in non-overlapping windows before the LLM.
+"""MustDrop (Liu et al., 2024, "Multi-Stage Vision Token Dropping", arXiv 2411.10803): its vision-encoding stage
+(spatially adjacent similar tokens merged in non-overlapping windows before the LLM) and its prefill stage (the
+"dual-attention filter": visual tokens that the text neither attends to in sum nor in any single row dropped).
 
-Arithmetic read in LightCompress (github.com/ModelTC/LightCompress, commit 9701d035b0aa,
+Vision stage read in LightCompress (github.com/ModelTC/LightCompress, commit 9701d035b0aa,
 ``llmc/compression/token_reduction/mustdrop.py``: ``conditional_pooling``, ``merge_wavg``,
-``spatial_merge_hook``; config ``configs/sparsification/methods/MustDrop/mustdrop.yml``; nothing copied).
+``spatial_merge_hook``; config ``configs/sparsification/methods/MustDrop/mustdrop.yml``) and in the authors' code
+(github.com/liuting20/MustDrop, commit 909afa538bff, ``llava/model/multimodal_encoder/local_merge.py``); prefill
+stage in the authors' ``llava/model/language_model/modelling_sparse_llama.py`` (``dual_attention_filter``).
+Nothing copied.
 """
 
 from __future__ import annotations
@@ -71,3 +75,24 @@ def mustdrop_merge(features: Tensor, grids: list[Grid], n: int, window: tuple[in
     keep[merged.flatten()] = False
     weights = group_weights(list(merged), num_tokens, device=features.device)
     return Merge(index=torch.nonzero(keep).flatten(), weights=weights)
+
+
+def dual_attention_filter(rows: Tensor, global_thr: float, individual_thr: float) -> Tensor:
+    """MustDrop's prefill "dual-attention filter" (paper Sec. 3.3): the visual tokens kept at one LLM layer.
+
+    ``rows`` ``[M, N]``: the attention probabilities (heads averaged, each row soft-maxed over the whole prompt)
+    of the ``M`` text tokens after the image over the image's ``N`` visual tokens still present. A token is
+    dropped where BOTH its global attention (its column's sum) is ``< global_thr`` times the sum of all ``N``
+    columns AND its individual attention (its column's largest value) is ``< individual_thr``; every other token
+    is kept, so the count is adaptive (``global_thr=1, individual_thr=0``, the authors' defaults, drop nothing).
+    Without text rows (``M = 0``) nothing is judged and every token is kept.
+
+    Returns the kept indices ``[n]``, ascending (the authors' ``all_indices[~candidate_mask]``).
+    """
+    if rows.dim() != 2:
+        raise ValueError(f"rows of shape {tuple(rows.shape)}: must be [M text rows, N visual tokens]")
+    if rows.shape[0] == 0:
+        return torch.arange(rows.shape[1], device=rows.device)
+    column = rows.float().sum(0)  # [N] global attention
+    dropped = (column < column.sum() * global_thr) & (rows.float().amax(0) < individual_thr)
+    return torch.nonzero(~dropped).flatten()
