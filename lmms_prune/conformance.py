@@ -364,10 +364,18 @@ class Checker:
                                     "mask-mode reference")
             pruned = self._run(inputs, positions="original")
             keep = [_sample_index(rec) for rec in pruned.records]
-            mask = run(self.model, inputs, "fixed", mode="mask", decode=self.decode, keep_indices=keep[0],
-                       prune_layer=0)
-            equal_prefill_and_decode(pruned, mask, self.tol)
-            return "pre-LLM at original positions = mask at layer 0"
+            decode_stage = SELECTORS[cfg.selector].decode_layer(cfg) is not None
+            mask = run(self.model, inputs, "fixed", mode="mask", decode=0 if decode_stage else self.decode,
+                       keep_indices=keep[0], prune_layer=0)
+            if not decode_stage:
+                equal_prefill_and_decode(pruned, mask, self.tol)
+                return "pre-LLM at original positions = mask at layer 0"
+            # a decode-time selection (engine/decode.py) changes the decode steps: the prefill against layer 0,
+            # the decode steps against the same method with the dropped KV entries masked instead of gathered
+            torch.testing.assert_close(pruned.logits[0], mask.logits[0, mask.index[0]], atol=self.tol.atol, rtol=0,
+                                       msg=lambda m: f"prefill logits: {m}")
+            equal_prefill_and_decode(pruned, self._run(inputs, mode="mask", positions="original"), self.tol)
+            return "pre-LLM at original positions = mask at layer 0; decode-time selection gathered = masked"
         pruned, mask = self._run(inputs), self._run(inputs, mode="mask")
         assert pruned.kept == mask.kept, "kept sets differ between prune and mask mode"
         equal_prefill_and_decode(pruned, mask, self.tol)

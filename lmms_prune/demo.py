@@ -6,8 +6,9 @@
 3. runs lmms-eval (``accelerate launch -m lmms_eval``) with the package's RefCOCO tasks on two splits (``val``:
    the training distribution; ``testA``: more crowded scenes, :data:`CROWDED_SCENES`) for ``none``, ``fastv``,
    ``d2pruner``, ``deepprune``, ``vispruner``, ``random``, ``pyramiddrop``, ``visionzip``, ``fastervlm``,
-   ``cdpruner``, ``sparsevlm`` and ``prumerge_plus`` at 10% visual tokens (a resumable sweep; for the multi-stage pyramiddrop and
-   sparsevlm, 10% is the average visual tokens per decoder layer, see :data:`DEMO_METHOD_ARGS`);
+   ``cdpruner``, ``sparsevlm``, ``prumerge_plus``, ``feather``, ``mustdrop`` and ``vscan`` at 10% visual tokens
+   (a resumable sweep; for the multi-stage pyramiddrop, sparsevlm and feather, 10% is the average visual tokens
+   per decoder layer, see :data:`DEMO_METHOD_ARGS`);
 4. prints a leaderboard per task (acc@0.5, % of unpruned, visual tokens kept, LLM prefill speed-up) and the
    two tasks' rank correlation over the methods, and writes the full report and PNG overlays of the tokens
    each method kept on a few images. A speed-up is printed only for a cell timed in the same sweep invocation
@@ -28,12 +29,14 @@ from typing import Any
 import torch
 
 DEMO_METHODS = ("none", "fastv", "d2pruner", "deepprune", "vispruner", "random", "pyramiddrop", "visionzip",
-                "fastervlm", "cdpruner", "sparsevlm", "prumerge_plus")
+                "fastervlm", "cdpruner", "sparsevlm", "prumerge_plus", "feather", "mustdrop", "vscan")
 DEMO_METHOD_ARGS: dict[str, dict[str, str]] = {
     # the tiny grounder has 14 decoder layers: pyramiddrop's auto stages (4, 7, 11) run 4 layers at full length,
     # so an average of 10% per layer is unreachable; stages at 1, 3, 6 (halving) reach it. sparsevlm's auto
     # stages on 14 layers are 1, 3, 7. '/' separates layers inside lmms-eval's --model_args.
     "pyramiddrop": {"prune_layers": "1/3/6"},
+    # feather's auto stages (4, 7 of 14) likewise run 4 layers at full length; stages at 1 and 3 reach 10%
+    "feather": {"prune_layers": "1/3"},
 }
 HELD_OUT_SEED = 20261122
 CALIBRATION_SEED = 7

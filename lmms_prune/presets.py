@@ -411,6 +411,11 @@ def check_model(cfg: Any, config: Any) -> None:
     for layer in cfg.score_layers():
         if not 0 <= layer < depth:
             raise ValueError(f"score_layer={layer}: must be in [0, {depth - 1}] for this model")
+    selector = SELECTORS.get(cfg.selector)
+    decode = selector.decode_layer(cfg) if selector is not None and cfg.stage == "pre_llm" else None
+    if decode is not None and not 1 <= decode < depth:
+        raise ValueError(f"decode layer {decode} of method {cfg.method!r}: this model has {depth} decoder layers, so "
+                         f"it must be in [1, {depth - 1}] (the attention row comes from the layer before it)")
 
 
 def describe_presets() -> str:

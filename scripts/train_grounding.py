@@ -36,7 +36,19 @@ Data
     :func:`block_attention_mask`), so each question is computed exactly as its own single-turn sequence
     (``tests/test_train_grounding.py`` compares the logits) while the image is encoded once. Curriculum
     (:data:`CURRICULUM`): single-object scenes for the first 15% of the steps, then the evaluation
-    distribution.
+    distribution (a run continued from ``--init`` uses the evaluation distribution throughout).
+
+POPE questions (``--pope-share``, for continued training from ``--init``)
+    Yes/no object-existence questions (:mod:`lmms_prune.toy.pope`) join each image's packed row as further
+    blocks: lmms-eval's ``pope`` prompt ``Is there a {colour} {shape} in the image?\nAnswer the question using
+    a single word or phrase.`` answered ``Yes`` / ``No`` (checked token for token against the processor, like
+    the grounding prompt). Per image, pairs of one question about an object in the scene and one about an
+    absent colour/shape combination (``--pope-adversarial`` of the negatives share a shape or a colour with a
+    present object, POPE's adversarial sampling; the rest are any absent combination, its random sampling),
+    as many pairs as make POPE ``--pope-share`` of the questions in expectation. Their answer tokens are
+    weighted ``--pope-weight`` in the answer loss (:func:`answer_loss`): the deciding token is one per
+    question against ~15 per box. The attention losses read them too: the expression is the object phrase
+    and, when the object is in the scene, head 0 is pointed at its cells.
 
 Losses (the shipped model is the plain InternVL architecture; the extra heads exist only during training)
     * cross-entropy on the answer tokens only (``<box>`` ... ``<|im_end|>``);
@@ -97,6 +109,16 @@ RESULT (shipped model, 2026-12-01, this 2-core machine, nothing else running for
     positions; the pixel-level cell and edge-cell targets, a wider LM (128 vs 96), deep supervision, two
     questions per object and the easier scene distribution (SCENE_KWARGS) got the first version off its
     digit-marginal plateau.
+
+POPE RESULT (2026-12-07, not shipped: the bar was >= 84% acc@0.5 and >= 80% yes/no accuracy)
+    Continued from the shipped model with ``--pope-share 0.5 --questions 1 --aux-weight 0 --probe-weight 0
+    --threads 1 --minutes 15`` (the fresh auxiliary heads would start from random weights; on the shared
+    2-core machine two threads ran a step ~10x slower than one) and held out on 368 expressions and 328 POPE
+    questions (half adversarial): (1) ``--steps 160 --lr 1e-3``, POPE answers under the answer losses only:
+    acc@0.5 83.4%, yes/no 22.6% (179 answers neither yes nor no, mostly "Yo"); (2) ``--steps 170 --lr 7e-4``
+    with the attention losses on POPE questions too: 83.4%, 30.5%; (3) from (2), ``--steps 170 --lr 4e-4
+    --pope-weight 5``: 83.2%, 54.0% (chance 50%), 11-14 minutes each. The answer format is learnt, the
+    existence decision (binding the colour to the shape across the scene) is not, in ~2,700 questions.
 """
 
 from __future__ import annotations
@@ -108,7 +130,7 @@ import random
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -133,6 +155,7 @@ from lmms_prune.toy.data import (
     split_seed,
 )
 from lmms_prune.toy.grounder import SCENE_KWARGS, grounder_tokenizer
+from lmms_prune.toy.pope import PopeQuestion, pope_pairs, pope_prompt
 
 FAMILY = "internvl_llama"  # only for the tokenizer / processor of the toys (small BPE); the LM is Qwen2
 PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: <ref>{expression}</ref>"
@@ -257,15 +280,17 @@ class Batch:
     attention_mask: torch.Tensor  # (B, 1, L, L) additive block mask (see block_attention_mask)
     position_ids: torch.Tensor  # (B, L) each question block continues the prefix's positions
     labels: torch.Tensor
+    pope_tokens: torch.Tensor  # (B, L) bool: the label is a token of a POPE answer
     pixel_values: torch.Tensor
     n_questions: int
+    n_pope: int  # of which POPE yes/no questions
     cells: CellTargets  # the per-visual-token targets of every image, stacked (leading batch dimension)
-    query_rows: torch.Tensor  # (Q,) row of each position that predicts an answer token
+    query_rows: torch.Tensor  # (Q,) row of each position that predicts a grounding answer token
     query_positions: torch.Tensor  # (Q,) that position (the last prompt token, then the answer tokens)
-    query_objects: torch.Tensor  # (Q,) the object the answer is about
+    query_objects: torch.Tensor  # (Q,) the object the answer is about (-1: a POPE question about an absent one)
     query_parts: torch.Tensor  # (Q,) 0-3: predicts a digit of x1, y1, x2, y2; -1: any other answer token
     query_words: torch.Tensor  # (Q, len(EXPRESSION_FIELDS)) what the question's expression says (classes)
-    query_text: torch.Tensor  # (Q, 2) [start, end) of the question's expression tokens (inside <ref>...</ref>)
+    query_text: torch.Tensor  # (Q, 2) [start, end) of the question's expression (or POPE object phrase) tokens
 
 
 CELL = toy_models.INTERNVL_IMAGE_SIZE // GRID  # 28 pixels per visual token side
@@ -340,12 +365,31 @@ def cell_targets(scene: Scene) -> CellTargets:
                        torch.from_numpy(edges.reshape(MAX_OBJECTS, 4, -1)))
 
 
-class SequenceBuilder:
-    """Turns scenes into multi-turn InternVL chat sequences with answer-only labels."""
+class Question(NamedTuple):
+    """One training question about a scene: grounding (``exists`` None: ``object`` is the referred object,
+    answered with its box) or POPE existence (``expression`` the object asked about, ``"red circle"``;
+    ``exists`` the answer; ``object`` an object of the scene that it names, -1 when there is none)."""
 
-    def __init__(self, processor: transformers.ProcessorMixin, questions_per_object: int = 1) -> None:
+    object: int
+    expression: str
+    exists: bool | None = None
+
+    @property
+    def is_pope(self) -> bool:
+        return self.exists is not None
+
+
+class SequenceBuilder:
+    """Turns scenes into packed InternVL chat sequences (one row per image) with answer-only labels."""
+
+    def __init__(self, processor: transformers.ProcessorMixin, questions_per_object: int = 1,
+                 pope_share: float = 0.0, adversarial_share: float = 0.5) -> None:
+        if not 0.0 <= pope_share < 1.0:
+            raise ValueError(f"pope_share={pope_share}: must be in [0, 1)")
         self.processor = processor
         self.questions_per_object = questions_per_object
+        self.pope_share = pope_share
+        self.adversarial_share = adversarial_share
         self.tokenizer = processor.tokenizer
         ids = toy_tok.LLAMA_SPECIAL_IDS
         self.box_id = ids["<box>"]
@@ -358,24 +402,53 @@ class SequenceBuilder:
         tokens = toy_models.INTERNVL_TOKENS_PER_TILE
         self.image_text = "<img>" + "<IMG_CONTEXT>" * tokens + "</img>"
 
-    def questions(self, scene: Scene, rng: np.random.Generator) -> list[tuple[int, str]]:
-        """``(object index, expression)`` pairs in random order: each object is asked with
-        ``self.questions_per_object`` of its referring expressions (fewer if it has fewer)."""
-        pairs = []
+    def pope_pair_count(self, n_grounding: int, rng: np.random.Generator) -> int:
+        """Yes/no pairs to ask beside ``n_grounding`` grounding questions, so that POPE questions are
+        ``pope_share`` of all questions in expectation: ``n_grounding * share / (1 - share) / 2`` pairs,
+        rounded up or down at random in proportion (no draw from ``rng`` when the share is 0)."""
+        if self.pope_share == 0.0:
+            return 0
+        pairs = n_grounding * self.pope_share / (1.0 - self.pope_share) / 2.0
+        return int(pairs) + int(rng.random() < pairs - int(pairs))
+
+    def questions(self, scene: Scene, rng: np.random.Generator) -> list[Question]:
+        """The scene's questions in random order: each object is asked with ``self.questions_per_object`` of its
+        referring expressions (fewer if it has fewer), plus :meth:`pope_pair_count` yes/no pairs
+        (:func:`lmms_prune.toy.pope.pope_pairs`)."""
+        asked = []
         for index, obj in enumerate(scene.objects):
             expressions = referring_expressions(index, scene.objects, TRAIN_EXPRESSIONS) or [obj.expression]
             picked = rng.permutation(len(expressions))[: self.questions_per_object]
-            pairs.extend((index, expressions[int(k)]) for k in picked)
-        return [pairs[int(k)] for k in rng.permutation(len(pairs))]
+            asked.extend(Question(index, expressions[int(k)]) for k in picked)
+        n_pairs = self.pope_pair_count(len(asked), rng)
+        if n_pairs:
+            named = {f"{o.color} {o.shape}": k for k, o in enumerate(scene.objects)}
+            asked.extend(Question(named.get(q.object, -1), q.object, q.answer == "yes")
+                         for q in pope_pairs(scene, rng, n_pairs, self.adversarial_share))
+        return [asked[int(k)] for k in rng.permutation(len(asked))]
 
-    def single_turn(self, scene: Scene, index: int, expression: str) -> str:
-        """The evaluation prompt for one question (one user turn with the image) followed by its answer."""
+    def prompt_and_answer(self, scene: Scene, question: Question) -> tuple[str, str]:
+        """The user's text and the assistant's answer: InternVL's grounding prompt and the box on the 0-1000
+        grid, or lmms-eval's POPE prompt and ``Yes`` / ``No``."""
+        if question.is_pope:
+            asked = PopeQuestion(question.expression, "yes" if question.exists else "no", "").question
+            return pope_prompt(asked), "Yes" if question.exists else "No"
         width, height = scene.image.size
-        answer = box_answer(scene.objects[index].box, width, height)
-        return (f"<|im_start|>user\n{self.image_text}\n{PROMPT.format(expression=expression)}<|im_end|>\n"
+        return (PROMPT.format(expression=question.expression),
+                box_answer(scene.objects[question.object].box, width, height))
+
+    def single_turn(self, scene: Scene, question: Question) -> str:
+        """The evaluation prompt for one question (one user turn with the image) followed by its answer."""
+        prompt, answer = self.prompt_and_answer(scene, question)
+        return (f"<|im_start|>user\n{self.image_text}\n{prompt}<|im_end|>\n"
                 f"<|im_start|>assistant\n{answer}<|im_end|>")
 
-    def packed(self, scene: Scene, order: list[tuple[int, str]]) -> tuple[list[int], list[int], list[int]]:
+    def answer_length(self, scene: Scene, question: Question) -> int:
+        """Tokens of the question's answer, ``<|im_end|>`` included (what generation produces after the prompt)."""
+        answer = self.prompt_and_answer(scene, question)[1] + "<|im_end|>"
+        return len(self.tokenizer(answer, add_special_tokens=False).input_ids)
+
+    def packed(self, scene: Scene, order: list[Question]) -> tuple[list[int], list[int], list[int]]:
         """One row holding every question of ``order`` about one image: the shared prefix (``<s>``, the user
         turn's start and the image) once, then each question's own tokens (prompt and answer) as a block.
 
@@ -386,8 +459,8 @@ class SequenceBuilder:
         """
         ids, positions, blocks = [], [], []
         prefix: list[int] | None = None
-        for block, (index, expression) in enumerate(order):
-            tokens = self.tokenizer(self.single_turn(scene, index, expression)).input_ids
+        for block, question in enumerate(order):
+            tokens = self.tokenizer(self.single_turn(scene, question)).input_ids
             cut = tokens.index(self.end_image_id) + 1  # the image ends the shared prefix
             if prefix is None:
                 prefix = tokens[:cut]
@@ -399,26 +472,26 @@ class SequenceBuilder:
             blocks.extend([block] * (len(tokens) - cut))
         return ids, positions, blocks
 
-    def labels(self, ids: list[int]) -> tuple[list[int], list[int], list[int]]:
-        """Answer-only labels: each ``<box> ... <|im_end|>`` span is supervised, everything else ignored.
-        Also returns the turn (0, 1, ...) of each supervised token (-1 elsewhere) and its part: 0-3 for a
-        digit of x1, y1, x2, y2, -1 for the other tokens."""
+    def labels(self, ids: list[int], blocks: list[int], answer_lengths: list[int],
+               ) -> tuple[list[int], list[int], list[int]]:
+        """Answer-only labels: the last ``answer_lengths[b]`` tokens of block ``b`` (its answer and
+        ``<|im_end|>``) are supervised, everything else ignored. Also returns the block of each supervised
+        token (-1 elsewhere) and its part: 0-3 for a digit of x1, y1, x2, y2 of a box answer, -1 for the other
+        tokens."""
+        ends: dict[int, int] = {}
+        for i, block in enumerate(blocks):
+            ends[block] = i + 1
         labels = [IGNORE] * len(ids)
         turns = [-1] * len(ids)
         parts = [-1] * len(ids)
-        inside, answers, coordinate = False, 0, 0
-        for i, token in enumerate(ids):
-            if token == self.box_id:
-                inside, answers, coordinate = True, answers + 1, 0
-            if inside:
-                labels[i] = token
-                turns[i] = answers - 1
-                if token == self.comma_id:
+        for block, length in enumerate(answer_lengths):
+            coordinate = 0
+            for i in range(ends[block] - length, ends[block]):
+                labels[i], turns[i] = ids[i], block
+                if ids[i] == self.comma_id:
                     coordinate += 1
-                if token in self.digit_ids:
+                if ids[i] in self.digit_ids:
                     parts[i] = coordinate
-                if token == self.end_id:
-                    inside = False
         return labels, turns, parts
 
     def images(self, scenes: list[Scene]) -> tuple[torch.Tensor, CellTargets]:
@@ -434,7 +507,11 @@ class SequenceBuilder:
         return pixels["pixel_values"], stacked
 
     def batch(self, scenes: list[Scene], rng: np.random.Generator) -> Batch:
-        """Right-padded packed rows (:meth:`packed`, one per scene), their attention mask, labels and pixels."""
+        """Right-padded packed rows (:meth:`packed`, one per scene), their attention mask, labels and pixels.
+
+        The query tensors (what the attention losses and the expression probe read) cover the answer tokens of
+        both kinds: a POPE question's expression is its object phrase (``red circle``), its object the scene's
+        object of that colour and shape (-1 when absent: no target for the visual attention loss)."""
         orders = [self.questions(s, rng) for s in scenes]
         rows = [self.packed(s, order) for s, order in zip(scenes, orders)]
         longest = max(len(ids) for ids, _, _ in rows)
@@ -442,30 +519,43 @@ class SequenceBuilder:
         position_ids = torch.zeros((len(scenes), longest), dtype=torch.long)
         block_ids = torch.full((len(scenes), longest), PAD_BLOCK, dtype=torch.long)
         labels = torch.full((len(scenes), longest), IGNORE, dtype=torch.long)
-        questions = 0
+        pope_tokens = torch.zeros((len(scenes), longest), dtype=torch.bool)
+        questions = pope_questions = 0
         query_rows, query_positions, query_objects, query_parts, query_words = [], [], [], [], []
         query_text = []
-        for row, ((ids, positions, blocks), order) in enumerate(zip(rows, orders)):
-            opens = [k + 1 for k, token in enumerate(ids) if token == self.ref_id]
-            closes = [k for k, token in enumerate(ids) if token == self.ref_end_id]
+        for row, (scene, (ids, positions, blocks), order) in enumerate(zip(scenes, rows, orders)):
+            opens = {blocks[k]: k + 1 for k, token in enumerate(ids) if token == self.ref_id}
+            closes = {blocks[k]: k for k, token in enumerate(ids) if token == self.ref_end_id}
             input_ids[row, : len(ids)] = torch.tensor(ids)
             position_ids[row, : len(ids)] = torch.tensor(positions)
             block_ids[row, : len(ids)] = torch.tensor(blocks)
-            row_labels, turns, parts = self.labels(ids)
+            row_labels, turns, parts = self.labels(ids, blocks, [self.answer_length(scene, q) for q in order])
             labels[row, : len(ids)] = torch.tensor(row_labels)
+            pope_tokens[row, : len(ids)] = torch.tensor([t >= 0 and order[t].is_pope for t in turns])
             questions += len(order)
+            pope_questions += sum(q.is_pope for q in order)
+            for turn, question in enumerate(order):
+                if question.is_pope:  # the object phrase, found inside its own block
+                    phrase = self.tokenizer(" " + question.expression, add_special_tokens=False).input_ids
+                    start = next(k for k in range(len(ids)) if blocks[k] == turn
+                                 and ids[k : k + len(phrase)] == phrase)
+                    opens[turn], closes[turn] = start, start + len(phrase)
             for position, turn in enumerate(turns):
                 if turn >= 0:  # position - 1 predicts this answer token
+                    question = order[turn]
                     query_rows.append(row)
                     query_positions.append(position - 1)
-                    query_objects.append(order[turn][0])
+                    query_objects.append(question.object)
                     query_parts.append(parts[position])
-                    query_words.append(expression_classes(order[turn][1]))
+                    query_words.append(expression_classes(
+                        "the " + question.expression if question.is_pope else question.expression))
                     query_text.append((opens[turn], closes[turn]))
         pixel_values, cells = self.images(scenes)
-        return Batch(input_ids, block_attention_mask(block_ids), position_ids, labels, pixel_values, questions,
-                     cells, torch.tensor(query_rows), torch.tensor(query_positions), torch.tensor(query_objects),
-                     torch.tensor(query_parts), torch.tensor(query_words), torch.tensor(query_text))
+        return Batch(input_ids, block_attention_mask(block_ids), position_ids, labels, pope_tokens, pixel_values,
+                     questions,
+                     pope_questions, cells, torch.tensor(query_rows), torch.tensor(query_positions),
+                     torch.tensor(query_objects), torch.tensor(query_parts), torch.tensor(query_words),
+                     torch.tensor(query_text))
 
 
 PAD_BLOCK = -2  # block id of right padding (the shared prefix is -1)
@@ -578,20 +668,22 @@ def text_attention_loss(probs: dict[int, torch.Tensor], batch: Batch) -> torch.T
 def attention_loss(probs: dict[int, torch.Tensor], batch: Batch, image_token_id: int) -> torch.Tensor:
     """Mean over :data:`ATTENTION_LAYERS` of ``-log`` (attention mass that head :data:`VISUAL_HEAD` puts on the
     target visual tokens), from every position that predicts an answer token (the last prompt token included,
-    which is the query FastV-style pruning reads). The target is every cell of the referred object, except for
-    positions that predict a digit of x1 / y1 / x2 / y2: those are pointed at the cells holding the object's
-    leftmost / top / rightmost / bottom pixels, whose in-cell extent (a local feature) is that box edge."""
-    rows, objects = batch.query_rows, batch.query_objects
+    which is the query FastV-style pruning reads). The target is every cell of the referred object (for a POPE
+    question, the object of the colour and shape asked about; none when it is absent), except for positions that
+    predict a digit of x1 / y1 / x2 / y2: those are pointed at the cells holding the object's leftmost / top /
+    rightmost / bottom pixels, whose in-cell extent (a local feature) is that box edge."""
+    present = batch.query_objects >= 0  # a POPE question about an absent object has no cells to look at
+    rows, objects = batch.query_rows[present], batch.query_objects[present]
     visual = (batch.input_ids == image_token_id).nonzero()[:, 1].view(batch.input_ids.shape[0], GRID * GRID)
     target = batch.cells.cells[rows, objects]  # (Q, 256)
-    parts = batch.query_parts
+    parts = batch.query_parts[present]
     is_digit = parts >= 0
     edge = batch.cells.edges[rows, objects, parts.clamp(min=0)]  # (Q, 256)
     target = torch.where(is_digit[:, None], edge, target).float()
     columns = visual[rows]
     total = torch.zeros(())
     for layer in ATTENTION_LAYERS:
-        mass = (probs[layer].gather(1, columns) * target).sum(-1)
+        mass = (probs[layer][present].gather(1, columns) * target).sum(-1)
         total = total + (-torch.log(mass + 1e-6)).mean()
     return total / len(ATTENTION_LAYERS)
 
@@ -641,6 +733,21 @@ class ExpressionProbe(torch.nn.Module):
         for field, field_logits in enumerate(logits):
             total = total + torch.nn.functional.cross_entropy(field_logits, batch.query_words[:, field])
         return total / len(logits)
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean cross-entropy of the answer tokens: ``sum(w * ce) / sum(w)`` over the supervised labels.
+
+    ``logits`` ``(B, L, V)``, ``labels`` ``(B, L)`` (:data:`IGNORE` elsewhere), ``weights`` ``(B, L)`` per label.
+    With weights 1 it is the model's own loss (the mean over supervised tokens). ``--pope-weight`` raises the
+    weight of POPE answers, whose one deciding token (``Y`` / ``N``) is otherwise a small share of the answer
+    tokens beside the ~15 of every box.
+    """
+    targets, token_weights = labels[:, 1:], weights[:, 1:].float()
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                           ignore_index=IGNORE, reduction="none").view(targets.shape)
+    supervised = (targets != IGNORE).float() * token_weights
+    return (ce * supervised).sum() / supervised.sum()
 
 
 DEEP_LAYERS = (4, 8)
@@ -702,19 +809,19 @@ class AuxiliaryHead(torch.nn.Module):
 
 def check_prompt_tokens(builder: SequenceBuilder, scene: Scene | None = None) -> None:
     """Every question of a packed training row, read as its block sees it (the shared prefix, then its own
-    tokens, at positions 0, 1, ...), must be exactly the processor's evaluation prompt followed by the answer."""
+    tokens, at positions 0, 1, ...), must be exactly the processor's evaluation prompt followed by the answer
+    (grounding and, when the builder asks them, POPE questions)."""
     scene = scene or next(generate_scenes(1, 12345, **SCENE_KWARGS))
     order = builder.questions(scene, np.random.default_rng(0))
     ids, positions, blocks = builder.packed(scene, order)
-    width, height = scene.image.size
-    for block, (index, expression) in enumerate(order):
+    for block, question in enumerate(order):
         seen = [k for k, b in enumerate(blocks) if b in (-1, block)]
-        prompt = builder.processor.apply_chat_template(eval_messages(expression), tokenize=False,
+        text, answer = builder.prompt_and_answer(scene, question)
+        prompt = builder.processor.apply_chat_template(eval_messages(text), tokenize=False,
                                                        add_generation_prompt=True)
         theirs = builder.processor(text=[prompt], images=[scene.image], return_tensors="pt").input_ids[0].tolist()
-        answer = builder.tokenizer(box_answer(scene.objects[index].box, width, height) + "<|im_end|>",
-                                   add_special_tokens=False).input_ids
-        if [ids[k] for k in seen] != theirs + answer or [positions[k] for k in seen] != list(range(len(seen))):
+        answer_ids = builder.tokenizer(answer + "<|im_end|>", add_special_tokens=False).input_ids
+        if [ids[k] for k in seen] != theirs + answer_ids or [positions[k] for k in seen] != list(range(len(seen))):
             raise RuntimeError("a training question differs from the processor's evaluation prompt and answer")
 
 
@@ -722,10 +829,9 @@ def check_prompt_tokens(builder: SequenceBuilder, scene: Scene | None = None) ->
 # Evaluation
 
 
-def eval_messages(expression: str) -> list[dict[str, Any]]:
-    """One user turn: the image, then InternVL's grounding prompt (as the lmms-eval task builds it)."""
-    return [{"role": "user", "content": [{"type": "image"},
-                                         {"type": "text", "text": PROMPT.format(expression=expression)}]}]
+def eval_messages(text: str) -> list[dict[str, Any]]:
+    """One user turn: the image, then the question's text (as the lmms-eval tasks build it)."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
 
 
 def heldout_samples(n_images: int, seed: int) -> list[tuple[Image.Image, str, tuple[int, int, int, int]]]:
@@ -736,6 +842,64 @@ def heldout_samples(n_images: int, seed: int) -> list[tuple[Image.Image, str, tu
         for obj in scene.objects:
             samples.extend((image, expression, obj.box) for expression in obj.expressions)
     return samples
+
+
+POPE_EVAL_PAIRS = 2  # yes/no pairs per held-out scene (fewer when it has fewer distinct objects)
+
+
+def heldout_pope_samples(n_images: int, seed: int) -> list[tuple[Image.Image, str, str, str]]:
+    """``(image, question, answer, category)`` POPE questions (:func:`lmms_prune.toy.pope.pope_pairs`, half of
+    the negatives adversarial) about the held-out scenes of :func:`heldout_samples`."""
+    rng = np.random.default_rng(split_seed(seed, "heldout-pope"))
+    samples = []
+    for scene in generate_scenes(n_images, split_seed(seed, "heldout"), **SCENE_KWARGS):
+        image = jpeg_round_trip(scene.image)
+        samples.extend((image, q.question, q.answer, q.category) for q in pope_pairs(scene, rng, POPE_EVAL_PAIRS))
+    return samples
+
+
+def generate_answers(model: InternVLForConditionalGeneration, processor: transformers.ProcessorMixin,
+                     images: list[Image.Image], texts: list[str], batch_size: int = 16,
+                     progress: bool = True) -> list[str]:
+    """Greedy answers (at most 40 new tokens, special tokens dropped) to one user turn per ``(image, text)``,
+    through the processor with at most 6 tiles, as the lmms-eval wrapper runs them."""
+    was_training = model.training
+    model.eval()
+    answers: list[str] = []
+    pad_id = processor.tokenizer.pad_token_id
+    for start in tqdm(range(0, len(texts), batch_size), desc="eval", disable=not progress, leave=False):
+        prompts = [processor.apply_chat_template(eval_messages(t), tokenize=False, add_generation_prompt=True)
+                   for t in texts[start : start + batch_size]]
+        inputs = processor(text=prompts, images=images[start : start + batch_size], padding=True,
+                           padding_side="left", return_tensors="pt", crop_to_patches=True, min_patches=1,
+                           max_patches=MAX_TILES)
+        output = model.generate(**inputs, max_new_tokens=40, do_sample=False, num_beams=1, pad_token_id=pad_id)
+        answers += processor.tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:],
+                                                    skip_special_tokens=True)
+    model.train(was_training)
+    return answers
+
+
+@torch.inference_mode()
+def evaluate_pope(model: InternVLForConditionalGeneration, processor: transformers.ProcessorMixin,
+                  samples: list[tuple[Image.Image, str, str, str]], progress: bool = True) -> dict[str, float]:
+    """Yes/no accuracy as lmms-eval's ``pope`` task scores it (an answer is right when, lower-cased and
+    stripped, it is the ground truth), in percent, overall and per category; ``f1`` of the yes class (percent),
+    ``yes_ratio`` of the answers and ``other`` (answers that are neither yes nor no)."""
+    answers = [a.strip().lower() for a in generate_answers(
+        model, processor, [s[0] for s in samples], [pope_prompt(s[1]) for s in samples], progress=progress)]
+    truths = [s[2] for s in samples]
+    right = [a == t for a, t in zip(answers, truths)]
+    tp = sum(a == t == "yes" for a, t in zip(answers, truths))
+    predicted_yes, true_yes = answers.count("yes"), truths.count("yes")
+    f1 = 2 * tp / (predicted_yes + true_yes) if predicted_yes + true_yes else 0.0
+    metrics = {"accuracy": 100.0 * sum(right) / max(len(samples), 1), "f1": 100.0 * f1,
+               "yes_ratio": predicted_yes / max(len(samples), 1),
+               "other": sum(a not in ("yes", "no") for a in answers), "n": len(samples)}
+    for category in sorted({s[3] for s in samples}):
+        ok = [r for r, s in zip(right, samples) if s[3] == category]
+        metrics[f"accuracy_{category}"] = 100.0 * sum(ok) / len(ok)
+    return metrics
 
 
 @torch.inference_mode()
@@ -750,27 +914,16 @@ def evaluate(
 
     Returns ``acc@0.5`` (percent), ``mean_iou``, ``unparseable`` and ``n``.
     """
-    was_training = model.training
-    model.eval()
+    answers = generate_answers(model, processor, [s[0] for s in samples],
+                               [PROMPT.format(expression=s[1]) for s in samples], batch_size, progress)
     ious, unparseable = [], 0
-    pad_id = processor.tokenizer.pad_token_id
-    for start in tqdm(range(0, len(samples), batch_size), desc="eval", disable=not progress, leave=False):
-        chunk = samples[start : start + batch_size]
-        texts = [processor.apply_chat_template(eval_messages(e), tokenize=False, add_generation_prompt=True)
-                 for _, e, _ in chunk]
-        inputs = processor(text=texts, images=[im for im, _, _ in chunk], padding=True, padding_side="left",
-                           return_tensors="pt", crop_to_patches=True, min_patches=1, max_patches=MAX_TILES)
-        output = model.generate(**inputs, max_new_tokens=40, do_sample=False, num_beams=1, pad_token_id=pad_id)
-        answers = processor.tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:],
-                                                   skip_special_tokens=True)
-        for (image, _, box), answer in zip(chunk, answers):
-            predicted = parse_box(answer, image.width, image.height)
-            if predicted is None:
-                unparseable += 1
-                ious.append(0.0)
-            else:
-                ious.append(box_iou(predicted, tuple(float(v) for v in box)))
-    model.train(was_training)
+    for (image, _, box), answer in zip(samples, answers):
+        predicted = parse_box(answer, image.width, image.height)
+        if predicted is None:
+            unparseable += 1
+            ious.append(0.0)
+        else:
+            ious.append(box_iou(predicted, tuple(float(v) for v in box)))
     n = len(ious)
     return {
         "acc@0.5": 100.0 * sum(i >= 0.5 for i in ious) / max(n, 1),
@@ -793,12 +946,13 @@ def lr_at(step: int, steps: int, peak: float, warmup_fraction: float = 0.05, flo
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def curriculum_stage(step: int, steps: int) -> int:
-    """Index into :data:`CURRICULUM` of the scene distribution used at ``step``."""
-    for stage, (_, until) in enumerate(CURRICULUM):
+def curriculum_stage(step: int, steps: int, curriculum: tuple[tuple[tuple[int, int], float], ...] = CURRICULUM,
+                     ) -> int:
+    """Index into ``curriculum`` (:data:`CURRICULUM`) of the scene distribution used at ``step``."""
+    for stage, (_, until) in enumerate(curriculum):
         if step < until * steps:
             return stage
-    return len(CURRICULUM) - 1
+    return len(curriculum) - 1
 
 
 def pretrain_vision(model: InternVLForConditionalGeneration, aux_head: AuxiliaryHead, builder: SequenceBuilder,
@@ -895,10 +1049,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="stage 1: steps of vision tower + projector on the per-token targets alone (0: off)")
     parser.add_argument("--vision-batch", type=int, default=16, help="images per stage-1 step")
     parser.add_argument("--init", type=Path, default=None,
-                        help="continue from a saved model directory instead of random weights")
+                        help="continue from a saved model directory instead of random weights (no curriculum: "
+                             "every step draws from the evaluation distribution)")
+    parser.add_argument("--pope-share", type=float, default=0.0,
+                        help="share of the training questions that are POPE yes/no existence questions, in [0, 1)")
+    parser.add_argument("--pope-adversarial", type=float, default=0.5,
+                        help="share of the POPE negatives drawn by the adversarial sampling (a present shape or "
+                             "colour in another combination); the rest are random absent combinations")
+    parser.add_argument("--pope-weight", type=float, default=1.0,
+                        help="weight of POPE answer tokens in the answer loss, relative to grounding answer tokens")
     args = parser.parse_args(argv)
+    if args.pope_weight <= 0:
+        parser.error(f"--pope-weight {args.pope_weight}: must be > 0")
     if args.steps < 1 or args.batch < 1 or args.eval_images < 1:
         parser.error("--steps, --batch and --eval-images must be >= 1")
+    if not 0.0 <= args.pope_share < 1.0:
+        parser.error(f"--pope-share {args.pope_share}: must be in [0, 1)")
+    if not 0.0 <= args.pope_adversarial <= 1.0:
+        parser.error(f"--pope-adversarial {args.pope_adversarial}: must be in [0, 1]")
+    if args.init is not None and not (args.init / "config.json").is_file():
+        parser.error(f"--init {args.init}: no config.json there; give a directory the script saved (--out)")
     return args
 
 
@@ -912,10 +1082,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log_dir.mkdir(parents=True, exist_ok=True)
 
     processor = grounder_processor()
-    builder = SequenceBuilder(processor, args.questions)
+    builder = SequenceBuilder(processor, args.questions, args.pope_share, args.pope_adversarial)
     check_prompt_tokens(builder)
     if args.init:
-        model = InternVLForConditionalGeneration.from_pretrained(args.init)
+        model = InternVLForConditionalGeneration.from_pretrained(args.init, attn_implementation="sdpa")
     else:
         model = build_model(args.seed, args.text_hidden, args.text_mlp)
     # The LM records the supervised heads' attention at the answer positions (the saved config says sdpa).
@@ -935,13 +1105,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     no_decay = [p for n, p in named if not (p.ndim >= 2 and "position_embeddings" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
                                   lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
+    curriculum = CURRICULUM if args.init is None else CURRICULUM[-1:]
     streams = {
         stage: generate_scenes(args.steps * args.batch, split_seed(args.seed, f"train-{stage}"),
                                **{**SCENE_KWARGS, "n_objects": n_objects})
-        for stage, (n_objects, _) in enumerate(CURRICULUM)
+        for stage, (n_objects, _) in enumerate(curriculum)
     }
     turn_rng = np.random.default_rng(split_seed(args.seed, "turns"))
     quick = heldout_samples(QUICK_IMAGES, args.seed + 1) if args.eval_every else []
+    quick_pope = heldout_pope_samples(QUICK_IMAGES, args.seed + 1) if args.eval_every and args.pope_share else []
 
     if args.vision_steps:
         pretrain_vision(model, aux_head, builder, projected, args)
@@ -951,12 +1123,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     aux_losses: list[float] = []
     attn_losses: list[float] = [0.0]
     probe_losses: list[float] = [0.0]
-    questions = 0
+    questions = pope_questions = 0
     start = time.perf_counter()
     stopped_early = False
     bar = tqdm(range(args.steps), desc="train", dynamic_ncols=True)
     for step in bar:
-        scenes = streams[curriculum_stage(step, args.steps)]
+        scenes = streams[curriculum_stage(step, args.steps, curriculum)]
         batch = builder.batch([next(scenes) for _ in range(args.batch)], turn_rng)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr)
@@ -969,7 +1141,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if recorder is not None:
             recorder.disarm()
         aux_loss = aux_head.loss(projected[0], batch.cells)
-        total = out.loss + args.aux_weight * aux_loss
+        main_loss = out.loss
+        if args.pope_weight != 1.0:
+            main_loss = answer_loss(out.logits, batch.labels, 1.0 + (args.pope_weight - 1.0) * batch.pope_tokens)
+        total = main_loss + args.aux_weight * aux_loss
         if args.deep_weight > 0:
             total = total + args.deep_weight * deep_supervision_loss(model, out.hidden_states, batch.labels)
         if args.probe_weight > 0:
@@ -990,14 +1165,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         losses.append(float(out.loss.detach()))
         aux_losses.append(float(aux_loss.detach()))
         questions += batch.n_questions
+        pope_questions += batch.n_pope
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", aux=f"{np.mean(aux_losses[-20:]):.3f}",
                         attn=f"{np.mean(attn_losses[-20:]):.3f}", probe=f"{np.mean(probe_losses[-20:]):.3f}",
                         lr=f"{optimizer.param_groups[0]['lr']:.1e}")
         if args.eval_every and (step + 1) % args.eval_every == 0:
             quick_metrics = evaluate(model, processor, quick, progress=False)
+            pope_text = ""
+            if quick_pope:
+                pope_text = f", yes/no {evaluate_pope(model, processor, quick_pope, progress=False)['accuracy']:.1f}%"
             tqdm.write(f"step {step + 1}: loss {np.mean(losses[-20:]):.3f}, quick held-out acc@0.5 "
                        f"{quick_metrics['acc@0.5']:.1f}% mean IoU {quick_metrics['mean_iou']:.3f} "
-                       f"({quick_metrics['n']} expressions), {time.perf_counter() - start:.0f}s")
+                       f"({quick_metrics['n']} expressions){pope_text}, {time.perf_counter() - start:.0f}s")
         if time.perf_counter() - start > 60 * args.minutes:
             stopped_early = True
             tqdm.write(f"time cap of {args.minutes} minutes reached after {step + 1} steps")
@@ -1023,13 +1202,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     reloaded_processor = transformers.AutoProcessor.from_pretrained(args.out)
     eval_start = time.perf_counter()
     metrics = evaluate(reloaded, reloaded_processor, heldout_samples(args.eval_images, args.seed))
+    pope = evaluate_pope(reloaded, reloaded_processor, heldout_pope_samples(args.eval_images, args.seed))
     result = {
         "seed": args.seed,
+        "init": str(args.init) if args.init else None,
+        "pope_share": args.pope_share,
+        "pope_adversarial": args.pope_adversarial,
+        "pope_weight": args.pope_weight,
+        "lr": args.lr,
         "steps_planned": args.steps,
         "steps_done": len(losses),
         "stopped_by_time_cap": stopped_early,
         "batch_images": args.batch,
         "questions_seen": questions,
+        "pope_questions_seen": pope_questions,
         "train_minutes": round(train_seconds / 60, 2),
         "eval_minutes": round((time.perf_counter() - eval_start) / 60, 2),
         "final_loss_avg20": float(np.mean(losses[-20:])),
@@ -1041,6 +1227,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "heldout_acc@0.5": round(metrics["acc@0.5"], 2),
         "heldout_mean_iou": round(metrics["mean_iou"], 4),
         "heldout_unparseable": metrics["unparseable"],
+        "heldout_pope_questions": pope["n"],
+        "heldout_pope_accuracy": round(pope["accuracy"], 2),
+        **{f"heldout_pope_{k}": round(v, 2) for k, v in pope.items() if k.startswith("accuracy_")},
+        "heldout_pope_f1": round(pope["f1"], 2),
+        "heldout_pope_yes_ratio": round(pope["yes_ratio"], 4),
+        "heldout_pope_other": pope["other"],
         "parameters": n_params,
     }
     (log_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -1,8 +1,8 @@
 """``lmms-prune check-method`` on every built-in preset (CI's subset), and on external methods.
 
 CI runs every check of every built-in preset on ONE family's tiny model, built once (InternVL with a Llama
-decoder: the cheapest to build; the video presets ``temporal``, ``evs``,
-``vidcom2`` and ``fastvid`` on Qwen2.5-VL). The full matrix, every
+decoder: the cheapest to build; the video presets ``temporal``, ``evs``, ``vidcom2``, ``fastvid``, ``dycoke``,
+``holitom`` and ``holitom_full`` on Qwen2.5-VL). The full matrix, every
 family, is ``for p in $(python -c "from lmms_prune.presets import PRESETS; print(*PRESETS)"); do lmms-prune
 check-method $p; done`` (docs/extending.md).
 """
@@ -18,16 +18,18 @@ from lmms_prune.presets import PRESETS
 from lmms_prune.toy.models import build_processor, build_tiny_model
 
 torch.set_num_threads(1)
-VIDEO_PRESETS = ("temporal", "evs", "vidcom2", "fastvid")  # run on Qwen2.5-VL, whose videos they are for
+VIDEO_PRESETS = ("temporal", "evs", "vidcom2", "fastvid", "dycoke", "holitom", "holitom_full")  # run on Qwen2.5-VL, whose videos they are for
 CI_FAMILY = dict.fromkeys(VIDEO_PRESETS, "qwen2_5_vl")  # every other preset: internvl_llama
 # n/a in CI's family, for the reason given (every other cell must pass)
 EXPECTED_NA = {(p, "video prune = mask"): "no video" for p in PRESETS if p not in VIDEO_PRESETS} | {
     (p, c): "stage none" for p in ("none", "downsample") for c in ("cache = recompute", "budget 1", "budget N")} | {
-    (p, "cache = recompute"): "multi-stage" for p in ("pyramiddrop", "sparsevlm", "feather", "vscan")} | {
-    (p, c): "merged tokens" for p in ("visionzip", "prumerge_plus", "mustdrop")
+    (p, "cache = recompute"): "multi-stage" for p in ("pyramiddrop", "sparsevlm", "feather", "vscan", "holitom_full")} | {
+    (p, c): "merged tokens" for p in ("visionzip", "prumerge_plus", "mustdrop", "holitom")
     for c in ("prune = mask", "cache = recompute")} | {
     ("fastvid", c): "merged tokens" for c in ("prune = mask", "cache = recompute", "video prune = mask")} | {
-    (p, c): "videos only" for p in ("evs", "vidcom2", "fastvid") for c in ("budget 1", "budget N")} | {
+    ("holitom", "video prune = mask"): "merged tokens"} | {
+    (p, c): "videos only" for p in ("evs", "vidcom2", "fastvid", "dycoke", "holitom", "holitom_full")
+    for c in ("budget 1", "budget N")} | {
     ("fixed", c): "needs keep_indices" for c in CHECKS}  # an oracle: tests/test_engine.py proves it directly
 
 

@@ -62,7 +62,8 @@ def test_every_preset_generates(toys, priors, family, method):
         with pytest.raises(ValueError, match="merges tokens inside the vision tower, but"):
             lmms_prune.apply(model, method, **params)
         return
-    if method in ("visionzip", "prumerge_plus", "mustdrop", "vscan", "fastvid") and family == "qwen3_vl":
+    if (method in ("visionzip", "prumerge_plus", "mustdrop", "vscan", "fastvid", "holitom", "holitom_full")
+            and family == "qwen3_vl"):
         # merged tokens have no DeepStack features
         with pytest.raises(ValueError, match="merges tokens.*qwen3_vl.*DeepStack"):
             lmms_prune.apply(model, method, **params)
@@ -107,8 +108,9 @@ def test_every_preset_generates(toys, priors, family, method):
         return
     # pyramiddrop: stage_ratio 0.5 at 3 stages keeps int(0.125 N) of the tokens after its last stage (authors' int)
     # downsample shrinks images in the runner, before the processor: apply() alone prunes nothing; evs (vLLM's)
-    # prunes videos only, an image keeps every token (vidcom2 and fastvid too)
+    # prunes videos only, an image keeps every token (vidcom2, fastvid, dycoke, holitom, holitom_full too)
     expected = {"none": n_visual, "downsample": n_visual, "evs": n_visual, "vidcom2": n_visual, "fastvid": n_visual,
+                "dycoke": n_visual, "holitom": n_visual, "holitom_full": n_visual,
                 "fixed": 3,
                 "pyramiddrop": max(1, int(0.125 * n_visual))}.get(
         method, max(1, round(0.1 * n_visual)))

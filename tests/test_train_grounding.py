@@ -1,6 +1,6 @@
 """scripts/train_grounding.py: the training targets are right (they are what the shipped model learned from),
-every packed training question is computed exactly as its single-turn evaluation prompt, the expression probe's
-classes are what the expression says, and a run is deterministic."""
+every packed training question (grounding and POPE yes/no) is computed exactly as its single-turn evaluation
+prompt, the expression probe's classes are what the expression says, and a run is deterministic."""
 
 from __future__ import annotations
 
@@ -107,6 +107,65 @@ def test_training_sequence_is_the_eval_prompt_with_every_answer_supervised(tg, s
         assert int(batch.position_ids[row, position]) - int(batch.position_ids[row, start]) == position - start
 
 
+def test_pope_questions_are_the_lmms_eval_prompt_answered_yes_or_no_as_the_scene_says(tg, scenes):
+    """With --pope-share, POPE blocks are lmms-eval's ``pope`` prompt (checked token for token against the
+    processor) answered ``Yes`` / ``No`` as the scene says, supervised on the answer only; the attention losses
+    read the object phrase and the object of that colour and shape (none when absent); the share of POPE
+    questions is the one asked for, in expectation."""
+    from lmms_prune.toy.pope import pope_prompt
+
+    processor = tg.grounder_processor()
+    builder = tg.SequenceBuilder(processor, questions_per_object=1, pope_share=0.5)
+    for scene in scenes[:3]:
+        tg.check_prompt_tokens(builder, scene)
+    rng = np.random.default_rng(2)
+    asked = 0
+    for scene in scenes:
+        present = {f"{o.color} {o.shape}" for o in scene.objects}
+        order = builder.questions(scene, rng)
+        ids, _, blocks = builder.packed(scene, order)
+        labels, turns, _ = builder.labels(ids, blocks, [builder.answer_length(scene, q) for q in order])
+        for block, question in enumerate(order):
+            text, answer = builder.prompt_and_answer(scene, question)
+            supervised = [label for label, turn in zip(labels, turns) if turn == block]
+            assert processor.tokenizer.decode(supervised) == answer + "<|im_end|>"
+            if question.is_pope:
+                asked += 1
+                article = "an" if question.expression[0] in "aeiou" else "a"
+                assert text == pope_prompt(f"Is there {article} {question.expression} in the image?")
+                assert answer == ("Yes" if question.expression in present else "No"), (question, present)
+                named = scene.objects[question.object] if question.object >= 0 else None
+                assert (named is not None) == (question.expression in present)
+                assert named is None or f"{named.color} {named.shape}" == question.expression
+            else:
+                assert answer.startswith("<box>[[")
+    assert asked > 0
+    batch = builder.batch(scenes, rng)
+    grounding_answers = int((batch.labels == builder.box_id).sum())
+    assert batch.n_pope == batch.n_questions - grounding_answers > 0
+    # every answer token is a query; a POPE query's expression span is its object phrase, in its own block
+    assert len(batch.query_rows) == int((batch.labels != tg.IGNORE).sum())
+    tokenizer = processor.tokenizer
+    for q in range(len(batch.query_rows)):
+        row, position = int(batch.query_rows[q]), int(batch.query_positions[q])
+        start, end = batch.query_text[q].tolist()
+        phrase = tokenizer.decode(batch.input_ids[row, start:end]).strip()
+        if tokenizer.decode(batch.input_ids[row, start - 1]) != "<ref>":  # a POPE question
+            assert tokenizer.decode(batch.input_ids[row, start - 3 : start]).startswith("Is there")
+            assert batch.query_words[q].tolist() == tg.expression_classes("the " + phrase)
+            objects = [f"{o.color} {o.shape}" for o in scenes[row].objects]
+            k = int(batch.query_objects[q])
+            assert (objects[k] == phrase) if k >= 0 else (phrase not in objects)
+        assert int(batch.position_ids[row, position]) - int(batch.position_ids[row, start]) == position - start
+    shares = []
+    for _ in range(20):
+        orders = [builder.questions(s, rng) for s in scenes]
+        shares.append(sum(q.is_pope for o in orders for q in o) / sum(len(o) for o in orders))
+    assert abs(float(np.mean(shares)) - 0.5) < 0.06  # capped a little by scenes with few distinct objects
+    with pytest.raises(ValueError, match="pope_share=1.0"):
+        tg.SequenceBuilder(processor, pope_share=1.0)
+
+
 def test_box_answer_is_internvl_format_on_the_0_1000_grid(tg):
     assert tg.box_answer((0, 112, 224, 448), 448, 448) == "<box>[[0, 250, 500, 1000]]</box>"
 
@@ -117,12 +176,17 @@ def test_two_runs_with_one_seed_give_identical_weights(tg, tmp_path):
     for run in ("a", "b"):
         out = tmp_path / run
         args = ["--seed", "3", "--steps", "3", "--batch", "1", "--eval-images", "1", "--threads", "1",
-                "--vision-steps", "1", "--vision-batch", "1", "--out", str(out)]
+                "--vision-steps", "1", "--vision-batch", "1", "--pope-share", "0.5", "--out", str(out)]
         metrics = tg.main(args)
         assert metrics["steps_done"] == 3 and not metrics["stopped_by_time_cap"]
+        assert metrics["pope_questions_seen"] > 0 and metrics["heldout_pope_questions"] >= 2
         assert (out / "loss.png").stat().st_size > 0 and (out / "metrics.json").is_file()
         digests.append(hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest())
     assert digests[0] == digests[1]
+    # continued training (--init) starts from the saved weights: zero learning rate leaves them as they were
+    tg.main(["--init", str(tmp_path / "a"), "--steps", "1", "--batch", "1", "--lr", "0", "--eval-images", "1",
+             "--threads", "1", "--pope-share", "0.5", "--out", str(tmp_path / "c")])
+    assert hashlib.sha256((tmp_path / "c" / "model.safetensors").read_bytes()).hexdigest() == digests[0]
 
 
 def test_block_mask_shows_each_question_the_image_and_itself_only(tg):
@@ -142,12 +206,12 @@ def test_packed_questions_equal_their_single_turn_sequences(tg, scenes, implemen
     """The logits of every question block of a packed row (shared image prefix, block mask, restarted
     positions) equal those of the question's own single-turn sequence, so training sees exactly the
     evaluation prompt; with a plain causal mask instead (later blocks seeing earlier ones) they would not."""
-    builder = tg.SequenceBuilder(tg.grounder_processor(), questions_per_object=2)
+    builder = tg.SequenceBuilder(tg.grounder_processor(), questions_per_object=2, pope_share=0.5)
     model = tg.build_model(0, text_hidden=32, text_intermediate=64).eval()
     model.set_attn_implementation(implementation)
     scene = scenes[0]
     order = builder.questions(scene, np.random.default_rng(1))
-    assert len(order) >= 4
+    assert len(order) >= 4 and any(q.is_pope for q in order) and not all(q.is_pope for q in order)
     ids, positions, blocks = builder.packed(scene, order)
     pixels, _ = builder.images([scene])
     with torch.no_grad():

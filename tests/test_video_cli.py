@@ -126,3 +126,46 @@ def test_vidcom2_and_fastvid_run_tinyvideo_through_the_cli_on_qwen(tmp_path):
         assert sample["visual_before"] == _qwen_tokens()
         assert (sample["visual_after"] == most) if model.endswith("vidcom2") else (0 < sample["visual_after"] <= most)
         assert sample["prefill_flops"] < sample["prefill_flops_unpruned"]
+
+
+@pytest.mark.cli
+def test_dycoke_runs_tinyvideo_through_the_cli_on_qwen_and_onevision(tmp_path):
+    """``--model qwen2_5_vl_dycoke`` and ``llava_onevision_dycoke``: each clip keeps DyCoke's TTM count (frames
+    4j whole, the others ``int((1 - K) T)`` tokens; ``dycoke_k`` set on the command line), scored by the task."""
+    from cli_runs import run_lmms_eval
+
+    from lmms_prune.selection import ttm_count
+
+    for model, family, extra, frames in (("qwen2_5_vl_dycoke", "qwen2_5_vl", QWEN_PIXELS, CLIP_FRAMES // 2),
+                                         ("llava_onevision_dycoke", "llava_onevision",
+                                          f"max_frames_num={CLIP_FRAMES}", CLIP_FRAMES)):
+        run = run_lmms_eval(tmp_path / model, model, f"pretrained={tiny_model_dir(family)},dycoke_k=0.5,{extra}",
+                            tasks="tinyvideo", limit=1)
+        assert 0 <= run.metrics["tinyvideo"]["tinyvideo_perception_score,none"] <= 100
+        assert run.efficiency["model"] == model and run.efficiency["summary"]["samples"] == 1
+        for sample in run.efficiency["samples"]:
+            assert sample["visual_before"] == tokens_of(family)
+            assert sample["visual_after"] == ttm_count(tokens_of(family) // frames, frames, 0.5)
+            assert sample["prefill_flops"] < sample["prefill_flops_unpruned"]
+
+
+@pytest.mark.cli
+def test_holitom_runs_tinyvideo_through_the_cli_on_qwen_and_onevision(tmp_path):
+    """``--model qwen2_5_vl_holitom`` and ``llava_onevision_holitom``: HoliTom's merged video (OneVision's
+    newline after it) reaches the LLM and is scored by the task; the count is HoliTom's own."""
+    from cli_runs import run_lmms_eval
+
+    for model, family, extra in (("qwen2_5_vl_holitom", "qwen2_5_vl", QWEN_PIXELS),
+                                 ("llava_onevision_holitom", "llava_onevision", f"max_frames_num={CLIP_FRAMES}")):
+        run = run_lmms_eval(tmp_path / model, model, f"pretrained={tiny_model_dir(family)},keep_ratio=0.25,{extra}",
+                            tasks="tinyvideo", limit=1)
+        assert 0 <= run.metrics["tinyvideo"]["tinyvideo_perception_score,none"] <= 100
+        assert run.efficiency["model"] == model and run.efficiency["summary"]["samples"] == 1
+        for sample in run.efficiency["samples"]:
+            assert sample["visual_before"] == tokens_of(family)
+            assert 1 <= sample["visual_after"] < sample["visual_before"]
+            assert sample["prefill_flops"] < sample["prefill_flops_unpruned"]
+
+
+def tokens_of(family: str) -> int:
+    return _qwen_tokens() if family == "qwen2_5_vl" else _onevision_tokens()

@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 
 # lmms_prune.demo.DEMO_METHODS (not imported here: it imports torch; tests/test_sparsevlm.py checks they agree)
-METHODS = "none,fastv,d2pruner,deepprune,vispruner,random,pyramiddrop,visionzip,fastervlm,cdpruner,sparsevlm,prumerge_plus"
+METHODS = ("none,fastv,d2pruner,deepprune,vispruner,random,pyramiddrop,visionzip,fastervlm,cdpruner,sparsevlm,"
+           "prumerge_plus,feather,mustdrop,vscan")
 # lmms_prune.video_demo.VIDEO_METHODS (tests/test_video_demo.py checks they agree)
 VIDEO_METHODS = "none,fastv,temporal,evs,vidcom2,fastvid"
 

@@ -2,7 +2,8 @@
 
 The engine registers ``lmms_prune|<base>`` implementations (``<base>`` = sdpa, eager, flash_attention_2, ...)
 that first let the active pruning handle observe the rotary-embedded query/key states of the layers it scores
-and then call the base implementation unchanged. Scoring computes only the needed query row(s):
+(and, for a decode-time selection, choose the key/value columns the kernel sees) and then call the base
+implementation. Scoring computes only the needed query row(s):
 ``softmax(q_last . K^T * scale + mask_row)`` with GQA heads grouped (no key copy), heads averaged, in float32,
 so no ``seq x seq`` matrix is ever built and SDPA/flash attention stay in use everywhere (methods.md section 3).
 """
@@ -22,6 +23,9 @@ PREFIX = "lmms_prune|"
 
 # id(attention module) -> observer callable(module, query, key, attention_mask, scaling)
 _OBSERVERS: dict[int, Callable[..., None]] = {}
+# id(attention module) -> filter callable(module, query, key, value, attention_mask) -> (key, value, attention_mask):
+# the key/value columns (and mask) the kernel sees (decode-time selection, lmms_prune.engine.decode)
+_KEY_FILTERS: dict[int, Callable[..., tuple[Any, Any, Any]]] = {}
 
 
 def _base_function(base: str, module: torch.nn.Module) -> Callable[..., Any]:
@@ -36,6 +40,9 @@ def _make_wrapper(base: str) -> Callable[..., Any]:
         observer = _OBSERVERS.get(id(module))
         if observer is not None:
             observer(module, query, key, attention_mask, kwargs.get("scaling"))
+        key_filter = _KEY_FILTERS.get(id(module))
+        if key_filter is not None:
+            key, value, attention_mask = key_filter(module, query, key, value, attention_mask)
         return _base_function(base, module)(module, query, key, value, attention_mask, *args, **kwargs)
 
     attention.__name__ = f"lmms_prune_{base}_attention"
@@ -65,6 +72,14 @@ def add_observer(module: torch.nn.Module, fn: Callable[..., None]) -> None:
 
 def remove_observer(module: torch.nn.Module) -> None:
     _OBSERVERS.pop(id(module), None)
+
+
+def add_key_filter(module: torch.nn.Module, fn: Callable[..., tuple[Any, Any, Any]]) -> None:
+    _KEY_FILTERS[id(module)] = fn
+
+
+def remove_key_filter(module: torch.nn.Module) -> None:
+    _KEY_FILTERS.pop(id(module), None)
 
 
 @contextmanager

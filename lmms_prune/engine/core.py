@@ -53,6 +53,7 @@ from torch import nn
 from lmms_prune import scores as S
 from lmms_prune import selection as sel
 from lmms_prune.engine import attention as attn
+from lmms_prune.engine.decode import DecodeColumns
 from lmms_prune.engine.pre_llm import shrink_inputs
 from lmms_prune.engine.prior import Prior, load_prior
 from lmms_prune.engine.state import CallState, PruneRecord, sync
@@ -127,6 +128,7 @@ class PruneHandle:
         self._task_kind: str | None = None
         self.image_padding: list[list[torch.Tensor | None]] | None = None
         self.video_frames: list[list[int | None]] | None = None
+        self.decode: DecodeColumns | None = None
         self.records: list[PruneRecord] = []
         # where the images are in a prefill's input_ids ([B, T] -> spans per sample), when not the family's own
         # layout: an LLM stage composed after a pre-LLM stage (engine/compose.py) sees the shortened prompt
@@ -284,6 +286,8 @@ class PruneHandle:
             raise ValueError(f"method {self.config.method!r} merges tokens, but {self.adapter.name} also adds "
                              "per-token vision features inside the LLM (DeepStack) that a merged token has none "
                              "of; use a method that keeps a subset (vispruner, divprune, fastervlm, cdpruner)")
+        layer = self.selector.decode_layer(self.config) if self.selector is not None else None
+        self.decode = DecodeColumns(self, layer) if layer is not None else None  # checks L before any hook
         self._install_observe_only()
         original = self.model.generate
 
@@ -319,6 +323,9 @@ class PruneHandle:
         self._hooks.clear()
         for module in self._observed:
             attn.remove_observer(module)
+        if getattr(self, "decode", None) is not None:
+            self.decode.close()
+            self.decode = None
         self._observed.clear()
         if self._old_attn is not None:
             self.adapter.text_config._attn_implementation = self._old_attn

@@ -16,7 +16,9 @@ gives each kept token its position in the unpruned prompt
 
 Merged tokens (VisionZip): a selector may return a :class:`lmms_prune.selection.Merge` (kept tokens + groups
 whose means become new embeddings). The image's run of placeholders is shortened to ``k + m`` tokens holding
-``[kept embeddings (ascending); group means (in group order)]``; merged tokens have no original position, so
+``[kept embeddings (ascending); group means (in group order)]`` (then the span's structural tokens where they all
+follow its visual tokens: LLaVA-OneVision's newline after a video; structural tokens among the visual ones are
+refused); merged tokens have no original position, so
 positions are renumbered (``positions="contiguous"``, the only setting merging selectors accept): the short
 prompt is numbered 0..T'-1 exactly as for pruning (1-D RoPE; Qwen's M-RoPE recomputes its grid positions
 from the shortened prompt as for any pre-LLM selection). ``PruneRecord.kept`` lists the kept original tokens,
@@ -295,14 +297,19 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
                 if cfg.positions != "contiguous":
                     raise ValueError(f"method {cfg.method!r} merges tokens, which have no original position: "
                                      "use positions='contiguous'")
-                if span.structural:
+                tail = _trailing_structural(span, span_rows)
+                if tail is None:
                     raise ValueError(f"method {cfg.method!r} merges tokens, but {adapter.name} "
                                      f"{'videos' if span.video else 'images'} have structural tokens (row "
-                                     "newlines, timestamps) that a merged sequence cannot place; use a method that "
-                                     "keeps a subset")
+                                     "newlines, timestamps) inside them that a merged sequence cannot place; use a "
+                                     "method that keeps a subset")
                 local = result.index.to(input_ids.device)
-                keep[span.start: span.start + result.count] = True  # identical placeholders, renumbered
-                kept_feats[m].append(sel.merged_embeddings(projected[rows], result))
+                # identical placeholders, renumbered: the merged sequence, then the span's trailing structural
+                # tokens (LLaVA-OneVision's newline after a video) in their own places, with their encoder rows
+                keep[span.start: span.start + result.count] = True
+                keep[span.start + torch.tensor(span.structural, dtype=torch.long, device=keep.device)] = True
+                kept_feats[m].append(torch.cat([sel.merged_embeddings(projected[rows], result),
+                                                projected[(offset + tail).to(projected.device)]]))
                 kept_rows[m].append(None)  # new embeddings: no encoder row of their own
                 merged.append(result.added)
                 prefix, own = 0 if result.prefix is None else result.prefix.shape[0], local.cpu()
@@ -391,6 +398,17 @@ def _check_slots(merge: sel.Merge) -> None:
             or slots.unique().numel() != slots.numel()):
         raise ValueError(f"Merge.slots={slots.tolist()}: need one distinct slot per merged token, none of them kept "
                          "(Merge.index), to place the merged tokens")
+
+
+def _trailing_structural(span: ImageSpan, span_rows: torch.Tensor) -> torch.Tensor | None:
+    """The encoder rows (counted from the span's first) of a span's structural tokens where they all come after
+    its visual tokens and each has a row (LLaVA-OneVision's newline after a video): a merged sequence can end with
+    them. Empty where there are none; None where they sit among the visual tokens (row newlines, timestamps)."""
+    tail = torch.tensor(span.structural, dtype=torch.long)
+    if tail.numel() and (not torch.equal(tail, torch.arange(span.num_visual, span.length))
+                         or bool((span_rows[tail] < 0).any())):
+        return None
+    return span_rows[tail]
 
 
 def _place_slots(feats: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, image: torch.Tensor,

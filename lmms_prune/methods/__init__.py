@@ -52,6 +52,8 @@ MODULES: tuple[str, ...] = (
     "lmms_prune.methods.feather",
     "lmms_prune.methods.mustdrop",
     "lmms_prune.methods.vscan",
+    "lmms_prune.methods.dycoke",
+    "lmms_prune.methods.holitom",
     "lmms_prune.methods.vidcom2",
     "lmms_prune.methods.fastvid",
 )

@@ -358,6 +358,20 @@ class Selector(Plugin):
         then reports the counts instead of requiring exactly ``n``."""
         return cls.merges and config.stage == "llm"
 
+    @classmethod
+    def decode_layer(cls, config: Any) -> int | None:
+        """A decode-time selection (``lmms_prune.engine.decode``; DyCoke's stage 2): the decoder layer ``L`` from
+        which, at each decode step, the current token attends only to the visual KV entries :meth:`decode_keep`
+        picks from layer ``L - 1``'s attention row. None (default): every entry, always."""
+        return None
+
+    def decode_keep(self, span: ImageSpan, row: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor | None:
+        """At a decode step, for one visual span of the prompt the LLM saw: ``row`` ``[n]`` the current token's
+        attention (layer ``L - 1``, heads averaged) over the span's ``n`` visual tokens there, ``previous`` the
+        previous step's row of the span (None at the call's first step); the kept indices into ``row``, or None
+        for all of them."""
+        return None
+
     def __call__(self, image: ImageSignals, scores: torch.Tensor | None, n: int) -> torch.Tensor:
         raise TypeError(f"selector {self.name!r} does not select")
 

@@ -16,8 +16,12 @@ from lmms_prune.selection.budget import (
 from lmms_prune.selection.dart import dart
 from lmms_prune.selection.divprune import divprune
 from lmms_prune.selection.dpp import cdpruner, dpp_greedy, instruction_relevance
+from lmms_prune.selection.dycoke import decode_keep as dycoke_decode_keep
+from lmms_prune.selection.dycoke import ttm_count, ttm_references, ttm_select
 from lmms_prune.selection.evs import evs_dissimilarity, evs_retained_count, evs_retention_mask, evs_select
 from lmms_prune.selection.fastvid import anchor_counts, density_scores, dynamic_segments, fastvid
+from lmms_prune.selection.holitom import holitom_merge, static_windows
+from lmms_prune.selection.holitom import inner_merge as holitom_inner_merge
 from lmms_prune.selection.merge import Merge, group_weights, merge_into_slots, merged_embeddings, visionzip
 from lmms_prune.selection.mustdrop import (
     dual_attention_filter,
@@ -48,6 +52,13 @@ from lmms_prune.selection.vispruner import remove_duplicates, vispruner
 from lmms_prune.selection.vscan import global_scan, local_scan, nearest_merge, vscan_select, window_ids
 
 __all__ = [
+    "holitom_inner_merge",
+    "dycoke_decode_keep",
+    "ttm_select",
+    "ttm_references",
+    "ttm_count",
+    "static_windows",
+    "holitom_merge",
     "Merge",
     "adaptive_keep_count",
     "average_kept_fraction",

@@ -4,6 +4,8 @@
   ``refcoco+_ground``, ``refcocog_ground`` and ``refcoco_ground_all`` (all 8 splits); split tasks such as
   ``refcoco_ground_val``, ``refcoco+_ground_testA``, ``refcocog_ground_test``. Data sources and their
   environment variables: ``refcoco/data.py``.
+- ``pope/``: ``pope_local``, lmms-eval's ``pope`` task (prompt, generation, scoring) on a local copy of
+  lmms-lab/POPE's layout (``LMMS_PRUNE_POPE_DIR``; the hub dataset otherwise).
 - ``takeover.py``: makes ``--tasks refcoco`` / ``refcoco+`` / ``refcocog`` mean the grounding groups when
   lmms-prune is installed (``LMMS_PRUNE_TAKEOVER=0`` turns it off; lmms-eval's captioning groups stay
   reachable as ``refcoco_caption``, ``refcoco+_caption``, ``refcocog_caption``).
