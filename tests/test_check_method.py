@@ -2,7 +2,7 @@
 
 CI runs every check of every built-in preset on ONE family's tiny model, built once (InternVL with a Llama
 decoder: the cheapest to build; the video presets ``temporal``, ``evs``, ``vidcom2``, ``fastvid``, ``dycoke``,
-``holitom`` and ``holitom_full`` on Qwen2.5-VL). The full matrix, every
+``holitom`` and ``holitom_full`` on Qwen2.5-VL; ``mustdrop_authors`` on LLaVA-1.5). The full matrix, every
 family, is ``for p in $(python -c "from lmms_prune.presets import PRESETS; print(*PRESETS)"); do lmms-prune
 check-method $p; done`` (docs/extending.md).
 """
@@ -20,10 +20,12 @@ from lmms_prune.toy.models import build_processor, build_tiny_model
 torch.set_num_threads(1)
 VIDEO_PRESETS = ("temporal", "evs", "vidcom2", "fastvid", "dycoke", "holitom", "holitom_full")  # run on Qwen2.5-VL, whose videos they are for
 CI_FAMILY = dict.fromkeys(VIDEO_PRESETS, "qwen2_5_vl")  # every other preset: internvl_llama
+CI_FAMILY["mustdrop_authors"] = "llava"  # its in-tower merge runs on CLIP's tower only
 # n/a in CI's family, for the reason given (every other cell must pass)
 EXPECTED_NA = {(p, "video prune = mask"): "no video" for p in PRESETS if p not in VIDEO_PRESETS} | {
     (p, c): "stage none" for p in ("none", "downsample") for c in ("cache = recompute", "budget 1", "budget N")} | {
-    (p, "cache = recompute"): "multi-stage" for p in ("pyramiddrop", "sparsevlm", "feather", "vscan", "holitom_full")} | {
+    (p, "cache = recompute"): "multi-stage" for p in ("pyramiddrop", "sparsevlm", "feather", "vscan", "holitom_full",
+                                                "mustdrop_authors")} | {
     (p, c): "merged tokens" for p in ("visionzip", "prumerge_plus", "mustdrop", "holitom")
     for c in ("prune = mask", "cache = recompute")} | {
     ("fastvid", c): "merged tokens" for c in ("prune = mask", "cache = recompute", "video prune = mask")} | {

@@ -79,3 +79,14 @@ def test_vscan_runs_through_lmms_eval(tmp_path, model, toy, args):
         assert s["visual_after"] == max(1, int(0.333 * entered))
         per_layer = s["tokens_per_layer"]
         assert per_layer[0] - per_layer[-1] == entered - s["visual_after"] > 0
+
+
+@pytest.mark.cli
+def test_mustdrop_authors_runs_through_lmms_eval(tmp_path):
+    """The authors' whole path on LLaVA-1.5 (the family whose tower hosts the in-tower merge): fewer tokens than
+    the image gave, at least the key set's 8% (its arithmetic is proven in tests/test_mustdrop_tower.py)."""
+    run = run_lmms_eval(tmp_path, "llava_mustdrop_authors", f"pretrained={tiny_model_dir('llava')}", limit=2)
+    assert "pope_accuracy,none" in run.metrics["pope_tiny"]
+    samples = run.efficiency["samples"]
+    assert len(samples) == 2 and all(0.08 * s["visual_before"] < s["visual_after"] < s["visual_before"]
+                                     for s in samples)
