@@ -1,9 +1,9 @@
 """Serving glue for vLLM: the pre-LLM presets as an out-of-tree vLLM plug-in (no fork, no patch of vLLM).
 
 vLLM loads :func:`register` through the ``vllm.general_plugins`` entry point (pyproject.toml) in every process
-it starts. It registers :class:`lmms_prune.vllm.qwen2_5_vl.PrunedQwen2_5_VL` for the
-``Qwen2_5_VLForConditionalGeneration`` architecture; that class serves the model unchanged unless its config
-carries the pruning key::
+it starts. It registers one pruning-aware subclass of vLLM's own model class per architecture in
+:data:`ARCHITECTURES` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL; the shared part is :mod:`lmms_prune.vllm.qwen`); each
+serves the model unchanged unless its config carries the pruning key::
 
     LLM(model=..., hf_overrides={"lmms_prune": {"method": "divprune", "keep_ratio": 0.25}})
 
@@ -22,8 +22,13 @@ from __future__ import annotations
 from typing import Any
 
 CONFIG_KEY = "lmms_prune"
-ARCHITECTURES = {"Qwen2_5_VLForConditionalGeneration": "lmms_prune.vllm.qwen2_5_vl:PrunedQwen2_5_VL"}
-# Pre-LLM presets whose signals vLLM's Qwen2.5-VL code exposes at its vision tower (docs/serving.md).
+# vLLM architecture name -> our subclass of vLLM's class (module:class, imported by vLLM when it builds the model).
+ARCHITECTURES = {
+    "Qwen2VLForConditionalGeneration": "lmms_prune.vllm.qwen2_vl:PrunedQwen2VL",
+    "Qwen2_5_VLForConditionalGeneration": "lmms_prune.vllm.qwen2_5_vl:PrunedQwen2_5_VL",
+    "Qwen3VLForConditionalGeneration": "lmms_prune.vllm.qwen3_vl:PrunedQwen3VL",
+}
+# Pre-LLM presets whose signals vLLM's Qwen-VL code exposes at its vision tower (docs/serving.md).
 PRESETS = ("vispruner", "divprune", "fastervlm")
 # Why the other presets are refused here (checked before any weights load).
 REFUSED = {
