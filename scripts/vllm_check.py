@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +34,10 @@ TOY_LAYERS = 4
 INIT_RANGE = 0.25
 TOP_LOGPROBS = 5  # compared at the first generated token: a check of the positions beyond the argmax
 LOGPROB_TOL = 1e-3
+ROOT = Path(__file__).resolve().parents[1]
+LMMS_EVAL_TASK = "mme_tiny"  # tests/tasks: lmms-eval's MME task on two tiny parquet rows
+LMMS_EVAL_LIMIT = 2
+PRUNED_PROMPT = re.compile(r"lmms_prune: prompt (\d+) -> (\d+) tokens")  # logged by lmms_prune.vllm.qwen
 
 
 def _params(preset: str, positions: str) -> dict:
@@ -176,6 +182,33 @@ def run_vllm(out: Path, preset: str, positions: str) -> None:
         "load_seconds": load, "generate_seconds": time.perf_counter() - t0}, indent=1))
 
 
+def run_lmms_eval(out: Path, preset: str) -> None:
+    """lmms-eval's own ``vllm`` model (``--model vllm``) with ``preset`` in ``hf_overrides`` on the tiny MME task,
+    from lmms-eval's command line; ``out/lmms_eval.json`` says whether it wrote its results and which pruned
+    prompt lengths its log shows (the plug-in logs ``lmms_prune: prompt T -> T' tokens`` per request)."""
+    from lmms_prune.vllm import lmms_eval_model_args
+
+    path = Path((out / "model_path").read_text())
+    model_args = lmms_eval_model_args(
+        str(path), {"method": preset, **_params(preset, "contiguous")}, dtype="float32", max_model_len=2048,
+        max_num_seqs=1, enforce_eager=True, limit_mm_per_prompt={"image": 1, "video": 0})
+    results = out / "lmms_eval"
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", "vllm", "--model_args", model_args, "--tasks", LMMS_EVAL_TASK,
+           "--include_path", str(ROOT / "tests" / "tasks"), "--limit", str(LMMS_EVAL_LIMIT), "--batch_size", "1",
+           "--output_path", str(results), "--log_samples"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    log = proc.stdout + proc.stderr
+    (out / "lmms_eval.log").write_text(log)
+    prompts = [(int(a), int(b)) for a, b in PRUNED_PROMPT.findall(log)]
+    written = sorted(str(p.relative_to(out)) for p in results.rglob("*_results.json"))
+    samples = sum(len(p.read_text().splitlines()) for p in results.rglob("*_samples_*.jsonl"))
+    ok = bool(written) and samples == LMMS_EVAL_LIMIT and sum(a > b for a, b in prompts) >= LMMS_EVAL_LIMIT
+    (out / "lmms_eval.json").write_text(json.dumps({
+        "command": cmd, "returncode": proc.returncode, "results_written": written, "samples": samples,
+        "pruned_prompts_in_log": prompts, "ok": ok, "seconds": time.perf_counter() - t0}, indent=1))
+
+
 def _logprob_diff(ref: dict, got: dict) -> float | None:
     """Largest difference of the first generated token's top log-probabilities (transformers' top tokens looked
     up in vLLM's); None when vLLM's top tokens differ."""
@@ -223,8 +256,17 @@ def compare(out: Path, families: list[str], presets: list[str]) -> bool:
         family_rows, informative[family] = compare_family(out / family, family, presets)
         rows += family_rows
     ok = bool(rows) and all(r["identical"] for r in rows)
+    harness = {family: json.loads((out / family / "lmms_eval.json").read_text()) for family in families
+               if (out / family / "lmms_eval.json").exists()}
     (out / "vllm_check.json").write_text(json.dumps({
-        "all_identical": ok, "answers_differ_between_presets": informative, "rows": rows}, indent=1))
+        "all_identical": ok, "answers_differ_between_presets": informative,
+        "lmms_eval_vllm": {f: {k: h[k] for k in ("ok", "pruned_prompts_in_log", "samples", "results_written")}
+                           for f, h in harness.items()},
+        "rows": rows}, indent=1))
+    for family, h in harness.items():
+        print(f"{family:>10} lmms-eval --model vllm: {'ok' if h['ok'] else 'FAILED'}, pruned prompts in its log "
+              f"{h['pruned_prompts_in_log']}")
+    ok &= all(h["ok"] for h in harness.values())
     for r in rows:
         print(f"{r['family']:>10} {r['preset']:>10} {r['positions']:>10}: kept "
               f"{'==' if r['kept_identical'] else '!='}  answer {'==' if r['answers_identical'] else '!='}  "
@@ -254,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     vl.add_argument("family", choices=FAMILIES)
     vl.add_argument("preset", choices=(UNPRUNED, *PRESETS))
     vl.add_argument("positions", choices=POSITIONS)
+    le = sub.add_parser("lmms_eval", help="lmms-eval's --model vllm with PRESET on a tiny task (vLLM venv)")
+    le.add_argument("out", type=Path)
+    le.add_argument("family", choices=FAMILIES)
+    le.add_argument("preset", choices=PRESETS)
     cmp = sub.add_parser("compare", help="write OUT/vllm_check.json")
     cmp.add_argument("out", type=Path)
     cmp.add_argument("--families", type=lambda t: _names(t, FAMILIES), default=list(FAMILIES))
@@ -274,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.part == "transformers":
         run_transformers(out, args.family, args.model)
+    elif args.part == "lmms_eval":
+        run_lmms_eval(out, args.preset)
     else:
         run_vllm(out, args.preset, args.positions)
     return 0

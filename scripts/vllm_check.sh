@@ -1,25 +1,31 @@
 #!/usr/bin/env bash
 # Cross-engine proof of the vLLM plug-in (docs/serving.md):
-#   bash scripts/vllm_check.sh OUT [--model PATH] [--families F,...] [--presets P,...]
+#   bash scripts/vllm_check.sh OUT [--model PATH] [--families F,...] [--presets P,...] [--lmms-eval PRESET|none]
 # writes OUT/vllm_check.json (per family, preset and positions: kept sets identical, greedy answers identical token
 # for token, first-token log-probabilities, prompt tokens before and after) and exits non-zero on any difference.
 # --model PATH: a local checkpoint of a served family (default: one toy per family, fp32, text head_dim 64).
 # --families / --presets: a subset (default: qwen2_5_vl,qwen2_vl,qwen3_vl and none,vispruner,divprune,fastervlm;
-# "none" runs vLLM with the plug-in installed and no pruning key). Our transformers engine runs in the main
+# "none" runs vLLM with the plug-in installed and no pruning key).
+# --lmms-eval PRESET (default divprune; none: skip): lmms-eval's own `--model vllm` with that preset in hf_overrides
+# runs the tiny MME task (tests/tasks) on the first family; its log must show the pruned prompt lengths. Our transformers engine runs in the main
 # environment (LMMS_PRUNE_MAIN_PYTHON, default ./.venv/bin/python: scripts/env.sh), vLLM in its own
 # (scripts/vllm_env.sh), one engine per configuration (vLLM fixes the pruning config when it starts).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-usage() { echo "usage: bash scripts/vllm_check.sh OUT [--model PATH] [--families F,...] [--presets P,...]" >&2; exit 2; }
+usage() {
+    echo "usage: bash scripts/vllm_check.sh OUT [--model PATH] [--families F,...] [--presets P,...] [--lmms-eval PRESET|none]" >&2
+    exit 2
+}
 if [ $# -lt 1 ] || [[ "$1" == -* ]]; then usage; fi
 OUT_ARG="$1"
 shift
-MODEL=() FAMILIES="qwen2_5_vl,qwen2_vl,qwen3_vl" PRESETS="none,vispruner,divprune,fastervlm"
+MODEL=() FAMILIES="qwen2_5_vl,qwen2_vl,qwen3_vl" PRESETS="none,vispruner,divprune,fastervlm" HARNESS=divprune
 while [ $# -gt 0 ]; do
     case "$1" in
         --model) [ $# -ge 2 ] || usage; MODEL=(--model "$2"); shift 2 ;;
         --families) [ $# -ge 2 ] || usage; FAMILIES="$2"; shift 2 ;;
         --presets) [ $# -ge 2 ] || usage; PRESETS="$2"; shift 2 ;;
+        --lmms-eval) [ $# -ge 2 ] || usage; HARNESS="$2"; shift 2 ;;
         *) echo "[vllm_check] unknown argument $1" >&2; usage ;;
     esac
 done
@@ -34,7 +40,7 @@ if [ ${#MODEL[@]} -gt 0 ]; then  # the checkpoint's family, or a clear error bef
     FAMILIES="$("$MAIN_PY" "${CHECK[@]}" family "${MODEL[1]}")"
 fi
 # the names are checked before anything runs (compare's parser)
-"$MAIN_PY" "${CHECK[@]}" compare /dev/null --families "$FAMILIES" --presets "$PRESETS" --help >/dev/null
+"$MAIN_PY" "${CHECK[@]}" compare /dev/null --families "$FAMILIES" --presets "$PRESETS,$HARNESS" --help >/dev/null
 OUT="$(mkdir -p "$OUT_ARG" && cd "$OUT_ARG" && pwd)"
 for family in ${FAMILIES//,/ }; do
     echo "[vllm_check] transformers engine, $family ($MAIN_PY)"
@@ -53,4 +59,10 @@ for family in ${FAMILIES//,/ }; do
             echo "[vllm_check] vLLM $family $preset/$positions failed: see its log"
     done
 done
+if [ "$HARNESS" != none ]; then
+    family="${FAMILIES%%,*}"
+    echo "[vllm_check] lmms-eval --model vllm, $family $HARNESS (log: $OUT/$family/lmms_eval.log)"
+    python "${CHECK[@]}" lmms_eval "$OUT" "$family" "$HARNESS" ||
+        echo "[vllm_check] lmms-eval check failed: see $OUT/$family/lmms_eval.log"
+fi
 python "${CHECK[@]}" compare "$OUT" --families "$FAMILIES" --presets "$PRESETS"

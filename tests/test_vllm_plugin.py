@@ -49,3 +49,49 @@ def test_every_refused_preset_is_a_known_preset_with_a_reason():
 
     assert set(REFUSED) <= set(ALL) and set(REFUSED).isdisjoint(PRESETS)
     assert all(len(reason) > 40 for reason in REFUSED.values())
+
+
+def test_every_architecture_names_a_subclass_of_vllms_own_class():
+    """ARCHITECTURES maps vLLM's architecture name to ``module:Class``; the class (read from the source, since
+    this venv has no vLLM) derives from vLLM's class of that name, so no family is registered under another's."""
+    import ast
+    import importlib.util
+
+    from lmms_prune.vllm import ARCHITECTURES
+
+    for arch, target in ARCHITECTURES.items():
+        module, name = target.split(":")
+        tree = ast.parse(open(importlib.util.find_spec(module).origin, encoding="utf-8").read())
+        [cls] = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name]
+        assert arch in {b.id for b in cls.bases if isinstance(b, ast.Name)}, (arch, target)
+        assert "PrunedQwenVL" in {b.id for b in cls.bases if isinstance(b, ast.Name)}, target
+
+
+def test_lmms_eval_model_args_reach_vllm_as_the_config():
+    """The string lmms-eval's ``vllm`` model receives becomes, after lmms-eval's own parsing (split outside
+    braces, then ``json.loads`` of values that start with ``{``), the ``hf_overrides`` and engine arguments we
+    asked for, and the plug-in resolves the config from it."""
+    import json
+
+    from lmms_eval.utils import simple_parse_args_string
+
+    from lmms_prune.vllm import lmms_eval_model_args
+
+    prune = {"method": "vispruner", "keep_ratio": 0.25, "important_ratio": 0.5}
+    text = lmms_eval_model_args("/models/qwen2_5_vl", prune, dtype="float32", max_model_len=2048,
+                                limit_mm_per_prompt={"image": 1, "video": 0})
+    parsed = simple_parse_args_string(text)
+    parsed = {k: json.loads(v) if isinstance(v, str) and v.startswith("{") else v for k, v in parsed.items()}
+    assert parsed == {"model": "/models/qwen2_5_vl", "hf_overrides": {CONFIG_KEY: prune}, "dtype": "float32",
+                      "max_model_len": 2048, "limit_mm_per_prompt": {"image": 1, "video": 0}}
+    assert pruning_config(_hf(parsed["hf_overrides"][CONFIG_KEY])) == resolve_config(
+        "vispruner", keep_ratio=0.25, important_ratio=0.5, positions="contiguous")
+
+
+def test_lmms_eval_model_args_refuse_before_anything_starts():
+    from lmms_prune.vllm import lmms_eval_model_args
+
+    with pytest.raises(ValueError, match="method='fastv'"):
+        lmms_eval_model_args("m", {"method": "fastv"})
+    with pytest.raises(ValueError, match="cannot carry"):
+        lmms_eval_model_args("a,b", None)

@@ -94,3 +94,29 @@ def pruning_config(hf_config: Any) -> Any:
     if cfg.stage != "pre_llm":
         raise ValueError(f"{CONFIG_KEY}.stage={cfg.stage!r}: the vLLM plug-in prunes before the LLM; use stage=pre_llm")
     return cfg
+
+
+def lmms_eval_model_args(model: str, prune: dict[str, Any] | None, **engine: Any) -> str:
+    """The ``--model_args`` string of lmms-eval's ``vllm`` model that serves ``model`` with the pruning config
+    ``prune`` (the value of ``hf_overrides["lmms_prune"]``, checked here as the plug-in will check it) and the
+    other ``vllm.LLM`` arguments ``engine`` (dicts such as ``limit_mm_per_prompt`` included).
+
+    lmms-eval splits ``--model_args`` at commas outside braces and quotes, and its ``vllm`` model turns each
+    value that starts with ``{`` back into a dict with ``json.loads`` before it builds ``vllm.LLM``; so dicts go
+    in as compact JSON. Raises ``ValueError`` for a bad pruning config or a value lmms-eval cannot carry.
+    """
+    import json
+    from types import SimpleNamespace
+
+    args: dict[str, Any] = {"model": model, **engine}
+    if prune is not None:
+        pruning_config(SimpleNamespace(**{CONFIG_KEY: prune}))
+        args["hf_overrides"] = {CONFIG_KEY: prune}
+    parts = []
+    for key, value in args.items():
+        text = json.dumps(value, separators=(",", ":")) if isinstance(value, dict) else str(value)
+        if not isinstance(value, dict) and any(c in text for c in ",{}[]\"'"):
+            raise ValueError(f"{key}={text!r}: lmms-eval's --model_args cannot carry ',', quotes or brackets "
+                             "in a plain value")
+        parts.append(f"{key}={text}")
+    return ",".join(parts)

@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from vllm.logger import init_logger
 from vllm.multimodal.processing import PromptReplacement
 
 from lmms_prune import selection as sel
@@ -41,21 +42,36 @@ from lmms_prune.vllm import pruning_config
 
 # Where the worker appends one JSON line per pruned image (the cross-engine check reads it); unset: nothing.
 RECORD_ENV = "LMMS_PRUNE_VLLM_RECORD"
+logger = init_logger(__name__)
 
 
 class BudgetedPrompts:
-    """Mixed in before a Qwen-VL multimodal processor: each image's placeholder run cut to the method's budget."""
+    """Mixed in before a Qwen-VL multimodal processor: each image's placeholder run cut to the method's budget.
+    Each pruned prompt is logged with its length before and after (``lmms_prune: prompt ... tokens``), the line
+    that front ends such as lmms-eval's ``vllm`` model show."""
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
         cfg = pruning_config(self.info.get_hf_config())
+        self._cuts: list[tuple[int, int]] = []  # (visual tokens, placeholders) per image of this prompt
         if cfg is None:
             return updates
-        return [_budgeted(u, cfg) for u in updates]
+        return [_budgeted(u, cfg, self._cuts) for u in updates]
+
+    def apply(self, inputs, timing_ctx):
+        out = super().apply(inputs, timing_ctx)
+        cuts = getattr(self, "_cuts", [])
+        if cuts:
+            after = len(out["prompt_token_ids"])
+            before = after + sum(n - kept for n, kept in cuts)
+            logger.info("lmms_prune: prompt %d -> %d tokens (images: %s visual tokens)", before, after,
+                        ", ".join(f"{n} -> {kept}" for n, kept in cuts))
+        return out
 
 
-def _budgeted(update: PromptReplacement, cfg: Any) -> PromptReplacement:
-    """The same replacement with ``sel.budget(N)`` placeholders per image (videos are refused)."""
+def _budgeted(update: PromptReplacement, cfg: Any, cuts: list[tuple[int, int]]) -> PromptReplacement:
+    """The same replacement with ``sel.budget(N)`` placeholders per image, each ``(N, budget)`` appended to
+    ``cuts`` (videos are refused)."""
     full = update.replacement
 
     def replacement(item_idx: int) -> list[int]:
@@ -63,7 +79,9 @@ def _budgeted(update: PromptReplacement, cfg: Any) -> PromptReplacement:
             raise ValueError(f"lmms_prune: {update.modality} inputs are not pruned by the vLLM plug-in yet; send "
                              "images, or serve without hf_overrides['lmms_prune']")
         tokens = full(item_idx)
-        return tokens[:1] * sel.budget(len(tokens), keep_ratio=cfg.keep_ratio, keep_tokens=cfg.keep_tokens)
+        n = sel.budget(len(tokens), keep_ratio=cfg.keep_ratio, keep_tokens=cfg.keep_tokens)
+        cuts.append((len(tokens), n))
+        return tokens[:1] * n
 
     return PromptReplacement(modality=update.modality, target=update.target, replacement=replacement)
 
