@@ -85,8 +85,12 @@ def build_toy(out: Path, family: str) -> Path:
     config = toy.tiny_config(family, TOY_LAYERS)
     _toy_text(config, family)
     # wider random weights than the test toy's 0.02, so that greedy answers depend on the kept tokens and their
-    # positions instead of collapsing onto one token
-    config.initializer_range = config.text_config.initializer_range = INIT_RANGE
+    # positions instead of collapsing onto one token, and the vision attention is far from uniform (at 0.02 the
+    # received attention of Qwen3-VL's tower ties within 1e-6, where the two engines' rounding picks different
+    # tokens)
+    for part in (config, config.text_config, config.vision_config):
+        if hasattr(part, "initializer_range"):
+            part.initializer_range = INIT_RANGE
     recipe = toy.RECIPES[family]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -116,6 +120,20 @@ def _answer(gen, prompt_length: int) -> dict:
             "first_logprobs": dict(zip(map(str, top.indices.tolist()), top.values.tolist()))}
 
 
+def _observe_scores(handle) -> list:
+    """A list that fills with the preset's score per image (``[N]`` floats, or None) as the handle selects."""
+    seen: list = []
+    score = handle.score
+
+    def observed(image):
+        out = score(image)
+        seen.append(None if out is None else out.float().tolist())
+        return out
+
+    handle.score = observed
+    return seen
+
+
 def run_transformers(out: Path, family: str, model_path: Path | None) -> None:
     """Our engine on ``family``'s toy (or ``model_path``): unpruned, then every preset; ``out/transformers.json``."""
     import torch
@@ -140,11 +158,12 @@ def run_transformers(out: Path, family: str, model_path: Path | None) -> None:
         for positions in POSITIONS:
             t0 = time.perf_counter()
             with lmms_prune.apply(model, method=preset, **_params(preset, positions)) as handle:
+                scores = _observe_scores(handle)
                 gen = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, output_scores=True,
                                      return_dict_in_generate=True)
                 record = handle.records[-1]
             results[f"{preset}/{positions}"] = _answer(gen, length) | {
-                "kept": [k.tolist() for k in record.kept], "visual_before": record.visual_before,
+                "kept": [k.tolist() for k in record.kept], "visual_before": record.visual_before, "scores": scores,
                 "prompt_tokens_before": record.seq_len_before, "prompt_tokens_after": record.seq_len_after,
                 "seconds": time.perf_counter() - t0}
             print(f"[transformers] {family} {preset}/{positions}: kept {record.visual_after}/{record.visual_before}",
@@ -177,6 +196,7 @@ def run_vllm(out: Path, preset: str, positions: str) -> None:
     kept = kept[-1:]  # the request's image (vLLM's start-up profiling encodes a dummy image first)
     (out / "vllm" / f"{preset}-{positions}.json").write_text(json.dumps({
         "kept": [k["kept"] for k in kept], "visual_before": sum(k["visual_before"] for k in kept),
+        "scores": [k.get("scores") for k in kept],
         "prompt_tokens_after": len(result.prompt_token_ids), "answer": list(result.outputs[0].token_ids),
         "first_logprobs": {str(t): lp.logprob for t, lp in result.outputs[0].logprobs[0].items()},
         "load_seconds": load, "generate_seconds": time.perf_counter() - t0}, indent=1))
@@ -218,6 +238,16 @@ def _logprob_diff(ref: dict, got: dict) -> float | None:
     return max(abs(a[t] - b[t]) for t in a if t in b)
 
 
+def _score_diff(ref: list | None, got: list | None) -> float | None:
+    """Largest difference of the per-image scores the selection used, relative to the largest score (None
+    where the preset has no score or a side did not record one)."""
+    import numpy as np
+
+    if not ref or not got or len(ref) != len(got) or any(r is None or g is None for r, g in zip(ref, got)):
+        return None
+    return max(float(np.abs(np.subtract(r, g)).max() / max(np.abs(r).max(), 1e-30)) for r, g in zip(ref, got))
+
+
 def compare_family(out: Path, family: str, presets: list[str]) -> tuple[list[dict], bool]:
     """Rows of ``presets`` (vLLM's side asked for) of one family, and whether the toy is informative: the pruned
     answers differ from each other and from the unpruned one (else equal answers would prove nothing)."""
@@ -237,6 +267,7 @@ def compare_family(out: Path, family: str, presets: list[str]) -> tuple[list[dic
                "kept_identical": got is not None and got["kept"] == ref["kept"],
                "answers_identical": got is not None and got["answer"] == ref["answer"],
                "first_token_logprob_max_diff": None if got is None else _logprob_diff(ref, got),
+               "score_max_rel_diff": None if got is None else _score_diff(ref.get("scores"), got.get("scores")),
                "answer_tokens": {"transformers": ref["answer"], "vllm": None if got is None else got["answer"]},
                "error": None if got is not None else f"no vLLM result ({family}/vllm/{part.name}); see its log"}
         diff = row["first_token_logprob_max_diff"]

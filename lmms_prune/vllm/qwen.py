@@ -233,8 +233,10 @@ class PrunedQwenVL:
                 vision_features=None if features is None else features[rows],
                 embeddings=self.main_embeddings(emb) if needs.embeddings else None)
             n = sel.budget(n_tokens, keep_ratio=self.prune.keep_ratio, keep_tokens=self.prune.keep_tokens)
-            kept = self.selector(signals, self.score(signals), n).sort().values.to(emb.device)
-            lines.append({"visual_before": n_tokens, "kept": kept.tolist()})
+            score = self.score(signals)
+            kept = self.selector(signals, score, n).sort().values.to(emb.device)
+            lines.append({"visual_before": n_tokens, "kept": kept.tolist(),
+                          "scores": None if score is None else score.float().tolist()})
             out.append(emb[kept])  # Qwen3-VL: the DeepStack channels of the kept tokens come along
         _record(lines)
         return tuple(out)
