@@ -43,12 +43,14 @@ REFUSED = {
 }
 POSITIONS = ("contiguous",)
 # Why positions='original' (GAP's rule, our engine's other setting) is refused: the kept tokens' original M-RoPE
-# positions are known only after selection, in the worker, and vLLM's one hook for changing positions after the
-# encoder (SupportsMultiModalPruning.recompute_mrope_positions) is never called by its CPU model runner
-# (CPUModelRunner.load_model leaves is_multimodal_pruning_enabled False), so the path cannot be proven here.
-REFUSED_POSITIONS = ("vLLM's CPU model runner never calls SupportsMultiModalPruning.recompute_mrope_positions, "
-                     "the one hook that could give the kept tokens their original M-RoPE positions after selection "
-                     "(docs/serving.md); use positions='contiguous'")
+# positions are known only after selection, in the worker, and vLLM 0.32's one hook for changing positions after
+# the encoder (SupportsMultiModalPruning.recompute_mrope_positions) is called by GPUModelRunner only when video
+# pruning is configured (video_pruning_rate > 0) and never by CPUModelRunner (its load_model leaves
+# is_multimodal_pruning_enabled False), so the path cannot be proven here (docs/serving.md).
+REFUSED_POSITIONS = ("vLLM 0.32 rewrites positions after the encoder only through "
+                     "SupportsMultiModalPruning.recompute_mrope_positions, which its CPU model runner never calls and "
+                     "its GPU runner calls only with video_pruning_rate > 0 (docs/serving.md); use "
+                     "positions='contiguous'")
 
 
 def register() -> None:
