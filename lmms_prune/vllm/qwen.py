@@ -42,7 +42,8 @@ from lmms_prune.vllm import pruning_config
 
 # Where the worker appends one JSON line per pruned image (the cross-engine check reads it); unset: nothing.
 RECORD_ENV = "LMMS_PRUNE_VLLM_RECORD"
-logger = init_logger(__name__)
+# under vLLM's own logger, whose handler vLLM configures (a logger outside the "vllm" name space prints nothing)
+logger = init_logger("vllm.lmms_prune")
 
 
 class BudgetedPrompts:
@@ -53,14 +54,15 @@ class BudgetedPrompts:
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
         cfg = pruning_config(self.info.get_hf_config())
-        self._cuts: list[tuple[int, int]] = []  # (visual tokens, placeholders) per image of this prompt
         if cfg is None:
             return updates
-        return [_budgeted(u, cfg, self._cuts) for u in updates]
+        cuts = self.__dict__.setdefault("_cuts", [])  # (visual tokens, placeholders) per image of this prompt
+        return [_budgeted(u, cfg, cuts) for u in updates]
 
     def apply(self, inputs, timing_ctx):
+        self._cuts: list[tuple[int, int]] = []
         out = super().apply(inputs, timing_ctx)
-        cuts = getattr(self, "_cuts", [])
+        cuts = self._cuts
         if cuts:
             after = len(out["prompt_token_ids"])
             before = after + sum(n - kept for n, kept in cuts)
