@@ -39,8 +39,11 @@ CHECK=("$ROOT/scripts/vllm_check.py")
 if [ ${#MODEL[@]} -gt 0 ]; then  # the checkpoint's family, or a clear error before anything runs
     FAMILIES="$("$MAIN_PY" "${CHECK[@]}" family "${MODEL[1]}")"
 fi
-# the names are checked before anything runs (compare's parser)
-"$MAIN_PY" "${CHECK[@]}" compare /dev/null --families "$FAMILIES" --presets "$PRESETS,$HARNESS" --help >/dev/null
+# the names are checked before anything runs (the parsers of compare and lmms_eval)
+"$MAIN_PY" "${CHECK[@]}" compare /dev/null --families "$FAMILIES" --presets "$PRESETS" --help >/dev/null
+if [ "$HARNESS" != none ]; then
+    "$MAIN_PY" "${CHECK[@]}" lmms_eval /dev/null qwen2_5_vl "$HARNESS" --help >/dev/null
+fi
 OUT="$(mkdir -p "$OUT_ARG" && cd "$OUT_ARG" && pwd)"
 for family in ${FAMILIES//,/ }; do
     echo "[vllm_check] transformers engine, $family ($MAIN_PY)"

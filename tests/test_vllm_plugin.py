@@ -95,3 +95,35 @@ def test_lmms_eval_model_args_refuse_before_anything_starts():
         lmms_eval_model_args("m", {"method": "fastv"})
     with pytest.raises(ValueError, match="cannot carry"):
         lmms_eval_model_args("a,b", None)
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--presets", "none,fastv"], "'none,fastv': give names out of none, vispruner, divprune, fastervlm"),
+    (["--families", "llava"], "'llava': give names out of qwen2_5_vl, qwen2_vl, qwen3_vl"),
+    (["--lmms-eval", "cdpruner"], "invalid choice: 'cdpruner'"),
+    (["--model"], "usage"),
+])
+def test_vllm_check_refuses_bad_names_before_anything_runs(tmp_path, args, message):
+    """scripts/vllm_check.sh names the bad value and creates no OUT folder (nothing built, no vLLM started)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", str(REPO / "scripts" / "vllm_check.sh"), str(out), *args], capture_output=True,
+                          text=True, env={**__import__("os").environ, "LMMS_PRUNE_MAIN_PYTHON": sys.executable})
+    assert done.returncode == 2 and message in done.stderr
+    assert not out.exists()
+
+
+def test_vllm_check_names_an_unserved_checkpoint(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "vllm_check.py"), "family", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "model_type 'llava' is not served" in done.stderr
