@@ -182,6 +182,11 @@ class PrunedQwenVL:
 
     def __init__(self, *, vllm_config: Any, prefix: str = ""):
         self.prune = pruning_config(vllm_config.model_config.hf_config)  # before any module or weight
+        mm_config = vllm_config.model_config.multimodal_config
+        if self.prune is not None and mm_config is not None and mm_config.is_multimodal_pruning_enabled():
+            # vLLM's EVS would expect position channels on every image embedding, which a pruned image lacks
+            raise ValueError(f"lmms_prune: video_pruning_rate={mm_config.video_pruning_rate} (vLLM's own video "
+                             "pruning) and hf_overrides['lmms_prune'] cannot be combined; serve one of them")
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         if self.prune is None:
             return
