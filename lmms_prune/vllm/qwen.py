@@ -62,12 +62,16 @@ class BudgetedPrompts:
     def apply(self, inputs, timing_ctx):
         self._cuts: list[tuple[int, int]] = []
         out = super().apply(inputs, timing_ctx)
-        cuts = self._cuts
-        if cuts:
-            after = len(out["prompt_token_ids"])
-            before = after + sum(n - kept for n, kept in cuts)
-            logger.info("lmms_prune: prompt %d -> %d tokens (images: %s visual tokens)", before, after,
-                        ", ".join(f"{n} -> {kept}" for n, kept in cuts))
+        if pruning_config(self.info.get_hf_config()) is None:
+            return out
+        after = len(out["prompt_token_ids"])
+        kept = [r.length for r in out["mm_placeholders"].get("image", [])]
+        # vLLM's processor cache replays an image's placeholder run without calling the replacement again: the
+        # count before pruning is then unknown here (the run is the budget all the same)
+        cuts = self._cuts if len(self._cuts) == len(kept) else []
+        before = after + sum(n - k for n, k in cuts) if cuts else "?"
+        logger.info("lmms_prune: prompt %s -> %d tokens (image placeholders: %s)", before, after,
+                    ", ".join(f"{n} -> {k}" for n, k in cuts) if cuts else kept)
         return out
 
 
