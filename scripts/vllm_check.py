@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -214,6 +215,7 @@ def run_lmms_eval(out: Path, preset: str) -> None:
         str(path), {"method": preset, **_params(preset, "contiguous")}, dtype="float32", max_model_len=2048,
         max_num_seqs=1, enforce_eager=True, limit_mm_per_prompt={"image": 1, "video": 0})
     results = out / "lmms_eval"
+    shutil.rmtree(results, ignore_errors=True)  # an earlier run's results would count as this run's
     cmd = [sys.executable, "-m", "lmms_eval", "--model", "vllm", "--model_args", model_args, "--tasks", LMMS_EVAL_TASK,
            "--include_path", str(ROOT / "tests" / "tasks"), "--limit", str(LMMS_EVAL_LIMIT), "--batch_size", "1",
            "--output_path", str(results), "--log_samples"]
