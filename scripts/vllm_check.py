@@ -1,10 +1,12 @@
 """Cross-engine proof for the vLLM plug-in (docs/serving.md): the same kept tokens and the same greedy answer,
-token for token, from vLLM (lmms_prune.vllm) and from our transformers engine (lmms_prune.apply), per preset
-and ``positions``. Driven by scripts/vllm_check.sh, which runs each part in its own environment:
+token for token, from vLLM (lmms_prune.vllm) and from our transformers engine (lmms_prune.apply), per family,
+preset and ``positions``. Driven by scripts/vllm_check.sh, which runs each part in its own environment:
 
-    python scripts/vllm_check.py transformers OUT [--model PATH]   # main venv: builds the toy, runs our engine
-    python scripts/vllm_check.py vllm OUT PRESET POSITIONS          # vLLM venv: one engine, one configuration
-    python scripts/vllm_check.py compare OUT                        # writes OUT/vllm_check.json
+    python scripts/vllm_check.py transformers OUT FAMILY [--model PATH]  # main venv: builds the toy, our engine
+    python scripts/vllm_check.py vllm OUT FAMILY PRESET POSITIONS        # vLLM venv: one engine, one configuration
+    python scripts/vllm_check.py compare OUT                             # writes OUT/vllm_check.json
+
+Each family's files live under ``OUT/FAMILY/``.
 """
 
 from __future__ import annotations
@@ -12,21 +14,32 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")  # the toy families the plug-in serves (lmms_prune.vllm)
 PRESETS = ("vispruner", "divprune", "fastervlm")
 UNPRUNED = "none"  # without the config key the registered class must serve the model as vLLM's own class does
 POSITIONS = ("contiguous",)  # "original" is refused by the plug-in (docs/serving.md)
 KEEP_RATIO = 0.25
 MAX_NEW_TOKENS = 12
 QUESTION = "Describe the picture in one sentence."
-IMAGE_SIZE = (448, 336)  # 32 x 24 patches of 14 px: 16 x 12 = 192 merged tokens over 12 attention windows
+# Qwen2(.5)-VL: 32 x 24 patches of 14 px, 16 x 12 = 192 merged tokens (Qwen2.5-VL: over 12 attention windows);
+# Qwen3-VL (patch 16) resizes it to 448 x 320: 14 x 10 = 140 merged tokens
+IMAGE_SIZE = (448, 336)
 TOY_LAYERS = 4
 INIT_RANGE = 0.25
 TOP_LOGPROBS = 5  # compared at the first generated token: a check of the positions beyond the argmax
 LOGPROB_TOL = 1e-3
+ROOT = Path(__file__).resolve().parents[1]
+LMMS_EVAL_TASK = "mme_tiny"  # tests/tasks: lmms-eval's MME task on two tiny parquet rows
+LMMS_EVAL_LIMIT = 2
+# logged by lmms_prune.vllm.qwen per prompt ("?": an image served from vLLM's processor cache)
+PRUNED_PROMPT = re.compile(r"lmms_prune: prompt (\d+|\?) -> (\d+) tokens")
 
 
 def _params(preset: str, positions: str) -> dict:
@@ -50,9 +63,19 @@ def _prompt(processor) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def build_toy(out: Path) -> Path:
-    """The toy Qwen2.5-VL (fp32) with text head_dim 64, which vLLM's CPU attention needs (the test toy's 16 is
-    refused): one query and one key/value head of width 64, M-RoPE sections in the real 2:3:3 split."""
+def _toy_text(config, family: str) -> None:
+    """Text head_dim 64, which vLLM's CPU attention needs (the test toys' 16 is refused): one query and one
+    key/value head as wide as the model, M-RoPE sections of the real models' split over its 32 frequencies."""
+    text = config.text_config
+    text.num_attention_heads = text.num_key_value_heads = 1
+    text.head_dim = text.hidden_size
+    # Qwen2(.5)-VL: the real 16:24:24 of 64 (sums to head_dim / 2); Qwen3-VL: the real interleaved 24:20:20
+    text.rope_parameters["mrope_section"] = [12, 10, 10] if family == "qwen3_vl" else [8, 12, 12]
+
+
+def build_toy(out: Path, family: str) -> Path:
+    """The toy of ``family`` (fp32, :data:`TOY_LAYERS` decoder layers) with text head_dim 64 (:func:`_toy_text`),
+    under ``out/model``."""
     import torch
     import transformers
 
@@ -61,22 +84,33 @@ def build_toy(out: Path) -> Path:
     path = out / "model"
     if (path / "config.json").exists():
         return path
-    config = toy.tiny_config("qwen2_5_vl", TOY_LAYERS)
-    text = config.text_config
-    text.num_attention_heads = text.num_key_value_heads = 1
-    text.head_dim = text.hidden_size
-    text.rope_parameters["mrope_section"] = [8, 12, 12]  # sums to head_dim / 2
+    config = toy.tiny_config(family, TOY_LAYERS)
+    _toy_text(config, family)
     # wider random weights than the test toy's 0.02, so that greedy answers depend on the kept tokens and their
-    # positions instead of collapsing onto one token
-    config.initializer_range = text.initializer_range = INIT_RANGE
+    # positions instead of collapsing onto one token, and the vision attention is far from uniform (at 0.02 the
+    # received attention of Qwen3-VL's tower ties within 1e-6, where the two engines' rounding picks different
+    # tokens)
+    for part in (config, config.text_config, config.vision_config):
+        if hasattr(part, "initializer_range"):
+            part.initializer_range = INIT_RANGE
+    recipe = toy.RECIPES[family]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = transformers.Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.float32)
-    for key, value in toy.RECIPES["qwen2_5_vl"].generation().items():
+        model = getattr(transformers, recipe.model_class)._from_config(config, dtype=torch.float32)
+    for key, value in recipe.generation().items():
         setattr(model.generation_config, key, value)
     model.save_pretrained(path)
-    toy.build_processor("qwen2_5_vl").save_pretrained(path)
+    toy.build_processor(family).save_pretrained(path)
     return path
+
+
+def model_family(path: Path) -> str:
+    """The plug-in family of a checkpoint folder (its config's ``model_type``), or a ValueError naming it."""
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type not in FAMILIES:
+        raise ValueError(f"--model {path}: model_type {model_type!r} is not served by the vLLM plug-in; "
+                         f"give a checkpoint of {', '.join(FAMILIES)}")
+    return model_type
 
 
 def _answer(gen, prompt_length: int) -> dict:
@@ -88,13 +122,28 @@ def _answer(gen, prompt_length: int) -> dict:
             "first_logprobs": dict(zip(map(str, top.indices.tolist()), top.values.tolist()))}
 
 
-def run_transformers(out: Path, model_path: Path | None) -> None:
+def _observe_scores(handle) -> list:
+    """A list that fills with the preset's score per image (``[N]`` floats, or None) as the handle selects."""
+    seen: list = []
+    score = handle.score
+
+    def observed(image):
+        out = score(image)
+        seen.append(None if out is None else out.float().tolist())
+        return out
+
+    handle.score = observed
+    return seen
+
+
+def run_transformers(out: Path, family: str, model_path: Path | None) -> None:
+    """Our engine on ``family``'s toy (or ``model_path``): unpruned, then every preset; ``out/transformers.json``."""
     import torch
     import transformers
 
     import lmms_prune
 
-    path = model_path or build_toy(out)
+    path = model_path or build_toy(out, family)
     (out / "model_path").write_text(str(path))
     processor = transformers.AutoProcessor.from_pretrained(path)
     model = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
@@ -111,22 +160,25 @@ def run_transformers(out: Path, model_path: Path | None) -> None:
         for positions in POSITIONS:
             t0 = time.perf_counter()
             with lmms_prune.apply(model, method=preset, **_params(preset, positions)) as handle:
+                scores = _observe_scores(handle)
                 gen = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, output_scores=True,
                                      return_dict_in_generate=True)
                 record = handle.records[-1]
             results[f"{preset}/{positions}"] = _answer(gen, length) | {
-                "kept": [k.tolist() for k in record.kept], "visual_before": record.visual_before,
+                "kept": [k.tolist() for k in record.kept], "visual_before": record.visual_before, "scores": scores,
                 "prompt_tokens_before": record.seq_len_before, "prompt_tokens_after": record.seq_len_after,
                 "seconds": time.perf_counter() - t0}
-            print(f"[transformers] {preset}/{positions}: kept {record.visual_after}/{record.visual_before}", flush=True)
+            print(f"[transformers] {family} {preset}/{positions}: kept {record.visual_after}/{record.visual_before}",
+                  flush=True)
     (out / "transformers.json").write_text(json.dumps(results, indent=1))
 
 
 def run_vllm(out: Path, preset: str, positions: str) -> None:
+    """One vLLM engine with ``preset`` (or none) on the model ``run_transformers`` used; ``out/vllm/*.json``."""
     from transformers import AutoProcessor
     from vllm import LLM, SamplingParams
 
-    from lmms_prune.vllm.qwen2_5_vl import RECORD_ENV
+    from lmms_prune.vllm.qwen import RECORD_ENV
 
     path = Path((out / "model_path").read_text())
     record = out / "vllm" / f"{preset}-{positions}.kept.jsonl"
@@ -146,9 +198,40 @@ def run_vllm(out: Path, preset: str, positions: str) -> None:
     kept = kept[-1:]  # the request's image (vLLM's start-up profiling encodes a dummy image first)
     (out / "vllm" / f"{preset}-{positions}.json").write_text(json.dumps({
         "kept": [k["kept"] for k in kept], "visual_before": sum(k["visual_before"] for k in kept),
+        "scores": [k.get("scores") for k in kept],
         "prompt_tokens_after": len(result.prompt_token_ids), "answer": list(result.outputs[0].token_ids),
         "first_logprobs": {str(t): lp.logprob for t, lp in result.outputs[0].logprobs[0].items()},
         "load_seconds": load, "generate_seconds": time.perf_counter() - t0}, indent=1))
+
+
+def run_lmms_eval(out: Path, preset: str) -> None:
+    """lmms-eval's own ``vllm`` model (``--model vllm``) with ``preset`` in ``hf_overrides`` on the tiny MME task,
+    from lmms-eval's command line; ``out/lmms_eval.json`` says whether it wrote its results and which pruned
+    prompt lengths its log shows (the plug-in logs ``lmms_prune: prompt T -> T' tokens`` per request)."""
+    from lmms_prune.vllm import lmms_eval_model_args
+
+    path = Path((out / "model_path").read_text())
+    model_args = lmms_eval_model_args(
+        str(path), {"method": preset, **_params(preset, "contiguous")}, dtype="float32", max_model_len=2048,
+        max_num_seqs=1, enforce_eager=True, limit_mm_per_prompt={"image": 1, "video": 0})
+    results = out / "lmms_eval"
+    shutil.rmtree(results, ignore_errors=True)  # an earlier run's results would count as this run's
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", "vllm", "--model_args", model_args, "--tasks", LMMS_EVAL_TASK,
+           "--include_path", str(ROOT / "tests" / "tasks"), "--limit", str(LMMS_EVAL_LIMIT), "--batch_size", "1",
+           "--output_path", str(results), "--log_samples"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    log = proc.stdout + proc.stderr
+    (out / "lmms_eval.log").write_text(log)
+    prompts = [(None if a == "?" else int(a), int(b)) for a, b in PRUNED_PROMPT.findall(log)]
+    written = sorted(str(p.relative_to(out)) for p in results.rglob("*_results.json"))
+    samples = sum(len(p.read_text().splitlines()) for p in results.rglob("*_samples_*.jsonl"))
+    # one line per request (and one for vLLM's start-up warm-up), each shorter than before where that is known
+    ok = (bool(written) and samples == LMMS_EVAL_LIMIT and len(prompts) >= LMMS_EVAL_LIMIT
+          and all(a is None or a > b for a, b in prompts))
+    (out / "lmms_eval.json").write_text(json.dumps({
+        "command": cmd, "returncode": proc.returncode, "results_written": written, "samples": samples,
+        "pruned_prompts_in_log": prompts, "ok": ok, "seconds": time.perf_counter() - t0}, indent=1))
 
 
 def _logprob_diff(ref: dict, got: dict) -> float | None:
@@ -160,14 +243,28 @@ def _logprob_diff(ref: dict, got: dict) -> float | None:
     return max(abs(a[t] - b[t]) for t in a if t in b)
 
 
-def compare(out: Path) -> bool:
+def _score_diff(ref: list | None, got: list | None) -> float | None:
+    """Largest difference of the per-image scores the selection used, relative to the largest score (None
+    where the preset has no score or a side did not record one)."""
+    import numpy as np
+
+    if not ref or not got or len(ref) != len(got) or any(r is None or g is None for r, g in zip(ref, got)):
+        return None
+    return max(float(np.abs(np.subtract(r, g)).max() / max(np.abs(r).max(), 1e-30)) for r, g in zip(ref, got))
+
+
+def compare_family(out: Path, family: str, presets: list[str]) -> tuple[list[dict], bool]:
+    """Rows of ``presets`` (vLLM's side asked for) of one family, and whether the toy is informative: the pruned
+    answers differ from each other and from the unpruned one (else equal answers would prove nothing)."""
     hf = json.loads((out / "transformers.json").read_text())
-    rows, ok = [], True
+    rows = []
     for key, ref in hf.items():
         preset, positions = key.split("/")
+        if preset not in presets:
+            continue
         part = out / "vllm" / f"{preset}-{positions}.json"
         got = json.loads(part.read_text()) if part.exists() else None
-        row = {"family": "qwen2_5_vl", "preset": preset, "positions": positions, "keep_ratio": KEEP_RATIO,
+        row = {"family": family, "preset": preset, "positions": positions, "keep_ratio": KEEP_RATIO,
                "prompt_tokens_before": ref["prompt_tokens_before"],
                "prompt_tokens_after": {"transformers": ref["prompt_tokens_after"],
                                        "vllm": None if got is None else got["prompt_tokens_after"]},
@@ -175,44 +272,94 @@ def compare(out: Path) -> bool:
                "kept_identical": got is not None and got["kept"] == ref["kept"],
                "answers_identical": got is not None and got["answer"] == ref["answer"],
                "first_token_logprob_max_diff": None if got is None else _logprob_diff(ref, got),
+               "score_max_rel_diff": None if got is None else _score_diff(ref.get("scores"), got.get("scores")),
                "answer_tokens": {"transformers": ref["answer"], "vllm": None if got is None else got["answer"]},
-               "error": None if got is not None else f"no vLLM result ({part.name}); see its log"}
+               "error": None if got is not None else f"no vLLM result ({family}/vllm/{part.name}); see its log"}
         diff = row["first_token_logprob_max_diff"]
-        ok &= row["kept_identical"] and row["answers_identical"] and diff is not None and diff < LOGPROB_TOL and (
-            row["prompt_tokens_after"]["transformers"] == row["prompt_tokens_after"]["vllm"])
+        row["identical"] = bool(row["kept_identical"] and row["answers_identical"] and diff is not None
+                                and diff < LOGPROB_TOL
+                                and row["prompt_tokens_after"]["transformers"] == row["prompt_tokens_after"]["vllm"])
         rows.append(row)
-    # the toy's answers must depend on which tokens are kept, or equal answers would prove nothing
-    answers = [tuple(r["answer"]) for key, r in hf.items() if not key.startswith(UNPRUNED)]
-    informative = len(set(answers)) == len(answers)
+    answers = [tuple(r["answer"]) for r in hf.values()]
+    return rows, len(set(answers)) == len(answers)
+
+
+def compare(out: Path, families: list[str], presets: list[str]) -> bool:
+    """``out/vllm_check.json`` over ``families`` x ``presets``; True when every row is identical and every
+    family's toy informative."""
+    rows, informative = [], {}
+    for family in families:
+        family_rows, informative[family] = compare_family(out / family, family, presets)
+        rows += family_rows
+    ok = bool(rows) and all(r["identical"] for r in rows)
+    harness = {family: json.loads((out / family / "lmms_eval.json").read_text()) for family in families
+               if (out / family / "lmms_eval.json").exists()}
     (out / "vllm_check.json").write_text(json.dumps({
-        "all_identical": ok, "answers_differ_between_presets": informative, "rows": rows}, indent=1))
-    ok &= informative
+        "all_identical": ok, "answers_differ_between_presets": informative,
+        "lmms_eval_vllm": {f: {k: h[k] for k in ("ok", "pruned_prompts_in_log", "samples", "results_written")}
+                           for f, h in harness.items()},
+        "rows": rows}, indent=1))
+    for family, h in harness.items():
+        print(f"{family:>10} lmms-eval --model vllm: {'ok' if h['ok'] else 'FAILED'}, pruned prompts in its log "
+              f"{h['pruned_prompts_in_log']}")
+    ok &= all(h["ok"] for h in harness.values())
     for r in rows:
-        print(f"{r['preset']:>10} {r['positions']:>10}: kept {'==' if r['kept_identical'] else '!='}  answer "
-              f"{'==' if r['answers_identical'] else '!='}  prompt {r['prompt_tokens_before']} -> "
-              f"{r['prompt_tokens_after']}")
-    return ok
+        print(f"{r['family']:>10} {r['preset']:>10} {r['positions']:>10}: kept "
+              f"{'==' if r['kept_identical'] else '!='}  answer {'==' if r['answers_identical'] else '!='}  "
+              f"prompt {r['prompt_tokens_before']} -> {r['prompt_tokens_after']}")
+    return ok and all(informative.values())
+
+
+def _names(text: str, known: tuple[str, ...]) -> list[str]:
+    names = [n for n in text.replace(",", " ").split() if n]
+    bad = [n for n in names if n not in known]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: give names out of {', '.join(known)}")
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=("transformers", "vllm", "compare"))
-    parser.add_argument("out", type=Path)
-    parser.add_argument("preset", nargs="?", choices=(UNPRUNED, *PRESETS))
-    parser.add_argument("positions", nargs="?", choices=POSITIONS)
-    parser.add_argument("--model", type=Path, default=None, help="a local Qwen2.5-VL checkpoint (default: the toy)")
+    sub = parser.add_subparsers(dest="part", required=True)
+    family = sub.add_parser("family", help="print the plug-in family of a checkpoint folder")
+    family.add_argument("model", type=Path)
+    hf = sub.add_parser("transformers", help="our engine, every preset (main venv)")
+    hf.add_argument("out", type=Path)
+    hf.add_argument("family", choices=FAMILIES)
+    hf.add_argument("--model", type=Path, default=None, help="a local checkpoint of FAMILY (default: the toy)")
+    vl = sub.add_parser("vllm", help="one vLLM engine, one configuration (vLLM venv)")
+    vl.add_argument("out", type=Path)
+    vl.add_argument("family", choices=FAMILIES)
+    vl.add_argument("preset", choices=(UNPRUNED, *PRESETS))
+    vl.add_argument("positions", choices=POSITIONS)
+    le = sub.add_parser("lmms_eval", help="lmms-eval's --model vllm with PRESET on a tiny task (vLLM venv)")
+    le.add_argument("out", type=Path)
+    le.add_argument("family", choices=FAMILIES)
+    le.add_argument("preset", choices=PRESETS)
+    cmp = sub.add_parser("compare", help="write OUT/vllm_check.json")
+    cmp.add_argument("out", type=Path)
+    cmp.add_argument("--families", type=lambda t: _names(t, FAMILIES), default=list(FAMILIES))
+    cmp.add_argument("--presets", type=lambda t: _names(t, (UNPRUNED, *PRESETS)), default=[UNPRUNED, *PRESETS])
     args = parser.parse_args(argv)
-    if args.model is not None and not (args.model / "config.json").exists():
-        parser.error(f"--model {args.model}: no config.json there; give a local Qwen2.5-VL checkpoint folder")
-    args.out.mkdir(parents=True, exist_ok=True)
+    if args.part == "family":
+        if not (args.model / "config.json").exists():
+            parser.error(f"--model {args.model}: no config.json there; give a local checkpoint folder of one of "
+                         f"{', '.join(FAMILIES)}")
+        try:
+            print(model_family(args.model))
+        except ValueError as e:
+            parser.error(str(e))
+        return 0
+    if args.part == "compare":
+        return 0 if compare(args.out, args.families, args.presets) else 1
+    out = args.out / args.family
+    out.mkdir(parents=True, exist_ok=True)
     if args.part == "transformers":
-        run_transformers(args.out, args.model)
-    elif args.part == "vllm":
-        if args.preset is None or args.positions is None:
-            parser.error("vllm: give PRESET and POSITIONS")
-        run_vllm(args.out, args.preset, args.positions)
+        run_transformers(out, args.family, args.model)
+    elif args.part == "lmms_eval":
+        run_lmms_eval(out, args.preset)
     else:
-        return 0 if compare(args.out) else 1
+        run_vllm(out, args.preset, args.positions)
     return 0
 
 

@@ -1,35 +1,71 @@
 #!/usr/bin/env bash
-# Cross-engine proof of the vLLM plug-in (docs/serving.md): bash scripts/vllm_check.sh OUT [--model PATH]
-# writes OUT/vllm_check.json (per preset and positions: kept sets identical, greedy answers identical token for
-# token, first-token log-probabilities, prompt tokens before and after) and exits non-zero on any difference.
-# Our transformers engine runs in the main environment (LMMS_PRUNE_MAIN_PYTHON, default ./.venv/bin/python:
-# scripts/env.sh), vLLM in its own (scripts/vllm_env.sh), one engine per configuration (vLLM fixes the
-# pruning config when it starts).
+# Cross-engine proof of the vLLM plug-in (docs/serving.md):
+#   bash scripts/vllm_check.sh OUT [--model PATH] [--families F,...] [--presets P,...] [--lmms-eval PRESET|none]
+# writes OUT/vllm_check.json (per family, preset and positions: kept sets identical, greedy answers identical token
+# for token, first-token log-probabilities, prompt tokens before and after) and exits non-zero on any difference.
+# --model PATH: a local checkpoint of a served family (default: one toy per family, fp32, text head_dim 64).
+# --families / --presets: a subset (default: qwen2_5_vl,qwen2_vl,qwen3_vl and none,vispruner,divprune,fastervlm;
+# "none" runs vLLM with the plug-in installed and no pruning key).
+# --lmms-eval PRESET (default divprune; none: skip): lmms-eval's own `--model vllm` with that preset in hf_overrides
+# runs the tiny MME task (tests/tasks) on the first family; its log must show the pruned prompt lengths. Our transformers engine runs in the main
+# environment (LMMS_PRUNE_MAIN_PYTHON, default ./.venv/bin/python: scripts/env.sh), vLLM in its own
+# (scripts/vllm_env.sh), one engine per configuration (vLLM fixes the pruning config when it starts).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [ $# -lt 1 ] || [[ "$1" == -* ]]; then
-    echo "usage: bash scripts/vllm_check.sh OUT [--model PATH]" >&2
+usage() {
+    echo "usage: bash scripts/vllm_check.sh OUT [--model PATH] [--families F,...] [--presets P,...] [--lmms-eval PRESET|none]" >&2
     exit 2
-fi
-OUT="$(mkdir -p "$1" && cd "$1" && pwd)"
+}
+if [ $# -lt 1 ] || [[ "$1" == -* ]]; then usage; fi
+OUT_ARG="$1"
 shift
+MODEL=() FAMILIES="qwen2_5_vl,qwen2_vl,qwen3_vl" PRESETS="none,vispruner,divprune,fastervlm" HARNESS=divprune
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --model) [ $# -ge 2 ] || usage; MODEL=(--model "$2"); shift 2 ;;
+        --families) [ $# -ge 2 ] || usage; FAMILIES="$2"; shift 2 ;;
+        --presets) [ $# -ge 2 ] || usage; PRESETS="$2"; shift 2 ;;
+        --lmms-eval) [ $# -ge 2 ] || usage; HARNESS="$2"; shift 2 ;;
+        *) echo "[vllm_check] unknown argument $1" >&2; usage ;;
+    esac
+done
 MAIN_PY="${LMMS_PRUNE_MAIN_PYTHON:-$ROOT/.venv/bin/python}"
 if [ ! -x "$MAIN_PY" ]; then
     echo "[vllm_check] $MAIN_PY not found: run scripts/env.sh first or set LMMS_PRUNE_MAIN_PYTHON" >&2
     exit 2
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-echo "[vllm_check] transformers engine ($MAIN_PY)"
-"$MAIN_PY" "$ROOT/scripts/vllm_check.py" transformers "$OUT" "$@"
+CHECK=("$ROOT/scripts/vllm_check.py")
+if [ ${#MODEL[@]} -gt 0 ]; then  # the checkpoint's family, or a clear error before anything runs
+    FAMILIES="$("$MAIN_PY" "${CHECK[@]}" family "${MODEL[1]}")"
+fi
+# the names are checked before anything runs (the parsers of compare and lmms_eval)
+"$MAIN_PY" "${CHECK[@]}" compare /dev/null --families "$FAMILIES" --presets "$PRESETS" --help >/dev/null
+if [ "$HARNESS" != none ]; then
+    "$MAIN_PY" "${CHECK[@]}" lmms_eval /dev/null qwen2_5_vl "$HARNESS" --help >/dev/null
+fi
+OUT="$(mkdir -p "$OUT_ARG" && cd "$OUT_ARG" && pwd)"
+for family in ${FAMILIES//,/ }; do
+    echo "[vllm_check] transformers engine, $family ($MAIN_PY)"
+    "$MAIN_PY" "${CHECK[@]}" transformers "$OUT" "$family" "${MODEL[@]}"
+done
 # shellcheck disable=SC1091
 source "$ROOT/scripts/vllm_env.sh"
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
-mkdir -p "$OUT/vllm"
-for preset in none vispruner divprune fastervlm; do  # none: the plug-in installed, no pruning key
-    for positions in contiguous; do
-        echo "[vllm_check] vLLM $preset positions=$positions (log: $OUT/vllm/$preset-$positions.log)"
-        python "$ROOT/scripts/vllm_check.py" vllm "$OUT" "$preset" "$positions" >"$OUT/vllm/$preset-$positions.log" 2>&1 ||
-            echo "[vllm_check] vLLM $preset/$positions failed: see its log"
+for family in ${FAMILIES//,/ }; do
+    mkdir -p "$OUT/$family/vllm"
+    for preset in ${PRESETS//,/ }; do
+        positions=contiguous  # "original" is refused by the plug-in (docs/serving.md)
+        log="$OUT/$family/vllm/$preset-$positions.log"
+        echo "[vllm_check] vLLM $family $preset positions=$positions (log: $log)"
+        python "${CHECK[@]}" vllm "$OUT" "$family" "$preset" "$positions" >"$log" 2>&1 ||
+            echo "[vllm_check] vLLM $family $preset/$positions failed: see its log"
     done
 done
-python "$ROOT/scripts/vllm_check.py" compare "$OUT"
+if [ "$HARNESS" != none ]; then
+    family="${FAMILIES%%,*}"
+    echo "[vllm_check] lmms-eval --model vllm, $family $HARNESS (log: $OUT/$family/lmms_eval.log)"
+    python "${CHECK[@]}" lmms_eval "$OUT" "$family" "$HARNESS" ||
+        echo "[vllm_check] lmms-eval check failed: see $OUT/$family/lmms_eval.log"
+fi
+python "${CHECK[@]}" compare "$OUT" --families "$FAMILIES" --presets "$PRESETS"

@@ -9,7 +9,8 @@
 #      with --isolated: it ignores pip.conf files and PIP_* variables, hence local wheel folders (find-links), local
 #      indexes and constraint files that cap torch (e.g. /etc/xdg/pip/constraints.txt);
 #   3. this package with --no-deps (vLLM brings transformers, numpy, scipy, pillow, ...) plus the few packages our
-#      selection and check code needs that vLLM does not bring.
+#      selection and check code needs that vLLM does not bring;
+#   4. lmms-eval with --no-deps plus the few packages its `--model vllm` path imports.
 # About 7 GB and 4 minutes on a fresh machine.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -42,6 +43,12 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     "${PIPX[@]}" --no-deps -e "$ROOT"
     # What lmms_prune.selection / lmms_prune.vllm and the check import beyond vLLM's own requirements.
     "${PIPX[@]}" "loguru>=0.7" "pyyaml>=6.0" "scipy>=1.11" "qwen-vl-utils>=0.0.8" "safetensors>=0.4"
+    # lmms-eval for its own `--model vllm` (scripts/vllm_check.sh): the harness without its dependency list (which
+    # would pull wandb, timm, yt-dlp, ... and a torch of its choice), plus what its CLI, evaluator, the vllm model
+    # and the MME task import. filelock < 4.3: lmms-eval 0.7's evaluator imports filelock._api (as pyproject.toml).
+    "${PIPX[@]}" --no-deps "lmms-eval>=0.7.3,<0.8"
+    "${PIPX[@]}" "accelerate>=0.29.1" "datasets>=2.19.0" "evaluate>=0.4.0" jsonlines pytablewriter "tenacity>=8.3.0" \
+        sqlitedict "sacrebleu>=1.5.0" "filelock>=3.12,<4.3"
     echo "$WANT" > "$STAMP"
 fi
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"

@@ -49,3 +49,81 @@ def test_every_refused_preset_is_a_known_preset_with_a_reason():
 
     assert set(REFUSED) <= set(ALL) and set(REFUSED).isdisjoint(PRESETS)
     assert all(len(reason) > 40 for reason in REFUSED.values())
+
+
+def test_every_architecture_names_a_subclass_of_vllms_own_class():
+    """ARCHITECTURES maps vLLM's architecture name to ``module:Class``; the class (read from the source, since
+    this venv has no vLLM) derives from vLLM's class of that name, so no family is registered under another's."""
+    import ast
+    import importlib.util
+
+    from lmms_prune.vllm import ARCHITECTURES
+
+    for arch, target in ARCHITECTURES.items():
+        module, name = target.split(":")
+        tree = ast.parse(open(importlib.util.find_spec(module).origin, encoding="utf-8").read())
+        [cls] = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name]
+        assert arch in {b.id for b in cls.bases if isinstance(b, ast.Name)}, (arch, target)
+        assert "PrunedQwenVL" in {b.id for b in cls.bases if isinstance(b, ast.Name)}, target
+
+
+def test_lmms_eval_model_args_reach_vllm_as_the_config():
+    """The string lmms-eval's ``vllm`` model receives becomes, after lmms-eval's own parsing (split outside
+    braces, then ``json.loads`` of values that start with ``{``), the ``hf_overrides`` and engine arguments we
+    asked for, and the plug-in resolves the config from it."""
+    import json
+
+    from lmms_eval.utils import simple_parse_args_string
+
+    from lmms_prune.vllm import lmms_eval_model_args
+
+    prune = {"method": "vispruner", "keep_ratio": 0.25, "important_ratio": 0.5}
+    text = lmms_eval_model_args("/models/qwen2_5_vl", prune, dtype="float32", max_model_len=2048,
+                                limit_mm_per_prompt={"image": 1, "video": 0})
+    parsed = simple_parse_args_string(text)
+    parsed = {k: json.loads(v) if isinstance(v, str) and v.startswith("{") else v for k, v in parsed.items()}
+    assert parsed == {"model": "/models/qwen2_5_vl", "hf_overrides": {CONFIG_KEY: prune}, "dtype": "float32",
+                      "max_model_len": 2048, "limit_mm_per_prompt": {"image": 1, "video": 0}}
+    assert pruning_config(_hf(parsed["hf_overrides"][CONFIG_KEY])) == resolve_config(
+        "vispruner", keep_ratio=0.25, important_ratio=0.5, positions="contiguous")
+
+
+def test_lmms_eval_model_args_refuse_before_anything_starts():
+    from lmms_prune.vllm import lmms_eval_model_args
+
+    with pytest.raises(ValueError, match="method='fastv'"):
+        lmms_eval_model_args("m", {"method": "fastv"})
+    with pytest.raises(ValueError, match="cannot carry"):
+        lmms_eval_model_args("a,b", None)
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--presets", "none,fastv"], "'none,fastv': give names out of none, vispruner, divprune, fastervlm"),
+    (["--families", "llava"], "'llava': give names out of qwen2_5_vl, qwen2_vl, qwen3_vl"),
+    (["--lmms-eval", "cdpruner"], "invalid choice: 'cdpruner'"),
+    (["--model"], "usage"),
+])
+def test_vllm_check_refuses_bad_names_before_anything_runs(tmp_path, args, message):
+    """scripts/vllm_check.sh names the bad value and creates no OUT folder (nothing built, no vLLM started)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", str(REPO / "scripts" / "vllm_check.sh"), str(out), *args], capture_output=True,
+                          text=True, env={**__import__("os").environ, "LMMS_PRUNE_MAIN_PYTHON": sys.executable})
+    assert done.returncode == 2 and message in done.stderr
+    assert not out.exists()
+
+
+def test_vllm_check_names_an_unserved_checkpoint(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "vllm_check.py"), "family", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "model_type 'llava' is not served" in done.stderr

@@ -1,9 +1,9 @@
 """Serving glue for vLLM: the pre-LLM presets as an out-of-tree vLLM plug-in (no fork, no patch of vLLM).
 
 vLLM loads :func:`register` through the ``vllm.general_plugins`` entry point (pyproject.toml) in every process
-it starts. It registers :class:`lmms_prune.vllm.qwen2_5_vl.PrunedQwen2_5_VL` for the
-``Qwen2_5_VLForConditionalGeneration`` architecture; that class serves the model unchanged unless its config
-carries the pruning key::
+it starts. It registers one pruning-aware subclass of vLLM's own model class per architecture in
+:data:`ARCHITECTURES` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL; the shared part is :mod:`lmms_prune.vllm.qwen`); each
+serves the model unchanged unless its config carries the pruning key::
 
     LLM(model=..., hf_overrides={"lmms_prune": {"method": "divprune", "keep_ratio": 0.25}})
 
@@ -22,8 +22,13 @@ from __future__ import annotations
 from typing import Any
 
 CONFIG_KEY = "lmms_prune"
-ARCHITECTURES = {"Qwen2_5_VLForConditionalGeneration": "lmms_prune.vllm.qwen2_5_vl:PrunedQwen2_5_VL"}
-# Pre-LLM presets whose signals vLLM's Qwen2.5-VL code exposes at its vision tower (docs/serving.md).
+# vLLM architecture name -> our subclass of vLLM's class (module:class, imported by vLLM when it builds the model).
+ARCHITECTURES = {
+    "Qwen2VLForConditionalGeneration": "lmms_prune.vllm.qwen2_vl:PrunedQwen2VL",
+    "Qwen2_5_VLForConditionalGeneration": "lmms_prune.vllm.qwen2_5_vl:PrunedQwen2_5_VL",
+    "Qwen3VLForConditionalGeneration": "lmms_prune.vllm.qwen3_vl:PrunedQwen3VL",
+}
+# Pre-LLM presets whose signals vLLM's Qwen-VL code exposes at its vision tower (docs/serving.md).
 PRESETS = ("vispruner", "divprune", "fastervlm")
 # Why the other presets are refused here (checked before any weights load).
 REFUSED = {
@@ -38,12 +43,14 @@ REFUSED = {
 }
 POSITIONS = ("contiguous",)
 # Why positions='original' (GAP's rule, our engine's other setting) is refused: the kept tokens' original M-RoPE
-# positions are known only after selection, in the worker, and vLLM's one hook for changing positions after the
-# encoder (SupportsMultiModalPruning.recompute_mrope_positions) is never called by its CPU model runner
-# (CPUModelRunner.load_model leaves is_multimodal_pruning_enabled False), so the path cannot be proven here.
-REFUSED_POSITIONS = ("vLLM's CPU model runner never calls SupportsMultiModalPruning.recompute_mrope_positions, "
-                     "the one hook that could give the kept tokens their original M-RoPE positions after selection "
-                     "(docs/serving.md); use positions='contiguous'")
+# positions are known only after selection, in the worker, and vLLM 0.32's one hook for changing positions after
+# the encoder (SupportsMultiModalPruning.recompute_mrope_positions) is called by GPUModelRunner only when video
+# pruning is configured (video_pruning_rate > 0) and never by CPUModelRunner (its load_model leaves
+# is_multimodal_pruning_enabled False), so the path cannot be proven here (docs/serving.md).
+REFUSED_POSITIONS = ("vLLM 0.32 rewrites positions after the encoder only through "
+                     "SupportsMultiModalPruning.recompute_mrope_positions, which its CPU model runner never calls and "
+                     "its GPU runner calls only with video_pruning_rate > 0 (docs/serving.md); use "
+                     "positions='contiguous'")
 
 
 def register() -> None:
@@ -89,3 +96,29 @@ def pruning_config(hf_config: Any) -> Any:
     if cfg.stage != "pre_llm":
         raise ValueError(f"{CONFIG_KEY}.stage={cfg.stage!r}: the vLLM plug-in prunes before the LLM; use stage=pre_llm")
     return cfg
+
+
+def lmms_eval_model_args(model: str, prune: dict[str, Any] | None, **engine: Any) -> str:
+    """The ``--model_args`` string of lmms-eval's ``vllm`` model that serves ``model`` with the pruning config
+    ``prune`` (the value of ``hf_overrides["lmms_prune"]``, checked here as the plug-in will check it) and the
+    other ``vllm.LLM`` arguments ``engine`` (dicts such as ``limit_mm_per_prompt`` included).
+
+    lmms-eval splits ``--model_args`` at commas outside braces and quotes, and its ``vllm`` model turns each
+    value that starts with ``{`` back into a dict with ``json.loads`` before it builds ``vllm.LLM``; so dicts go
+    in as compact JSON. Raises ``ValueError`` for a bad pruning config or a value lmms-eval cannot carry.
+    """
+    import json
+    from types import SimpleNamespace
+
+    args: dict[str, Any] = {"model": model, **engine}
+    if prune is not None:
+        pruning_config(SimpleNamespace(**{CONFIG_KEY: prune}))
+        args["hf_overrides"] = {CONFIG_KEY: prune}
+    parts = []
+    for key, value in args.items():
+        text = json.dumps(value, separators=(",", ":")) if isinstance(value, dict) else str(value)
+        if not isinstance(value, dict) and any(c in text for c in ",{}[]\"'"):
+            raise ValueError(f"{key}={text!r}: lmms-eval's --model_args cannot carry ',', quotes or brackets "
+                             "in a plain value")
+        parts.append(f"{key}={text}")
+    return ",".join(parts)

@@ -1,29 +1,8 @@
-"""Qwen2.5-VL in vLLM with pre-LLM pruning (imported by vLLM through :func:`lmms_prune.vllm.register`).
-
-Three points, each a documented vLLM extension point (subclasses, no patch):
-
-* **Budget at prompt processing.** :class:`PrunedQwen2_5_VLProcessor` replaces each ``<|image_pad|>`` with
-  ``sel.budget(N)`` placeholders instead of the image's ``N`` merged tokens: the scheduler, the KV cache and
-  the prompt length all see the pruned prompt.
-* **Selection on the vision tower's outputs.** :meth:`PrunedQwen2_5_VL.embed_multimodal` runs vLLM's tower
-  with two read-only forward pre-hooks (the last full-attention block's attention kernel for ``q``/``k``, the
-  merger for its input) and hands the method's own score and selector plug-ins (lmms_prune.methods, the same
-  objects our transformers engine calls) the same signals: mean received attention per merged token, the
-  merger's input features, the projected embeddings, the image's grid.
-* **Positions.** ``positions="contiguous"``: :meth:`get_mrope_input_positions` numbers the pruned prompt
-  ``0..T'-1``, fixed at prompt processing like the placeholder count. ``positions="original"`` is refused
-  (:data:`lmms_prune.vllm.REFUSED_POSITIONS`).
-"""
+"""Qwen2.5-VL in vLLM with pre-LLM pruning (lmms_prune.vllm.qwen has the shared part): windowed vision blocks
+with a few full-attention ones, merge units permuted into windows (undone by ``merged_order``)."""
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
-
-import torch
 from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLDummyInputsBuilder,
     Qwen2_5_VLForConditionalGeneration,
@@ -31,182 +10,15 @@ from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.processing import PromptReplacement
 
-from lmms_prune import selection as sel
-from lmms_prune.engine.attention import received_attention
-from lmms_prune.families.base import ImageSpan
-from lmms_prune.methods import SCORES, SELECTORS
-from lmms_prune.methods.base import ImageSignals, Needs
-from lmms_prune.scores import merge_consecutive
-from lmms_prune.vllm import pruning_config
-
-# Where the worker appends one JSON line per pruned image (the cross-engine check reads it); unset: nothing.
-RECORD_ENV = "LMMS_PRUNE_VLLM_RECORD"
+from lmms_prune.vllm.qwen import BudgetedPrompts, PrunedQwenVL
 
 
-class PrunedQwen2_5_VLProcessor(Qwen2_5_VLMultiModalProcessor):
+class PrunedQwen2_5_VLProcessor(BudgetedPrompts, Qwen2_5_VLMultiModalProcessor):
     """Qwen2.5-VL's prompt processor with each image's placeholder run cut to the method's budget."""
-
-    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        cfg = pruning_config(self.info.get_hf_config())
-        if cfg is None:
-            return updates
-        return [_budgeted(u, cfg) for u in updates]
-
-
-def _budgeted(update: PromptReplacement, cfg: Any) -> PromptReplacement:
-    """The same replacement with ``sel.budget(N)`` placeholders per image (videos are refused)."""
-    full = update.replacement
-
-    def replacement(item_idx: int) -> list[int]:
-        tokens = full(item_idx)
-        if update.modality != "image":
-            raise ValueError(f"lmms_prune: {update.modality} inputs are not pruned by the vLLM plug-in yet; send "
-                             "images, or serve without hf_overrides['lmms_prune']")
-        return tokens[:1] * sel.budget(len(tokens), keep_ratio=cfg.keep_ratio, keep_tokens=cfg.keep_tokens)
-
-    return PromptReplacement(modality=update.modality, target=update.target, replacement=replacement)
-
-
-@contextmanager
-def _capture(visual: Any, needs: Needs) -> Iterator[dict[str, Any]]:
-    """Observe vLLM's Qwen2.5-VL tower: ``q``/``k`` ``[1, S, H, d]`` and ``cu_seqlens`` at the last
-    full-attention block (``Needs.vision_attention``), and the merger's input ``[S, 1, C]``
-    (``Needs.vision_features``). Read-only, undone on exit. The merger is observed by wrapping its ``forward``:
-    a forward pre-hook on it is not called in vLLM 0.32's CPU worker (seen in scripts/vllm_check.sh)."""
-    out: dict[str, Any] = {}
-    hooks = []
-    if needs.vision_attention:
-        kernel = visual.blocks[visual.fullatt_block_indexes[-1]].attn.attn
-
-        def grab_qk(module, args, kwargs):
-            out["qk"] = (kwargs["query"].detach(), kwargs["key"].detach(), kwargs["cu_seqlens"].tolist(),
-                         module.scale)
-
-        hooks.append(kernel.register_forward_pre_hook(grab_qk, with_kwargs=True))
-    merger = visual.merger
-    if needs.vision_features:
-        forward = merger.forward
-
-        def merge(x, *args, **kwargs):
-            out["pre"] = x.detach()
-            return forward(x, *args, **kwargs)
-
-        merger.forward = merge  # an instance attribute, deleted on exit
-    try:
-        yield out
-    finally:
-        for h in hooks:
-            h.remove()
-        merger.__dict__.pop("forward", None)
-
-
-def _merged_order(grid_thw: torch.Tensor, vision_config: Any) -> torch.Tensor:
-    """Prompt-order position of each merged unit in the tower's window order (the tower permutes its merge
-    units into attention windows and restores the order after the merger)."""
-    from transformers.vision_utils import get_vision_window_index
-
-    window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=vision_config.spatial_merge_size,
-                                              window_size=vision_config.window_size,
-                                              patch_size=vision_config.patch_size)
-    return torch.argsort(window_index)
-
-
-def _vision_signals(captured: dict[str, Any], grid_thw: torch.Tensor, vision_config: Any
-                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``[tokens]`` mean received attention per merged token and ``[tokens, unit * C]`` merger inputs, both in
-    prompt order over all images of the call (as the transformers family adapter computes them)."""
-    unit = int(vision_config.spatial_merge_size) ** 2
-    order = _merged_order(grid_thw.cpu(), vision_config)
-    importance = features = None
-    if "qk" in captured:
-        q, k, cu, scale = captured["qk"]
-        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [1, H, S, d]
-        rows = [received_attention(q[:, :, lo:hi], k[:, :, lo:hi], scale)[0] for lo, hi in zip(cu[:-1], cu[1:])]
-        importance = merge_consecutive(torch.cat(rows), unit)[order.to(q.device)]
-    if "pre" in captured:
-        pre = captured["pre"]
-        features = pre.reshape(-1, unit * pre.shape[-1])[order.to(pre.device)]
-    return importance, features
-
-
-def _record(lines: list[dict[str, Any]]) -> None:
-    path = os.environ.get(RECORD_ENV)
-    if path:
-        with open(path, "a", encoding="utf-8") as f:
-            for line in lines:
-                f.write(json.dumps(line) + "\n")
 
 
 @MULTIMODAL_REGISTRY.register_processor(PrunedQwen2_5_VLProcessor, info=Qwen2_5_VLProcessingInfo,
                                         dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
-class PrunedQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
-    """vLLM's Qwen2.5-VL; with ``hf_overrides['lmms_prune']`` it keeps only the method's tokens of each image.
-    Without the key every method defers to vLLM's own."""
-
-    def __init__(self, *, vllm_config: Any, prefix: str = ""):
-        self.prune = pruning_config(vllm_config.model_config.hf_config)  # before any module or weight
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        if self.prune is None:
-            return
-        self.stage_needs = self.prune.needs()
-        self.score = SCORES[self.prune.score](self.prune)
-        self.selector = SELECTORS[self.prune.selector](self.prune)
-        if self.use_data_parallel:
-            raise ValueError("lmms_prune: mm_encoder_tp_mode='data' shards the vision tower across ranks; serve "
-                             "pruned models with the default mm_encoder_tp_mode")
-
-    # ------------------------------------------------------------------ selection
-    def embed_multimodal(self, **kwargs: object):
-        if self.prune is None:
-            return super().embed_multimodal(**kwargs)
-        inputs = self._parse_and_validate_multimodal_inputs(**kwargs)
-        if "video" in inputs:
-            raise ValueError("lmms_prune: videos are not pruned by the vLLM plug-in yet")
-        image = inputs.get("image")
-        if image is None:
-            return []
-        if image["type"] != "pixel_values":
-            raise ValueError("lmms_prune: precomputed image embeddings carry no vision-tower signals; send pixels")
-        needs = self.stage_needs
-        with torch.no_grad(), _capture(self.visual, needs) as captured:
-            embeds = self._process_image_input(image)
-        missing = [name for name, need, key in (("vision attention", needs.vision_attention, "qk"),
-                                                 ("merger input", needs.vision_features, "pre"))
-                   if need and key not in captured]
-        if missing:
-            raise RuntimeError(f"lmms_prune: the vision tower ran without the hooks seeing its {', '.join(missing)} "
-                               f"(observed: {sorted(captured)}; tower {type(self.visual).__name__}, merger "
-                               f"{type(self.visual.merger).__name__})")
-        grid_thw = image["image_grid_thw"]
-        importance, features = _vision_signals(captured, grid_thw, self.config.vision_config)
-        merge = self.visual.spatial_merge_size
-        out, lines, lo = [], [], 0
-        for emb, thw in zip(embeds, grid_thw.tolist()):
-            grid = (thw[0], thw[1] // merge, thw[2] // merge)
-            n_tokens = emb.shape[0]
-            rows = slice(lo, lo + n_tokens)
-            lo += n_tokens
-            signals = ImageSignals(
-                sample=0, span=ImageSpan(start=0, length=n_tokens, grids=[grid[1:]] * grid[0]), offset=0,
-                sample_visual=n_tokens, device=emb.device,
-                vision_attention=None if importance is None else importance[rows],
-                vision_features=None if features is None else features[rows],
-                embeddings=emb if needs.embeddings else None)
-            n = sel.budget(n_tokens, keep_ratio=self.prune.keep_ratio, keep_tokens=self.prune.keep_tokens)
-            kept = self.selector(signals, self.score(signals), n).sort().values.to(emb.device)
-            lines.append({"visual_before": n_tokens, "kept": kept.tolist()})
-            out.append(emb[kept])
-        _record(lines)
-        return tuple(out)
-
-    # ------------------------------------------------------------------ positions
-    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list[Any]) -> tuple[torch.Tensor, int]:
-        """``positions="contiguous"``: the pruned prompt is numbered ``0..T'-1`` in all three M-RoPE rows, as
-        our transformers engine numbers the shortened prompt it hands ``generate``; the first generated token
-        continues at ``T'`` (delta 0)."""
-        if self.prune is None:
-            return super().get_mrope_input_positions(input_tokens, mm_features)
-        return torch.arange(len(input_tokens)).expand(3, -1).clone(), 0
+class PrunedQwen2_5_VL(PrunedQwenVL, Qwen2_5_VLForConditionalGeneration):
+    """vLLM's Qwen2.5-VL; with ``hf_overrides['lmms_prune']`` it keeps only the method's tokens of each image."""

@@ -1,0 +1,262 @@
+"""The part of the Qwen-VL families' vLLM integration that Qwen2-VL, Qwen2.5-VL and Qwen3-VL share (imported by
+vLLM through :func:`lmms_prune.vllm.register`, via the family modules next to this one).
+
+Three points, each a documented vLLM extension point (subclasses, no patch):
+
+* **Budget at prompt processing.** :class:`BudgetedPrompts` (mixed into the family's multimodal processor)
+  replaces each image's placeholder run with ``sel.budget(N)`` placeholders instead of its ``N`` merged
+  tokens: the scheduler, the KV cache and the prompt length all see the pruned prompt.
+* **Selection on the vision tower's outputs.** :meth:`PrunedQwenVL.embed_multimodal` runs vLLM's tower while
+  observing it read-only (the last full-attention block's attention kernel for ``q``/``k``, the merger for its
+  input) and hands the method's own score and selector plug-ins (lmms_prune.methods, the same objects our
+  transformers engine calls) the signals our family adapters build: mean received attention per merged token,
+  the merger's input features, the projected embeddings, the image's grid.
+* **Positions.** ``positions="contiguous"``: :meth:`PrunedQwenVL.get_mrope_input_positions` numbers the pruned
+  prompt ``0..T'-1``, fixed at prompt processing like the placeholder count. ``positions="original"`` is
+  refused (:data:`lmms_prune.vllm.REFUSED_POSITIONS`).
+
+The families differ only in where the tower's signals live, each a class attribute or a one-line method of
+the family's subclass: Qwen2.5-VL permutes merge units into attention windows (:func:`merged_order`), Qwen3-VL
+appends its DeepStack features to the embeddings' channels (:meth:`PrunedQwenVL.main_embeddings`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from vllm.logger import init_logger
+from vllm.multimodal.processing import PromptReplacement
+
+from lmms_prune import selection as sel
+from lmms_prune.engine.attention import received_attention
+from lmms_prune.families.base import ImageSpan
+from lmms_prune.methods import SCORES, SELECTORS
+from lmms_prune.methods.base import ImageSignals, Needs
+from lmms_prune.scores import merge_consecutive
+from lmms_prune.vllm import pruning_config
+
+# Where the worker appends one JSON line per pruned image (the cross-engine check reads it); unset: nothing.
+RECORD_ENV = "LMMS_PRUNE_VLLM_RECORD"
+# under vLLM's own logger, whose handler vLLM configures (a logger outside the "vllm" name space prints nothing)
+logger = init_logger("vllm.lmms_prune")
+
+
+class BudgetedPrompts:
+    """Mixed in before a Qwen-VL multimodal processor: each image's placeholder run cut to the method's budget.
+    Each pruned prompt is logged with its length before and after (``lmms_prune: prompt ... tokens``), the line
+    that front ends such as lmms-eval's ``vllm`` model show."""
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        cfg = pruning_config(self.info.get_hf_config())
+        if cfg is None:
+            return updates
+        cuts = self.__dict__.setdefault("_cuts", [])  # (visual tokens, placeholders) per image of this prompt
+        return [_budgeted(u, cfg, cuts) for u in updates]
+
+    def apply(self, inputs, timing_ctx):
+        self._cuts: list[tuple[int, int]] = []
+        out = super().apply(inputs, timing_ctx)
+        if pruning_config(self.info.get_hf_config()) is None:
+            return out
+        after = len(out["prompt_token_ids"])
+        kept = [r.length for r in out["mm_placeholders"].get("image", [])]
+        # vLLM's processor cache replays an image's placeholder run without calling the replacement again: the
+        # count before pruning is then unknown here (the run is the budget all the same)
+        cuts = self._cuts if len(self._cuts) == len(kept) else []
+        before = after + sum(n - k for n, k in cuts) if cuts else "?"
+        logger.info("lmms_prune: prompt %s -> %d tokens (image placeholders: %s)", before, after,
+                    ", ".join(f"{n} -> {k}" for n, k in cuts) if cuts else kept)
+        return out
+
+
+def _budgeted(update: PromptReplacement, cfg: Any, cuts: list[tuple[int, int]]) -> PromptReplacement:
+    """The same replacement with ``sel.budget(N)`` placeholders per image, each ``(N, budget)`` appended to
+    ``cuts`` (videos are refused)."""
+    full = update.replacement
+
+    def replacement(item_idx: int) -> list[int]:
+        if update.modality != "image":
+            raise ValueError(f"lmms_prune: {update.modality} inputs are not pruned by the vLLM plug-in yet; send "
+                             "images, or serve without hf_overrides['lmms_prune']")
+        tokens = full(item_idx)
+        n = sel.budget(len(tokens), keep_ratio=cfg.keep_ratio, keep_tokens=cfg.keep_tokens)
+        cuts.append((len(tokens), n))
+        return tokens[:1] * n
+
+    return PromptReplacement(modality=update.modality, target=update.target, replacement=replacement)
+
+
+def feature_block(visual: Any) -> int:
+    """The vision block whose attention VisPruner reads (methods.md section 4): Qwen2.5-VL's last full-attention
+    block (its windowed blocks do not qualify); towers without windows (Qwen2-VL, Qwen3-VL): the last block, whose
+    output the merger projects. As ``Qwen25VL.vision_feature_attention`` in lmms_prune.families."""
+    full = getattr(visual, "fullatt_block_indexes", None)
+    return full[-1] if full else len(visual.blocks) - 1
+
+
+@contextmanager
+def _capture(visual: Any, needs: Needs) -> Iterator[dict[str, Any]]:
+    """Observe vLLM's Qwen-VL tower: ``q``/``k`` ``[1, S, H, d]`` and ``cu_seqlens`` at :func:`feature_block`'s
+    attention kernel (``Needs.vision_attention``), and the merger's input ``[S, 1, C]``
+    (``Needs.vision_features``). Read-only, undone on exit. The merger is observed by wrapping its ``forward``:
+    a forward pre-hook on it is not called in vLLM 0.32's CPU worker (seen in scripts/vllm_check.sh)."""
+    out: dict[str, Any] = {}
+    hooks = []
+    if needs.vision_attention:
+        kernel = visual.blocks[feature_block(visual)].attn.attn
+
+        def grab_qk(module, args, kwargs):
+            out["qk"] = (kwargs["query"].detach(), kwargs["key"].detach(), kwargs["cu_seqlens"].tolist(),
+                         module.scale)
+
+        hooks.append(kernel.register_forward_pre_hook(grab_qk, with_kwargs=True))
+    merger = visual.merger
+    if needs.vision_features:
+        forward = merger.forward
+
+        def merge(x, *args, **kwargs):
+            out["pre"] = x.detach()
+            return forward(x, *args, **kwargs)
+
+        merger.forward = merge  # an instance attribute, deleted on exit
+    try:
+        yield out
+    finally:
+        for h in hooks:
+            h.remove()
+        merger.__dict__.pop("forward", None)
+
+
+def merged_order(grid_thw: torch.Tensor, vision_config: Any) -> torch.Tensor | None:
+    """Prompt-order position of each merged unit in the tower's order, or None where the tower keeps the
+    processor's order: Qwen2.5-VL permutes its merge units into attention windows (``window_size``) and restores
+    the order after the merger; Qwen2-VL and Qwen3-VL have no windows. As ``Qwen25VL._merged_order``."""
+    if getattr(vision_config, "window_size", None) is None:
+        return None
+    from transformers.vision_utils import get_vision_window_index
+
+    window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=vision_config.spatial_merge_size,
+                                              window_size=vision_config.window_size,
+                                              patch_size=vision_config.patch_size)
+    return torch.argsort(window_index)
+
+
+def vision_signals(captured: dict[str, Any], grid_thw: torch.Tensor, vision_config: Any
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``[tokens]`` mean received attention per merged token and ``[tokens, unit * C]`` merger inputs, both in
+    prompt order over all images of the call (as the transformers family adapter computes them:
+    ``Qwen25VL.vision_importance`` and ``flatten_pre_projector``)."""
+    unit = int(vision_config.spatial_merge_size) ** 2
+    order = merged_order(grid_thw.cpu(), vision_config)
+    importance = features = None
+    if "qk" in captured:
+        q, k, cu, scale = captured["qk"]
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [1, H, S, d]
+        rows = [received_attention(q[:, :, lo:hi], k[:, :, lo:hi], scale)[0] for lo, hi in zip(cu[:-1], cu[1:])]
+        importance = merge_consecutive(torch.cat(rows), unit)
+        importance = importance if order is None else importance[order.to(q.device)]
+    if "pre" in captured:
+        pre = captured["pre"]
+        features = pre.reshape(-1, unit * pre.shape[-1])
+        features = features if order is None else features[order.to(pre.device)]
+    return importance, features
+
+
+def _record(lines: list[dict[str, Any]]) -> None:
+    path = os.environ.get(RECORD_ENV)
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            for line in lines:
+                f.write(json.dumps(line) + "\n")
+
+
+class PrunedQwenVL:
+    """Mixed in before vLLM's Qwen-VL model class; with ``hf_overrides['lmms_prune']`` it keeps only the method's
+    tokens of each image. Without the key every method defers to vLLM's own."""
+
+    # the key vLLM's ``_parse_and_validate_multimodal_inputs`` files images under ("image"; Qwen2-VL: "images")
+    image_key = "image"
+    video_keys = ("video", "videos")
+
+    def __init__(self, *, vllm_config: Any, prefix: str = ""):
+        self.prune = pruning_config(vllm_config.model_config.hf_config)  # before any module or weight
+        mm_config = vllm_config.model_config.multimodal_config
+        if self.prune is not None and mm_config is not None and mm_config.is_multimodal_pruning_enabled():
+            # vLLM's EVS would expect position channels on every image embedding, which a pruned image lacks
+            raise ValueError(f"lmms_prune: video_pruning_rate={mm_config.video_pruning_rate} (vLLM's own video "
+                             "pruning) and hf_overrides['lmms_prune'] cannot be combined; serve one of them")
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        if self.prune is None:
+            return
+        self.stage_needs = self.prune.needs()
+        self.score = SCORES[self.prune.score](self.prune)
+        self.selector = SELECTORS[self.prune.selector](self.prune)
+        if self.use_data_parallel:
+            raise ValueError("lmms_prune: mm_encoder_tp_mode='data' shards the vision tower across ranks; serve "
+                             "pruned models with the default mm_encoder_tp_mode")
+
+    def main_embeddings(self, embeds: torch.Tensor) -> torch.Tensor:
+        """``[N, D]`` the merger's output of one image (the embeddings our engine hands the scores), from what
+        ``_process_image_input`` returns for it (Qwen3-VL appends its DeepStack features as more channels)."""
+        return embeds
+
+    # ------------------------------------------------------------------ selection
+    def embed_multimodal(self, **kwargs: object):
+        if self.prune is None:
+            return super().embed_multimodal(**kwargs)
+        inputs = self._parse_and_validate_multimodal_inputs(**kwargs)
+        if any(key in inputs for key in self.video_keys):
+            raise ValueError("lmms_prune: videos are not pruned by the vLLM plug-in yet")
+        image = inputs.get(self.image_key)
+        if image is None:
+            return []
+        if image["type"] != "pixel_values":
+            raise ValueError("lmms_prune: precomputed image embeddings carry no vision-tower signals; send pixels")
+        needs = self.stage_needs
+        with torch.no_grad(), _capture(self.visual, needs) as captured:
+            embeds = self._process_image_input(image)
+        missing = [name for name, need, key in (("vision attention", needs.vision_attention, "qk"),
+                                                 ("merger input", needs.vision_features, "pre"))
+                   if need and key not in captured]
+        if missing:
+            raise RuntimeError(f"lmms_prune: the vision tower ran without the hooks seeing its {', '.join(missing)} "
+                               f"(observed: {sorted(captured)}; tower {type(self.visual).__name__}, merger "
+                               f"{type(self.visual.merger).__name__})")
+        grid_thw = image["image_grid_thw"]
+        importance, features = vision_signals(captured, grid_thw, self.config.vision_config)
+        merge = self.visual.spatial_merge_size
+        out, lines, lo = [], [], 0
+        for emb, thw in zip(embeds, grid_thw.tolist()):
+            grid = (thw[0], thw[1] // merge, thw[2] // merge)
+            n_tokens = emb.shape[0]
+            rows = slice(lo, lo + n_tokens)
+            lo += n_tokens
+            signals = ImageSignals(
+                sample=0, span=ImageSpan(start=0, length=n_tokens, grids=[grid[1:]] * grid[0]), offset=0,
+                sample_visual=n_tokens, device=emb.device,
+                vision_attention=None if importance is None else importance[rows],
+                vision_features=None if features is None else features[rows],
+                embeddings=self.main_embeddings(emb) if needs.embeddings else None)
+            n = sel.budget(n_tokens, keep_ratio=self.prune.keep_ratio, keep_tokens=self.prune.keep_tokens)
+            score = self.score(signals)
+            kept = self.selector(signals, score, n).sort().values.to(emb.device)
+            lines.append({"visual_before": n_tokens, "kept": kept.tolist(),
+                          "scores": None if score is None else score.float().tolist()})
+            out.append(emb[kept])  # Qwen3-VL: the DeepStack channels of the kept tokens come along
+        _record(lines)
+        return tuple(out)
+
+    # ------------------------------------------------------------------ positions
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list[Any]) -> tuple[torch.Tensor, int]:
+        """``positions="contiguous"``: the pruned prompt is numbered ``0..T'-1`` in all three M-RoPE rows, as
+        our transformers engine numbers the shortened prompt it hands ``generate``; the first generated token
+        continues at ``T'`` (delta 0)."""
+        if self.prune is None:
+            return super().get_mrope_input_positions(input_tokens, mm_features)
+        return torch.arange(len(input_tokens)).expand(3, -1).clone(), 0

@@ -1,0 +1,36 @@
+"""Qwen3-VL in vLLM with pre-LLM pruning (lmms_prune.vllm.qwen has the shared part): a full-attention vision
+tower (patch 16) plus DeepStack.
+
+DeepStack: vLLM's tower returns, per merged token, the main merger's output followed by the DeepStack mergers'
+outputs along the channels (``[N, D * (1 + len(deepstack_visual_indexes))]``); ``embed_input_ids`` splits them
+and adds the latter to the first decoder layers' outputs at the visual positions. Keeping rows of that tensor
+keeps each kept token's DeepStack features with it, as our engine's ``Qwen3VL.keep_encoder_extras`` gathers
+them at the kept tokens; the scores see only the first ``D`` channels (:meth:`PrunedQwen3VL.main_embeddings`).
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.model_executor.models.qwen3_vl import (
+    Qwen3VLDummyInputsBuilder,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMultiModalProcessor,
+    Qwen3VLProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+
+from lmms_prune.vllm.qwen import BudgetedPrompts, PrunedQwenVL
+
+
+class PrunedQwen3VLProcessor(BudgetedPrompts, Qwen3VLMultiModalProcessor):
+    """Qwen3-VL's prompt processor with each image's placeholder run cut to the method's budget."""
+
+
+@MULTIMODAL_REGISTRY.register_processor(PrunedQwen3VLProcessor, info=Qwen3VLProcessingInfo,
+                                        dummy_inputs=Qwen3VLDummyInputsBuilder)
+class PrunedQwen3VL(PrunedQwenVL, Qwen3VLForConditionalGeneration):
+    """vLLM's Qwen3-VL; with ``hf_overrides['lmms_prune']`` it keeps only the method's tokens of each image."""
+
+    def main_embeddings(self, embeds: torch.Tensor) -> torch.Tensor:
+        """The main merger's output ``[N, D]``: the first ``visual_dim`` channels (DeepStack's follow)."""
+        return embeds[:, :self.visual_dim]
