@@ -28,6 +28,8 @@ FAMILY_ARGS: dict[str, dict[str, str]] = {
     # all 8 frames of a clip, 4x4 pooled tokens each, one newline after the video
     "llava_onevision": {"max_frames_num": "8"},
 }
+TRAINED = {"llava_onevision": "tiny-video-qa"}
+"""The demo's trained model per family (``lmms_prune/assets/tiny_video_qa``, ``scripts/train_video_qa.py``)."""
 TASKS_DIR = Path(__file__).resolve().parents[1] / "tests" / "tasks"
 
 
@@ -59,19 +61,34 @@ def video_table(tables: list[Any], task: str = TASK) -> str:
     return "\n".join(lines)
 
 
-def run_video_demo(out: str | Path = "runs/video_demo", family: str = "llava_onevision", keep: float = 0.25,
-                   methods: tuple[str, ...] = VIDEO_METHODS, launcher: str | None = None,
-                   limit: int | None = None) -> dict[str, Any]:
-    """Run the sweep into ``out`` (``runs/``, ``report/`` and the datasets cache ``hf_datasets/``) and return
-    ``{"table", "report", "model"}``. ``limit``: samples per run (default all eight clips)."""
-    check_video_demo(family, keep, methods)
-    from lmms_prune.report import write_report
-    from lmms_prune.sweep import Sweep, build_cells
+def demo_pretrained(family: str, pretrained: str | None = None) -> str:
+    """The checkpoint the demo runs: ``pretrained`` if given, else the family's :data:`TRAINED` model (the shipped
+    short name, resolved by :func:`lmms_prune.loading.resolve_pretrained` in every run), else the family's tiny
+    random-weight model (:func:`lmms_prune.toy.models.tiny_model_dir`, built once)."""
+    if pretrained:
+        return pretrained
+    if family in TRAINED:
+        return TRAINED[family]
     from lmms_prune.toy.models import tiny_model_dir
 
+    return str(tiny_model_dir(family))
+
+
+def run_video_demo(out: str | Path = "runs/video_demo", family: str = "llava_onevision", keep: float = 0.25,
+                   methods: tuple[str, ...] = VIDEO_METHODS, launcher: str | None = None,
+                   limit: int | None = None, pretrained: str | None = None) -> dict[str, Any]:
+    """Run the sweep into ``out`` (``runs/``, ``report/`` and the datasets cache ``hf_datasets/``) and return
+    ``{"table", "report", "model"}``. ``limit``: samples per run (default all clips); ``pretrained``: another
+    checkpoint of ``family`` (default :func:`demo_pretrained`)."""
+    check_video_demo(family, keep, methods)
+    from lmms_prune.loading import resolve_pretrained
+    from lmms_prune.report import write_report
+    from lmms_prune.sweep import Sweep, build_cells
+
     out = Path(out)
-    model_dir = tiny_model_dir(family)
-    cells = build_cells([(family, str(model_dir))], [m for m in methods if m != "none"], [keep],
+    model = demo_pretrained(family, pretrained)
+    model_dir = Path(resolve_pretrained(model))  # the shipped model missing: FileNotFoundError before any run
+    cells = build_cells([(family, model)], [m for m in methods if m != "none"], [keep],
                         {"*": FAMILY_ARGS[family]})
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(out / "hf_datasets"))
     sweep = Sweep(out / "runs", [TASK], launcher=launcher or sys.executable, limit=limit,
