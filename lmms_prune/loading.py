@@ -48,12 +48,7 @@ def build_once(final: Path, build: Callable[[Path], None]) -> Path:
 
 
 # Short names of the checkpoints this package ships -> their folder under lmms_prune/assets.
-SHIPPED = {"tiny-grounder": "tiny_grounder", "tiny-video-qa": "tiny_video_qa"}
-
-
-# How to rebuild each shipped checkpoint from a source checkout.
-RETRAIN = {"tiny-grounder": "scripts/train_grounding.py --out lmms_prune/assets/tiny_grounder",
-           "tiny-video-qa": "scripts/train_video_qa.py --out lmms_prune/assets/tiny_video_qa"}
+SHIPPED = {"tiny-grounder": "tiny_grounder"}
 
 
 def shipped_dir(name: str) -> Path:
@@ -62,13 +57,13 @@ def shipped_dir(name: str) -> Path:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"{path}: the shipped model {name!r} is not there; reinstall lmms_prune with its package data or "
-            f"retrain it with {RETRAIN[name]}"
+            "retrain it with scripts/train_grounding.py --out lmms_prune/assets/tiny_grounder"
         )
     return path
 
 
 def resolve_pretrained(name_or_path: str) -> str:
-    """Short names of the checkpoints this package ships (:data:`SHIPPED`) -> their directory; an original
+    """Short names of the checkpoints this package ships (``tiny-grounder``) -> their directory; an original
     (remote-code) InternVL2 / InternVL2.5 checkpoint -> its transformers-native copy, converted once into
     ``$LMMS_PRUNE_CACHE/converted`` (:func:`lmms_prune.convert.converted_dir`); anything else (hub name, local
     directory) unchanged. Only ``config.json`` is read to tell (a local one, or the hub cache's)."""
