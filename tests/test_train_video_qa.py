@@ -79,7 +79,6 @@ def test_a_training_row_is_the_task_prompt_with_only_the_answer_supervised(tv, t
 
 def test_training_is_deterministic_and_changes_the_weights(tv):
     processor = tv.video_qa_processor()
-    torch.set_num_threads(1)
     runs = []
     for _ in range(2):
         model = tv.build_model(3)
