@@ -3,12 +3,13 @@
 Runs the test task ``tinyvideo`` (VideoMME's schema on eight 8-frame clips, ``tests/tasks/tinyvideo.yaml``: four
 plain and four cluttered, :mod:`lmms_prune.toy.videos`) with ``python -m lmms_eval --model <family>_<method>``
 for ``none``, ``fastv``, ``temporal``, ``evs``, ``vidcom2`` and ``fastvid`` at one keep ratio (a resumable
-:class:`lmms_prune.sweep.Sweep`), on a tiny video model of the family (:func:`lmms_prune.toy.models.tiny_model_dir`),
-and prints one row per method: the task's score, its % of the unpruned run, the visual tokens kept and the
+:class:`lmms_prune.sweep.Sweep`), on a tiny video model of the family (:func:`lmms_prune.toy.models.tiny_model_dir`)
+or the ``pretrained`` checkpoint, and prints one row per method: the task's score, its % of the unpruned run, the visual tokens kept and the
 prefill FLOPs as % of the unpruned prefill.
 
-The tiny video models have random weights (nothing was trained on video), so their answers, and the scores,
-say nothing about the methods' quality: the demo shows the pipeline (each method's kept tokens and FLOPs on a
+The tiny video models have random weights, so their answers, and the scores, say nothing about the methods'
+quality (``scripts/train_video_qa.py`` trains a LLaVA-OneVision one for the task, ``--pretrained`` runs it; none
+is shipped yet: ``docs/video.md``): the demo shows the pipeline (each method's kept tokens and FLOPs on a
 real video geometry, through the real harness), not a ranking. The task lives in the repository's ``tests``
 folder: the demo runs from a source checkout.
 """
@@ -59,19 +60,32 @@ def video_table(tables: list[Any], task: str = TASK) -> str:
     return "\n".join(lines)
 
 
-def run_video_demo(out: str | Path = "runs/video_demo", family: str = "llava_onevision", keep: float = 0.25,
-                   methods: tuple[str, ...] = VIDEO_METHODS, launcher: str | None = None,
-                   limit: int | None = None) -> dict[str, Any]:
-    """Run the sweep into ``out`` (``runs/``, ``report/`` and the datasets cache ``hf_datasets/``) and return
-    ``{"table", "report", "model"}``. ``limit``: samples per run (default all eight clips)."""
-    check_video_demo(family, keep, methods)
-    from lmms_prune.report import write_report
-    from lmms_prune.sweep import Sweep, build_cells
+def demo_pretrained(family: str, pretrained: str | None = None) -> str:
+    """The checkpoint the demo runs: ``pretrained`` if given (a checkpoint of ``family``, e.g. one saved by
+    ``scripts/train_video_qa.py``; resolved by :func:`lmms_prune.loading.resolve_pretrained` in every run), else
+    the family's tiny random-weight model (:func:`lmms_prune.toy.models.tiny_model_dir`, built once)."""
+    if pretrained:
+        return pretrained
     from lmms_prune.toy.models import tiny_model_dir
 
+    return str(tiny_model_dir(family))
+
+
+def run_video_demo(out: str | Path = "runs/video_demo", family: str = "llava_onevision", keep: float = 0.25,
+                   methods: tuple[str, ...] = VIDEO_METHODS, launcher: str | None = None,
+                   limit: int | None = None, pretrained: str | None = None) -> dict[str, Any]:
+    """Run the sweep into ``out`` (``runs/``, ``report/`` and the datasets cache ``hf_datasets/``) and return
+    ``{"table", "report", "model"}``. ``limit``: samples per run (default all clips); ``pretrained``: another
+    checkpoint of ``family`` (default :func:`demo_pretrained`)."""
+    check_video_demo(family, keep, methods)
+    from lmms_prune.loading import resolve_pretrained
+    from lmms_prune.report import write_report
+    from lmms_prune.sweep import Sweep, build_cells
+
     out = Path(out)
-    model_dir = tiny_model_dir(family)
-    cells = build_cells([(family, str(model_dir))], [m for m in methods if m != "none"], [keep],
+    model = demo_pretrained(family, pretrained)
+    model_dir = Path(resolve_pretrained(model))
+    cells = build_cells([(family, model)], [m for m in methods if m != "none"], [keep],
                         {"*": FAMILY_ARGS[family]})
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(out / "hf_datasets"))
     sweep = Sweep(out / "runs", [TASK], launcher=launcher or sys.executable, limit=limit,

@@ -3,13 +3,18 @@
 * the cluttered clips: between consecutive frames only the moving square's old and new places change, the two
   distractor squares and the texture stay, and the named colour is the one that moves;
 * the demo refuses bad settings before any model loads, with the value and the fix;
-* one small demo run (the tiny LLaVA-OneVision, ``vidcom2`` and ``fastvid`` beside the unpruned run, one clip):
-  ``--model llava_onevision_vidcom2`` and ``llava_onevision_fastvid`` through the lmms-eval command line, the
+* one small demo run (``vidcom2`` and ``fastvid`` beside the unpruned run, one clip) on a checkpoint saved by
+  ``scripts/train_video_qa.py`` (its own tokenizer with OneVision's ``<video>`` placeholder, 3 LM layers, given
+  with ``--pretrained``): ``--model llava_onevision_vidcom2`` and ``llava_onevision_fastvid`` through the lmms-eval
+  command line, the
   table has a row per method with fewer visual tokens and FLOPs than the unpruned row, and every file the
   sweep wrote is inside the output folder.
 """
 
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +24,8 @@ from lmms_prune.cli.main import main
 from lmms_prune.toy.data import PALETTE
 from lmms_prune.toy.videos import square_path, tinyvideo_clip, tinyvideo_rows
 from lmms_prune.video_demo import VIDEO_METHODS
+
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_video_qa.py"
 
 
 def _changed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -52,10 +59,17 @@ def test_the_cli_default_methods_are_the_demos_and_bad_settings_are_refused_befo
 
 @pytest.mark.cli
 def test_video_demo_runs_the_methods_through_lmms_eval_and_prints_their_table(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("train_video_qa", TRAIN_SCRIPT)
+    tv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tv)
+    checkpoint = tmp_path / "video_qa"
+    tv.build_model(0).save_pretrained(checkpoint)  # the script's saved layout (training only changes the weights)
+    tv.video_qa_processor().save_pretrained(checkpoint)
     out = tmp_path / "demo"
     assert main(["demo", "--video", "--family", "llava_onevision", "--methods", "vidcom2,fastvid", "--keep", "0.5",
-                 "--limit", "1", "--out", str(out)]) == 0
+                 "--limit", "1", "--pretrained", str(checkpoint), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
+    assert "## lmms-prune demo --video: video_qa (llava_onevision)" in printed
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in printed.splitlines() if line.startswith("| ") and not line.startswith("| method")}
     assert set(rows) == {"none", "vidcom2", "fastvid"}

@@ -26,7 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlays", type=int, default=3, help="images with kept-token overlays (default 3)")
     parser.add_argument("--launcher", default=None,
                         help="command prefix per run (default: accelerate launch, one process; with --video: python)")
-    parser.add_argument("--pretrained", default=None, help="another InternVL checkpoint (default tiny-grounder)")
+    parser.add_argument("--pretrained", default=None, help="another InternVL checkpoint (default tiny-grounder); with "
+                        "--video a checkpoint of --family, e.g. one saved by scripts/train_video_qa.py (default: the "
+                        "family's random-weight toy)")
     parser.add_argument("--family", default="llava_onevision",
                         help="with --video: the tiny video model's family, llava_onevision (default) or qwen2_5_vl")
     parser.add_argument("--limit", type=int, default=None, help="with --video: clips per run (default all 8)")
@@ -72,10 +74,9 @@ def run_video(args: argparse.Namespace, t0: float) -> int:
     keep = 0.25 if args.keep is None else args.keep
     methods = tuple(m for m in (args.methods or VIDEO_METHODS).split(",") if m)
     result = run_video_demo(args.out or "runs/video_demo", family=args.family, keep=keep, methods=methods,
-                            launcher=args.launcher, limit=args.limit)
+                            launcher=args.launcher, limit=args.limit, pretrained=args.pretrained)
     print()
-    print(f"## lmms-prune demo --video: tiny {args.family} (random weights: scores are not a ranking), tinyvideo, "
-          f"keep {keep:g}")
+    print(f"## lmms-prune demo --video: {result['model'].name} ({args.family}), tinyvideo, keep {keep:g}")
     print()
     print(result["table"])
     print()

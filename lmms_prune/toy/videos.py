@@ -139,3 +139,29 @@ def write_tinyvideo(folder: str | Path, fps: float = 4.0) -> Path:
     path = folder / "tinyvideo.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return path
+
+
+KINDS = ("plain", "cluttered")
+"""The two clip kinds of ``tinyvideo`` (:func:`motion_clip`, :func:`cluttered_clip`)."""
+
+
+def sample_scene(rng: np.random.Generator, kind: str | None = None) -> dict:
+    """A random scene of ``kind`` (random when None): ``{"kind", "direction", "colour", "distractors",
+    "background", "seed"}``, with a random direction and :data:`PALETTE` colour; a plain scene gets a random
+    grey level in [180, 230], a cluttered one two other random colours and a texture seed >= 1000 (the task's
+    rows use seeds 1-8, so these clips are never theirs). Draw the clip with :func:`scene_clip`."""
+    kind = KINDS[int(rng.integers(2))] if kind is None else kind
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}: must be one of {KINDS}")
+    colours = list(PALETTE)
+    picked = rng.permutation(len(colours))[:3]
+    return {"kind": kind, "direction": list(DIRECTIONS)[int(rng.integers(4))], "colour": colours[picked[0]],
+            "distractors": [colours[i] for i in picked[1:]] if kind == "cluttered" else [],
+            "background": int(rng.integers(180, 231)), "seed": int(rng.integers(1000, 2**31))}
+
+
+def scene_clip(scene: dict) -> list[np.ndarray]:
+    """The 8 frames of a :func:`sample_scene` scene, at the task's sizes."""
+    if scene["kind"] == "plain":
+        return motion_clip(scene["direction"], scene["colour"], background=scene["background"])
+    return cluttered_clip(scene["direction"], scene["colour"], tuple(scene["distractors"]), seed=scene["seed"])
