@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from lmms_prune.methods.base import Needs, Param, Preset, Selector, sel
 
 PARAMS = (
@@ -102,11 +100,12 @@ class MustDrop(Selector):
             # the tower merged: each window's mean sits in its slot; the authors' order (conditional_pooling):
             # the merged windows in their merge order, then the other patches ascending
             groups = image.tower_groups
-            slots = torch.nonzero(groups >= 0).flatten()
+            slots = (groups >= 0).nonzero().flatten()
             slots = slots[groups[slots].argsort()]
-            plain = torch.nonzero(groups == -1).flatten()
+            plain = (groups == -1).nonzero().flatten()
+            order = slots.new_tensor([*slots.tolist(), *plain.tolist()])  # torch.cat without importing torch here
             return sel.Merge(index=plain, weights=image.embeddings.new_zeros(0, groups.numel()),
-                             prefix=image.embeddings[slots], protected=self._key_set(image, torch.cat([slots, plain])))
+                             prefix=image.embeddings[slots], protected=self._key_set(image, order))
         side = self.config.mustdrop_window
         return sel.mustdrop_merge(image.vision_features, image.span.grids, n, window=(side, side),
                                   threshold=self.config.mustdrop_threshold)
