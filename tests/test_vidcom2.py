@@ -22,7 +22,7 @@ import pytest
 import test_engine
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from test_engine import ATOL, _generate, _same_tokens, _steps_close
 from test_video_engine import _video_inputs, _video_span
@@ -107,8 +107,11 @@ def test_kept_set_equals_the_recreations_of_the_authors_and_of_vllm(shape, ratio
     assert torch.equal(ours, authors_keep(x, rows * cols, ratio))
     exact = torch.zeros(x.shape[0], dtype=torch.bool)
     exact[vidcom2_select(x, grids, ratio, count="vllm")] = True
-    assert torch.equal(exact, vllm_keep(x, rows * cols, 1.0 - ratio))
     assert int(exact.sum()) == max(frames, min(int(x.shape[0] * ratio), x.shape[0]))
+    # vLLM's exact-count step ranks with torch.topk, whose order among EXACTLY equal scores is unspecified (two
+    # tokens of one frame score alike by symmetry); ours breaks such ties by index, so compare where none exist
+    assume(_authors_scores(x, rows * cols)[0].unique().numel() == x.shape[0])
+    assert torch.equal(exact, vllm_keep(x, rows * cols, 1.0 - ratio))
 
 
 @given(SHAPES, RATIOS, st.integers(0, 1000))
