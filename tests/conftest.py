@@ -37,6 +37,23 @@ def toys():
     return get
 
 
+@pytest.fixture(scope="module")
+def left_padded_toys():
+    """Like :func:`toys`, with each processor's tokenizer padding on the left (batched generation)."""
+    from lmms_prune.toy.models import build_processor, build_tiny_model
+
+    cache: dict[str, tuple] = {}
+
+    def get(family):
+        if family not in cache:
+            proc = build_processor(family)
+            proc.tokenizer.padding_side = "left"
+            cache[family] = (build_tiny_model(family), proc)
+        return cache[family]
+
+    return get
+
+
 @pytest.fixture(autouse=True)
 def _no_run_sampling_from_another_test():
     """A wrapper records its run's frame sampling process-wide (lmms_prune.video.register_run_sampling: one run

@@ -15,7 +15,6 @@ import torch
 from lmms_prune import conformance
 from lmms_prune.conformance import CHECKS
 from lmms_prune.presets import PRESETS
-from lmms_prune.toy.models import build_processor, build_tiny_model
 
 torch.set_num_threads(1)
 VIDEO_PRESETS = ("temporal", "evs", "vidcom2", "fastvid", "dycoke", "holitom", "holitom_full")  # run on Qwen2.5-VL, whose videos they are for
@@ -35,24 +34,10 @@ EXPECTED_NA = {(p, "video prune = mask"): "no video" for p in PRESETS if p not i
     ("fixed", c): "needs keep_indices" for c in CHECKS}  # an oracle: tests/test_engine.py proves it directly
 
 
-@pytest.fixture(scope="module")
-def toy():
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            proc = build_processor(family)
-            proc.tokenizer.padding_side = "left"
-            cache[family] = (build_tiny_model(family), proc)
-        return cache[family]
-
-    return get
-
-
 @pytest.mark.parametrize("preset", list(PRESETS))
-def test_every_builtin_preset_passes_check_method(toy, preset):
+def test_every_builtin_preset_passes_check_method(left_padded_toys, preset):
     family = CI_FAMILY.get(preset, "internvl_llama")
-    model, proc = toy(family)
+    model, proc = left_padded_toys(family)
     results = conformance.check_family(preset, family, model=model, proc=proc, decode=3)
     assert [r.check for r in results] == list(CHECKS)
     for r in results:

@@ -286,26 +286,12 @@ def test_vscan_equals_a_recreation_of_the_authors_llava_code_at_prefill_and_deco
 
 
 # ------------------------------------------------------------------------------------- the composed engine path
-@pytest.fixture(scope="module")
-def toys():
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            proc = build_processor(family)
-            proc.tokenizer.padding_side = "left"
-            cache[family] = (build_tiny_model(family), proc)
-        return cache[family]
-
-    return get
-
-
 @pytest.mark.parametrize(("family", "positions"), [("qwen2_5_vl", "contiguous"), ("qwen2_5_vl", "original"),
                                                    ("internvl3", "contiguous"), ("llava_next", "original")])
-def test_composed_prune_equals_mask_mode_of_the_llm_stage_on_the_shrunk_inputs(toys, family, positions):
+def test_composed_prune_equals_mask_mode_of_the_llm_stage_on_the_shrunk_inputs(left_padded_toys, family, positions):
     """Prefill logits at the kept positions, every cached decode step and the generated tokens agree; the kept
     sets agree and each is unique, ascending and within the image."""
-    model, proc = toys(family)
+    model, proc = left_padded_toys(family)
     inputs = image_inputs(family, proc, [[photo()]], ["Where is the cup on the table?"], "cpu", torch.float32)
     pruned = run(model, inputs, "vscan", positions=positions, stage_ratio=0.5, decode=4)
     mask = run(model, inputs, "vscan", mode="mask", positions=positions, stage_ratio=0.5, decode=4)
@@ -318,8 +304,8 @@ def test_composed_prune_equals_mask_mode_of_the_llm_stage_on_the_shrunk_inputs(t
     assert rec.kv_lengths[-1] == rec.seq_len_after
 
 
-def test_composed_batch_equals_its_samples(toys):
-    model, proc = toys("internvl3")
+def test_composed_batch_equals_its_samples(left_padded_toys):
+    model, proc = left_padded_toys("internvl3")
     texts = ("Where is the cup?", "Describe the picture in a few words please, with detail.")
     sizes = ((300, 200), (200, 420))
     both = run(model, image_inputs("internvl3", proc, [[photo(s)] for s in sizes], texts, "cpu", torch.float32),
@@ -332,10 +318,10 @@ def test_composed_batch_equals_its_samples(toys):
 
 
 @pytest.mark.parametrize(("family", "positions"), [("qwen2_5_vl", "original"), ("llava", "contiguous")])
-def test_nothing_pruned_equals_the_unpruned_model_and_remove_restores(toys, llava, family, positions):
+def test_nothing_pruned_equals_the_unpruned_model_and_remove_restores(left_padded_toys, llava, family, positions):
     """Qwen: with its M-RoPE grid positions kept (the authors' Qwen code); 'contiguous' renumbers a Qwen prompt
     even where nothing is dropped, as every pre-LLM method does."""
-    model, proc = toys(family) if family != "llava" else llava
+    model, proc = left_padded_toys(family) if family != "llava" else llava
     inputs = image_inputs(family, proc, [[photo()]], ["Where is the cup?"], "cpu", torch.float32)
     with torch.no_grad():
         reference = model(**inputs).logits
@@ -348,9 +334,9 @@ def test_nothing_pruned_equals_the_unpruned_model_and_remove_restores(toys, llav
     assert torch.equal(after, reference)
 
 
-def test_any_pre_llm_method_composes_with_an_llm_stage(toys):
+def test_any_pre_llm_method_composes_with_an_llm_stage(left_padded_toys):
     """The composition names no method: vispruner before the LLM, then FastV's attention top-k at layer 2."""
-    model, proc = toys("qwen2_5_vl")
+    model, proc = left_padded_toys("qwen2_5_vl")
     inputs = image_inputs("qwen2_5_vl", proc, [[photo()]], ["Where is the cup?"], "cpu", torch.float32)
     params = dict(keep_ratio=0.5, llm_selector="topk", prune_layers="2", stage_ratio=0.5)
     pruned = run(model, inputs, "vispruner", decode=3, **params)
@@ -361,23 +347,23 @@ def test_any_pre_llm_method_composes_with_an_llm_stage(toys):
     assert rec.kv_lengths[1] > rec.kv_lengths[2] == rec.seq_len_after
 
 
-def test_composed_refusals_name_the_fix(toys):
+def test_composed_refusals_name_the_fix(left_padded_toys):
     with pytest.raises(ValueError, match="stage_ratio"):
         resolve_config("vispruner", llm_selector="topk", prune_layers="2")
     with pytest.raises(ValueError, match="LLM stage after the pre-LLM stage is refused.*subset"):
         resolve_config("vispruner", llm_selector="dart", prune_layers="2", stage_ratio=0.5)
-    model, _ = toys("qwen2_5_vl")
+    model, _ = left_padded_toys("qwen2_5_vl")
     depth = get_adapter(model).num_layers
     with pytest.raises(ValueError, match=f"prune_layers.*{depth} decoder layers"):
         lmms_prune.apply(model, "vscan", prune_layers=str(depth))
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "internvl3"])
-def test_composed_cached_decoding_equals_recomputation_with_the_kept_sets_frozen(toys, family):
+def test_composed_cached_decoding_equals_recomputation_with_the_kept_sets_frozen(left_padded_toys, family):
     """Generation with the KV cache equals generation that recomputes the whole sequence at every step
     (``use_cache=False``), the LLM stage's kept set frozen to the cached run's (recomputing through the method
     itself would rank with another last token); the pre-LLM stage reads the image only, so it selects the same."""
-    model, proc = toys(family)
+    model, proc = left_padded_toys(family)
     inputs = image_inputs(family, proc, [[photo()]], ["Where is the cup on the table?"], "cpu", torch.float32)
     with torch.no_grad(), lmms_prune.apply(model, "vscan", stage_ratio=0.5) as handle:
         tokens, steps = generate(model, inputs, 4)
