@@ -107,7 +107,8 @@ def test_kept_set_equals_the_recreations_of_the_authors_and_of_vllm(shape, ratio
     assert torch.equal(ours, authors_keep(x, rows * cols, ratio))
     exact = torch.zeros(x.shape[0], dtype=torch.bool)
     exact[vidcom2_select(x, grids, ratio, count="vllm")] = True
-    assert int(exact.sum()) == max(frames, min(int(x.shape[0] * ratio), x.shape[0]))
+    vllm_ratio = 1.0 - (1.0 - ratio)  # vLLM works with 1 - q for the pruning rate q = 1 - r
+    assert int(exact.sum()) == max(frames, min(int(x.shape[0] * vllm_ratio), x.shape[0]))
     # vLLM's exact-count step ranks with torch.topk, whose order among EXACTLY equal scores is unspecified (two
     # tokens of one frame score alike by symmetry); ours breaks such ties by index, so compare where none exist
     assume(_authors_scores(x, rows * cols)[0].unique().numel() == x.shape[0])

@@ -107,6 +107,10 @@ def vidcom2_select(features: Tensor, grids: Sequence[Grid], retention: float, co
     if count not in COUNTS:
         raise ValueError(f"vidcom2_count={count!r}: must be one of {COUNTS} (the authors' per-frame total, or "
                          "vLLM's exact count)")
+    if count == "vllm":
+        # vLLM's compute_retention_mask takes the pruning rate q = 1 - r and works with 1 - q: the same float
+        # (e.g. 1 - (1 - 0.1) = 0.09999999999999998), so that per-frame budgets at a rounding boundary agree
+        retention = 1.0 - (1.0 - retention)
     score, uniqueness = vidcom2_scores(features, frames)
     ks = frame_budgets(uniqueness, retention, cells)
     # ascending score, ties to the lower index: each frame keeps the head of its order
