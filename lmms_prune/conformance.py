@@ -363,7 +363,7 @@ class Checker:
                 raise NotApplicable("pre-LLM merged tokens are new embeddings with no original position: no "
                                     "mask-mode reference")
             pruned = self._run(inputs, positions="original")
-            keep = [_sample_index(rec) for rec in pruned.records]
+            keep = [sample_index(rec) for rec in pruned.records]
             decode_stage = SELECTORS[cfg.selector].decode_layer(cfg) is not None
             mask = run(self.model, inputs, "fixed", mode="mask", decode=0 if decode_stage else self.decode,
                        keep_indices=keep[0], prune_layer=0)
@@ -396,7 +396,7 @@ class Checker:
             raise NotApplicable("pre-LLM merged tokens are new embeddings: no frozen-set recomputation")
         extra = {"positions": "original"} if cfg.stage == "pre_llm" else {}
         cached = self._run(self.image, **extra)
-        keep = _sample_index(cached.records[0])
+        keep = sample_index(cached.records[0])
         layer = 0 if cfg.stage == "pre_llm" else cfg.prune_layer
         with torch.no_grad(), lmms_prune.apply(self.model, "fixed", keep_indices=keep, prune_layer=layer):
             full_tokens, full_steps = generate(self.model, self.image, self.decode, use_cache=False)
@@ -472,7 +472,7 @@ class Checker:
                 f"{prefill * 1e3:.1f} ms prefill it prunes ({cell.visual_tokens} -> {cell.kept_tokens} tokens)")
 
 
-def _sample_index(rec: Any) -> list[int]:
+def sample_index(rec: Any) -> list[int]:
     """A record's kept sets as indices among its sample's visual tokens (the ``fixed`` selector's input)."""
     out, offset = [], 0
     for span, kept in zip(rec.spans, rec.kept):

@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import test_engine
 import torch
@@ -29,6 +28,7 @@ from test_video_engine import _internvl_video, _video_inputs, _video_span, movin
 from transformers import AutoConfig
 
 import lmms_prune
+from lmms_prune.conformance import sample_index
 from lmms_prune.families import get_adapter
 from lmms_prune.presets import check_model, resolve_config
 from lmms_prune.selection import dycoke_decode_keep, ttm_count, ttm_references, ttm_select
@@ -124,8 +124,7 @@ def test_dycoke_on_a_qwen_video_keeps_the_ttm_set_leaves_the_image_and_equals_k0
             pre = model(**inputs).logits
             pre_tokens, pre_steps = _generate(model, inputs)
             rec = handle.records[0]
-        offsets = np.cumsum([0] + [s.num_visual for s in rec.spans])
-        kept = [int(o) + i for o, k in zip(offsets, rec.kept) for i in k.tolist()]
+        kept = sample_index(rec)
         with lmms_prune.apply(model, "fixed", keep_indices=kept, prune_layer=0):
             k0 = model(**inputs).logits
             k0_tokens, k0_steps = _generate(model, inputs)

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import test_engine
 import torch
@@ -28,6 +27,7 @@ from test_engine import ATOL, _generate, _same_tokens, _steps_close
 from test_video_engine import _video_inputs, _video_span
 
 import lmms_prune
+from lmms_prune.conformance import sample_index
 from lmms_prune.families import get_adapter
 from lmms_prune.presets import resolve_config
 from lmms_prune.selection import frame_budgets, vidcom2_scores, vidcom2_select
@@ -187,8 +187,7 @@ def test_vidcom2_on_a_qwen_video_keeps_the_authors_set_leaves_the_image_and_equa
             rec = handle.records[0]
         assert rec.kept[0].tolist() == list(range(image.num_visual))  # images untouched
         assert rec.kept[1].tolist() == expected.tolist()
-        offsets = np.cumsum([0] + [s.num_visual for s in rec.spans])
-        kept = [int(o) + i for o, k in zip(offsets, rec.kept) for i in k.tolist()]
+        kept = sample_index(rec)
         with lmms_prune.apply(model, "fixed", keep_indices=kept, prune_layer=0):
             k0 = model(**inputs).logits
             k0_tokens, k0_steps = _generate(model, inputs)

@@ -247,8 +247,7 @@ def test_pre_llm_on_video_with_original_positions_equals_k0_of_the_same_set(toys
             pre_tokens, pre_steps = _generate(model, inputs)
             rec = handle.records[0]
         assert [k.numel() for k in rec.kept] == [max(1, round(0.1 * s.num_visual)) for s in spans]
-        offsets = np.cumsum([0] + [s.num_visual for s in spans])
-        kept = [int(o) + i for o, k in zip(offsets, rec.kept) for i in k.tolist()]
+        kept = conformance.sample_index(rec)
         with lmms_prune.apply(model, "fixed", keep_indices=kept, prune_layer=0):
             k0 = model(**inputs).logits
             k0_tokens, k0_steps = _generate(model, inputs)
