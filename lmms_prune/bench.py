@@ -281,7 +281,8 @@ def check_plan(methods: Sequence[str], keep_ratios: Sequence[float], token_count
             continue
         for ratio in keep_ratios:
             try:
-                config = resolve_config(method, keep_ratio=ratio, **extra.get(method, {}))
+                # the cell's own parameters (Bench._params: --method-args may override the keep ratio)
+                config = resolve_config(method, **{"keep_ratio": ratio, **extra.get(method, {})})
             except ValueError as err:
                 raise ValueError(f"--methods {method} --keep {ratio:g}: {err}") from None
         if config.stage != "none" and config.needs().prior and config.bias_prior:

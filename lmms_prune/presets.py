@@ -384,8 +384,9 @@ def check_model(cfg: Any, config: Any) -> None:
     """Checks that need the model's shape, from its transformers config only (no weights)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     depth = int(text.num_hidden_layers)
-    if cfg.composed:
-        check_model(cfg.split_stages(depth)[1], config)
+    if cfg.composed:  # each stage against the model: the pre-LLM one (e.g. DeepStack), then the LLM one
+        for stage in cfg.split_stages(depth):
+            check_model(stage, config)
         return
     if cfg.multi_stage:
         layers = cfg.stage_layers(depth)

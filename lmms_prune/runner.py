@@ -452,6 +452,14 @@ class Runner:
             raise ValueError(f"{self.model_id}: method {self.config.method!r} prunes videos only, and the "
                              f"{self.family.name} family takes no videos, so it would prune nothing; use a video "
                              "family (qwen2_5_vl, qwen3_vl, llava_onevision, internvl) or an image method")
+        if (selector is not None and selector.videos_only and selector.merges and not selector.merges_in_place
+                and self.family.video_structure_inside):
+            raise ValueError(f"{self.model_id}: method {self.config.method!r} merges each video into a shorter "
+                             f"sequence, but {self.family.name} videos have structural tokens inside them that the "
+                             f"merged sequence cannot place ({self.family.video_structure_inside}); use a method "
+                             "that keeps a subset of the video's tokens (temporal, evs, vidcom2, dycoke) or merges "
+                             "in place (fastvid), or a family whose videos end with them (qwen2_5_vl, "
+                             "llava_onevision)")
         if self.config.stage != "none" and self.config.needs().prior and self.config.bias_prior:
             from lmms_prune.engine.prior import load_prior
 

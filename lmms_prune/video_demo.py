@@ -1,7 +1,8 @@
 """``lmms-prune demo --video``: the video methods side by side on the tiny video task, through lmms-eval.
 
-Runs the test task ``tinyvideo`` (VideoMME's schema on eight 8-frame clips, ``tests/tasks/tinyvideo.yaml``: four
-plain and four cluttered, :mod:`lmms_prune.toy.videos`) with ``python -m lmms_eval --model <family>_<method>``
+Writes the clips of the package's task ``tinyvideo`` (VideoMME's schema on eight 8-frame clips,
+:mod:`lmms_prune.tasks.tinyvideo`: four plain and four cluttered, :mod:`lmms_prune.toy.videos`) into its output
+folder and runs it with ``python -m lmms_eval --model <family>_<method>``
 for ``none``, ``fastv``, ``temporal``, ``evs``, ``vidcom2`` and ``fastvid`` at one keep ratio (a resumable
 :class:`lmms_prune.sweep.Sweep`), on a tiny video model of the family (:func:`lmms_prune.toy.models.tiny_model_dir`)
 or the ``pretrained`` checkpoint, and prints one row per method: the task's score, its % of the unpruned run, the visual tokens kept and the
@@ -10,8 +11,7 @@ prefill FLOPs as % of the unpruned prefill.
 The tiny video models have random weights, so their answers, and the scores, say nothing about the methods'
 quality (``scripts/train_video_qa.py`` trains a LLaVA-OneVision one for the task, ``--pretrained`` runs it; none
 is shipped yet: ``docs/video.md``): the demo shows the pipeline (each method's kept tokens and FLOPs on a
-real video geometry, through the real harness), not a ranking. The task lives in the repository's ``tests``
-folder: the demo runs from a source checkout.
+real video geometry, through the real harness), not a ranking.
 """
 
 from __future__ import annotations
@@ -29,10 +29,9 @@ FAMILY_ARGS: dict[str, dict[str, str]] = {
     # all 8 frames of a clip, 4x4 pooled tokens each, one newline after the video
     "llava_onevision": {"max_frames_num": "8"},
 }
-TASKS_DIR = Path(__file__).resolve().parents[1] / "tests" / "tasks"
 
 
-def check_video_demo(family: str, keep: float, methods: tuple[str, ...], tasks_dir: Path = TASKS_DIR) -> None:
+def check_video_demo(family: str, keep: float, methods: tuple[str, ...]) -> None:
     """Refuse bad settings before any model loads, naming the value and the fix."""
     from lmms_prune.presets import PRESETS
 
@@ -43,9 +42,6 @@ def check_video_demo(family: str, keep: float, methods: tuple[str, ...], tasks_d
     unknown = [m for m in methods if m not in PRESETS]
     if unknown:
         raise ValueError(f"--methods {','.join(unknown)}: unknown; see `lmms-prune methods`")
-    if not (tasks_dir / f"{TASK}.yaml").is_file():
-        raise ValueError(f"{tasks_dir / (TASK + '.yaml')} not found: the video demo runs the test task {TASK!r} of a "
-                         "source checkout (git clone the repository and install it with pip install -e .)")
 
 
 def video_table(tables: list[Any], task: str = TASK) -> str:
@@ -74,7 +70,8 @@ def demo_pretrained(family: str, pretrained: str | None = None) -> str:
 def run_video_demo(out: str | Path = "runs/video_demo", family: str = "llava_onevision", keep: float = 0.25,
                    methods: tuple[str, ...] = VIDEO_METHODS, launcher: str | None = None,
                    limit: int | None = None, pretrained: str | None = None) -> dict[str, Any]:
-    """Run the sweep into ``out`` (``runs/``, ``report/`` and the datasets cache ``hf_datasets/``) and return
+    """Run the sweep into ``out`` (``data/tinyvideo/``: the task's clips, ``runs/``, ``report/`` and the datasets
+    cache ``hf_datasets/``) and return
     ``{"table", "report", "model"}``. ``limit``: samples per run (default all clips); ``pretrained``: another
     checkpoint of ``family`` (default :func:`demo_pretrained`)."""
     check_video_demo(family, keep, methods)
@@ -87,9 +84,14 @@ def run_video_demo(out: str | Path = "runs/video_demo", family: str = "llava_one
     model_dir = Path(resolve_pretrained(model))
     cells = build_cells([(family, model)], [m for m in methods if m != "none"], [keep],
                         {"*": FAMILY_ARGS[family]})
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(out / "hf_datasets"))
-    sweep = Sweep(out / "runs", [TASK], launcher=launcher or sys.executable, limit=limit,
-                  include_path=str(TASKS_DIR), env=env)
+    clips = out / "data" / "tinyvideo"
+    if not (clips / "tinyvideo.jsonl").is_file():
+        from lmms_prune.toy.videos import write_tinyvideo
+
+        write_tinyvideo(clips)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(out / "hf_datasets"),
+               LMMS_PRUNE_TINYVIDEO_DIR=str(clips.resolve()))
+    sweep = Sweep(out / "runs", [TASK], launcher=launcher or sys.executable, limit=limit, env=env)
     statuses = sweep.run(cells, progress=lambda s: print(f"[video demo] {s}"))
     failed = {k: v for k, v in statuses.items() if not v.startswith(("done", "skipped"))}
     if failed:

@@ -26,7 +26,7 @@ Data
     (the task's cluttered kind). Every clip goes through the task's own path: written as mp4
     (:func:`lmms_prune.video.write_video`), decoded and sampled as the ``llava_onevision`` wrapper does
     (``max_frames_num=8``). The prompt is ``tinyvideo``'s (VideoMME's instruction, question, options, post
-    prompt: ``tests/tasks/tinyvideo_utils.py``), the target ``<letter><|im_end|>``; cross-entropy on
+    prompt: ``lmms_prune/tasks/tinyvideo/utils.py``), the target ``<letter><|im_end|>``; cross-entropy on
     those two tokens only. Training clips come from ``--seed``, held-out clips from another seed
     (``split_seed(seed, "heldout-<kind>")``), texture seeds from 1000 up: none is one of the task's rows.
 
@@ -56,7 +56,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -73,14 +72,15 @@ from transformers import (
     SiglipVisionConfig,
 )
 
+from lmms_prune.tasks.tinyvideo.utils import (  # the task's own prompt and letter extraction
+    doc_to_text,
+    score_answer,
+)
 from lmms_prune.toy import models as toy_models
 from lmms_prune.toy import tokenizers as toy_tok
 from lmms_prune.toy.data import split_seed
 from lmms_prune.toy.videos import DIRECTIONS, OPTIONS, QUESTION, sample_scene, scene_clip
 from lmms_prune.video import family_sampling, load_video, write_video
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "tasks"))
-from tinyvideo_utils import doc_to_text, score_answer  # noqa: E402  (the task's own prompt and letter extraction)
 
 TEXT_HIDDEN = 64
 TEXT_LAYERS = 3

@@ -30,10 +30,12 @@ class CliRun:
 
 
 def cli_env(tmp_path: Path) -> dict[str, str]:
-    """Offline, one thread, a datasets cache of the test's own, and no inherited accelerate CPU switch."""
+    """Offline, one thread, a datasets cache of the test's own, no inherited accelerate CPU switch, and the
+    committed tinyvideo clips unless the environment names others."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false", HF_DATASETS_CACHE=str(tmp_path / "hf_datasets"))
     env.pop("ACCELERATE_USE_CPU", None)
+    env.setdefault("LMMS_PRUNE_TINYVIDEO_DIR", str(REPO / "tests" / "data" / "tinyvideo"))  # the committed clips
     return env
 
 

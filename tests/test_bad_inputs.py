@@ -397,6 +397,17 @@ def test_bench_checks_its_plan_before_loading_the_model_or_timing_the_baseline(m
     assert __import__("re").search(shown, capsys.readouterr().err)
 
 
+def test_bench_plan_takes_a_keep_ratio_from_method_args_as_the_cells_do():
+    """--method-args may set a method's keep_ratio (scripts/bench_readme.sh's matched-FLOPs table does): the plan
+    check resolves each cell as Bench runs it, so the override is checked, not passed twice."""
+    from lmms_prune.bench import Bench, check_plan
+
+    check_plan(["fastv", "visionzip"], [0.25], [768], {"visionzip": {"keep_ratio": 0.3125}})
+    assert Bench._params(None, "visionzip", 0.25, {"keep_ratio": 0.3125})["keep_ratio"] == 0.3125
+    with pytest.raises(ValueError, match=r"--methods visionzip --keep 0.25: keep_ratio=1.5"):
+        check_plan(["visionzip"], [0.25], [768], {"visionzip": {"keep_ratio": 1.5}})
+
+
 def test_calibrate_refuses_zero_images(tmp_path, monkeypatch, capsys):
     """Poor 16: --num-images 0 used every image."""
     import lmms_prune.loading as loading

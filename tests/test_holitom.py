@@ -304,3 +304,31 @@ def test_holitom_full_prunes_as_mask_mode_of_its_llm_stage_on_the_shrunk_inputs(
     assert _steps_close(steps, runs["mask"][1], tokens, runs["mask"][0])
     (image, video) = pre.spans_after
     assert both.visual_after == image.num_visual + round(video.num_visual * 0.5)
+
+
+@pytest.mark.parametrize("method", ["holitom", "holitom_full"])
+def test_families_with_structure_between_frames_are_refused_before_any_weights_load(monkeypatch, method):
+    """HoliTom replaces a video by a shorter merged sequence: an InternVL video ('FrameN: ' text between its
+    frames) and a Qwen3-VL video (timestamps, and DeepStack) cannot hold it. Refused from the config, before
+    ``from_pretrained``, naming the reason and the methods that work there; a family whose videos end with
+    their structural tokens passes the check."""
+    import transformers
+
+    from lmms_prune.models import wrappers
+    from lmms_prune.toy.models import tiny_model_dir
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights must not load")
+
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", refuse)
+    suffix = method
+    with pytest.raises(ValueError, match=r"merges each video into a shorter sequence, but internvl videos .*"
+                                         r"'FrameN: '.*fastvid"):
+        getattr(wrappers, f"InternVLPrune_{suffix}")(pretrained=str(tiny_model_dir("internvl_qwen2")),
+                                                      device="cpu", keep_ratio=0.25)
+    with pytest.raises(ValueError, match="DeepStack"):
+        getattr(wrappers, f"Qwen3VLPrune_{suffix}")(pretrained=str(tiny_model_dir("qwen3_vl")), device="cpu",
+                                                    keep_ratio=0.25)
+    with pytest.raises(AssertionError, match="weights must not load"):
+        getattr(wrappers, f"LlavaOnevisionPrune_{suffix}")(pretrained=str(tiny_model_dir("llava_onevision")),
+                                                           device="cpu", keep_ratio=0.25)

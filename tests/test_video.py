@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +24,11 @@ REPO = Path(__file__).resolve().parents[1]
 TOTALS = (1, 2, 3, 5, 8, 31, 32, 33, 64, 301)
 
 
-def _task_utils():
-    spec = importlib.util.spec_from_file_location("tinyvideo_utils", REPO / "tests" / "tasks" / "tinyvideo_utils.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def _task_utils(monkeypatch, data: Path = REPO / "tests" / "data" / "tinyvideo"):
+    """The task's functions (``lmms_prune.tasks.tinyvideo.utils``), reading the clips in ``data``."""
+    import lmms_prune.tasks.tinyvideo.utils as module
+
+    monkeypatch.setenv(module.DATA_ENV, str(data))
     return module
 
 
@@ -168,7 +168,7 @@ def test_committed_task_data_is_what_the_generator_writes(tmp_path):
 
 
 def test_task_scores_letters_and_counts_malformed_answers_and_video_errors(tmp_path, monkeypatch):
-    utils = _task_utils()
+    utils = _task_utils(monkeypatch)
     doc = tinyvideo_rows()[1]  # right: B
     text = utils.doc_to_text(doc, {"post_prompt": "\nAnswer with the option's letter."})
     assert text.splitlines()[1:6] == [doc["question"], *doc["options"]]
@@ -180,12 +180,42 @@ def test_task_scores_letters_and_counts_malformed_answers_and_video_errors(tmp_p
     broken = tmp_path / "data"
     broken.mkdir()
     (broken / f"{doc['videoID']}.mp4").write_bytes(b"broken")
-    monkeypatch.setattr(utils, "DATA_DIR", broken)
+    monkeypatch.setenv(utils.DATA_ENV, str(broken))
     record = utils.process_results(doc, [""])["video_errors"]
     assert record["score"] == 0.0 and not record["malformed"] and "cannot be used" in record["video_error"]
     records = [utils.process_results(doc, [a])["malformed"] for a in ("B", "zzz")] + [record]
     assert (utils.perception_score(records), utils.malformed_count(records), utils.video_error_count(records)) == (
         pytest.approx(100 / 3), 1, 1)
+
+
+def test_task_without_its_clips_names_the_folder_and_the_command_that_writes_it(tmp_path, monkeypatch):
+    """The task ships in the package; its clips are written where the run says (LMMS_PRUNE_TINYVIDEO_DIR)."""
+    utils = _task_utils(monkeypatch)
+    doc = tinyvideo_rows()[0]
+    monkeypatch.delenv(utils.DATA_ENV)
+    with pytest.raises(FileNotFoundError, match=r"LMMS_PRUNE_TINYVIDEO_DIR is not set.*write_tinyvideo"):
+        utils.doc_to_visual(doc)
+    monkeypatch.setenv(utils.DATA_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match=r"nowhere: not a folder.*lmms-prune demo --video"):
+        utils.doc_to_visual(doc)
+    monkeypatch.setenv(utils.DATA_ENV, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"no tinyvideo.jsonl there"):
+        utils.rows_file()
+    write_tinyvideo(tmp_path)
+    assert utils.rows_file() == (tmp_path / "tinyvideo.jsonl").resolve()
+    assert utils.doc_to_visual(doc) == [str((tmp_path / f"{doc['videoID']}.mp4").resolve())]
+
+
+def test_tinyvideo_is_a_task_of_the_package_not_of_the_tests():
+    """lmms-eval finds ``tinyvideo`` in the package's task folder (an installed package runs it, no
+    ``--include_path``), and the tests' folder holds no second copy."""
+    from lmms_eval.tasks import TaskManager
+
+    from lmms_prune.tasks.takeover import TASKS_DIR
+
+    assert not list((REPO / "tests" / "tasks").glob("tinyvideo*"))
+    index = TaskManager("ERROR", include_path=[str(TASKS_DIR)], include_defaults=False).task_index
+    assert Path(index["tinyvideo"]["yaml_path"]).parent == TASKS_DIR / "tinyvideo"
 
 
 # ------------------------------------------------------------------------------------------------ lmms-eval layer
@@ -256,12 +286,11 @@ def test_a_clip_the_runs_sampling_cannot_take_is_a_video_error_not_a_malformed_a
     under video_errors (with the run's sampling, which our wrappers register) instead of malformed."""
     from lmms_prune.video import register_run_sampling, write_video
 
-    utils = _task_utils()
     doc = tinyvideo_rows()[1]
     data = tmp_path / "data"
     data.mkdir()
     write_video(data / f"{doc['videoID']}.mp4", motion_clip("right")[:1])
-    monkeypatch.setattr(utils, "DATA_DIR", data)
+    utils = _task_utils(monkeypatch, data)
     register_run_sampling(FrameSampling("qwen_vl", 32))
     try:
         record = utils.process_results(doc, [""])["video_errors"]

@@ -1,4 +1,4 @@
-"""The tiny video task (``tests/tasks/tinyvideo.yaml``, VideoMME's schema) through the lmms-eval command line, with
+"""The tiny video task (``lmms_prune/tasks/tinyvideo``, VideoMME's schema, on the clips in ``tests/data/tinyvideo``) through the lmms-eval command line, with
 video pruning and efficiency records (issue 21)."""
 
 from __future__ import annotations
@@ -54,13 +54,13 @@ def _data_with_a_broken_first_clip(folder: Path) -> tuple[Path, str]:
 def test_video_task_runs_through_the_cli_with_pruned_video_and_efficiency_records(tmp_path, model):
     family, extra, tokens, broken = RUNS[model]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false", HF_DATASETS_CACHE=str(tmp_path / "hf"))
+               TOKENIZERS_PARALLELISM="false", HF_DATASETS_CACHE=str(tmp_path / "hf"), LMMS_PRUNE_TINYVIDEO_DIR=str(DATA))
     if broken:  # on_error=skip: the sample is skipped by the wrapper and counted by the task, the run goes on
         env["LMMS_PRUNE_TINYVIDEO_DIR"] = str(_data_with_a_broken_first_clip(tmp_path / "clips")[0])
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "lmms_eval", "--model", model, "--model_args",
            f"pretrained={tiny_model_dir(family)},keep_ratio=0.1,{extra}", "--tasks", "tinyvideo",
-           "--include_path", str(REPO / "tests" / "tasks"), "--limit", str(CLIPS), "--gen_kwargs",
+           "--limit", str(CLIPS), "--gen_kwargs",
            "max_new_tokens=4", "--output_path", str(out), "--log_samples"]
     done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -152,10 +152,14 @@ def test_dycoke_runs_tinyvideo_through_the_cli_on_qwen_and_onevision(tmp_path):
 @pytest.mark.cli
 def test_holitom_runs_tinyvideo_through_the_cli_on_qwen_and_onevision(tmp_path):
     """``--model qwen2_5_vl_holitom`` and ``llava_onevision_holitom``: HoliTom's merged video (OneVision's
-    newline after it) reaches the LLM and is scored by the task; the count is HoliTom's own."""
+    newline after it) reaches the LLM and is scored by the task; the count is HoliTom's own.
+    ``qwen2_5_vl_holitom_full`` adds the inside-LLM merge: its records count fewer tokens and FLOPs than the
+    pre-LLM stage alone on the same clip."""
     from cli_runs import run_lmms_eval
 
+    flops = {}
     for model, family, extra in (("qwen2_5_vl_holitom", "qwen2_5_vl", QWEN_PIXELS),
+                                 ("qwen2_5_vl_holitom_full", "qwen2_5_vl", QWEN_PIXELS),
                                  ("llava_onevision_holitom", "llava_onevision", f"max_frames_num={CLIP_FRAMES}")):
         run = run_lmms_eval(tmp_path / model, model, f"pretrained={tiny_model_dir(family)},keep_ratio=0.25,{extra}",
                             tasks="tinyvideo", limit=1)
@@ -165,6 +169,8 @@ def test_holitom_runs_tinyvideo_through_the_cli_on_qwen_and_onevision(tmp_path):
             assert sample["visual_before"] == tokens_of(family)
             assert 1 <= sample["visual_after"] < sample["visual_before"]
             assert sample["prefill_flops"] < sample["prefill_flops_unpruned"]
+            flops[model] = sample["prefill_flops"]
+    assert flops["qwen2_5_vl_holitom_full"] < flops["qwen2_5_vl_holitom"]
 
 
 def tokens_of(family: str) -> int:

@@ -80,4 +80,4 @@ def test_video_demo_runs_the_methods_through_lmms_eval_and_prints_their_table(tm
         assert keep == "0.5" and 0 <= float(score) <= 100
         assert 0 < float(kept) < unpruned_tokens and float(flops) < 100
     assert float(rows["fastvid"][3]) <= 8 * int(16 * 0.5)  # int(P r) per frame at most
-    assert {p.name for p in out.iterdir()} <= {"runs", "report", "hf_datasets"}
+    assert {p.name for p in out.iterdir()} <= {"data", "runs", "report", "hf_datasets"}

@@ -15,7 +15,7 @@ VIDEO_METHODS = "none,fastv,temporal,evs,vidcom2,fastvid"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--video", action="store_true",
                         help="the video methods on the tiny video task instead (lmms_prune.video_demo: "
-                             f"{VIDEO_METHODS} on a tiny video model, from a source checkout)")
+                             f"{VIDEO_METHODS} on a tiny video model)")
     parser.add_argument("--out", default=None, help="output folder (re-running resumes; default runs/demo, "
                         "with --video runs/video_demo)")
     parser.add_argument("--images", type=int, default=16,

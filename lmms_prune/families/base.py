@@ -231,6 +231,10 @@ class Family:
     # Why this family cannot meet a visual-token budget by shrinking its images (None: it can, see
     # budget_images); shown before any weights load.
     input_budget_refusal: ClassVar[str | None] = "its processor maps no smaller input to fewer visual tokens"
+    # Why a video of this family has structural tokens between its frames (frame labels, timestamps), where a
+    # merged video (a shorter sequence with no original places) cannot put them; None: only after the video.
+    # Methods that merge videos only are refused for such a family before the weights load (runner).
+    video_structure_inside: ClassVar[str | None] = None
 
     @classmethod
     def check_input_budget(cls, keep_ratio: float | None, keep_tokens: int | None, options: dict[str, Any]) -> None:

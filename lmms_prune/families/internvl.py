@@ -101,6 +101,8 @@ class InternVL(Family):
     model_types = ("internvl",)
     tower_refusal = ("its pixel shuffle after InternViT turns each 2 x 2 patches into one LLM token, so a "
                      "patch slot merged in the tower is no LLM token of its own; the in-tower merge runs on llava")
+    video_structure_inside = ("its processor writes a video as one-tile image runs with the text 'FrameN: ' "
+                              "between the frames")
     model_class = "InternVLForConditionalGeneration"
     processor_class = "InternVLProcessor"
     default_pretrained = "OpenGVLab/InternVL2_5-8B-MPO-hf"

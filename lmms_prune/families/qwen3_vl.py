@@ -36,6 +36,7 @@ class Qwen3VL(Qwen25VL):
 
     name = "qwen3_vl"
     model_types = ("qwen3_vl",)
+    video_structure_inside = "its processor puts a timestamp before each merged frame of a video"
     model_class = "Qwen3VLForConditionalGeneration"
     processor_class = "Qwen3VLProcessor"
     default_pretrained = "Qwen/Qwen3-VL-8B-Instruct"

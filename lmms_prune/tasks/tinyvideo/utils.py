@@ -1,4 +1,4 @@
-"""Functions of the tiny video task (``tinyvideo.yaml``): lmms-eval's ``videomme`` task on local motion clips.
+"""lmms-eval glue of ``tinyvideo`` (``tinyvideo.yaml``): lmms-eval's ``videomme`` task on local clips.
 
 The schema, prompt, answer extraction and score are VideoMME's (lmms-eval 0.7.3 ``tasks/videomme/utils.py``,
 whose module cannot be imported here: it needs OpenCV at import). Its ``doc_to_visual`` gives the clip's file
@@ -9,6 +9,9 @@ metrics: ``tinyvideo_perception_score`` (percent correct over all samples, Video
 clip cannot be decoded, or cannot be sampled by the run's frame sampling (``lmms_prune.video.run_sampling``,
 recorded by our wrappers: a 1-frame clip under Qwen-VL): the wrapper skipped them under ``on_error=skip`` and
 answered nothing; scored wrong, counted here instead of as malformed).
+
+The data folder is ``LMMS_PRUNE_TINYVIDEO_DIR`` (:func:`data_dir`), read when the task loads its rows and when a
+clip's path is asked for; :class:`TinyVideoTask` refuses a missing folder with the command that writes one.
 """
 
 from __future__ import annotations
@@ -17,19 +20,56 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lmms_eval.api.task import ConfigurableMessagesTask
 from lmms_eval.tasks._task_utils.mcq_extract import extract_mcq_answer
 
 from lmms_prune.video import VideoLoadError, check_video, run_sampling
 
-DATA_DIR = Path(os.environ.get("LMMS_PRUNE_TINYVIDEO_DIR") or Path(__file__).resolve().parents[1] / "data" / "tinyvideo")
+DATA_ENV = "LMMS_PRUNE_TINYVIDEO_DIR"
 OPTION_PROMPT = ("Select the best answer to the following multiple-choice question based on the video and the "
                  "subtitles. Respond with only the letter (A, B, C, or D) of the correct option.")
 CHOICES = ["A", "B", "C", "D"]
 
 
+def data_dir() -> Path:
+    """The folder of the clips (``$LMMS_PRUNE_TINYVIDEO_DIR``), absolute; raises naming the fix when it is not
+    set or not a folder."""
+    root = os.environ.get(DATA_ENV)
+    fix = ("write the clips with `python -c \"from lmms_prune.toy.videos import write_tinyvideo; "
+           "write_tinyvideo('DIR')\"` and set LMMS_PRUNE_TINYVIDEO_DIR=DIR (`lmms-prune demo --video` does both "
+           "inside its --out folder)")
+    if not root:
+        raise FileNotFoundError(f"{DATA_ENV} is not set: the tinyvideo task reads its clips from that folder; {fix}")
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"{DATA_ENV}={root}: not a folder; {fix}")
+    return Path(root).resolve()
+
+
+def rows_file() -> Path:
+    """``tinyvideo.jsonl`` in :func:`data_dir`; raises naming the fix when it is missing."""
+    path = data_dir() / "tinyvideo.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{DATA_ENV}={os.environ[DATA_ENV]}: no tinyvideo.jsonl there; write the task's "
+                                "rows and clips with lmms_prune.toy.videos.write_tinyvideo(folder)")
+    return path
+
+
+class TinyVideoTask(ConfigurableMessagesTask):
+    """lmms-eval's chat task reading its rows from :func:`data_dir` (``tinyvideo.jsonl`` through the ``json``
+    builder, absolute path: two folders never share a ``datasets`` cache entry)."""
+
+    def __init__(self, *args: Any, config: dict | None = None, **kwargs: Any) -> None:
+        if config is not None:
+            config = {key: value for key, value in config.items() if key != "class"}
+        super().__init__(*args, config=config, **kwargs)
+
+    def download(self, dataset_kwargs: dict | None = None) -> None:
+        super().download({**(dataset_kwargs or {}), "data_files": {"test": str(rows_file())}})
+
+
 def doc_to_visual(doc: dict) -> list[str]:
     """The clip's path (VideoMME: ``<cache>/data/<videoID>.mp4``)."""
-    return [str(DATA_DIR / f"{doc['videoID']}.mp4")]
+    return [str(data_dir() / f"{doc['videoID']}.mp4")]
 
 
 def doc_to_text(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> str:
