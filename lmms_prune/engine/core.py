@@ -142,6 +142,9 @@ class PruneHandle:
         self._base_attn = attn.base_name(self.adapter.text_config._attn_implementation)
         self._state = CallState()
         check_model(config, self.adapter.text_config)
+        for plugin in (SCORES.get(config.score), SELECTORS.get(config.selector)):
+            if plugin is not None:  # values a method leaves to the model's family (Plugin.for_family)
+                config = self.config = plugin.for_family(config, self.adapter.name)
         depth = self.adapter.num_layers
         if config.multi_stage:  # resolve prune_layers='auto' to this model's layers
             config = self.config = dataclasses.replace(config, prune_layers=config.stage_layers(depth))

@@ -327,6 +327,13 @@ class Plugin:
     def check(cls, config: Any) -> None:
         """Cross-field checks that do not need a model (raise ``ValueError`` naming the value and the fix)."""
 
+    @classmethod
+    def for_family(cls, config: Any, family: str) -> Any:
+        """``config`` with the values this plug-in leaves to the model's family resolved for ``family`` (a
+        :attr:`lmms_prune.families.base.Family.name`; FastVID's ``fastvid_variant='auto'``: the authors' code for
+        that family); the engine calls it once when the method is applied. Default: ``config`` unchanged."""
+        return config
+
 
 class Score(Plugin):
     """An importance score: ``score(image) -> [N] tensor`` (or None for selectors that need none)."""

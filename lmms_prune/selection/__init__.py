@@ -19,7 +19,13 @@ from lmms_prune.selection.dpp import cdpruner, dpp_greedy, instruction_relevance
 from lmms_prune.selection.dycoke import decode_keep as dycoke_decode_keep
 from lmms_prune.selection.dycoke import ttm_count, ttm_references, ttm_select
 from lmms_prune.selection.evs import evs_dissimilarity, evs_retained_count, evs_retention_mask, evs_select
-from lmms_prune.selection.fastvid import anchor_counts, density_scores, dynamic_segments, fastvid
+from lmms_prune.selection.fastvid import (
+    anchor_counts,
+    density_scores,
+    dynamic_segments,
+    fastvid,
+    segment_counts,
+)
 from lmms_prune.selection.holitom import holitom_merge, static_windows
 from lmms_prune.selection.holitom import inner_merge as holitom_inner_merge
 from lmms_prune.selection.merge import Merge, group_weights, merge_into_slots, merged_embeddings, visionzip
@@ -78,6 +84,7 @@ __all__ = [
     "density_scores",
     "dynamic_segments",
     "fastvid",
+    "segment_counts",
     "frame_layout",
     "fused_graph",
     "global_scan",
