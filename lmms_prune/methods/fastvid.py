@@ -23,8 +23,8 @@ FastVID has no stage inside the LLM: everything happens once, on the LLM's input
 
 Here (also docs/fidelity.md, "fastvid"):
 
-- **Budget**: ``keep_ratio`` is their ``fastvid_retention_ratio`` (their Qwen2.5-VL script: 0.27, which keeps
-  about 24% there): ``llava_onevision`` keeps ``int(P * keep_ratio)`` tokens' worth per frame, ``qwen2_5_vl``
+- **Budget**: ``keep_ratio`` is their ``fastvid_retention_ratio`` (their Qwen2.5-VL script: 0.27, reported to
+  keep 24.1%): ``llava_onevision`` keeps ``int(P * keep_ratio)`` tokens' worth per frame, ``qwen2_5_vl``
   ``L * int(P * keep_ratio)`` per segment of ``L`` frames at most; so a video keeps at most that total
   (``keep_tokens`` k uses ``k / N``). Where their code fails, this keeps working: one frame or no cut (one
   segment), ``int(P * keep_ratio) = 0`` (nothing of the video kept), fewer frames than ``c``.
