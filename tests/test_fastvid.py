@@ -42,6 +42,8 @@ from test_video_engine import _internvl_video, _video_inputs, moving_square
 import lmms_prune
 import lmms_prune.selection as selection
 from lmms_prune.families import get_adapter
+from lmms_prune.families.base import ImageSpan
+from lmms_prune.methods.base import ImageSignals
 from lmms_prune.methods.fastvid import FastVID
 from lmms_prune.presets import check_model, resolve_config
 from lmms_prune.selection import anchor_counts, dynamic_segments, fastvid, segment_counts
@@ -331,6 +333,11 @@ def test_variant_auto_is_the_authors_code_for_the_family():
         resolve_config("fastvid", fastvid_variant="qwen")
     with pytest.raises(ValueError, match="variant='auto'"):  # the maths takes a resolved variant only
         fastvid(torch.randn(8, 4), torch.rand(8), torch.randn(2, 3), [(2, 2)] * 2, 0.5, variant="auto")
+    video = ImageSignals(0, ImageSpan(0, 8, grids=[(2, 2)] * 2, video=True), 0, 8, embeddings=torch.randn(8, 4),
+                         vision_attention=torch.rand(8))
+    with pytest.raises(ValueError, match="for the model's family first"):  # a selector built outside apply
+        FastVID(cfg)(video, None, 4)
+    assert FastVID(FastVID.for_family(cfg, "qwen2_5_vl"))(video, None, 4).count <= 2 * int(4 * 0.25)
 
 
 def test_segments_anchors_salience_and_merge_weights():

@@ -64,8 +64,8 @@ PARAMS = (
           low=-1.0, high=1.0),
     Param("fastvid_stprune_d", 0.4, "fastvid: STPrune's d, the share of each frame's (qwen2_5_vl: each segment's) "
           "budget given to merged anchors (the rest: salient tokens by attention)", low=0.0, high=1.0),
-    Param("fastvid_dtm_p", 4, "fastvid: DTM's p, every p-th frame of a segment (from its end) holds the segment's "
-          "anchors", kind="int", low=1),
+    Param("fastvid_dtm_p", 4, "fastvid: DTM's p, every p-th frame (qwen2_5_vl: sub-segment) of a segment, from its "
+          "end, holds the segment's anchors", kind="int", low=1),
     Param("fastvid_dtm_beta", 0.6, "fastvid: DTM's beta, the least weight of an anchor's own token in its merge",
           low=0.0, high=1.0),
     Param("fastvid_variant", "auto", "fastvid: which of the authors' codes runs: llava_onevision (their core code: "
