@@ -60,7 +60,8 @@ COMMON_PARAMS: tuple[Param, ...] = (
           "position in the unpruned prompt (GAP's rule, arXiv 2506.21873). Multi-stage (prune_layers): "
           "'contiguous' = each stage's survivors take positions 0..n-1 and decoding continues from n (PyramidDrop's "
           "and SparseVLM's code), or 'gap' = 'original'. Single-stage llm: 'gap' (default there) = 'original', "
-          "as FastV's code", kind="str", choices=POSITION_RULES),
+          "as FastV's code. A pre-LLM stage followed by an LLM stage (llm_selector): the pre-LLM stage's rule, and the "
+          "LLM stage's unless llm_positions is set", kind="str", choices=POSITION_RULES),
     Param("decode_cache", "stage", "multi-stage (prune_layers): the visual KV entries a decoded token attends to. "
           "'stage' (default, PyramidDrop's and SparseVLM's code): each layer those present at its stage (all before "
           "the first stage); 'final': every layer from K_1 - 1 on (the layer whose output the first stage prunes) "
@@ -74,10 +75,15 @@ COMMON_PARAMS += (
           "with score_at, qk_rope, qk_softmax; 'none' = no LLM stage", kind="str", choices=("none", *SELECTORS)),
     Param("llm_score", "attention", "pre_llm methods with llm_selector: the importance score of the LLM stage "
           f"(one of {', '.join(SCORES)})", kind="str", choices=tuple(SCORES)),
+    Param("llm_positions", None, "pre_llm methods with llm_selector: RoPE position IDs at the LLM stage's layers "
+          "and of the decoded tokens, on the shortened prompt that stage sees. 'original' (= 'gap'): each survivor "
+          "keeps its position in the shortened prompt and decoding continues from that prompt's length (HoliTom's "
+          "code); 'contiguous': the survivors are renumbered 0..n-1 and decoding continues from n (VScan's LLaVA "
+          "code); unset: as positions", kind="str", choices=POSITION_RULES, optional=True),
 )
 # the fields of a pre-LLM method's LLM stage (llm_selector != 'none'): the multi-stage machinery's own
-COMPOSED_PARAMS = ("llm_score", "prune_layers", "stage_ratio", "score_at", "budget_rounding", "budget_base",
-                   "decode_cache")
+COMPOSED_PARAMS = ("llm_score", "llm_positions", "prune_layers", "stage_ratio", "score_at", "budget_rounding",
+                   "budget_base", "decode_cache")
 STAGE_PARAMS = {"none": (), "llm": ("prune_layer", "prune_layers", "positions"),
                 "pre_llm": ("positions", "llm_selector")}
 ALWAYS = ("method", "stage", "selector", "score", "keep_ratio", "keep_tokens")
@@ -132,8 +138,10 @@ def _composed(self) -> bool:
 def _split_stages(self, depth: int | None = None) -> tuple[Any, Any]:
     """A composed config (``llm_selector`` set) as its two single-purpose configs: the pre-LLM stage (``selector``,
     ``score``, ``keep_ratio``/``keep_tokens``) and the LLM stage that runs on the shortened prompt (``llm_selector``,
-    ``llm_score`` at ``prune_layers`` keeping ``stage_ratio`` of the tokens present, multi-stage machinery, same
-    ``positions``). ``prune_layers='auto'`` is resolved with ``depth`` (decoder layers) from the pre-LLM selector's
+    ``llm_score`` at ``prune_layers`` keeping ``stage_ratio`` of the tokens present, multi-stage machinery, its
+    ``positions`` being ``llm_positions``, or the pre-LLM stage's ``positions`` where unset: a merging pre-LLM stage
+    must renumber the shortened prompt, while the LLM stage may keep the positions of that prompt, as HoliTom's
+    code does). ``prune_layers='auto'`` is resolved with ``depth`` (decoder layers) from the pre-LLM selector's
     ``layer_fractions`` (VScan: the middle layer); without ``depth`` it stays 'auto'."""
     if not self.composed:
         raise ValueError(f"method {self.method!r}: not a composed config (llm_selector='none')")
@@ -142,10 +150,11 @@ def _split_stages(self, depth: int | None = None) -> tuple[Any, Any]:
         from lmms_prune.selection.budget import depth_scaled_layers
 
         layers = depth_scaled_layers(depth, SELECTORS[self.selector].layer_fractions)
-    pre = dataclasses.replace(self, llm_selector="none", prune_layers=None, stage_ratio=None)
+    pre = dataclasses.replace(self, llm_selector="none", llm_positions=None, prune_layers=None, stage_ratio=None)
+    positions = self.positions if self.llm_positions is None else self.llm_positions
     llm = dataclasses.replace(self, stage="llm", selector=self.llm_selector, score=self.llm_score,
-                              llm_selector="none", keep_ratio=None, keep_tokens=None, prune_layers=layers,
-                              prune_layer=None)
+                              llm_selector="none", llm_positions=None, keep_ratio=None, keep_tokens=None,
+                              prune_layers=layers, prune_layer=None, positions=positions)
     return pre, llm
 
 
@@ -288,7 +297,7 @@ def validate(cfg: Any) -> Any:
     if (cfg.stage == "pre_llm" and selector.merges and not selector.merges_in_place
             and cfg.positions != "contiguous"):
         raise ValueError(f"positions={cfg.positions!r}: {cfg.method}'s merged tokens have no original position; "
-                         "use positions='contiguous'")
+                         "use positions='contiguous'" + ("; the LLM stage's: llm_positions" if cfg.composed else ""))
     if cfg.stage == "llm" and not cfg.multi_stage and cfg.positions == "contiguous":
         raise ValueError(f"positions={cfg.positions!r} with single-stage pruning inside the LLM: the kept tokens "
                          "keep their original position IDs there (FastV's code, GAP's rule); use positions='gap' "

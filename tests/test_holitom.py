@@ -286,18 +286,21 @@ def test_inner_merge_folds_as_the_recreation_of_the_authors_loop(n, r, seed):
         torch.testing.assert_close(ours[position], value, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
-def test_holitom_full_prunes_as_mask_mode_of_its_llm_stage_on_the_shrunk_inputs(toys, family):
+@pytest.mark.parametrize(("family", "llm_positions"), [("qwen2_5_vl", None), ("llava_onevision", None),
+                                                       ("llava_onevision", "contiguous")])
+def test_holitom_full_prunes_as_mask_mode_of_its_llm_stage_on_the_shrunk_inputs(toys, family, llm_positions):
     """Both stages: the LLM stage's folds at layer k equal mask mode (full shortened length, the removed keys
-    masked, the slots holding their folds) at prefill and every decode step; the video keeps round(n / 2) of
-    the n tokens the pre-LLM stage left, the image beside it every token."""
+    masked, the slots holding their folds) at prefill and every decode step, at the shortened prompt's positions
+    (the default, the authors') and renumbered (the option); the video keeps round(n / 2) of the n tokens the
+    pre-LLM stage left, the image beside it every token."""
     from test_engine import _generate, _same_tokens, _steps_close
 
     model, proc = toys(family)
     inputs = _video_inputs(proc, with_image=True)
+    params = {} if llm_positions is None else {"llm_positions": llm_positions}
     runs = {}
     for mode in ("prune", "mask"):
-        with torch.no_grad(), lmms_prune.apply(model, "holitom_full", keep_ratio=0.5, mode=mode) as handle:
+        with torch.no_grad(), lmms_prune.apply(model, "holitom_full", keep_ratio=0.5, mode=mode, **params) as handle:
             runs[mode] = (*_generate(model, inputs), handle.pre.records[0], handle.records[0])
     tokens, steps, pre, both = runs["prune"]
     assert _same_tokens(tokens, runs["mask"][0], steps, runs["mask"][1])
@@ -332,3 +335,133 @@ def test_families_with_structure_between_frames_are_refused_before_any_weights_l
     with pytest.raises(AssertionError, match="weights must not load"):
         getattr(wrappers, f"LlavaOnevisionPrune_{suffix}")(pretrained=str(tiny_model_dir("llava_onevision")),
                                                            device="cpu", keep_ratio=0.25)
+
+
+# ------------------------------------------------------------------ positions of the inside-LLM stage
+def test_the_inner_stage_keeps_the_shortened_prompts_positions_by_default_and_renumbers_on_request():
+    """holitom_full: the pre-LLM merge renumbers the shortened prompt (its merged tokens have no position), the LLM
+    stage keeps that prompt's positions (the authors' code) unless ``llm_positions`` says otherwise; unset, the LLM
+    stage follows ``positions`` (VScan's preset). Bad values and a method without an LLM stage are refused."""
+    pre, llm = resolve_config("holitom_full").split_stages(28)
+    assert (pre.positions, llm.positions, llm.prune_layers) == ("contiguous", "original", (18,))
+    assert resolve_config("holitom_full", llm_positions="contiguous").split_stages(28)[1].positions == "contiguous"
+    assert resolve_config("vscan", positions="original").split_stages(32)[1].positions == "original"
+    with pytest.raises(ValueError, match=r"llm_positions='renumber': must be one of \('contiguous', 'original'"):
+        resolve_config("holitom_full", llm_positions="renumber")
+    with pytest.raises(ValueError, match="holitom.*does not use llm_positions; drop it.*holitom_full"):
+        resolve_config("holitom", llm_positions="original")
+    with pytest.raises(ValueError, match="positions='contiguous'.*the LLM stage's: llm_positions"):
+        resolve_config("holitom_full", positions="original")
+
+
+def authors_keep_indexs(start: int, length: int, top: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The sequence indices the authors' ``Qwen2Model_holitom.forward`` keeps at layer ``HOLITOM_k`` (re-created):
+    the prompt before the video, its kept tokens (``top``: offsets in the video's block of ``length`` tokens), the
+    rest of the shortened prompt of ``seq_len`` tokens, sorted. They are also the position ids of layers ``>= k``
+    (``position_ids = keep_indexs.unsqueeze(0)``: the prompt was numbered ``0..seq_len-1``)."""
+    return torch.cat([torch.arange(start), top + start, torch.arange(start + length, seq_len)]).sort().values
+
+
+def authors_decode_position(seq_len: int, step: int) -> int:
+    """The position of the token fed at decode call ``step`` (1, 2, ...) in the authors' runs: ``generate``
+    numbers it from the attention mask of the shortened prompt (``cumsum - 1``), the same at every layer, so
+    decoding continues from the shortened prompt's length whatever layer ``k`` dropped."""
+    return seq_len + step - 1
+
+
+def _observe_positions(model, layers):
+    """Forward pre-hooks (run after the engine's own) recording, per call, the RoPE ids the language model was
+    called with (M-RoPE: its three rows; ``None``: the cache positions) and the ``position_ids`` and RoPE cosines
+    ``[1, q, d]`` that decoder layer ``i`` receives, for ``i`` in ``layers``."""
+    adapter = get_adapter(model)
+    seen: dict = {"lm": [], **{i: [] for i in layers}}
+
+    def on_lm(module, args, kwargs):
+        ids = kwargs.get("position_ids")
+        seen["lm"].append(ids[1:] if ids is not None and ids.dim() == 3 and ids.shape[0] == 4 else ids)
+
+    def make(i):
+        return lambda module, args, kwargs: seen[i].append(
+            (kwargs["position_ids"].clone(), kwargs["position_embeddings"][0].clone()))
+
+    hooks = [adapter.language_model.register_forward_pre_hook(on_lm, with_kwargs=True)]
+    hooks += [adapter.layers[i].register_forward_pre_hook(make(i), with_kwargs=True) for i in layers]
+    return seen, hooks
+
+
+@pytest.mark.parametrize("llm_positions", [None, "contiguous"])
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_5_vl"])
+def test_layers_from_k_see_the_shortened_prompts_positions_and_decoding_continues_from_its_length(
+        toys, family, llm_positions):
+    """Default (the authors' rule): every decoder layer from ``k`` on receives, at prefill, the position ids and
+    RoPE tables that layer 0 has for the survivors of the shortened prompt (the authors' ``keep_indexs``), and at
+    each decode step those of layer 0: decoding continues from the shortened prompt's length. On OneVision (the
+    authors' model, 1-D RoPE) they are exactly ``keep_indexs`` and ``T' + step - 1``. The option
+    ``llm_positions='contiguous'``: ids minus the tokens dropped before each survivor, the decoded tokens' minus
+    all the dropped ones (OneVision: ``0..n-1``, then ``n + step - 1``), the RoPE tables of those ids."""
+    model, proc = toys(family)
+    inputs = _video_inputs(proc)
+    params = {} if llm_positions is None else {"llm_positions": llm_positions}
+    adapter = get_adapter(model)
+    with torch.no_grad(), lmms_prune.apply(model, "holitom_full", keep_ratio=0.5, **params) as handle:
+        k, last = handle.stage_layers[0], adapter.num_layers - 1
+        seen, hooks = _observe_positions(model, (0, k, last))
+        try:
+            test_engine._generate(model, inputs, 4)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        pre, llm = handle.pre.records[0], handle.llm.records[0]
+    (span,) = pre.spans_after
+    short = pre.seq_len_after  # T': the shortened prompt the LLM stage sees
+    top = torch.cat([span.visual_index[llm.kept[0]], torch.tensor(span.structural, dtype=torch.long)])
+    keep = authors_keep_indexs(span.start, span.length, top, short)
+    renumber = llm_positions == "contiguous"
+    before = torch.tensor([int((~torch.isin(torch.arange(c), keep)).sum()) for c in keep]) if renumber else 0
+    dropped = short - keep.numel() if renumber else 0
+    calls = [ids if ids is not None else torch.arange(short)[None] for ids in seen["lm"][:1]]
+    calls += [ids if ids is not None else torch.tensor([[short + j]]) for j, ids in enumerate(seen["lm"][1:])]
+    assert len(calls) == 4 and calls[0].shape[-1] == short
+    (ids0, cos0), *steps0 = seen[0]
+    for layer in (k, last):
+        (ids, cos), *steps = seen[layer]
+        assert torch.equal(ids, ids0[..., keep] - before)
+        torch.testing.assert_close(cos, adapter.language_model.rotary_emb(cos, calls[0][..., keep] - before)[0],
+                                   atol=1e-6, rtol=0)
+        assert renumber or torch.equal(cos, cos0[:, keep])
+        for (step_ids, step_cos), (first_ids, first_cos), call in zip(steps, steps0, calls[1:]):
+            assert torch.equal(step_ids, first_ids - dropped)
+            torch.testing.assert_close(step_cos, adapter.language_model.rotary_emb(step_cos, call - dropped)[0],
+                                       atol=1e-6, rtol=0)
+            assert renumber or torch.equal(step_cos, first_cos)
+    if family == "llava_onevision":  # the authors' numbers
+        assert torch.equal(ids0[0], torch.arange(short))
+        (ids, _), *steps = seen[k]
+        if renumber:
+            assert torch.equal(ids[0], torch.arange(keep.numel()))
+            assert [int(s) for s, _ in steps] == [keep.numel() + j - 1 for j in (1, 2, 3)]
+        else:
+            assert torch.equal(ids[0], keep)
+            assert [int(s) for s, _ in steps] == [authors_decode_position(short, j) for j in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_5_vl"])
+def test_holitom_full_cached_decoding_equals_recomputation_with_the_folds_frozen(toys, family):
+    """Generation with the KV cache (layers >= k hold the survivors at their shortened-prompt positions, the
+    decoded tokens continuing from its length) equals generation that recomputes the whole sequence at every
+    step (``use_cache=False``), the inner stage's selections replayed from the cached run (recomputing them
+    through the method would rank with another last token); the pre-LLM stage reads the video only."""
+    model, proc = toys(family)
+    inputs = _video_inputs(proc, with_image=True)
+    with torch.no_grad(), lmms_prune.apply(model, "holitom_full", keep_ratio=0.5) as handle:
+        inner, chosen = handle.llm.selectors[0], []
+        handle.llm.selectors[0] = lambda image, scores, n: chosen.append(inner(image, scores, n)) or chosen[-1]
+        tokens, steps = test_engine._generate(model, inputs, 4)
+        kept = [k.tolist() for k in handle.records[0].kept]
+    with torch.no_grad(), lmms_prune.apply(model, "holitom_full", keep_ratio=0.5) as handle:
+        calls = itertools.count()
+        handle.llm.selectors[0] = lambda image, scores, n: chosen[next(calls) % len(chosen)]
+        full_tokens, full_steps = test_engine._generate(model, inputs, 4, use_cache=False)
+        assert [k.tolist() for k in handle.records[0].kept] == kept and next(calls) == 4 * len(chosen)
+    assert test_engine._same_tokens(tokens, full_tokens, steps, full_steps)
+    assert test_engine._steps_close(steps, full_steps, tokens, full_tokens)

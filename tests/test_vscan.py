@@ -198,6 +198,7 @@ def test_preset_is_the_authors_schedule_and_its_llm_stage_is_a_composed_config()
     assert (llm.stage, llm.selector, llm.score, llm.prune_layers, llm.score_at) == ("llm", "topk", "attention", (16,),
                                                                                     "K")
     assert cfg.split_stages(28)[1].prune_layers == (14,)  # Qwen2.5-VL-7B's layer 14 of 28
+    assert cfg.llm_positions is None and pre.positions == llm.positions == "contiguous"  # the LLaVA code renumbers
     assert int(576 * cfg.keep_ratio) == 96  # LLaVA-1.5: 96 tokens into the LLM
 
 

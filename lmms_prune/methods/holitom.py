@@ -110,5 +110,5 @@ PRESETS = (
            "token (running pairwise average of the hidden states)",
            dict(stage="pre_llm", selector="holitom", llm_selector="holitom_inner", llm_score="attention",
                 prune_layers="auto", stage_ratio=0.5, budget_rounding="round", budget_base="present",
-                positions="contiguous")),
+                positions="contiguous", llm_positions="original")),
 )
