@@ -4,7 +4,9 @@ A config whose ``stage`` is ``pre_llm`` and whose ``llm_selector`` is set is two
 (:meth:`PruneConfig.split_stages`): the pre-LLM stage (any pre-LLM selector and score, ``keep_ratio`` /
 ``keep_tokens``) and an LLM stage (any selector and score that work on a subset of an image's tokens, at
 ``prune_layers``, keeping ``stage_ratio`` of the tokens present: the multi-stage machinery of
-:mod:`lmms_prune.engine.core`). :class:`ComposedHandle` installs one :class:`PruneHandle` per stage on the same
+:mod:`lmms_prune.engine.core`, with its own position rule ``llm_positions``: 'original' keeps each survivor's
+position in the shortened prompt and decodes on from that prompt's length, 'contiguous' renumbers after the stage).
+:class:`ComposedHandle` installs one :class:`PruneHandle` per stage on the same
 model, the pre-LLM one first, so its hooks run first:
 
 * the pre-LLM handle shortens the prompt (``shrink_inputs``: inside ``generate``, or in its forward pre-hook) and

@@ -19,7 +19,10 @@ Here (also docs/fidelity.md, "holitom"):
 - **Inside-LLM merge** (``holitom_full``, the authors' full method with ``HOLITOM_k``/``HOLITOM_r``): at layer
   ``k`` (18/28 of the depth) the ``stage_ratio`` (``1 - r = 0.5``) of the video tokens most attended by the last
   prompt token at layer ``k - 1`` are kept and every other one is folded into its most similar kept token
-  (:func:`lmms_prune.selection.holitom_inner_merge`), through the engine's pre-LLM -> LLM composition.
+  (:func:`lmms_prune.selection.holitom_inner_merge`), through the engine's pre-LLM -> LLM composition. From
+  layer ``k`` on the survivors keep their positions in the shortened prompt and decoding continues from its
+  length, as the authors' ``position_ids = keep_indexs`` (``llm_positions='original'``; ``'contiguous'``
+  renumbers them).
 """
 
 from __future__ import annotations
