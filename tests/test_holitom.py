@@ -10,7 +10,10 @@
 * properties: the segmentation is the best of all partitions (brute force), a changing clip is per-frame top-k
   of the attention, a static clip is one window of clustered means, the merged rows are convex combinations;
 * the engine: on a tiny LLaVA-OneVision video the language model receives exactly the kept embeddings, the
-  merged ones and the video's trailing newline.
+  merged ones and the video's trailing newline;
+* the inside-LLM stage (``holitom_full``, ``holitom/modeling_qwen2.py``): its folds against a re-creation of the
+  authors' loop; prune = mask and cache = recompute; the positions decoder layers ``>= k`` receive against a
+  re-creation of the authors' ``keep_indexs`` and of ``generate``'s numbering of the decoded tokens.
 """
 
 from __future__ import annotations
