@@ -2,7 +2,8 @@
 
 Before the first forward, the images are encoded once; the method's score and selector plug-ins run on the
 vision-side signals they declare (``Needs.vision_attention``: the vision encoder's [CLS] attention at the
-feature layer, or its mean received attention without [CLS]; ``vision_features``: the pre-projector features;
+feature layer, or its mean received attention without [CLS]; ``vision_frame_attention``: each frame's
+mean-query attention at the family's ``frame_query_block``; ``vision_features``: the pre-projector features;
 ``embeddings``: the projected embeddings); each image's run of placeholder tokens in ``input_ids`` is
 shortened to its budget and the kept embeddings (with the family's other per-token encoder outputs,
 ``Family.keep_encoder_extras``) are handed to the model as ``mm_encoder_outputs`` (transformers' public input
