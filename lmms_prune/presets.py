@@ -409,6 +409,10 @@ def check_model(cfg: Any, config: Any) -> None:
         for stage in cfg.stage_configs(depth):
             check_model(stage, config)
         return
+    family = _family_name(config)
+    for plugin in (SCORES.get(cfg.score), SELECTORS.get(cfg.selector)):
+        if plugin is not None and family is not None:
+            plugin.for_family(cfg, family)  # its refusals for the model's family (Plugin.for_family)
     vision = getattr(config, "vision_config", None)
     if (cfg.stage == "pre_llm" and getattr(SELECTORS.get(cfg.selector), "merges", False)
             and getattr(vision, "deepstack_visual_indexes", None)):
@@ -426,6 +430,16 @@ def check_model(cfg: Any, config: Any) -> None:
     if decode is not None and not 1 <= decode < depth:
         raise ValueError(f"decode layer {decode} of method {cfg.method!r}: this model has {depth} decoder layers, so "
                          f"it must be in [1, {depth - 1}] (the attention row comes from the layer before it)")
+
+
+def _family_name(config: Any) -> str | None:
+    """The lmms-prune family of a transformers config, or None for a config of no family (a text config)."""
+    from lmms_prune.families import family_for_config
+
+    try:
+        return family_for_config(config).name
+    except TypeError:
+        return None
 
 
 def describe_presets() -> str:

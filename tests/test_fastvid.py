@@ -27,6 +27,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -326,7 +327,8 @@ def test_variant_auto_is_the_authors_code_for_the_family():
         resolved = FastVID.for_family(cfg, family)
         assert (resolved.fastvid_variant, resolved.fastvid_dyseg_tau) == (variant, tau)
     chosen = resolve_config("fastvid", keep_ratio=0.25, fastvid_variant="llava_onevision", fastvid_dyseg_tau=0.7)
-    assert FastVID.for_family(chosen, "qwen2_5_vl") == chosen  # a named variant and tau stay
+    # a named variant and tau stay (the attention: the variant's, tests/test_fastvid_attention.py)
+    assert FastVID.for_family(chosen, "qwen2_5_vl") == dataclasses.replace(chosen, fastvid_attention="received")
     with pytest.raises(ValueError, match="does not use fastvid_dyseg_ignore"):
         resolve_config("fastvid", fastvid_variant="llava_onevision", fastvid_dyseg_ignore=0.9)
     with pytest.raises(ValueError, match="fastvid_variant='qwen'"):
@@ -334,7 +336,7 @@ def test_variant_auto_is_the_authors_code_for_the_family():
     with pytest.raises(ValueError, match="variant='auto'"):  # the maths takes a resolved variant only
         fastvid(torch.randn(8, 4), torch.rand(8), torch.randn(2, 3), [(2, 2)] * 2, 0.5, variant="auto")
     video = ImageSignals(0, ImageSpan(0, 8, grids=[(2, 2)] * 2, video=True), 0, 8, embeddings=torch.randn(8, 4),
-                         vision_attention=torch.rand(8))
+                         vision_attention=torch.rand(8), vision_frame_attention=torch.rand(8))
     with pytest.raises(ValueError, match="for the model's family first"):  # a selector built outside apply
         FastVID(cfg)(video, None, 4)
     assert FastVID(FastVID.for_family(cfg, "qwen2_5_vl"))(video, None, 4).count <= 2 * int(4 * 0.25)

@@ -70,6 +70,11 @@ def add_observer(module: torch.nn.Module, fn: Callable[..., None]) -> None:
     _OBSERVERS[id(module)] = fn
 
 
+def observer_of(module: torch.nn.Module) -> Callable[..., None] | None:
+    """The observer ``module``'s attention calls have now, if any (a second capture chains onto it)."""
+    return _OBSERVERS.get(id(module))
+
+
 def remove_observer(module: torch.nn.Module) -> None:
     _OBSERVERS.pop(id(module), None)
 

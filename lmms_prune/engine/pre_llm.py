@@ -2,7 +2,8 @@
 
 Before the first forward, the images are encoded once; the method's score and selector plug-ins run on the
 vision-side signals they declare (``Needs.vision_attention``: the vision encoder's [CLS] attention at the
-feature layer, or its mean received attention without [CLS]; ``vision_features``: the pre-projector features;
+feature layer, or its mean received attention without [CLS]; ``vision_frame_attention``: each frame's
+mean-query attention at the family's ``frame_query_block``; ``vision_features``: the pre-projector features;
 ``embeddings``: the projected embeddings); each image's run of placeholder tokens in ``input_ids`` is
 shortened to its budget and the kept embeddings (with the family's other per-token encoder outputs,
 ``Family.keep_encoder_extras``) are handed to the model as ``mm_encoder_outputs`` (transformers' public input
@@ -128,6 +129,38 @@ class VisionCapture:
             self.handle.adapter.vision_config._attn_implementation = self._old
 
 
+class FrameQueryCapture:
+    """Observe the rotary-embedded queries and keys of the family's frame-query block
+    (:meth:`~lmms_prune.families.base.Family.frame_query_block`, ``Needs.vision_frame_attention``), each call's
+    reduced at once to its merge units' means ``[H, s / unit, d]`` (:func:`lmms_prune.selection.unit_means`;
+    the block calls attention once per window or frame, or once in all with flash attention), read-only and
+    besides the observer the block already has (a :class:`VisionCapture` of the same block)."""
+
+    def __init__(self, adapter: Any, block: tuple[nn.Module, int]):
+        self.module, self.unit = block
+        self.queries: list[torch.Tensor] = []
+        self.keys: list[torch.Tensor] = []
+        self._config = adapter.vision_config
+        self._old = self._config._attn_implementation
+        self._previous = attn.observer_of(self.module)
+        self._config._attn_implementation = attn.wrapped_name(attn.base_name(self._old))
+        attn.add_observer(self.module, self._observe)
+
+    def _observe(self, module, query, key, attention_mask, scaling):
+        if self._previous is not None:
+            self._previous(module, query, key, attention_mask, scaling)
+        # [B, H, s, d] -> [H, B s, d]: the tower's sequence (Qwen's towers run one, B = 1)
+        self.queries.append(sel.unit_means(query.detach().transpose(0, 1).flatten(1, 2), self.unit))
+        self.keys.append(sel.unit_means(key.detach().transpose(0, 1).flatten(1, 2), self.unit))
+
+    def close(self) -> None:
+        if self._previous is None:
+            attn.remove_observer(self.module)
+        else:
+            attn.add_observer(self.module, self._previous)
+        self._config._attn_implementation = self._old
+
+
 def _left_pad(rows: list[torch.Tensor], value: int | bool) -> torch.Tensor:
     width = max(r.shape[-1] for r in rows)
     out = rows[0].new_full((len(rows), *rows[0].shape[:-1], width), value)
@@ -148,8 +181,9 @@ def _encode(handle: PruneHandle, kwargs: dict[str, Any]) -> dict[str, dict[str, 
         if kwargs.get(pixels) is None:
             continue
         signal_kwargs = kwargs if modality == "image" else None
-        if modality == "video" and (needs.vision_attention or needs.vision_features):
+        if modality == "video" and (needs.vision_attention or needs.vision_features or needs.vision_frame_attention):
             signal_kwargs = adapter.video_signal_kwargs(kwargs)  # fails early where the family has none
+        block = adapter.frame_query_block() if needs.vision_frame_attention else None  # fails before any hook
         capture = VisionCapture(handle, need_cls=needs.vision_attention, need_keys=needs.vision_keys,
                                 need_cls_token=needs.vision_cls)
         early_module = adapter.early_vision_attention() if needs.vision_attention_early else None
@@ -164,10 +198,14 @@ def _encode(handle: PruneHandle, kwargs: dict[str, Any]) -> dict[str, dict[str, 
         tower = TowerMerge(adapter, after, handle.selector.tower_merge) if after is not None else None
         last = (VisionCapture(handle, need_cls=True, module=adapter._attention_of(adapter.vision_layers()[-1]))
                 if needs.vision_attention_last else None)
+        # last: it chains onto an observer the captures above put on the same block, and is closed first
+        frame = FrameQueryCapture(adapter, block) if block is not None else None
         try:
             with torch.no_grad():
                 encoded = adapter.encode_images(kwargs) if modality == "image" else adapter.encode_videos(kwargs)
         finally:
+            if frame is not None:
+                frame.close()
             if last is not None:
                 last.close()
             if tower is not None:
@@ -189,6 +227,8 @@ def _encode(handle: PruneHandle, kwargs: dict[str, Any]) -> dict[str, dict[str, 
         out[modality]["cls"] = _projected_cls(adapter, capture.cls_states, out[modality]["projected"].shape[0])
         out[modality]["last"] = (adapter.vision_importance(last.cls_rows, signal_kwargs) if last is not None
                                  else None)
+        out[modality]["frame"] = (adapter.frame_query_attention(frame.queries, frame.keys, signal_kwargs)
+                                  if frame is not None else None)
         out[modality]["tower_groups"] = None if tower is None else _tower_groups(tower, out[modality]["projected"])
     return out
 
@@ -283,6 +323,7 @@ def shrink_inputs(handle: PruneHandle, kwargs: dict[str, Any]) -> tuple[dict[str
                                  vision_attention=None if importance is None else importance[rows],
                                  vision_attention_early=None if early is None else early[rows],
                                  vision_attention_last=None if enc["last"] is None else enc["last"][rows],
+                                 vision_frame_attention=None if enc["frame"] is None else enc["frame"][rows],
                                  vision_features=None if features is None else features[rows],
                                  vision_keys=None if enc["keys"] is None else enc["keys"][rows],
                                  vision_cls=None if enc["cls"] is None else enc["cls"][images[m]],

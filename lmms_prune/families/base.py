@@ -418,6 +418,16 @@ class Family:
         layers = self.vision_layers()
         return self._attention_of(layers[max(0, len(layers) // 4 - 1)])
 
+    def frame_query_block(self) -> tuple[nn.Module, int]:
+        """``(module, unit)`` for ``Needs.vision_frame_attention``: the vision attention module whose
+        rotary-embedded queries and keys give each frame's query attention, and the number of consecutive
+        patches (in the tower's order) that one LLM token merges. A family that has one also defines
+        ``frame_query_attention(unit_queries, unit_keys, kwargs) -> [num_visual_tokens]`` (prompt order);
+        elsewhere a ``ValueError`` says so."""
+        raise ValueError(f"{self.name}: its vision tower gives no per-frame query attention "
+                         "(Needs.vision_frame_attention: Qwen2-VL and Qwen2.5-VL only); use a method's received-"
+                         "attention signal (fastvid_attention='received')")
+
     # why the family's vision tower cannot host a merge inside it (lmms_prune.engine.tower); None: it can
     tower_refusal: ClassVar[str | None] = "its vision tower hosts no in-tower merge"
 

@@ -338,6 +338,37 @@ class Qwen25VL(Family):
         full = getattr(self.vision_config, "fullatt_block_indexes", None)
         return blocks[next((i for i in full if i >= early), full[-1]) if full else early].attn
 
+    def frame_query_block(self):
+        """The tower's last block, whatever its attention span (FastVID's Qwen2.5-VL port reads block
+        ``depth - 1``, lines 581-584; on Qwen2.5-VL-7B it is also ``fullatt_block_indexes[-1]``), and its 2 x 2
+        merge unit."""
+        return self.vision_layers()[-1].attn, int(self.vision_config.spatial_merge_size) ** 2
+
+    def frame_query_attention(self, unit_queries: list[torch.Tensor], unit_keys: list[torch.Tensor],
+                              kwargs: dict[str, Any]) -> torch.Tensor:
+        """FastVID's Qwen2.5-VL attention ``[num_visual_tokens]`` in the prompt's token order, each frame's
+        summing to 1 (:func:`lmms_prune.selection.frame_query_attention`, per image or video of
+        ``image_grid_thw``: its ``t`` merged frames are the frames).
+
+        ``unit_queries`` / ``unit_keys``: per call of :meth:`frame_query_block`'s attention, ``[H, s, d]`` means
+        per merge unit, in the tower's (window) order; together they are the tower's whole sequence, each
+        image's or video's units in a run, frame after frame (``get_vision_window_index`` permutes units within
+        a frame). Their port restores the order after the softmax (``attn_weights[reverse_indices]``, line 593),
+        as :meth:`_merged_order` does here."""
+        from lmms_prune.selection import frame_query_attention
+
+        queries, keys = torch.cat(unit_queries, 1), torch.cat(unit_keys, 1)
+        thw = kwargs["image_grid_thw"].tolist()
+        unit = int(self.vision_config.spatial_merge_size) ** 2
+        sizes = [t * h * w // unit for t, h, w in thw]
+        if sum(sizes) != keys.shape[1]:
+            raise ValueError(f"the tower's block {len(self.vision_layers()) - 1} saw {keys.shape[1]} merge units "
+                             f"but image_grid_thw={thw} has {sum(sizes)}")
+        parts = zip(torch.split(queries, sizes, 1), torch.split(keys, sizes, 1), thw)
+        tokens = torch.cat([frame_query_attention(q, k, t).flatten() for q, k, (t, _, _) in parts])
+        order = self._merged_order(kwargs)
+        return tokens if order is None else tokens[order.to(tokens.device)]
+
     def _merged_order(self, kwargs: dict[str, Any]) -> torch.Tensor | None:
         """Position in the prompt's token order of each merged unit the tower processes, or None when the
         tower keeps the processor's order. Qwen2.5-VL permutes the merge units into attention windows before

@@ -205,6 +205,9 @@ class Needs:
     :meth:`lmms_prune.families.base.Family.early_vision_attention`: VScan's local scan),
     ``vision_attention_last`` (the same signal at the tower's last layer, the keys an in-tower merge masked
     left out of its softmax: MustDrop's key set),
+    ``vision_frame_attention`` (per frame of a video, or per image: the softmax of the frame's mean query
+    over its LLM tokens' mean keys at the family's chosen vision block, heads averaged, one value per LLM token:
+    :meth:`lmms_prune.families.base.Family.frame_query_block`; FastVID's Qwen2.5-VL signal),
     ``vision_features`` (pre-projector features), ``vision_keys`` (the vision encoder's keys at the feature layer,
     heads averaged, where its patches map one-to-one onto the LLM's visual tokens; else absent), ``vision_cls``
     (each image's [CLS] token at the feature layer through the family's projector, under the same condition and
@@ -227,6 +230,7 @@ class Needs:
     vision_attention: bool = False
     vision_attention_early: bool = False
     vision_attention_last: bool = False
+    vision_frame_attention: bool = False
     vision_features: bool = False
     vision_keys: bool = False
     vision_cls: bool = False
@@ -278,6 +282,7 @@ class ImageSignals:
     vision_attention: torch.Tensor | None = None
     vision_attention_early: torch.Tensor | None = None  # [N] (Needs.vision_attention_early)
     vision_attention_last: torch.Tensor | None = None  # [N] (Needs.vision_attention_last)
+    vision_frame_attention: torch.Tensor | None = None  # [N], each frame's summing to 1 (Needs.vision_frame_attention)
     vision_features: torch.Tensor | None = None
     vision_keys: torch.Tensor | None = None  # [N, d] (Needs.vision_keys), None where the family has no such map
     vision_cls: torch.Tensor | None = None  # [D] projected [CLS] (Needs.vision_cls), None where not defined

@@ -31,10 +31,13 @@ Here (also docs/fidelity.md, "fastvid"):
 - **Signals**: their ATS attention and DySeg frame features: on LLaVA-OneVision from SigLIP's attention-pooling
   head, loaded from the separate SigLIP checkpoint (LLaVA-OneVision's own tower has no head); on Qwen2.5-VL the
   softmax of each frame's mean query over its 2 x 2-averaged keys at the last vision block, and the mean of the
-  frame's projected tokens. Here the attention is the engine's ``vision_attention`` on every family (each
-  patch's mean received attention at the feature layer, pooled like the tokens: bilinear on LLaVA-OneVision, as
-  they pool theirs; on Qwen the last full-attention block, the block of their signal) and a frame's feature is
-  the mean of its projected tokens (their Qwen2.5-VL port's).
+  frame's projected tokens. ``fastvid_attention`` (``auto``: ``frame_query`` with ``qwen2_5_vl``, else
+  ``received``): ``frame_query`` is their Qwen2.5-VL signal (the engine's ``vision_frame_attention``,
+  :func:`lmms_prune.selection.frame_query_attention`; Qwen2.5-VL and Qwen2-VL); ``received`` the engine's
+  ``vision_attention`` (each patch's mean received attention at the feature layer, pooled like the tokens:
+  bilinear on LLaVA-OneVision, as they pool theirs; on Qwen the last full-attention block), the stand-in for
+  the SigLIP head on other families. A frame's feature is the mean of its projected tokens (their Qwen2.5-VL
+  port's).
 - **Frames**: Qwen's merged frames (two input frames per temporal patch) are FastVID's frames, as in their port
   (``video_grid_thw``'s ``t``).
 - **Positions**: kept tokens and each merged anchor keep their original positions (their ``position_ids =
@@ -52,6 +55,7 @@ from typing import Any
 from lmms_prune.methods.base import Needs, Param, Preset, Selector, sel
 
 VARIANTS = ("llava_onevision", "qwen2_5_vl")  # lmms_prune.selection.fastvid.VARIANTS (not imported: torch)
+ATTENTIONS = ("frame_query", "received")
 
 PARAMS = (
     Param("fastvid_dyseg_c", 8, "fastvid: DySeg's minimum number of segments c (cuts after the c - 1 lowest "
@@ -72,11 +76,18 @@ PARAMS = (
           "the same split on every frame) or qwen2_5_vl (their Qwen2.5-VL port: budgets per segment and "
           "sub-segment); auto: qwen2_5_vl on Qwen2.5-VL and Qwen2-VL, llava_onevision on other families",
           kind="str", choices=("auto", *VARIANTS)),
+    Param("fastvid_attention", "auto", "fastvid: ATS's attention: frame_query (their Qwen2.5-VL port's: per merged "
+          "frame, the softmax of its mean query over its 2 x 2-averaged keys at the tower's last block, heads "
+          "averaged; Qwen2.5-VL and Qwen2-VL only) or received (each token's mean received attention at the "
+          "tower's feature layer, the engine's vision_attention); auto: frame_query with fastvid_variant="
+          "qwen2_5_vl, received otherwise", kind="str", choices=("auto", *ATTENTIONS)),
 )
-# The authors' code per family (``auto``) and its DySeg tau (their scripts): Qwen2-VL shares Qwen2.5-VL's video
-# layout, and the authors ship no code for it
+# The authors' code per family (``auto``), its DySeg tau (their scripts) and its ATS attention (``auto``: their
+# Qwen2.5-VL port's where it runs; their LLaVA-OneVision code's SigLIP-head attention is not ported, the received
+# attention stands in): Qwen2-VL shares Qwen2.5-VL's video layout and tower, and the authors ship no code for it
 FAMILY_VARIANTS = {"qwen2_5_vl": "qwen2_5_vl", "qwen2_vl": "qwen2_5_vl"}
 VARIANT_TAU = {"llava_onevision": 0.9, "qwen2_5_vl": 0.84}
+VARIANT_ATTENTION = {"llava_onevision": "received", "qwen2_5_vl": "frame_query"}
 
 
 class FastVID(Selector):
@@ -91,7 +102,8 @@ class FastVID(Selector):
 
     @classmethod
     def needs(cls, config):
-        return Needs(embeddings=True, vision_attention=True)
+        frame_query = config.fastvid_attention == "frame_query"  # 'auto': resolved per family (for_family)
+        return Needs(embeddings=True, vision_attention=not frame_query, vision_frame_attention=frame_query)
 
     @classmethod
     def used_params(cls, config):
@@ -102,12 +114,20 @@ class FastVID(Selector):
     @classmethod
     def for_family(cls, config: Any, family: str) -> Any:
         """``fastvid_variant='auto'`` -> the authors' code for ``family`` (``FAMILY_VARIANTS``, else
-        ``llava_onevision``); an unset ``fastvid_dyseg_tau`` -> that variant's (``VARIANT_TAU``)."""
+        ``llava_onevision``); an unset ``fastvid_dyseg_tau`` -> that variant's (``VARIANT_TAU``);
+        ``fastvid_attention='auto'`` -> that variant's (``VARIANT_ATTENTION``). ``frame_query`` on a family
+        without it is refused here (``lmms_prune.presets.check_model`` calls this before any weights load)."""
         variant = config.fastvid_variant
         if variant == "auto":
             variant = FAMILY_VARIANTS.get(family, "llava_onevision")
         tau = VARIANT_TAU[variant] if config.fastvid_dyseg_tau is None else config.fastvid_dyseg_tau
-        return dataclasses.replace(config, fastvid_variant=variant, fastvid_dyseg_tau=tau)
+        attention = VARIANT_ATTENTION[variant] if config.fastvid_attention == "auto" else config.fastvid_attention
+        if attention == "frame_query" and family not in FAMILY_VARIANTS:
+            raise ValueError(f"fastvid_attention='frame_query' on a {family} model: that signal is their Qwen2.5-VL "
+                             f"port's, read in a Qwen tower ({', '.join(FAMILY_VARIANTS)}); use "
+                             "fastvid_attention='received'")
+        return dataclasses.replace(config, fastvid_variant=variant, fastvid_dyseg_tau=tau,
+                                   fastvid_attention=attention)
 
     @classmethod
     def adaptive_count(cls, config):
@@ -121,12 +141,15 @@ class FastVID(Selector):
             return torch.arange(span.num_visual, device=x.device)
         cfg = self.config
         retention = cfg.keep_ratio if cfg.keep_ratio is not None else n / span.num_visual
-        if cfg.fastvid_variant not in VARIANTS or cfg.fastvid_dyseg_tau is None:
-            raise ValueError(f"fastvid_variant={cfg.fastvid_variant!r}, fastvid_dyseg_tau={cfg.fastvid_dyseg_tau!r}: "
-                             "resolve them for the model's family first (FastVID.for_family; lmms_prune.apply does)")
+        if cfg.fastvid_variant not in VARIANTS or cfg.fastvid_dyseg_tau is None or cfg.fastvid_attention == "auto":
+            raise ValueError(f"fastvid_variant={cfg.fastvid_variant!r}, fastvid_dyseg_tau={cfg.fastvid_dyseg_tau!r}, "
+                             f"fastvid_attention={cfg.fastvid_attention!r}: resolve them for the model's family "
+                             "first (FastVID.for_family; lmms_prune.apply does)")
         split = {"ignore": cfg.fastvid_dyseg_ignore} if cfg.fastvid_variant == "qwen2_5_vl" else {}
         frames = len(span.grids)
-        return sel.fastvid(x, image.vision_attention.to(x.device), x.float().view(frames, -1, x.shape[-1]).mean(1),
+        attention = (image.vision_frame_attention if cfg.fastvid_attention == "frame_query"
+                     else image.vision_attention)
+        return sel.fastvid(x, attention.to(x.device), x.float().view(frames, -1, x.shape[-1]).mean(1),
                            span.grids, retention, num_cuts=cfg.fastvid_dyseg_c - 1, tau=cfg.fastvid_dyseg_tau,
                            context_share=cfg.fastvid_stprune_d, period=cfg.fastvid_dtm_p, beta=cfg.fastvid_dtm_beta,
                            variant=cfg.fastvid_variant, **split)

@@ -24,7 +24,9 @@ from lmms_prune.selection.fastvid import (
     density_scores,
     dynamic_segments,
     fastvid,
+    frame_query_attention,
     segment_counts,
+    unit_means,
 )
 from lmms_prune.selection.holitom import holitom_merge, static_windows
 from lmms_prune.selection.holitom import inner_merge as holitom_inner_merge
@@ -84,7 +86,9 @@ __all__ = [
     "density_scores",
     "dynamic_segments",
     "fastvid",
+    "frame_query_attention",
     "segment_counts",
+    "unit_means",
     "frame_layout",
     "fused_graph",
     "global_scan",

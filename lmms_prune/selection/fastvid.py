@@ -68,6 +68,44 @@ NEAREST = 4  # DPC-KNN's neighbours, the point itself included
 VARIANTS = ("llava_onevision", "qwen2_5_vl")  # the authors' two codes (module docstring)
 
 
+def unit_means(states: Tensor, unit: int) -> Tensor:
+    """Means over runs of ``unit`` consecutive patches, per head: ``[H, S, d] -> float32 [H, S // unit, d]``.
+
+    Qwen2-VL/2.5-VL's towers hold each 2 x 2 merge unit's patches consecutively (also in Qwen2.5-VL's window
+    order, which permutes whole units), so a run is one LLM token's patches: their Qwen2.5-VL port's
+    ``k_attn.view(heads, t, h * w // 4, 4, head_dim).mean(-2)`` for ``unit = 4``.
+    """
+    heads, length, dim = states.shape
+    if length % unit:
+        raise ValueError(f"{length} patches: not a multiple of the merge unit {unit}")
+    return states.float().view(heads, length // unit, unit, dim).mean(2)
+
+
+def frame_query_attention(unit_query: Tensor, unit_key: Tensor, frames: int) -> Tensor:
+    """FastVID's ATS attention on Qwen2.5-VL (their port, ``Qwen2_5_VLVisionFlashAttention2.forward``, lines
+    193-203): per frame and head, the softmax of the frame's mean query over its merge units' mean keys, scaled
+    by ``1 / sqrt(d)``, then averaged over heads.
+
+    Args:
+        unit_query, unit_key: ``[H, T U, d]`` the tower block's rotary-embedded queries and keys averaged per
+            merge unit (:func:`unit_means`), ``T`` frames of ``U`` units each, frame after frame (any order of
+            the units within a frame: Qwen2.5-VL's window order is fine).
+        frames: ``T``.
+
+    Returns:
+        float32 ``[T, U]``, each row summing to 1, in the units' given order. A frame's mean query is the mean of
+        its units' mean queries (every unit holds as many patches).
+    """
+    heads, length, dim = unit_key.shape
+    if unit_query.shape != unit_key.shape or length % frames:
+        raise ValueError(f"queries {tuple(unit_query.shape)}, keys {tuple(unit_key.shape)}: need equal [H, S, d] "
+                         f"shapes with S a multiple of frames={frames}")
+    keys = unit_key.float().view(heads, frames, length // frames, dim)
+    query = unit_query.float().view(heads, frames, length // frames, dim).mean(2, keepdim=True)  # [H, T, 1, d]
+    logits = (query @ keys.transpose(-1, -2))[:, :, 0] * dim**-0.5  # [H, T, U]
+    return torch.softmax(logits, dim=-1).mean(0)
+
+
 def frame_similarity(frame_features: Tensor) -> Tensor:
     """``[T - 1]`` float64 cosines ``s_t = cos(g_t, g_{t+1})`` of consecutive rows of ``frame_features`` ``[T, D]``."""
     unit = F.normalize(frame_features.double(), dim=-1)
