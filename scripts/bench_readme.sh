@@ -11,11 +11,10 @@
 # Tables (NAME): internvl-1b (InternVL2.5-1B, 1280 tokens, fastv/deepprune at 10%, eager reference),
 # matched-flops (InternVL2.5-1B, 768 tokens, four methods at the same FLOPs), llava-next-7b (2880 tokens,
 # fastv/vispruner at 11.1%), qwen-video-7b (Qwen2.5-VL-7B, one video of 4096 tokens, fastv/temporal at 10%).
-# Run it on a quiet machine: the figures are wall-clock times. Estimated time on 2 free cores, from each table's
-# FLOPs (3 prefills and 3 generates per cell) at ~40 GMAC/s in bf16 (AVX512-BF16; 18 GMAC/s per thread was
-# measured on the loaded machine that wrote this): internvl-1b ~10 min, matched-flops ~9 min, llava-next-7b
-# ~75 min, qwen-video-7b ~140 min (the full 32-block tower over 16384 patches is a third of the LLM's prefill);
-# about 4 hours in all. `--only` runs a subset.
+# Run it on a quiet machine: the figures are wall-clock times (another process on the cores, even niced, skews
+# them). Measured on this project's 2-core machine (AVX512-BF16, 2026-12-07): internvl-1b 262 s, matched-flops
+# 244 s, llava-next-7b ~25 min, qwen-video-7b 41 min (the full 32-block tower over 16384 patches takes 77 s of the
+# unpruned 249 s TTFT); about 75 minutes in all. `--only` runs a subset.
 # --quick: a smoke test of the same commands with a few decoder layers (the methods' pruning layers inside the
 # stack), 1 vision block, small inputs, one timed run and no warm-up (the figures mean nothing).
 set -euo pipefail

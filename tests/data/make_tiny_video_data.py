@@ -1,10 +1,11 @@
-"""Write the tiny local video task's data (VideoMME's schema): four motion clips and their questions.
+"""Write the test suite's copy of the tiny video task's data (VideoMME's schema): eight clips and their questions.
 
     python tests/data/make_tiny_video_data.py       # rewrites tests/data/tinyvideo/
 
-``tests/tasks/tinyvideo.yaml`` reads ``tinyvideo/tinyvideo.jsonl``; each row's clip is
-``tinyvideo/<videoID>.mp4`` (8 frames of 64x64 at 4 fps, a square moving left/right/up/down), written by
-``lmms_prune.toy.videos.write_tinyvideo``.
+The package's task ``tinyvideo`` (``lmms_prune/tasks/tinyvideo``) reads ``tinyvideo.jsonl`` and
+``<videoID>.mp4`` (8 frames of 64x64 at 4 fps: four plain and four cluttered clips, a square moving
+left/right/up/down) from the folder in ``LMMS_PRUNE_TINYVIDEO_DIR``; the tests point it here
+(``tests/cli_runs.py``). Written by ``lmms_prune.toy.videos.write_tinyvideo``.
 """
 
 from __future__ import annotations
