@@ -39,7 +39,8 @@ import json
 import statistics
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ from torch import nn
 from lmms_prune.efficiency import DecoderDims, end_to_end_ratio, kv_cache_bytes, prefill_flops
 from lmms_prune.engine import apply
 from lmms_prune.families import all_families, get_adapter
+from lmms_prune.methods import SELECTORS
 from lmms_prune.timing import PhaseClock, ttft_parts
 
 
@@ -139,13 +141,38 @@ class StepClock:
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _status_kib(field: str) -> int:
+    """A ``/proc/self/status`` memory field of this process, in KiB."""
+    for line in _STATUS.read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_rss_peak() -> bool:
+    """Reset the kernel's resident-set high-water mark (``VmHWM``) of this process to its current RSS (Linux:
+    writing 5 to ``/proc/self/clear_refs``); False where that is not possible."""
+    try:
+        _CLEAR_REFS.write_text("5")
+        return _status_kib("VmHWM") <= _status_kib("VmRSS") + 4  # the reset took (a page or so may arrive)
+    except (OSError, KeyError, ValueError):
+        return False
+
+
 class PeakRSS:
-    """Memory the block adds at its peak: resident-set growth of this process sampled every 2 ms (CPU), or
-    peak CUDA allocation above the allocation at entry (GPU)."""
+    """Memory the block adds at its peak above its start: the peak CUDA allocation (GPU); on the CPU, the
+    kernel's resident-set high-water mark, reset at entry (Linux, exact and free), or where that is unavailable,
+    the resident set sampled every 2 ms by a thread (``sampler`` is then True: the thread shares the cores, so
+    :class:`Bench` runs it in an untimed call only)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.peak = 0
+        self.sampler = device.type != "cuda" and not _reset_rss_peak()
         self._stop = threading.Event()
 
     def __enter__(self) -> PeakRSS:
@@ -153,28 +180,34 @@ class PeakRSS:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
             return self
+        _release_free_memory()
+        if not self.sampler:
+            self._start = 1024 * _status_kib("VmRSS")
+            _reset_rss_peak()
+            return self
         import psutil
 
-        _release_free_memory()
         proc = psutil.Process()
-        self._start = proc.memory_info().rss
-        self.peak = self._start
+        self._start = self.peak = proc.memory_info().rss
 
         def sample():
             while not self._stop.wait(0.002):
                 self.peak = max(self.peak, proc.memory_info().rss)
 
-        self._thread = threading.Thread(target=sample, daemon=True)
+        self._stop.clear()
+        self._thread = threading.Thread(target=sample, name="lmms-prune-peak-rss", daemon=True)
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
             self.peak = torch.cuda.max_memory_allocated(self.device) - self._start
-            return
-        self._stop.set()
-        self._thread.join()
-        self.peak -= self._start
+        elif not self.sampler:
+            self.peak = max(0, 1024 * _status_kib("VmHWM") - self._start)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak -= self._start
 
 
 class LayerTimer:
@@ -314,6 +347,15 @@ class Bench:
     def _params(self, method: str, keep_ratio: float, extra: dict[str, Any]) -> dict[str, Any]:
         return {"keep_ratio": 1.0} if method == "none" else {"keep_ratio": keep_ratio, **extra}
 
+    def _prefill_runs(self, memory: PeakRSS) -> Iterator[tuple[bool, AbstractContextManager[Any]]]:
+        """The prefill calls of a cell, as ``(timed, context to run the call in)``: the warm-ups, then the timed
+        runs, each measured by ``memory`` (the figure is the last timed run's). Where ``memory`` needs a sampler
+        thread, which would share the cores with a timed run, it measures one more, untimed, call instead."""
+        runs = self.warmup + self.repeats
+        for i in range(runs + memory.sampler):
+            timed = self.warmup <= i < runs
+            yield timed, memory if (i == runs) == memory.sampler else nullcontext()
+
     def _extrapolate(self, layer_times: list[float], total: float, counts: list[int]) -> float:
         """Full-depth LLM prefill time from the truncated stack's per-layer times and token ``counts`` (one per
         layer run): each full-depth layer (:meth:`_full_depth_counts`) takes the mean time of the stack's layers
@@ -382,11 +424,12 @@ class Bench:
             llm_inputs = inputs if pre_llm else self._encoded(inputs)
             timer = LayerTimer(self.adapter.layers, dev)
             prefill, selects, missing = [], [], []
-            for i in range(self.warmup + self.repeats):
-                with PeakRSS(dev) as mem:
+            mem = PeakRSS(dev)
+            for timed, context in self._prefill_runs(mem):
+                with context:
                     model(**llm_inputs, use_cache=True)
-                rec = handle.records[0]
-                if i >= self.warmup:
+                if timed:
+                    rec = handle.records[0]
                     full = self._extrapolate(timer.times, rec.llm_prefill_seconds, rec.kv_lengths)
                     prefill.append(full)
                     missing.append(full - rec.llm_prefill_seconds)
@@ -403,8 +446,11 @@ class Bench:
         full_counts = self._full_depth_counts(kv_lengths)
         config = handle.config
         per_layer = statistics.mean(full_counts) - (rec.seq_len_before - rec.visual_before)
-        # keep as run; measured where the budget was not a keep_ratio (stage_ratio, keep_tokens)
-        budget = config.keep_ratio if config.keep_ratio is not None else (
+        # keep as run; measured where the budget was not a keep_ratio (stage_ratio, keep_tokens) or where the
+        # method never reads it (DyCoke: its K and the frame count set the count)
+        selector = SELECTORS.get(config.selector)
+        reads_budget = selector is None or selector.reads_budget
+        budget = config.keep_ratio if config.keep_ratio is not None and reads_budget else (
             (per_layer if config.multi_stage else rec.visual_after) / rec.visual_before)
         cell = Cell(
             method=method, keep_ratio=1.0 if method == "none" else float(budget), visual_tokens=rec.visual_before,
@@ -435,10 +481,11 @@ class Bench:
             llm_inputs = self._encoded(inputs)
             with torch.no_grad(), apply(model, method, **params) as handle:
                 times = []
-                for i in range(self.warmup + self.repeats):
-                    with PeakRSS(self.device) as mem:
+                mem = PeakRSS(self.device)
+                for timed, context in self._prefill_runs(mem):
+                    with context:
                         model(**llm_inputs, use_cache=True, output_attentions=True)
-                    if i >= self.warmup:
+                    if timed:
                         times.append(handle.records[0].llm_prefill_seconds)
         finally:
             model.set_attn_implementation("sdpa")

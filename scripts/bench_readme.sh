@@ -10,7 +10,8 @@
 # about 14 GB), else 8 layers run and extrapolated, with the reason printed before the table.
 # Tables (NAME): internvl-1b (InternVL2.5-1B, 1280 tokens, fastv/deepprune at 10%, eager reference),
 # matched-flops (InternVL2.5-1B, 768 tokens, four methods at the same FLOPs), llava-next-7b (2880 tokens,
-# fastv/vispruner at 11.1%), qwen-video-7b (Qwen2.5-VL-7B, one video of 4096 tokens, fastv/temporal at 10%).
+# fastv/vispruner at 11.1%), qwen-video-7b (Qwen2.5-VL-7B, one video of 4096 tokens: fastv, temporal and the video
+# methods evs, vidcom2, fastvid, holitom at 10%; dycoke at its own count, which keep_ratio does not set).
 # Run it on a quiet machine: the figures are wall-clock times (another process on the cores, even niced, skews
 # them). Measured on this project's 2-core machine (AVX512-BF16, 2026-12-07): internvl-1b 262 s, matched-flops
 # 244 s, llava-next-7b ~25 min, qwen-video-7b 41 min (the full 32-block tower over 16384 patches takes 77 s of the
@@ -118,5 +119,6 @@ run_table matched-flops internvl2_5-1b 4 --tokens "$(quick_tokens 256 768)" \
     --method-args "$MATCHED"
 run_table llava-next-7b llava-next-7b 3 --tokens 2880 --methods fastv,vispruner --keep 0.111 \
     --decode-tokens "$(quick_tokens 1 2)"
-run_table qwen-video-7b qwen2_5_vl_7b_video 3 --tokens "$(quick_tokens 256 4096)" --methods fastv,temporal \
+run_table qwen-video-7b qwen2_5_vl_7b_video 4 --tokens "$(quick_tokens 1024 4096)" \
+    --methods fastv,temporal,evs,vidcom2,fastvid,holitom,dycoke \
     --keep 0.1 --decode-tokens "$(quick_tokens 1 2)"

@@ -331,6 +331,22 @@ def test_bench_video_geometry_is_a_32_frame_448px_video_and_any_preset_runs_on_i
         ("none", 64, 64), ("fastv", 64, 6), ("divprune", 64, 6)]
 
 
+def test_bench_keep_column_is_the_kept_share_where_the_method_never_reads_the_budget():
+    """bench's video table runs every video method at one --keep. DyCoke never reads it (its K and the frame
+    count set the count): its cell reports the share it kept, while the methods that read keep_ratio (FastVID's
+    retention ratio, FastV) report the ratio they were given beside what they kept."""
+    from lmms_prune.bench import Bench
+
+    model = build_tiny_model("qwen2_5_vl", seed=0)
+    model.config.lmms_prune_bench_video = {"size": 112, "fps": 2.0}  # 4 merged frames of 4x4 tokens
+    cells = Bench(model, repeats=1, warmup=0, decode_tokens=1, e2e=False).run(
+        ["dycoke", "fastvid", "fastv"], [0.25], [64], {"dycoke": {"dycoke_l": 2}})
+    dycoke, fastvid, fastv = cells[1:]
+    assert dycoke.keep_ratio == dycoke.kept_tokens / 64 != 0.25 and 16 < dycoke.kept_tokens < 64
+    assert fastvid.keep_ratio == fastv.keep_ratio == 0.25 and fastv.kept_tokens == 16
+    assert 0 < fastvid.kept_tokens <= 16
+
+
 def _internvl_video(proc, frames):
     """A one-video InternVL prompt (448 px tiles: few frames keep the tests fast) and its ``video_frames``."""
     prompt = proc.apply_chat_template([{"role": "user", "content": [

@@ -359,6 +359,9 @@ class Selector(Plugin):
     # True for a method that prunes videos only and leaves every image token (vLLM's EVS): check-method then
     # checks its budget on no image
     videos_only: ClassVar[bool] = False
+    # False for a method whose own parameters alone set the count and which never reads the budget (DyCoke's
+    # K and frame count): bench then reports the kept share as the cell's keep, not the keep_ratio given
+    reads_budget: ClassVar[bool] = True
     # prune_layers='auto': the method's pruning layers as fractions of the decoder's depth (PyramidDrop's
     # quarters unless a method says otherwise)
     layer_fractions: ClassVar[tuple[float, ...]] = (0.25, 0.5, 0.75)

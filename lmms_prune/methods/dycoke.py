@@ -51,6 +51,7 @@ class DyCokeTTM(Selector):
     params = ("dycoke_k", "dycoke_l", "dycoke_p")
     stages = ("pre_llm",)
     videos_only = True  # DyCoke compresses videos; an image keeps every token
+    reads_budget = False  # DyCoke's K and the frame count set the count; keep_ratio is never read
 
     @classmethod
     def adaptive_count(cls, config):
