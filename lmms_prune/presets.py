@@ -80,9 +80,14 @@ COMMON_PARAMS += (
           "keeps its position in the shortened prompt and decoding continues from that prompt's length (HoliTom's "
           "code); 'contiguous': the survivors are renumbered 0..n-1 and decoding continues from n (VScan's LLaVA "
           "code); unset: as positions", kind="str", choices=POSITION_RULES, optional=True),
+    Param("llm_structural", "keep", "pre_llm methods with llm_selector: a video's structural tokens in the "
+          "shortened prompt (LLaVA-OneVision's newline after a video). 'keep': they stay at every layer, outside "
+          "the LLM stage's candidates (the engine's rule for structure); 'candidates': the LLM stage counts them "
+          "among the video's tokens it keeps or merges, budget included (HoliTom's code: its inner stage takes the "
+          "video's features with their newline)", kind="str", choices=("keep", "candidates")),
 )
 # the fields of a pre-LLM method's LLM stage (llm_selector != 'none'): the multi-stage machinery's own
-COMPOSED_PARAMS = ("llm_score", "llm_positions", "prune_layers", "stage_ratio", "score_at", "budget_rounding",
+COMPOSED_PARAMS = ("llm_score", "llm_positions", "llm_structural", "prune_layers", "stage_ratio", "score_at", "budget_rounding",
                    "budget_base", "decode_cache")
 STAGE_PARAMS = {"none": (), "llm": ("prune_layer", "prune_layers", "positions"),
                 "pre_llm": ("positions", "llm_selector")}

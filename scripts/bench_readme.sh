@@ -14,8 +14,9 @@
 # methods evs, vidcom2, fastvid, holitom at 10%; dycoke at its own count, which keep_ratio does not set).
 # Run it on a quiet machine: the figures are wall-clock times (another process on the cores, even niced, skews
 # them). Measured on this project's 2-core machine (AVX512-BF16, 2026-12-07): internvl-1b 262 s, matched-flops
-# 244 s, llava-next-7b ~25 min, qwen-video-7b 41 min (the full 32-block tower over 16384 patches takes 77 s of the
-# unpruned 249 s TTFT); about 75 minutes in all. `--only` runs a subset.
+# 244 s, llava-next-7b ~20 min, qwen-video-7b 69 min with --repeats 1 (eight cells; the full 32-block tower over
+# 16384 patches takes 80-90 s of every request, 265 s unpruned), about 100 minutes in all; with the default two
+# repeats the video table takes about 100 minutes. `--only` runs a subset.
 # --quick: a smoke test of the same commands with a few decoder layers (the methods' pruning layers inside the
 # stack), 1 vision block, small inputs, one timed run and no warm-up (the figures mean nothing).
 set -euo pipefail

@@ -289,27 +289,34 @@ def test_inner_merge_folds_as_the_recreation_of_the_authors_loop(n, r, seed):
         torch.testing.assert_close(ours[position], value, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize(("family", "llm_positions"), [("qwen2_5_vl", None), ("llava_onevision", None),
-                                                       ("llava_onevision", "contiguous")])
-def test_holitom_full_prunes_as_mask_mode_of_its_llm_stage_on_the_shrunk_inputs(toys, family, llm_positions):
+@pytest.mark.parametrize(("family", "params"), [("qwen2_5_vl", {}), ("llava_onevision", {}),
+                                                ("llava_onevision", {"llm_positions": "contiguous"}),
+                                                ("llava_onevision", {"llm_structural": "keep"})])
+def test_holitom_full_prunes_as_mask_mode_of_its_llm_stage_on_the_shrunk_inputs(toys, family, params):
     """Both stages: the LLM stage's folds at layer k equal mask mode (full shortened length, the removed keys
     masked, the slots holding their folds) at prefill and every decode step, at the shortened prompt's positions
-    (the default, the authors') and renumbered (the option); the video keeps round(n / 2) of the n tokens the
-    pre-LLM stage left, the image beside it every token."""
+    (the default, the authors') and renumbered (the option). The video keeps round(m / 2) of the m tokens the
+    pre-LLM stage left it, its trailing newline (LLaVA-OneVision) counted among them as the authors' inner stage
+    counts it (their ``image_tokens`` is the video's features with the newline), or with ``llm_structural='keep'``
+    round(n / 2) of its n visual tokens and the newline besides; the image beside it keeps every token."""
     from test_engine import _generate, _same_tokens, _steps_close
 
     model, proc = toys(family)
     inputs = _video_inputs(proc, with_image=True)
-    params = {} if llm_positions is None else {"llm_positions": llm_positions}
     runs = {}
     for mode in ("prune", "mask"):
         with torch.no_grad(), lmms_prune.apply(model, "holitom_full", keep_ratio=0.5, mode=mode, **params) as handle:
-            runs[mode] = (*_generate(model, inputs), handle.pre.records[0], handle.records[0])
-    tokens, steps, pre, both = runs["prune"]
+            runs[mode] = (*_generate(model, inputs), handle.pre.records[0], handle.records[0],
+                          handle.llm.records[0])
+    tokens, steps, pre, both, llm = runs["prune"]
     assert _same_tokens(tokens, runs["mask"][0], steps, runs["mask"][1])
     assert _steps_close(steps, runs["mask"][1], tokens, runs["mask"][0])
     (image, video) = pre.spans_after
-    assert both.visual_after == image.num_visual + round(video.num_visual * 0.5)
+    newline = family == "llava_onevision"
+    assert video.structural == ((video.length - 1,) if newline else ())
+    candidates = video.num_visual + (newline and params.get("llm_structural") != "keep")
+    assert llm.visual_before == image.num_visual + candidates
+    assert both.visual_after == image.num_visual + round(candidates * 0.5)
 
 
 @pytest.mark.parametrize("method", ["holitom", "holitom_full"])
@@ -415,9 +422,10 @@ def test_layers_from_k_see_the_shortened_prompts_positions_and_decoding_continue
             for hook in hooks:
                 hook.remove()
         pre, llm = handle.pre.records[0], handle.llm.records[0]
-    (span,) = pre.spans_after
-    short = pre.seq_len_after  # T': the shortened prompt the LLM stage sees
-    top = torch.cat([span.visual_index[llm.kept[0]], torch.tensor(span.structural, dtype=torch.long)])
+    (span,) = llm.spans  # the video in the shortened prompt as the LLM stage sees it (OneVision: the newline
+    short = pre.seq_len_after  # among its candidates); T': the shortened prompt's length
+    assert span.structural == () and span.start == pre.spans_after[0].start
+    top = span.visual_index[llm.kept[0]]
     keep = authors_keep_indexs(span.start, span.length, top, short)
     renumber = llm_positions == "contiguous"
     before = torch.tensor([int((~torch.isin(torch.arange(c), keep)).sum()) for c in keep]) if renumber else 0

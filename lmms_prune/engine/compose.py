@@ -5,7 +5,9 @@ A config whose ``stage`` is ``pre_llm`` and whose ``llm_selector`` is set is two
 ``keep_tokens``) and an LLM stage (any selector and score that work on a subset of an image's tokens, at
 ``prune_layers``, keeping ``stage_ratio`` of the tokens present: the multi-stage machinery of
 :mod:`lmms_prune.engine.core`, with its own position rule ``llm_positions``: 'original' keeps each survivor's
-position in the shortened prompt and decodes on from that prompt's length, 'contiguous' renumbers after the stage).
+position in the shortened prompt and decodes on from that prompt's length, 'contiguous' renumbers after the stage)
+and its rule for a video's structural tokens there, ``llm_structural``: 'keep' them outside its candidates, or count
+them among the 'candidates' (HoliTom's code merges LLaVA-OneVision's newline after a video with its tokens).
 :class:`ComposedHandle` installs one :class:`PruneHandle` per stage on the same
 model, the pre-LLM one first, so its hooks run first:
 
@@ -22,6 +24,7 @@ mask mode at layer 0). Records are composed per sample (:func:`compose_records`)
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -78,7 +81,11 @@ class ComposedHandle:
             raise ValueError(f"method {self.config.method!r}: the pre-LLM stage shortened {len(records)} prompt(s) "
                              f"but the LLM stage got {input_ids.shape[0]} (num_beams or num_return_sequences > 1 "
                              "repeat the prompts inside generate); use one sequence per prompt")
-        return [rec.spans_after for rec in records]
+        if self.config.llm_structural == "keep":
+            return [rec.spans_after for rec in records]
+        # 'candidates': a video's structural tokens are the LLM stage's candidates like its visual ones
+        return [[dataclasses.replace(s, structural=(), grids=[(1, s.length)]) if s.video else s
+                 for s in rec.spans_after] for rec in records]
 
     def _protected(self, input_ids: torch.Tensor) -> list[list[torch.Tensor]] | None:
         """Per sample, per image: the tokens the pre-LLM stage protected (``PruneRecord.protected``), which the

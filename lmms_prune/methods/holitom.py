@@ -22,7 +22,9 @@ Here (also docs/fidelity.md, "holitom"):
   (:func:`lmms_prune.selection.holitom_inner_merge`), through the engine's pre-LLM -> LLM composition. From
   layer ``k`` on the survivors keep their positions in the shortened prompt and decoding continues from its
   length, as the authors' ``position_ids = keep_indexs`` (``llm_positions='original'``; ``'contiguous'``
-  renumbers them).
+  renumbers them). Its candidates are the video's tokens with their newline (LLaVA-OneVision's one newline after
+  a video), as the authors' ``image_tokens`` counts the video's features after the newline is appended
+  (``llm_structural='candidates'``; ``'keep'``: the newline stays outside, the engine's rule for structure).
 """
 
 from __future__ import annotations
@@ -113,5 +115,5 @@ PRESETS = (
            "token (running pairwise average of the hidden states)",
            dict(stage="pre_llm", selector="holitom", llm_selector="holitom_inner", llm_score="attention",
                 prune_layers="auto", stage_ratio=0.5, budget_rounding="round", budget_base="present",
-                positions="contiguous", llm_positions="original")),
+                positions="contiguous", llm_positions="original", llm_structural="candidates")),
 )

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lmms_eval.api.task import ConfigurableMessagesTask
+from lmms_prune.tasks.local import LocalDataTask
 
 POPE_DIR_ENV = "LMMS_PRUNE_POPE_DIR"
 
@@ -26,24 +26,19 @@ def local_data_files(root: str | os.PathLike) -> dict[str, list[str]]:
     return files
 
 
-class LocalPopeTask(ConfigurableMessagesTask):
-    """lmms-eval's chat task with one change: ``download`` reads ``LMMS_PRUNE_POPE_DIR`` when it is set (the
+class LocalPopeTask(LocalDataTask):
+    """lmms-eval's ``pope`` chat task with one change: it reads ``LMMS_PRUNE_POPE_DIR`` when that is set (the
     YAML's hub dataset otherwise). Serves lmms-eval chat models (this package's wrappers, ``internvl_hf``,
-    ``qwen2_5_vl``, ...), which get the image, then the question, as one user turn."""
+    ``qwen2_5_vl``, ...)."""
 
-    def __init__(self, *args: Any, config: dict | None = None, **kwargs: Any) -> None:
-        if config is not None:
-            config = {key: value for key, value in config.items() if key != "class"}
-        super().__init__(*args, config=config, **kwargs)
-
-    def download(self, dataset_kwargs: dict | None = None) -> None:
+    def local_dataset_kwargs(self, dataset_kwargs: dict[str, Any]) -> dict[str, Any] | None:
         root = os.environ.get(POPE_DIR_ENV)
-        if root:
-            files = local_data_files(root)
-            split = self.config.test_split
-            if split not in files:
-                raise FileNotFoundError(f"{POPE_DIR_ENV}={root}: no {split!r} split (it holds: "
-                                        f"{', '.join(sorted(files))}); write the {split} split there")
-            self.DATASET_PATH = "parquet"
-            dataset_kwargs = {**(dataset_kwargs or {}), "data_files": files}
-        super().download(dataset_kwargs)
+        if not root:
+            return None
+        files = local_data_files(root)
+        split = self.config.test_split
+        if split not in files:
+            raise FileNotFoundError(f"{POPE_DIR_ENV}={root}: no {split!r} split (it holds: "
+                                    f"{', '.join(sorted(files))}); write the {split} split there")
+        self.DATASET_PATH = "parquet"
+        return {**dataset_kwargs, "data_files": files}

@@ -20,9 +20,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lmms_eval.api.task import ConfigurableMessagesTask
 from lmms_eval.tasks._task_utils.mcq_extract import extract_mcq_answer
 
+from lmms_prune.tasks.local import LocalDataTask
 from lmms_prune.video import VideoLoadError, check_video, run_sampling
 
 DATA_ENV = "LMMS_PRUNE_TINYVIDEO_DIR"
@@ -54,17 +54,12 @@ def rows_file() -> Path:
     return path
 
 
-class TinyVideoTask(ConfigurableMessagesTask):
+class TinyVideoTask(LocalDataTask):
     """lmms-eval's chat task reading its rows from :func:`data_dir` (``tinyvideo.jsonl`` through the ``json``
     builder, absolute path: two folders never share a ``datasets`` cache entry)."""
 
-    def __init__(self, *args: Any, config: dict | None = None, **kwargs: Any) -> None:
-        if config is not None:
-            config = {key: value for key, value in config.items() if key != "class"}
-        super().__init__(*args, config=config, **kwargs)
-
-    def download(self, dataset_kwargs: dict | None = None) -> None:
-        super().download({**(dataset_kwargs or {}), "data_files": {"test": str(rows_file())}})
+    def local_dataset_kwargs(self, dataset_kwargs: dict[str, Any]) -> dict[str, Any]:
+        return {**dataset_kwargs, "data_files": {"test": str(rows_file())}}
 
 
 def doc_to_visual(doc: dict) -> list[str]:
