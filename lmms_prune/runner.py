@@ -32,6 +32,7 @@ harnesses' models ignore the key. ``task_protocol=false`` turns it off.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import tempfile
@@ -56,6 +57,7 @@ DTYPE_ALIASES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 TASK_KINDS = ("auto", "grounding", "understanding")
 ON_ERROR = ("raise", "skip")
+BACKENDS = ("transformers", "vllm")  # backend=: our engine inside transformers' generate, or the vLLM plug-in
 PROTOCOL_KEY = "lmms_prune_protocol"  # a task's per-family protocol settings in its generation_kwargs
 
 OPTIONS: dict[str, str] = {
@@ -80,6 +82,11 @@ OPTIONS: dict[str, str] = {
                  "them: false reproduces their answers)",
     "task_protocol": "apply a task's protocol settings (generation_kwargs lmms_prune_protocol, e.g. RefCOCO's 6 "
                      "InternVL tiles) to its requests, default true",
+    "backend": "transformers (default: our engine inside transformers' generate) or vllm (the vLLM plug-in, "
+               "lmms_prune.vllm: pre-LLM presets on Qwen2-VL, Qwen2.5-VL, Qwen3-VL and LLaVA-1.5; run it in the "
+               "vLLM venv, scripts/vllm_env.sh)",
+    "vllm_engine_args": "backend=vllm: further vllm.LLM arguments as a JSON object, e.g. "
+                        "{\"max_model_len\":4096,\"enforce_eager\":true}",
 }
 
 # Sampling options passed on to generate when temperature > 0. Besides these, only max_new_tokens, temperature,
@@ -128,6 +135,10 @@ class RunOptions:
     use_until: bool = True
     task_protocol: bool = True
     family: dict[str, Any] = field(default_factory=dict)
+    backend: str = "transformers"
+    # backend=vllm: hf_overrides["lmms_prune"] (None: unpruned) and the other vllm.LLM arguments
+    vllm_prune: dict[str, Any] | None = None
+    vllm_engine_args: dict[str, Any] = field(default_factory=dict)
 
 
 def looks_like_path(name: str) -> bool:
@@ -197,6 +208,8 @@ def parse_options(family: type[Family], model_id: str, fixed_method: str | None,
         raise ValueError(f"--model {model_id} needs method=NAME in --model_args; one of {', '.join(PRESETS)}")
     prune = {k: args.pop(k) for k in list(args) if k in prune_fields}
     config = resolve_config(method, **prune)
+    backend = _choice_arg("backend", args.pop("backend", "transformers"), BACKENDS)
+    engine_args = args.pop("vllm_engine_args", None)
 
     pretrained = _optional_str(args.pop("pretrained", None)) or family.default_pretrained
     if pretrained is not None:
@@ -234,7 +247,15 @@ def parse_options(family: type[Family], model_id: str, fixed_method: str | None,
         use_until=bool_arg("use_until", args.pop("use_until", True)),
         task_protocol=bool_arg("task_protocol", args.pop("task_protocol", True)),
         family=family.parse_model_args(args),
+        backend=backend,
     )
+    if backend == "vllm":
+        from lmms_prune.vllm import backend_options
+
+        options = dataclasses.replace(options, **backend_options(family.name, method, prune, config, options,
+                                                                 engine_args))
+    elif engine_args is not None:
+        raise ValueError("vllm_engine_args is for backend=vllm; drop it or add backend=vllm")
     if getattr(config, "input_budget", False):  # a processor-level budget: the family says how, or why not
         family.check_input_budget(config.keep_ratio, config.keep_tokens, options.family)
     selector = SELECTORS.get(config.selector)
@@ -434,7 +455,37 @@ class Runner:
 
     def load(self) -> None:
         """Load the checkpoint with ``from_pretrained`` after checking its config against family and method."""
-        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
+
+        opts = self.options
+        self.check_checkpoint()
+        model = AutoModelForImageTextToText.from_pretrained(
+            opts.pretrained, revision=opts.revision, trust_remote_code=opts.trust_remote_code,
+            low_cpu_mem_usage=opts.low_cpu_mem_usage, dtype=self.dtype, attn_implementation=self.attn,
+            device_map=opts.device_map,
+        )
+        if opts.device_map is None:
+            model = model.to(self.device)
+        else:
+            self.device = model.device
+        self.model = model.eval()
+        self.load_processor()
+
+    def load_processor(self) -> None:
+        """The run's processor, loaded with the run's processor options (as lmms-eval's wrappers load it), so
+        the processor's own calls (outside generate) resize like the run; generate passes them again with any
+        task protocol."""
+        from transformers import AutoProcessor
+
+        opts = self.options
+        self.processor = AutoProcessor.from_pretrained(
+            opts.pretrained, revision=opts.revision, trust_remote_code=opts.trust_remote_code,
+            **self.family.processor_kwargs(opts.family))
+        self.processor.tokenizer.padding_side = "left"
+
+    def check_checkpoint(self) -> Any:
+        """The checkpoint's config, checked against the family and the method before any weights load."""
+        from transformers import AutoConfig
 
         from lmms_prune.presets import check_model
 
@@ -464,22 +515,7 @@ class Runner:
             from lmms_prune.engine.prior import load_prior
 
             load_prior(self.config.bias_prior).check(config, self.config.effective_score_layer)
-        model = AutoModelForImageTextToText.from_pretrained(
-            opts.pretrained, revision=opts.revision, trust_remote_code=opts.trust_remote_code,
-            low_cpu_mem_usage=opts.low_cpu_mem_usage, dtype=self.dtype, attn_implementation=self.attn,
-            device_map=opts.device_map,
-        )
-        if opts.device_map is None:
-            model = model.to(self.device)
-        else:
-            self.device = model.device
-        self.model = model.eval()
-        # Loaded with the run's processor options (as lmms-eval's wrappers load it), so the processor's own
-        # calls (outside generate) resize like the run; generate passes them again with any task protocol.
-        self.processor = AutoProcessor.from_pretrained(
-            opts.pretrained, revision=opts.revision, trust_remote_code=opts.trust_remote_code,
-            **self.family.processor_kwargs(opts.family))
-        self.processor.tokenizer.padding_side = "left"
+        return config
 
     def install(self) -> None:
         """Patch the model with the pruning engine; clock each ``generate``'s phases (lmms_prune.timing) for
@@ -755,7 +791,19 @@ class Runner:
             "config": self.config.to_dict(),
             "dtype": str(self.dtype).replace("torch.", ""),
             "decoder": self.dims.__dict__,
+            "model_type": getattr(getattr(self.model, "config", None), "model_type", None),
+            "backend": self.options.backend,
         }
+
+
+def make_runner(family: type[Family], options: RunOptions, config: PruneConfig, model_id: str) -> Runner:
+    """The runner of ``options.backend``: :class:`Runner` (transformers' ``generate`` with our engine) or
+    :class:`lmms_prune.vllm.runner.VllmRunner` (the vLLM plug-in; imports vLLM)."""
+    if options.backend == "vllm":
+        from lmms_prune.vllm.runner import VllmRunner
+
+        return VllmRunner(family, options, config, model_id)
+    return Runner(family, options, config, model_id)
 
 
 def _family_prefixes() -> list[str]:

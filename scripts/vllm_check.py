@@ -21,8 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")  # the toy families the plug-in serves (lmms_prune.vllm)
-PRESETS = ("vispruner", "divprune", "fastervlm")
+FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "llava")  # the toy families the plug-in serves (lmms_prune.vllm)
+MROPE = {"qwen2_5_vl": [8, 12, 12], "qwen2_vl": [8, 12, 12], "qwen3_vl": [12, 10, 10]}
+PRESETS = ("vispruner", "divprune", "fastervlm", "visionzip")
+# merges tokens: our engine refuses it where DeepStack adds per-token features inside the LLM
+NOT_SERVED = {"qwen3_vl": ("visionzip",)}
 UNPRUNED = "none"  # without the config key the registered class must serve the model as vLLM's own class does
 POSITIONS = ("contiguous",)  # "original" is refused by the plug-in (docs/serving.md)
 KEEP_RATIO = 0.25
@@ -31,6 +34,12 @@ QUESTION = "Describe the picture in one sentence."
 # Qwen2(.5)-VL: 32 x 24 patches of 14 px, 16 x 12 = 192 merged tokens (Qwen2.5-VL: over 12 attention windows);
 # Qwen3-VL (patch 16) resizes it to 448 x 320: 14 x 10 = 140 merged tokens
 IMAGE_SIZE = (448, 336)
+# LLaVA's toy tower sees 112 px (8 x 8 = 64 tokens) instead of LLaVA-1.5's 336 (576): the [CLS] attention of a
+# random tower is flat, and among 576 values some differ by less than the two engines' fp32 rounding (~1e-7 of
+# the largest: vLLM's fused q/k/v projection), which reorders VisPruner's candidate list and so its pairing
+# (seen at 336 px: 29 of 144 kept tokens differed while every score agreed to 2.6e-7); the method runs the same
+# code on either grid
+LLAVA_SIDE = 112
 TOY_LAYERS = 4
 INIT_RANGE = 0.25
 TOP_LOGPROBS = 5  # compared at the first generated token: a check of the positions beyond the argmax
@@ -38,7 +47,7 @@ LOGPROB_TOL = 1e-3
 ROOT = Path(__file__).resolve().parents[1]
 LMMS_EVAL_TASK = "mme_tiny"  # tests/tasks: lmms-eval's MME task on two tiny parquet rows
 LMMS_EVAL_LIMIT = 2
-# logged by lmms_prune.vllm.qwen per prompt ("?": an image served from vLLM's processor cache)
+# logged by lmms_prune.vllm.base per prompt ("?": an image served from vLLM's processor cache)
 PRUNED_PROMPT = re.compile(r"lmms_prune: prompt (\d+|\?) -> (\d+) tokens")
 
 
@@ -65,12 +74,14 @@ def _prompt(processor) -> str:
 
 def _toy_text(config, family: str) -> None:
     """Text head_dim 64, which vLLM's CPU attention needs (the test toys' 16 is refused): one query and one
-    key/value head as wide as the model, M-RoPE sections of the real models' split over its 32 frequencies."""
+    key/value head as wide as the model; the Qwen families' M-RoPE sections of the real models' split over its 32
+    frequencies (Qwen2(.5)-VL: the real 16:24:24 of 64, summing to head_dim / 2; Qwen3-VL: the real interleaved
+    24:20:20). LLaVA's text model (Llama) has 1-D RoPE."""
     text = config.text_config
     text.num_attention_heads = text.num_key_value_heads = 1
     text.head_dim = text.hidden_size
-    # Qwen2(.5)-VL: the real 16:24:24 of 64 (sums to head_dim / 2); Qwen3-VL: the real interleaved 24:20:20
-    text.rope_parameters["mrope_section"] = [12, 10, 10] if family == "qwen3_vl" else [8, 12, 12]
+    if family in MROPE:
+        text.rope_parameters["mrope_section"] = MROPE[family]
 
 
 def build_toy(out: Path, family: str) -> Path:
@@ -86,6 +97,9 @@ def build_toy(out: Path, family: str) -> Path:
         return path
     config = toy.tiny_config(family, TOY_LAYERS)
     _toy_text(config, family)
+    if family == "llava":
+        config.vision_config.image_size = LLAVA_SIDE
+        config.image_seq_length = (LLAVA_SIDE // config.vision_config.patch_size) ** 2
     # wider random weights than the test toy's 0.02, so that greedy answers depend on the kept tokens and their
     # positions instead of collapsing onto one token, and the vision attention is far from uniform (at 0.02 the
     # received attention of Qwen3-VL's tower ties within 1e-6, where the two engines' rounding picks different
@@ -100,8 +114,28 @@ def build_toy(out: Path, family: str) -> Path:
     for key, value in recipe.generation().items():
         setattr(model.generation_config, key, value)
     model.save_pretrained(path)
-    toy.build_processor(family).save_pretrained(path)
+    processor = toy.build_processor(family)
+    if family == "llava":
+        hub_layout(path)
+        processor.image_processor.size = {"shortest_edge": LLAVA_SIDE}
+        processor.image_processor.crop_size = {"height": LLAVA_SIDE, "width": LLAVA_SIDE}
+    processor.save_pretrained(path)
     return path
+
+
+def hub_layout(path: Path) -> None:
+    """Rename a LLaVA checkpoint's tower weights to the layout of the hub's llava-hf checkpoints
+    (``vision_tower.vision_model.*``). transformers 5.2x saves them as ``vision_tower.*``, which vLLM 0.32's LLaVA
+    loader does not map (it expects the hub's names); transformers loads both layouts into the same model."""
+    from safetensors.torch import load_file, save_file
+
+    for file in path.glob("*.safetensors"):
+        weights = load_file(file)
+        prefix = "vision_tower."
+        renamed = {(f"{prefix}vision_model.{k[len(prefix):]}"
+                    if k.startswith(prefix) and not k.startswith(f"{prefix}vision_model.") else k): v
+                   for k, v in weights.items()}
+        save_file(renamed, file, metadata={"format": "pt"})
 
 
 def model_family(path: Path) -> str:
@@ -157,6 +191,8 @@ def run_transformers(out: Path, family: str, model_path: Path | None) -> None:
         "kept": [], "visual_before": None, "prompt_tokens_before": length, "prompt_tokens_after": length,
         "seconds": time.perf_counter() - t0}
     for preset in PRESETS:
+        if preset in NOT_SERVED.get(family, ()):
+            continue
         for positions in POSITIONS:
             t0 = time.perf_counter()
             with lmms_prune.apply(model, method=preset, **_params(preset, positions)) as handle:
@@ -173,12 +209,16 @@ def run_transformers(out: Path, family: str, model_path: Path | None) -> None:
     (out / "transformers.json").write_text(json.dumps(results, indent=1))
 
 
-def run_vllm(out: Path, preset: str, positions: str) -> None:
-    """One vLLM engine with ``preset`` (or none) on the model ``run_transformers`` used; ``out/vllm/*.json``."""
+def run_vllm(out: Path, family: str, preset: str, positions: str) -> None:
+    """One vLLM engine with ``preset`` (or none) on the model ``run_transformers`` used; ``out/vllm/*.json``
+    (nothing for a preset the family is not served with, :data:`NOT_SERVED`)."""
+    if preset in NOT_SERVED.get(family, ()):
+        print(f"[vllm_check] {family} is not served with {preset} (refused by the plug-in and our engine)")
+        return
     from transformers import AutoProcessor
     from vllm import LLM, SamplingParams
 
-    from lmms_prune.vllm.qwen import RECORD_ENV
+    from lmms_prune.vllm.base import RECORD_ENV
 
     path = Path((out / "model_path").read_text())
     record = out / "vllm" / f"{preset}-{positions}.kept.jsonl"
@@ -202,6 +242,52 @@ def run_vllm(out: Path, preset: str, positions: str) -> None:
         "prompt_tokens_after": len(result.prompt_token_ids), "answer": list(result.outputs[0].token_ids),
         "first_logprobs": {str(t): lp.logprob for t, lp in result.outputs[0].logprobs[0].items()},
         "load_seconds": load, "generate_seconds": time.perf_counter() - t0}, indent=1))
+
+
+RUNNER_ENGINE = {"max_model_len": 2048, "enforce_eager": True, "limit_mm_per_prompt": {"image": 1, "video": 0}}
+
+
+def run_runner(out: Path, family: str, preset: str, backend: str) -> None:
+    """Our own lmms-eval model (``--model FAMILY_PRESET``) with ``backend=BACKEND`` on the tiny MME task, from
+    lmms-eval's command line (the transformers backend in the main venv, vllm in the vLLM venv);
+    ``out/runner/BACKEND.json``: the answers and the efficiency records' token counts per sample."""
+    path = Path((out / "model_path").read_text())
+    where = out / "runner" / backend
+    shutil.rmtree(where, ignore_errors=True)
+    where.mkdir(parents=True)
+    args = [f"pretrained={path}", f"backend={backend}", f"keep_ratio={KEEP_RATIO}", "positions=contiguous",
+            "dtype=float32", f"efficiency_path={where / 'efficiency.json'}"]
+    if backend == "vllm":
+        args.append("vllm_engine_args=" + json.dumps(RUNNER_ENGINE, separators=(",", ":")))
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", f"{family}_{preset}", "--model_args", ",".join(args),
+           "--tasks", LMMS_EVAL_TASK, "--include_path", str(ROOT / "tests" / "tasks"), "--limit",
+           str(LMMS_EVAL_LIMIT), "--batch_size", "1", "--output_path", str(where / "results"), "--log_samples"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    (where / "lmms_eval.log").write_text(proc.stdout + proc.stderr)
+    samples = sorted((json.loads(line) for p in (where / "results").rglob("*_samples_*.jsonl")
+                      for line in p.read_text().splitlines()), key=lambda r: r["doc_id"])
+    eff = where / "efficiency.json"
+    records = json.loads(eff.read_text())["samples"] if eff.exists() else []
+    keys = ("visual_before", "visual_after", "seq_len_before", "seq_len_after", "output_tokens")
+    (out / "runner" / f"{backend}.json").write_text(json.dumps({
+        "command": cmd, "returncode": proc.returncode, "seconds": time.perf_counter() - t0,
+        "answers": [s["filtered_resps"] for s in samples],
+        "records": [{k: r.get(k) for k in keys} for r in sorted(records, key=lambda r: r["doc_id"])]}, indent=1))
+
+
+def compare_runner(out: Path, family: str) -> dict | None:
+    """Both backends' lmms-eval runs of :func:`run_runner`: same answers, same token counts, every sample."""
+    parts = {b: out / family / "runner" / f"{b}.json" for b in ("transformers", "vllm")}
+    if not all(p.exists() for p in parts.values()):
+        return None
+    got = {b: json.loads(p.read_text()) for b, p in parts.items()}
+    hf, vl = got["transformers"], got["vllm"]
+    n = LMMS_EVAL_LIMIT
+    return {"samples": [len(hf["answers"]), len(vl["answers"])],
+            "answers_identical": len(hf["answers"]) == n and hf["answers"] == vl["answers"],
+            "records_identical": len(hf["records"]) == n and hf["records"] == vl["records"],
+            "records": {"transformers": hf["records"], "vllm": vl["records"]}}
 
 
 def run_lmms_eval(out: Path, preset: str) -> None:
@@ -303,6 +389,16 @@ def compare(out: Path, families: list[str], presets: list[str]) -> bool:
         print(f"{family:>10} lmms-eval --model vllm: {'ok' if h['ok'] else 'FAILED'}, pruned prompts in its log "
               f"{h['pruned_prompts_in_log']}")
     ok &= all(h["ok"] for h in harness.values())
+    runner = {family: r for family in families if (r := compare_runner(out, family)) is not None}
+    if runner:
+        data = json.loads((out / "vllm_check.json").read_text())
+        data["runner_backends"] = runner
+        (out / "vllm_check.json").write_text(json.dumps(data, indent=1))
+    for family, r in runner.items():
+        print(f"{family:>10} our lmms-eval model, backend=transformers vs vllm: answers "
+              f"{'==' if r['answers_identical'] else '!='}, records {'==' if r['records_identical'] else '!='} "
+              f"{r['records']['vllm']}")
+        ok &= r["answers_identical"] and r["records_identical"]
     for r in rows:
         print(f"{r['family']:>10} {r['preset']:>10} {r['positions']:>10}: kept "
               f"{'==' if r['kept_identical'] else '!='}  answer {'==' if r['answers_identical'] else '!='}  "
@@ -336,6 +432,11 @@ def main(argv: list[str] | None = None) -> int:
     le.add_argument("out", type=Path)
     le.add_argument("family", choices=FAMILIES)
     le.add_argument("preset", choices=PRESETS)
+    rn = sub.add_parser("runner", help="our lmms-eval model with backend=BACKEND on a tiny task")
+    rn.add_argument("out", type=Path)
+    rn.add_argument("family", choices=FAMILIES)
+    rn.add_argument("preset", choices=PRESETS)
+    rn.add_argument("backend", choices=("transformers", "vllm"))
     cmp = sub.add_parser("compare", help="write OUT/vllm_check.json")
     cmp.add_argument("out", type=Path)
     cmp.add_argument("--families", type=lambda t: _names(t, FAMILIES), default=list(FAMILIES))
@@ -358,8 +459,10 @@ def main(argv: list[str] | None = None) -> int:
         run_transformers(out, args.family, args.model)
     elif args.part == "lmms_eval":
         run_lmms_eval(out, args.preset)
+    elif args.part == "runner":
+        run_runner(out, args.family, args.preset, args.backend)
     else:
-        run_vllm(out, args.preset, args.positions)
+        run_vllm(out, args.family, args.preset, args.positions)
     return 0
 
 

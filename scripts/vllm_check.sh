@@ -1,31 +1,36 @@
 #!/usr/bin/env bash
 # Cross-engine proof of the vLLM plug-in (docs/serving.md):
 #   bash scripts/vllm_check.sh OUT [--model PATH] [--families F,...] [--presets P,...] [--lmms-eval PRESET|none]
+#                                  [--runner PRESET|none]
 # writes OUT/vllm_check.json (per family, preset and positions: kept sets identical, greedy answers identical token
 # for token, first-token log-probabilities, prompt tokens before and after) and exits non-zero on any difference.
 # --model PATH: a local checkpoint of a served family (default: one toy per family, fp32, text head_dim 64).
-# --families / --presets: a subset (default: qwen2_5_vl,qwen2_vl,qwen3_vl and none,vispruner,divprune,fastervlm;
+# --families / --presets: a subset (default: qwen2_5_vl,qwen2_vl,qwen3_vl,llava and none,vispruner,divprune,fastervlm,visionzip;
 # "none" runs vLLM with the plug-in installed and no pruning key).
 # --lmms-eval PRESET (default divprune; none: skip): lmms-eval's own `--model vllm` with that preset in hf_overrides
-# runs the tiny MME task (tests/tasks) on the first family; its log must show the pruned prompt lengths. Our transformers engine runs in the main
+# runs the tiny MME task (tests/tasks) on the first family; its log must show the pruned prompt lengths.
+# --runner PRESET (default divprune; none: skip): our own lmms-eval model FAMILY_PRESET on the same task, with
+# backend=transformers (main environment) and backend=vllm (vLLM environment), on the first family: the same
+# answers and the same efficiency token counts per sample. Our transformers engine runs in the main
 # environment (LMMS_PRUNE_MAIN_PYTHON, default ./.venv/bin/python: scripts/env.sh), vLLM in its own
 # (scripts/vllm_env.sh), one engine per configuration (vLLM fixes the pruning config when it starts).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 usage() {
-    echo "usage: bash scripts/vllm_check.sh OUT [--model PATH] [--families F,...] [--presets P,...] [--lmms-eval PRESET|none]" >&2
+    echo "usage: bash scripts/vllm_check.sh OUT [--model PATH] [--families F,...] [--presets P,...] [--lmms-eval PRESET|none] [--runner PRESET|none]" >&2
     exit 2
 }
 if [ $# -lt 1 ] || [[ "$1" == -* ]]; then usage; fi
 OUT_ARG="$1"
 shift
-MODEL=() FAMILIES="qwen2_5_vl,qwen2_vl,qwen3_vl" PRESETS="none,vispruner,divprune,fastervlm" HARNESS=divprune
+MODEL=() FAMILIES="qwen2_5_vl,qwen2_vl,qwen3_vl,llava" PRESETS="none,vispruner,divprune,fastervlm,visionzip" HARNESS=divprune RUNNER=divprune
 while [ $# -gt 0 ]; do
     case "$1" in
         --model) [ $# -ge 2 ] || usage; MODEL=(--model "$2"); shift 2 ;;
         --families) [ $# -ge 2 ] || usage; FAMILIES="$2"; shift 2 ;;
         --presets) [ $# -ge 2 ] || usage; PRESETS="$2"; shift 2 ;;
         --lmms-eval) [ $# -ge 2 ] || usage; HARNESS="$2"; shift 2 ;;
+        --runner) [ $# -ge 2 ] || usage; RUNNER="$2"; shift 2 ;;
         *) echo "[vllm_check] unknown argument $1" >&2; usage ;;
     esac
 done
@@ -44,11 +49,20 @@ fi
 if [ "$HARNESS" != none ]; then
     "$MAIN_PY" "${CHECK[@]}" lmms_eval /dev/null qwen2_5_vl "$HARNESS" --help >/dev/null
 fi
+if [ "$RUNNER" != none ]; then
+    "$MAIN_PY" "${CHECK[@]}" runner /dev/null qwen2_5_vl "$RUNNER" vllm --help >/dev/null
+fi
 OUT="$(mkdir -p "$OUT_ARG" && cd "$OUT_ARG" && pwd)"
 for family in ${FAMILIES//,/ }; do
     echo "[vllm_check] transformers engine, $family ($MAIN_PY)"
     "$MAIN_PY" "${CHECK[@]}" transformers "$OUT" "$family" "${MODEL[@]}"
 done
+if [ "$RUNNER" != none ]; then
+    family="${FAMILIES%%,*}"
+    echo "[vllm_check] our lmms-eval model ${family}_$RUNNER, backend=transformers (log: $OUT/$family/runner/transformers/lmms_eval.log)"
+    "$MAIN_PY" "${CHECK[@]}" runner "$OUT" "$family" "$RUNNER" transformers ||
+        echo "[vllm_check] backend=transformers run failed: see its log"
+fi
 # shellcheck disable=SC1091
 source "$ROOT/scripts/vllm_env.sh"
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
@@ -67,5 +81,10 @@ if [ "$HARNESS" != none ]; then
     echo "[vllm_check] lmms-eval --model vllm, $family $HARNESS (log: $OUT/$family/lmms_eval.log)"
     python "${CHECK[@]}" lmms_eval "$OUT" "$family" "$HARNESS" ||
         echo "[vllm_check] lmms-eval check failed: see $OUT/$family/lmms_eval.log"
+fi
+if [ "$RUNNER" != none ]; then
+    family="${FAMILIES%%,*}"
+    echo "[vllm_check] our lmms-eval model ${family}_$RUNNER, backend=vllm (log: $OUT/$family/runner/vllm/lmms_eval.log)"
+    python "${CHECK[@]}" runner "$OUT" "$family" "$RUNNER" vllm || echo "[vllm_check] backend=vllm run failed: see its log"
 fi
 python "${CHECK[@]}" compare "$OUT" --families "$FAMILIES" --presets "$PRESETS"

@@ -64,7 +64,8 @@ def test_every_architecture_names_a_subclass_of_vllms_own_class():
         tree = ast.parse(open(importlib.util.find_spec(module).origin, encoding="utf-8").read())
         [cls] = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name]
         assert arch in {b.id for b in cls.bases if isinstance(b, ast.Name)}, (arch, target)
-        assert "PrunedQwenVL" in {b.id for b in cls.bases if isinstance(b, ast.Name)}, target
+        # the shared part first (its methods override vLLM's): the Qwen mixin, or the base mixin itself
+        assert cls.bases[0].id in {"PrunedQwenVL", "PrunedModel"}, target
 
 
 def test_lmms_eval_model_args_reach_vllm_as_the_config():
@@ -101,8 +102,8 @@ REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--presets", "none,fastv"], "'none,fastv': give names out of none, vispruner, divprune, fastervlm"),
-    (["--families", "llava"], "'llava': give names out of qwen2_5_vl, qwen2_vl, qwen3_vl"),
+    (["--presets", "none,fastv"], "'none,fastv': give names out of none, vispruner, divprune, fastervlm, visionzip"),
+    (["--families", "internvl"], "'internvl': give names out of qwen2_5_vl, qwen2_vl, qwen3_vl, llava"),
     (["--lmms-eval", "cdpruner"], "invalid choice: 'cdpruner'"),
     (["--model"], "usage"),
 ])
@@ -123,7 +124,64 @@ def test_vllm_check_names_an_unserved_checkpoint(tmp_path):
     import subprocess
     import sys
 
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "internvl"}))
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "vllm_check.py"), "family", str(tmp_path)],
                           capture_output=True, text=True)
-    assert done.returncode == 2 and "model_type 'llava' is not served" in done.stderr
+    assert done.returncode == 2 and "model_type 'internvl' is not served" in done.stderr
+
+
+# ---------------------------------------------------------------- backend=vllm of our own runner (lmms-eval models)
+def _parse(tmp_path, family="qwen2_5_vl", method="divprune", **args):
+    from lmms_prune.families import family_class
+    from lmms_prune.runner import parse_options
+
+    return parse_options(family_class(family), f"{family}_{method}", method, pretrained=str(tmp_path), **args)
+
+
+def test_backend_vllm_carries_the_config_the_transformers_backend_would_run(tmp_path):
+    """The run's ``hf_overrides['lmms_prune']`` value has the typed parameters, and the plug-in resolves it to the
+    very config the transformers backend runs; engine arguments arrive as a dict."""
+    options, config = _parse(tmp_path, method="vispruner", backend="vllm", keep_ratio="0.25", important_ratio="0.5",
+                             vllm_engine_args='{"max_model_len":2048,"enforce_eager":true}')
+    assert options.backend == "vllm"
+    assert options.vllm_prune == {"method": "vispruner", "keep_ratio": 0.25, "important_ratio": 0.5}
+    assert options.vllm_engine_args == {"max_model_len": 2048, "enforce_eager": True}
+    assert pruning_config(_hf(options.vllm_prune)) == config
+    options, _ = _parse(tmp_path, family="llava", method="none", backend="vllm")
+    assert options.vllm_prune is None  # unpruned: served without the key
+    options, _ = _parse(tmp_path, keep_ratio="0.25")
+    assert options.backend == "transformers" and options.vllm_prune is None
+
+
+@pytest.mark.parametrize("family, method, args, message", [
+    ("internvl", "divprune", {}, "serves the families qwen2_vl, qwen2_5_vl, qwen3_vl, llava, not internvl"),
+    ("qwen2_5_vl", "fastv", {}, "per-layer sequence lengths"),
+    ("qwen3_vl", "visionzip", {}, "qwen3_vl is not served with visionzip"),
+    ("llava", "divprune", {"positions": "original"}, "use positions='contiguous'"),
+    ("llava", "divprune", {"use_cache": "false"}, "use_cache=false with backend=vllm"),
+    ("llava", "divprune", {"device_map": "auto"}, "device_map='auto' with backend=vllm"),
+    ("llava", "divprune", {"vllm_engine_args": '{"dtype":"half"}'}, "sets dtype, which backend=vllm sets from dtype"),
+    ("llava", "divprune", {"vllm_engine_args": "{max_model_len: 4}"}, "not JSON"),
+    ("llava", "divprune", {"vllm_engine_args": "[1]"}, "must be a JSON object"),
+    ("llava", "divprune", {"backend": "sglang"}, "backend='sglang'"),
+])
+def test_backend_vllm_refusals_name_the_value_before_anything_loads(tmp_path, family, method, args, message):
+    args = {"backend": "vllm", **args}
+    with pytest.raises(ValueError, match=__import__("re").escape(message)):
+        _parse(tmp_path, family=family, method=method, keep_ratio="0.25", **args)
+
+
+def test_vllm_engine_args_need_backend_vllm(tmp_path):
+    with pytest.raises(ValueError, match="vllm_engine_args is for backend=vllm"):
+        _parse(tmp_path, keep_ratio="0.25", vllm_engine_args="{}")
+
+
+def test_the_transformers_backend_never_imports_vllm(tmp_path):
+    """make_runner picks the transformers runner without touching vLLM (this venv has none)."""
+    from lmms_prune.families import family_class
+    from lmms_prune.runner import Runner, make_runner
+
+    options, config = _parse(tmp_path, keep_ratio="0.25")
+    runner = make_runner(family_class("qwen2_5_vl"), options, config, "qwen2_5_vl_divprune")
+    assert type(runner) is Runner
+    assert __import__("importlib").util.find_spec("vllm") is None

@@ -48,7 +48,7 @@ from PIL import Image
 
 from lmms_prune.families import FAMILIES, family_class
 from lmms_prune.presets import PRESETS
-from lmms_prune.runner import Runner, format_summary, parse_options, summarize
+from lmms_prune.runner import Runner, format_summary, make_runner, parse_options, summarize
 
 _grad_enabled = torch.is_grad_enabled()
 try:
@@ -201,7 +201,7 @@ class PrunedVLM(BaseModel):
         if int(max_new_tokens) < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
         self.gen_kwargs = {"max_new_tokens": int(max_new_tokens), "temperature": 0}
-        self.runner: Runner | None = Runner(family_class(family), self.options, self.prune_config, model)
+        self.runner: Runner | None = make_runner(family_class(family), self.options, self.prune_config, model)
         self.runner.setup_device()
         self.runner.load()
         self.runner.install()

@@ -54,7 +54,6 @@ from lmms_prune.images import load_image
 from lmms_prune.presets import PRESETS, PruneConfig
 from lmms_prune.runner import (
     OPTIONS,
-    Runner,
     RunOptions,
     apply_until,
     check_output_path,
@@ -62,6 +61,7 @@ from lmms_prune.runner import (
     generation_kwargs,
     loglikelihood_families,
     loglikelihood_unsupported,
+    make_runner,
     parse_options,
     summarize,
 )
@@ -123,8 +123,9 @@ def throughput_metrics(records: Sequence[dict[str, Any]], rank: int) -> dict[str
             "visual_tokens_before": s["mean_visual_before"],
             "visual_tokens_after": s["mean_visual_after"],
             "visual_kept_ratio": s["visual_kept_ratio"],
-            "llm_prefill_seconds": s["mean_llm_prefill_seconds"],
-            "select_seconds": s["mean_select_seconds"],
+            # absent from backend=vllm's records (those phases run inside vLLM's worker): left out below
+            "llm_prefill_seconds": s.get("mean_llm_prefill_seconds"),
+            "select_seconds": s.get("mean_select_seconds"),
             "prefill_flops_ratio": s["prefill_flops_ratio"],
             "kv_cache_bytes": s["mean_kv_cache_bytes"],
             "kv_cache_bytes_unpruned": s["mean_kv_cache_bytes_unpruned"],
@@ -251,7 +252,7 @@ class PrunedChatModel(lmms):
         if options.efficiency_path:  # checked now, before the weights load: not after the last sample
             check_output_path("efficiency_path", options.efficiency_path,
                               folder=Path(options.efficiency_path).suffix != ".json")
-        self.runner = Runner(self.family_class(), options, self.prune_config, self.model_id())
+        self.runner = make_runner(self.family_class(), options, self.prune_config, self.model_id())
         if self.family in FAMILY_SAMPLING:  # video tasks tell clips this run cannot sample from bad answers
             register_run_sampling(family_sampling(self.family, options.family))
         self._setup_device()
@@ -578,7 +579,6 @@ class PrunedChatModel(lmms):
             "model": self.model_id(),
             **self.runner.report(),
             "revision": self.options.revision,
-            "model_type": getattr(getattr(self.model, "config", None), "model_type", None),
             "world_size": self.world_size,
             "hardware": _hardware(self.device),
             "versions": package_versions(),  # this process's, what a leaderboard bundle's versions must equal

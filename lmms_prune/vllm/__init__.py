@@ -2,7 +2,8 @@
 
 vLLM loads :func:`register` through the ``vllm.general_plugins`` entry point (pyproject.toml) in every process
 it starts. It registers one pruning-aware subclass of vLLM's own model class per architecture in
-:data:`ARCHITECTURES` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL; the shared part is :mod:`lmms_prune.vllm.qwen`); each
+:data:`ARCHITECTURES` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, sharing :mod:`lmms_prune.vllm.qwen`; LLaVA-1.5,
+:mod:`lmms_prune.vllm.llava`; what all share is :mod:`lmms_prune.vllm.base`); each
 serves the model unchanged unless its config carries the pruning key::
 
     LLM(model=..., hf_overrides={"lmms_prune": {"method": "divprune", "keep_ratio": 0.25}})
@@ -27,9 +28,14 @@ ARCHITECTURES = {
     "Qwen2VLForConditionalGeneration": "lmms_prune.vllm.qwen2_vl:PrunedQwen2VL",
     "Qwen2_5_VLForConditionalGeneration": "lmms_prune.vllm.qwen2_5_vl:PrunedQwen2_5_VL",
     "Qwen3VLForConditionalGeneration": "lmms_prune.vllm.qwen3_vl:PrunedQwen3VL",
+    "LlavaForConditionalGeneration": "lmms_prune.vllm.llava:PrunedLlava",
 }
-# Pre-LLM presets whose signals vLLM's Qwen-VL code exposes at its vision tower (docs/serving.md).
-PRESETS = ("vispruner", "divprune", "fastervlm")
+# our family name -> the vLLM architecture the plug-in registers for it (ARCHITECTURES)
+FAMILY_ARCHITECTURES = {"qwen2_vl": "Qwen2VLForConditionalGeneration",
+                        "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+                        "qwen3_vl": "Qwen3VLForConditionalGeneration", "llava": "LlavaForConditionalGeneration"}
+# Pre-LLM presets whose signals vLLM's Qwen-VL and LLaVA code exposes at its vision tower (docs/serving.md).
+PRESETS = ("vispruner", "divprune", "fastervlm", "visionzip")
 # Why the other presets are refused here (checked before any weights load).
 REFUSED = {
     "cdpruner": "its relevance score reads the instruction's text embeddings, but vLLM encodes and caches each "
@@ -39,15 +45,23 @@ REFUSED = {
               "to match",
     "uniform": "our engine runs its selector inside the LLM only (stage='llm'), so there is no pre-LLM result "
                "to match",
-    "visionzip": "it merges tokens into new embeddings; the plug-in keeps subsets only so far",
 }
+# presets a family is not served with, and why (both engines refuse them)
+NOT_SERVED = {"qwen3_vl": {"visionzip": "it merges tokens, but Qwen3-VL also adds per-token vision features "
+                                        "inside the LLM (DeepStack) that a merged token has none of"}}
+# vllm.LLM arguments backend=vllm sets itself from the run's options (vllm_engine_args may not)
+ENGINE_ARGS_SET = {"model": "pretrained", "hf_overrides": "the pruning parameters", "dtype": "dtype",
+                   "revision": "revision", "trust_remote_code": "trust_remote_code",
+                   "mm_processor_kwargs": "the family's processor options", "max_num_seqs": "batch_size"}
 POSITIONS = ("contiguous",)
-# Why positions='original' (GAP's rule, our engine's other setting) is refused: the kept tokens' original M-RoPE
-# positions are known only after selection, in the worker, and vLLM 0.32's one hook for changing positions after
-# the encoder (SupportsMultiModalPruning.recompute_mrope_positions) is called by GPUModelRunner only when video
+# Why positions='original' (GAP's rule, our engine's other setting) is refused: the kept tokens' original
+# positions are known only after selection, in the worker. LLaVA's 1-D RoPE positions are the tokens' indices in
+# vLLM's prompt, with no hook to change them; for M-RoPE, vLLM 0.32's one hook for changing positions after the
+# encoder (SupportsMultiModalPruning.recompute_mrope_positions) is called by GPUModelRunner only when video
 # pruning is configured (video_pruning_rate > 0) and never by CPUModelRunner (its load_model leaves
 # is_multimodal_pruning_enabled False), so the path cannot be proven here (docs/serving.md).
-REFUSED_POSITIONS = ("vLLM 0.32 rewrites positions after the encoder only through "
+REFUSED_POSITIONS = ("vLLM 0.32 numbers a 1-D RoPE prompt (LLaVA) by token index with no hook to change it, and "
+                     "rewrites M-RoPE positions after the encoder only through "
                      "SupportsMultiModalPruning.recompute_mrope_positions, which its CPU model runner never calls and "
                      "its GPU runner calls only with video_pruning_rate > 0 (docs/serving.md); use "
                      "positions='contiguous'")
@@ -96,6 +110,54 @@ def pruning_config(hf_config: Any) -> Any:
     if cfg.stage != "pre_llm":
         raise ValueError(f"{CONFIG_KEY}.stage={cfg.stage!r}: the vLLM plug-in prunes before the LLM; use stage=pre_llm")
     return cfg
+
+
+def backend_options(family: str, method: str, prune: dict[str, Any], config: Any, options: Any,
+                    engine_args: Any = None) -> dict[str, Any]:
+    """The :class:`lmms_prune.runner.RunOptions` fields of ``backend=vllm`` (``vllm_prune``: the value of
+    ``hf_overrides["lmms_prune"]``, None for ``method=none``; ``vllm_engine_args``), after checking, before
+    anything loads, that the vLLM plug-in serves this run exactly as ``config`` (what the transformers backend
+    would run) says. Raises ``ValueError`` naming the value and the fix."""
+    if family not in FAMILY_ARCHITECTURES:
+        raise ValueError(f"backend=vllm: the vLLM plug-in serves the families {', '.join(FAMILY_ARCHITECTURES)}, "
+                         f"not {family} (docs/serving.md); use backend=transformers")
+    if options.device_map is not None:
+        raise ValueError(f"device_map={options.device_map!r} with backend=vllm: vLLM places the model itself "
+                         "(tensor_parallel_size in vllm_engine_args); drop device_map")
+    if not options.use_cache:
+        raise ValueError("use_cache=false with backend=vllm: vLLM always decodes from its paged KV cache; drop "
+                         "use_cache or use backend=transformers")
+    value = None
+    if method != "none":
+        value = {"method": method, **{k: getattr(config, k) for k in prune}}
+        from types import SimpleNamespace
+
+        served = pruning_config(SimpleNamespace(**{CONFIG_KEY: value}))
+        if served != config:
+            raise ValueError(f"backend=vllm would run {method} with positions={served.positions!r}, the transformers "
+                             f"backend with positions={config.positions!r}; pass positions=contiguous")
+        reason = NOT_SERVED.get(family, {}).get(method)
+        if reason:
+            raise ValueError(f"backend=vllm: {family} is not served with {method}: {reason}; use another preset")
+    if engine_args is None or engine_args == "":
+        engine: dict[str, Any] = {}
+    elif isinstance(engine_args, dict):
+        engine = dict(engine_args)
+    else:
+        import json
+
+        try:
+            engine = json.loads(str(engine_args))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"vllm_engine_args={engine_args!r}: not JSON ({err.msg}); give an object such as "
+                             '{"max_model_len":4096}') from None
+        if not isinstance(engine, dict):
+            raise ValueError(f"vllm_engine_args={engine_args!r}: must be a JSON object of vllm.LLM arguments")
+    clash = sorted(set(engine) & set(ENGINE_ARGS_SET))
+    if clash:
+        raise ValueError(f"vllm_engine_args sets {', '.join(clash)}, which backend=vllm sets from "
+                         f"{', '.join(ENGINE_ARGS_SET[k] for k in clash)}; set those instead")
+    return {"vllm_prune": value, "vllm_engine_args": engine}
 
 
 def lmms_eval_model_args(model: str, prune: dict[str, Any] | None, **engine: Any) -> str:

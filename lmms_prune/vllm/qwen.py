@@ -1,11 +1,9 @@
 """The part of the Qwen-VL families' vLLM integration that Qwen2-VL, Qwen2.5-VL and Qwen3-VL share (imported by
 vLLM through :func:`lmms_prune.vllm.register`, via the family modules next to this one).
 
-Three points, each a documented vLLM extension point (subclasses, no patch):
+Two points beside the shared budget at prompt processing (:mod:`lmms_prune.vllm.base`), each a documented
+vLLM extension point (subclasses, no patch):
 
-* **Budget at prompt processing.** :class:`BudgetedPrompts` (mixed into the family's multimodal processor)
-  replaces each image's placeholder run with ``sel.budget(N)`` placeholders instead of its ``N`` merged
-  tokens: the scheduler, the KV cache and the prompt length all see the pruned prompt.
 * **Selection on the vision tower's outputs.** :meth:`PrunedQwenVL.embed_multimodal` runs vLLM's tower while
   observing it read-only (the last full-attention block's attention kernel for ``q``/``k``, the merger for its
   input) and hands the method's own score and selector plug-ins (lmms_prune.methods, the same objects our
@@ -22,75 +20,18 @@ appends its DeepStack features to the embeddings' channels (:meth:`PrunedQwenVL.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
-from vllm.logger import init_logger
-from vllm.multimodal.processing import PromptReplacement
 
-from lmms_prune import selection as sel
 from lmms_prune.engine.attention import received_attention
-from lmms_prune.families.base import ImageSpan
-from lmms_prune.methods import SCORES, SELECTORS
-from lmms_prune.methods.base import ImageSignals, Needs
+from lmms_prune.methods.base import Needs
 from lmms_prune.scores import merge_consecutive
-from lmms_prune.vllm import pruning_config
+from lmms_prune.vllm.base import BudgetedPrompts, PrunedModel, record, unwrap_forward, wrap_forward
 
-# Where the worker appends one JSON line per pruned image (the cross-engine check reads it); unset: nothing.
-RECORD_ENV = "LMMS_PRUNE_VLLM_RECORD"
-# under vLLM's own logger, whose handler vLLM configures (a logger outside the "vllm" name space prints nothing)
-logger = init_logger("vllm.lmms_prune")
-
-
-class BudgetedPrompts:
-    """Mixed in before a Qwen-VL multimodal processor: each image's placeholder run cut to the method's budget.
-    Each pruned prompt is logged with its length before and after (``lmms_prune: prompt ... tokens``), the line
-    that front ends such as lmms-eval's ``vllm`` model show."""
-
-    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        cfg = pruning_config(self.info.get_hf_config())
-        if cfg is None:
-            return updates
-        cuts = self.__dict__.setdefault("_cuts", [])  # (visual tokens, placeholders) per image of this prompt
-        return [_budgeted(u, cfg, cuts) for u in updates]
-
-    def apply(self, inputs, timing_ctx):
-        self._cuts: list[tuple[int, int]] = []
-        out = super().apply(inputs, timing_ctx)
-        if pruning_config(self.info.get_hf_config()) is None:
-            return out
-        after = len(out["prompt_token_ids"])
-        kept = [r.length for r in out["mm_placeholders"].get("image", [])]
-        # vLLM's processor cache replays an image's placeholder run without calling the replacement again: the
-        # count before pruning is then unknown here (the run is the budget all the same)
-        cuts = self._cuts if len(self._cuts) == len(kept) else []
-        before = after + sum(n - k for n, k in cuts) if cuts else "?"
-        logger.info("lmms_prune: prompt %s -> %d tokens (image placeholders: %s)", before, after,
-                    ", ".join(f"{n} -> {k}" for n, k in cuts) if cuts else kept)
-        return out
-
-
-def _budgeted(update: PromptReplacement, cfg: Any, cuts: list[tuple[int, int]]) -> PromptReplacement:
-    """The same replacement with ``sel.budget(N)`` placeholders per image, each ``(N, budget)`` appended to
-    ``cuts`` (videos are refused)."""
-    full = update.replacement
-
-    def replacement(item_idx: int) -> list[int]:
-        if update.modality != "image":
-            raise ValueError(f"lmms_prune: {update.modality} inputs are not pruned by the vLLM plug-in yet; send "
-                             "images, or serve without hf_overrides['lmms_prune']")
-        tokens = full(item_idx)
-        n = sel.budget(len(tokens), keep_ratio=cfg.keep_ratio, keep_tokens=cfg.keep_tokens)
-        cuts.append((len(tokens), n))
-        return tokens[:1] * n
-
-    return PromptReplacement(modality=update.modality, target=update.target, replacement=replacement)
-
+__all__ = ["BudgetedPrompts", "PrunedQwenVL"]
 
 def feature_block(visual: Any) -> int:
     """The vision block whose attention VisPruner reads (methods.md section 4): Qwen2.5-VL's last full-attention
@@ -104,8 +45,7 @@ def feature_block(visual: Any) -> int:
 def _capture(visual: Any, needs: Needs) -> Iterator[dict[str, Any]]:
     """Observe vLLM's Qwen-VL tower: ``q``/``k`` ``[1, S, H, d]`` and ``cu_seqlens`` at :func:`feature_block`'s
     attention kernel (``Needs.vision_attention``), and the merger's input ``[S, 1, C]``
-    (``Needs.vision_features``). Read-only, undone on exit. The merger is observed by wrapping its ``forward``:
-    a forward pre-hook on it is not called in vLLM 0.32's CPU worker (seen in scripts/vllm_check.sh)."""
+    (``Needs.vision_features``, through :func:`lmms_prune.vllm.base.wrap_forward`). Read-only, undone on exit."""
     out: dict[str, Any] = {}
     hooks = []
     if needs.vision_attention:
@@ -116,21 +56,14 @@ def _capture(visual: Any, needs: Needs) -> Iterator[dict[str, Any]]:
                          module.scale)
 
         hooks.append(kernel.register_forward_pre_hook(grab_qk, with_kwargs=True))
-    merger = visual.merger
     if needs.vision_features:
-        forward = merger.forward
-
-        def merge(x, *args, **kwargs):
-            out["pre"] = x.detach()
-            return forward(x, *args, **kwargs)
-
-        merger.forward = merge  # an instance attribute, deleted on exit
+        wrap_forward(visual.merger, out, "pre")
     try:
         yield out
     finally:
         for h in hooks:
             h.remove()
-        merger.__dict__.pop("forward", None)
+        unwrap_forward(visual.merger)
 
 
 def merged_order(grid_thw: torch.Tensor, vision_config: Any) -> torch.Tensor | None:
@@ -168,15 +101,7 @@ def vision_signals(captured: dict[str, Any], grid_thw: torch.Tensor, vision_conf
     return importance, features
 
 
-def _record(lines: list[dict[str, Any]]) -> None:
-    path = os.environ.get(RECORD_ENV)
-    if path:
-        with open(path, "a", encoding="utf-8") as f:
-            for line in lines:
-                f.write(json.dumps(line) + "\n")
-
-
-class PrunedQwenVL:
+class PrunedQwenVL(PrunedModel):
     """Mixed in before vLLM's Qwen-VL model class; with ``hf_overrides['lmms_prune']`` it keeps only the method's
     tokens of each image. Without the key every method defers to vLLM's own."""
 
@@ -184,19 +109,14 @@ class PrunedQwenVL:
     image_key = "image"
     video_keys = ("video", "videos")
 
-    def __init__(self, *, vllm_config: Any, prefix: str = ""):
-        self.prune = pruning_config(vllm_config.model_config.hf_config)  # before any module or weight
+    def check_served(self, vllm_config: Any) -> None:
         mm_config = vllm_config.model_config.multimodal_config
-        if self.prune is not None and mm_config is not None and mm_config.is_multimodal_pruning_enabled():
+        if mm_config is not None and mm_config.is_multimodal_pruning_enabled():
             # vLLM's EVS would expect position channels on every image embedding, which a pruned image lacks
             raise ValueError(f"lmms_prune: video_pruning_rate={mm_config.video_pruning_rate} (vLLM's own video "
                              "pruning) and hf_overrides['lmms_prune'] cannot be combined; serve one of them")
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        if self.prune is None:
-            return
-        self.stage_needs = self.prune.needs()
-        self.score = SCORES[self.prune.score](self.prune)
-        self.selector = SELECTORS[self.prune.selector](self.prune)
+
+    def check_built(self) -> None:
         if self.use_data_parallel:
             raise ValueError("lmms_prune: mm_encoder_tp_mode='data' shards the vision tower across ranks; serve "
                              "pruned models with the default mm_encoder_tp_mode")
@@ -233,23 +153,15 @@ class PrunedQwenVL:
         merge = self.visual.spatial_merge_size
         out, lines, lo = [], [], 0
         for emb, thw in zip(embeds, grid_thw.tolist()):
-            grid = (thw[0], thw[1] // merge, thw[2] // merge)
-            n_tokens = emb.shape[0]
-            rows = slice(lo, lo + n_tokens)
-            lo += n_tokens
-            signals = ImageSignals(
-                sample=0, span=ImageSpan(start=0, length=n_tokens, grids=[grid[1:]] * grid[0]), offset=0,
-                sample_visual=n_tokens, device=emb.device,
-                vision_attention=None if importance is None else importance[rows],
-                vision_features=None if features is None else features[rows],
-                embeddings=self.main_embeddings(emb) if needs.embeddings else None)
-            n = sel.budget(n_tokens, keep_ratio=self.prune.keep_ratio, keep_tokens=self.prune.keep_tokens)
-            score = self.score(signals)
-            kept = self.selector(signals, score, n).sort().values.to(emb.device)
-            lines.append({"visual_before": n_tokens, "kept": kept.tolist(),
-                          "scores": None if score is None else score.float().tolist()})
-            out.append(emb[kept])  # Qwen3-VL: the DeepStack channels of the kept tokens come along
-        _record(lines)
+            rows = slice(lo, lo + emb.shape[0])
+            lo += emb.shape[0]
+            kept, line = self.select(emb, [(thw[1] // merge, thw[2] // merge)] * thw[0],
+                                     None if importance is None else importance[rows],
+                                     None if features is None else features[rows],
+                                     self.main_embeddings(emb) if needs.embeddings else None)
+            out.append(kept)  # Qwen3-VL: the DeepStack channels of the kept tokens come along
+            lines.append(line)
+        record(lines)
         return tuple(out)
 
     # ------------------------------------------------------------------ positions

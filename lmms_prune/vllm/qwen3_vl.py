@@ -31,6 +31,15 @@ class PrunedQwen3VLProcessor(BudgetedPrompts, Qwen3VLMultiModalProcessor):
 class PrunedQwen3VL(PrunedQwenVL, Qwen3VLForConditionalGeneration):
     """vLLM's Qwen3-VL; with ``hf_overrides['lmms_prune']`` it keeps only the method's tokens of each image."""
 
+    def check_served(self, vllm_config):
+        super().check_served(vllm_config)
+        from lmms_prune.methods import SELECTORS
+
+        if getattr(SELECTORS[self.prune.selector], "merges", False):
+            raise ValueError(f"lmms_prune: method {self.prune.method!r} merges tokens, but Qwen3-VL also adds "
+                             "per-token vision features inside the LLM (DeepStack) that a merged token has none of "
+                             "(our engine refuses it too); use vispruner, divprune or fastervlm")
+
     def main_embeddings(self, embeds: torch.Tensor) -> torch.Tensor:
         """The main merger's output ``[N, D]``: the first ``visual_dim`` channels (DeepStack's follow)."""
         return embeds[:, :self.visual_dim]

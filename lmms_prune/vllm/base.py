@@ -1,0 +1,163 @@
+"""What every family's vLLM integration shares (imported by vLLM through :func:`lmms_prune.vllm.register`, via the
+family modules next to this one): the budget fixed at prompt processing, one image's selection with the method's
+own plug-ins, and the record the cross-engine check reads.
+
+* **Budget at prompt processing.** :class:`BudgetedPrompts` (mixed into the family's multimodal processor)
+  replaces each image's placeholder run with ``sel.budget(N)`` placeholders instead of its ``N`` tokens: the
+  scheduler, the KV cache and the prompt length all see the pruned prompt.
+* **Selection.** :class:`PrunedModel` (mixed into the family's model class) resolves the configuration before any
+  module or weight exists and keeps, per image, the tokens :meth:`PrunedModel.select` picks from the signals the
+  family observed on vLLM's vision tower: the same score and selector objects (lmms_prune.methods) our
+  transformers engine calls, with the same budget.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from vllm.logger import init_logger
+from vllm.multimodal.processing import PromptReplacement
+
+from lmms_prune import selection as sel
+from lmms_prune.families.base import ImageSpan
+from lmms_prune.methods import SCORES, SELECTORS
+from lmms_prune.methods.base import ImageSignals
+from lmms_prune.vllm import pruning_config
+
+# Where the worker appends one JSON line per pruned image (the cross-engine check reads it); unset: nothing.
+RECORD_ENV = "LMMS_PRUNE_VLLM_RECORD"
+# under vLLM's own logger, whose handler vLLM configures (a logger outside the "vllm" name space prints nothing)
+logger = init_logger("vllm.lmms_prune")
+
+
+class BudgetedPrompts:
+    """Mixed in before a family's multimodal processor: each image's placeholder run cut to the method's budget.
+    Each pruned prompt is logged with its length before and after (``lmms_prune: prompt ... tokens``), the line
+    that front ends such as lmms-eval's ``vllm`` model show."""
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        cfg = pruning_config(self.info.get_hf_config())
+        if cfg is None:
+            return updates
+        cuts = self.__dict__.setdefault("_cuts", [])  # (visual tokens, placeholders) per image of this prompt
+        return [_budgeted(u, cfg, cuts) for u in updates]
+
+    def apply(self, inputs, timing_ctx):
+        self._cuts: list[tuple[int, int]] = []
+        out = super().apply(inputs, timing_ctx)
+        if pruning_config(self.info.get_hf_config()) is None:
+            return out
+        after = len(out["prompt_token_ids"])
+        kept = [r.length for r in out["mm_placeholders"].get("image", [])]
+        # vLLM's processor cache replays an image's placeholder run without calling the replacement again: the
+        # count before pruning is then unknown here (the run is the budget all the same)
+        cuts = self._cuts if len(self._cuts) == len(kept) else []
+        before = after + sum(n - k for n, k in cuts) if cuts else "?"
+        logger.info("lmms_prune: prompt %s -> %d tokens (image placeholders: %s)", before, after,
+                    ", ".join(f"{n} -> {k}" for n, k in cuts) if cuts else kept)
+        return out
+
+
+def _budgeted(update: PromptReplacement, cfg: Any, cuts: list[tuple[int, int]]) -> PromptReplacement:
+    """The same replacement with ``sel.budget(N)`` placeholders per image, each ``(N, budget)`` appended to
+    ``cuts`` (videos are refused)."""
+    full = update.replacement
+
+    def replacement(item_idx: int) -> list[int]:
+        if update.modality != "image":
+            raise ValueError(f"lmms_prune: {update.modality} inputs are not pruned by the vLLM plug-in yet; send "
+                             "images, or serve without hf_overrides['lmms_prune']")
+        tokens = full(item_idx)
+        n = sel.budget(len(tokens), keep_ratio=cfg.keep_ratio, keep_tokens=cfg.keep_tokens)
+        cuts.append((len(tokens), n))
+        return tokens[:1] * n
+
+    return PromptReplacement(modality=update.modality, target=update.target, replacement=replacement)
+
+
+def record(lines: list[dict[str, Any]]) -> None:
+    """Append one JSON line per pruned image to the file :data:`RECORD_ENV` names (nothing where it is unset)."""
+    path = os.environ.get(RECORD_ENV)
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            for line in lines:
+                f.write(json.dumps(line) + "\n")
+
+
+class PrunedModel:
+    """Mixed in before vLLM's model class of a family; with ``hf_overrides['lmms_prune']`` the family's
+    ``embed_multimodal`` keeps only the method's tokens of each image (:meth:`select`). Without the key every
+    method defers to vLLM's own."""
+
+    def __init__(self, *, vllm_config: Any, prefix: str = ""):
+        self.prune = pruning_config(vllm_config.model_config.hf_config)  # before any module or weight
+        if self.prune is not None:
+            self.check_served(vllm_config)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        if self.prune is None:
+            return
+        self.stage_needs = self.prune.needs()
+        self.score = SCORES[self.prune.score](self.prune)
+        self.selector = SELECTORS[self.prune.selector](self.prune)
+        self.check_built()
+
+    def check_served(self, vllm_config: Any) -> None:
+        """Raise ``ValueError`` with the reason where this checkpoint or engine setting cannot be served pruned
+        (runs before any module or weight exists)."""
+
+    def check_built(self) -> None:
+        """As :meth:`check_served`, for what only the built model tells (its weights are not loaded yet)."""
+
+    def select(self, emb: torch.Tensor, grids: list[tuple[int, int]], importance: torch.Tensor | None,
+               features: torch.Tensor | None, embeddings: torch.Tensor | None, keys: torch.Tensor | None = None,
+               cls: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The rows that replace one image's ``emb`` ``[N, ...]`` and its record line: the method's score and
+        selector on the image's signals (``importance`` ``[N]`` vision attention, ``features`` ``[N, C]`` projector
+        inputs, ``embeddings`` ``[N, D]`` projected tokens, ``keys`` ``[N, d]`` the feature layer's keys, ``cls``
+        ``[D]`` the projected [CLS], each None where the method does not need it or the family has none;
+        ``grids``: the image's token grid per frame), with the budget of its ``N`` tokens.
+
+        A subset (:func:`lmms_prune.selection`'s kept indices) gives the kept rows in prompt order; a merge
+        (:class:`lmms_prune.selection.Merge`, VisionZip) gives ``[prefix; kept rows; merged rows]`` as our engine
+        builds them (:func:`lmms_prune.selection.merged_embeddings`), as many as the budget."""
+        n_tokens = emb.shape[0]
+        signals = ImageSignals(
+            sample=0, span=ImageSpan(start=0, length=n_tokens, grids=grids), offset=0, sample_visual=n_tokens,
+            device=emb.device, vision_attention=importance, vision_features=features, embeddings=embeddings,
+            vision_keys=keys, vision_cls=cls)
+        n = sel.budget(n_tokens, keep_ratio=self.prune.keep_ratio, keep_tokens=self.prune.keep_tokens)
+        score = self.score(signals)
+        result = self.selector(signals, score, n)
+        line = {"visual_before": n_tokens, "scores": None if score is None else score.float().tolist()}
+        if isinstance(result, sel.Merge):
+            if result.slots is not None:
+                raise ValueError(f"lmms_prune: method {self.prune.method!r} places merged tokens at removed tokens' "
+                                 "positions, which the plug-in's budgeted placeholder run cannot hold")
+            rows = sel.merged_embeddings(emb, result)
+            if rows.shape[0] != n:
+                raise RuntimeError(f"lmms_prune: method {self.prune.method!r} gave {rows.shape[0]} tokens for a "
+                                   f"budget of {n} placeholders")
+            return rows, line | {"kept": result.index.tolist(), "merged": result.added}
+        kept = result.sort().values.to(emb.device)
+        return emb[kept], line | {"kept": kept.tolist(), "merged": 0}
+
+
+def wrap_forward(module: torch.nn.Module, out: dict[str, Any], key: str) -> None:
+    """Observe ``module``'s first input as ``out[key]`` (detached) by wrapping its ``forward`` in an instance
+    attribute (undo with :func:`unwrap_forward`). A forward pre-hook on such a module is not called in vLLM 0.32's
+    CPU worker (seen in scripts/vllm_check.sh), so the call itself is wrapped."""
+    forward = module.forward
+
+    def observed(x, *args, **kwargs):
+        out[key] = x.detach()
+        return forward(x, *args, **kwargs)
+
+    module.forward = observed
+
+
+def unwrap_forward(module: torch.nn.Module) -> None:
+    module.__dict__.pop("forward", None)

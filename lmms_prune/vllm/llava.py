@@ -1,0 +1,165 @@
+"""LLaVA-1.5 in vLLM with pre-LLM pruning (``LlavaForConditionalGeneration`` with a CLIP tower; the shared part is
+:mod:`lmms_prune.vllm.base`).
+
+* **Signals.** vLLM builds the CLIP tower only up to ``vision_feature_layer`` (-2: 23 of CLIP-L's 24 layers), so
+  the layer whose output the projector reads is the last one built; :func:`_capture` observes that layer's
+  attention kernel (its ``q``/``k``: the [CLS] query row, softmax over all keys with the layer's scale, heads
+  averaged, the [CLS] column dropped without renormalising, as our engine's ``Llava`` adapter and
+  :func:`lmms_prune.scores.cls_attention`) and the projector's input (the patch features after the ``default``
+  strategy drops the [CLS]).
+* **Positions.** LLaVA's LLM numbers the prompt ``0..T-1`` by token index (1-D RoPE), and vLLM numbers the
+  pruned prompt the same way: ``positions="contiguous"``, our engine's renumbering. ``"original"`` is refused
+  (:data:`lmms_prune.vllm.REFUSED_POSITIONS`).
+
+Served only with a CLIP tower, one ``vision_feature_layer`` and the ``default`` feature strategy (LLaVA-1.5's);
+other LLaVA-style checkpoints (Pixtral-HF, SigLIP towers, several feature layers) are refused with the reason
+when the pruning key is set, and served unchanged without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from vllm.model_executor.models.llava import (
+    LlavaDummyInputsBuilder,
+    LlavaForConditionalGeneration,
+    LlavaMultiModalProcessor,
+    LlavaProcessingInfo,
+    PixtralHFMultiModalProcessor,
+    PixtralHFProcessingInfo,
+    _build_llava_or_pixtral_hf_info,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+
+from lmms_prune.engine.attention import query_rows
+from lmms_prune.methods.base import Needs
+from lmms_prune.scores import cls_attention
+from lmms_prune.vllm.base import BudgetedPrompts, PrunedModel, record, unwrap_forward, wrap_forward
+
+
+class PrunedLlavaProcessor(BudgetedPrompts, LlavaMultiModalProcessor):
+    """LLaVA's prompt processor with each image's placeholder run cut to the method's budget."""
+
+
+def _processor(info: Any, dummy_inputs: Any, **kwargs: Any) -> Any:
+    """vLLM's choice between LLaVA and Pixtral-HF processing, with LLaVA's budgeted (Pixtral-HF is served unpruned
+    only: :meth:`PrunedLlava.check_served`)."""
+    if isinstance(info, PixtralHFProcessingInfo):
+        return PixtralHFMultiModalProcessor(info, dummy_inputs, **kwargs)
+    if isinstance(info, LlavaProcessingInfo):
+        return PrunedLlavaProcessor(info, dummy_inputs, **kwargs)
+    raise NotImplementedError(type(info))
+
+
+def feature_layer_index(vision_feature_layer: int, num_hidden_layers: int) -> int:
+    """The index (in the tower's full list of layers) of the layer whose output ``vision_feature_layer`` names
+    (``hidden_states[0]`` is the embeddings: -2 of 24 layers is layer 22), as our engine's
+    ``Family.vision_feature_attention``."""
+    hidden = vision_feature_layer if vision_feature_layer >= 0 else num_hidden_layers + 1 + vision_feature_layer
+    return hidden - 1
+
+
+@contextmanager
+def _capture(model: Any, needs: Needs) -> Iterator[dict[str, Any]]:
+    """Observe vLLM's CLIP tower at the feature layer: the [CLS] attention rows ``[B, H, S]``
+    (``Needs.vision_attention``), the keys ``[B, S, d]`` heads averaged (``Needs.vision_keys``; our engine's
+    observer takes them as float32 means over heads), the layer's output ``[B, S, D]`` (``Needs.vision_cls``: its
+    [CLS] row, projected by the caller) and the projector's input ``[B, P, C]`` (``Needs.vision_features``).
+    Read-only, undone on exit."""
+    out: dict[str, Any] = {}
+    hooks = []
+    config = model.config
+    layer = model.vision_tower.vision_model.encoder.layers[
+        feature_layer_index(config.vision_feature_layer, config.vision_config.num_hidden_layers)]
+    if needs.vision_attention or needs.vision_keys:
+        def grab_qk(module, args, kwargs):
+            query = args[0] if args else kwargs["query"]
+            key = args[1] if len(args) > 1 else kwargs["key"]
+            heads, dim = module.num_heads, module.head_size
+            q = query.detach().reshape(query.shape[0], -1, heads, dim).transpose(1, 2)  # [B, H, S, d]
+            k = key.detach().reshape(key.shape[0], -1, heads, dim).transpose(1, 2)
+            if needs.vision_attention:
+                out["cls"] = query_rows(q, k, module.scale, rows=slice(0, 1))[:, :, 0]  # [B, H, S]
+            if needs.vision_keys:
+                out["keys"] = k.float().mean(1)  # [B, S, d]
+
+        hooks.append(layer.self_attn.attn.register_forward_pre_hook(grab_qk, with_kwargs=True))
+    if needs.vision_cls:
+        forward = layer.forward
+
+        def observed(x, *args, **kwargs):
+            y = forward(x, *args, **kwargs)
+            out["states"] = (y[0] if isinstance(y, tuple) else y).detach()
+            return y
+
+        layer.forward = observed  # an instance attribute, deleted on exit
+    if needs.vision_features:
+        wrap_forward(model.multi_modal_projector, out, "pre")
+    try:
+        yield out
+    finally:
+        for h in hooks:
+            h.remove()
+        unwrap_forward(model.multi_modal_projector)
+        unwrap_forward(layer)
+
+
+@MULTIMODAL_REGISTRY.register_processor(_processor, info=_build_llava_or_pixtral_hf_info,
+                                        dummy_inputs=LlavaDummyInputsBuilder)
+class PrunedLlava(PrunedModel, LlavaForConditionalGeneration):
+    """vLLM's LLaVA; with ``hf_overrides['lmms_prune']`` it keeps only the method's tokens of each image."""
+
+    def check_served(self, vllm_config: Any) -> None:
+        config = vllm_config.model_config.hf_config
+        tower = config.vision_config.model_type
+        if tower != "clip_vision_model":
+            raise ValueError(f"lmms_prune: a {tower} vision tower: the vLLM plug-in prunes LLaVA with a CLIP tower "
+                             "(LLaVA-1.5) only; serve this checkpoint without hf_overrides['lmms_prune']")
+        if not isinstance(config.vision_feature_layer, int):
+            raise ValueError(f"lmms_prune: vision_feature_layer={config.vision_feature_layer!r}: the vLLM plug-in "
+                             "reads one feature layer (LLaVA-1.5's -2); serve without hf_overrides['lmms_prune']")
+        if config.vision_feature_select_strategy != "default":
+            raise ValueError(f"lmms_prune: vision_feature_select_strategy="
+                             f"{config.vision_feature_select_strategy!r}: the plug-in prunes the patch tokens of "
+                             "the 'default' strategy (LLaVA-1.5's, the [CLS] dropped) only")
+
+    def embed_multimodal(self, **kwargs: object):
+        if self.prune is None:
+            return super().embed_multimodal(**kwargs)
+        image = self._parse_and_validate_image_input(**kwargs)
+        if image is None:
+            return []
+        if image["type"] != "pixel_values":
+            raise ValueError("lmms_prune: precomputed image embeddings carry no vision-tower signals; send pixels")
+        needs = self.stage_needs
+        with torch.no_grad(), _capture(self, needs) as captured:
+            embeds = self._process_image_input(image)
+        missing = [name for name, need, key in (("[CLS] attention", needs.vision_attention, "cls"),
+                                                 ("keys", needs.vision_keys, "keys"),
+                                                 ("feature layer's output", needs.vision_cls, "states"),
+                                                 ("projector input", needs.vision_features, "pre"))
+                   if need and key not in captured]
+        if missing:
+            raise RuntimeError(f"lmms_prune: the vision tower ran without the hooks seeing its {', '.join(missing)} "
+                               f"(observed: {sorted(captured)})")
+        cls = None
+        if "states" in captured:  # VisionZip's [CLS]: the feature layer's [CLS] state through the projector
+            with torch.no_grad():
+                cls = self.multi_modal_projector(captured["states"][:, :1])[:, 0]
+        out, lines = [], []
+        for b, emb in enumerate(embeds):
+            side = round(emb.shape[0] ** 0.5)
+            rows, line = self.select(
+                emb, [(side, side)],
+                importance=cls_attention(captured["cls"][b], has_cls=True) if "cls" in captured else None,
+                features=captured["pre"][b] if "pre" in captured else None,
+                embeddings=emb if needs.embeddings else None,
+                keys=captured["keys"][b, 1:] if "keys" in captured else None,  # the [CLS] row dropped
+                cls=None if cls is None else cls[b])
+            out.append(rows)
+            lines.append(line)
+        record(lines)
+        return tuple(out)
