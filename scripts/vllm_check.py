@@ -21,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "llava")  # the toy families the plug-in serves (lmms_prune.vllm)
+FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "llava", "internvl")  # the families the plug-in serves (lmms_prune.vllm)
+TOYS = {"internvl": "internvl_qwen2"}  # the toy of a family where its name differs (InternVL2.5's Qwen2 LLM)
 MROPE = {"qwen2_5_vl": [8, 12, 12], "qwen2_vl": [8, 12, 12], "qwen3_vl": [12, 10, 10]}
 PRESETS = ("vispruner", "divprune", "fastervlm", "visionzip")
 # merges tokens: our engine refuses it where DeepStack adds per-token features inside the LLM
@@ -40,6 +41,10 @@ IMAGE_SIZE = (448, 336)
 # (seen at 336 px: 29 of 144 kept tokens differed while every score agreed to 2.6e-7); the method runs the same
 # code on either grid
 LLAVA_SIDE = 112
+# InternVL's likewise: one 224 px tile (16 x 16 patches, 64 tokens after pixel shuffle) instead of up to 6 tiles of
+# 448 px plus a thumbnail (1792 tokens at this image, where 62 of 448 kept tokens differed with every score
+# agreeing to 2.1e-6)
+INTERNVL_SIDE = 224
 TOY_LAYERS = 4
 INIT_RANGE = 0.25
 TOP_LOGPROBS = 5  # compared at the first generated token: a check of the positions beyond the argmax
@@ -95,11 +100,14 @@ def build_toy(out: Path, family: str) -> Path:
     path = out / "model"
     if (path / "config.json").exists():
         return path
-    config = toy.tiny_config(family, TOY_LAYERS)
+    config = toy.tiny_config(TOYS.get(family, family), TOY_LAYERS)
     _toy_text(config, family)
     if family == "llava":
         config.vision_config.image_size = LLAVA_SIDE
         config.image_seq_length = (LLAVA_SIDE // config.vision_config.patch_size) ** 2
+    if family == "internvl":
+        config.vision_config.image_size = (INTERNVL_SIDE, INTERNVL_SIDE)
+        config.image_seq_length = (INTERNVL_SIDE // config.vision_config.patch_size[0] // 2) ** 2
     # wider random weights than the test toy's 0.02, so that greedy answers depend on the kept tokens and their
     # positions instead of collapsing onto one token, and the vision attention is far from uniform (at 0.02 the
     # received attention of Qwen3-VL's tower ties within 1e-6, where the two engines' rounding picks different
@@ -107,18 +115,22 @@ def build_toy(out: Path, family: str) -> Path:
     for part in (config, config.text_config, config.vision_config):
         if hasattr(part, "initializer_range"):
             part.initializer_range = INIT_RANGE
-    recipe = toy.RECIPES[family]
+    recipe = toy.RECIPES[TOYS.get(family, family)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = getattr(transformers, recipe.model_class)._from_config(config, dtype=torch.float32)
     for key, value in recipe.generation().items():
         setattr(model.generation_config, key, value)
     model.save_pretrained(path)
-    processor = toy.build_processor(family)
+    processor = toy.build_processor(TOYS.get(family, family))
     if family == "llava":
         hub_layout(path)
         processor.image_processor.size = {"shortest_edge": LLAVA_SIDE}
         processor.image_processor.crop_size = {"height": LLAVA_SIDE, "width": LLAVA_SIDE}
+    if family == "internvl":
+        processor.image_processor.size = {"height": INTERNVL_SIDE, "width": INTERNVL_SIDE}
+        processor.image_processor.max_patches = 1  # one tile (InternVLProcessor forces crop_to_patches on)
+        processor.image_seq_length = (INTERNVL_SIDE // config.vision_config.patch_size[0] // 2) ** 2
     processor.save_pretrained(path)
     return path
 
@@ -245,6 +257,9 @@ def run_vllm(out: Path, family: str, preset: str, positions: str) -> None:
 
 
 RUNNER_ENGINE = {"max_model_len": 2048, "enforce_eager": True, "limit_mm_per_prompt": {"image": 1, "video": 0}}
+# family options of the runner check: InternVL's lmms-eval default of 12 tiles (plus a thumbnail) would give 832
+# near-tied tokens on the toy; one tile, as the toy's own processor
+RUNNER_ARGS = {"internvl": ["max_patches=1"]}
 
 
 def run_runner(out: Path, family: str, preset: str, backend: str) -> None:
@@ -256,7 +271,7 @@ def run_runner(out: Path, family: str, preset: str, backend: str) -> None:
     shutil.rmtree(where, ignore_errors=True)
     where.mkdir(parents=True)
     args = [f"pretrained={path}", f"backend={backend}", f"keep_ratio={KEEP_RATIO}", "positions=contiguous",
-            "dtype=float32", f"efficiency_path={where / 'efficiency.json'}"]
+            "dtype=float32", f"efficiency_path={where / 'efficiency.json'}", *RUNNER_ARGS.get(family, [])]
     if backend == "vllm":
         args.append("vllm_engine_args=" + json.dumps(RUNNER_ENGINE, separators=(",", ":")))
     cmd = [sys.executable, "-m", "lmms_eval", "--model", f"{family}_{preset}", "--model_args", ",".join(args),

@@ -63,7 +63,9 @@ def test_every_architecture_names_a_subclass_of_vllms_own_class():
         module, name = target.split(":")
         tree = ast.parse(open(importlib.util.find_spec(module).origin, encoding="utf-8").read())
         [cls] = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name]
-        assert arch in {b.id for b in cls.bases if isinstance(b, ast.Name)}, (arch, target)
+        # vLLM 0.32's registry serves transformers-format InternVL with its InternS1 class
+        vllm_class = {"InternVLForConditionalGeneration": "InternS1ForConditionalGeneration"}.get(arch, arch)
+        assert vllm_class in {b.id for b in cls.bases if isinstance(b, ast.Name)}, (arch, target)
         # the shared part first (its methods override vLLM's): the Qwen mixin, or the base mixin itself
         assert cls.bases[0].id in {"PrunedQwenVL", "PrunedModel"}, target
 
@@ -103,7 +105,7 @@ REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("args, message", [
     (["--presets", "none,fastv"], "'none,fastv': give names out of none, vispruner, divprune, fastervlm, visionzip"),
-    (["--families", "internvl"], "'internvl': give names out of qwen2_5_vl, qwen2_vl, qwen3_vl, llava"),
+    (["--families", "llava_next"], "'llava_next': give names out of qwen2_5_vl, qwen2_vl, qwen3_vl, llava, internvl"),
     (["--lmms-eval", "cdpruner"], "invalid choice: 'cdpruner'"),
     (["--model"], "usage"),
 ])
@@ -124,10 +126,10 @@ def test_vllm_check_names_an_unserved_checkpoint(tmp_path):
     import subprocess
     import sys
 
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "internvl"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava_next"}))
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "vllm_check.py"), "family", str(tmp_path)],
                           capture_output=True, text=True)
-    assert done.returncode == 2 and "model_type 'internvl' is not served" in done.stderr
+    assert done.returncode == 2 and "model_type 'llava_next' is not served" in done.stderr
 
 
 # ---------------------------------------------------------------- backend=vllm of our own runner (lmms-eval models)
@@ -154,7 +156,8 @@ def test_backend_vllm_carries_the_config_the_transformers_backend_would_run(tmp_
 
 
 @pytest.mark.parametrize("family, method, args, message", [
-    ("internvl", "divprune", {}, "serves the families qwen2_vl, qwen2_5_vl, qwen3_vl, llava, not internvl"),
+    ("llava_onevision", "divprune", {}, "serves the families qwen2_vl, qwen2_5_vl, qwen3_vl, llava, internvl, not "
+     "llava_onevision"),
     ("qwen2_5_vl", "fastv", {}, "per-layer sequence lengths"),
     ("qwen3_vl", "visionzip", {}, "qwen3_vl is not served with visionzip"),
     ("llava", "divprune", {"positions": "original"}, "use positions='contiguous'"),

@@ -3,7 +3,8 @@
 vLLM loads :func:`register` through the ``vllm.general_plugins`` entry point (pyproject.toml) in every process
 it starts. It registers one pruning-aware subclass of vLLM's own model class per architecture in
 :data:`ARCHITECTURES` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, sharing :mod:`lmms_prune.vllm.qwen`; LLaVA-1.5,
-:mod:`lmms_prune.vllm.llava`; what all share is :mod:`lmms_prune.vllm.base`); each
+:mod:`lmms_prune.vllm.llava`; InternVL, :mod:`lmms_prune.vllm.internvl`; what all share is
+:mod:`lmms_prune.vllm.base`); each
 serves the model unchanged unless its config carries the pruning key::
 
     LLM(model=..., hf_overrides={"lmms_prune": {"method": "divprune", "keep_ratio": 0.25}})
@@ -29,12 +30,14 @@ ARCHITECTURES = {
     "Qwen2_5_VLForConditionalGeneration": "lmms_prune.vllm.qwen2_5_vl:PrunedQwen2_5_VL",
     "Qwen3VLForConditionalGeneration": "lmms_prune.vllm.qwen3_vl:PrunedQwen3VL",
     "LlavaForConditionalGeneration": "lmms_prune.vllm.llava:PrunedLlava",
+    "InternVLForConditionalGeneration": "lmms_prune.vllm.internvl:PrunedInternVL",
 }
 # our family name -> the vLLM architecture the plug-in registers for it (ARCHITECTURES)
 FAMILY_ARCHITECTURES = {"qwen2_vl": "Qwen2VLForConditionalGeneration",
                         "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-                        "qwen3_vl": "Qwen3VLForConditionalGeneration", "llava": "LlavaForConditionalGeneration"}
-# Pre-LLM presets whose signals vLLM's Qwen-VL and LLaVA code exposes at its vision tower (docs/serving.md).
+                        "qwen3_vl": "Qwen3VLForConditionalGeneration", "llava": "LlavaForConditionalGeneration",
+                        "internvl": "InternVLForConditionalGeneration"}
+# Pre-LLM presets whose signals vLLM's Qwen-VL, LLaVA and InternVL code exposes at its vision tower (docs/serving.md).
 PRESETS = ("vispruner", "divprune", "fastervlm", "visionzip")
 # Why the other presets are refused here (checked before any weights load).
 REFUSED = {

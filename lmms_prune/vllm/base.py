@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from vllm.logger import init_logger
-from vllm.multimodal.processing import PromptReplacement
+from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
 
 from lmms_prune import selection as sel
 from lmms_prune.families.base import ImageSpan
@@ -63,18 +63,32 @@ class BudgetedPrompts:
 
 
 def _budgeted(update: PromptReplacement, cfg: Any, cuts: list[tuple[int, int]]) -> PromptReplacement:
-    """The same replacement with ``sel.budget(N)`` placeholders per image, each ``(N, budget)`` appended to
-    ``cuts`` (videos are refused)."""
+    """The same replacement with ``sel.budget(N)`` embedding placeholders per image instead of its ``N``, each
+    ``(N, budget)`` appended to ``cuts`` (videos are refused). A replacement that is all placeholders (Qwen,
+    LLaVA) is cut to the budget; one with tokens around its placeholders (InternVL's ``<img>`` ... ``</img>``,
+    a ``PromptUpdateDetails`` whose ``is_embed`` marks them) keeps those tokens and cuts its one placeholder run."""
     full = update.replacement
 
-    def replacement(item_idx: int) -> list[int]:
+    def replacement(item_idx: int) -> Any:
         if update.modality != "image":
             raise ValueError(f"lmms_prune: {update.modality} inputs are not pruned by the vLLM plug-in yet; send "
                              "images, or serve without hf_overrides['lmms_prune']")
         tokens = full(item_idx)
-        n = sel.budget(len(tokens), keep_ratio=cfg.keep_ratio, keep_tokens=cfg.keep_tokens)
-        cuts.append((len(tokens), n))
-        return tokens[:1] * n
+        if not isinstance(tokens, PromptUpdateDetails):
+            n = sel.budget(len(tokens), keep_ratio=cfg.keep_ratio, keep_tokens=cfg.keep_tokens)
+            cuts.append((len(tokens), n))
+            return tokens[:1] * n
+        ids = list(tokens.full)
+        embed = (torch.ones(len(ids), dtype=torch.bool) if tokens.is_embed is None
+                 else tokens.is_embed(ids).bool())
+        where = torch.nonzero(embed).flatten().tolist()
+        lo, hi = where[0], where[-1] + 1
+        if len(where) != hi - lo:
+            raise ValueError("lmms_prune: this family's image placeholders are not one run (text between them); "
+                             "the plug-in cannot cut them to a budget")
+        n = sel.budget(hi - lo, keep_ratio=cfg.keep_ratio, keep_tokens=cfg.keep_tokens)
+        cuts.append((hi - lo, n))
+        return PromptUpdateDetails(full=ids[:lo] + ids[lo:lo + 1] * n + ids[hi:], is_embed=tokens.is_embed)
 
     return PromptReplacement(modality=update.modality, target=update.target, replacement=replacement)
 
@@ -144,6 +158,18 @@ class PrunedModel:
             return rows, line | {"kept": result.index.tolist(), "merged": result.added}
         kept = result.sort().values.to(emb.device)
         return emb[kept], line | {"kept": kept.tolist(), "merged": 0}
+
+
+def encoder_qk(module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q``, ``k`` ``[B, H, S, d]`` (detached) from a forward pre-hook's arguments of vLLM's encoder attention
+    kernel (``MMEncoderAttention(query, key, value)`` with ``[B, S, H * d]`` inputs), for the [CLS] row and the
+    keys our engine's observer reads at the same point."""
+    query = args[0] if args else kwargs["query"]
+    key = args[1] if len(args) > 1 else kwargs["key"]
+    heads, dim = module.num_heads, module.head_size
+    q = query.detach().reshape(query.shape[0], -1, heads, dim).transpose(1, 2)
+    k = key.detach().reshape(key.shape[0], -1, heads, dim).transpose(1, 2)
+    return q, k
 
 
 def wrap_forward(module: torch.nn.Module, out: dict[str, Any], key: str) -> None:

@@ -37,7 +37,14 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from lmms_prune.engine.attention import query_rows
 from lmms_prune.methods.base import Needs
 from lmms_prune.scores import cls_attention
-from lmms_prune.vllm.base import BudgetedPrompts, PrunedModel, record, unwrap_forward, wrap_forward
+from lmms_prune.vllm.base import (
+    BudgetedPrompts,
+    PrunedModel,
+    encoder_qk,
+    record,
+    unwrap_forward,
+    wrap_forward,
+)
 
 
 class PrunedLlavaProcessor(BudgetedPrompts, LlavaMultiModalProcessor):
@@ -76,11 +83,7 @@ def _capture(model: Any, needs: Needs) -> Iterator[dict[str, Any]]:
         feature_layer_index(config.vision_feature_layer, config.vision_config.num_hidden_layers)]
     if needs.vision_attention or needs.vision_keys:
         def grab_qk(module, args, kwargs):
-            query = args[0] if args else kwargs["query"]
-            key = args[1] if len(args) > 1 else kwargs["key"]
-            heads, dim = module.num_heads, module.head_size
-            q = query.detach().reshape(query.shape[0], -1, heads, dim).transpose(1, 2)  # [B, H, S, d]
-            k = key.detach().reshape(key.shape[0], -1, heads, dim).transpose(1, 2)
+            q, k = encoder_qk(module, args, kwargs)  # [B, H, S, d]
             if needs.vision_attention:
                 out["cls"] = query_rows(q, k, module.scale, rows=slice(0, 1))[:, :, 0]  # [B, H, S]
             if needs.vision_keys:

@@ -78,14 +78,20 @@ class VllmRunner(Runner):
                                   "not been proven on); run loglikelihood tasks with backend=transformers")
 
     def visual_counts(self, inputs: Any, n_images: int) -> list[int]:
-        """Visual tokens per image of one prompt's processor output: Qwen's ``image_grid_thw`` merged units, else
-        the image token's count split evenly (LLaVA-1.5: 576 each)."""
+        """Visual tokens per image of one prompt's processor output: Qwen's ``image_grid_thw`` merged units;
+        elsewhere the runs of the image token (InternVL: ``<img>`` ... ``</img>`` around each image's tiles), or,
+        where images touch (LLaVA's adjacent ``<image>`` runs), the count split evenly (LLaVA-1.5: 576 each)."""
+        from lmms_prune.families.base import runs
+
         grid = inputs.get("image_grid_thw")
         if grid is not None:
             merge = int(getattr(self.hf_config.vision_config, "spatial_merge_size", 2)) ** 2
             return [int(t * h * w) // merge for t, h, w in grid.tolist()]
         token = getattr(self.hf_config, "image_token_index", None) or self.hf_config.image_token_id
-        total = int((inputs["input_ids"][0] == token).sum())
+        spans = [length for _, length in runs(inputs["input_ids"][0] == token)]
+        if len(spans) == n_images:
+            return spans
+        total = sum(spans)
         return [total // n_images] * n_images if n_images else []
 
     def generate(self, conversations: list[list[dict[str, Any]]], gen_kwargs: dict[str, Any],
