@@ -776,12 +776,17 @@ class Runner:
             "decode_seconds": t_gen_end - prefill_end,
             "generate_seconds": t_gen_end - t_gen,
             "end_to_end_seconds": t_end - t_start,
-            "prefill_flops": prefill_flops(self.dims, layers),
-            "prefill_flops_unpruned": prefill_flops(self.dims, full),
-            "kv_cache_bytes": kv_cache_bytes(self.dims, layers, self.bytes_per_element),
-            "kv_cache_bytes_unpruned": kv_cache_bytes(self.dims, full, self.bytes_per_element),
+            **self.cost_fields(layers, full),
             "output_tokens": n_out,
         }
+
+    def cost_fields(self, layers: list[int], full: list[int]) -> dict[str, int]:
+        """The theoretical prefill FLOPs and KV cache of one sample (:mod:`lmms_prune.efficiency`), with
+        ``layers`` tokens per decoder layer after pruning and ``full`` without."""
+        return {"prefill_flops": prefill_flops(self.dims, layers),
+                "prefill_flops_unpruned": prefill_flops(self.dims, full),
+                "kv_cache_bytes": kv_cache_bytes(self.dims, layers, self.bytes_per_element),
+                "kv_cache_bytes_unpruned": kv_cache_bytes(self.dims, full, self.bytes_per_element)}
 
     def report(self) -> dict[str, Any]:
         """What identifies the run in an efficiency report."""

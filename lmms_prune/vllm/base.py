@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -22,6 +24,7 @@ from vllm.logger import init_logger
 from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
 
 from lmms_prune import selection as sel
+from lmms_prune.engine.attention import query_rows
 from lmms_prune.families.base import ImageSpan
 from lmms_prune.methods import SCORES, SELECTORS
 from lmms_prune.methods.base import ImageSignals
@@ -158,6 +161,68 @@ class PrunedModel:
             return rows, line | {"kept": result.index.tolist(), "merged": result.added}
         kept = result.sort().values.to(emb.device)
         return emb[kept], line | {"kept": kept.tolist(), "merged": 0}
+
+
+@contextmanager
+def observe_encoder(kernel: torch.nn.Module, projector: torch.nn.Module, needs: Any, keys: bool = False,
+                    layer: torch.nn.Module | None = None) -> Iterator[dict[str, Any]]:
+    """Observe one vision layer of a vLLM tower with a [CLS] token (read-only, undone on exit): at its attention
+    ``kernel`` the [CLS] rows ``[B, H, S]`` (``"cls"``, ``Needs.vision_attention``: softmax over all keys with the
+    kernel's scale, as our engine's ``attention.query_rows``) and, where ``keys``, the keys ``[B, S, d]`` heads
+    averaged in float32 (``"keys"``, ``Needs.vision_keys``, as our engine's observer); ``layer``'s output
+    ``[B, S, D]`` (``"states"``, ``Needs.vision_cls``); and the ``projector``'s input (``"pre"``,
+    ``Needs.vision_features``)."""
+    keys = keys and needs.vision_keys
+    states = layer is not None and needs.vision_cls
+    expected = {key: name for key, name, on in (
+        ("cls", "[CLS] attention", needs.vision_attention), ("keys", "keys", keys),
+        ("states", "feature layer's output", states), ("pre", "projector input", needs.vision_features)) if on}
+    out: dict[str, Any] = {"_expected": expected}
+    hooks = []
+    if needs.vision_attention or keys:
+        def grab_qk(module, args, kwargs):
+            q, k = encoder_qk(module, args, kwargs)  # [B, H, S, d]
+            if needs.vision_attention:
+                out["cls"] = query_rows(q, k, module.scale, rows=slice(0, 1))[:, :, 0]
+            if keys:
+                out["keys"] = k.float().mean(1)
+
+        hooks.append(kernel.register_forward_pre_hook(grab_qk, with_kwargs=True))
+    if states:
+        forward = layer.forward
+
+        def observed(x, *args, **kwargs):
+            y = forward(x, *args, **kwargs)
+            out["states"] = (y[0] if isinstance(y, tuple) else y).detach()
+            return y
+
+        layer.forward = observed  # an instance attribute, deleted on exit
+    if needs.vision_features:
+        wrap_forward(projector, out, "pre")
+    try:
+        yield out
+    finally:
+        for h in hooks:
+            h.remove()
+        unwrap_forward(projector)
+        if states:
+            unwrap_forward(layer)
+
+
+def check_observed(captured: dict[str, Any], where: str) -> None:
+    """Raise ``RuntimeError`` naming the signals :func:`observe_encoder` hooked but did not see (its
+    ``"_expected"``: key -> name)."""
+    missing = [name for key, name in captured.get("_expected", {}).items() if key not in captured]
+    if missing:
+        raise RuntimeError(f"lmms_prune: {where} ran without the hooks seeing its {', '.join(missing)} "
+                           f"(observed: {sorted(k for k in captured if not k.startswith('_'))})")
+
+
+def pixel_input(image: Any) -> Any:
+    """The parsed image input, refused where it holds precomputed embeddings (no tower runs, so no signal)."""
+    if image is not None and image["type"] != "pixel_values":
+        raise ValueError("lmms_prune: precomputed image embeddings carry no vision-tower signals; send pixels")
+    return image
 
 
 def encoder_qk(module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,7 +5,7 @@
 * **Budget.** Each image is ``<img>`` + ``tiles * 256`` context tokens + ``</img>``; the budget cuts the context
   run of the whole image (all its tiles, as our engine's one span per image) and keeps ``<img>``/``</img>``.
 * **Signals.** vLLM runs InternViT to its last layer (``vision_feature_layer=-1``, the only setting its InternVL
-  code reads). :func:`_capture` observes that layer's attention kernel (``q``/``k`` after the QK norm, as our
+  code reads). :func:`lmms_prune.vllm.base.observe_encoder` observes that layer's attention kernel (``q``/``k`` after the QK norm, as our
   engine's observer sees them) for each tile's [CLS] row, summed over the 2x2 groups pixel shuffle merges
   (:func:`lmms_prune.scores.merge_pixel_shuffle`, as our ``InternVL`` adapter), and the projector's input (the
   pixel-shuffled features, one row per LLM token).
@@ -15,8 +15,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -28,46 +26,19 @@ from vllm.model_executor.models.interns1 import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from lmms_prune.engine.attention import query_rows
-from lmms_prune.methods.base import Needs
 from lmms_prune.scores import cls_attention, merge_pixel_shuffle
 from lmms_prune.vllm.base import (
     BudgetedPrompts,
     PrunedModel,
-    encoder_qk,
+    check_observed,
+    observe_encoder,
+    pixel_input,
     record,
-    unwrap_forward,
-    wrap_forward,
 )
 
 
 class PrunedInternVLProcessor(BudgetedPrompts, InternS1MultiModalProcessor):
     """InternVL's prompt processor with each image's context run cut to the method's budget."""
-
-
-@contextmanager
-def _capture(model: Any, needs: Needs) -> Iterator[dict[str, Any]]:
-    """Observe vLLM's InternViT: the [CLS] attention rows ``[tiles, H, S]`` at the last layer
-    (``Needs.vision_attention``) and the projector's input ``[tiles, P, 4C]`` (``Needs.vision_features``).
-    Read-only, undone on exit."""
-    out: dict[str, Any] = {}
-    hooks = []
-    if needs.vision_attention:
-        kernel = model.vision_tower.encoder.layer[-1].attention.attn
-
-        def grab_cls(module, args, kwargs):
-            q, k = encoder_qk(module, args, kwargs)  # [B, H, S, d]
-            out["cls"] = query_rows(q, k, module.scale, rows=slice(0, 1))[:, :, 0]  # [B, H, S]
-
-        hooks.append(kernel.register_forward_pre_hook(grab_cls, with_kwargs=True))
-    if needs.vision_features:
-        wrap_forward(model.multi_modal_projector, out, "pre")
-    try:
-        yield out
-    finally:
-        for h in hooks:
-            h.remove()
-        unwrap_forward(model.multi_modal_projector)
 
 
 @MULTIMODAL_REGISTRY.register_processor(PrunedInternVLProcessor, info=InternS1ProcessingInfo,
@@ -91,22 +62,15 @@ class PrunedInternVL(PrunedModel, InternS1ForConditionalGeneration):
         inputs = self._parse_and_validate_multimodal_inputs(**kwargs)
         if inputs.get("videos") is not None:
             raise ValueError("lmms_prune: videos are not pruned by the vLLM plug-in yet")
-        image = inputs.get("images")
+        image = pixel_input(inputs.get("images"))
         if image is None:
             return []
-        if image["type"] != "pixel_values":
-            raise ValueError("lmms_prune: precomputed image embeddings carry no vision-tower signals; send pixels")
         needs = self.stage_needs
-        with torch.no_grad(), _capture(self, needs) as captured:
+        kernel = self.vision_tower.encoder.layer[-1].attention.attn  # vLLM's InternVL reads the last layer
+        with torch.no_grad(), observe_encoder(kernel, self.multi_modal_projector, needs) as captured:
             embeds = self._process_vision_input(image)
-        missing = [name for name, need, key in (("[CLS] attention", needs.vision_attention, "cls"),
-                                                 ("projector input", needs.vision_features, "pre"))
-                   if need and key not in captured]
-        if missing:
-            raise RuntimeError(f"lmms_prune: the vision tower ran without the hooks seeing its {', '.join(missing)} "
-                               f"(observed: {sorted(captured)})")
+        check_observed(captured, "the InternViT tower")
         factor = round(1 / self.downsample_ratio)
-        per_tile = None
         out, lines, tile = [], [], 0
         for emb, tiles in zip(embeds, torch.as_tensor(image["num_patches"]).flatten().tolist()):
             per_tile = emb.shape[0] // tiles

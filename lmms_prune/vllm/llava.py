@@ -2,7 +2,8 @@
 :mod:`lmms_prune.vllm.base`).
 
 * **Signals.** vLLM builds the CLIP tower only up to ``vision_feature_layer`` (-2: 23 of CLIP-L's 24 layers), so
-  the layer whose output the projector reads is the last one built; :func:`_capture` observes that layer's
+  the layer whose output the projector reads is the last one built; :func:`lmms_prune.vllm.base.observe_encoder`
+  observes that layer's
   attention kernel (its ``q``/``k``: the [CLS] query row, softmax over all keys with the layer's scale, heads
   averaged, the [CLS] column dropped without renormalising, as our engine's ``Llava`` adapter and
   :func:`lmms_prune.scores.cls_attention`) and the projector's input (the patch features after the ``default``
@@ -18,8 +19,6 @@ when the pruning key is set, and served unchanged without it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -34,16 +33,14 @@ from vllm.model_executor.models.llava import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from lmms_prune.engine.attention import query_rows
-from lmms_prune.methods.base import Needs
 from lmms_prune.scores import cls_attention
 from lmms_prune.vllm.base import (
     BudgetedPrompts,
     PrunedModel,
-    encoder_qk,
+    check_observed,
+    observe_encoder,
+    pixel_input,
     record,
-    unwrap_forward,
-    wrap_forward,
 )
 
 
@@ -69,47 +66,6 @@ def feature_layer_index(vision_feature_layer: int, num_hidden_layers: int) -> in
     return hidden - 1
 
 
-@contextmanager
-def _capture(model: Any, needs: Needs) -> Iterator[dict[str, Any]]:
-    """Observe vLLM's CLIP tower at the feature layer: the [CLS] attention rows ``[B, H, S]``
-    (``Needs.vision_attention``), the keys ``[B, S, d]`` heads averaged (``Needs.vision_keys``; our engine's
-    observer takes them as float32 means over heads), the layer's output ``[B, S, D]`` (``Needs.vision_cls``: its
-    [CLS] row, projected by the caller) and the projector's input ``[B, P, C]`` (``Needs.vision_features``).
-    Read-only, undone on exit."""
-    out: dict[str, Any] = {}
-    hooks = []
-    config = model.config
-    layer = model.vision_tower.vision_model.encoder.layers[
-        feature_layer_index(config.vision_feature_layer, config.vision_config.num_hidden_layers)]
-    if needs.vision_attention or needs.vision_keys:
-        def grab_qk(module, args, kwargs):
-            q, k = encoder_qk(module, args, kwargs)  # [B, H, S, d]
-            if needs.vision_attention:
-                out["cls"] = query_rows(q, k, module.scale, rows=slice(0, 1))[:, :, 0]  # [B, H, S]
-            if needs.vision_keys:
-                out["keys"] = k.float().mean(1)  # [B, S, d]
-
-        hooks.append(layer.self_attn.attn.register_forward_pre_hook(grab_qk, with_kwargs=True))
-    if needs.vision_cls:
-        forward = layer.forward
-
-        def observed(x, *args, **kwargs):
-            y = forward(x, *args, **kwargs)
-            out["states"] = (y[0] if isinstance(y, tuple) else y).detach()
-            return y
-
-        layer.forward = observed  # an instance attribute, deleted on exit
-    if needs.vision_features:
-        wrap_forward(model.multi_modal_projector, out, "pre")
-    try:
-        yield out
-    finally:
-        for h in hooks:
-            h.remove()
-        unwrap_forward(model.multi_modal_projector)
-        unwrap_forward(layer)
-
-
 @MULTIMODAL_REGISTRY.register_processor(_processor, info=_build_llava_or_pixtral_hf_info,
                                         dummy_inputs=LlavaDummyInputsBuilder)
 class PrunedLlava(PrunedModel, LlavaForConditionalGeneration):
@@ -132,22 +88,18 @@ class PrunedLlava(PrunedModel, LlavaForConditionalGeneration):
     def embed_multimodal(self, **kwargs: object):
         if self.prune is None:
             return super().embed_multimodal(**kwargs)
-        image = self._parse_and_validate_image_input(**kwargs)
+        image = pixel_input(self._parse_and_validate_image_input(**kwargs))
         if image is None:
             return []
-        if image["type"] != "pixel_values":
-            raise ValueError("lmms_prune: precomputed image embeddings carry no vision-tower signals; send pixels")
         needs = self.stage_needs
-        with torch.no_grad(), _capture(self, needs) as captured:
+        config = self.config
+        # the layer whose output the projector reads: the last one vLLM built (it stops at vision_feature_layer)
+        layer = self.vision_tower.vision_model.encoder.layers[
+            feature_layer_index(config.vision_feature_layer, config.vision_config.num_hidden_layers)]
+        with torch.no_grad(), observe_encoder(layer.self_attn.attn, self.multi_modal_projector, needs, keys=True,
+                                              layer=layer) as captured:
             embeds = self._process_image_input(image)
-        missing = [name for name, need, key in (("[CLS] attention", needs.vision_attention, "cls"),
-                                                 ("keys", needs.vision_keys, "keys"),
-                                                 ("feature layer's output", needs.vision_cls, "states"),
-                                                 ("projector input", needs.vision_features, "pre"))
-                   if need and key not in captured]
-        if missing:
-            raise RuntimeError(f"lmms_prune: the vision tower ran without the hooks seeing its {', '.join(missing)} "
-                               f"(observed: {sorted(captured)})")
+        check_observed(captured, "the CLIP tower")
         cls = None
         if "states" in captured:  # VisionZip's [CLS]: the feature layer's [CLS] state through the projector
             with torch.no_grad():

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from lmms_prune import selection as sel
-from lmms_prune.efficiency import DecoderDims, kv_cache_bytes, prefill_flops
+from lmms_prune.efficiency import DecoderDims
 from lmms_prune.runner import Answer, Runner, apply_until, generation_kwargs, protocol_options, torch_dtype
 from lmms_prune.vllm import CONFIG_KEY
 
@@ -181,9 +181,6 @@ class VllmRunner(Runner):
             **({"ttft_seconds": (t_gen - t_start) + first} if first > 0 else {}),
             "generate_seconds": t_gen_end - t_gen,
             "end_to_end_seconds": t_end - t_start,
-            "prefill_flops": prefill_flops(self.dims, layers),
-            "prefill_flops_unpruned": prefill_flops(self.dims, full),
-            "kv_cache_bytes": kv_cache_bytes(self.dims, layers, self.bytes_per_element),
-            "kv_cache_bytes_unpruned": kv_cache_bytes(self.dims, full, self.bytes_per_element),
+            **self.cost_fields(layers, full),
             "output_tokens": n_out,
         }
