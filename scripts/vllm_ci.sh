@@ -3,10 +3,11 @@
 # runs (pip is network- and IO-bound, the suite CPU-bound):
 #   bash scripts/vllm_ci.sh start DIR   # background: scripts/vllm_env.sh, log and exit status under DIR
 #   bash scripts/vllm_ci.sh check DIR   # waits for it, then a short cross-engine check into DIR/check
-# The short check is two families (LLaVA-1.5 and Qwen2.5-VL) and two presets (vispruner: vision attention and
-# projector-input features, the signals most likely to drift; visionzip: the merge path, with LLaVA's keys and
-# projected [CLS]), plus our own lmms-eval model llava_visionzip with backend=transformers and backend=vllm (same
-# answers, same efficiency token counts), a few minutes; the full matrix is scripts/vllm_check.sh.
+# The short check is two families (LLaVA-1.5 and Qwen2.5-VL) and one preset, visionzip: it reads every signal the
+# other presets read (the vision attention and the projector's input, the ones most likely to drift; on LLaVA also
+# the keys and the projected [CLS]) and takes the merge path; plus our own lmms-eval model llava_visionzip with
+# backend=transformers and backend=vllm (same answers, same efficiency token counts), about 3 minutes; the full
+# matrix is scripts/vllm_check.sh.
 # Where the package index cannot be reached, `check` says so and exits 0: the main suite never depends on vLLM,
 # and an offline CI machine cannot build its venv. Any other failure of the build or the check fails CI.
 set -euo pipefail
@@ -37,6 +38,6 @@ if [ "$(cat "$DIR/env.rc")" != 0 ]; then
     exit 1
 fi
 SECONDS=0
-bash "$ROOT/scripts/vllm_check.sh" "$DIR/check" --families llava,qwen2_5_vl --presets vispruner,visionzip \
-    --lmms-eval none --runner visionzip
+bash "$ROOT/scripts/vllm_check.sh" "$DIR/check" --families llava,qwen2_5_vl --presets visionzip --lmms-eval none \
+    --runner visionzip
 echo "[vllm_ci] short vLLM check took ${SECONDS}s"

@@ -1,8 +1,9 @@
 """``backend=vllm``: the harness-neutral runner (:class:`lmms_prune.runner.Runner`) answering through vLLM with the
 plug-in (:mod:`lmms_prune.vllm`) instead of transformers' ``generate`` with our engine.
 
-The same lmms-eval models (``--model qwen2_5_vl_divprune``, ``llava_visionzip``, ...) and VLMEvalKit models run it
-with ``backend=vllm`` in their model arguments, from the vLLM venv (``scripts/vllm_env.sh``). Prompts are built as
+The same lmms-eval models (``--model qwen2_5_vl_divprune``, ``llava_visionzip``, ...) run it with ``backend=vllm``
+in their model arguments, from the vLLM venv (``scripts/vllm_env.sh``); VLMEvalKit's models build the same runner
+from the same option (not run through VLMEvalKit yet). Prompts are built as
 the transformers backend builds them (the checkpoint's chat template, the family's image pipeline, the task's
 protocol settings), so both backends hand their engines the same text and the same pixels; the pruning config
 reaches vLLM as ``hf_overrides["lmms_prune"]``, checked before anything loads
