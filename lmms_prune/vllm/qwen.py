@@ -29,9 +29,8 @@ import torch
 from lmms_prune.engine.attention import received_attention
 from lmms_prune.methods.base import Needs
 from lmms_prune.scores import merge_consecutive
-from lmms_prune.vllm.base import BudgetedPrompts, PrunedModel, record, unwrap_forward, wrap_forward
+from lmms_prune.vllm.base import PrunedModel, pixel_input, record, unwrap_forward, wrap_forward
 
-__all__ = ["BudgetedPrompts", "PrunedQwenVL"]
 
 def feature_block(visual: Any) -> int:
     """The vision block whose attention VisPruner reads (methods.md section 4): Qwen2.5-VL's last full-attention
@@ -133,11 +132,9 @@ class PrunedQwenVL(PrunedModel):
         inputs = self._parse_and_validate_multimodal_inputs(**kwargs)
         if any(key in inputs for key in self.video_keys):
             raise ValueError("lmms_prune: videos are not pruned by the vLLM plug-in yet")
-        image = inputs.get(self.image_key)
+        image = pixel_input(inputs.get(self.image_key))
         if image is None:
             return []
-        if image["type"] != "pixel_values":
-            raise ValueError("lmms_prune: precomputed image embeddings carry no vision-tower signals; send pixels")
         needs = self.stage_needs
         with torch.no_grad(), _capture(self.visual, needs) as captured:
             embeds = self._process_image_input(image)

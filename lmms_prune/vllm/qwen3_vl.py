@@ -19,7 +19,8 @@ from vllm.model_executor.models.qwen3_vl import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from lmms_prune.vllm.qwen import BudgetedPrompts, PrunedQwenVL
+from lmms_prune.vllm.base import BudgetedPrompts
+from lmms_prune.vllm.qwen import PrunedQwenVL
 
 
 class PrunedQwen3VLProcessor(BudgetedPrompts, Qwen3VLMultiModalProcessor):
