@@ -21,12 +21,15 @@ import sys
 import time
 from pathlib import Path
 
-FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "llava", "internvl")  # the families the plug-in serves (lmms_prune.vllm)
+FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "llava", "llava_next", "internvl")  # the families the plug-in serves (lmms_prune.vllm)
 TOYS = {"internvl": "internvl_qwen2"}  # the toy of a family where its name differs (InternVL2.5's Qwen2 LLM)
 MROPE = {"qwen2_5_vl": [8, 12, 12], "qwen2_vl": [8, 12, 12], "qwen3_vl": [12, 10, 10]}
-PRESETS = ("vispruner", "divprune", "fastervlm", "visionzip")
-# merges tokens: our engine refuses it where DeepStack adds per-token features inside the LLM
-NOT_SERVED = {"qwen3_vl": ("visionzip",)}
+PRESETS = ("vispruner", "divprune", "fastervlm", "visionzip", "prumerge_plus", "random", "uniform")  # lmms_prune.vllm
+# they merge tokens: both engines refuse them where DeepStack adds per-token features inside the LLM (Qwen3-VL) and
+# where row newlines sit inside the image's run (LLaVA-NeXT)
+NOT_SERVED = {"qwen3_vl": ("visionzip", "prumerge_plus"), "llava_next": ("visionzip", "prumerge_plus")}
+# presets whose own default stage is inside the LLM: served with stage=pre_llm, which both engines are told
+PRE_LLM_STAGE = ("random", "uniform")
 UNPRUNED = "none"  # without the config key the registered class must serve the model as vLLM's own class does
 POSITIONS = ("contiguous",)  # "original" is refused by the plug-in (docs/serving.md)
 KEEP_RATIO = 0.25
@@ -57,7 +60,8 @@ PRUNED_PROMPT = re.compile(r"lmms_prune: prompt (\d+|\?) -> (\d+) tokens")
 
 
 def _params(preset: str, positions: str) -> dict:
-    return {"keep_ratio": KEEP_RATIO, "positions": positions}
+    stage = {"stage": "pre_llm"} if preset in PRE_LLM_STAGE else {}
+    return {"keep_ratio": KEEP_RATIO, "positions": positions, **stage}
 
 
 def _image():
@@ -123,7 +127,7 @@ def build_toy(out: Path, family: str) -> Path:
         setattr(model.generation_config, key, value)
     model.save_pretrained(path)
     processor = toy.build_processor(TOYS.get(family, family))
-    if family == "llava":
+    if family in ("llava", "llava_next"):
         hub_layout(path)
         processor.image_processor.size = {"shortest_edge": LLAVA_SIDE}
         processor.image_processor.crop_size = {"height": LLAVA_SIDE, "width": LLAVA_SIDE}
@@ -271,7 +275,8 @@ def run_runner(out: Path, family: str, preset: str, backend: str) -> None:
     shutil.rmtree(where, ignore_errors=True)
     where.mkdir(parents=True)
     args = [f"pretrained={path}", f"backend={backend}", f"keep_ratio={KEEP_RATIO}", "positions=contiguous",
-            "dtype=float32", f"efficiency_path={where / 'efficiency.json'}", *RUNNER_ARGS.get(family, [])]
+            "dtype=float32", f"efficiency_path={where / 'efficiency.json'}", *RUNNER_ARGS.get(family, []),
+            *(["stage=pre_llm"] if preset in PRE_LLM_STAGE else [])]
     if backend == "vllm":
         args.append("vllm_engine_args=" + json.dumps(RUNNER_ENGINE, separators=(",", ":")))
     cmd = [sys.executable, "-m", "lmms_eval", "--model", f"{family}_{preset}", "--model_args", ",".join(args),
@@ -284,7 +289,8 @@ def run_runner(out: Path, family: str, preset: str, backend: str) -> None:
                       for line in p.read_text().splitlines()), key=lambda r: r["doc_id"])
     eff = where / "efficiency.json"
     records = json.loads(eff.read_text())["samples"] if eff.exists() else []
-    keys = ("visual_before", "visual_after", "seq_len_before", "seq_len_after", "output_tokens")
+    keys = ("visual_before", "visual_before_papers", "visual_after", "seq_len_before", "seq_len_after",
+            "output_tokens")
     (out / "runner" / f"{backend}.json").write_text(json.dumps({
         "command": cmd, "returncode": proc.returncode, "seconds": time.perf_counter() - t0,
         "answers": [s["filtered_resps"] for s in samples],

@@ -335,6 +335,29 @@ def test_pre_llm_with_original_positions_equals_k0_of_the_same_set(toys, family,
     torch.testing.assert_close(pre_steps, k0_steps, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize(("family", "method"), [("llava", "random"), ("qwen2_5_vl", "uniform"),
+                                                ("internvl_qwen2", "uniform"), ("llava_next", "random")])
+def test_random_and_uniform_before_the_llm_keep_the_llm_stage_set_and_equal_k0(toys, family, method):
+    """stage=pre_llm (the vLLM plug-in's setting) draws exactly the tokens the preset's default (stage=llm)
+    keeps, and dropping them before the LLM at their original positions is intra-LLM pruning at K=0."""
+    model, proc = toys(family)
+    inputs = _one(family, proc)
+    with torch.no_grad():
+        with lmms_prune.apply(model, method, keep_ratio=0.25) as handle:
+            model(**inputs)
+            inside = handle.records[0].kept[0].tolist()
+        with lmms_prune.apply(model, method, keep_ratio=0.25, stage="pre_llm", positions="original") as handle:
+            pre = model(**inputs).logits
+            pre_tokens, _ = _generate(model, inputs)
+            kept = handle.records[0].kept[0].tolist()
+        with lmms_prune.apply(model, "fixed", keep_indices=kept, prune_layer=0):
+            k0 = model(**inputs).logits
+            k0_tokens, _ = _generate(model, inputs)
+    assert kept == inside and len(kept) == max(1, round(0.25 * _num_visual(model, inputs)))
+    torch.testing.assert_close(pre, k0, atol=ATOL, rtol=0)
+    assert torch.equal(pre_tokens, k0_tokens)
+
+
 @pytest.mark.parametrize("family", ["internvl_qwen2", "llava", "llava_next"])
 def test_pre_llm_contiguous_positions_renumber_the_short_prompt(toys, family):
     model, proc = toys(family)

@@ -77,6 +77,17 @@ def test_spans_are_base_grid_then_mosaic_rows_each_ending_in_a_newline(toys, fam
         assert from_features[0][0].grids == span.grids and from_features[0][0].structural == span.structural
 
 
+def test_image_structure_from_the_processor_alone_matches_the_spans(toys):
+    """The model-free count (runners that see no model: backend=vllm) gives each image's newlines and papers'
+    count exactly as the engine's spans read them from the model's packing, two images of a prompt included."""
+    model, proc = toys("llava_next")
+    adapter = get_adapter(model)
+    for images in [[_image(size)] for size in SIZES] + [[_image((300, 200)), _image((90, 500))]]:
+        inputs = _inputs(proc, images)
+        spans = adapter.spans(inputs["input_ids"], inputs)[0]
+        assert LlavaNext.image_structure(proc, inputs) == [(len(s.structural), s.papers_length) for s in spans]
+
+
 class SimpleOutput:
     def __init__(self, feats):
         self.pooler_output = [feats]

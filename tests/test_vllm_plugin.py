@@ -23,10 +23,28 @@ def test_no_key_means_unpruned():
 @pytest.mark.parametrize("method", PRESETS)
 def test_served_presets_resolve_as_our_engine_does(method):
     """The plug-in's config is the one lmms_prune.apply builds from the same arguments (same selector, score,
-    budget), with contiguous positions."""
-    cfg = pruning_config(_hf({"method": method, "keep_ratio": 0.25}))
-    assert cfg == resolve_config(method, keep_ratio=0.25, positions="contiguous")
+    budget), with contiguous positions; random and uniform, whose presets run inside the LLM, with the
+    stage=pre_llm the user names."""
+    stage = {"stage": "pre_llm"} if method in ("random", "uniform") else {}
+    cfg = pruning_config(_hf({"method": method, "keep_ratio": 0.25, **stage}))
+    assert cfg == resolve_config(method, keep_ratio=0.25, positions="contiguous", **stage)
     assert cfg.stage == "pre_llm"
+
+
+def test_every_preset_is_served_or_refused_with_a_fix():
+    """Each of our presets, asked for with its defaults, either resolves (the served ones) or raises a ValueError
+    that names the method or its stage and says what to use instead: nothing falls through to a vague error."""
+    from lmms_prune.methods import PRESETS as ALL
+
+    for method in ALL:
+        if method in PRESETS and method not in ("random", "uniform"):
+            assert pruning_config(_hf({"method": method})).stage == "pre_llm"
+            continue
+        with pytest.raises(ValueError) as err:
+            pruning_config(_hf({"method": method}))
+        text = str(err.value)
+        assert (f"method={method!r}" in text or f"{method} runs inside the LLM" in text), text
+        assert "use " in text or "pass " in text or "serve the model without" in text, text
 
 
 @pytest.mark.parametrize("value, message", [
@@ -34,6 +52,14 @@ def test_served_presets_resolve_as_our_engine_does(method):
     ({"keep_ratio": 0.25}, "method=None"),
     ({"method": "fastv"}, "per-layer sequence lengths"),
     ({"method": "cdpruner"}, "encoder cache"),
+    ({"method": "random"}, "pass stage='pre_llm'"),
+    ({"method": "uniform", "stage": "llm"}, "pass stage='pre_llm'"),
+    ({"method": "prumerge_plus", "prumerge_budget": "adaptive"}, "placeholder count .* pass prumerge_budget='fixed'"),
+    ({"method": "mustdrop"}, "count follows the image's content"),
+    ({"method": "vscan"}, "second stage \\(topk\\) prunes inside the LLM"),
+    ({"method": "evs"}, "prunes videos only"),
+    ({"method": "none"}, "without hf_overrides"),
+    ({"method": "nonesuch"}, "unknown; the vLLM plug-in serves"),
     ({"method": "divprune", "positions": "original"}, "recompute_mrope_positions"),
     ({"method": "divprune", "positions": "sideways"}, "must be one of"),
     ({"method": "divprune", "keep_ratio": 1.5}, "keep_ratio=1.5"),
@@ -105,7 +131,7 @@ REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("args, message", [
     (["--presets", "none,fastv"], "'none,fastv': give names out of none, vispruner, divprune, fastervlm, visionzip"),
-    (["--families", "llava_next"], "'llava_next': give names out of qwen2_5_vl, qwen2_vl, qwen3_vl, llava, internvl"),
+    (["--families", "paligemma"], "'paligemma': give names out of qwen2_5_vl, qwen2_vl, qwen3_vl, llava"),
     (["--lmms-eval", "cdpruner"], "invalid choice: 'cdpruner'"),
     (["--model"], "usage"),
 ])
@@ -126,10 +152,10 @@ def test_vllm_check_names_an_unserved_checkpoint(tmp_path):
     import subprocess
     import sys
 
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava_next"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "paligemma"}))
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "vllm_check.py"), "family", str(tmp_path)],
                           capture_output=True, text=True)
-    assert done.returncode == 2 and "model_type 'llava_next' is not served" in done.stderr
+    assert done.returncode == 2 and "model_type 'paligemma' is not served" in done.stderr
 
 
 # ---------------------------------------------------------------- backend=vllm of our own runner (lmms-eval models)
@@ -149,6 +175,9 @@ def test_backend_vllm_carries_the_config_the_transformers_backend_would_run(tmp_
     assert options.vllm_prune == {"method": "vispruner", "keep_ratio": 0.25, "important_ratio": 0.5}
     assert options.vllm_engine_args == {"max_model_len": 2048, "enforce_eager": True}
     assert pruning_config(_hf(options.vllm_prune)) == config
+    options, config = _parse(tmp_path, family="llava", method="uniform", backend="vllm", keep_ratio="0.25",
+                             stage="pre_llm")
+    assert options.vllm_prune["stage"] == "pre_llm" and pruning_config(_hf(options.vllm_prune)) == config
     options, _ = _parse(tmp_path, family="llava", method="none", backend="vllm")
     assert options.vllm_prune is None  # unpruned: served without the key
     options, _ = _parse(tmp_path, keep_ratio="0.25")
@@ -156,10 +185,13 @@ def test_backend_vllm_carries_the_config_the_transformers_backend_would_run(tmp_
 
 
 @pytest.mark.parametrize("family, method, args, message", [
-    ("llava_onevision", "divprune", {}, "serves the families qwen2_vl, qwen2_5_vl, qwen3_vl, llava, internvl, not "
+    ("llava_onevision", "divprune", {}, "serves the families qwen2_vl, qwen2_5_vl, qwen3_vl, llava, llava_next, internvl, not "
      "llava_onevision"),
     ("qwen2_5_vl", "fastv", {}, "per-layer sequence lengths"),
     ("qwen3_vl", "visionzip", {}, "qwen3_vl is not served with visionzip"),
+    ("qwen3_vl", "prumerge_plus", {}, "qwen3_vl is not served with prumerge_plus"),
+    ("llava_next", "visionzip", {}, "llava_next is not served with visionzip: it merges tokens, but LLaVA-NeXT's"),
+    ("llava", "uniform", {}, "pass stage='pre_llm'"),
     ("llava", "divprune", {"positions": "original"}, "use positions='contiguous'"),
     ("llava", "divprune", {"use_cache": "false"}, "use_cache=false with backend=vllm"),
     ("llava", "divprune", {"device_map": "auto"}, "device_map='auto' with backend=vllm"),

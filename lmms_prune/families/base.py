@@ -380,6 +380,13 @@ class Family:
         return mlp_flops(patches, (int(config.vision_config.hidden_size), width, width))
 
     @classmethod
+    def image_structure(cls, processor: Any, inputs: dict[str, Any]) -> list[tuple[int, int | None]] | None:
+        """Per image of a processor output: its structural tokens (never pruned: LLaVA-NeXT's row newlines) and
+        the papers' visual-token count where it differs from the tokens present (``ImageSpan.papers_length``);
+        None for families whose image runs are all visual tokens. Read by runners that see no model (vLLM)."""
+        return None
+
+    @classmethod
     def vision_flops(cls, config: Any, inputs: dict[str, Any]) -> int:
         """FLOPs (one multiply-add counted once) of encoding a request's images and videos with the tower that
         ``config`` (a VLM config) describes: every block over each tile (its patches, plus a [CLS] when

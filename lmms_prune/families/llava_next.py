@@ -149,6 +149,23 @@ class LlavaNext(Llava):
         return None
 
     @classmethod
+    def image_structure(cls, processor, inputs):
+        """Row newlines and the papers' ``side^2 (1 + tiles)`` per image, by the processor's own rule
+        (``LlavaNextProcessor._get_number_of_features``: the best pinpoint resolution, the unpadded mosaic)."""
+        from transformers.image_processing_utils import select_best_resolution
+
+        height, width = (int(x) for x in inputs["pixel_values"].shape[-2:])
+        side_h, side_w = height // processor.patch_size, width // processor.patch_size
+        out = []
+        for orig_h, orig_w in inputs["image_sizes"].tolist():
+            best_h, best_w = select_best_resolution([orig_h, orig_w], processor.image_processor.image_grid_pinpoints)
+            _, newlines = processor._get_unpadded_features(orig_h, orig_w, side_h, side_w, best_h // height,
+                                                           best_w // width)
+            out.append((int(newlines), side_h * side_w * (1 + (best_h // height) * (best_w // width))))
+        return out
+
+
+    @classmethod
     def box_frame(cls, image_size, inputs, index, options, processor=None):
         """``unit_padded_square`` of the original image (module docstring; LLaVA-1.5's pad/crop option does not
         apply to anyres)."""

@@ -62,6 +62,7 @@ class Random(Selector):
     name = "random"
     params = ("seed",)
     subsets = True
+    stages = ("llm", "pre_llm")  # the preset's default: inside the LLM; stage=pre_llm: before it (same draw)
 
     def __call__(self, image, scores, n):
         return sel.random_select(image.num_tokens, n, seed=self.config.seed, device=image.device)
@@ -71,6 +72,7 @@ class Uniform(Selector):
     """Evenly spaced tokens within each grid (tile)."""
 
     name = "uniform"
+    stages = ("llm", "pre_llm")  # the preset's default: inside the LLM; stage=pre_llm: before it (same tokens)
 
     def __call__(self, image, scores, n):
         return sel.uniform_select(image.span.grids, n)

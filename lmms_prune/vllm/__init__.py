@@ -3,7 +3,7 @@
 vLLM loads :func:`register` through the ``vllm.general_plugins`` entry point (pyproject.toml) in every process
 it starts. It registers one pruning-aware subclass of vLLM's own model class per architecture in
 :data:`ARCHITECTURES` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, sharing :mod:`lmms_prune.vllm.qwen`; LLaVA-1.5,
-:mod:`lmms_prune.vllm.llava`; InternVL, :mod:`lmms_prune.vllm.internvl`; what all share is
+:mod:`lmms_prune.vllm.llava`; LLaVA-NeXT, :mod:`lmms_prune.vllm.llava_next`; InternVL, :mod:`lmms_prune.vllm.internvl`; what all share is
 :mod:`lmms_prune.vllm.base`); each
 serves the model unchanged unless its config carries the pruning key::
 
@@ -30,28 +30,56 @@ ARCHITECTURES = {
     "Qwen2_5_VLForConditionalGeneration": "lmms_prune.vllm.qwen2_5_vl:PrunedQwen2_5_VL",
     "Qwen3VLForConditionalGeneration": "lmms_prune.vllm.qwen3_vl:PrunedQwen3VL",
     "LlavaForConditionalGeneration": "lmms_prune.vllm.llava:PrunedLlava",
+    "LlavaNextForConditionalGeneration": "lmms_prune.vllm.llava_next:PrunedLlavaNext",
     "InternVLForConditionalGeneration": "lmms_prune.vllm.internvl:PrunedInternVL",
 }
 # our family name -> the vLLM architecture the plug-in registers for it (ARCHITECTURES)
 FAMILY_ARCHITECTURES = {"qwen2_vl": "Qwen2VLForConditionalGeneration",
                         "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
                         "qwen3_vl": "Qwen3VLForConditionalGeneration", "llava": "LlavaForConditionalGeneration",
+                        "llava_next": "LlavaNextForConditionalGeneration",
                         "internvl": "InternVLForConditionalGeneration"}
-# Pre-LLM presets whose signals vLLM's Qwen-VL, LLaVA and InternVL code exposes at its vision tower (docs/serving.md).
-PRESETS = ("vispruner", "divprune", "fastervlm", "visionzip")
-# Why the other presets are refused here (checked before any weights load).
+# Pre-LLM presets whose signals vLLM's Qwen-VL, LLaVA and InternVL code exposes at its vision tower, each proven
+# to keep our engine's tokens by scripts/vllm_check.py (docs/serving.md). random and uniform run inside the LLM by
+# default (their presets' stage='llm'); the plug-in serves them with stage='pre_llm', which the user names.
+PRESETS = ("vispruner", "divprune", "fastervlm", "visionzip", "prumerge_plus", "random", "uniform")
+# Why other presets are refused here (checked before any weights load); methods that prune inside the LLM, or
+# whose token count follows the image, are refused by what their config says (pruning_config).
+VIDEO_ONLY = "it prunes videos only, and the plug-in prunes images (vLLM's own EVS serves videos: video_pruning_rate)"
 REFUSED = {
+    "none": "it prunes nothing: serve the model without hf_overrides['lmms_prune']",
     "cdpruner": "its relevance score reads the instruction's text embeddings, but vLLM encodes and caches each "
                 "image once for every prompt it appears in (the encoder cache is keyed by the image), so the "
                 "selection cannot depend on the text",
-    "random": "our engine runs its selector inside the LLM only (stage='llm'), so there is no pre-LLM result "
-              "to match",
-    "uniform": "our engine runs its selector inside the LLM only (stage='llm'), so there is no pre-LLM result "
-               "to match",
+    "fixed": "its keep_indices name each sample's tokens, but vLLM's encoder sees images, not samples",
+    "downsample": "it shrinks the image instead of pruning tokens; pass the smaller size to vLLM's processor "
+                  "(mm_processor_kwargs, e.g. max_pixels) and serve the model without a pruning config",
+    **{name: VIDEO_ONLY for name in ("evs", "vidcom2", "dycoke", "holitom", "holitom_full", "fastvid")},
 }
-# presets a family is not served with, and why (both engines refuse them)
-NOT_SERVED = {"qwen3_vl": {"visionzip": "it merges tokens, but Qwen3-VL also adds per-token vision features "
-                                        "inside the LLM (DeepStack) that a merged token has none of"}}
+# why the token count must be fixed before the encoder runs
+ADAPTIVE = ("vLLM fixes each image's placeholder count when it processes the prompt, before the encoder runs, "
+            "but this setting's count follows the image's content")
+INSIDE_LLM = ("methods that prune inside the LLM need per-layer sequence lengths in vLLM's paged KV cache "
+              "(docs/serving.md)")
+
+
+def family_refusal(family: str, cfg: Any) -> str | None:
+    """Why the plug-in (and our engine) refuses ``cfg`` on ``family``, or None: merges on Qwen3-VL, whose LLM
+    adds per-token vision features (DeepStack) at every visual position of its first layers, and on LLaVA-NeXT,
+    whose row newlines sit inside each image's run."""
+    from lmms_prune.methods import SELECTORS
+
+    if not getattr(SELECTORS.get(cfg.selector), "merges", False):
+        return None
+    if family == "qwen3_vl":
+        return ("it merges tokens, but Qwen3-VL also adds per-token vision features inside the LLM (DeepStack) that "
+                "a merged token has none of")
+    if family == "llava_next":
+        return ("it merges tokens, but LLaVA-NeXT's images end each mosaic row in a newline that a merged sequence "
+                "cannot place")
+    return None
+
+
 # vllm.LLM arguments backend=vllm sets itself from the run's options (vllm_engine_args may not)
 ENGINE_ARGS_SET = {"model": "pretrained", "hf_overrides": "the pruning parameters", "dtype": "dtype",
                    "revision": "revision", "trust_remote_code": "trust_remote_code",
@@ -95,23 +123,40 @@ def pruning_config(hf_config: Any) -> Any:
                          "{'method': 'divprune', 'keep_ratio': 0.25}")
     params = dict(raw)
     method = params.pop("method", None)
+    served = ", ".join(PRESETS)
     if method in REFUSED:
         raise ValueError(f"{CONFIG_KEY}.method={method!r}: not served by the vLLM plug-in: {REFUSED[method]}; "
-                         f"use one of {', '.join(PRESETS)}")
-    if method not in PRESETS:
-        raise ValueError(f"{CONFIG_KEY}.method={method!r}: the vLLM plug-in serves the pre-LLM presets "
-                         f"{', '.join(PRESETS)}; methods that prune inside the LLM need per-layer sequence lengths "
-                         "in vLLM's paged KV cache (docs/serving.md)")
+                         f"use one of {served}")
+    from lmms_prune.presets import PRESETS as ALL
+    from lmms_prune.presets import resolve_config
+
+    if method not in ALL:
+        raise ValueError(f"{CONFIG_KEY}.method={method!r}: unknown; the vLLM plug-in serves {served}")
+    stage = params.get("stage", ALL[method].settings.get("stage"))
+    if stage != "pre_llm":
+        if method in PRESETS:  # random, uniform: inside the LLM unless told
+            raise ValueError(f"{CONFIG_KEY}.stage={stage!r}: {method} runs inside the LLM by default; the vLLM "
+                             "plug-in prunes before the LLM: pass stage='pre_llm' (the same tokens, dropped before "
+                             "the first layer)")
+        raise ValueError(f"{CONFIG_KEY}.method={method!r} (stage={stage!r}): not served by the vLLM plug-in: "
+                         f"{INSIDE_LLM}; use one of {served}")
     positions = params.setdefault("positions", "contiguous")
     if positions in ("original", "gap"):
         raise ValueError(f"{CONFIG_KEY}.positions={positions!r}: not served yet: {REFUSED_POSITIONS}")
     if positions not in POSITIONS:
         raise ValueError(f"{CONFIG_KEY}.positions={positions!r}: must be one of {POSITIONS}")
-    from lmms_prune.presets import resolve_config
-
     cfg = resolve_config(method, **params)
-    if cfg.stage != "pre_llm":
-        raise ValueError(f"{CONFIG_KEY}.stage={cfg.stage!r}: the vLLM plug-in prunes before the LLM; use stage=pre_llm")
+    if cfg.composed:
+        raise ValueError(f"{CONFIG_KEY}.method={method!r}: its second stage ({cfg.llm_selector}) prunes inside the "
+                         f"LLM: {INSIDE_LLM}; use one of {served}")
+    from lmms_prune.methods import SELECTORS
+
+    if SELECTORS[cfg.selector].adaptive_count(cfg):
+        fix = "; pass prumerge_budget='fixed'" if method == "prumerge_plus" else f"; use one of {served}"
+        raise ValueError(f"{CONFIG_KEY}.method={method!r}: not served by the vLLM plug-in: {ADAPTIVE}{fix}")
+    if method not in PRESETS:
+        raise ValueError(f"{CONFIG_KEY}.method={method!r}: not served by the vLLM plug-in yet (no cross-engine "
+                         f"proof); use one of {served}")
     return cfg
 
 
@@ -139,7 +184,7 @@ def backend_options(family: str, method: str, prune: dict[str, Any], config: Any
         if served != config:
             raise ValueError(f"backend=vllm would run {method} with positions={served.positions!r}, the transformers "
                              f"backend with positions={config.positions!r}; pass positions=contiguous")
-        reason = NOT_SERVED.get(family, {}).get(method)
+        reason = family_refusal(family, config)
         if reason:
             raise ValueError(f"backend=vllm: {family} is not served with {method}: {reason}; use another preset")
     if engine_args is None or engine_args == "":

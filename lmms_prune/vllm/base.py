@@ -47,7 +47,12 @@ class BudgetedPrompts:
         if cfg is None:
             return updates
         cuts = self.__dict__.setdefault("_cuts", [])  # (visual tokens, placeholders) per image of this prompt
-        return [_budgeted(u, cfg, cuts) for u in updates]
+        return [_budgeted(u, cfg, cuts, lambda item: self.structural_tokens(mm_items, item)) for u in updates]
+
+    def structural_tokens(self, mm_items: Any, item_idx: int) -> int:
+        """How many of image ``item_idx``'s placeholders are structure that is always kept and never counted in
+        the budget (LLaVA-NeXT's row newlines); 0 for families without such tokens."""
+        return 0
 
     def apply(self, inputs, timing_ctx):
         self._cuts: list[tuple[int, int]] = []
@@ -65,9 +70,11 @@ class BudgetedPrompts:
         return out
 
 
-def _budgeted(update: PromptReplacement, cfg: Any, cuts: list[tuple[int, int]]) -> PromptReplacement:
-    """The same replacement with ``sel.budget(N)`` embedding placeholders per image instead of its ``N``, each
-    ``(N, budget)`` appended to ``cuts`` (videos are refused). A replacement that is all placeholders (Qwen,
+def _budgeted(update: PromptReplacement, cfg: Any, cuts: list[tuple[int, int]],
+              structural: Any = lambda item: 0) -> PromptReplacement:
+    """The same replacement with ``sel.budget(N - s) + s`` embedding placeholders per image instead of its ``N``
+    (``s = structural(item_idx)``: tokens kept outside the budget, LLaVA-NeXT's row newlines), each
+    ``(N, placeholders)`` appended to ``cuts`` (videos are refused). A replacement that is all placeholders (Qwen,
     LLaVA) is cut to the budget; one with tokens around its placeholders (InternVL's ``<img>`` ... ``</img>``,
     a ``PromptUpdateDetails`` whose ``is_embed`` marks them) keeps those tokens and cuts its one placeholder run."""
     full = update.replacement
@@ -78,7 +85,8 @@ def _budgeted(update: PromptReplacement, cfg: Any, cuts: list[tuple[int, int]]) 
                              "images, or serve without hf_overrides['lmms_prune']")
         tokens = full(item_idx)
         if not isinstance(tokens, PromptUpdateDetails):
-            n = sel.budget(len(tokens), keep_ratio=cfg.keep_ratio, keep_tokens=cfg.keep_tokens)
+            s = structural(item_idx)
+            n = sel.budget(len(tokens) - s, keep_ratio=cfg.keep_ratio, keep_tokens=cfg.keep_tokens) + s
             cuts.append((len(tokens), n))
             return tokens[:1] * n
         ids = list(tokens.full)
@@ -131,26 +139,38 @@ class PrunedModel:
 
     def select(self, emb: torch.Tensor, grids: list[tuple[int, int]], importance: torch.Tensor | None,
                features: torch.Tensor | None, embeddings: torch.Tensor | None, keys: torch.Tensor | None = None,
-               cls: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+               cls: torch.Tensor | None = None, structural: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict[str, Any]]:
         """The rows that replace one image's ``emb`` ``[N, ...]`` and its record line: the method's score and
         selector on the image's signals (``importance`` ``[N]`` vision attention, ``features`` ``[N, C]`` projector
         inputs, ``embeddings`` ``[N, D]`` projected tokens, ``keys`` ``[N, d]`` the feature layer's keys, ``cls``
         ``[D]`` the projected [CLS], each None where the method does not need it or the family has none;
-        ``grids``: the image's token grid per frame), with the budget of its ``N`` tokens.
+        ``grids``: the image's token grid per frame), with the budget of its ``N`` tokens. ``structural``: the
+        rows of the run that are structure (LLaVA-NeXT's row newlines, as our engine's ``ImageSpan.structural``):
+        never scored, never counted in the budget, always kept in their places; the signals then have a row for
+        every token of the run, and the selection sees the other rows only, as in our engine.
 
         A subset (:func:`lmms_prune.selection`'s kept indices) gives the kept rows in prompt order; a merge
         (:class:`lmms_prune.selection.Merge`, VisionZip) gives ``[prefix; kept rows; merged rows]`` as our engine
         builds them (:func:`lmms_prune.selection.merged_embeddings`), as many as the budget."""
-        n_tokens = emb.shape[0]
+        span = ImageSpan(start=0, length=emb.shape[0], grids=grids, structural=tuple(structural))
+        n_tokens = span.num_visual
+        visual = span.visual_index.to(emb.device) if structural else None
+
+        def rows(x: torch.Tensor | None) -> torch.Tensor | None:
+            return x if x is None or visual is None else x[visual.to(x.device)]
+
         signals = ImageSignals(
-            sample=0, span=ImageSpan(start=0, length=n_tokens, grids=grids), offset=0, sample_visual=n_tokens,
-            device=emb.device, vision_attention=importance, vision_features=features, embeddings=embeddings,
-            vision_keys=keys, vision_cls=cls)
+            sample=0, span=span, offset=0, sample_visual=n_tokens, device=emb.device, vision_attention=rows(importance),
+            vision_features=rows(features), embeddings=rows(embeddings), vision_keys=rows(keys), vision_cls=cls)
         n = sel.budget(n_tokens, keep_ratio=self.prune.keep_ratio, keep_tokens=self.prune.keep_tokens)
         score = self.score(signals)
         result = self.selector(signals, score, n)
         line = {"visual_before": n_tokens, "scores": None if score is None else score.float().tolist()}
         if isinstance(result, sel.Merge):
+            if structural:
+                raise ValueError(f"lmms_prune: method {self.prune.method!r} merges tokens, but this family's images "
+                                 "have structural tokens (row newlines) inside them that a merged sequence cannot "
+                                 "place (our engine refuses it too)")
             if result.slots is not None:
                 raise ValueError(f"lmms_prune: method {self.prune.method!r} places merged tokens at removed tokens' "
                                  "positions, which the plug-in's budgeted placeholder run cannot hold")
@@ -160,7 +180,11 @@ class PrunedModel:
                                    f"budget of {n} placeholders")
             return rows, line | {"kept": result.index.tolist(), "merged": result.added}
         kept = result.sort().values.to(emb.device)
-        return emb[kept], line | {"kept": kept.tolist(), "merged": 0}
+        if visual is None:
+            return emb[kept], line | {"kept": kept.tolist(), "merged": 0}
+        # the structural rows stay in their places, as our engine keeps them (pre_llm.shrink_inputs)
+        run = torch.cat([torch.tensor(structural, dtype=torch.long, device=emb.device), visual[kept]]).sort().values
+        return emb[run], line | {"kept": kept.tolist(), "merged": 0}
 
 
 @contextmanager

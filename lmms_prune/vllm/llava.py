@@ -66,24 +66,36 @@ def feature_layer_index(vision_feature_layer: int, num_hidden_layers: int) -> in
     return hidden - 1
 
 
+def check_clip_tower(config: Any) -> None:
+    """Refuse (``ValueError``) a LLaVA-style checkpoint whose tower signals the plug-in does not read as our engine
+    does: a tower other than CLIP, several feature layers, a feature strategy other than ``default``."""
+    tower = config.vision_config.model_type
+    if tower != "clip_vision_model":
+        raise ValueError(f"lmms_prune: a {tower} vision tower: the vLLM plug-in prunes LLaVA models with a CLIP tower "
+                         "(LLaVA-1.5, LLaVA-NeXT) only; serve this checkpoint without hf_overrides['lmms_prune']")
+    if not isinstance(config.vision_feature_layer, int):
+        raise ValueError(f"lmms_prune: vision_feature_layer={config.vision_feature_layer!r}: the vLLM plug-in "
+                         "reads one feature layer (LLaVA's -2); serve without hf_overrides['lmms_prune']")
+    if config.vision_feature_select_strategy != "default":
+        raise ValueError(f"lmms_prune: vision_feature_select_strategy={config.vision_feature_select_strategy!r}: "
+                         "the plug-in prunes the patch tokens of the 'default' strategy (the [CLS] dropped) only")
+
+
+def feature_layer(model: Any) -> Any:
+    """The CLIP layer whose output the projector reads: the last one vLLM built (it stops at
+    ``vision_feature_layer``)."""
+    config = model.config
+    return model.vision_tower.vision_model.encoder.layers[
+        feature_layer_index(config.vision_feature_layer, config.vision_config.num_hidden_layers)]
+
+
 @MULTIMODAL_REGISTRY.register_processor(_processor, info=_build_llava_or_pixtral_hf_info,
                                         dummy_inputs=LlavaDummyInputsBuilder)
 class PrunedLlava(PrunedModel, LlavaForConditionalGeneration):
     """vLLM's LLaVA; with ``hf_overrides['lmms_prune']`` it keeps only the method's tokens of each image."""
 
     def check_served(self, vllm_config: Any) -> None:
-        config = vllm_config.model_config.hf_config
-        tower = config.vision_config.model_type
-        if tower != "clip_vision_model":
-            raise ValueError(f"lmms_prune: a {tower} vision tower: the vLLM plug-in prunes LLaVA with a CLIP tower "
-                             "(LLaVA-1.5) only; serve this checkpoint without hf_overrides['lmms_prune']")
-        if not isinstance(config.vision_feature_layer, int):
-            raise ValueError(f"lmms_prune: vision_feature_layer={config.vision_feature_layer!r}: the vLLM plug-in "
-                             "reads one feature layer (LLaVA-1.5's -2); serve without hf_overrides['lmms_prune']")
-        if config.vision_feature_select_strategy != "default":
-            raise ValueError(f"lmms_prune: vision_feature_select_strategy="
-                             f"{config.vision_feature_select_strategy!r}: the plug-in prunes the patch tokens of "
-                             "the 'default' strategy (LLaVA-1.5's, the [CLS] dropped) only")
+        check_clip_tower(vllm_config.model_config.hf_config)
 
     def embed_multimodal(self, **kwargs: object):
         if self.prune is None:
@@ -92,10 +104,7 @@ class PrunedLlava(PrunedModel, LlavaForConditionalGeneration):
         if image is None:
             return []
         needs = self.stage_needs
-        config = self.config
-        # the layer whose output the projector reads: the last one vLLM built (it stops at vision_feature_layer)
-        layer = self.vision_tower.vision_model.encoder.layers[
-            feature_layer_index(config.vision_feature_layer, config.vision_config.num_hidden_layers)]
+        layer = feature_layer(self)
         with torch.no_grad(), observe_encoder(layer.self_attn.attn, self.multi_modal_projector, needs, keys=True,
                                               layer=layer) as captured:
             embeds = self._process_image_input(image)

@@ -10,7 +10,8 @@ reaches vLLM as ``hf_overrides["lmms_prune"]``, checked before anything loads
 (:func:`lmms_prune.vllm.backend_options`).
 
 Efficiency records carry the same fields as the transformers backend's where vLLM gives them: the visual tokens
-before (the transformers processor's count for the same prompt) and after (the placeholder runs vLLM scheduled),
+before (the transformers processor's count for the same prompt, structural tokens such as LLaVA-NeXT's row
+newlines left out as both engines leave them out of the budget) and after (the placeholder runs vLLM scheduled),
 the prompt lengths (vLLM's ``prompt_token_ids``, checked against ``before - visual_before + visual_after``), the
 theoretical prefill FLOPs and KV cache of :mod:`lmms_prune.efficiency`, the time to first token where vLLM's
 request metrics have it, and the batch's wall time. The per-phase times (vision, hand-over, LLM prefill,
@@ -116,7 +117,12 @@ class VllmRunner(Runner):
             sizes = [image.size for image in images]
             images = self.family.prepare_images(images, family_options, processor=self.processor)
             inputs = self.processor(text=[text], images=images or None, return_tensors="pt", **processor_kwargs)
-            before = self.visual_counts(inputs, len(images))
+            runs = self.visual_counts(inputs, len(images))
+            # structural tokens (LLaVA-NeXT's row newlines) are kept outside the budget, as by both engines
+            structure = self.family.image_structure(self.processor, inputs) if images else None
+            structure = structure or [(0, None)] * len(runs)
+            before = [n - s for n, (s, _) in zip(runs, structure)]
+            papers = [p or n for n, (_, p) in zip(before, structure)]
             after = [n if self.options.vllm_prune is None else
                      sel.budget(n, keep_ratio=self.config.keep_ratio, keep_tokens=self.config.keep_tokens)
                      for n in before]
@@ -128,7 +134,7 @@ class VllmRunner(Runner):
             if processor_kwargs:
                 request["mm_processor_kwargs"] = processor_kwargs
             requests.append(request)
-            expected.append((int(inputs["input_ids"].shape[1]), before, after, frames))
+            expected.append((int(inputs["input_ids"].shape[1]), before, after, frames, papers))
             vision_flops += self.family.vision_flops(self.hf_config, inputs)
         gen, until = generation_kwargs(gen_kwargs, int(family_options.get("default_max_new_tokens", 128)))
         if gen["num_beams"] != 1:
@@ -143,7 +149,7 @@ class VllmRunner(Runner):
         results = self.model.generate(requests, sampling, use_tqdm=False)
         t_gen_end = time.perf_counter()
         out = []
-        for (seq_before, before, after, frames), result in zip(expected, results):
+        for (seq_before, before, after, frames, papers), result in zip(expected, results):
             seq_after = len(result.prompt_token_ids)
             if seq_after != seq_before - sum(before) + sum(after):
                 raise RuntimeError(f"vLLM scheduled {seq_after} prompt tokens where the transformers processor's "
@@ -152,15 +158,15 @@ class VllmRunner(Runner):
             completion = result.outputs[0]
             n_out = len(completion.token_ids)
             record = self.served_record(result, len(conversations), seq_before, seq_after, before, after, n_out,
-                                        t_start, t_gen, t_gen_end)
+                                        t_start, t_gen, t_gen_end, papers)
             record["task_kind"] = task_kind
             record["batch_vision_flops"] = vision_flops
             out.append(Answer(apply_until(completion.text, until), seq_after, n_out, record, frames))
         return out
 
     def served_record(self, result: Any, batch: int, seq_before: int, seq_after: int, before: list[int],
-                      after: list[int], n_out: int, t_start: float, t_gen: float, t_gen_end: float
-                      ) -> dict[str, Any]:
+                      after: list[int], n_out: int, t_start: float, t_gen: float, t_gen_end: float,
+                      papers: list[int]) -> dict[str, Any]:
         """One sample's efficiency record (the transformers backend's fields that vLLM gives)."""
         layers = [seq_after] * self.dims.num_layers
         full = [seq_before] * self.dims.num_layers
@@ -171,7 +177,7 @@ class VllmRunner(Runner):
             "batch_size": batch,
             "backend": "vllm",
             "visual_before": sum(before),
-            "visual_before_papers": sum(before),
+            "visual_before_papers": sum(papers),
             "visual_after": sum(after),
             "visual_after_per_image": list(after),
             "tokens_per_layer": layers,
