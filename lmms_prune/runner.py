@@ -83,8 +83,8 @@ OPTIONS: dict[str, str] = {
     "task_protocol": "apply a task's protocol settings (generation_kwargs lmms_prune_protocol, e.g. RefCOCO's 6 "
                      "InternVL tiles) to its requests, default true",
     "backend": "transformers (default: our engine inside transformers' generate) or vllm (the vLLM plug-in, "
-               "lmms_prune.vllm: pre-LLM presets on Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-1.5, LLaVA-NeXT and "
-               "InternVL; run it in the vLLM venv, scripts/vllm_env.sh)",
+               "lmms_prune.vllm: pre-LLM presets on every family: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-1.5, "
+               "LLaVA-NeXT, LLaVA-OneVision, InternVL; run it in the vLLM venv, scripts/vllm_env.sh)",
     "vllm_engine_args": "backend=vllm: further vllm.LLM arguments as a JSON object, e.g. "
                         "{\"max_model_len\":4096,\"enforce_eager\":true}",
 }

@@ -21,13 +21,14 @@ import sys
 import time
 from pathlib import Path
 
-FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "llava", "llava_next", "internvl")  # the families the plug-in serves (lmms_prune.vllm)
+FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "llava", "llava_next", "llava_onevision", "internvl")  # the families the plug-in serves (lmms_prune.vllm)
 TOYS = {"internvl": "internvl_qwen2"}  # the toy of a family where its name differs (InternVL2.5's Qwen2 LLM)
 MROPE = {"qwen2_5_vl": [8, 12, 12], "qwen2_vl": [8, 12, 12], "qwen3_vl": [12, 10, 10]}
 PRESETS = ("vispruner", "divprune", "fastervlm", "visionzip", "prumerge_plus", "random", "uniform")  # lmms_prune.vllm
 # they merge tokens: both engines refuse them where DeepStack adds per-token features inside the LLM (Qwen3-VL) and
-# where row newlines sit inside the image's run (LLaVA-NeXT)
-NOT_SERVED = {"qwen3_vl": ("visionzip", "prumerge_plus"), "llava_next": ("visionzip", "prumerge_plus")}
+# where row newlines sit inside the image's run (LLaVA-NeXT, LLaVA-OneVision)
+NOT_SERVED = {"qwen3_vl": ("visionzip", "prumerge_plus"), "llava_next": ("visionzip", "prumerge_plus"),
+              "llava_onevision": ("visionzip", "prumerge_plus")}
 # presets whose own default stage is inside the LLM: served with stage=pre_llm, which both engines are told
 PRE_LLM_STAGE = ("random", "uniform")
 UNPRUNED = "none"  # without the config key the registered class must serve the model as vLLM's own class does
@@ -127,8 +128,9 @@ def build_toy(out: Path, family: str) -> Path:
         setattr(model.generation_config, key, value)
     model.save_pretrained(path)
     processor = toy.build_processor(TOYS.get(family, family))
-    if family in ("llava", "llava_next"):
+    if family in ("llava", "llava_next", "llava_onevision"):
         hub_layout(path)
+    if family == "llava":
         processor.image_processor.size = {"shortest_edge": LLAVA_SIDE}
         processor.image_processor.crop_size = {"height": LLAVA_SIDE, "width": LLAVA_SIDE}
     if family == "internvl":

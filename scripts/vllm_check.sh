@@ -5,7 +5,7 @@
 # writes OUT/vllm_check.json (per family, preset and positions: kept sets identical, greedy answers identical token
 # for token, first-token log-probabilities, prompt tokens before and after) and exits non-zero on any difference.
 # --model PATH: a local checkpoint of a served family (default: one toy per family, fp32, text head_dim 64).
-# --families / --presets: a subset (default: qwen2_5_vl,qwen2_vl,qwen3_vl,llava,llava_next,internvl and
+# --families / --presets: a subset (default: qwen2_5_vl,qwen2_vl,qwen3_vl,llava,llava_next,llava_onevision,internvl and
 # none,vispruner,divprune,fastervlm,visionzip,prumerge_plus,random,uniform; random and uniform run with stage=pre_llm;
 # "none" runs vLLM with the plug-in installed and no pruning key).
 # --lmms-eval PRESET (default divprune; none: skip): lmms-eval's own `--model vllm` with that preset in hf_overrides
@@ -24,7 +24,7 @@ usage() {
 if [ $# -lt 1 ] || [[ "$1" == -* ]]; then usage; fi
 OUT_ARG="$1"
 shift
-MODEL=() FAMILIES="qwen2_5_vl,qwen2_vl,qwen3_vl,llava,llava_next,internvl" PRESETS="none,vispruner,divprune,fastervlm,visionzip,prumerge_plus,random,uniform" HARNESS=divprune RUNNER=divprune
+MODEL=() FAMILIES="qwen2_5_vl,qwen2_vl,qwen3_vl,llava,llava_next,llava_onevision,internvl" PRESETS="none,vispruner,divprune,fastervlm,visionzip,prumerge_plus,random,uniform" HARNESS=divprune RUNNER=divprune
 while [ $# -gt 0 ]; do
     case "$1" in
         --model) [ $# -ge 2 ] || usage; MODEL=(--model "$2"); shift 2 ;;

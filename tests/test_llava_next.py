@@ -77,15 +77,24 @@ def test_spans_are_base_grid_then_mosaic_rows_each_ending_in_a_newline(toys, fam
         assert from_features[0][0].grids == span.grids and from_features[0][0].structural == span.structural
 
 
-def test_image_structure_from_the_processor_alone_matches_the_spans(toys):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_image_structure_from_the_processor_alone_matches_the_spans(toys, family):
     """The model-free count (runners that see no model: backend=vllm) gives each image's newlines and papers'
-    count exactly as the engine's spans read them from the model's packing, two images of a prompt included."""
-    model, proc = toys("llava_next")
+    count exactly as the engine's spans read them from the model's packing (OneVision's anyres_max_9 shrink
+    included: SIZES has mosaics over 9 tiles), two images of a prompt included."""
+    model, proc = toys(family)
     adapter = get_adapter(model)
     for images in [[_image(size)] for size in SIZES] + [[_image((300, 200)), _image((90, 500))]]:
         inputs = _inputs(proc, images)
         spans = adapter.spans(inputs["input_ids"], inputs)[0]
-        assert LlavaNext.image_structure(proc, inputs) == [(len(s.structural), s.papers_length) for s in spans]
+        assert type(adapter).image_structure(proc, inputs) == [(len(s.structural), s.papers_length) for s in spans]
+    if family == "llava_onevision":  # images nested per prompt: base grids with one newline each
+        content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Where is the cup?"}]
+        prompt = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        inputs = proc(images=[[_image((300, 200)), _image((90, 500))]], text=[prompt], return_tensors="pt")
+        spans = adapter.spans(inputs["input_ids"], inputs)[0]
+        assert [len(s.structural) for s in spans] == [1, 1]
+        assert type(adapter).image_structure(proc, inputs) == [(1, None), (1, None)]
 
 
 class SimpleOutput:

@@ -185,12 +185,11 @@ def test_backend_vllm_carries_the_config_the_transformers_backend_would_run(tmp_
 
 
 @pytest.mark.parametrize("family, method, args, message", [
-    ("llava_onevision", "divprune", {}, "serves the families qwen2_vl, qwen2_5_vl, qwen3_vl, llava, llava_next, internvl, not "
-     "llava_onevision"),
     ("qwen2_5_vl", "fastv", {}, "per-layer sequence lengths"),
     ("qwen3_vl", "visionzip", {}, "qwen3_vl is not served with visionzip"),
     ("qwen3_vl", "prumerge_plus", {}, "qwen3_vl is not served with prumerge_plus"),
     ("llava_next", "visionzip", {}, "llava_next is not served with visionzip: it merges tokens, but LLaVA-NeXT's"),
+    ("llava_onevision", "prumerge_plus", {}, "llava_onevision is not served with prumerge_plus: it merges tokens"),
     ("llava", "uniform", {}, "pass stage='pre_llm'"),
     ("llava", "divprune", {"positions": "original"}, "use positions='contiguous'"),
     ("llava", "divprune", {"use_cache": "false"}, "use_cache=false with backend=vllm"),
@@ -204,6 +203,17 @@ def test_backend_vllm_refusals_name_the_value_before_anything_loads(tmp_path, fa
     args = {"backend": "vllm", **args}
     with pytest.raises(ValueError, match=__import__("re").escape(message)):
         _parse(tmp_path, family=family, method=method, keep_ratio="0.25", **args)
+
+
+def test_every_family_is_served_and_another_name_is_refused():
+    """All our families have a vLLM architecture (backend=vllm); a name that is none of them is refused with the
+    list, before anything loads."""
+    from lmms_prune.families import FAMILIES
+    from lmms_prune.vllm import FAMILY_ARCHITECTURES, backend_options
+
+    assert set(FAMILY_ARCHITECTURES) == set(FAMILIES)
+    with pytest.raises(ValueError, match="serves the families qwen2_vl, .*llava_onevision, internvl, not gemma3"):
+        backend_options("gemma3", "divprune", {}, None, SimpleNamespace(device_map=None, use_cache=True))
 
 
 def test_vllm_engine_args_need_backend_vllm(tmp_path):

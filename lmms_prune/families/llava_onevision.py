@@ -93,6 +93,30 @@ class LlavaOnevision(LlavaNext):
             return None
         return [int(n) == 1 for n in counts for _ in range(int(n))]
 
+    @classmethod
+    def image_structure(cls, processor, inputs):
+        """Row newlines per image by the processor's own rule (``anyres_max_9`` included); an image of a group of
+        several (``batch_num_images > 1``: images nested per prompt) is its base grid and one newline; no separate
+        papers' count."""
+        from transformers.image_processing_utils import select_best_resolution
+
+        counts = inputs.get("batch_num_images")
+        sizes = inputs["image_sizes"].tolist()
+        patched = ([True] * len(sizes) if counts is None
+                   else [int(n) == 1 for n in counts.tolist() for _ in range(int(n))])
+        height, width = (int(x) for x in inputs["pixel_values"].shape[-2:])
+        side = math.isqrt(processor.num_image_tokens)
+        out = []
+        for (orig_h, orig_w), tiles in zip(sizes, patched):
+            if not tiles:
+                out.append((1, None))
+                continue
+            best_h, best_w = select_best_resolution([orig_h, orig_w], processor.image_processor.image_grid_pinpoints)
+            _, newlines = processor._get_unpadded_features(orig_h, orig_w, side, side, best_h // height,
+                                                           best_w // width)
+            out.append((int(newlines), None))
+        return out
+
     def _pack(self, per_image, image_sizes, newline):
         packed, _ = self.model.model.pack_image_features(per_image, image_sizes, image_newline=newline,
                                                          vision_aspect_ratio=self.config.vision_aspect_ratio)

@@ -3,7 +3,8 @@
 vLLM loads :func:`register` through the ``vllm.general_plugins`` entry point (pyproject.toml) in every process
 it starts. It registers one pruning-aware subclass of vLLM's own model class per architecture in
 :data:`ARCHITECTURES` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, sharing :mod:`lmms_prune.vllm.qwen`; LLaVA-1.5,
-:mod:`lmms_prune.vllm.llava`; LLaVA-NeXT, :mod:`lmms_prune.vllm.llava_next`; InternVL, :mod:`lmms_prune.vllm.internvl`; what all share is
+:mod:`lmms_prune.vllm.llava`; LLaVA-NeXT, :mod:`lmms_prune.vllm.llava_next`; LLaVA-OneVision,
+:mod:`lmms_prune.vllm.llava_onevision`; InternVL, :mod:`lmms_prune.vllm.internvl`; what all share is
 :mod:`lmms_prune.vllm.base`); each
 serves the model unchanged unless its config carries the pruning key::
 
@@ -31,6 +32,7 @@ ARCHITECTURES = {
     "Qwen3VLForConditionalGeneration": "lmms_prune.vllm.qwen3_vl:PrunedQwen3VL",
     "LlavaForConditionalGeneration": "lmms_prune.vllm.llava:PrunedLlava",
     "LlavaNextForConditionalGeneration": "lmms_prune.vllm.llava_next:PrunedLlavaNext",
+    "LlavaOnevisionForConditionalGeneration": "lmms_prune.vllm.llava_onevision:PrunedLlavaOnevision",
     "InternVLForConditionalGeneration": "lmms_prune.vllm.internvl:PrunedInternVL",
 }
 # our family name -> the vLLM architecture the plug-in registers for it (ARCHITECTURES)
@@ -38,6 +40,7 @@ FAMILY_ARCHITECTURES = {"qwen2_vl": "Qwen2VLForConditionalGeneration",
                         "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
                         "qwen3_vl": "Qwen3VLForConditionalGeneration", "llava": "LlavaForConditionalGeneration",
                         "llava_next": "LlavaNextForConditionalGeneration",
+                        "llava_onevision": "LlavaOnevisionForConditionalGeneration",
                         "internvl": "InternVLForConditionalGeneration"}
 # Pre-LLM presets whose signals vLLM's Qwen-VL, LLaVA and InternVL code exposes at its vision tower, each proven
 # to keep our engine's tokens by scripts/vllm_check.py (docs/serving.md). random and uniform run inside the LLM by
@@ -66,7 +69,7 @@ INSIDE_LLM = ("methods that prune inside the LLM need per-layer sequence lengths
 def family_refusal(family: str, cfg: Any) -> str | None:
     """Why the plug-in (and our engine) refuses ``cfg`` on ``family``, or None: merges on Qwen3-VL, whose LLM
     adds per-token vision features (DeepStack) at every visual position of its first layers, and on LLaVA-NeXT,
-    whose row newlines sit inside each image's run."""
+    and LLaVA-OneVision, whose row newlines sit inside each image's run."""
     from lmms_prune.methods import SELECTORS
 
     if not getattr(SELECTORS.get(cfg.selector), "merges", False):
@@ -74,9 +77,9 @@ def family_refusal(family: str, cfg: Any) -> str | None:
     if family == "qwen3_vl":
         return ("it merges tokens, but Qwen3-VL also adds per-token vision features inside the LLM (DeepStack) that "
                 "a merged token has none of")
-    if family == "llava_next":
-        return ("it merges tokens, but LLaVA-NeXT's images end each mosaic row in a newline that a merged sequence "
-                "cannot place")
+    if family in ("llava_next", "llava_onevision"):
+        return ("it merges tokens, but LLaVA-NeXT's and LLaVA-OneVision's images end each mosaic row in a newline "
+                "that a merged sequence cannot place")
     return None
 
 

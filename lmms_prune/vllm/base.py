@@ -24,7 +24,7 @@ from vllm.logger import init_logger
 from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
 
 from lmms_prune import selection as sel
-from lmms_prune.engine.attention import query_rows
+from lmms_prune.engine.attention import query_rows, received_attention
 from lmms_prune.families.base import ImageSpan
 from lmms_prune.methods import SCORES, SELECTORS
 from lmms_prune.methods.base import ImageSignals
@@ -189,24 +189,29 @@ class PrunedModel:
 
 @contextmanager
 def observe_encoder(kernel: torch.nn.Module, projector: torch.nn.Module, needs: Any, keys: bool = False,
-                    layer: torch.nn.Module | None = None) -> Iterator[dict[str, Any]]:
+                    layer: torch.nn.Module | None = None, received: bool = False) -> Iterator[dict[str, Any]]:
     """Observe one vision layer of a vLLM tower with a [CLS] token (read-only, undone on exit): at its attention
     ``kernel`` the [CLS] rows ``[B, H, S]`` (``"cls"``, ``Needs.vision_attention``: softmax over all keys with the
     kernel's scale, as our engine's ``attention.query_rows``) and, where ``keys``, the keys ``[B, S, d]`` heads
     averaged in float32 (``"keys"``, ``Needs.vision_keys``, as our engine's observer); ``layer``'s output
     ``[B, S, D]`` (``"states"``, ``Needs.vision_cls``); and the ``projector``'s input (``"pre"``,
-    ``Needs.vision_features``)."""
+    ``Needs.vision_features``; the calls' inputs concatenated where the family projects image by image). A tower
+    without a [CLS] token (``received``, SigLIP) gives each token's mean received attention ``[B, S]`` instead of the
+    [CLS] rows (``"received"``, as our engine's ``attention.received_attention``)."""
     keys = keys and needs.vision_keys
     states = layer is not None and needs.vision_cls
+    attention = "received" if received else "cls"
     expected = {key: name for key, name, on in (
-        ("cls", "[CLS] attention", needs.vision_attention), ("keys", "keys", keys),
+        (attention, f"{'received' if received else '[CLS]'} attention", needs.vision_attention), ("keys", "keys", keys),
         ("states", "feature layer's output", states), ("pre", "projector input", needs.vision_features)) if on}
     out: dict[str, Any] = {"_expected": expected}
     hooks = []
     if needs.vision_attention or keys:
         def grab_qk(module, args, kwargs):
             q, k = encoder_qk(module, args, kwargs)  # [B, H, S, d]
-            if needs.vision_attention:
+            if needs.vision_attention and received:
+                out["received"] = received_attention(q, k, module.scale)
+            elif needs.vision_attention:
                 out["cls"] = query_rows(q, k, module.scale, rows=slice(0, 1))[:, :, 0]
             if keys:
                 out["keys"] = k.float().mean(1)
@@ -262,13 +267,15 @@ def encoder_qk(module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[torch.
 
 
 def wrap_forward(module: torch.nn.Module, out: dict[str, Any], key: str) -> None:
-    """Observe ``module``'s first input as ``out[key]`` (detached) by wrapping its ``forward`` in an instance
+    """Observe ``module``'s first input as ``out[key]`` (detached; several calls' inputs concatenated along the
+    first dimension, in call order) by wrapping its ``forward`` in an instance
     attribute (undo with :func:`unwrap_forward`). A forward pre-hook on such a module is not called in vLLM 0.32's
     CPU worker (seen in scripts/vllm_check.sh), so the call itself is wrapped."""
     forward = module.forward
 
     def observed(x, *args, **kwargs):
-        out[key] = x.detach()
+        seen = out.get(key)
+        out[key] = x.detach() if seen is None else torch.cat([seen, x.detach()])  # called once per image
         return forward(x, *args, **kwargs)
 
     module.forward = observed
