@@ -55,8 +55,12 @@ TOP_LOGPROBS = 5  # compared at the first generated token: a check of the positi
 LOGPROB_TOL = 1e-3
 ROOT = Path(__file__).resolve().parents[1]
 LMMS_EVAL_TASK = "mme_tiny"  # tests/tasks: lmms-eval's MME task on two tiny parquet rows
+VLMEVAL_DATA = "TinyMCQ"  # a VLMEvalKit custom-MCQ TSV of two rows (the test image and its mirror), as tests/test_vlmeval.py
 LMMS_EVAL_LIMIT = 2
 # logged by lmms_prune.vllm.base per prompt ("?": an image served from vLLM's processor cache)
+# the efficiency records' token counts both backends must agree on (runner and vlmeval parts)
+RECORD_KEYS = ("visual_before", "visual_before_papers", "visual_after", "seq_len_before", "seq_len_after",
+               "output_tokens")
 PRUNED_PROMPT = re.compile(r"lmms_prune: prompt (\d+|\?) -> (\d+) tokens")
 
 
@@ -268,6 +272,68 @@ RUNNER_ENGINE = {"max_model_len": 2048, "enforce_eager": True, "limit_mm_per_pro
 RUNNER_ARGS = {"internvl": ["max_patches=1"]}
 
 
+def _model_args(path: Path, family: str, preset: str, backend: str) -> list[str]:
+    """Our model's ``--model_args`` items for the toy at ``path`` with ``backend`` (lmms-eval's and VLMEvalKit's)."""
+    args = [f"pretrained={path}", f"backend={backend}", f"keep_ratio={KEEP_RATIO}", "positions=contiguous",
+            "dtype=float32", *RUNNER_ARGS.get(family, []), *(["stage=pre_llm"] if preset in PRE_LLM_STAGE else [])]
+    if backend == "vllm":
+        args.append("vllm_engine_args=" + json.dumps(RUNNER_ENGINE, separators=(",", ":")))
+    return args
+
+
+def _mcq_tsv(folder: Path) -> None:
+    """``folder/TinyMCQ.tsv``: VLMEvalKit's custom image-MCQ format (index, base64 PNG, question, options, answer,
+    category) with the test image and its mirror."""
+    import base64
+    import csv
+    import io
+
+    from PIL import ImageOps
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index, image in enumerate((_image(), ImageOps.mirror(_image()))):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        rows.append({"index": index, "image": base64.b64encode(buf.getvalue()).decode(), "question": QUESTION,
+                     "A": "a gradient", "B": "a cat", "C": "a table", "answer": "A", "category": "toy"})
+    with (folder / f"{VLMEVAL_DATA}.tsv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), delimiter="\t")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def run_vlmeval(out: Path, family: str, preset: str, backend: str) -> None:
+    """Our model ``FAMILY_PRESET`` in VLMEvalKit (``lmms-prune vlmeval``, its run.py and exact-matching scorer) with
+    ``backend=BACKEND`` on :data:`VLMEVAL_DATA`; ``out/vlmeval/BACKEND.json``: the predictions and the efficiency
+    records' token counts per sample (needs VLMEvalKit in the environment: ``LMMS_PRUNE_VLLM_VLMEVAL=1`` for the
+    vLLM venv)."""
+    path = Path((out / "model_path").read_text())
+    where = out / "vlmeval" / backend
+    shutil.rmtree(where, ignore_errors=True)
+    _mcq_tsv(where / "LMUData")
+    model, work = f"{family}_{preset}", where / "work"
+    cmd = [sys.executable, "-m", "lmms_prune.cli.main", "vlmeval", "--model", model, "--model-args",
+           ",".join(_model_args(path, family, preset, backend)), "--data", VLMEVAL_DATA, "--work-dir", str(work),
+           "--judge", "exact_matching", "--max-new-tokens", str(MAX_NEW_TOKENS)]
+    t0 = time.perf_counter()
+    env = {**os.environ, "LMUData": str(where / "LMUData")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=where, env=env)
+    (where / "vlmeval.log").write_text(proc.stdout + proc.stderr)
+    answers, records = [], []
+    table = work / model / f"{model}_{VLMEVAL_DATA}.xlsx"
+    if table.exists():
+        from vlmeval.smp import load
+
+        answers = [str(p) for p in load(str(table)).sort_values("index")["prediction"]]
+    eff = work / model / f"{model}_{VLMEVAL_DATA}_efficiency.json"
+    if eff.exists():
+        records = [{k: r.get(k) for k in RECORD_KEYS} for r in json.loads(eff.read_text())["samples"]]
+    (out / "vlmeval" / f"{backend}.json").write_text(json.dumps({
+        "command": cmd, "returncode": proc.returncode, "seconds": time.perf_counter() - t0, "answers": answers,
+        "records": records}, indent=1))
+
+
 def run_runner(out: Path, family: str, preset: str, backend: str) -> None:
     """Our own lmms-eval model (``--model FAMILY_PRESET``) with ``backend=BACKEND`` on the tiny MME task, from
     lmms-eval's command line (the transformers backend in the main venv, vllm in the vLLM venv);
@@ -276,11 +342,7 @@ def run_runner(out: Path, family: str, preset: str, backend: str) -> None:
     where = out / "runner" / backend
     shutil.rmtree(where, ignore_errors=True)
     where.mkdir(parents=True)
-    args = [f"pretrained={path}", f"backend={backend}", f"keep_ratio={KEEP_RATIO}", "positions=contiguous",
-            "dtype=float32", f"efficiency_path={where / 'efficiency.json'}", *RUNNER_ARGS.get(family, []),
-            *(["stage=pre_llm"] if preset in PRE_LLM_STAGE else [])]
-    if backend == "vllm":
-        args.append("vllm_engine_args=" + json.dumps(RUNNER_ENGINE, separators=(",", ":")))
+    args = [*_model_args(path, family, preset, backend), f"efficiency_path={where / 'efficiency.json'}"]
     cmd = [sys.executable, "-m", "lmms_eval", "--model", f"{family}_{preset}", "--model_args", ",".join(args),
            "--tasks", LMMS_EVAL_TASK, "--include_path", str(ROOT / "tests" / "tasks"), "--limit",
            str(LMMS_EVAL_LIMIT), "--batch_size", "1", "--output_path", str(where / "results"), "--log_samples"]
@@ -291,17 +353,17 @@ def run_runner(out: Path, family: str, preset: str, backend: str) -> None:
                       for line in p.read_text().splitlines()), key=lambda r: r["doc_id"])
     eff = where / "efficiency.json"
     records = json.loads(eff.read_text())["samples"] if eff.exists() else []
-    keys = ("visual_before", "visual_before_papers", "visual_after", "seq_len_before", "seq_len_after",
-            "output_tokens")
     (out / "runner" / f"{backend}.json").write_text(json.dumps({
         "command": cmd, "returncode": proc.returncode, "seconds": time.perf_counter() - t0,
         "answers": [s["filtered_resps"] for s in samples],
-        "records": [{k: r.get(k) for k in keys} for r in sorted(records, key=lambda r: r["doc_id"])]}, indent=1))
+        "records": [{k: r.get(k) for k in RECORD_KEYS} for r in sorted(records, key=lambda r: r["doc_id"])]},
+        indent=1))
 
 
-def compare_runner(out: Path, family: str) -> dict | None:
-    """Both backends' lmms-eval runs of :func:`run_runner`: same answers, same token counts, every sample."""
-    parts = {b: out / family / "runner" / f"{b}.json" for b in ("transformers", "vllm")}
+def compare_runner(out: Path, family: str, part: str = "runner") -> dict | None:
+    """Both backends' runs of :func:`run_runner` (``part="runner"``, lmms-eval) or :func:`run_vlmeval`
+    (``"vlmeval"``): same answers, same token counts, every sample."""
+    parts = {b: out / family / part / f"{b}.json" for b in ("transformers", "vllm")}
     if not all(p.exists() for p in parts.values()):
         return None
     got = {b: json.loads(p.read_text()) for b, p in parts.items()}
@@ -412,16 +474,18 @@ def compare(out: Path, families: list[str], presets: list[str]) -> bool:
         print(f"{family:>10} lmms-eval --model vllm: {'ok' if h['ok'] else 'FAILED'}, pruned prompts in its log "
               f"{h['pruned_prompts_in_log']}")
     ok &= all(h["ok"] for h in harness.values())
-    runner = {family: r for family in families if (r := compare_runner(out, family)) is not None}
-    if runner:
-        data = json.loads((out / "vllm_check.json").read_text())
-        data["runner_backends"] = runner
-        (out / "vllm_check.json").write_text(json.dumps(data, indent=1))
-    for family, r in runner.items():
-        print(f"{family:>10} our lmms-eval model, backend=transformers vs vllm: answers "
-              f"{'==' if r['answers_identical'] else '!='}, records {'==' if r['records_identical'] else '!='} "
-              f"{r['records']['vllm']}")
-        ok &= r["answers_identical"] and r["records_identical"]
+    for part, key, harness_name in (("runner", "runner_backends", "lmms-eval"),
+                                    ("vlmeval", "vlmeval_backends", "VLMEvalKit")):
+        both = {family: r for family in families if (r := compare_runner(out, family, part)) is not None}
+        if both:
+            data = json.loads((out / "vllm_check.json").read_text())
+            data[key] = both
+            (out / "vllm_check.json").write_text(json.dumps(data, indent=1))
+        for family, r in both.items():
+            print(f"{family:>10} our model in {harness_name}, backend=transformers vs vllm: answers "
+                  f"{'==' if r['answers_identical'] else '!='}, records {'==' if r['records_identical'] else '!='} "
+                  f"{r['records']['vllm']}")
+            ok &= r["answers_identical"] and r["records_identical"]
     for r in rows:
         print(f"{r['family']:>10} {r['preset']:>10} {r['positions']:>10}: kept "
               f"{'==' if r['kept_identical'] else '!='}  answer {'==' if r['answers_identical'] else '!='}  "
@@ -460,6 +524,11 @@ def main(argv: list[str] | None = None) -> int:
     rn.add_argument("family", choices=FAMILIES)
     rn.add_argument("preset", choices=PRESETS)
     rn.add_argument("backend", choices=("transformers", "vllm"))
+    vk = sub.add_parser("vlmeval", help="our model in VLMEvalKit with backend=BACKEND on a tiny MCQ set")
+    vk.add_argument("out", type=Path)
+    vk.add_argument("family", choices=FAMILIES)
+    vk.add_argument("preset", choices=PRESETS)
+    vk.add_argument("backend", choices=("transformers", "vllm"))
     cmp = sub.add_parser("compare", help="write OUT/vllm_check.json")
     cmp.add_argument("out", type=Path)
     cmp.add_argument("--families", type=lambda t: _names(t, FAMILIES), default=list(FAMILIES))
@@ -484,6 +553,8 @@ def main(argv: list[str] | None = None) -> int:
         run_lmms_eval(out, args.preset)
     elif args.part == "runner":
         run_runner(out, args.family, args.preset, args.backend)
+    elif args.part == "vlmeval":
+        run_vlmeval(out, args.family, args.preset, args.backend)
     else:
         run_vllm(out, args.family, args.preset, args.positions)
     return 0

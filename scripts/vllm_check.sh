@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Cross-engine proof of the vLLM plug-in (docs/serving.md):
 #   bash scripts/vllm_check.sh OUT [--model PATH] [--families F,...] [--presets P,...] [--lmms-eval PRESET|none]
-#                                  [--runner PRESET|none]
+#                                  [--runner PRESET|none] [--vlmeval PRESET|none]
 # writes OUT/vllm_check.json (per family, preset and positions: kept sets identical, greedy answers identical token
 # for token, first-token log-probabilities, prompt tokens before and after) and exits non-zero on any difference.
 # --model PATH: a local checkpoint of a served family (default: one toy per family, fp32, text head_dim 64).
@@ -15,16 +15,18 @@
 # answers and the same efficiency token counts per sample. Our transformers engine runs in the main
 # environment (LMMS_PRUNE_MAIN_PYTHON, default ./.venv/bin/python: scripts/env.sh), vLLM in its own
 # (scripts/vllm_env.sh), one engine per configuration (vLLM fixes the pruning config when it starts).
+# --vlmeval PRESET (default none): the same comparison for our model FAMILY_PRESET in VLMEvalKit (lmms-prune
+# vlmeval on a two-row MCQ set); the vLLM venv then needs VLMEvalKit: LMMS_PRUNE_VLLM_VLMEVAL=1 bash scripts/vllm_env.sh.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 usage() {
-    echo "usage: bash scripts/vllm_check.sh OUT [--model PATH] [--families F,...] [--presets P,...] [--lmms-eval PRESET|none] [--runner PRESET|none]" >&2
+    echo "usage: bash scripts/vllm_check.sh OUT [--model PATH] [--families F,...] [--presets P,...] [--lmms-eval PRESET|none] [--runner PRESET|none] [--vlmeval PRESET|none]" >&2
     exit 2
 }
 if [ $# -lt 1 ] || [[ "$1" == -* ]]; then usage; fi
 OUT_ARG="$1"
 shift
-MODEL=() FAMILIES="qwen2_5_vl,qwen2_vl,qwen3_vl,llava,llava_next,llava_onevision,internvl" PRESETS="none,vispruner,divprune,fastervlm,visionzip,prumerge_plus,random,uniform" HARNESS=divprune RUNNER=divprune
+MODEL=() FAMILIES="qwen2_5_vl,qwen2_vl,qwen3_vl,llava,llava_next,llava_onevision,internvl" PRESETS="none,vispruner,divprune,fastervlm,visionzip,prumerge_plus,random,uniform" HARNESS=divprune RUNNER=divprune VLMEVAL=none
 while [ $# -gt 0 ]; do
     case "$1" in
         --model) [ $# -ge 2 ] || usage; MODEL=(--model "$2"); shift 2 ;;
@@ -32,6 +34,7 @@ while [ $# -gt 0 ]; do
         --presets) [ $# -ge 2 ] || usage; PRESETS="$2"; shift 2 ;;
         --lmms-eval) [ $# -ge 2 ] || usage; HARNESS="$2"; shift 2 ;;
         --runner) [ $# -ge 2 ] || usage; RUNNER="$2"; shift 2 ;;
+        --vlmeval) [ $# -ge 2 ] || usage; VLMEVAL="$2"; shift 2 ;;
         *) echo "[vllm_check] unknown argument $1" >&2; usage ;;
     esac
 done
@@ -53,6 +56,9 @@ fi
 if [ "$RUNNER" != none ]; then
     "$MAIN_PY" "${CHECK[@]}" runner /dev/null qwen2_5_vl "$RUNNER" vllm --help >/dev/null
 fi
+if [ "$VLMEVAL" != none ]; then
+    "$MAIN_PY" "${CHECK[@]}" vlmeval /dev/null qwen2_5_vl "$VLMEVAL" vllm --help >/dev/null
+fi
 OUT="$(mkdir -p "$OUT_ARG" && cd "$OUT_ARG" && pwd)"
 for family in ${FAMILIES//,/ }; do
     echo "[vllm_check] transformers engine, $family ($MAIN_PY)"
@@ -64,8 +70,18 @@ if [ "$RUNNER" != none ]; then
     "$MAIN_PY" "${CHECK[@]}" runner "$OUT" "$family" "$RUNNER" transformers ||
         echo "[vllm_check] backend=transformers run failed: see its log"
 fi
+if [ "$VLMEVAL" != none ]; then
+    family="${FAMILIES%%,*}"
+    echo "[vllm_check] our model ${family}_$VLMEVAL in VLMEvalKit, backend=transformers (log: $OUT/$family/vlmeval/transformers/vlmeval.log)"
+    "$MAIN_PY" "${CHECK[@]}" vlmeval "$OUT" "$family" "$VLMEVAL" transformers ||
+        echo "[vllm_check] VLMEvalKit backend=transformers run failed: see its log"
+fi
 # shellcheck disable=SC1091
 source "$ROOT/scripts/vllm_env.sh"
+if [ "$VLMEVAL" != none ] && ! python -c "import vlmeval" 2>/dev/null; then
+    echo "[vllm_check] --vlmeval needs VLMEvalKit in the vLLM venv: LMMS_PRUNE_VLLM_VLMEVAL=1 bash scripts/vllm_env.sh" >&2
+    exit 2
+fi
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
 for family in ${FAMILIES//,/ }; do
     mkdir -p "$OUT/$family/vllm"
@@ -87,5 +103,10 @@ if [ "$RUNNER" != none ]; then
     family="${FAMILIES%%,*}"
     echo "[vllm_check] our lmms-eval model ${family}_$RUNNER, backend=vllm (log: $OUT/$family/runner/vllm/lmms_eval.log)"
     python "${CHECK[@]}" runner "$OUT" "$family" "$RUNNER" vllm || echo "[vllm_check] backend=vllm run failed: see its log"
+fi
+if [ "$VLMEVAL" != none ]; then
+    family="${FAMILIES%%,*}"
+    echo "[vllm_check] our model ${family}_$VLMEVAL in VLMEvalKit, backend=vllm (log: $OUT/$family/vlmeval/vllm/vlmeval.log)"
+    python "${CHECK[@]}" vlmeval "$OUT" "$family" "$VLMEVAL" vllm || echo "[vllm_check] VLMEvalKit backend=vllm run failed: see its log"
 fi
 python "${CHECK[@]}" compare "$OUT" --families "$FAMILIES" --presets "$PRESETS"

@@ -51,6 +51,13 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
         sqlitedict "sacrebleu>=1.5.0" "filelock>=3.12,<4.3"
     echo "$WANT" > "$STAMP"
 fi
+# Optional: VLMEvalKit (ms-vlmeval, with its requirements) for scripts/vllm_check.sh --vlmeval; vLLM's torch,
+# torchvision and transformers stay (asked for again, so pip keeps them).
+if [ "${LMMS_PRUNE_VLLM_VLMEVAL:-0}" = 1 ] && ! python -c "import vlmeval" >/dev/null 2>&1; then
+    echo "[vllm_env] installing VLMEvalKit (ms-vlmeval) into $VENV"
+    python -m pip install -q --isolated --disable-pip-version-check --default-timeout 180 "ms-vlmeval>=0.0.20,<0.1" \
+        "torch==2.13.0" "torchvision==0.28.0" "transformers<5.20"
+fi
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 export HF_DATASETS_OFFLINE="${HF_DATASETS_OFFLINE:-1}"
 export TOKENIZERS_PARALLELISM=false

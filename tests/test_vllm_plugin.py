@@ -133,6 +133,7 @@ REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
     (["--presets", "none,fastv"], "'none,fastv': give names out of none, vispruner, divprune, fastervlm, visionzip"),
     (["--families", "paligemma"], "'paligemma': give names out of qwen2_5_vl, qwen2_vl, qwen3_vl, llava"),
     (["--lmms-eval", "cdpruner"], "invalid choice: 'cdpruner'"),
+    (["--vlmeval", "fastv"], "invalid choice: 'fastv'"),
     (["--model"], "usage"),
 ])
 def test_vllm_check_refuses_bad_names_before_anything_runs(tmp_path, args, message):

@@ -163,6 +163,9 @@ def test_model_names_and_options():
     with pytest.raises(ValueError, match="InternVL2-8B.*not a pruned model"):
         harness.split_model_name("InternVL2-8B")
     assert harness.parse_model_args(" keep_ratio=0.1, max_num=6 ,") == {"keep_ratio": "0.1", "max_num": "6"}
+    engine = '{"max_model_len":2048,"limit_mm_per_prompt":{"image":1,"video":0}}'  # commas inside braces stay
+    assert harness.parse_model_args(f"backend=vllm,vllm_engine_args={engine},keep_ratio=0.25") == {
+        "backend": "vllm", "vllm_engine_args": engine, "keep_ratio": "0.25"}
     with pytest.raises(ValueError, match="'keep_ratio': expected key=value"):
         harness.parse_model_args("keep_ratio")
     with pytest.raises(ValueError, match="keep_ratio=1.5"):

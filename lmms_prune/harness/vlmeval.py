@@ -102,9 +102,13 @@ def split_model_name(name: str) -> tuple[str, str | None]:
 
 
 def parse_model_args(text: str) -> dict[str, str]:
-    """lmms-eval's ``--model_args`` syntax: ``key=value,key=value`` (values stay strings; the runner parses them)."""
+    """lmms-eval's ``--model_args`` syntax: ``key=value,key=value``, split by lmms-eval's own splitter, which keeps
+    commas inside braces, brackets and quotes (``vllm_engine_args={"max_model_len":4096,...}``); values stay
+    strings (the runner parses them)."""
+    from lmms_eval.utils import _smart_comma_split
+
     args: dict[str, str] = {}
-    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+    for item in filter(None, (part.strip() for part in _smart_comma_split(text or ""))):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--model-args item {item!r}: expected key=value (e.g. keep_ratio=0.1,max_num=6)")

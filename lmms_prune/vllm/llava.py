@@ -66,19 +66,31 @@ def feature_layer_index(vision_feature_layer: int, num_hidden_layers: int) -> in
     return hidden - 1
 
 
-def check_clip_tower(config: Any) -> None:
+def check_tower(config: Any, tower: str = "clip_vision_model", served: str = "LLaVA-1.5 and LLaVA-NeXT",
+                strategy: str | None = "default") -> None:
     """Refuse (``ValueError``) a LLaVA-style checkpoint whose tower signals the plug-in does not read as our engine
-    does: a tower other than CLIP, several feature layers, a feature strategy other than ``default``."""
-    tower = config.vision_config.model_type
-    if tower != "clip_vision_model":
-        raise ValueError(f"lmms_prune: a {tower} vision tower: the vLLM plug-in prunes LLaVA models with a CLIP tower "
-                         "(LLaVA-1.5, LLaVA-NeXT) only; serve this checkpoint without hf_overrides['lmms_prune']")
+    does: a tower other than ``tower`` (what ``served`` have), several feature layers, a feature strategy other
+    than ``strategy`` (None: any)."""
+    if config.vision_config.model_type != tower:
+        raise ValueError(f"lmms_prune: a {config.vision_config.model_type} vision tower: the vLLM plug-in prunes "
+                         f"{served} with a {tower} only; serve this checkpoint without hf_overrides['lmms_prune']")
     if not isinstance(config.vision_feature_layer, int):
         raise ValueError(f"lmms_prune: vision_feature_layer={config.vision_feature_layer!r}: the vLLM plug-in "
-                         "reads one feature layer (LLaVA's -2); serve without hf_overrides['lmms_prune']")
-    if config.vision_feature_select_strategy != "default":
+                         "reads one feature layer; serve without hf_overrides['lmms_prune']")
+    if strategy is not None and config.vision_feature_select_strategy != strategy:
         raise ValueError(f"lmms_prune: vision_feature_select_strategy={config.vision_feature_select_strategy!r}: "
-                         "the plug-in prunes the patch tokens of the 'default' strategy (the [CLS] dropped) only")
+                         f"the plug-in prunes the patch tokens of the {strategy!r} strategy (the [CLS] dropped) only")
+
+
+def refuse_merges(prune: Any, family: str) -> None:
+    """Refuse a method that merges tokens on ``family``, whose images end each mosaic row in a newline (LLaVA-NeXT,
+    LLaVA-OneVision): a merged sequence cannot place them, and our engine refuses it too."""
+    from lmms_prune.methods import SELECTORS
+
+    if getattr(SELECTORS[prune.selector], "merges", False):
+        raise ValueError(f"lmms_prune: method {prune.method!r} merges tokens, but {family}'s images end each mosaic "
+                         "row in a newline that a merged sequence cannot place (our engine refuses it too); use a "
+                         "method that keeps a subset (vispruner, divprune, fastervlm)")
 
 
 def feature_layer(model: Any) -> Any:
@@ -95,7 +107,7 @@ class PrunedLlava(PrunedModel, LlavaForConditionalGeneration):
     """vLLM's LLaVA; with ``hf_overrides['lmms_prune']`` it keeps only the method's tokens of each image."""
 
     def check_served(self, vllm_config: Any) -> None:
-        check_clip_tower(vllm_config.model_config.hf_config)
+        check_tower(vllm_config.model_config.hf_config)
 
     def embed_multimodal(self, **kwargs: object):
         if self.prune is None:

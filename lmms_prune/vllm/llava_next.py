@@ -31,7 +31,6 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.parse import ImageProcessorItems
 
 from lmms_prune.families.llava_next import layout_from_newlines
-from lmms_prune.methods import SELECTORS
 from lmms_prune.scores import cls_attention
 from lmms_prune.vllm.base import (
     BudgetedPrompts,
@@ -41,7 +40,7 @@ from lmms_prune.vllm.base import (
     pixel_input,
     record,
 )
-from lmms_prune.vllm.llava import check_clip_tower, feature_layer
+from lmms_prune.vllm.llava import check_tower, feature_layer, refuse_merges
 
 
 def newline_count(info: LlavaNextProcessingInfo, width: int, height: int) -> int:
@@ -75,11 +74,8 @@ class PrunedLlavaNext(PrunedModel, LlavaNextForConditionalGeneration):
     """vLLM's LLaVA-NeXT; with ``hf_overrides['lmms_prune']`` it keeps only the method's tokens of each image."""
 
     def check_served(self, vllm_config: Any) -> None:
-        check_clip_tower(vllm_config.model_config.hf_config)
-        if getattr(SELECTORS[self.prune.selector], "merges", False):
-            raise ValueError(f"lmms_prune: method {self.prune.method!r} merges tokens, but LLaVA-NeXT's images end "
-                             "each mosaic row in a newline that a merged sequence cannot place (our engine refuses "
-                             "it too); use a method that keeps a subset (vispruner, divprune, fastervlm)")
+        check_tower(vllm_config.model_config.hf_config)
+        refuse_merges(self.prune, "LLaVA-NeXT")
 
     def packed_rows(self, image: Any) -> list[torch.Tensor]:
         """Per image, the tower's row (``tile * P + patch`` over the call's stacked tiles) behind each token of

@@ -30,7 +30,6 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.parse import ImageProcessorItems
 
 from lmms_prune.families.llava_next import layout_from_newlines
-from lmms_prune.methods import SELECTORS
 from lmms_prune.vllm.base import (
     BudgetedPrompts,
     PrunedModel,
@@ -39,7 +38,7 @@ from lmms_prune.vllm.base import (
     pixel_input,
     record,
 )
-from lmms_prune.vllm.llava import feature_layer
+from lmms_prune.vllm.llava import check_tower, feature_layer, refuse_merges
 from lmms_prune.vllm.llava_next import newline_count
 
 
@@ -58,18 +57,9 @@ class PrunedLlavaOnevision(PrunedModel, LlavaOnevisionForConditionalGeneration):
     image."""
 
     def check_served(self, vllm_config: Any) -> None:
-        config = vllm_config.model_config.hf_config
-        tower = config.vision_config.model_type
-        if tower != "siglip_vision_model":
-            raise ValueError(f"lmms_prune: a {tower} vision tower: the vLLM plug-in prunes LLaVA-OneVision with its "
-                             "SigLIP tower only; serve this checkpoint without hf_overrides['lmms_prune']")
-        if not isinstance(config.vision_feature_layer, int):
-            raise ValueError(f"lmms_prune: vision_feature_layer={config.vision_feature_layer!r}: the vLLM plug-in "
-                             "reads one feature layer; serve without hf_overrides['lmms_prune']")
-        if getattr(SELECTORS[self.prune.selector], "merges", False):
-            raise ValueError(f"lmms_prune: method {self.prune.method!r} merges tokens, but LLaVA-OneVision's images "
-                             "end each mosaic row in a newline that a merged sequence cannot place (our engine "
-                             "refuses it too); use a method that keeps a subset (vispruner, divprune, fastervlm)")
+        check_tower(vllm_config.model_config.hf_config, tower="siglip_vision_model", served="LLaVA-OneVision",
+                    strategy=None)
+        refuse_merges(self.prune, "LLaVA-OneVision")
 
     def pack(self, size: torch.Tensor, per_tile: torch.Tensor) -> torch.Tensor:
         """One image's per-tile rows ``[tiles, P, C]`` in its packed order ``[L, C]``, newline rows zero: vLLM's own
