@@ -21,6 +21,14 @@ from lmms_prune import geometry as geo
 from lmms_prune.efficiency import EncoderDims, encoder_flops, mlp_flops
 
 
+def feature_layer_index(vision_feature_layer: int, num_layers: int) -> int:
+    """The index, in a tower's list of ``num_layers`` layers, of the layer whose output ``vision_feature_layer``
+    names in ``hidden_states`` (whose entry 0 is the embeddings: -2 of 24 layers is layer 22); shared by our
+    adapters and the vLLM plug-in, which must read the same layer."""
+    hidden = vision_feature_layer if vision_feature_layer >= 0 else num_layers + 1 + vision_feature_layer
+    return hidden - 1
+
+
 @dataclass
 class ImageSpan:
     """One image's visual tokens inside one sample: ``length`` tokens from sequence index ``start``.
@@ -415,8 +423,7 @@ class Family:
         fl = self.config.vision_feature_layer
         if not isinstance(fl, int):
             raise ValueError(f"{self.name}: vispruner needs one vision_feature_layer, got {fl!r}")
-        hidden_index = fl if fl >= 0 else len(layers) + 1 + fl  # hidden_states[0] is the embedding output
-        return self._attention_of(layers[hidden_index - 1])
+        return self._attention_of(layers[feature_layer_index(fl, len(layers))])
 
     def early_vision_attention(self) -> nn.Module:
         """The attention module of the vision tower's early layer ``max(0, L // 4 - 1)`` (the last of its first

@@ -33,6 +33,7 @@ from vllm.model_executor.models.llava import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from lmms_prune.families.base import feature_layer_index
 from lmms_prune.scores import cls_attention
 from lmms_prune.vllm.base import (
     BudgetedPrompts,
@@ -56,14 +57,6 @@ def _processor(info: Any, dummy_inputs: Any, **kwargs: Any) -> Any:
     if isinstance(info, LlavaProcessingInfo):
         return PrunedLlavaProcessor(info, dummy_inputs, **kwargs)
     raise NotImplementedError(type(info))
-
-
-def feature_layer_index(vision_feature_layer: int, num_hidden_layers: int) -> int:
-    """The index (in the tower's full list of layers) of the layer whose output ``vision_feature_layer`` names
-    (``hidden_states[0]`` is the embeddings: -2 of 24 layers is layer 22), as our engine's
-    ``Family.vision_feature_attention``."""
-    hidden = vision_feature_layer if vision_feature_layer >= 0 else num_hidden_layers + 1 + vision_feature_layer
-    return hidden - 1
 
 
 def check_tower(config: Any, tower: str = "clip_vision_model", served: str = "LLaVA-1.5 and LLaVA-NeXT",
