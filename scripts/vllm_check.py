@@ -25,10 +25,6 @@ FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "llava", "llava_next", "llava_
 TOYS = {"internvl": "internvl_qwen2"}  # the toy of a family where its name differs (InternVL2.5's Qwen2 LLM)
 MROPE = {"qwen2_5_vl": [8, 12, 12], "qwen2_vl": [8, 12, 12], "qwen3_vl": [12, 10, 10]}
 PRESETS = ("vispruner", "divprune", "fastervlm", "visionzip", "prumerge_plus", "random", "uniform")  # lmms_prune.vllm
-# they merge tokens: both engines refuse them where DeepStack adds per-token features inside the LLM (Qwen3-VL) and
-# where row newlines sit inside the image's run (LLaVA-NeXT, LLaVA-OneVision)
-NOT_SERVED = {"qwen3_vl": ("visionzip", "prumerge_plus"), "llava_next": ("visionzip", "prumerge_plus"),
-              "llava_onevision": ("visionzip", "prumerge_plus")}
 # presets whose own default stage is inside the LLM: served with stage=pre_llm, which both engines are told
 PRE_LLM_STAGE = ("random", "uniform")
 UNPRUNED = "none"  # without the config key the registered class must serve the model as vLLM's own class does
@@ -67,6 +63,18 @@ PRUNED_PROMPT = re.compile(r"lmms_prune: prompt (\d+|\?) -> (\d+) tokens")
 def _params(preset: str, positions: str) -> dict:
     stage = {"stage": "pre_llm"} if preset in PRE_LLM_STAGE else {}
     return {"keep_ratio": KEEP_RATIO, "positions": positions, **stage}
+
+
+def _not_served(family: str, preset: str) -> str | None:
+    """Why both engines refuse ``preset`` on ``family`` (the plug-in's own rule,
+    :func:`lmms_prune.vllm.family_refusal`: merges where DeepStack adds per-token features inside the LLM, Qwen3-VL,
+    and where row newlines sit inside the image's run, LLaVA-NeXT and LLaVA-OneVision), or None."""
+    from lmms_prune.presets import resolve_config
+    from lmms_prune.vllm import family_refusal
+
+    if preset == UNPRUNED:
+        return None
+    return family_refusal(family, resolve_config(preset, **_params(preset, POSITIONS[0])))
 
 
 def _image():
@@ -213,7 +221,7 @@ def run_transformers(out: Path, family: str, model_path: Path | None) -> None:
         "kept": [], "visual_before": None, "prompt_tokens_before": length, "prompt_tokens_after": length,
         "seconds": time.perf_counter() - t0}
     for preset in PRESETS:
-        if preset in NOT_SERVED.get(family, ()):
+        if _not_served(family, preset):
             continue
         for positions in POSITIONS:
             t0 = time.perf_counter()
@@ -233,9 +241,10 @@ def run_transformers(out: Path, family: str, model_path: Path | None) -> None:
 
 def run_vllm(out: Path, family: str, preset: str, positions: str) -> None:
     """One vLLM engine with ``preset`` (or none) on the model ``run_transformers`` used; ``out/vllm/*.json``
-    (nothing for a preset the family is not served with, :data:`NOT_SERVED`)."""
-    if preset in NOT_SERVED.get(family, ()):
-        print(f"[vllm_check] {family} is not served with {preset} (refused by the plug-in and our engine)")
+    (nothing for a preset the family is not served with, :func:`_not_served`)."""
+    why = _not_served(family, preset)
+    if why:
+        print(f"[vllm_check] {family} is not served with {preset} (refused by the plug-in and our engine: {why})")
         return
     from transformers import AutoProcessor
     from vllm import LLM, SamplingParams
