@@ -60,9 +60,9 @@ def default_pretrained() -> dict[str, str]:
 DONE = "DONE"
 CELL_FILE = "cell.json"
 DATA_ENV = ("LMMS_PRUNE_REFCOCO_DIR", "LMMS_PRUNE_REFCOCO_JSONL_DIR", "LMMS_PRUNE_COCO_ROOT", "LMMS_PRUNE_POPE_DIR",
-            "LMMS_PRUNE_TINYVIDEO_DIR")
-"""Environment variables that choose the RefCOCO data (`lmms_prune.tasks.refcoco.data`), the POPE data
-(`lmms_prune.tasks.pope`) and the tiny video clips (`lmms_prune.tasks.tinyvideo`): part of a cell's settings."""
+            "LMMS_PRUNE_MME_DIR", "LMMS_PRUNE_TINYVIDEO_DIR")
+"""Environment variables that choose the RefCOCO data (`lmms_prune.tasks.refcoco.data`), the POPE and MME data
+(`lmms_prune.tasks.pope`, `lmms_prune.tasks.mme`) and the tiny video clips (`lmms_prune.tasks.tinyvideo`): part of a cell's settings."""
 KILL_GRACE_SECONDS = 10.0
 BUDGET_KEYS = {"keep_ratio", "keep_tokens"}
 """Pruning parameters set by ``--keep`` alone (`build_cells`)."""

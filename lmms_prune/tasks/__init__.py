@@ -6,6 +6,8 @@
   environment variables: ``refcoco/data.py``.
 - ``pope/``: ``pope_local``, lmms-eval's ``pope`` task (prompt, generation, scoring) on a local copy of
   lmms-lab/POPE's layout (``LMMS_PRUNE_POPE_DIR``; the hub dataset otherwise).
+- ``mme/``: ``mme_local``, lmms-eval's ``mme`` task on a local copy of lmms-lab/MME's layout
+  (``LMMS_PRUNE_MME_DIR``; the hub dataset otherwise).
 - ``takeover.py``: makes ``--tasks refcoco`` / ``refcoco+`` / ``refcocog`` mean the grounding groups when
   lmms-prune is installed (``LMMS_PRUNE_TAKEOVER=0`` turns it off; lmms-eval's captioning groups stay
   reachable as ``refcoco_caption``, ``refcoco+_caption``, ``refcocog_caption``).
