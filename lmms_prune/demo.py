@@ -1,16 +1,18 @@
 """``lmms-prune demo``: the whole evaluation on CPU, offline, in a few minutes.
 
-1. writes a held-out synthetic RefCOCO split (lmms-lab layout) from the distribution the shipped tiny
-   grounding model was trained on;
+1. writes two held-out synthetic tasks from the distribution the shipped tiny grounding model was trained on:
+   a RefCOCO ``val`` split (lmms-lab/RefCOCO's layout) and a POPE-style yes/no object-existence split
+   (lmms-lab/POPE's layout, :mod:`lmms_prune.toy.pope`, :data:`POPE_PAIRS` pairs per image);
 2. calibrates D2Pruner's bias prior on other synthetic images;
-3. runs lmms-eval (``accelerate launch -m lmms_eval``) with the package's RefCOCO tasks on two splits (``val``:
-   the training distribution; ``testA``: more crowded scenes, :data:`CROWDED_SCENES`) for ``none``, ``fastv``,
+3. runs lmms-eval (``accelerate launch -m lmms_eval``) with the package's tasks ``refcoco_ground_val`` and
+   ``pope_local`` (lmms-eval's ``pope`` prompt and scoring on the written split) for ``none``, ``fastv``,
    ``d2pruner``, ``deepprune``, ``vispruner``, ``random``, ``pyramiddrop``, ``visionzip``, ``fastervlm``,
    ``cdpruner``, ``sparsevlm``, ``prumerge_plus``, ``feather``, ``mustdrop`` and ``vscan`` at 10% visual tokens
    (a resumable sweep; for the multi-stage pyramiddrop, sparsevlm and feather, 10% is the average visual tokens
    per decoder layer, see :data:`DEMO_METHOD_ARGS`);
-4. prints a leaderboard per task (acc@0.5, % of unpruned, visual tokens kept, LLM prefill speed-up) and the
-   two tasks' rank correlation over the methods, and writes the full report and PNG overlays of the tokens
+4. prints a leaderboard per task (acc@0.5 or yes/no accuracy, % of unpruned, visual tokens kept, LLM prefill
+   speed-up) and the two tasks' rank correlation over the methods (grounding against object existence), and
+   writes the full report and PNG overlays of the tokens
    each method kept on a few images. A speed-up is printed only for a cell timed in the same sweep invocation
    as the unpruned cell: a resumed demo that reuses an earlier run's baseline prints "not comparable" (the
    report's notes say why);
@@ -41,16 +43,17 @@ DEMO_METHOD_ARGS: dict[str, dict[str, str]] = {
 HELD_OUT_SEED = 20261122
 CALIBRATION_SEED = 7
 TASK = "refcoco_ground_val"
-CROWDED_TASK = "refcoco_ground_testA"
-TASKS = (TASK, CROWDED_TASK)
-CROWDED_SCENES: dict[str, Any] = {"n_objects": (3, 4)}
-"""The second task's scenes: the training distribution's shapes and colours (``SCENE_KWARGS``), 3-4 objects per
-image instead of 1-3, so more expressions need a superlative or a relation and more look-alikes compete. The
-tiny grounder answers it through the same grounding prompt (about half right, against 85% on the first task):
-a harder task on which the methods' ranking can be checked against the first one's (the cross-task rank
-correlation of the report and the page). The grounder was trained on grounding only and answers a yes/no
-question with a box, so a POPE- or MME-style task would score zero for every method."""
-CROWDED_IMAGE_SHARE = 4  # the crowded split has n_images // 4 images: ~1.75x the objects each, ~40% more samples
+POPE_TASK = "pope_local"
+TASKS = (TASK, POPE_TASK)
+POPE_PAIRS = 2
+"""Yes/no question pairs per image of the POPE task (one pair per distinct object at most; half the negatives
+adversarial: a present colour on another shape, or a present shape in another colour). The shipped grounder was
+trained on these questions too (``scripts/train_grounding.py --pope-share``), so pruning is ranked on a second
+kind of question: does the answer survive when the tokens of the object asked about, or of its near misses, are
+dropped?"""
+TASK_METRICS: dict[str, tuple[str, float]] = {TASK: ("acc@0.5", 1.0), POPE_TASK: ("yes/no accuracy", 100.0)}
+"""Leaderboard column of each task's headline score and its factor to percent (lmms-eval's POPE accuracy is a
+fraction)."""
 SWEEP_ARGS = ("--log_samples",)
 """Extra lmms-eval arguments of the demo's runs: per-sample logs, for the bundles' ``--verify``."""
 GROUNDING_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: <ref>{}</ref>"
@@ -64,7 +67,8 @@ def default_launcher() -> str:
 def leaderboard(tables: list[Any], task: str = TASK) -> str:
     """The demo's compact table from the report's rows of ``task``."""
     table = next(t for t in tables if t.family == task)
-    lines = ["| method | keep | acc@0.5 | % of unpruned | visual tokens kept | LLM prefill speed-up |",
+    metric, scale = TASK_METRICS.get(task, ("score", 1.0))
+    lines = [f"| method | keep | {metric} | % of unpruned | visual tokens kept | LLM prefill speed-up |",
              "|---|---|---|---|---|---|"]
     for r in table.rows:
         pct = "n/a" if r.get(f"{task} %") is None else f"{r[f'{task} %']:.1f}"
@@ -72,7 +76,7 @@ def leaderboard(tables: list[Any], task: str = TASK) -> str:
         speed = "n/a" if r["prefill speed-up"] is None else f"{r['prefill speed-up']:.2f}x"
         if r.get("speed-up note"):  # e.g. a baseline reused from an earlier demo run: timings not side by side
             speed = "not comparable"
-        lines.append(f"| {r['method']} | {r['keep']:g} | {r[task]:.2f} | {pct} | {kept} | {speed} |")
+        lines.append(f"| {r['method']} | {r['keep']:g} | {scale * r[task]:.2f} | {pct} | {kept} | {speed} |")
     return "\n".join(lines)
 
 
@@ -95,7 +99,7 @@ def demo_fingerprint(model_dir: Path, n_images: int, scene_kwargs: dict[str, Any
     # the bundle schema: runs recorded before it changed lack what its bundles need (`--verify` refuses them)
     digest.update(json.dumps({"n_images": n_images, "scenes": scene_kwargs, "seed": HELD_OUT_SEED,
                               "lmms_eval_args": list(SWEEP_ARGS), "bundle_schema": SCHEMA_VERSION, "tasks": list(TASKS),
-                              "crowded": [CROWDED_SCENES, CROWDED_IMAGE_SHARE]},
+                              "pope_pairs": POPE_PAIRS},
                              sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
@@ -170,7 +174,7 @@ def run_demo(out: str | Path = "runs/demo", n_images: int = 16, keep: float = 0.
     model_dir = Path(resolve_pretrained(pretrained or SHORT_NAME))
     reset_stale_outputs(out, demo_fingerprint(model_dir, n_images, SCENE_KWARGS))
     data = out / "data"
-    if not (data / "RefCOCO" / "data").is_dir():
+    if not ((data / "RefCOCO" / "data").is_dir() and (data / "POPE" / "data").is_dir()):
         write_demo_data(data, n_images)
     prior = out / PRIOR_FILE
     if prior.is_file() and "fingerprint" not in load_prior(prior).meta:
@@ -183,7 +187,8 @@ def run_demo(out: str | Path = "runs/demo", n_images: int = 16, keep: float = 0.
         del model
     cells = build_cells([("internvl", str(model_dir))], [m for m in methods if m != "none"], [keep],
                         {**DEMO_METHOD_ARGS, "d2pruner": {"bias_prior": str(prior)}})
-    env = dict(os.environ, LMMS_PRUNE_REFCOCO_DIR=str(data), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env = dict(os.environ, LMMS_PRUNE_REFCOCO_DIR=str(data), LMMS_PRUNE_POPE_DIR=str(data / "POPE"),
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     sweep = Sweep(out / "runs", list(TASKS), launcher=launcher or default_launcher(), env=env, extra_args=SWEEP_ARGS)
     statuses = sweep.run(cells, progress=lambda s: print(f"[demo] {s}"))
     failed = {k: v for k, v in statuses.items() if not v.startswith(("done", "skipped"))}
@@ -199,16 +204,17 @@ def run_demo(out: str | Path = "runs/demo", n_images: int = 16, keep: float = 0.
 
 
 def write_demo_data(data: Path, n_images: int) -> Path:
-    """The demo's two held-out splits in lmms-lab/RefCOCO's layout under ``data / "RefCOCO"``: ``val``
-    (``n_images`` scenes of the training distribution) and ``testA`` (``n_images // CROWDED_IMAGE_SHARE``
-    scenes with :data:`CROWDED_SCENES`)."""
+    """The demo's two held-out tasks under ``data``: ``RefCOCO/`` (lmms-lab/RefCOCO's layout, split ``val``,
+    ``n_images`` scenes) and ``POPE/`` (lmms-lab/POPE's layout, split ``test``, ``n_images`` other scenes with
+    :data:`POPE_PAIRS` yes/no pairs each), both of the grounder's training distribution."""
     from lmms_prune.toy.data import write_refcoco_hub_layout
     from lmms_prune.toy.grounder import SCENE_KWARGS
+    from lmms_prune.toy.pope import write_pope_hub_layout
 
-    crowded = {"n_images": max(1, n_images // CROWDED_IMAGE_SHARE), **CROWDED_SCENES}
-    print(f"[demo] writing {n_images} + {crowded['n_images']} held-out synthetic images (RefCOCO layout) to {data}")
-    return write_refcoco_hub_layout(data / "RefCOCO", n_images, seed=HELD_OUT_SEED, splits=("val", "testA"),
-                                    split_overrides={"testA": crowded}, **SCENE_KWARGS)
+    print(f"[demo] writing {n_images} + {n_images} held-out synthetic images (RefCOCO and POPE layouts) to {data}")
+    write_refcoco_hub_layout(data / "RefCOCO", n_images, seed=HELD_OUT_SEED, splits=("val",), **SCENE_KWARGS)
+    write_pope_hub_layout(data / "POPE", n_images, seed=HELD_OUT_SEED, pairs_per_image=POPE_PAIRS, **SCENE_KWARGS)
+    return data
 
 
 def rank_correlation(tables: list[Any], tasks: tuple[str, str] = TASKS) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from lmms_prune.toy.models import internvl_num_tiles
 
 PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: <ref>{expression}</ref>"
 MAX_BYTES = 20 * 1024 * 1024
+POPE_FLOOR = 70.0  # held-out POPE yes/no accuracy (percent) of the shipped weights; chance is 50
 # A held-out seed: the training script draws training scenes from split_seed(seed, "train") and its own
 # evaluation from split_seed(seed, "heldout"); this one is used by neither.
 TEST_SEED = split_seed(2026, "test_grounder")
@@ -127,17 +128,30 @@ def test_answers_in_internvl_box_format(processor, model) -> None:
     assert all(0 <= int(v) <= 1000 for v in match.groups())
 
 
-def test_training_run_finished_within_the_hour() -> None:
-    """The training run's own held-out numbers ship next to the weights: it ran to its planned last step
-    (not cut by the time cap, so the result is reproducible for the seed) in under an hour of CPU, and was
-    scored on hundreds of held-out referring expressions, malformed answers counted as misses."""
-    metrics = json.loads((grounder_dir() / "metrics.json").read_text())
-    assert metrics["steps_done"] == metrics["steps_planned"] and not metrics["stopped_by_time_cap"]
-    assert metrics["train_minutes"] <= 60.0
-    assert metrics["heldout_expressions"] >= 200
-    # a malformed answer is scored as a miss and counted; it must stay rare
-    assert metrics["heldout_unparseable"] <= 0.01 * metrics["heldout_expressions"]
-    assert 0.0 <= metrics["heldout_acc@0.5"] <= 100.0
+def _stages() -> list[dict]:
+    """The shipped metrics.json and the runs it continued (``init_metrics``, nested), the last run first."""
+    stages = [json.loads((grounder_dir() / "metrics.json").read_text())]
+    while "init_metrics" in stages[-1]:
+        stages.append(stages[-1]["init_metrics"])
+    return stages
+
+
+def test_training_runs_finished_within_the_hour() -> None:
+    """The training runs' own held-out numbers ship next to the weights: the run from scratch and each run
+    continued from the previous one's weights (``--init``; their metrics nested as ``init_metrics``) ran to its
+    planned last step (not cut by the time cap, so the result is reproducible for the seed) in under an hour of
+    CPU, and was scored on hundreds of held-out referring expressions, malformed answers counted as misses."""
+    stages = _stages()
+    assert stages[-1].get("init") is None  # the first run started from random weights
+    for metrics in stages:
+        assert metrics["steps_done"] == metrics["steps_planned"] and not metrics["stopped_by_time_cap"]
+        assert metrics["train_minutes"] <= 60.0
+        assert metrics["heldout_expressions"] >= 200
+        # a malformed answer is scored as a miss and counted; it must stay rare
+        assert metrics["heldout_unparseable"] <= 0.01 * metrics["heldout_expressions"]
+        assert 0.0 <= metrics["heldout_acc@0.5"] <= 100.0
+    for later, earlier in zip(stages, stages[1:]):
+        assert later["init"] is not None and later["seed"] == earlier["seed"]
 
 
 def test_shipped_model_scores_at_least_80_percent_held_out(tg) -> None:
@@ -154,6 +168,23 @@ def test_shipped_model_scores_at_least_80_percent_held_out(tg) -> None:
     assert metrics["acc@0.5"] >= 80.0, metrics
     assert abs(metrics["acc@0.5"] - recorded["heldout_acc@0.5"]) <= 100.0 / metrics["n"] + 1e-6, (metrics, recorded)
     assert metrics["unparseable"] <= 0.01 * metrics["n"]
+
+
+def test_shipped_model_answers_pope_held_out(tg) -> None:
+    """The yes/no questions the shipped weights were also trained on (lmms-eval's POPE prompt, half the
+    negatives adversarial), scored by the training script's own evaluation on its held-out POPE questions:
+    at least POPE_FLOOR percent (chance 50), every answer "yes" or "no", and the figure the training run recorded
+    (within one question)."""
+    recorded = json.loads((grounder_dir() / "metrics.json").read_text())
+    model = transformers.InternVLForConditionalGeneration.from_pretrained(grounder_dir())
+    processor = transformers.AutoProcessor.from_pretrained(grounder_dir())
+    metrics = tg.evaluate_pope(model, processor, tg.heldout_pope_samples(recorded["heldout_images"], recorded["seed"]),
+                               progress=False)
+    assert metrics["n"] == recorded["heldout_pope_questions"] >= 300
+    assert metrics["accuracy"] >= POPE_FLOOR, metrics
+    assert metrics["other"] == 0, metrics
+    assert abs(metrics["accuracy"] - recorded["heldout_pope_accuracy"]) <= 100.0 / metrics["n"] + 1e-6, (
+        metrics, recorded)
 
 
 def test_shipped_tokenizer_is_the_grounder_tokenizer(processor) -> None:

@@ -306,3 +306,86 @@ def test_query_attention_recorder_equals_eager_attention_maps(tg, scenes):
     with torch.no_grad():
         model(**inputs)
     assert recorder.probs == {}
+
+
+def test_absent_objects_are_pointed_at_the_closing_image_token_with_absent_target_sink(tg, scenes):
+    """``--absent-target sink``: a POPE question about an absent object is taught to look at its row's ``</img>``
+    (and at nothing without it); the questions about present objects keep their cell targets, each query
+    weighing alike. Attention that puts all its mass where each target is costs nothing, and moving an absent
+    question's mass from the sink to the image costs ``-log(1e-6)`` for it."""
+    from lmms_prune.toy.tokenizers import LLAMA_SPECIAL_IDS
+
+    builder = tg.SequenceBuilder(tg.grounder_processor(), questions_per_object=1, pope_share=0.5)
+    batch = builder.batch(scenes[:4], np.random.default_rng(5))
+    absent = batch.query_objects < 0
+    assert bool(absent.any()) and bool((~absent).any())
+    image_id = tg.grounder_config().image_token_id
+    sink_id = LLAMA_SPECIAL_IDS["</img>"]
+    n_rows, length = batch.input_ids.shape
+    visual = (batch.input_ids == image_id).nonzero()[:, 1].view(n_rows, -1)
+    perfect = torch.zeros(len(batch.query_rows), length)
+    for q in range(len(batch.query_rows)):
+        row = int(batch.query_rows[q])
+        if absent[q]:
+            perfect[q, int((batch.input_ids[row] == sink_id).nonzero()[0, 0])] = 1.0
+        else:  # every cell the target holds, in equal shares (cells of the object, or the edge's cells)
+            obj, part = int(batch.query_objects[q]), int(batch.query_parts[q])
+            cells = batch.cells.edges[row, obj, part] if part >= 0 else batch.cells.cells[row, obj]
+            perfect[q, visual[row][cells]] = 1.0 / int(cells.sum())
+    probs = {layer: perfect for layer in tg.ATTENTION_LAYERS}
+    assert float(tg.attention_loss(probs, batch, image_id, sink_id)) == pytest.approx(0.0, abs=1e-4)
+    assert float(tg.attention_loss(probs, batch, image_id)) == pytest.approx(0.0, abs=1e-4)  # absent: no target
+    moved = perfect.clone()
+    moved[absent] = 0.0
+    moved[absent, int(visual[0, 0])] = 1.0  # every absent question looks at an image cell instead
+    probs = {layer: moved for layer in tg.ATTENTION_LAYERS}
+    share = float(absent.float().mean())
+    assert float(tg.attention_loss(probs, batch, image_id, sink_id)) == pytest.approx(-np.log(1e-6) * share, rel=1e-3)
+    assert float(tg.attention_loss(probs, batch, image_id)) == pytest.approx(0.0, abs=1e-4)  # the old recipe
+
+
+def test_mme_position_questions_are_the_lmms_eval_prompt_answered_as_the_scene_says(tg, scenes):
+    """With --mme-share, MME position blocks are lmms-eval's ``mme`` prompt (checked token for token against the
+    processor) answered ``Yes`` / ``No`` as the object's side says (:func:`lmms_prune.toy.mme.side_of`), in pairs
+    about one object; the attention losses read the object phrase and the object; the share is the one asked
+    for, in expectation, beside POPE questions."""
+    from lmms_prune.toy.mme import SIDES, PositionQuestion, mme_prompt, side_of
+
+    processor = tg.grounder_processor()
+    builder = tg.SequenceBuilder(processor, questions_per_object=1, pope_share=0.3, mme_share=0.3)
+    for scene in scenes[:3]:
+        tg.check_prompt_tokens(builder, scene)
+    rng = np.random.default_rng(3)
+    asked = 0
+    for scene in scenes:
+        order = builder.questions(scene, rng)
+        positions = [q for q in order if q.is_position]
+        assert sorted(q.yes for q in positions) == [False] * (len(positions) // 2) + [True] * (len(positions) // 2)
+        for question in positions:
+            asked += 1
+            text, answer = builder.prompt_and_answer(scene, question)
+            assert text == mme_prompt(PositionQuestion(question.expression, question.side, answer).question)
+            obj = scene.objects[question.object]
+            assert f"{obj.color} {obj.shape}" == question.expression
+            (axis,) = [ax for ax, sides in SIDES.items() if question.side in sides]
+            truth = SIDES[axis][side_of(scene, question.object, axis)]
+            assert answer == ("Yes" if question.side == truth else "No") == ("Yes" if question.yes else "No")
+    assert asked > 0
+    batch = builder.batch(scenes, np.random.default_rng(4))
+    tokenizer = processor.tokenizer
+    found = 0
+    for q in range(len(batch.query_rows)):
+        row = int(batch.query_rows[q])
+        start, end = batch.query_text[q].tolist()
+        if tokenizer.decode(batch.input_ids[row, start - 2 : start]).strip() == "Is the":  # a position question
+            found += 1
+            obj = scenes[row].objects[int(batch.query_objects[q])]
+            assert tokenizer.decode(batch.input_ids[row, start:end]).strip() == f"{obj.color} {obj.shape}"
+    assert found > 0
+    shares = []
+    for _ in range(20):
+        orders = [builder.questions(s, rng) for s in scenes]
+        shares.append(sum(q.is_position for o in orders for q in o) / sum(len(o) for o in orders))
+    assert 0.15 < float(np.mean(shares)) <= 0.33  # capped by scenes with few objects whose side is plain
+    with pytest.raises(ValueError, match="mme_share=0.5"):
+        tg.SequenceBuilder(processor, pope_share=0.5, mme_share=0.5)

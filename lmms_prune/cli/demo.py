@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="output folder (re-running resumes; default runs/demo, "
                         "with --video runs/video_demo)")
     parser.add_argument("--images", type=int, default=16,
-                        help="held-out synthetic images of the val task (default 16; the crowded testA task: a quarter)")
+                        help="held-out synthetic images per task (RefCOCO val, POPE test; default 16)")
     parser.add_argument("--keep", type=float, default=None, help="keep ratio (default 0.1; with --video 0.25)")
     parser.add_argument("--methods", default=None,
                         help=f"comma-separated presets (default {METHODS}; with --video {VIDEO_METHODS})")
@@ -48,13 +48,13 @@ def run(args: argparse.Namespace) -> int:
                       methods=tuple(m for m in methods.split(",") if m), launcher=args.launcher,
                       overlays=args.overlays, pretrained=args.pretrained)
     print()
-    print(f"## lmms-prune demo: {result['model'].name}, RefCOCO-style synthetic val and crowded testA, "
+    print(f"## lmms-prune demo: {result['model'].name}, RefCOCO-style synthetic val and POPE-style test, "
           f"keep {keep:g}")
     print()
     print(result["leaderboard"])
     print()
     rho = result["rank_correlation"]
-    print("cross-task rank correlation (Spearman, val vs crowded testA, "
+    print("cross-task rank correlation (Spearman, RefCOCO val vs POPE, "
           f"{rho['methods']} methods): {'n/a' if rho['rho'] is None else format(rho['rho'], '.2f')}")
     print()
     print(f"full report: {result['report']['paths']['markdown']}")

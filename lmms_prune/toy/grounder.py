@@ -3,7 +3,9 @@
 The model is a transformers-native ``InternVLForConditionalGeneration`` with real InternVL geometry (448 px tiles,
 patch 14, pixel shuffle 0.5, 256 visual tokens per tile, dynamic tiling through the saved processor) and a
 Qwen2 text model with 14 decoder layers, trained from scratch on synthetic scenes of :mod:`lmms_prune.toy.data`
-to answer InternVL's grounding prompt with ``<box>[[x1, y1, x2, y2]]</box>`` on the 0-1000 grid. Its weights,
+to answer InternVL's grounding prompt with ``<box>[[x1, y1, x2, y2]]</box>`` on the 0-1000 grid, then further
+trained with lmms-eval's POPE yes/no questions mixed in (``Is there a red circle in the image?`` answered ``Yes`` or
+``No``; :mod:`lmms_prune.toy.pope`), so ``lmms-prune demo`` ranks pruning on a second task. Its weights,
 tokenizer (:func:`grounder_tokenizer`), processor and chat template live in
 :func:`grounder_dir`; load them with ``from_pretrained(grounder_dir())``.
 
