@@ -561,12 +561,27 @@ def hub_features() -> datasets.Features:
     )
 
 
-def _hub_readme(splits: Sequence[str]) -> str:
+def _hub_readme(splits: Sequence[str],
+                description: str = "Synthetic referring-expression grounding data in lmms-lab/RefCOCO's layout.",
+                ) -> str:
+    """A hub dataset card mapping each split to ``data/<split>-*`` (what ``datasets.load_dataset`` reads)."""
     lines = ["---", "configs:", "- config_name: default", "  data_files:"]
     for split in splits:
         lines += [f"  - split: {split}", f"    path: data/{split}-*"]
-    lines += ["---", "", "Synthetic referring-expression grounding data in lmms-lab/RefCOCO's layout.", ""]
+    lines += ["---", "", description, ""]
     return "\n".join(lines)
+
+
+def write_hub_split(out_dir: Path, split: str, columns: dict[str, list], features: datasets.Features,
+                    description: str) -> Path:
+    """One split of an lmms-lab hub layout: ``out_dir/data/{split}-00000-of-00001.parquet`` from ``columns`` and
+    the dataset card naming it (:func:`_hub_readme` with ``description``). Returns ``out_dir``."""
+    from datasets import Dataset
+
+    (out_dir / "data").mkdir(parents=True, exist_ok=True)
+    Dataset.from_dict(columns, features=features).to_parquet(str(out_dir / "data" / f"{split}-00000-of-00001.parquet"))
+    (out_dir / "README.md").write_text(_hub_readme([split], description))
+    return out_dir
 
 
 def write_refcoco_hub_layout(

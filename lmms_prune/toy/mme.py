@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lmms_prune.toy.data import Scene, encode_image, generate_scenes, split_seed
+from lmms_prune.toy.data import Scene, encode_image, generate_scenes, split_seed, write_hub_split
 
 if TYPE_CHECKING:
     import datasets
@@ -117,10 +117,7 @@ def write_mme_hub_layout(out_dir: str | Path, n_images: int, seed: int, pairs_pe
     from :func:`position_pairs` with ``split_seed(seed, "mme-questions")``; a scene with nothing askable gets no
     row. Returns ``out_dir``.
     """
-    from datasets import Dataset
-
     out_dir = Path(out_dir)
-    (out_dir / "data").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(split_seed(seed, "mme-questions"))
     columns: dict[str, list] = {name: [] for name in hub_features()}
     for scene in generate_scenes(n_images, split_seed(seed, f"mme-{split}"), first_image_id, **scene_kwargs):
@@ -131,10 +128,5 @@ def write_mme_hub_layout(out_dir: str | Path, n_images: int, seed: int, pairs_pe
             columns["question"].append(question.question)
             columns["answer"].append(question.answer)
             columns["category"].append(CATEGORY)
-    Dataset.from_dict(columns, features=hub_features()).to_parquet(
-        str(out_dir / "data" / f"{split}-00000-of-00001.parquet"))
-    (out_dir / "README.md").write_text(
-        "\n".join(["---", "configs:", "- config_name: default", "  data_files:", f"  - split: {split}",
-                   f"    path: data/{split}-*", "---", "",
-                   "Synthetic MME-style position questions in lmms-lab/MME's layout.", ""]))
-    return out_dir
+    return write_hub_split(out_dir, split, columns, hub_features(),
+                           "Synthetic MME-style position questions in lmms-lab/MME's layout.")

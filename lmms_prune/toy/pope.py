@@ -23,7 +23,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lmms_prune.toy.data import PALETTE, SHAPES, Scene, encode_image, generate_scenes, split_seed
+from lmms_prune.toy.data import (
+    PALETTE,
+    SHAPES,
+    Scene,
+    encode_image,
+    generate_scenes,
+    split_seed,
+    write_hub_split,
+)
 
 if TYPE_CHECKING:
     import datasets
@@ -118,10 +126,7 @@ def write_pope_hub_layout(out_dir: str | Path, n_images: int, seed: int, pairs_p
     Scenes come from ``split_seed(seed, "pope-" + split)`` (``scene_kwargs`` go to ``generate_scenes``), questions
     from :func:`pope_pairs` with ``split_seed(seed, "pope-questions")``. Returns ``out_dir``.
     """
-    from datasets import Dataset
-
     out_dir = Path(out_dir)
-    (out_dir / "data").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(split_seed(seed, "pope-questions"))
     columns: dict[str, list] = {name: [] for name in hub_features()}
     for scene in generate_scenes(n_images, split_seed(seed, f"pope-{split}"), first_image_id, **scene_kwargs):
@@ -134,10 +139,5 @@ def write_pope_hub_layout(out_dir: str | Path, n_images: int, seed: int, pairs_p
             columns["image_source"].append(source)
             columns["image"].append(image)
             columns["category"].append(question.category)
-    Dataset.from_dict(columns, features=hub_features()).to_parquet(
-        str(out_dir / "data" / f"{split}-00000-of-00001.parquet"))
-    (out_dir / "README.md").write_text(
-        "\n".join(["---", "configs:", "- config_name: default", "  data_files:", f"  - split: {split}",
-                   f"    path: data/{split}-*", "---", "",
-                   "Synthetic POPE-style object-existence questions in lmms-lab/POPE's layout.", ""]))
-    return out_dir
+    return write_hub_split(out_dir, split, columns, hub_features(),
+                           "Synthetic POPE-style object-existence questions in lmms-lab/POPE's layout.")
