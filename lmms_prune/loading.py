@@ -48,7 +48,8 @@ def build_once(final: Path, build: Callable[[Path], None]) -> Path:
 
 
 # Short names of the checkpoints this package ships -> their folder under lmms_prune/assets.
-SHIPPED = {"tiny-grounder": "tiny_grounder"}
+SHIPPED = {"tiny-grounder": "tiny_grounder", "tiny-video-qa": "tiny_video_qa"}
+"""Short names of the shipped checkpoints (lmms_prune/assets): the demo's grounder and the video demo's QA model."""
 
 
 def shipped_dir(name: str) -> Path:
@@ -57,7 +58,7 @@ def shipped_dir(name: str) -> Path:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"{path}: the shipped model {name!r} is not there; reinstall lmms_prune with its package data or "
-            "retrain it with scripts/train_grounding.py --out lmms_prune/assets/tiny_grounder"
+            f"retrain it (scripts/train_grounding.py or scripts/train_video_qa.py --out lmms_prune/assets/{SHIPPED[name]})"
         )
     return path
 
