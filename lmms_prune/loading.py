@@ -47,9 +47,10 @@ def build_once(final: Path, build: Callable[[Path], None]) -> Path:
     return final
 
 
-# Short names of the checkpoints this package ships -> their folder under lmms_prune/assets.
+# Short names of the checkpoints this package ships -> their folder under lmms_prune/assets and the script that
+# trains them (the demo's grounder, the video demo's QA model).
 SHIPPED = {"tiny-grounder": "tiny_grounder", "tiny-video-qa": "tiny_video_qa"}
-"""Short names of the shipped checkpoints (lmms_prune/assets): the demo's grounder and the video demo's QA model."""
+TRAINED_BY = {"tiny-grounder": "scripts/train_grounding.py", "tiny-video-qa": "scripts/train_video_qa.py"}
 
 
 def shipped_dir(name: str) -> Path:
@@ -58,7 +59,7 @@ def shipped_dir(name: str) -> Path:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"{path}: the shipped model {name!r} is not there; reinstall lmms_prune with its package data or "
-            f"retrain it (scripts/train_grounding.py or scripts/train_video_qa.py --out lmms_prune/assets/{SHIPPED[name]})"
+            f"retrain it ({TRAINED_BY[name]} --out lmms_prune/assets/{SHIPPED[name]})"
         )
     return path
 

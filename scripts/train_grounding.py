@@ -437,7 +437,7 @@ class SequenceBuilder:
         tokens = toy_models.INTERNVL_TOKENS_PER_TILE
         self.image_text = "<img>" + "<IMG_CONTEXT>" * tokens + "</img>"
 
-    def pope_pair_count(self, n_grounding: int, rng: np.random.Generator, share: float | None = None) -> int:
+    def yes_no_pair_count(self, n_grounding: int, rng: np.random.Generator, share: float | None = None) -> int:
         """Yes/no pairs to ask beside ``n_grounding`` grounding questions, so that POPE questions (or those of
         another kind whose ``share`` is given) are ``share`` of all questions in expectation: ``n_grounding *
         share / (1 - pope_share - mme_share) / 2`` pairs, rounded up or down at random in proportion (no draw
@@ -450,7 +450,7 @@ class SequenceBuilder:
 
     def questions(self, scene: Scene, rng: np.random.Generator) -> list[Question]:
         """The scene's questions in random order: each object is asked with ``self.questions_per_object`` of its
-        referring expressions (fewer if it has fewer), plus :meth:`pope_pair_count` yes/no pairs
+        referring expressions (fewer if it has fewer), plus :meth:`yes_no_pair_count` yes/no pairs
         (:func:`lmms_prune.toy.pope.pope_pairs`)."""
         asked = []
         for index, obj in enumerate(scene.objects):
@@ -458,12 +458,12 @@ class SequenceBuilder:
             picked = rng.permutation(len(expressions))[: self.questions_per_object]
             asked.extend(Question(index, expressions[int(k)]) for k in picked)
         n_grounding = len(asked)
-        n_pairs = self.pope_pair_count(n_grounding, rng)
+        n_pairs = self.yes_no_pair_count(n_grounding, rng)
         if n_pairs:
             named = {f"{o.color} {o.shape}": k for k, o in enumerate(scene.objects)}
             asked.extend(Question(named.get(q.object, -1), q.object, q.answer == "yes")
                          for q in pope_pairs(scene, rng, n_pairs, self.adversarial_share))
-        n_pairs = self.pope_pair_count(n_grounding, rng, self.mme_share)
+        n_pairs = self.yes_no_pair_count(n_grounding, rng, self.mme_share)
         if n_pairs:
             named = {f"{o.color} {o.shape}": k for k, o in enumerate(scene.objects)}
             asked.extend(Question(named[q.object], q.object, side=q.side, yes=q.answer == "Yes")
@@ -953,9 +953,9 @@ def generate_answers(model: InternVLForConditionalGeneration, processor: transfo
 
 
 @torch.inference_mode()
-def evaluate_pope(model: InternVLForConditionalGeneration, processor: transformers.ProcessorMixin,
-                  samples: list[tuple[Image.Image, str, str, str]], progress: bool = True,
-                  prompt: Any = pope_prompt) -> dict[str, float]:
+def evaluate_yes_no(model: InternVLForConditionalGeneration, processor: transformers.ProcessorMixin,
+                    samples: list[tuple[Image.Image, str, str, str]], progress: bool = True,
+                    prompt: Any = pope_prompt) -> dict[str, float]:
     """Yes/no accuracy as lmms-eval's ``pope`` task scores it (an answer is right when, lower-cased and
     stripped, it is the ground truth), in percent, overall and per category; ``f1`` of the yes class (percent),
     ``yes_ratio`` of the answers and ``other`` (answers that are neither yes nor no). ``prompt``: the task's
@@ -1259,9 +1259,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             quick_metrics = evaluate(model, processor, quick, progress=False)
             pope_text = ""
             if quick_pope:
-                pope_text = f", yes/no {evaluate_pope(model, processor, quick_pope, progress=False)['accuracy']:.1f}%"
+                pope_text = f", yes/no {evaluate_yes_no(model, processor, quick_pope, progress=False)['accuracy']:.1f}%"
             if quick_mme:
-                mme = evaluate_pope(model, processor, quick_mme, progress=False, prompt=mme_prompt)
+                mme = evaluate_yes_no(model, processor, quick_mme, progress=False, prompt=mme_prompt)
                 pope_text += f", position {mme['accuracy']:.1f}% (pairs {mme['pair_accuracy']:.1f}%)"
             tqdm.write(f"step {step + 1}: loss {np.mean(losses[-20:]):.3f}, quick held-out acc@0.5 "
                        f"{quick_metrics['acc@0.5']:.1f}% mean IoU {quick_metrics['mean_iou']:.3f} "
@@ -1291,8 +1291,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     reloaded_processor = transformers.AutoProcessor.from_pretrained(args.out)
     eval_start = time.perf_counter()
     metrics = evaluate(reloaded, reloaded_processor, heldout_samples(args.eval_images, args.seed))
-    pope = evaluate_pope(reloaded, reloaded_processor, heldout_pope_samples(args.eval_images, args.seed))
-    mme = evaluate_pope(reloaded, reloaded_processor, heldout_position_samples(args.eval_images, args.seed),
+    pope = evaluate_yes_no(reloaded, reloaded_processor, heldout_pope_samples(args.eval_images, args.seed))
+    mme = evaluate_yes_no(reloaded, reloaded_processor, heldout_position_samples(args.eval_images, args.seed),
                         prompt=mme_prompt)
     result = {
         "seed": args.seed,

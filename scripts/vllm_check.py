@@ -28,7 +28,7 @@ PRESETS = ("vispruner", "divprune", "fastervlm", "visionzip", "prumerge_plus", "
 # presets whose own default stage is inside the LLM: served with stage=pre_llm, which both engines are told
 PRE_LLM_STAGE = ("random", "uniform")
 UNPRUNED = "none"  # without the config key the registered class must serve the model as vLLM's own class does
-POSITIONS = ("contiguous",)  # "original" is refused by the plug-in (docs/serving.md)
+POSITIONS = ("contiguous", "original")  # "original": M-RoPE families only, and no merges (docs/serving.md)
 KEEP_RATIO = 0.25
 MAX_NEW_TOKENS = 12
 QUESTION = "Describe the picture in one sentence."
@@ -65,16 +65,21 @@ def _params(preset: str, positions: str) -> dict:
     return {"keep_ratio": KEEP_RATIO, "positions": positions, **stage}
 
 
-def _not_served(family: str, preset: str) -> str | None:
-    """Why both engines refuse ``preset`` on ``family`` (the plug-in's own rule,
-    :func:`lmms_prune.vllm.family_refusal`: merges where DeepStack adds per-token features inside the LLM, Qwen3-VL,
-    and where row newlines sit inside the image's run, LLaVA-NeXT and LLaVA-OneVision), or None."""
+def _not_served(family: str, preset: str, positions: str = "contiguous") -> str | None:
+    """Why ``preset`` with ``positions`` is not run on ``family``, or None: refused by our engine too (merged
+    tokens have no original position) or by the plug-in's own rule (:func:`lmms_prune.vllm.family_refusal`: merges
+    where DeepStack adds per-token features inside the LLM, Qwen3-VL, and where row newlines sit inside the image's
+    run, LLaVA-NeXT and LLaVA-OneVision; ``original`` positions on the 1-D RoPE families)."""
     from lmms_prune.presets import resolve_config
     from lmms_prune.vllm import family_refusal
 
     if preset == UNPRUNED:
-        return None
-    return family_refusal(family, resolve_config(preset, **_params(preset, POSITIONS[0])))
+        return None if positions == POSITIONS[0] else "unpruned: one run, whatever the positions setting"
+    try:
+        cfg = resolve_config(preset, **_params(preset, positions))
+    except ValueError as err:
+        return str(err)
+    return family_refusal(family, cfg)
 
 
 def _image():
@@ -201,7 +206,8 @@ def _observe_scores(handle) -> list:
 
 
 def run_transformers(out: Path, family: str, model_path: Path | None) -> None:
-    """Our engine on ``family``'s toy (or ``model_path``): unpruned, then every preset; ``out/transformers.json``."""
+    """Our engine on ``family``'s toy (or ``model_path``): unpruned, then every preset with each ``positions``
+    setting served on the family; ``out/transformers.json``."""
     import torch
     import transformers
 
@@ -221,9 +227,9 @@ def run_transformers(out: Path, family: str, model_path: Path | None) -> None:
         "kept": [], "visual_before": None, "prompt_tokens_before": length, "prompt_tokens_after": length,
         "seconds": time.perf_counter() - t0}
     for preset in PRESETS:
-        if _not_served(family, preset):
-            continue
         for positions in POSITIONS:
+            if _not_served(family, preset, positions):
+                continue
             t0 = time.perf_counter()
             with lmms_prune.apply(model, method=preset, **_params(preset, positions)) as handle:
                 scores = _observe_scores(handle)
@@ -242,9 +248,10 @@ def run_transformers(out: Path, family: str, model_path: Path | None) -> None:
 def run_vllm(out: Path, family: str, preset: str, positions: str) -> None:
     """One vLLM engine with ``preset`` (or none) on the model ``run_transformers`` used; ``out/vllm/*.json``
     (nothing for a preset the family is not served with, :func:`_not_served`)."""
-    why = _not_served(family, preset)
+    why = _not_served(family, preset, positions)
     if why:
-        print(f"[vllm_check] {family} is not served with {preset} (refused by the plug-in and our engine: {why})")
+        print(f"[vllm_check] {family} is not served with {preset}/{positions} (refused by the plug-in and our "
+              f"engine: {why})")
         return
     from transformers import AutoProcessor
     from vllm import LLM, SamplingParams
@@ -433,14 +440,17 @@ def _score_diff(ref: list | None, got: list | None) -> float | None:
     return max(float(np.abs(np.subtract(r, g)).max() / max(np.abs(r).max(), 1e-30)) for r, g in zip(ref, got))
 
 
-def compare_family(out: Path, family: str, presets: list[str]) -> tuple[list[dict], bool]:
-    """Rows of ``presets`` (vLLM's side asked for) of one family, and whether the toy is informative: the pruned
-    answers differ from each other and from the unpruned one (else equal answers would prove nothing)."""
+def compare_family(out: Path, family: str, presets: list[str], positions_asked: tuple[str, ...] = POSITIONS
+                   ) -> tuple[list[dict], bool]:
+    """Rows of ``presets`` x ``positions_asked`` (vLLM's side asked for) of one family, and whether the toy is
+    informative: within each positions setting the pruned answers differ from each other and from the unpruned one
+    (else equal answers would prove nothing), and each preset's ``original`` run differs from its ``contiguous``
+    run at the first token's log-probabilities (so the positions were exercised)."""
     hf = json.loads((out / "transformers.json").read_text())
     rows = []
     for key, ref in hf.items():
         preset, positions = key.split("/")
-        if preset not in presets:
+        if preset not in presets or (preset != UNPRUNED and positions not in positions_asked):
             continue
         part = out / "vllm" / f"{preset}-{positions}.json"
         got = json.loads(part.read_text()) if part.exists() else None
@@ -460,16 +470,24 @@ def compare_family(out: Path, family: str, presets: list[str]) -> tuple[list[dic
                                 and diff < LOGPROB_TOL
                                 and row["prompt_tokens_after"]["transformers"] == row["prompt_tokens_after"]["vllm"])
         rows.append(row)
-    answers = [tuple(r["answer"]) for r in hf.values()]
-    return rows, len(set(answers)) == len(answers)
+    informative = True
+    for positions in POSITIONS:
+        answers = [tuple(r["answer"]) for k, r in hf.items() if k.endswith(f"/{positions}") or k.startswith(UNPRUNED)]
+        informative &= len(set(answers)) == len(answers)
+    for key, ref in hf.items():
+        other = hf.get(key.replace("/original", "/contiguous"))
+        if key.endswith("/original") and other is not None:
+            diff = max(abs(v - other["first_logprobs"].get(t, float("inf"))) for t, v in ref["first_logprobs"].items())
+            informative &= diff > LOGPROB_TOL
+    return rows, informative
 
 
-def compare(out: Path, families: list[str], presets: list[str]) -> bool:
-    """``out/vllm_check.json`` over ``families`` x ``presets``; True when every row is identical and every
-    family's toy informative."""
+def compare(out: Path, families: list[str], presets: list[str], positions: tuple[str, ...] = POSITIONS) -> bool:
+    """``out/vllm_check.json`` over ``families`` x ``presets`` x ``positions``; True when every row is identical
+    and every family's toy informative."""
     rows, informative = [], {}
     for family in families:
-        family_rows, informative[family] = compare_family(out / family, family, presets)
+        family_rows, informative[family] = compare_family(out / family, family, presets, positions)
         rows += family_rows
     ok = bool(rows) and all(r["identical"] for r in rows)
     harness = {family: json.loads((out / family / "lmms_eval.json").read_text()) for family in families
@@ -542,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     cmp.add_argument("out", type=Path)
     cmp.add_argument("--families", type=lambda t: _names(t, FAMILIES), default=list(FAMILIES))
     cmp.add_argument("--presets", type=lambda t: _names(t, (UNPRUNED, *PRESETS)), default=[UNPRUNED, *PRESETS])
+    cmp.add_argument("--positions", type=lambda t: _names(t, POSITIONS), default=list(POSITIONS))
     args = parser.parse_args(argv)
     if args.part == "family":
         if not (args.model / "config.json").exists():
@@ -553,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(e))
         return 0
     if args.part == "compare":
-        return 0 if compare(args.out, args.families, args.presets) else 1
+        return 0 if compare(args.out, args.families, args.presets, args.positions) else 1
     out = args.out / args.family
     out.mkdir(parents=True, exist_ok=True)
     if args.part == "transformers":

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Cross-engine proof of the vLLM plug-in (docs/serving.md):
-#   bash scripts/vllm_check.sh OUT [--model PATH] [--families F,...] [--presets P,...] [--lmms-eval PRESET|none]
-#                                  [--runner PRESET|none] [--vlmeval PRESET|none]
+#   bash scripts/vllm_check.sh OUT [--model PATH] [--families F,...] [--presets P,...] [--positions P,...]
+#                                  [--lmms-eval PRESET|none] [--runner PRESET|none] [--vlmeval PRESET|none]
 # writes OUT/vllm_check.json (per family, preset and positions: kept sets identical, greedy answers identical token
 # for token, first-token log-probabilities, prompt tokens before and after) and exits non-zero on any difference.
 # --model PATH: a local checkpoint of a served family (default: one toy per family, fp32, text head_dim 64).
 # --families / --presets: a subset (default: qwen2_5_vl,qwen2_vl,qwen3_vl,llava,llava_next,llava_onevision,internvl and
 # none,vispruner,divprune,fastervlm,visionzip,prumerge_plus,random,uniform; random and uniform run with stage=pre_llm;
 # "none" runs vLLM with the plug-in installed and no pruning key).
+# --positions: contiguous,original (default both); "original" runs where both engines serve it (the M-RoPE
+# families, presets that keep a subset), and the other combinations are skipped with the reason in their log.
 # --lmms-eval PRESET (default divprune; none: skip): lmms-eval's own `--model vllm` with that preset in hf_overrides
 # runs the tiny MME task (tests/tasks) on the first family; its log must show the pruned prompt lengths.
 # --runner PRESET (default divprune; none: skip): our own lmms-eval model FAMILY_PRESET on the same task, with
@@ -20,18 +22,19 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 usage() {
-    echo "usage: bash scripts/vllm_check.sh OUT [--model PATH] [--families F,...] [--presets P,...] [--lmms-eval PRESET|none] [--runner PRESET|none] [--vlmeval PRESET|none]" >&2
+    echo "usage: bash scripts/vllm_check.sh OUT [--model PATH] [--families F,...] [--presets P,...] [--positions P,...] [--lmms-eval PRESET|none] [--runner PRESET|none] [--vlmeval PRESET|none]" >&2
     exit 2
 }
 if [ $# -lt 1 ] || [[ "$1" == -* ]]; then usage; fi
 OUT_ARG="$1"
 shift
-MODEL=() FAMILIES="qwen2_5_vl,qwen2_vl,qwen3_vl,llava,llava_next,llava_onevision,internvl" PRESETS="none,vispruner,divprune,fastervlm,visionzip,prumerge_plus,random,uniform" HARNESS=divprune RUNNER=divprune VLMEVAL=none
+MODEL=() FAMILIES="qwen2_5_vl,qwen2_vl,qwen3_vl,llava,llava_next,llava_onevision,internvl" PRESETS="none,vispruner,divprune,fastervlm,visionzip,prumerge_plus,random,uniform" POSITIONS=contiguous,original HARNESS=divprune RUNNER=divprune VLMEVAL=none
 while [ $# -gt 0 ]; do
     case "$1" in
         --model) [ $# -ge 2 ] || usage; MODEL=(--model "$2"); shift 2 ;;
         --families) [ $# -ge 2 ] || usage; FAMILIES="$2"; shift 2 ;;
         --presets) [ $# -ge 2 ] || usage; PRESETS="$2"; shift 2 ;;
+        --positions) [ $# -ge 2 ] || usage; POSITIONS="$2"; shift 2 ;;
         --lmms-eval) [ $# -ge 2 ] || usage; HARNESS="$2"; shift 2 ;;
         --runner) [ $# -ge 2 ] || usage; RUNNER="$2"; shift 2 ;;
         --vlmeval) [ $# -ge 2 ] || usage; VLMEVAL="$2"; shift 2 ;;
@@ -49,7 +52,8 @@ if [ ${#MODEL[@]} -gt 0 ]; then  # the checkpoint's family, or a clear error bef
     FAMILIES="$("$MAIN_PY" "${CHECK[@]}" family "${MODEL[1]}")"
 fi
 # the names are checked before anything runs (the parsers of compare and lmms_eval)
-"$MAIN_PY" "${CHECK[@]}" compare /dev/null --families "$FAMILIES" --presets "$PRESETS" --help >/dev/null
+"$MAIN_PY" "${CHECK[@]}" compare /dev/null --families "$FAMILIES" --presets "$PRESETS" --positions "$POSITIONS" \
+    --help >/dev/null
 if [ "$HARNESS" != none ]; then
     "$MAIN_PY" "${CHECK[@]}" lmms_eval /dev/null qwen2_5_vl "$HARNESS" --help >/dev/null
 fi
@@ -86,11 +90,12 @@ export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
 for family in ${FAMILIES//,/ }; do
     mkdir -p "$OUT/$family/vllm"
     for preset in ${PRESETS//,/ }; do
-        positions=contiguous  # "original" is refused by the plug-in (docs/serving.md)
-        log="$OUT/$family/vllm/$preset-$positions.log"
-        echo "[vllm_check] vLLM $family $preset positions=$positions (log: $log)"
-        python "${CHECK[@]}" vllm "$OUT" "$family" "$preset" "$positions" >"$log" 2>&1 ||
-            echo "[vllm_check] vLLM $family $preset/$positions failed: see its log"
+        for positions in ${POSITIONS//,/ }; do
+            log="$OUT/$family/vllm/$preset-$positions.log"
+            echo "[vllm_check] vLLM $family $preset positions=$positions (log: $log)"
+            python "${CHECK[@]}" vllm "$OUT" "$family" "$preset" "$positions" >"$log" 2>&1 ||
+                echo "[vllm_check] vLLM $family $preset/$positions failed: see its log"
+        done
     done
 done
 if [ "$HARNESS" != none ]; then
@@ -109,4 +114,4 @@ if [ "$VLMEVAL" != none ]; then
     echo "[vllm_check] our model ${family}_$VLMEVAL in VLMEvalKit, backend=vllm (log: $OUT/$family/vlmeval/vllm/vlmeval.log)"
     python "${CHECK[@]}" vlmeval "$OUT" "$family" "$VLMEVAL" vllm || echo "[vllm_check] VLMEvalKit backend=vllm run failed: see its log"
 fi
-python "${CHECK[@]}" compare "$OUT" --families "$FAMILIES" --presets "$PRESETS"
+python "${CHECK[@]}" compare "$OUT" --families "$FAMILIES" --presets "$PRESETS" --positions "$POSITIONS"

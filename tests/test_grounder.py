@@ -178,8 +178,8 @@ def test_shipped_model_answers_pope_held_out(tg) -> None:
     recorded = json.loads((grounder_dir() / "metrics.json").read_text())
     model = transformers.InternVLForConditionalGeneration.from_pretrained(grounder_dir())
     processor = transformers.AutoProcessor.from_pretrained(grounder_dir())
-    metrics = tg.evaluate_pope(model, processor, tg.heldout_pope_samples(recorded["heldout_images"], recorded["seed"]),
-                               progress=False)
+    metrics = tg.evaluate_yes_no(model, processor, tg.heldout_pope_samples(recorded["heldout_images"], recorded["seed"]),
+                                 progress=False)
     assert metrics["n"] == recorded["heldout_pope_questions"] >= 300
     assert metrics["accuracy"] >= POPE_FLOOR, metrics
     assert metrics["other"] == 0, metrics
@@ -193,3 +193,20 @@ def test_shipped_tokenizer_is_the_grounder_tokenizer(processor) -> None:
 
     assert processor.tokenizer.get_vocab() == grounder_tokenizer().get_vocab()
     assert len(processor.tokenizer("the purple hexagon", add_special_tokens=False).input_ids) == 3
+
+
+def test_a_missing_shipped_model_names_its_own_training_script(monkeypatch) -> None:
+    """Each shipped name has its training script, and the error for missing package data names that one."""
+    from pathlib import Path
+
+    from lmms_prune import loading
+
+    root = Path(loading.__file__).resolve().parents[1]
+    assert set(loading.TRAINED_BY) == set(loading.SHIPPED)
+    assert all((root / script).is_file() for script in loading.TRAINED_BY.values())
+    monkeypatch.setattr(loading, "SHIPPED", {name: "no_such_folder" for name in loading.SHIPPED})
+    for name, script in loading.TRAINED_BY.items():
+        with pytest.raises(FileNotFoundError, match=f"retrain it \\({script} --out") as err:
+            loading.shipped_dir(name)
+        others = set(loading.TRAINED_BY.values()) - {script}
+        assert not any(other in str(err.value) for other in others)

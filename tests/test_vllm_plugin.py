@@ -60,7 +60,7 @@ def test_every_preset_is_served_or_refused_with_a_fix():
     ({"method": "evs"}, "prunes videos only"),
     ({"method": "none"}, "without hf_overrides"),
     ({"method": "nonesuch"}, "unknown; the vLLM plug-in serves"),
-    ({"method": "divprune", "positions": "original"}, "recompute_mrope_positions"),
+    ({"method": "visionzip", "positions": "original"}, "merged tokens have no original position"),
     ({"method": "divprune", "positions": "sideways"}, "must be one of"),
     ({"method": "divprune", "keep_ratio": 1.5}, "keep_ratio=1.5"),
     ({"method": "divprune", "important_ratio": 0.5}, "does not use important_ratio"),
@@ -68,6 +68,32 @@ def test_every_preset_is_served_or_refused_with_a_fix():
 def test_bad_configs_name_the_value_and_the_fix(value, message):
     with pytest.raises(ValueError, match=message):
         pruning_config(_hf(value))
+
+
+@pytest.mark.parametrize("positions", ["original", "gap"])
+def test_original_positions_resolve_as_our_engine_does(positions):
+    """positions='original' (and its other name 'gap') is the config lmms_prune.apply builds; where it is served
+    is the family's question (family_refusal)."""
+    cfg = pruning_config(_hf({"method": "divprune", "keep_ratio": 0.25, "positions": positions}))
+    assert cfg == resolve_config("divprune", keep_ratio=0.25, positions=positions)
+
+
+def test_original_positions_are_served_on_mrope_families_only():
+    """GAP's rule needs positions set after selection: vLLM asks the M-RoPE models for them in the worker; 1-D RoPE
+    families are numbered by token index, so they are refused with the reason and the fix."""
+    from lmms_prune.families import FAMILIES
+    from lmms_prune.vllm import MROPE_FAMILIES, family_refusal
+
+    original = resolve_config("vispruner", keep_ratio=0.25, positions="original")
+    contiguous = resolve_config("vispruner", keep_ratio=0.25)
+    assert set(MROPE_FAMILIES) < set(FAMILIES)
+    for family in FAMILIES:
+        assert family_refusal(family, contiguous) is None
+        reason = family_refusal(family, original)
+        if family in MROPE_FAMILIES:
+            assert reason is None, family
+        else:
+            assert "token index" in reason and "use positions='contiguous'" in reason, (family, reason)
 
 
 def test_every_refused_preset_is_a_known_preset_with_a_reason():
@@ -179,6 +205,9 @@ def test_backend_vllm_carries_the_config_the_transformers_backend_would_run(tmp_
     options, config = _parse(tmp_path, family="llava", method="uniform", backend="vllm", keep_ratio="0.25",
                              stage="pre_llm")
     assert options.vllm_prune["stage"] == "pre_llm" and pruning_config(_hf(options.vllm_prune)) == config
+    options, config = _parse(tmp_path, family="qwen3_vl", method="divprune", backend="vllm", keep_ratio="0.25",
+                             positions="original")
+    assert options.vllm_prune["positions"] == "original" and pruning_config(_hf(options.vllm_prune)) == config
     options, _ = _parse(tmp_path, family="llava", method="none", backend="vllm")
     assert options.vllm_prune is None  # unpruned: served without the key
     options, _ = _parse(tmp_path, keep_ratio="0.25")
@@ -192,7 +221,9 @@ def test_backend_vllm_carries_the_config_the_transformers_backend_would_run(tmp_
     ("llava_next", "visionzip", {}, "llava_next is not served with visionzip: it merges tokens, but LLaVA-NeXT's"),
     ("llava_onevision", "prumerge_plus", {}, "llava_onevision is not served with prumerge_plus: it merges tokens"),
     ("llava", "uniform", {}, "pass stage='pre_llm'"),
-    ("llava", "divprune", {"positions": "original"}, "use positions='contiguous'"),
+    ("llava", "divprune", {"positions": "original"}, "by token index"),
+    ("internvl", "vispruner", {"positions": "gap"}, "use positions='contiguous'"),
+    ("qwen2_5_vl", "visionzip", {"positions": "original"}, "merged tokens have no original position"),
     ("llava", "divprune", {"use_cache": "false"}, "use_cache=false with backend=vllm"),
     ("llava", "divprune", {"device_map": "auto"}, "device_map='auto' with backend=vllm"),
     ("llava", "divprune", {"vllm_engine_args": '{"dtype":"half"}'}, "sets dtype, which backend=vllm sets from dtype"),

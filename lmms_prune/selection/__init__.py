@@ -44,7 +44,7 @@ from lmms_prune.selection.pivot_mis import (
     normalized_similarity,
     pivot_mis,
 )
-from lmms_prune.selection.positions import gap_positions, kept_index
+from lmms_prune.selection.positions import gap_positions, kept_index, restore_runs
 from lmms_prune.selection.prumerge import iqr_outlier_ratio, prumerge_centres, prumerge_plus
 from lmms_prune.selection.sparsevlm import adaptive_keep_count, dpc_knn, recycle, sparsevlm
 from lmms_prune.selection.temporal import (
@@ -93,6 +93,7 @@ __all__ = [
     "fused_graph",
     "global_scan",
     "gap_positions",
+    "restore_runs",
     "grid_adjacency",
     "grid_neighbour_pairs",
     "instruction_relevance",

@@ -50,3 +50,41 @@ def gap_positions(position_ids: Tensor, keep: Tensor) -> Tensor:
         raise ValueError(f"position_ids has dtype {position_ids.dtype}: must be integer")
     index = kept_index(keep, position_ids.shape[-1]).to(position_ids.device)
     return position_ids.index_select(-1, index)
+
+
+def restore_runs(tokens: list[int], runs: list[tuple[int, int, int, list[int]]]
+                 ) -> tuple[list[int], list[int], Tensor]:
+    """The unpruned prompt of a prompt whose visual runs were cut to their kept tokens, for GAP's rule where only
+    the pruned prompt exists (the vLLM plug-in's, whose prompt processor cut each run to the budget).
+
+    ``runs``: per run, ascending by offset, ``(offset, n, size, kept)``: the run's first index and length ``n`` in
+    ``tokens``, its length ``size`` before pruning and the ``n`` kept indices among those ``size`` (ascending).
+    Returns the unpruned tokens (each run filled with its first token, a placeholder; ``n >= 1``), each run's offset in them,
+    and the bool ``[T]`` mask of the tokens ``tokens`` keeps, in order: ``gap_positions(positions of the unpruned
+    prompt, mask)`` are the pruned prompt's positions.
+    """
+    out: list[int] = []
+    offsets: list[int] = []
+    keep: list[bool] = []
+    at = 0
+    for offset, n, size, kept in runs:
+        if offset < at or offset + n > len(tokens):
+            raise ValueError(f"run at {offset} of length {n}: runs must ascend and lie inside the {len(tokens)} "
+                             "tokens")
+        if n < 1:
+            raise ValueError(f"run at {offset}: keeps no token; each run keeps at least one (its placeholder fills "
+                             "the restored run, and every budget is at least 1)")
+        if len(kept) != n or min(kept) < 0 or max(kept) >= size or sorted(set(kept)) != list(kept):
+            raise ValueError(f"run at {offset}: kept={list(kept)[:8]}... must be {n} ascending indices in [0, {size})")
+        out += tokens[at:offset]
+        keep += [True] * (offset - at)
+        offsets.append(len(out))
+        run = [False] * size
+        for i in kept:
+            run[i] = True
+        out += tokens[offset:offset + 1] * size
+        keep += run
+        at = offset + n
+    out += tokens[at:]
+    keep += [True] * (len(tokens) - at)
+    return out, offsets, torch.tensor(keep, dtype=torch.bool)

@@ -72,6 +72,8 @@ def family_refusal(family: str, cfg: Any) -> str | None:
     and LLaVA-OneVision, whose row newlines sit inside each image's run."""
     from lmms_prune.methods import SELECTORS
 
+    if cfg.positions != "contiguous" and family not in MROPE_FAMILIES:
+        return f"positions={cfg.positions!r}: {ONE_D_POSITIONS}"
     if not getattr(SELECTORS.get(cfg.selector), "merges", False):
         return None
     if family == "qwen3_vl":
@@ -87,18 +89,14 @@ def family_refusal(family: str, cfg: Any) -> str | None:
 ENGINE_ARGS_SET = {"model": "pretrained", "hf_overrides": "the pruning parameters", "dtype": "dtype",
                    "revision": "revision", "trust_remote_code": "trust_remote_code",
                    "mm_processor_kwargs": "the family's processor options", "max_num_seqs": "batch_size"}
-POSITIONS = ("contiguous",)
-# Why positions='original' (GAP's rule, our engine's other setting) is refused: the kept tokens' original
-# positions are known only after selection, in the worker. LLaVA's 1-D RoPE positions are the tokens' indices in
-# vLLM's prompt, with no hook to change them; for M-RoPE, vLLM 0.32's one hook for changing positions after the
-# encoder (SupportsMultiModalPruning.recompute_mrope_positions) is called by GPUModelRunner only when video
-# pruning is configured (video_pruning_rate > 0) and never by CPUModelRunner (its load_model leaves
-# is_multimodal_pruning_enabled False), so the path cannot be proven here (docs/serving.md).
-REFUSED_POSITIONS = ("vLLM 0.32 numbers a 1-D RoPE prompt (LLaVA) by token index with no hook to change it, and "
-                     "rewrites M-RoPE positions after the encoder only through "
-                     "SupportsMultiModalPruning.recompute_mrope_positions, which its CPU model runner never calls and "
-                     "its GPU runner calls only with video_pruning_rate > 0 (docs/serving.md); use "
-                     "positions='contiguous'")
+POSITIONS = ("contiguous", "original", "gap")  # "gap" is our engine's other name of "original"
+# The families whose positions vLLM lets the plug-in set after selection: M-RoPE, whose positions vLLM asks the
+# model for (get_mrope_input_positions) in the worker, with each image's pixels, before the encoder runs.
+MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+# Why positions='original' (GAP's rule) is refused on the other families (docs/serving.md)
+ONE_D_POSITIONS = ("vLLM numbers a 1-D RoPE prompt (LLaVA, LLaVA-NeXT, LLaVA-OneVision, InternVL) by token index "
+                   "in the model runner, with no model hook to change it (docs/serving.md); use "
+                   "positions='contiguous'")
 
 
 def register() -> None:
@@ -144,8 +142,6 @@ def pruning_config(hf_config: Any) -> Any:
         raise ValueError(f"{CONFIG_KEY}.method={method!r} (stage={stage!r}): not served by the vLLM plug-in: "
                          f"{INSIDE_LLM}; use one of {served}")
     positions = params.setdefault("positions", "contiguous")
-    if positions in ("original", "gap"):
-        raise ValueError(f"{CONFIG_KEY}.positions={positions!r}: not served yet: {REFUSED_POSITIONS}")
     if positions not in POSITIONS:
         raise ValueError(f"{CONFIG_KEY}.positions={positions!r}: must be one of {POSITIONS}")
     cfg = resolve_config(method, **params)

@@ -28,7 +28,7 @@ from lmms_prune.engine.attention import query_rows, received_attention
 from lmms_prune.families.base import ImageSpan
 from lmms_prune.methods import SCORES, SELECTORS
 from lmms_prune.methods.base import ImageSignals
-from lmms_prune.vllm import pruning_config
+from lmms_prune.vllm import ONE_D_POSITIONS, pruning_config
 
 # Where the worker appends one JSON line per pruned image (the cross-engine check reads it); unset: nothing.
 RECORD_ENV = "LMMS_PRUNE_VLLM_RECORD"
@@ -118,9 +118,14 @@ class PrunedModel:
     ``embed_multimodal`` keeps only the method's tokens of each image (:meth:`select`). Without the key every
     method defers to vLLM's own."""
 
+    # whether the family can give the kept tokens their original positions (M-RoPE families: the Qwen-VL models)
+    serves_original = False
+
     def __init__(self, *, vllm_config: Any, prefix: str = ""):
         self.prune = pruning_config(vllm_config.model_config.hf_config)  # before any module or weight
         if self.prune is not None:
+            if self.prune.positions != "contiguous" and not self.serves_original:
+                raise ValueError(f"lmms_prune: positions={self.prune.positions!r}: {ONE_D_POSITIONS}")
             self.check_served(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         if self.prune is None:

@@ -10,7 +10,7 @@
   strategy drops the [CLS]).
 * **Positions.** LLaVA's LLM numbers the prompt ``0..T-1`` by token index (1-D RoPE), and vLLM numbers the
   pruned prompt the same way: ``positions="contiguous"``, our engine's renumbering. ``"original"`` is refused
-  (:data:`lmms_prune.vllm.REFUSED_POSITIONS`).
+  (:data:`lmms_prune.vllm.ONE_D_POSITIONS`).
 
 Served only with a CLIP tower, one ``vision_feature_layer`` and the ``default`` feature strategy (LLaVA-1.5's);
 other LLaVA-style checkpoints (Pixtral-HF, SigLIP towers, several feature layers) are refused with the reason
