@@ -4,14 +4,14 @@ Writes the clips of the package's task ``tinyvideo`` (VideoMME's schema on eight
 :mod:`lmms_prune.tasks.tinyvideo`: four plain and four cluttered, :mod:`lmms_prune.toy.videos`) into its output
 folder and runs it with ``python -m lmms_eval --model <family>_<method>``
 for ``none``, ``fastv``, ``temporal``, ``evs``, ``vidcom2`` and ``fastvid`` at one keep ratio (a resumable
-:class:`lmms_prune.sweep.Sweep`), on a tiny video model of the family (:func:`lmms_prune.toy.models.tiny_model_dir`)
-or the ``pretrained`` checkpoint, and prints one row per method: the task's score, its % of the unpruned run, the visual tokens kept and the
-prefill FLOPs as % of the unpruned prefill.
+:class:`lmms_prune.sweep.Sweep`), and prints one row per method: the task's score, its % of the unpruned run, the
+visual tokens kept and the prefill FLOPs as % of the unpruned prefill.
 
-The tiny video models have random weights, so their answers, and the scores, say nothing about the methods'
-quality (``scripts/train_video_qa.py`` trains a LLaVA-OneVision one for the task, ``--pretrained`` runs it; none
-is shipped yet: ``docs/video.md``): the demo shows the pipeline (each method's kept tokens and FLOPs on a
-real video geometry, through the real harness), not a ranking.
+The model (:func:`demo_pretrained`): the ``pretrained`` checkpoint if given; for LLaVA-OneVision the shipped
+``tiny-video-qa`` (``scripts/train_video_qa.py``, 100% on held-out clips), on which the methods' scores separate;
+for Qwen2.5-VL the family's random-weight toy (:func:`lmms_prune.toy.models.tiny_model_dir`), whose answers say
+nothing about the methods: it shows the pipeline (each method's kept tokens and FLOPs on a real video geometry,
+through the real harness), not a ranking.
 """
 
 from __future__ import annotations
@@ -56,12 +56,20 @@ def video_table(tables: list[Any], task: str = TASK) -> str:
     return "\n".join(lines)
 
 
+# The checkpoint the demo runs without --pretrained: the shipped model trained on the task where there is one (so
+# that the methods' scores separate), else the family's random-weight toy (tokens and FLOPs only)
+DEFAULT_PRETRAINED = {"llava_onevision": "tiny-video-qa"}
+
+
 def demo_pretrained(family: str, pretrained: str | None = None) -> str:
     """The checkpoint the demo runs: ``pretrained`` if given (a checkpoint of ``family``, e.g. one saved by
     ``scripts/train_video_qa.py``; resolved by :func:`lmms_prune.loading.resolve_pretrained` in every run), else
-    the family's tiny random-weight model (:func:`lmms_prune.toy.models.tiny_model_dir`, built once)."""
+    the family's shipped trained model (:data:`DEFAULT_PRETRAINED`: ``tiny-video-qa`` for LLaVA-OneVision), else its
+    tiny random-weight model (:func:`lmms_prune.toy.models.tiny_model_dir`, built once)."""
     if pretrained:
         return pretrained
+    if family in DEFAULT_PRETRAINED:
+        return DEFAULT_PRETRAINED[family]
     from lmms_prune.toy.models import tiny_model_dir
 
     return str(tiny_model_dir(family))

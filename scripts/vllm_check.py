@@ -28,7 +28,7 @@ PRESETS = ("vispruner", "divprune", "fastervlm", "visionzip", "prumerge_plus", "
 # presets whose own default stage is inside the LLM: served with stage=pre_llm, which both engines are told
 PRE_LLM_STAGE = ("random", "uniform")
 UNPRUNED = "none"  # without the config key the registered class must serve the model as vLLM's own class does
-POSITIONS = ("contiguous", "original")  # "original": M-RoPE families only, and no merges (docs/serving.md)
+POSITIONS = ("contiguous", "original")  # "original": presets that keep a subset (docs/serving.md)
 KEEP_RATIO = 0.25
 MAX_NEW_TOKENS = 12
 QUESTION = "Describe the picture in one sentence."
@@ -69,7 +69,7 @@ def _not_served(family: str, preset: str, positions: str = "contiguous") -> str 
     """Why ``preset`` with ``positions`` is not run on ``family``, or None: refused by our engine too (merged
     tokens have no original position) or by the plug-in's own rule (:func:`lmms_prune.vllm.family_refusal`: merges
     where DeepStack adds per-token features inside the LLM, Qwen3-VL, and where row newlines sit inside the image's
-    run, LLaVA-NeXT and LLaVA-OneVision; ``original`` positions on the 1-D RoPE families)."""
+    run, LLaVA-NeXT and LLaVA-OneVision)."""
     from lmms_prune.presets import resolve_config
     from lmms_prune.vllm import family_refusal
 
@@ -253,9 +253,10 @@ def run_vllm(out: Path, family: str, preset: str, positions: str) -> None:
         print(f"[vllm_check] {family} is not served with {preset}/{positions} (refused by the plug-in and our "
               f"engine: {why})")
         return
-    from transformers import AutoProcessor
+    from transformers import AutoConfig, AutoProcessor
     from vllm import LLM, SamplingParams
 
+    from lmms_prune.vllm import served_overrides
     from lmms_prune.vllm.base import RECORD_ENV
 
     path = Path((out / "model_path").read_text())
@@ -264,22 +265,36 @@ def run_vllm(out: Path, family: str, preset: str, positions: str) -> None:
     record.unlink(missing_ok=True)
     os.environ[RECORD_ENV] = str(record)
     t0 = time.perf_counter()
-    llm = LLM(model=str(path), dtype="float32", max_model_len=2048, max_num_seqs=1, enforce_eager=True,
+    prune = None if preset == UNPRUNED else {"method": preset, **_params(preset, positions)}
+    llm = LLM(model=str(path), dtype="float32", max_model_len=2048, max_num_seqs=2, enforce_eager=True,
               limit_mm_per_prompt={"image": 1, "video": 0}, seed=0,
-              hf_overrides={} if preset == UNPRUNED else {"lmms_prune": {"method": preset, **_params(preset, positions)}})
+              hf_overrides=served_overrides(family, prune, AutoConfig.from_pretrained(path)))
     load = time.perf_counter() - t0
     prompt = _prompt(AutoProcessor.from_pretrained(path))
+    request = {"prompt": prompt, "multi_modal_data": {"image": _image()}}
     t0 = time.perf_counter()
-    [result] = llm.generate({"prompt": prompt, "multi_modal_data": {"image": _image()}},
-                            SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, logprobs=TOP_LOGPROBS))
+    [result] = llm.generate(request, SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, logprobs=TOP_LOGPROBS))
+    seconds = time.perf_counter() - t0
     kept = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
     kept = kept[-1:]  # the request's image (vLLM's start-up profiling encodes a dummy image first)
+    # a batch equals its samples: the request beside one with another image (another grid: the transposed image)
+    # in one engine step, against each alone; the second run of the first image also meets vLLM's caches
+    from PIL import Image
+
+    greedy = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS)
+    other = {"prompt": prompt, "multi_modal_data": {"image": _image().transpose(Image.Transpose.TRANSPOSE)}}
+    [alone] = llm.generate(other, greedy)
+    batch = llm.generate([request, other], greedy)
+    answer = list(result.outputs[0].token_ids)
     (out / "vllm" / f"{preset}-{positions}.json").write_text(json.dumps({
         "kept": [k["kept"] for k in kept], "visual_before": sum(k["visual_before"] for k in kept),
         "scores": [k.get("scores") for k in kept],
-        "prompt_tokens_after": len(result.prompt_token_ids), "answer": list(result.outputs[0].token_ids),
+        "prompt_tokens_after": len(result.prompt_token_ids), "answer": answer,
+        "batch_answers": [list(b.outputs[0].token_ids) for b in batch],
+        "batch_equals_samples": [list(b.outputs[0].token_ids) for b in batch] == [answer,
+                                                                                  list(alone.outputs[0].token_ids)],
         "first_logprobs": {str(t): lp.logprob for t, lp in result.outputs[0].logprobs[0].items()},
-        "load_seconds": load, "generate_seconds": time.perf_counter() - t0}, indent=1))
+        "load_seconds": load, "generate_seconds": seconds}, indent=1))
 
 
 RUNNER_ENGINE = {"max_model_len": 2048, "enforce_eager": True, "limit_mm_per_prompt": {"image": 1, "video": 0}}
@@ -461,12 +476,14 @@ def compare_family(out: Path, family: str, presets: list[str], positions_asked: 
                "visual_tokens_before": ref["visual_before"],
                "kept_identical": got is not None and got["kept"] == ref["kept"],
                "answers_identical": got is not None and got["answer"] == ref["answer"],
+               "vllm_batch_equals_samples": got is not None and got.get("batch_equals_samples") is True,
                "first_token_logprob_max_diff": None if got is None else _logprob_diff(ref, got),
                "score_max_rel_diff": None if got is None else _score_diff(ref.get("scores"), got.get("scores")),
                "answer_tokens": {"transformers": ref["answer"], "vllm": None if got is None else got["answer"]},
                "error": None if got is not None else f"no vLLM result ({family}/vllm/{part.name}); see its log"}
         diff = row["first_token_logprob_max_diff"]
         row["identical"] = bool(row["kept_identical"] and row["answers_identical"] and diff is not None
+                                and row["vllm_batch_equals_samples"]
                                 and diff < LOGPROB_TOL
                                 and row["prompt_tokens_after"]["transformers"] == row["prompt_tokens_after"]["vllm"])
         rows.append(row)

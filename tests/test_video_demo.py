@@ -57,6 +57,20 @@ def test_the_cli_default_methods_are_the_demos_and_bad_settings_are_refused_befo
         assert message in capsys.readouterr().err
 
 
+def test_the_demo_runs_the_shipped_trained_model_where_there_is_one(monkeypatch):
+    """Without --pretrained: LLaVA-OneVision runs the shipped tiny-video-qa (trained on the task, so the scores
+    separate the methods), which resolves to its folder; Qwen2.5-VL its random-weight toy; --pretrained wins."""
+    from lmms_prune import video_demo
+    from lmms_prune.loading import SHIPPED, resolve_pretrained
+    from lmms_prune.toy import models
+
+    assert video_demo.demo_pretrained("llava_onevision") == "tiny-video-qa" and "tiny-video-qa" in SHIPPED
+    assert (Path(resolve_pretrained("tiny-video-qa")) / "config.json").is_file()
+    monkeypatch.setattr(models, "tiny_model_dir", lambda family: Path("/toys") / family)
+    assert video_demo.demo_pretrained("qwen2_5_vl") == str(Path("/toys/qwen2_5_vl"))
+    assert video_demo.demo_pretrained("llava_onevision", "runs/mine") == "runs/mine"
+
+
 @pytest.mark.cli
 def test_video_demo_runs_the_methods_through_lmms_eval_and_prints_their_table(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("train_video_qa", TRAIN_SCRIPT)

@@ -78,22 +78,33 @@ def test_original_positions_resolve_as_our_engine_does(positions):
     assert cfg == resolve_config("divprune", keep_ratio=0.25, positions=positions)
 
 
-def test_original_positions_are_served_on_mrope_families_only():
-    """GAP's rule needs positions set after selection: vLLM asks the M-RoPE models for them in the worker; 1-D RoPE
-    families are numbered by token index, so they are refused with the reason and the fix."""
+def test_original_positions_are_served_on_every_family_with_the_m_rope_declaration_where_rope_is_1d(toys):
+    """GAP's rule needs the positions set after selection, which vLLM asks M-RoPE models for: the Qwen families
+    are served as they are; a 1-D RoPE family gets its text config's rope parameters plus an mrope_section that
+    puts every rotary frequency in the first row (all three rows then hold the 1-D position: the same rotation);
+    contiguous positions and unpruned runs need nothing."""
     from lmms_prune.families import FAMILIES
-    from lmms_prune.vllm import MROPE_FAMILIES, family_refusal
+    from lmms_prune.vllm import MROPE_FAMILIES, family_refusal, mrope_override, served_overrides
 
     original = resolve_config("vispruner", keep_ratio=0.25, positions="original")
-    contiguous = resolve_config("vispruner", keep_ratio=0.25)
+    prune = {"method": "vispruner", "keep_ratio": 0.25, "positions": "original"}
     assert set(MROPE_FAMILIES) < set(FAMILIES)
     for family in FAMILIES:
-        assert family_refusal(family, contiguous) is None
-        reason = family_refusal(family, original)
+        assert family_refusal(family, original) is None
+        config = toys("internvl_qwen2" if family == "internvl" else family)[0].config
+        assert served_overrides(family, None, config) == {}
+        assert served_overrides(family, {**prune, "positions": "contiguous"}, config) == {
+            CONFIG_KEY: {**prune, "positions": "contiguous"}}
+        overrides = served_overrides(family, prune, config)
         if family in MROPE_FAMILIES:
-            assert reason is None, family
-        else:
-            assert "token index" in reason and "use positions='contiguous'" in reason, (family, reason)
+            assert overrides == {CONFIG_KEY: prune}, family
+            continue
+        assert overrides == {CONFIG_KEY: prune, **mrope_override(config)}, family
+        text = config.get_text_config()
+        params = overrides["text_config"]["rope_parameters"]
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        assert params["mrope_section"] == [head_dim // 2, 0, 0], family
+        assert {k: v for k, v in params.items() if k != "mrope_section"} == dict(text.rope_parameters), family
 
 
 def test_every_refused_preset_is_a_known_preset_with_a_reason():
@@ -141,6 +152,26 @@ def test_lmms_eval_model_args_reach_vllm_as_the_config():
                       "max_model_len": 2048, "limit_mm_per_prompt": {"image": 1, "video": 0}}
     assert pruning_config(_hf(parsed["hf_overrides"][CONFIG_KEY])) == resolve_config(
         "vispruner", keep_ratio=0.25, important_ratio=0.5, positions="contiguous")
+
+
+def test_lmms_eval_model_args_declare_m_rope_for_original_positions_on_a_1d_model(toys, tmp_path):
+    """With positions='original' the checkpoint's config is read: a 1-D RoPE model (LLaVA) gets the M-RoPE
+    declaration in hf_overrides, as the plug-in's error asks, and it survives lmms-eval's parsing; a Qwen model
+    needs none."""
+    import json
+
+    from lmms_eval.utils import simple_parse_args_string
+
+    from lmms_prune.vllm import lmms_eval_model_args, mrope_override
+
+    prune = {"method": "divprune", "keep_ratio": 0.25, "positions": "original"}
+    for family in ("llava", "qwen2_5_vl"):
+        config = toys(family)[0].config
+        config.save_pretrained(tmp_path / family)
+        parsed = simple_parse_args_string(lmms_eval_model_args(str(tmp_path / family), prune))
+        overrides = json.loads(parsed["hf_overrides"])
+        expected = {CONFIG_KEY: prune} | ({} if family == "qwen2_5_vl" else mrope_override(config))
+        assert overrides == json.loads(json.dumps(expected)), family
 
 
 def test_lmms_eval_model_args_refuse_before_anything_starts():
@@ -208,6 +239,9 @@ def test_backend_vllm_carries_the_config_the_transformers_backend_would_run(tmp_
     options, config = _parse(tmp_path, family="qwen3_vl", method="divprune", backend="vllm", keep_ratio="0.25",
                              positions="original")
     assert options.vllm_prune["positions"] == "original" and pruning_config(_hf(options.vllm_prune)) == config
+    options, config = _parse(tmp_path, family="llava", method="vispruner", backend="vllm", keep_ratio="0.25",
+                             positions="original")
+    assert options.vllm_prune["positions"] == "original" and pruning_config(_hf(options.vllm_prune)) == config
     options, _ = _parse(tmp_path, family="llava", method="none", backend="vllm")
     assert options.vllm_prune is None  # unpruned: served without the key
     options, _ = _parse(tmp_path, keep_ratio="0.25")
@@ -221,8 +255,6 @@ def test_backend_vllm_carries_the_config_the_transformers_backend_would_run(tmp_
     ("llava_next", "visionzip", {}, "llava_next is not served with visionzip: it merges tokens, but LLaVA-NeXT's"),
     ("llava_onevision", "prumerge_plus", {}, "llava_onevision is not served with prumerge_plus: it merges tokens"),
     ("llava", "uniform", {}, "pass stage='pre_llm'"),
-    ("llava", "divprune", {"positions": "original"}, "by token index"),
-    ("internvl", "vispruner", {"positions": "gap"}, "use positions='contiguous'"),
     ("qwen2_5_vl", "visionzip", {"positions": "original"}, "merged tokens have no original position"),
     ("llava", "divprune", {"use_cache": "false"}, "use_cache=false with backend=vllm"),
     ("llava", "divprune", {"device_map": "auto"}, "device_map='auto' with backend=vllm"),

@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="command prefix per run (default: accelerate launch, one process; with --video: python)")
     parser.add_argument("--pretrained", default=None, help="another InternVL checkpoint (default tiny-grounder); with "
                         "--video a checkpoint of --family, e.g. tiny-video-qa (shipped, llava_onevision, trained on the task) "
-                        "or one saved by scripts/train_video_qa.py (default: the family's random-weight toy)")
+                        "or one saved by scripts/train_video_qa.py (default: tiny-video-qa for llava_onevision, the random-weight "
+                        "toy for qwen2_5_vl)")
     parser.add_argument("--family", default="llava_onevision",
                         help="with --video: the tiny video model's family, llava_onevision (default) or qwen2_5_vl")
     parser.add_argument("--limit", type=int, default=None, help="with --video: clips per run (default all 8)")

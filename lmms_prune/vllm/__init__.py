@@ -72,8 +72,6 @@ def family_refusal(family: str, cfg: Any) -> str | None:
     and LLaVA-OneVision, whose row newlines sit inside each image's run."""
     from lmms_prune.methods import SELECTORS
 
-    if cfg.positions != "contiguous" and family not in MROPE_FAMILIES:
-        return f"positions={cfg.positions!r}: {ONE_D_POSITIONS}"
     if not getattr(SELECTORS.get(cfg.selector), "merges", False):
         return None
     if family == "qwen3_vl":
@@ -90,13 +88,35 @@ ENGINE_ARGS_SET = {"model": "pretrained", "hf_overrides": "the pruning parameter
                    "revision": "revision", "trust_remote_code": "trust_remote_code",
                    "mm_processor_kwargs": "the family's processor options", "max_num_seqs": "batch_size"}
 POSITIONS = ("contiguous", "original", "gap")  # "gap" is our engine's other name of "original"
-# The families whose positions vLLM lets the plug-in set after selection: M-RoPE, whose positions vLLM asks the
-# model for (get_mrope_input_positions) in the worker, with each image's pixels, before the encoder runs.
+# The M-RoPE families: vLLM asks their model for the prompt's positions (get_mrope_input_positions) in the worker,
+# with each image's pixels, before the encoder runs, which is where positions='original' is served. The 1-D RoPE
+# families are asked the same once their config declares M-RoPE with the same rotation (mrope_override).
 MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-# Why positions='original' (GAP's rule) is refused on the other families (docs/serving.md)
-ONE_D_POSITIONS = ("vLLM numbers a 1-D RoPE prompt (LLaVA, LLaVA-NeXT, LLaVA-OneVision, InternVL) by token index "
-                   "in the model runner, with no model hook to change it (docs/serving.md); use "
-                   "positions='contiguous'")
+
+
+def mrope_override(hf_config: Any) -> dict[str, Any]:
+    """The ``hf_overrides`` entry that makes vLLM ask a 1-D RoPE model (LLaVA, LLaVA-NeXT, LLaVA-OneVision,
+    InternVL) for its positions, which ``positions='original'`` needs: the text config's ``rope_parameters`` plus
+    an ``mrope_section`` that puts every rotary frequency in the first of M-RoPE's three rows. The plug-in fills
+    all three rows with each token's 1-D position, so the rotation is the model's own (docs/serving.md)."""
+    text = hf_config.get_text_config()
+    params = dict(getattr(text, "rope_parameters", None) or {"rope_type": "default",
+                                                             "rope_theta": getattr(text, "rope_theta", 10000.0)})
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    half = int(head_dim * params.get("partial_rotary_factor", 1.0)) // 2
+    return {"text_config": {"rope_parameters": params | {"mrope_section": [half, 0, 0]}}}
+
+
+def served_overrides(family: str, prune: dict[str, Any] | None, hf_config: Any) -> dict[str, Any]:
+    """The whole ``hf_overrides`` that serves ``family`` with the pruning config ``prune`` (the value of
+    ``hf_overrides["lmms_prune"]``; None: unpruned): the key, plus :func:`mrope_override` where a 1-D RoPE family
+    asks for ``positions='original'``."""
+    if prune is None:
+        return {}
+    out: dict[str, Any] = {CONFIG_KEY: prune}
+    if prune.get("positions", "contiguous") != "contiguous" and family not in MROPE_FAMILIES:
+        out |= mrope_override(hf_config)
+    return out
 
 
 def register() -> None:
@@ -112,7 +132,8 @@ def pruning_config(hf_config: Any) -> Any:
     """The :class:`lmms_prune.presets.PruneConfig` that ``hf_config.lmms_prune`` asks for, or None without the key.
 
     The value is a dict: ``method`` (one of :data:`PRESETS`) and the method's parameters as for
-    ``lmms_prune.apply`` (``keep_ratio`` or ``keep_tokens``, ``positions="contiguous"``, the default here).
+    ``lmms_prune.apply`` (``keep_ratio`` or ``keep_tokens``, ``positions="contiguous"``, the default here, or
+    ``"original"``: on a 1-D RoPE family with :func:`mrope_override` beside it).
     Raises ``ValueError`` naming the bad value and the fix; it runs in the prompt processor and in the model's
     constructor, so before any weights load.
     """
@@ -209,8 +230,9 @@ def backend_options(family: str, method: str, prune: dict[str, Any], config: Any
 
 def lmms_eval_model_args(model: str, prune: dict[str, Any] | None, **engine: Any) -> str:
     """The ``--model_args`` string of lmms-eval's ``vllm`` model that serves ``model`` with the pruning config
-    ``prune`` (the value of ``hf_overrides["lmms_prune"]``, checked here as the plug-in will check it) and the
-    other ``vllm.LLM`` arguments ``engine`` (dicts such as ``limit_mm_per_prompt`` included).
+    ``prune`` (the value of ``hf_overrides["lmms_prune"]``, checked here as the plug-in will check it; with
+    ``positions='original'`` the checkpoint's config is read, and a 1-D RoPE model gets :func:`mrope_override`)
+    and the other ``vllm.LLM`` arguments ``engine`` (dicts such as ``limit_mm_per_prompt`` included).
 
     lmms-eval splits ``--model_args`` at commas outside braces and quotes, and its ``vllm`` model turns each
     value that starts with ``{`` back into a dict with ``json.loads`` before it builds ``vllm.LLM``; so dicts go
@@ -222,7 +244,12 @@ def lmms_eval_model_args(model: str, prune: dict[str, Any] | None, **engine: Any
     args: dict[str, Any] = {"model": model, **engine}
     if prune is not None:
         pruning_config(SimpleNamespace(**{CONFIG_KEY: prune}))
-        args["hf_overrides"] = {CONFIG_KEY: prune}
+        config = None
+        if prune.get("positions", "contiguous") != "contiguous":  # a 1-D RoPE model needs its M-RoPE declaration
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(model)
+        args["hf_overrides"] = served_overrides(getattr(config, "model_type", ""), prune, config)
     parts = []
     for key, value in args.items():
         text = json.dumps(value, separators=(",", ":")) if isinstance(value, dict) else str(value)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -28,7 +29,8 @@ from lmms_prune.engine.attention import query_rows, received_attention
 from lmms_prune.families.base import ImageSpan
 from lmms_prune.methods import SCORES, SELECTORS
 from lmms_prune.methods.base import ImageSignals
-from lmms_prune.vllm import ONE_D_POSITIONS, pruning_config
+from lmms_prune.vllm import mrope_override, pruning_config
+from lmms_prune.vllm.items import content_key, embed_run, split_kwargs
 
 # Where the worker appends one JSON line per pruned image (the cross-engine check reads it); unset: nothing.
 RECORD_ENV = "LMMS_PRUNE_VLLM_RECORD"
@@ -118,14 +120,23 @@ class PrunedModel:
     ``embed_multimodal`` keeps only the method's tokens of each image (:meth:`select`). Without the key every
     method defers to vLLM's own."""
 
-    # whether the family can give the kept tokens their original positions (M-RoPE families: the Qwen-VL models)
-    serves_original = False
+    # vLLM's M-RoPE interface (vllm.model_executor.models.interfaces.SupportsMRoPE): vLLM asks a model for its
+    # prompt's positions (get_mrope_input_positions) when its config declares M-RoPE. The Qwen-VL models do; a 1-D
+    # RoPE family does with positions='original' and the rotation-preserving override mrope_override() names.
+    supports_mrope = True
+    # whether the family's LLM has 1-D RoPE (LLaVA, InternVL), whose positions='original' needs mrope_override
+    one_d_rope = True
 
     def __init__(self, *, vllm_config: Any, prefix: str = ""):
         self.prune = pruning_config(vllm_config.model_config.hf_config)  # before any module or weight
         if self.prune is not None:
-            if self.prune.positions != "contiguous" and not self.serves_original:
-                raise ValueError(f"lmms_prune: positions={self.prune.positions!r}: {ONE_D_POSITIONS}")
+            if (self.prune.positions != "contiguous" and self.one_d_rope
+                    and not vllm_config.model_config.uses_mrope):
+                override = json.dumps(mrope_override(vllm_config.model_config.hf_config))
+                raise ValueError(f"lmms_prune: positions={self.prune.positions!r} on a 1-D RoPE model: vLLM numbers "
+                                 "its prompt by token index unless the config declares M-RoPE; add the override "
+                                 f"{override} to hf_overrides (the same rotation: all three M-RoPE rows hold the "
+                                 "token's 1-D position, docs/serving.md), or use positions='contiguous'")
             self.check_served(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         if self.prune is None:
@@ -141,6 +152,89 @@ class PrunedModel:
 
     def check_built(self) -> None:
         """As :meth:`check_served`, for what only the built model tells (its weights are not loaded yet)."""
+
+    # ------------------------------------------------------------------ the encoder call
+    def embed_multimodal(self, **kwargs: object):
+        """vLLM's encoder call. ``positions="contiguous"``: the family's selection over the call's images
+        (:meth:`select_images`). ``positions="original"``: image by image, the selection that
+        :meth:`get_mrope_input_positions` made for it when vLLM added its request (:meth:`selection`)."""
+        if self.prune is None:
+            return super().embed_multimodal(**kwargs)
+        if self.prune.positions == "contiguous":
+            rows, lines = self.select_images(kwargs)
+            record(lines)
+            return tuple(rows)
+        return tuple(self.selection(item)[0] for item in self.single_items(kwargs))
+
+    def select_images(self, kwargs: dict[str, Any]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+        """The family's selection for an encoder call's ``kwargs``: per image, the rows that replace its embeddings
+        and its record line (:meth:`select`); empty lists without images."""
+        raise NotImplementedError
+
+    def item_count(self, kwargs: dict[str, Any]) -> int:
+        """How many images an encoder call's ``kwargs`` hold (batched families: ``pixel_values``' first dim)."""
+        pixels = kwargs.get("pixel_values")
+        return 0 if pixels is None else len(pixels)
+
+    def single_items(self, kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+        """An encoder call's ``kwargs`` as one call per image, each as vLLM batches that image alone
+        (batched fields: index ``b``; families with flat fields override)."""
+        return split_kwargs(kwargs, self.item_count(kwargs))
+
+    def selection(self, item: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """One image's kept rows and record line, computed once per image content (``item``: one image's encoder
+        kwargs): ``positions="original"`` needs the kept tokens twice, for the prompt's positions (when vLLM adds
+        the request) and for its embeddings (when vLLM runs the encoder). The tower runs on the image alone
+        whenever it runs (a cache miss included), so both see the same numbers whatever else a batch holds."""
+        cache = self.__dict__.setdefault("_selections", OrderedDict())
+        key = content_key(item)
+        if key not in cache:
+            rows, lines = self.select_images(item)
+            if len(rows) != 1:
+                raise RuntimeError(f"lmms_prune: one image's encoder call gave {len(rows)} selections")
+            record(lines)
+            cache[key] = (rows[0], lines[0])
+            while len(cache) > SELECTION_CACHE:
+                cache.popitem(last=False)
+        cache.move_to_end(key)
+        return cache[key]
+
+    # ------------------------------------------------------------------ positions
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list[Any]) -> tuple[torch.Tensor, int]:
+        """The prompt's ``[3, T']`` positions and the decoding delta, asked by vLLM in the worker when it adds the
+        request (M-RoPE models: the Qwen-VL families; 1-D RoPE families with :func:`mrope_override`).
+
+        ``positions="contiguous"``: ``0..T'-1`` in all three rows, as our transformers engine numbers the
+        shortened prompt it hands ``generate``; decoding continues at ``T'``. ``positions="original"`` (GAP's
+        rule, our engine's ``original``): the unpruned prompt's positions (:meth:`unpruned_positions`) at the
+        kept tokens and all text tokens; decoding continues where the unpruned prompt's would. The selection
+        runs here, on each image's processed pixels (:meth:`selection`), and the encoder call reuses it."""
+        if self.prune is None:
+            return super().get_mrope_input_positions(input_tokens, mm_features)
+        if self.prune.positions == "contiguous":
+            return torch.arange(len(input_tokens)).expand(3, -1).clone(), 0
+        from vllm.multimodal.utils import group_and_batch_mm_kwargs
+
+        device = next(self.parameters()).device
+        features = sorted(mm_features, key=lambda f: f.mm_position.offset)
+        runs = []
+        for feature in features:
+            if feature.modality != "image" or feature.data is None:
+                raise ValueError(f"lmms_prune: positions='original' needs each image's pixels when vLLM adds the "
+                                 f"request (got a {feature.modality!r} item with data={feature.data!r})")
+            _, _, item = next(group_and_batch_mm_kwargs([(feature.modality, feature.data)], device=device))
+            _, line = self.selection(item)
+            at, n = embed_run(feature.mm_position)
+            runs.append((at, n, line["run_size"], line["run_kept"]))
+        tokens, offsets, keep = sel.restore_runs(list(input_tokens), runs)
+        positions = sel.gap_positions(self.unpruned_positions(tokens, features, offsets, [r[2] for r in runs]), keep)
+        return positions, int(positions.max()) + 1 - len(input_tokens)
+
+    def unpruned_positions(self, tokens: list[int], features: list[Any], offsets: list[int], sizes: list[int]
+                           ) -> torch.Tensor:
+        """``[3, T]`` positions of the unpruned prompt ``tokens`` (each image's run, of ``sizes[i]`` embedding
+        tokens, restored at ``offsets[i]``): 1-D RoPE, the token index in all three rows."""
+        return torch.arange(len(tokens)).expand(3, -1).clone()
 
     def select(self, emb: torch.Tensor, grids: list[tuple[int, int]], importance: torch.Tensor | None,
                features: torch.Tensor | None, embeddings: torch.Tensor | None, keys: torch.Tensor | None = None,
@@ -186,10 +280,12 @@ class PrunedModel:
             return rows, line | {"kept": result.index.tolist(), "merged": result.added}
         kept = result.sort().values.to(emb.device)
         if visual is None:
-            return emb[kept], line | {"kept": kept.tolist(), "merged": 0}
+            return emb[kept], line | {"kept": kept.tolist(), "merged": 0, "run_size": emb.shape[0],
+                                      "run_kept": kept.tolist()}
         # the structural rows stay in their places, as our engine keeps them (pre_llm.shrink_inputs)
         run = torch.cat([torch.tensor(structural, dtype=torch.long, device=emb.device), visual[kept]]).sort().values
-        return emb[run], line | {"kept": kept.tolist(), "merged": 0}
+        return emb[run], line | {"kept": kept.tolist(), "merged": 0, "run_size": emb.shape[0],
+                                 "run_kept": run.tolist()}
 
 
 @contextmanager
@@ -250,6 +346,10 @@ def check_observed(captured: dict[str, Any], where: str) -> None:
     if missing:
         raise RuntimeError(f"lmms_prune: {where} ran without the hooks seeing its {', '.join(missing)} "
                            f"(observed: {sorted(k for k in captured if not k.startswith('_'))})")
+
+
+# images whose selection the plug-in keeps between the positions and the encoder call (positions='original')
+SELECTION_CACHE = 64
 
 
 def pixel_input(image: Any) -> Any:

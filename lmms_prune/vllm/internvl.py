@@ -9,7 +9,8 @@
   engine's observer sees them) for each tile's [CLS] row, summed over the 2x2 groups pixel shuffle merges
   (:func:`lmms_prune.scores.merge_pixel_shuffle`, as our ``InternVL`` adapter), and the projector's input (the
   pixel-shuffled features, one row per LLM token).
-* **Positions.** The LLM has 1-D RoPE and vLLM numbers the pruned prompt by token index: ``contiguous``.
+* **Positions.** The LLM has 1-D RoPE and vLLM numbers the pruned prompt by token index: ``contiguous``;
+  ``original`` as for LLaVA (:mod:`lmms_prune.vllm.llava`).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from lmms_prune.vllm.base import (
     check_observed,
     observe_encoder,
     pixel_input,
-    record,
 )
+from lmms_prune.vllm.items import split_kwargs
 
 
 class PrunedInternVLProcessor(BudgetedPrompts, InternS1MultiModalProcessor):
@@ -56,15 +57,24 @@ class PrunedInternVL(PrunedModel, InternS1ForConditionalGeneration):
             raise ValueError(f"lmms_prune: vision_feature_select_strategy={config.vision_feature_select_strategy!r}:"
                              " the plug-in prunes the patch tokens of the 'default' strategy only")
 
-    def embed_multimodal(self, **kwargs: object):
-        if self.prune is None:
-            return super().embed_multimodal(**kwargs)
+    def item_count(self, kwargs: dict[str, Any]) -> int:
+        counts = kwargs.get("image_num_patches")
+        return 0 if counts is None else len(counts)
+
+    def single_items(self, kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every image's tiles are one flat ``pixel_values`` (``image_num_patches`` tiles per image)."""
+        counts = kwargs.get("image_num_patches")
+        if counts is None:
+            return []
+        return split_kwargs(kwargs, len(counts), {"pixel_values": torch.as_tensor(counts).flatten().tolist()})
+
+    def select_images(self, kwargs: dict[str, Any]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
         inputs = self._parse_and_validate_multimodal_inputs(**kwargs)
         if inputs.get("videos") is not None:
             raise ValueError("lmms_prune: videos are not pruned by the vLLM plug-in yet")
         image = pixel_input(inputs.get("images"))
         if image is None:
-            return []
+            return [], []
         needs = self.stage_needs
         kernel = self.vision_tower.encoder.layer[-1].attention.attn  # vLLM's InternVL reads the last layer
         with torch.no_grad(), observe_encoder(kernel, self.multi_modal_projector, needs) as captured:
@@ -88,5 +98,4 @@ class PrunedInternVL(PrunedModel, InternS1ForConditionalGeneration):
                                      emb if needs.embeddings else None)
             out.append(kept)
             lines.append(line)
-        record(lines)
-        return tuple(out)
+        return out, lines

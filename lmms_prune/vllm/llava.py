@@ -9,8 +9,9 @@
   :func:`lmms_prune.scores.cls_attention`) and the projector's input (the patch features after the ``default``
   strategy drops the [CLS]).
 * **Positions.** LLaVA's LLM numbers the prompt ``0..T-1`` by token index (1-D RoPE), and vLLM numbers the
-  pruned prompt the same way: ``positions="contiguous"``, our engine's renumbering. ``"original"`` is refused
-  (:data:`lmms_prune.vllm.ONE_D_POSITIONS`).
+  pruned prompt the same way: ``positions="contiguous"``, our engine's renumbering. ``"original"``: with the
+  M-RoPE declaration of :func:`lmms_prune.vllm.mrope_override`, vLLM asks
+  :meth:`lmms_prune.vllm.base.PrunedModel.get_mrope_input_positions` (the same for every family).
 
 Served only with a CLIP tower, one ``vision_feature_layer`` and the ``default`` feature strategy (LLaVA-1.5's);
 other LLaVA-style checkpoints (Pixtral-HF, SigLIP towers, several feature layers) are refused with the reason
@@ -41,7 +42,6 @@ from lmms_prune.vllm.base import (
     check_observed,
     observe_encoder,
     pixel_input,
-    record,
 )
 
 
@@ -102,12 +102,10 @@ class PrunedLlava(PrunedModel, LlavaForConditionalGeneration):
     def check_served(self, vllm_config: Any) -> None:
         check_tower(vllm_config.model_config.hf_config)
 
-    def embed_multimodal(self, **kwargs: object):
-        if self.prune is None:
-            return super().embed_multimodal(**kwargs)
+    def select_images(self, kwargs: dict[str, Any]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
         image = pixel_input(self._parse_and_validate_image_input(**kwargs))
         if image is None:
-            return []
+            return [], []
         needs = self.stage_needs
         layer = feature_layer(self)
         with torch.no_grad(), observe_encoder(layer.self_attn.attn, self.multi_modal_projector, needs, keys=True,
@@ -130,5 +128,4 @@ class PrunedLlava(PrunedModel, LlavaForConditionalGeneration):
                 cls=None if cls is None else cls[b])
             out.append(rows)
             lines.append(line)
-        record(lines)
-        return tuple(out)
+        return out, lines

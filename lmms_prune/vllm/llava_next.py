@@ -38,7 +38,6 @@ from lmms_prune.vllm.base import (
     check_observed,
     observe_encoder,
     pixel_input,
-    record,
 )
 from lmms_prune.vllm.llava import check_tower, feature_layer, refuse_merges
 
@@ -101,12 +100,10 @@ class PrunedLlavaNext(PrunedModel, LlavaNextForConditionalGeneration):
             self._parameters["image_newline"] = newline
         return out
 
-    def embed_multimodal(self, **kwargs: object):
-        if self.prune is None:
-            return super().embed_multimodal(**kwargs)
+    def select_images(self, kwargs: dict[str, Any]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
         image = pixel_input(self._parse_and_validate_image_input(**kwargs))
         if image is None:
-            return []
+            return [], []
         needs = self.stage_needs
         with torch.no_grad(), observe_encoder(feature_layer(self).self_attn.attn, self.multi_modal_projector,
                                               needs) as captured:
@@ -128,5 +125,4 @@ class PrunedLlavaNext(PrunedModel, LlavaNextForConditionalGeneration):
                                      structural=layout.structural)
             out.append(kept)
             lines.append(line)
-        record(lines)
-        return tuple(out)
+        return out, lines

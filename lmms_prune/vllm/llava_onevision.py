@@ -36,7 +36,6 @@ from lmms_prune.vllm.base import (
     check_observed,
     observe_encoder,
     pixel_input,
-    record,
 )
 from lmms_prune.vllm.llava import check_tower, feature_layer, refuse_merges
 from lmms_prune.vllm.llava_next import newline_count
@@ -69,15 +68,13 @@ class PrunedLlavaOnevision(PrunedModel, LlavaOnevisionForConditionalGeneration):
             return torch.cat([per_tile[0], newline[None]])
         return self._merge_image_patch_embeddings(size, per_tile, image_newline=newline, strategy="spatial_unpad")
 
-    def embed_multimodal(self, **kwargs: object):
-        if self.prune is None:
-            return super().embed_multimodal(**kwargs)
+    def select_images(self, kwargs: dict[str, Any]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
         if "pixel_values_videos" in kwargs or "video_embeds" in kwargs:
             raise ValueError("lmms_prune: videos are not pruned by the vLLM plug-in yet; send images, or serve "
                              "without hf_overrides['lmms_prune']")
         image = pixel_input(self._parse_and_validate_image_input(**kwargs))
         if image is None:
-            return []
+            return [], []
         needs = self.stage_needs
         with torch.no_grad(), observe_encoder(feature_layer(self).self_attn.attn, self.multi_modal_projector,
                                               needs, received=True) as captured:
@@ -105,5 +102,4 @@ class PrunedLlavaOnevision(PrunedModel, LlavaOnevisionForConditionalGeneration):
                                      embeddings=emb if needs.embeddings else None, structural=layout.structural)
             out.append(kept)
             lines.append(line)
-        record(lines)
-        return tuple(out)
+        return out, lines

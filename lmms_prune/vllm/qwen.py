@@ -9,10 +9,11 @@ vLLM extension point (subclasses, no patch):
   input) and hands the method's own score and selector plug-ins (lmms_prune.methods, the same objects our
   transformers engine calls) the signals our family adapters build: mean received attention per merged token,
   the merger's input features, the projected embeddings, the image's grid.
-* **Positions.** :meth:`PrunedQwenVL.get_mrope_input_positions`, which vLLM calls in the worker when it adds a
-  request. ``positions="contiguous"``: the pruned prompt is numbered ``0..T'-1``. ``positions="original"``:
-  vLLM's own M-RoPE positions of the unpruned prompt, gathered at the kept tokens; the selection runs there, on
-  each image's pixels, and the encoder call reuses it (:meth:`PrunedQwenVL._selection`).
+* **Positions.** :meth:`lmms_prune.vllm.base.PrunedModel.get_mrope_input_positions`, which vLLM calls in the
+  worker when it adds a request. ``positions="contiguous"``: the pruned prompt is numbered ``0..T'-1``.
+  ``positions="original"``: vLLM's own M-RoPE positions of the unpruned prompt
+  (:meth:`PrunedQwenVL.unpruned_positions`), gathered at the kept tokens; the selection runs there, on each
+  image's pixels, and the encoder call reuses it.
 
 The families differ only in where the tower's signals live, each a class attribute or a one-line method of
 the family's subclass: Qwen2.5-VL permutes merge units into attention windows (:func:`merged_order`), Qwen3-VL
@@ -22,22 +23,17 @@ appends its DeepStack features to the embeddings' channels (:meth:`PrunedQwenVL.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-from lmms_prune import selection as sel
 from lmms_prune.engine.attention import received_attention
 from lmms_prune.methods.base import Needs
 from lmms_prune.scores import merge_consecutive
-from lmms_prune.vllm.base import PrunedModel, pixel_input, record, unwrap_forward, wrap_forward
-
-# images whose selection the plug-in keeps between the positions and the encoder (positions='original')
-SELECTION_CACHE = 64
+from lmms_prune.vllm.base import PrunedModel, pixel_input, unwrap_forward, wrap_forward
+from lmms_prune.vllm.items import split_kwargs
 
 
 def feature_block(visual: Any) -> int:
@@ -115,7 +111,7 @@ class PrunedQwenVL(PrunedModel):
     # the key vLLM's ``_parse_and_validate_multimodal_inputs`` files images under ("image"; Qwen2-VL: "images")
     image_key = "image"
     video_keys = ("video", "videos")
-    serves_original = True
+    one_d_rope = False
 
     def check_served(self, vllm_config: Any) -> None:
         mm_config = vllm_config.model_config.multimodal_config
@@ -135,30 +131,15 @@ class PrunedQwenVL(PrunedModel):
         return embeds
 
     # ------------------------------------------------------------------ selection
-    def embed_multimodal(self, **kwargs: object):
-        if self.prune is None:
-            return super().embed_multimodal(**kwargs)
-        image = self._image_input(kwargs)
-        if image is None:
-            return []
-        if self.prune.positions == "contiguous":
-            rows, lines = self._select_images(image)
-            record(lines)
-            return tuple(rows)
-        # positions="original": image by image, the selection get_mrope_input_positions made (and kept) for it
-        return tuple(self._selection(one)[0] for one in single_images(image))
-
-    def _image_input(self, kwargs: dict[str, Any]) -> Any:
-        """The parsed image input of an encoder call's ``kwargs`` (None: no image); videos and precomputed
-        embeddings are refused."""
+    def select_images(self, kwargs: dict[str, Any]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+        """vLLM's tower on the call's images, observed for the method's signals: per image, the rows that replace
+        its embeddings and its record line. Videos and precomputed embeddings are refused."""
         inputs = self._parse_and_validate_multimodal_inputs(**kwargs)
         if any(key in inputs for key in self.video_keys):
             raise ValueError("lmms_prune: videos are not pruned by the vLLM plug-in yet")
-        return pixel_input(inputs.get(self.image_key))
-
-    def _select_images(self, image: Any) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
-        """vLLM's tower on the parsed ``image`` input (one or more images), observed for the method's signals:
-        per image, the rows that replace its embeddings and its record line (``kept``: visual indices)."""
+        image = pixel_input(inputs.get(self.image_key))
+        if image is None:
+            return [], []
         needs = self.stage_needs
         with torch.no_grad(), _capture(self.visual, needs) as captured:
             embeds = self._process_image_input(image)
@@ -184,77 +165,23 @@ class PrunedQwenVL(PrunedModel):
             lines.append(line)
         return out, lines
 
-    def _selection(self, image: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-        """One image's kept rows and record line, computed once per image content: ``positions="original"``
-        needs the kept tokens twice, for the prompt's positions (when vLLM adds the request) and for its
-        embeddings (when vLLM runs the encoder). The tower runs on the image alone both times it may run (a
-        cache miss), so both see the same numbers whatever else the encoder batch holds."""
-        cache = self.__dict__.setdefault("_selections", OrderedDict())
-        key = image_key(image)
-        if key in cache:
-            cache.move_to_end(key)
-            return cache[key]
-        rows, lines = self._select_images(image)
-        record(lines)
-        cache[key] = (rows[0], lines[0])
-        while len(cache) > SELECTION_CACHE:
-            cache.popitem(last=False)
-        return cache[key]
+    def item_count(self, kwargs: dict[str, Any]) -> int:
+        grid = kwargs.get("image_grid_thw")
+        return 0 if grid is None else len(grid)
+
+    def single_items(self, kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+        """The patches of all images are one flat ``pixel_values`` (``t * h * w`` rows per image)."""
+        grid = kwargs.get("image_grid_thw")
+        if grid is None:
+            return []
+        return split_kwargs(kwargs, len(grid), {"pixel_values": torch.as_tensor(grid).prod(-1).tolist()})
 
     # ------------------------------------------------------------------ positions
-    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list[Any]) -> tuple[torch.Tensor, int]:
-        """``positions="contiguous"``: the pruned prompt is numbered ``0..T'-1`` in all three M-RoPE rows, as
-        our transformers engine numbers the shortened prompt it hands ``generate``; the first generated token
-        continues at ``T'`` (delta 0).
-
-        ``positions="original"`` (GAP's rule, our engine's ``original``): vLLM's own positions of the unpruned
-        prompt (each image's run of ``N`` tokens restored), gathered at the kept tokens and all text tokens; the
-        first generated token continues where the unpruned prompt's would. vLLM calls this in the worker when it
-        adds the request, with each image's processed pixels, before the encoder runs: the selection runs here
-        (:meth:`_selection`) and the encoder call reuses it."""
-        if self.prune is None:
-            return super().get_mrope_input_positions(input_tokens, mm_features)
-        if self.prune.positions == "contiguous":
-            return torch.arange(len(input_tokens)).expand(3, -1).clone(), 0
+    def unpruned_positions(self, tokens: list[int], features: list[Any], offsets: list[int], sizes: list[int]
+                           ) -> torch.Tensor:
+        """vLLM's own M-RoPE positions of the unpruned prompt (each image's placeholder run restored)."""
         from vllm.multimodal.inputs import PlaceholderRange
 
-        features = sorted(mm_features, key=lambda f: f.mm_position.offset)
-        runs = []
-        for feature in features:
-            if feature.modality != "image" or feature.data is None:
-                raise ValueError(f"lmms_prune: positions='original' needs each image's pixels when vLLM adds the "
-                                 f"request (got a {feature.modality!r} item with data={feature.data!r})")
-            _, line = self._selection(self._feature_image(feature))
-            runs.append((feature.mm_position.offset, feature.mm_position.length, line["visual_before"], line["kept"]))
-        tokens, offsets, keep = sel.restore_runs(list(input_tokens), runs)
         full = [dataclasses.replace(f, mm_position=PlaceholderRange(offset=at, length=size))
-                for f, at, (_, _, size, _) in zip(features, offsets, runs)]
-        positions = sel.gap_positions(super().get_mrope_input_positions(tokens, full)[0], keep)
-        return positions, int(positions.max()) + 1 - len(input_tokens)
-
-    def _feature_image(self, feature: Any) -> Any:
-        """The parsed image input of one request item (``MultiModalFeatureSpec``), batched as vLLM batches the
-        encoder's inputs (on the tower's device)."""
-        from vllm.multimodal.utils import group_and_batch_mm_kwargs
-
-        device = next(self.visual.parameters()).device
-        _, _, kwargs = next(group_and_batch_mm_kwargs([(feature.modality, feature.data)], device=device))
-        return self._image_input(kwargs)
-
-
-def single_images(image: Any) -> list[dict[str, Any]]:
-    """A parsed Qwen-VL image input of several images as one input per image (pixel rows split by grid)."""
-    grid = image["image_grid_thw"]
-    pixels = image["pixel_values"]
-    out, lo = [], 0
-    for i, size in enumerate(grid.prod(-1).tolist()):
-        out.append({"type": image["type"], "pixel_values": pixels[lo:lo + size], "image_grid_thw": grid[i:i + 1]})
-        lo += size
-    return out
-
-
-def image_key(image: Any) -> tuple[Any, ...]:
-    """What identifies one image's selection: its grid and the exact bytes of its pixel rows."""
-    pixels = image["pixel_values"].detach().contiguous().cpu()
-    digest = hashlib.blake2b(pixels.view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
-    return tuple(image["image_grid_thw"].flatten().tolist()), str(pixels.dtype), digest
+                for f, at, size in zip(features, offsets, sizes)]
+        return super(PrunedModel, self).get_mrope_input_positions(tokens, full)[0]

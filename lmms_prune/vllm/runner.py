@@ -6,7 +6,8 @@ in their model arguments, from the vLLM venv (``scripts/vllm_env.sh``); VLMEvalK
 from the same option (not run through VLMEvalKit yet). Prompts are built as
 the transformers backend builds them (the checkpoint's chat template, the family's image pipeline, the task's
 protocol settings), so both backends hand their engines the same text and the same pixels; the pruning config
-reaches vLLM as ``hf_overrides["lmms_prune"]``, checked before anything loads
+reaches vLLM as ``hf_overrides["lmms_prune"]`` (plus the M-RoPE declaration a 1-D RoPE family needs for
+``positions=original``: :func:`lmms_prune.vllm.served_overrides`), checked before anything loads
 (:func:`lmms_prune.vllm.backend_options`).
 
 Efficiency records carry the same fields as the transformers backend's where vLLM gives them: the visual tokens
@@ -28,7 +29,7 @@ import torch
 from lmms_prune import selection as sel
 from lmms_prune.efficiency import DecoderDims
 from lmms_prune.runner import Answer, Runner, apply_until, generation_kwargs, protocol_options, torch_dtype
-from lmms_prune.vllm import CONFIG_KEY
+from lmms_prune.vllm import served_overrides
 
 
 class VllmRunner(Runner):
@@ -53,7 +54,7 @@ class VllmRunner(Runner):
         opts = self.options
         self.hf_config = self.check_checkpoint()
         engine = {"disable_log_stats": False, "seed": 0, **opts.vllm_engine_args}  # stats: the TTFT per request
-        overrides = {} if opts.vllm_prune is None else {CONFIG_KEY: opts.vllm_prune}
+        overrides = served_overrides(opts.family, opts.vllm_prune, self.hf_config)
         processor_kwargs = self.family.processor_kwargs(opts.family)
         self.model = LLM(model=opts.pretrained, revision=opts.revision, trust_remote_code=opts.trust_remote_code,
                          dtype=str(self.dtype).replace("torch.", ""), hf_overrides=overrides,
