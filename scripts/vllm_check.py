@@ -303,9 +303,9 @@ RUNNER_ENGINE = {"max_model_len": 2048, "enforce_eager": True, "limit_mm_per_pro
 RUNNER_ARGS = {"internvl": ["max_patches=1"]}
 
 
-def _model_args(path: Path, family: str, preset: str, backend: str) -> list[str]:
+def _model_args(path: Path, family: str, preset: str, backend: str, positions: str = "contiguous") -> list[str]:
     """Our model's ``--model_args`` items for the toy at ``path`` with ``backend`` (lmms-eval's and VLMEvalKit's)."""
-    args = [f"pretrained={path}", f"backend={backend}", f"keep_ratio={KEEP_RATIO}", "positions=contiguous",
+    args = [f"pretrained={path}", f"backend={backend}", f"keep_ratio={KEEP_RATIO}", f"positions={positions}",
             "dtype=float32", *RUNNER_ARGS.get(family, []), *(["stage=pre_llm"] if preset in PRE_LLM_STAGE else [])]
     if backend == "vllm":
         args.append("vllm_engine_args=" + json.dumps(RUNNER_ENGINE, separators=(",", ":")))
@@ -365,7 +365,7 @@ def run_vlmeval(out: Path, family: str, preset: str, backend: str) -> None:
         "records": records}, indent=1))
 
 
-def run_runner(out: Path, family: str, preset: str, backend: str) -> None:
+def run_runner(out: Path, family: str, preset: str, backend: str, positions: str = "contiguous") -> None:
     """Our own lmms-eval model (``--model FAMILY_PRESET``) with ``backend=BACKEND`` on the tiny MME task, from
     lmms-eval's command line (the transformers backend in the main venv, vllm in the vLLM venv);
     ``out/runner/BACKEND.json``: the answers and the efficiency records' token counts per sample."""
@@ -373,7 +373,7 @@ def run_runner(out: Path, family: str, preset: str, backend: str) -> None:
     where = out / "runner" / backend
     shutil.rmtree(where, ignore_errors=True)
     where.mkdir(parents=True)
-    args = [*_model_args(path, family, preset, backend), f"efficiency_path={where / 'efficiency.json'}"]
+    args = [*_model_args(path, family, preset, backend, positions), f"efficiency_path={where / 'efficiency.json'}"]
     cmd = [sys.executable, "-m", "lmms_eval", "--model", f"{family}_{preset}", "--model_args", ",".join(args),
            "--tasks", LMMS_EVAL_TASK, "--include_path", str(ROOT / "tests" / "tasks"), "--limit",
            str(LMMS_EVAL_LIMIT), "--batch_size", "1", "--output_path", str(where / "results"), "--log_samples"]
@@ -568,6 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     rn.add_argument("family", choices=FAMILIES)
     rn.add_argument("preset", choices=PRESETS)
     rn.add_argument("backend", choices=("transformers", "vllm"))
+    rn.add_argument("--positions", choices=POSITIONS, default="contiguous")
     vk = sub.add_parser("vlmeval", help="our model in VLMEvalKit with backend=BACKEND on a tiny MCQ set")
     vk.add_argument("out", type=Path)
     vk.add_argument("family", choices=FAMILIES)
@@ -597,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.part == "lmms_eval":
         run_lmms_eval(out, args.preset)
     elif args.part == "runner":
-        run_runner(out, args.family, args.preset, args.backend)
+        run_runner(out, args.family, args.preset, args.backend, args.positions)
     elif args.part == "vlmeval":
         run_vlmeval(out, args.family, args.preset, args.backend)
     else:

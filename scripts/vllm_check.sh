@@ -12,7 +12,8 @@
 # families, presets that keep a subset), and the other combinations are skipped with the reason in their log.
 # --lmms-eval PRESET (default divprune; none: skip): lmms-eval's own `--model vllm` with that preset in hf_overrides
 # runs the tiny MME task (tests/tasks) on the first family; its log must show the pruned prompt lengths.
-# --runner PRESET (default divprune; none: skip): our own lmms-eval model FAMILY_PRESET on the same task, with
+# --runner PRESET (default divprune; none: skip): our own lmms-eval model FAMILY_PRESET (with the first of
+# --positions) on the same task, with
 # backend=transformers (main environment) and backend=vllm (vLLM environment), on the first family: the same
 # answers and the same efficiency token counts per sample. Our transformers engine runs in the main
 # environment (LMMS_PRUNE_MAIN_PYTHON, default ./.venv/bin/python: scripts/env.sh), vLLM in its own
@@ -71,7 +72,7 @@ done
 if [ "$RUNNER" != none ]; then
     family="${FAMILIES%%,*}"
     echo "[vllm_check] our lmms-eval model ${family}_$RUNNER, backend=transformers (log: $OUT/$family/runner/transformers/lmms_eval.log)"
-    "$MAIN_PY" "${CHECK[@]}" runner "$OUT" "$family" "$RUNNER" transformers ||
+    "$MAIN_PY" "${CHECK[@]}" runner "$OUT" "$family" "$RUNNER" transformers --positions "${POSITIONS%%,*}" ||
         echo "[vllm_check] backend=transformers run failed: see its log"
 fi
 if [ "$VLMEVAL" != none ]; then
@@ -107,7 +108,8 @@ fi
 if [ "$RUNNER" != none ]; then
     family="${FAMILIES%%,*}"
     echo "[vllm_check] our lmms-eval model ${family}_$RUNNER, backend=vllm (log: $OUT/$family/runner/vllm/lmms_eval.log)"
-    python "${CHECK[@]}" runner "$OUT" "$family" "$RUNNER" vllm || echo "[vllm_check] backend=vllm run failed: see its log"
+    python "${CHECK[@]}" runner "$OUT" "$family" "$RUNNER" vllm --positions "${POSITIONS%%,*}" ||
+        echo "[vllm_check] backend=vllm run failed: see its log"
 fi
 if [ "$VLMEVAL" != none ]; then
     family="${FAMILIES%%,*}"

@@ -171,15 +171,18 @@ class PrunedModel:
         and its record line (:meth:`select`); empty lists without images."""
         raise NotImplementedError
 
-    def item_count(self, kwargs: dict[str, Any]) -> int:
-        """How many images an encoder call's ``kwargs`` hold (batched families: ``pixel_values``' first dim)."""
-        pixels = kwargs.get("pixel_values")
-        return 0 if pixels is None else len(pixels)
+    def pixel_rows(self, kwargs: dict[str, Any]) -> list[int] | None:
+        """Families whose ``pixel_values`` concatenate all images' rows (Qwen's patches, InternVL's tiles): the rows
+        of each image; None where ``pixel_values`` is batched, one entry per image (LLaVA, NeXT, OneVision)."""
+        return None
 
     def single_items(self, kwargs: dict[str, Any]) -> list[dict[str, Any]]:
-        """An encoder call's ``kwargs`` as one call per image, each as vLLM batches that image alone
-        (batched fields: index ``b``; families with flat fields override)."""
-        return split_kwargs(kwargs, self.item_count(kwargs))
+        """An encoder call's ``kwargs`` as one call per image, each as vLLM batches that image alone."""
+        rows = self.pixel_rows(kwargs)
+        if rows is not None:
+            return split_kwargs(kwargs, len(rows), {"pixel_values": rows})
+        pixels = kwargs.get("pixel_values")
+        return split_kwargs(kwargs, 0 if pixels is None else len(pixels))
 
     def selection(self, item: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         """One image's kept rows and record line, computed once per image content (``item``: one image's encoder

@@ -35,7 +35,6 @@ from lmms_prune.vllm.base import (
     observe_encoder,
     pixel_input,
 )
-from lmms_prune.vllm.items import split_kwargs
 
 
 class PrunedInternVLProcessor(BudgetedPrompts, InternS1MultiModalProcessor):
@@ -57,16 +56,10 @@ class PrunedInternVL(PrunedModel, InternS1ForConditionalGeneration):
             raise ValueError(f"lmms_prune: vision_feature_select_strategy={config.vision_feature_select_strategy!r}:"
                              " the plug-in prunes the patch tokens of the 'default' strategy only")
 
-    def item_count(self, kwargs: dict[str, Any]) -> int:
+    def pixel_rows(self, kwargs: dict[str, Any]) -> list[int] | None:
+        """``image_num_patches`` tiles per image."""
         counts = kwargs.get("image_num_patches")
-        return 0 if counts is None else len(counts)
-
-    def single_items(self, kwargs: dict[str, Any]) -> list[dict[str, Any]]:
-        """Every image's tiles are one flat ``pixel_values`` (``image_num_patches`` tiles per image)."""
-        counts = kwargs.get("image_num_patches")
-        if counts is None:
-            return []
-        return split_kwargs(kwargs, len(counts), {"pixel_values": torch.as_tensor(counts).flatten().tolist()})
+        return [] if counts is None else torch.as_tensor(counts).flatten().tolist()
 
     def select_images(self, kwargs: dict[str, Any]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
         inputs = self._parse_and_validate_multimodal_inputs(**kwargs)

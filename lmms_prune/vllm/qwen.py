@@ -33,7 +33,6 @@ from lmms_prune.engine.attention import received_attention
 from lmms_prune.methods.base import Needs
 from lmms_prune.scores import merge_consecutive
 from lmms_prune.vllm.base import PrunedModel, pixel_input, unwrap_forward, wrap_forward
-from lmms_prune.vllm.items import split_kwargs
 
 
 def feature_block(visual: Any) -> int:
@@ -165,16 +164,10 @@ class PrunedQwenVL(PrunedModel):
             lines.append(line)
         return out, lines
 
-    def item_count(self, kwargs: dict[str, Any]) -> int:
+    def pixel_rows(self, kwargs: dict[str, Any]) -> list[int] | None:
+        """``t * h * w`` patches per image (``image_grid_thw``)."""
         grid = kwargs.get("image_grid_thw")
-        return 0 if grid is None else len(grid)
-
-    def single_items(self, kwargs: dict[str, Any]) -> list[dict[str, Any]]:
-        """The patches of all images are one flat ``pixel_values`` (``t * h * w`` rows per image)."""
-        grid = kwargs.get("image_grid_thw")
-        if grid is None:
-            return []
-        return split_kwargs(kwargs, len(grid), {"pixel_values": torch.as_tensor(grid).prod(-1).tolist()})
+        return [] if grid is None else torch.as_tensor(grid).prod(-1).tolist()
 
     # ------------------------------------------------------------------ positions
     def unpruned_positions(self, tokens: list[int], features: list[Any], offsets: list[int], sizes: list[int]
