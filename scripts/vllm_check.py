@@ -406,7 +406,7 @@ def compare_runner(out: Path, family: str, part: str = "runner") -> dict | None:
             "records": {"transformers": hf["records"], "vllm": vl["records"]}}
 
 
-def run_lmms_eval(out: Path, preset: str) -> None:
+def run_lmms_eval(out: Path, preset: str, positions: str = "contiguous") -> None:
     """lmms-eval's own ``vllm`` model (``--model vllm``) with ``preset`` in ``hf_overrides`` on the tiny MME task,
     from lmms-eval's command line; ``out/lmms_eval.json`` says whether it wrote its results and which pruned
     prompt lengths its log shows (the plug-in logs ``lmms_prune: prompt T -> T' tokens`` per request)."""
@@ -414,7 +414,7 @@ def run_lmms_eval(out: Path, preset: str) -> None:
 
     path = Path((out / "model_path").read_text())
     model_args = lmms_eval_model_args(
-        str(path), {"method": preset, **_params(preset, "contiguous")}, dtype="float32", max_model_len=2048,
+        str(path), {"method": preset, **_params(preset, positions)}, dtype="float32", max_model_len=2048,
         max_num_seqs=1, enforce_eager=True, limit_mm_per_prompt={"image": 1, "video": 0})
     results = out / "lmms_eval"
     shutil.rmtree(results, ignore_errors=True)  # an earlier run's results would count as this run's
@@ -563,6 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     le.add_argument("out", type=Path)
     le.add_argument("family", choices=FAMILIES)
     le.add_argument("preset", choices=PRESETS)
+    le.add_argument("--positions", choices=POSITIONS, default="contiguous")
     rn = sub.add_parser("runner", help="our lmms-eval model with backend=BACKEND on a tiny task")
     rn.add_argument("out", type=Path)
     rn.add_argument("family", choices=FAMILIES)
@@ -596,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.part == "transformers":
         run_transformers(out, args.family, args.model)
     elif args.part == "lmms_eval":
-        run_lmms_eval(out, args.preset)
+        run_lmms_eval(out, args.preset, args.positions)
     elif args.part == "runner":
         run_runner(out, args.family, args.preset, args.backend, args.positions)
     elif args.part == "vlmeval":

@@ -8,9 +8,11 @@
 # --families / --presets: a subset (default: qwen2_5_vl,qwen2_vl,qwen3_vl,llava,llava_next,llava_onevision,internvl and
 # none,vispruner,divprune,fastervlm,visionzip,prumerge_plus,random,uniform; random and uniform run with stage=pre_llm;
 # "none" runs vLLM with the plug-in installed and no pruning key).
-# --positions: contiguous,original (default both); "original" runs where both engines serve it (the M-RoPE
-# families, presets that keep a subset), and the other combinations are skipped with the reason in their log.
-# --lmms-eval PRESET (default divprune; none: skip): lmms-eval's own `--model vllm` with that preset in hf_overrides
+# --positions: contiguous,original (default both); "original" runs with the presets that keep a subset (a 1-D RoPE
+# family with the M-RoPE declaration lmms_prune.vllm.served_overrides adds), and merges are skipped with the reason
+# in their log.
+# --lmms-eval PRESET (default divprune; none: skip): lmms-eval's own `--model vllm` with that preset (and the first
+# of --positions) in hf_overrides
 # runs the tiny MME task (tests/tasks) on the first family; its log must show the pruned prompt lengths.
 # --runner PRESET (default divprune; none: skip): our own lmms-eval model FAMILY_PRESET (with the first of
 # --positions) on the same task, with
@@ -102,7 +104,7 @@ done
 if [ "$HARNESS" != none ]; then
     family="${FAMILIES%%,*}"
     echo "[vllm_check] lmms-eval --model vllm, $family $HARNESS (log: $OUT/$family/lmms_eval.log)"
-    python "${CHECK[@]}" lmms_eval "$OUT" "$family" "$HARNESS" ||
+    python "${CHECK[@]}" lmms_eval "$OUT" "$family" "$HARNESS" --positions "${POSITIONS%%,*}" ||
         echo "[vllm_check] lmms-eval check failed: see $OUT/$family/lmms_eval.log"
 fi
 if [ "$RUNNER" != none ]; then
