@@ -6,8 +6,8 @@
 # The short check is two families (LLaVA-1.5 and Qwen2.5-VL) and one preset, visionzip: it reads every signal the
 # other presets read (the vision attention and the projector's input, the ones most likely to drift; on LLaVA also
 # the keys and the projected [CLS]) and takes the merge path; plus our own lmms-eval model llava_visionzip with
-# backend=transformers and backend=vllm (same answers, same efficiency token counts); then both families' vispruner
-# with positions=original (the selection runs when vLLM adds the request, the positions are the unpruned prompt's);
+# backend=transformers and backend=vllm (same answers, same efficiency token counts); then LLaVA's vispruner with
+# positions=original (the selection runs when vLLM adds the request, the positions are the unpruned prompt's);
 # about 5 minutes; the full matrix is scripts/vllm_check.sh.
 # Where the package index cannot be reached, `check` says so and exits 0: the main suite never depends on vLLM,
 # and an offline CI machine cannot build its venv. Any other failure of the build or the check fails CI.
@@ -42,7 +42,8 @@ SECONDS=0
 bash "$ROOT/scripts/vllm_check.sh" "$DIR/check" --families llava,qwen2_5_vl --presets visionzip --positions contiguous \
     --lmms-eval none --runner visionzip
 # positions=original (presets that keep a subset): the selection made when vLLM adds the request, the unpruned
-# prompt's positions; Qwen2.5-VL's M-RoPE and LLaVA's 1-D RoPE declared as M-RoPE (lmms_prune.vllm.mrope_override)
-bash "$ROOT/scripts/vllm_check.sh" "$DIR/check_original" --families llava,qwen2_5_vl --presets vispruner \
+# prompt's positions gathered at the kept tokens; on LLaVA, whose 1-D RoPE is declared M-RoPE for it
+# (lmms_prune.vllm.mrope_override), the path every family shares (Qwen's M-RoPE rows: the full matrix)
+bash "$ROOT/scripts/vllm_check.sh" "$DIR/check_original" --model "$DIR/check/llava/model" --presets vispruner \
     --positions original --lmms-eval none --runner none
 echo "[vllm_ci] short vLLM check took ${SECONDS}s"

@@ -78,12 +78,13 @@ def test_original_positions_resolve_as_our_engine_does(positions):
     assert cfg == resolve_config("divprune", keep_ratio=0.25, positions=positions)
 
 
-def test_original_positions_are_served_on_every_family_with_the_m_rope_declaration_where_rope_is_1d(toys):
+def test_original_positions_are_served_on_every_family_with_the_m_rope_declaration_where_rope_is_1d():
     """GAP's rule needs the positions set after selection, which vLLM asks M-RoPE models for: the Qwen families
     are served as they are; a 1-D RoPE family gets its text config's rope parameters plus an mrope_section that
     puts every rotary frequency in the first row (all three rows then hold the 1-D position: the same rotation);
     contiguous positions and unpruned runs need nothing."""
     from lmms_prune.families import FAMILIES
+    from lmms_prune.toy.models import tiny_config
     from lmms_prune.vllm import MROPE_FAMILIES, family_refusal, mrope_override, served_overrides
 
     original = resolve_config("vispruner", keep_ratio=0.25, positions="original")
@@ -91,7 +92,7 @@ def test_original_positions_are_served_on_every_family_with_the_m_rope_declarati
     assert set(MROPE_FAMILIES) < set(FAMILIES)
     for family in FAMILIES:
         assert family_refusal(family, original) is None
-        config = toys("internvl_qwen2" if family == "internvl" else family)[0].config
+        config = tiny_config("internvl_qwen2" if family == "internvl" else family, num_layers=2)
         assert served_overrides(family, None, config) == {}
         assert served_overrides(family, {**prune, "positions": "contiguous"}, config) == {
             CONFIG_KEY: {**prune, "positions": "contiguous"}}
@@ -154,7 +155,7 @@ def test_lmms_eval_model_args_reach_vllm_as_the_config():
         "vispruner", keep_ratio=0.25, important_ratio=0.5, positions="contiguous")
 
 
-def test_lmms_eval_model_args_declare_m_rope_for_original_positions_on_a_1d_model(toys, tmp_path):
+def test_lmms_eval_model_args_declare_m_rope_for_original_positions_on_a_1d_model(tmp_path):
     """With positions='original' the checkpoint's config is read: a 1-D RoPE model (LLaVA) gets the M-RoPE
     declaration in hf_overrides, as the plug-in's error asks, and it survives lmms-eval's parsing; a Qwen model
     needs none."""
@@ -162,11 +163,12 @@ def test_lmms_eval_model_args_declare_m_rope_for_original_positions_on_a_1d_mode
 
     from lmms_eval.utils import simple_parse_args_string
 
+    from lmms_prune.toy.models import tiny_config
     from lmms_prune.vllm import lmms_eval_model_args, mrope_override
 
     prune = {"method": "divprune", "keep_ratio": 0.25, "positions": "original"}
     for family in ("llava", "qwen2_5_vl"):
-        config = toys(family)[0].config
+        config = tiny_config(family, num_layers=2)
         config.save_pretrained(tmp_path / family)
         parsed = simple_parse_args_string(lmms_eval_model_args(str(tmp_path / family), prune))
         overrides = json.loads(parsed["hf_overrides"])
